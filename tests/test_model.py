@@ -1,0 +1,107 @@
+"""Model: parity with HF LlamaForCausalLM, KV cache, masks, fused loss, compile-cleanliness."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import babyllama.loss as loss_mod
+from babyllama.config import ModelConfig, load_bert4torch_config, preset
+from babyllama.errors import UserError
+from babyllama.model import IGNORE_INDEX, Llama
+
+
+def tiny_config(**kw) -> ModelConfig:
+    base = dict(vocab_size=300, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=160, max_seq_len=64,
+                rope_theta=50000.0)
+    return ModelConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_matches_hf_llama_logits(tie):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = tiny_config(tie_embeddings=tie)
+    ours = Llama(cfg).eval()
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg.to_hf())).eval()
+    missing, unexpected = hf.load_state_dict(ours.state_dict(), strict=False)
+    assert not unexpected and all("rotary" in k for k in missing)
+    x = torch.randint(0, cfg.vocab_size, (2, 33))
+    with torch.no_grad():
+        diff = (ours(x).logits - hf(x).logits).abs().max().item()
+    assert diff <= 1e-4
+
+
+def test_kv_cache_decoding_equals_full_recompute():
+    torch.manual_seed(0)
+    m = Llama(tiny_config()).eval()
+    x = torch.randint(0, 300, (2, 24))
+    with torch.no_grad():
+        full = m(x).logits
+        m.setup_cache(batch=2, max_len=40)
+        steps = [m(x[:, :9], input_pos=torch.arange(9)).logits]
+        steps += [m(x[:, i:i + 1], input_pos=torch.tensor([i])).logits for i in range(9, 24)]
+        m.clear_cache()
+    assert (torch.cat(steps, 1) - full).abs().max() < 1e-5
+
+
+def test_left_padding_mask_matches_unpadded():
+    torch.manual_seed(0)
+    m = Llama(tiny_config()).eval()
+    x = torch.randint(0, 300, (1, 10))
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), x], 1)
+    mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 10, dtype=torch.long)], 1)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        ref = m(x).logits
+        out = m(padded, attention_mask=mask, position_ids=pos).logits[:, 3:]
+    assert torch.isfinite(out).all() and (out - ref).abs().max() < 1e-5
+
+
+def test_fused_loss_matches_cross_entropy_and_grads(monkeypatch):
+    monkeypatch.setattr(loss_mod, "CHUNK_ELEMENTS", 7 * 300)  # force several chunks
+    torch.manual_seed(0)
+    m = Llama(tiny_config())
+    x, y = torch.randint(0, 300, (2, 2, 20)).unbind(0)
+    y[0, :5] = IGNORE_INDEX
+    loss = m(x, y).loss
+    loss.backward()
+    fused = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    logits = m(x, return_logits=True).logits
+    ref = F.cross_entropy(logits.view(-1, 300), y.view(-1), ignore_index=IGNORE_INDEX)
+    ref.backward()
+    assert abs(loss.item() - ref.item()) < 1e-5
+    for n, p in m.named_parameters():
+        assert (fused[n] - p.grad).abs().max() < 1e-5, n
+
+
+def test_forward_compiles_without_graph_breaks():
+    m = Llama(tiny_config()).eval()
+    explanation = torch._dynamo.explain(m)(torch.randint(0, 300, (2, 16)))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+def test_presets_and_param_count():
+    cfg = preset("0.2b")
+    assert (cfg.dim, cfg.n_layers, cfg.n_heads, cfg.ffn_dim, cfg.vocab_size) == (1024, 12, 8, 2752, 64793)
+    assert abs(cfg.num_params() / 1e6 - 218) < 1
+    assert preset("1.1b").n_kv_heads == 4
+    m = Llama(tiny_config(tie_embeddings=True))
+    assert m.num_params() == tiny_config(tie_embeddings=True).num_params()
+    with pytest.raises(UserError, match="unknown model preset"):
+        preset("nope")
+
+
+def test_bert4torch_config_loads(tmp_path):
+    import json
+    p = tmp_path / "bert4torch_config.json"
+    p.write_text(json.dumps({
+        "model": "llama", "layer_type": "LLMLayer", "attn_type": "RopeAttention", "pos_emb_type": "rotary",
+        "mlp_type": "LlamaFeedForward", "layer_norm_mode": "rmsnorm", "final_layernorm": True, "use_bias": False,
+        "tie_word_embeddings": True, "hidden_size": 1024, "num_hidden_layers": 12, "num_attention_heads": 8,
+        "intermediate_size": 2752, "vocab_size": 64793, "layer_norm_eps": 1e-6, "max_position_embeddings": 1024,
+        "rope_theta": 10000.0}))
+    cfg = load_bert4torch_config(p)
+    assert cfg == preset("0.2b", norm_eps=1e-6)
+    p.write_text(json.dumps({"hidden_size": 8, "pos_emb_type": "sinusoid"}))
+    with pytest.raises(UserError, match="not a LLaMA"):
+        load_bert4torch_config(p)
