@@ -84,7 +84,7 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.cache is not None:
+        if input_pos is not None:  # decoding: the cache is used only when positions are given
             k, v = self.cache.update(input_pos, k, v)
         gqa = self.n_kv_heads != self.n_heads
         if mask is None:  # training / full-sequence scoring: the fast causal kernel
@@ -169,7 +169,8 @@ class Llama(nn.Module):
 
         input_ids: (B, T). targets: (B, T) next-token ids already shifted (IGNORE_INDEX = no loss); the loss is
         computed chunk-wise without materialising the full fp32 logits, and logits are skipped unless asked for.
-        input_pos: (T,) cache positions when decoding with a `KVCache` (see `setup_cache`).
+        input_pos: (T,) cache slots to write when decoding with the `KVCache` from `setup_cache`; without it the
+        cache (if any) is ignored, so training and scoring never touch it.
         attention_mask: (B, S) 1 = real token, 0 = padding, S = T without cache or the cache length with one
         (left-padded batches); position_ids: (B, T), default `input_pos` or `arange(T)`.
         """
@@ -194,7 +195,7 @@ class Llama(nn.Module):
 
     def _attention_mask(self, T: int, input_pos: Tensor | None, attention_mask: Tensor | None) -> Tensor | None:
         """Boolean (B|1, 1, T, S) mask, or None for plain causal attention over the T tokens."""
-        cache = self.model.layers[0].self_attn.cache
+        cache = self.model.layers[0].self_attn.cache if input_pos is not None else None
         if cache is None and attention_mask is None:
             return None
         device = (input_pos if input_pos is not None else attention_mask).device
