@@ -137,3 +137,18 @@ def _cut_at_stop(row: list[int], stop_ids: Sequence[int]) -> list[int]:
         if t in stop_ids:
             return row[:i]
     return row
+
+
+def add_sampling_flags(parser) -> None:
+    """--max-new-tokens, --temperature, --top-k, --top-p, --repetition-penalty for the inference scripts."""
+    d = SamplingConfig()
+    parser.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    parser.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=d.top_k, help="0 = off")
+    parser.add_argument("--top-p", type=float, default=d.top_p, help="1.0 = off")
+    parser.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty, help="1.0 = off")
+
+
+def sampling_from_args(args) -> SamplingConfig:
+    return SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, repetition_penalty=args.repetition_penalty)

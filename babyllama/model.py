@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from babyllama.config import ModelConfig
 from babyllama.loss import fused_linear_cross_entropy
@@ -139,6 +140,8 @@ class Llama(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
+        self.gradient_checkpointing = False  # recompute each block in backward: less memory for big configs
+        self.chunked_loss = True  # False = plain full-logits cross-entropy (kept for benchmarks and debugging)
         self.model = Backbone(cfg)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -184,12 +187,18 @@ class Llama(nn.Module):
         mask = self._attention_mask(T, input_pos, attention_mask)
         x = self.model.embed_tokens(input_ids)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, mask, input_pos)
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(layer, x, cos, sin, mask, input_pos, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, input_pos)
         h = self.model.norm(x)
         out = Output(hidden=h if return_hidden else None)
-        if targets is not None:
+        if targets is not None and self.chunked_loss:
             out.loss = fused_linear_cross_entropy(h, self.lm_head.weight, targets, IGNORE_INDEX)
-        if return_logits or (return_logits is None and targets is None):
+        elif targets is not None:
+            out.logits = self.lm_head(h).float()
+            out.loss = F.cross_entropy(out.logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+        if out.logits is None and (return_logits or (return_logits is None and targets is None)):
             out.logits = self.lm_head(h).float()
         return out
 

@@ -1,0 +1,111 @@
+"""Callbacks: progress bar, text log, TensorBoard, periodic validation, checkpoints."""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+from babyllama.trainer import Callback, Trainer
+
+
+class Evaluator(Callback):
+    """Every `every` steps (and at the end) compute a validation metric and add it to the step's logs.
+
+    Place it before the loggers so they see the value. `fn(trainer) -> dict` for custom metrics (e.g. accuracy).
+    """
+
+    def __init__(self, loader: Iterable | None = None, every: int = 100, max_batches: int | None = 50,
+                 name: str = "val_loss", fn: Callable[[Trainer], dict[str, float]] | None = None):
+        self.loader, self.every, self.max_batches, self.name, self.fn = loader, every, max_batches, name, fn
+        self.last: dict[str, float] = {}
+
+    def compute(self, trainer: Trainer) -> dict[str, float]:
+        out = self.fn(trainer) if self.fn else {}
+        if self.loader is not None:
+            out[self.name] = trainer.evaluate(self.loader, max_batches=self.max_batches)
+        self.last = out
+        return out
+
+    def on_step_end(self, trainer: Trainer, logs: dict[str, float]) -> None:
+        if trainer.step % self.every == 0:
+            logs.update(self.compute(trainer))
+
+
+class ProgressBar(Callback):
+    def __init__(self, total_steps: int | None = None):
+        self.total, self.bar = total_steps, None
+
+    def on_train_begin(self, trainer: Trainer) -> None:
+        if trainer.env.is_main:
+            from tqdm import tqdm
+            self.bar = tqdm(total=self.total, initial=trainer.step, unit="step", dynamic_ncols=True)
+
+    def on_step_end(self, trainer: Trainer, logs: dict[str, float]) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            shown = {k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "val_loss", "lr", "tokens_per_s")}
+            if shown:
+                self.bar.set_postfix(shown, refresh=False)
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class TextLogger(Callback):
+    """One JSON object per logged step, appended to `path` (survives restarts: a resumed run appends)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def on_step_end(self, trainer: Trainer, logs: dict[str, float]) -> None:
+        if trainer.env.is_main and len(logs) > 1:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps({"time": round(time.time(), 3), "epoch": trainer.epoch, **logs}) + "\n")
+
+
+class TensorBoard(Callback):
+    """Scalars under `train/` (loss, lr, grad_norm, tokens_per_s, mfu, ...) and `val/` for validation metrics."""
+
+    def __init__(self, log_dir: str | Path):
+        self.log_dir, self.writer = Path(log_dir), None
+
+    def on_train_begin(self, trainer: Trainer) -> None:
+        if trainer.env.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(self.log_dir), purge_step=trainer.step + 1 if trainer.step else None)
+
+    def on_step_end(self, trainer: Trainer, logs: dict[str, float]) -> None:
+        if self.writer is None:
+            return
+        for k, v in logs.items():
+            if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                group = "val" if k.startswith(("val", "eval")) else "train"
+                self.writer.add_scalar(f"{group}/{k}", v, trainer.step)
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class Checkpoint(Callback):
+    """Full-state checkpoint every `every` steps and at the end of training; keeps the newest `keep`."""
+
+    def __init__(self, directory: str | Path, every: int = 1000, keep: int | None = 3):
+        self.directory, self.every, self.keep = str(directory), every, keep
+        self.last_saved = -1
+
+    def _save(self, trainer: Trainer) -> None:
+        if trainer.step != self.last_saved:
+            trainer.save_checkpoint(self.directory, self.keep)
+            self.last_saved = trainer.step
+
+    def on_step_end(self, trainer: Trainer, logs: dict[str, float]) -> None:
+        if trainer.step % self.every == 0:
+            self._save(trainer)
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        self._save(trainer)

@@ -1,0 +1,122 @@
+"""Atomic, full-state checkpoints: `step_00000100.pt` files in a directory, the newest K kept.
+
+A checkpoint holds everything an exact resume needs (model, optimizer, scheduler, grad scaler, RNG states,
+data-sampler position, step) plus the model config, so that loading into another architecture is a clear error.
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from babyllama.config import ModelConfig
+from babyllama.errors import UserError
+
+_NAME = re.compile(r"^step_(\d{8})\.pt$")
+
+
+def checkpoint_path(directory: str | Path, step: int) -> Path:
+    return Path(directory) / f"step_{step:08d}.pt"
+
+
+def list_checkpoints(directory: str | Path) -> list[Path]:
+    """Checkpoints in `directory`, oldest first."""
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    return sorted(p for p in d.iterdir() if _NAME.match(p.name))
+
+
+def latest_checkpoint(directory: str | Path) -> Path | None:
+    found = list_checkpoints(directory)
+    return found[-1] if found else None
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """torch.save to a temp file in the same directory, fsync, then rename: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(directory: str | Path, step: int, state: dict[str, Any], keep: int | None = None) -> Path:
+    path = checkpoint_path(directory, step)
+    atomic_save(state, path)
+    if keep:
+        for old in list_checkpoints(directory)[:-keep]:
+            old.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint file, or the newest one in a directory."""
+    p = Path(path)
+    if p.is_dir():
+        found = latest_checkpoint(p)
+        if found is None:
+            raise UserError(f"{p}: no checkpoint (step_*.pt) in this directory; train the stage first")
+        p = found
+    if not p.is_file():
+        raise UserError(f"{p}: checkpoint not found")
+    try:
+        return torch.load(p, map_location=map_location, weights_only=False)
+    except Exception as e:  # truncated or foreign files fail deep inside pickle/zip
+        raise UserError(f"{p}: not a readable checkpoint ({type(e).__name__}: {e}); delete it or pick another") from None
+
+
+def check_model_config(state: dict[str, Any], cfg: ModelConfig, source: str | Path) -> None:
+    """Refuse to load weights trained for another architecture, naming the fields that differ."""
+    saved = state.get("model_config")
+    if saved is None:
+        raise UserError(f"{source}: checkpoint has no model_config; it was not written by babyllama")
+    diff = {k: (saved.get(k), v) for k, v in cfg.to_dict().items() if saved.get(k) != v}
+    if diff:
+        pretty = ", ".join(f"{k}: checkpoint {a} vs now {b}" for k, (a, b) in diff.items())
+        raise UserError(f"{source}: checkpoint is for another model config ({pretty}); "
+                        "use the same --name/preset and tokenizer, or a fresh output directory")
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """A `Llama` with the weights of a checkpoint file (or the newest in a directory), in eval mode."""
+    from babyllama.model import Llama  # local import: the model module does not need checkpoint code
+
+    state = load_checkpoint(path)
+    if state.get("model_config") is None:
+        raise UserError(f"{path}: checkpoint has no model_config; it was not written by babyllama")
+    model = Llama(ModelConfig.from_dict(state["model_config"], str(path)))
+    weights = {k.removeprefix("policy."): v for k, v in state["model"].items()}
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing:
+        raise UserError(f"{path}: checkpoint lacks {len(missing)} model weights (e.g. {missing[0]}); "
+                        "is it a babyllama language-model checkpoint?")
+    return model.to(device=device, dtype=dtype).eval()

@@ -1,0 +1,53 @@
+"""Command-line plumbing shared by the stage scripts: flags generated from a run-config dataclass, and a guard
+that turns `UserError` into one line on stderr instead of a traceback."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from typing import Any, Callable, TypeVar
+
+from babyllama.errors import UserError
+
+T = TypeVar("T")
+
+
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One `--field-name` flag per dataclass field; unset flags stay None so the preset's value wins."""
+    for f in dataclasses.fields(cls):
+        flag, kind = "--" + f.name.replace("_", "-"), str(f.type)
+        if kind.startswith("list"):
+            parser.add_argument(flag, nargs="+", default=None, help="(default: from the preset)")
+        else:
+            conv = {"int": int, "float": float, "bool": _parse_bool}.get(kind.split(" ")[0], _str_or_none)
+            parser.add_argument(flag, type=conv, default=None, help="(default: from the preset)")
+
+
+def apply_overrides(cfg: T, args: argparse.Namespace) -> T:
+    """Replace the preset's fields by the flags the user gave."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cfg) if getattr(args, f.name, None) is not None}
+    return dataclasses.replace(cfg, **given)
+
+
+def _parse_bool(s: str) -> bool:
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
+
+
+def _str_or_none(s: str) -> str | None:
+    return None if s.lower() == "none" else s
+
+
+def main_guard(main: Callable[[], Any]) -> None:
+    """Run `main`; a UserError prints `error: ...` and exits 2 (no traceback for bad input)."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted; resume with --resume", file=sys.stderr)
+        sys.exit(130)

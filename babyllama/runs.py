@@ -1,0 +1,127 @@
+"""Run presets (`--name`) and the on-disk layout every stage shares.
+
+out/<name>/tokenizer    tokenizer.model + tokenizer.json
+out/<name>/data         pretraining .bin shards + meta.json
+out/<name>/<stage>      checkpoints (step_*.pt) and log.jsonl of a stage (pretrain, sft, reward, ppo, dpo)
+runs/<name>/<stage>     TensorBoard event files
+"""
+from __future__ import annotations
+
+import glob
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from babyllama.config import ModelConfig, preset
+from babyllama.errors import UserError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHIPPED_CORPUS = [str(REPO_ROOT / "data" / "corpus" / "poetry_zh_train.jsonl"),
+                  str(REPO_ROOT / "data" / "corpus" / "shakespeare_en_train.jsonl")]
+
+
+@dataclass
+class RunConfig:
+    """Everything a pretraining run needs; every field is also a command-line flag (`--batch-size 8`)."""
+
+    model: str = "baby"  # model preset in babyllama.config.PRESETS
+    corpus: list[str] = field(default_factory=lambda: list(SHIPPED_CORPUS))  # files, dirs or globs
+    corpus_format: str = "auto"
+    corpus_field: str = "text"
+    tokenizer: str | None = None  # existing tokenizer (.model / tokenizer.json / dir); None = train one
+    vocab_size: int = 4096  # when training the tokenizer
+    seq_len: int | None = None  # None = the model preset's max_seq_len
+    batch_size: int = 16  # per rank, per micro-batch
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 30
+    max_steps: int = 600
+    weight_decay: float = 0.1
+    clip_grad_norm: float = 1.0
+    mixed_precision: str = "auto"  # auto = bf16 on GPUs that support it, else fp32
+    torch_compile: str = "auto"  # auto = on for CUDA
+    eval_every: int = 100
+    eval_batches: int = 20
+    ckpt_every: int = 200
+    keep_checkpoints: int = 3
+    log_every: int = 1
+    val_fraction: float = 0.02
+    workers: int = 2  # data preparation processes
+    seed: int = 1337
+    out: str = "out"
+    runs: str = "runs"
+
+
+RUN_PRESETS: dict[str, RunConfig] = {
+    # Minutes on 2 CPU cores with the shipped corpus.
+    "baby": RunConfig(),
+    # The seed's 0.2B: bring your own corpus (--corpus) and tokenizer (--tokenizer, e.g. ChatGLM2's 64,793).
+    "0.2b": RunConfig(model="0.2b", vocab_size=64793, batch_size=16, grad_accum=4, lr=3e-4, warmup_steps=1000,
+                      max_steps=100_000, eval_every=1000, eval_batches=50, ckpt_every=2000, log_every=10),
+    "1.1b": RunConfig(model="1.1b", vocab_size=64793, batch_size=8, grad_accum=8, lr=2e-4, warmup_steps=2000,
+                      max_steps=200_000, eval_every=1000, eval_batches=50, ckpt_every=2000, log_every=10),
+}
+
+
+def run_preset(name: str) -> RunConfig:
+    if name not in RUN_PRESETS:
+        raise UserError(f"unknown --name '{name}'; choose one of {sorted(RUN_PRESETS)}")
+    return RUN_PRESETS[name]
+
+
+@dataclass
+class RunPaths:
+    name: str
+    out: Path
+    runs: Path
+
+    @classmethod
+    def of(cls, name: str, run: RunConfig) -> "RunPaths":
+        return cls(name, Path(run.out) / name, Path(run.runs) / name)
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.out / "tokenizer"
+
+    @property
+    def data(self) -> Path:
+        return self.out / "data"
+
+    def stage(self, stage: str) -> Path:
+        return self.out / stage
+
+    def tensorboard(self, stage: str) -> Path:
+        return self.runs / stage
+
+
+def expand_inputs(patterns: list[str]) -> list[str]:
+    """Expand globs; keep plain paths (the readers report missing ones with a clear message)."""
+    out: list[str] = []
+    for p in patterns:
+        out.extend(sorted(glob.glob(p)) if any(c in p for c in "*?[") else [p])
+    if not out:
+        raise UserError(f"--corpus {patterns}: no file matches")
+    return out
+
+
+def model_config_for(run: RunConfig, vocab_size: int) -> ModelConfig:
+    overrides = {"max_seq_len": run.seq_len} if run.seq_len else {}
+    cfg = preset(run.model, vocab_size=vocab_size, **overrides)
+    if vocab_size > cfg.vocab_size:
+        raise UserError(f"tokenizer has {vocab_size} tokens but model preset '{run.model}' has vocab_size "
+                        f"{cfg.vocab_size}; use a matching tokenizer or preset")
+    return cfg
+
+
+def resolve_precision(run_value: str, device: torch.device) -> str | None:
+    if run_value != "auto":
+        return None if run_value in ("none", "fp32", "no") else run_value
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return None  # CPU autocast is slower than fp32 for these sizes
+
+
+def resolve_compile(run_value: str, device: torch.device) -> bool:
+    return device.type == "cuda" if run_value == "auto" else run_value.lower() in ("1", "true", "yes", "on")

@@ -1,0 +1,223 @@
+"""Keras-like trainer in the torch4keras style: `trainer.compile(...)` then `trainer.fit(loader, callbacks=...)`.
+
+What a stage customises is the loss: a callable `loss(model, batch) -> loss` or `-> (loss, {metric: value})`;
+the default is next-token cross-entropy on `(input_ids, targets)` batches. Everything else — mixed precision on the
+actual device, gradient accumulation with DDP `no_sync`, clipping, all-reduced logging, tokens/s and MFU,
+full-state checkpoints with the data position — is shared by every stage.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from babyllama.checkpoint import check_model_config, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from babyllama.config import ModelConfig
+from babyllama.distributed import DistEnv, all_reduce_mean
+from babyllama.metrics import peak_flops
+
+LossFn = Callable[[nn.Module, Any], "Tensor | tuple[Tensor, dict[str, Tensor]]"]
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None, "no": None, "fp32": None}
+
+
+def causal_lm_loss(model: nn.Module, batch: Sequence[Tensor]) -> Tensor:
+    """Next-token loss for `(input_ids, targets)` batches (targets already shifted, -100 = no loss)."""
+    return model(batch[0], batch[1]).loss
+
+
+class Callback:
+    """Hooks called on every rank; loggers act on the main rank only (`trainer.env.is_main`)."""
+
+    def on_train_begin(self, trainer: "Trainer") -> None: ...
+    def on_step_end(self, trainer: "Trainer", logs: dict[str, float]) -> None: ...
+    def on_epoch_end(self, trainer: "Trainer", epoch: int) -> None: ...
+    def on_train_end(self, trainer: "Trainer") -> None: ...
+
+
+class Trainer:
+    def __init__(self, model: nn.Module, env: DistEnv | None = None, model_config: ModelConfig | None = None):
+        self.env = env or DistEnv()
+        self.module = model.to(self.env.device)
+        self.model_config = model_config or getattr(model, "config", None)
+        self.step = 0  # optimizer steps done
+        self.epoch = 0
+        self.consumed = 0  # samples of the current epoch consumed by this rank
+        self.stop_training = False
+        self.extra_state: dict[str, Any] = {}  # stage-specific state saved in checkpoints (e.g. PPO's KL coef)
+
+    # ---- compile ----
+    def compile(self, loss: LossFn = causal_lm_loss, optimizer: torch.optim.Optimizer | None = None,
+                scheduler: Any = None, clip_grad_norm: float | None = 1.0, mixed_precision: str | None = None,
+                grad_accumulation_steps: int = 1, torch_compile: bool = False, log_every: int = 1,
+                flops_per_token: float | None = None) -> None:
+        if mixed_precision not in _AUTOCAST:
+            raise ValueError(f"mixed_precision must be one of 'bf16', 'fp16', None; got {mixed_precision!r}")
+        if optimizer is None:
+            raise ValueError("compile() needs an optimizer")
+        self.loss_fn, self.optimizer, self.scheduler = loss, optimizer, scheduler
+        self.clip_grad_norm, self.accum, self.log_every = clip_grad_norm, grad_accumulation_steps, log_every
+        self.amp_dtype = _AUTOCAST[mixed_precision]
+        self.scaler = torch.amp.GradScaler(self.env.device.type, enabled=self.amp_dtype == torch.float16)
+        self.flops_per_token = flops_per_token
+        self.peak_flops = peak_flops(self.env.device)
+        model: nn.Module = self.module
+        if self.env.distributed:
+            ids = [self.env.device.index] if self.env.device.type == "cuda" else None
+            model = DDP(model, device_ids=ids)
+        self.model = torch.compile(model) if torch_compile else model
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.env.device.type, dtype=self.amp_dtype)
+
+    # ---- fit ----
+    def fit(self, loader: Iterable, epochs: int = 1, steps_per_epoch: int | None = None,
+            max_steps: int | None = None, callbacks: Sequence[Callback] = ()) -> None:
+        """Train until `epochs` are done or `max_steps` optimizer steps in total (counting resumed ones)."""
+        sampler = getattr(loader, "sampler", None)
+        resumable = hasattr(sampler, "load_state_dict")
+        for cb in callbacks:
+            cb.on_train_begin(self)
+        self.module.train()
+        while self.epoch < epochs and not self._done(max_steps):
+            if resumable:  # start of an epoch, or mid-epoch after --resume
+                sampler.load_state_dict({"epoch": self.epoch, "consumed": self.consumed})
+            self._run_epoch(iter(loader), steps_per_epoch, max_steps, callbacks)
+            if self._done(max_steps):
+                break
+            for cb in callbacks:
+                cb.on_epoch_end(self, self.epoch)
+            self.epoch, self.consumed = self.epoch + 1, 0
+        for cb in callbacks:
+            cb.on_train_end(self)
+
+    def _done(self, max_steps: int | None) -> bool:
+        return self.stop_training or (max_steps is not None and self.step >= max_steps)
+
+    def _run_epoch(self, batches: Any, steps_per_epoch: int | None, max_steps: int | None,
+                   callbacks: Sequence[Callback]) -> None:
+        steps_here = 0
+        while not self._done(max_steps) and (steps_per_epoch is None or steps_here < steps_per_epoch):
+            t0 = time.perf_counter()
+            stats = self._train_step(batches)
+            if stats is None:  # epoch exhausted; a partial accumulation is dropped (like drop_last)
+                self.optimizer.zero_grad(set_to_none=True)
+                return
+            self.step += 1
+            steps_here += 1
+            logs = self._logs(stats, time.perf_counter() - t0) if self.step % self.log_every == 0 else {}
+            logs["step"] = self.step
+            for cb in callbacks:
+                cb.on_step_end(self, logs)
+
+    def _train_step(self, batches: Any) -> dict[str, Any] | None:
+        total_loss = torch.zeros((), device=self.env.device)
+        metrics: dict[str, Tensor] = {}
+        tokens = 0
+        for micro in range(self.accum):
+            batch = next(batches, None)
+            if batch is None:
+                return None
+            batch = _to_device(batch, self.env.device)
+            sync = micro == self.accum - 1 or not isinstance(self.module_ddp, DDP)
+            with (contextlib.nullcontext() if sync else self.module_ddp.no_sync()), self.autocast():
+                out = self.loss_fn(self.model, batch)
+                loss, extra = out if isinstance(out, tuple) else (out, {})
+                self.scaler.scale(loss / self.accum).backward()
+            total_loss += loss.detach() / self.accum
+            for k, v in extra.items():
+                metrics[k] = metrics.get(k, 0) + torch.as_tensor(v, device=self.env.device).detach() / self.accum
+            first = batch[0] if isinstance(batch, (list, tuple)) else next(iter(batch.values()))
+            tokens += first.numel()
+            self.consumed += first.shape[0]
+        grad_norm = None
+        if self.clip_grad_norm:
+            self.scaler.unscale_(self.optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.clip_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        lr = self.optimizer.param_groups[0]["lr"]
+        if self.scheduler is not None:
+            self.scheduler.step()
+        return {"loss": total_loss, "grad_norm": grad_norm, "lr": lr, "tokens": tokens, **metrics}
+
+    @property
+    def module_ddp(self) -> nn.Module:
+        """The DDP wrapper (for `no_sync`), or the plain module."""
+        m = self.model
+        return getattr(m, "_orig_mod", m)
+
+    def _logs(self, stats: dict[str, Any], seconds: float) -> dict[str, float]:
+        logs = {k: float(all_reduce_mean(v)) for k, v in stats.items() if isinstance(v, Tensor)}
+        logs["lr"] = stats["lr"]
+        tokens_per_s = stats["tokens"] * self.env.world_size / seconds
+        logs["tokens_per_s"] = tokens_per_s
+        if self.flops_per_token and self.peak_flops:
+            logs["mfu"] = self.flops_per_token * tokens_per_s / (self.peak_flops * self.env.world_size)
+        return logs
+
+    # ---- evaluation ----
+    @torch.no_grad()
+    def evaluate(self, loader: Iterable, loss: LossFn | None = None, max_batches: int | None = None) -> float:
+        """Mean loss over (up to `max_batches` of) `loader`, averaged over ranks."""
+        self.module.eval()
+        total, n = torch.zeros((), device=self.env.device), 0
+        for i, batch in enumerate(loader):
+            if max_batches is not None and i >= max_batches:
+                break
+            with self.autocast():
+                out = (loss or self.loss_fn)(self.module, _to_device(batch, self.env.device))
+            total += (out[0] if isinstance(out, tuple) else out).float()
+            n += 1
+        self.module.train()
+        return float(all_reduce_mean(total / max(n, 1)))
+
+    # ---- checkpoints ----
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scaler": self.scaler.state_dict(),
+            "rng": rng_state(),
+            "step": self.step, "epoch": self.epoch, "consumed": self.consumed,
+            "model_config": self.model_config.to_dict() if self.model_config else None,
+            "extra": self.extra_state,
+        }
+
+    def save_checkpoint(self, directory: str, keep: int | None = None) -> None:
+        """Main rank writes atomically; all ranks wait so nobody runs ahead of a half-written file."""
+        if self.env.is_main:
+            save_checkpoint(directory, self.step, self.state_dict(), keep)
+        if self.env.distributed:
+            torch.distributed.barrier()
+
+    def resume(self, path: str) -> None:
+        """Restore the full training state from a checkpoint file or the newest in a directory."""
+        state = load_checkpoint(path)  # CPU: RNG states must stay CPU tensors
+        if self.model_config is not None:
+            check_model_config(state, self.model_config, path)
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state["scheduler"] is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        self.step, self.epoch, self.consumed = state["step"], state["epoch"], state["consumed"]
+        self.extra_state = state.get("extra", {})
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch

@@ -1,0 +1,63 @@
+"""Continue text with a pretrained checkpoint, streaming tokens as they are sampled (static KV cache).
+
+    python pretrain/infer.py --prompt "床前明月光，"          # one continuation
+    python pretrain/infer.py                                   # interactive: one prompt per line
+    python pretrain/infer.py --checkpoint out/baby/pretrain/step_00000600.pt --temperature 0 --max-new-tokens 100
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from babyllama.checkpoint import load_model  # noqa: E402
+from babyllama.cli import main_guard  # noqa: E402
+from babyllama.distributed import pick_device  # noqa: E402
+from babyllama.generation import Generator, SamplingConfig, add_sampling_flags, sampling_from_args  # noqa: E402
+from babyllama.runs import RunPaths, run_preset  # noqa: E402
+from babyllama.tokenizer import Tokenizer  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--name", default="baby", help="run preset whose out/<name>/ holds tokenizer and checkpoints")
+    parser.add_argument("--checkpoint", help="checkpoint file or directory (default: out/<name>/pretrain)")
+    parser.add_argument("--tokenizer", help="tokenizer path (default: out/<name>/tokenizer)")
+    parser.add_argument("--prompt", help="continue this text and exit; without it, read prompts from stdin")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--seed", type=int, default=0)
+    add_sampling_flags(parser)
+    args = parser.parse_args()
+    paths = RunPaths.of(args.name, run_preset(args.name))
+    device = pick_device(args.device)
+    model = load_model(args.checkpoint or paths.stage("pretrain"), device)
+    tok = Tokenizer.load(args.tokenizer or paths.tokenizer)
+    gen, cfg = Generator(model), sampling_from_args(args)
+    rng = torch.Generator(device=device).manual_seed(args.seed)
+    prompts = [args.prompt] if args.prompt is not None else _stdin_prompts()
+    for prompt in prompts:
+        print(prompt, end="", flush=True)
+        stream = tok.stream_decoder()
+        for token in gen.stream(tok.encode(prompt, bos=True), cfg, stop_ids=[tok.eos_id], generator=rng):
+            print(stream.push(token), end="", flush=True)
+        print(stream.flush(), flush=True)
+
+
+def _stdin_prompts():
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print(">>> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            return
+        if line.strip():
+            yield line.rstrip("\n")
+
+
+if __name__ == "__main__":
+    main_guard(main)

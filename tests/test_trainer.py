@@ -1,0 +1,125 @@
+"""Trainer: learning, exact resume, grad accumulation equivalence, callbacks, 2-process gloo DDP."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from babyllama import callbacks as cb
+from babyllama.config import ModelConfig
+from babyllama.data import ResumableSampler
+from babyllama.errors import UserError
+from babyllama.model import Llama
+from babyllama.optim import build_adamw, warmup_cosine
+from babyllama.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+CFG = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=16)
+
+
+def pattern_data(n: int, seed: int = 0) -> TensorDataset:
+    """Sequences x_t = (a + b t) mod 64: learnable, so the loss must fall."""
+    g = torch.Generator().manual_seed(seed)
+    a, b = torch.randint(0, 64, (n, 1), generator=g), torch.randint(1, 8, (n, 1), generator=g)
+    seq = (a + b * torch.arange(17)) % 64
+    return TensorDataset(seq[:, :-1], seq[:, 1:])
+
+
+def make_trainer(batch: int = 8, accum: int = 1, steps: int = 40, seed: int = 0):
+    torch.manual_seed(seed)
+    trainer = Trainer(Llama(CFG))
+    opt = build_adamw(trainer.module, lr=3e-3)
+    trainer.compile(optimizer=opt, scheduler=warmup_cosine(opt, 5, steps), grad_accumulation_steps=accum)
+    data = pattern_data(256)
+    loader = DataLoader(data, batch_size=batch, sampler=ResumableSampler(len(data), seed=1))
+    return trainer, loader
+
+
+class Recorder(cb.Callback):
+    def __init__(self):
+        self.losses = []
+
+    def on_step_end(self, trainer, logs):
+        self.losses.append(round(logs["loss"], 6))
+
+
+def test_training_lowers_validation_loss():
+    trainer, loader = make_trainer()
+    val = DataLoader(pattern_data(64, seed=9), batch_size=32)
+    before = trainer.evaluate(val)
+    trainer.fit(loader, epochs=10, max_steps=40)
+    assert trainer.evaluate(val) < before - 1.0
+
+
+def test_resume_continues_exactly(tmp_path):
+    ref, loader = make_trainer(steps=30)
+    rec = Recorder()
+    ref.fit(loader, epochs=5, max_steps=30, callbacks=[rec])  # 32 batches/epoch: crosses no epoch, then resumes
+    first, loader1 = make_trainer(steps=30)
+    first.fit(loader1, epochs=5, max_steps=12, callbacks=[cb.Checkpoint(tmp_path, every=100)])
+    resumed, loader2 = make_trainer(steps=30, seed=123)  # different init: everything must come from the file
+    resumed.resume(str(tmp_path))
+    rec2 = Recorder()
+    resumed.fit(loader2, epochs=5, max_steps=30, callbacks=[rec2])
+    assert rec2.losses == rec.losses[12:]
+
+
+def test_resume_across_epoch_boundary(tmp_path):
+    ref, loader = make_trainer(batch=32, steps=20)  # 8 batches per epoch
+    rec = Recorder()
+    ref.fit(loader, epochs=5, max_steps=20, callbacks=[rec])
+    first, loader1 = make_trainer(batch=32, steps=20)
+    first.fit(loader1, epochs=5, max_steps=11, callbacks=[cb.Checkpoint(tmp_path, every=100)])
+    resumed, loader2 = make_trainer(batch=32, steps=20)
+    resumed.resume(str(tmp_path))
+    rec2 = Recorder()
+    resumed.fit(loader2, epochs=5, max_steps=20, callbacks=[rec2])
+    assert rec2.losses == rec.losses[11:]
+
+
+def test_grad_accumulation_matches_big_batch():
+    big, loader_big = make_trainer(batch=16, accum=1)
+    small, loader_small = make_trainer(batch=8, accum=2)
+    big.fit(loader_big, max_steps=3)
+    small.fit(loader_small, max_steps=3)
+    for (n, p), q in zip(big.module.named_parameters(), small.module.parameters()):
+        assert torch.allclose(p, q, atol=1e-5), n
+
+
+def test_checkpoint_keeps_newest_and_refuses_other_config(tmp_path):
+    trainer, loader = make_trainer()
+    trainer.fit(loader, max_steps=6, callbacks=[cb.Checkpoint(tmp_path, every=2, keep=2)])
+    assert sorted(p.name for p in tmp_path.glob("step_*.pt")) == ["step_00000004.pt", "step_00000006.pt"]
+    assert not list(tmp_path.glob("*.tmp"))
+    other = Trainer(Llama(ModelConfig(**{**CFG.to_dict(), "n_layers": 3})))
+    other.compile(optimizer=build_adamw(other.module, 1e-3))
+    with pytest.raises(UserError, match="n_layers: checkpoint 2 vs now 3"):
+        other.resume(str(tmp_path))
+
+
+def test_loggers_write_text_and_tensorboard(tmp_path):
+    trainer, loader = make_trainer()
+    val = DataLoader(pattern_data(32, seed=9), batch_size=16)
+    trainer.fit(loader, max_steps=4, callbacks=[cb.Evaluator(val, every=2), cb.TextLogger(tmp_path / "log.jsonl"),
+                                                 cb.TensorBoard(tmp_path / "tb")])
+    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert {"loss", "lr", "grad_norm", "tokens_per_s"} <= set(rows[0]) and "val_loss" in rows[1]
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+def test_two_process_gloo_matches_single_process(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    worker = str(ROOT / "tests" / "ddp_worker.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", worker]
+    subprocess.run(cmd + [str(tmp_path / "ddp")], check=True, env=env, timeout=300)
+    subprocess.run([sys.executable, worker, str(tmp_path / "single")], check=True, env=env, timeout=300)
+    r0, r1 = torch.load(tmp_path / "ddp_rank0.pt"), torch.load(tmp_path / "ddp_rank1.pt")
+    single = torch.load(tmp_path / "single_rank0.pt")
+    for k in single:
+        assert torch.equal(r0[k], r1[k]), k
+        assert torch.allclose(r0[k], single[k], atol=1e-5), k
