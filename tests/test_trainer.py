@@ -48,10 +48,10 @@ class Recorder(cb.Callback):
 
 
 def test_training_lowers_validation_loss():
-    trainer, loader = make_trainer()
+    trainer, loader = make_trainer(steps=120)
     val = DataLoader(pattern_data(64, seed=9), batch_size=32)
     before = trainer.evaluate(val)
-    trainer.fit(loader, epochs=10, max_steps=40)
+    trainer.fit(loader, epochs=20, max_steps=120)
     assert trainer.evaluate(val) < before - 1.0
 
 

@@ -1,0 +1,258 @@
+"""Chat template (ChatML) and assistant-only loss masks.
+
+Template
+--------
+A conversation is a list of messages `{"role": "system" | "user" | "assistant", "content": str}`; the
+optional system message comes first. Each message is rendered as
+
+    <|im_start|>{role}\\n{content}<|im_end|>\\n
+
+and a training sequence is `<s>` followed by the rendered messages, e.g.
+
+    <s><|im_start|>system
+    You are a helpful assistant.<|im_end|>
+    <|im_start|>user
+    写一首题为《静夜思》的诗<|im_end|>
+    <|im_start|>assistant
+    床前明月光，疑是地上霜。
+    举头望明月，低头思故乡。<|im_end|>
+
+For generation the prompt ends with `<|im_start|>assistant\\n` and decoding stops at `<|im_end|>` (or `</s>`),
+see `stop_ids`. To format your own data, write one JSON object per line, `{"messages": [...]}` as above
+(or any format `babyllama.sft_data.read_conversations` reads); you never type the special tokens yourself.
+
+Tokenization
+------------
+`<s>`, `<|im_start|>` and `<|im_end|>` are inserted by id. The role header `"{role}\\n"`, the content and the
+`"\\n"` after `<|im_end|>` are encoded as separate pieces of text (the same way for training and for
+generation). Text that spells a special token (a user typing "<|im_end|>") is encoded as plain characters, so
+message text can never forge a turn boundary.
+
+Labels
+------
+`encode_chat` returns `labels` aligned with `input_ids` (-100 = no loss): only the assistant's content tokens
+and the assistant's `<|im_end|>` are supervised, so the model learns to answer and to stop; `<s>`, system and
+user messages, role headers and the trailing newlines are not. Shift by one for next-token targets (the
+SFT collate in `babyllama.sft_data` does this).
+
+Truncation
+----------
+With `max_len`, the system message and the most recent whole turns that fit are kept (a turn = the user
+message(s) plus the assistant reply that follows); if even the newest turn does not fit it is cut at
+`max_len` from the end. If no supervised token survives, `encode_chat` raises `NoSupervisedTokens` (a
+`UserError`): the SFT dataset catches it and drops the sample, counting it in `SFTDataset.dropped`.
+Messages after the last assistant reply carry no loss and are dropped.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Sequence
+
+from babyllama.errors import UserError
+
+IGNORE_INDEX = -100
+ROLES = ("system", "user", "assistant")
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+DEFAULT_SYSTEM = "You are a helpful assistant."
+# Strings that some tokenizers turn into special ids when they occur in text; we never let them.
+_SPECIAL_TEXT = re.compile("|".join(re.escape(s) for s in (IM_START, IM_END, "<s>", "</s>", "<pad>", "<unk>")))
+
+Message = dict[str, str]
+Encoded = tuple[list[int], list[int]]  # (input_ids, labels)
+
+
+class NoSupervisedTokens(UserError):
+    """A conversation has no assistant token left to learn from (none at all, or cut away by `max_len`)."""
+
+
+# ---- text form ----
+def render_text(messages: Sequence[Message], system: str | None = None, add_generation_prompt: bool = False) -> str:
+    """The conversation as template text (without `<s>`); what `decode(encode_chat(...)[0][1:])` gives back."""
+    msgs = with_system(messages, system)
+    text = "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in msgs)
+    return text + (f"{IM_START}assistant\n" if add_generation_prompt else "")
+
+
+def with_system(messages: Sequence[Message], system: str | None) -> list[Message]:
+    """Prepend `system` as the system message unless the conversation already has one."""
+    msgs = list(messages)
+    if system is not None and not (msgs and msgs[0].get("role") == "system"):
+        msgs.insert(0, {"role": "system", "content": system})
+    return msgs
+
+
+def check_messages(messages: Any, where: str = "conversation") -> list[Message]:
+    """Validate roles and contents; raise `UserError` naming `where` and the offending message."""
+    if not isinstance(messages, (list, tuple)):
+        raise UserError(f"{where}: expected a list of messages, got {type(messages).__name__}")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise UserError(f"{where}: message {i} needs a role in {ROLES}, got {m!r:.80}")
+        if not isinstance(m.get("content"), str):
+            raise UserError(f"{where}: message {i} ({m['role']}) needs a string 'content'")
+        if m["role"] == "system" and i != 0:
+            raise UserError(f"{where}: message {i}: a system message may only come first")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+# ---- ids ----
+def special_id(tokenizer: Any, token: str) -> int:
+    tid = tokenizer.token_to_id(token)
+    if tid is None or tid < 0:
+        raise UserError(f"the tokenizer has no {token} token; train it with the chat special tokens")
+    return tid
+
+
+def stop_ids(tokenizer: Any) -> list[int]:
+    """Token ids that end an assistant reply during generation."""
+    return [special_id(tokenizer, IM_END), tokenizer.eos_id]
+
+
+def encode_text(tokenizer: Any, text: str) -> list[int]:
+    """`tokenizer.encode(text)`, except that special-token spellings are encoded character by character."""
+    if not _SPECIAL_TEXT.search(text):
+        return tokenizer.encode(text)
+    ids: list[int] = []
+    pos = 0
+    for m in _SPECIAL_TEXT.finditer(text):
+        if m.start() > pos:
+            ids += tokenizer.encode(text[pos:m.start()])
+        for ch in m.group():
+            ids += tokenizer.encode(ch)
+        pos = m.end()
+    return ids + (tokenizer.encode(text[pos:]) if pos < len(text) else [])
+
+
+def encode_message(tokenizer: Any, role: str, content: str) -> Encoded:
+    """One rendered message as ids, with labels on the assistant content and its `<|im_end|>` only."""
+    head = [special_id(tokenizer, IM_START)] + encode_text(tokenizer, f"{role}\n")
+    body = encode_text(tokenizer, content) + [special_id(tokenizer, IM_END)]
+    tail = encode_text(tokenizer, "\n")
+    ids = head + body + tail
+    if role != "assistant":
+        return ids, [IGNORE_INDEX] * len(ids)
+    return ids, [IGNORE_INDEX] * len(head) + body + [IGNORE_INDEX] * len(tail)
+
+
+def split_turns(messages: Sequence[Message]) -> tuple[list[Message], list[list[Message]]]:
+    """(system messages, turns): a turn is the non-assistant messages plus the assistant replies after them.
+
+    Messages after the last assistant reply are left out (they carry no loss)."""
+    system = [m for m in messages[:1] if m["role"] == "system"]
+    turns: list[list[Message]] = []
+    current: list[Message] = []
+    for m in messages[len(system):]:
+        if current and m["role"] != "assistant" and current[-1]["role"] == "assistant":
+            turns.append(current)
+            current = []
+        current.append(m)
+    if current and current[-1]["role"] == "assistant":
+        turns.append(current)
+    return system, turns
+
+
+def _join(parts: Sequence[Encoded]) -> Encoded:
+    ids: list[int] = []
+    labels: list[int] = []
+    for i, l in parts:
+        ids += i
+        labels += l
+    return ids, labels
+
+
+def encode_chat(messages: Sequence[Message], tokenizer: Any, max_len: int | None = None,
+                system: str | None = None) -> Encoded:
+    """Tokenize a conversation for SFT: `(input_ids, labels)`, same length, labels -100 except assistant tokens.
+
+    `system` is used when the conversation has no system message. Raises `NoSupervisedTokens` when nothing
+    is left to learn (see the module docstring for the truncation rule)."""
+    sys_msgs, turns = split_turns(with_system(check_messages(messages), system))
+    if not turns:
+        raise NoSupervisedTokens("conversation has no assistant message")
+    prefix = _join([([tokenizer.bos_id], [IGNORE_INDEX])] + [encode_message(tokenizer, **m) for m in sys_msgs])
+    blocks = [_join([encode_message(tokenizer, **m) for m in turn]) for turn in turns]
+    keep = 0 if max_len is None else _first_fitting(blocks, max_len - len(prefix[0]))
+    ids, labels = _join([prefix] + blocks[keep:])
+    if max_len is not None:
+        ids, labels = ids[:max_len], labels[:max_len]
+    if all(l == IGNORE_INDEX for l in labels):
+        raise NoSupervisedTokens(f"no assistant token fits in max_len={max_len} "
+                                 f"(system + newest turn = {len(prefix[0]) + len(blocks[-1][0])} tokens)")
+    return ids, labels
+
+
+def _first_fitting(blocks: Sequence[Encoded], budget: int) -> int:
+    """Index of the oldest turn such that it and all newer turns fit in `budget`; the newest turn at least."""
+    total = 0
+    for k in range(len(blocks) - 1, -1, -1):
+        total += len(blocks[k][0])
+        if total > budget:
+            return min(k + 1, len(blocks) - 1)
+    return 0
+
+
+def render_prompt(messages: Sequence[Message], tokenizer: Any, system: str | None = None) -> list[int]:
+    """Prompt ids for generation: `<s>`, every message, then `<|im_start|>assistant\\n`."""
+    msgs = with_system(check_messages(messages), system)
+    body = [t for m in msgs for t in encode_message(tokenizer, **m)[0]]
+    return [tokenizer.bos_id] + body + assistant_header(tokenizer)
+
+
+def assistant_header(tokenizer: Any) -> list[int]:
+    return [special_id(tokenizer, IM_START)] + encode_text(tokenizer, "assistant\n")
+
+
+class ChatHistory:
+    """Conversation state for an interactive chat: the system prompt plus a window of recent turns.
+
+    Keeps at most `max_turns` turns (a turn = a user message and the replies to it) and, in `prompt_ids`,
+    drops the oldest turns until the prompt fits `max_tokens` (leave room for the reply: pass
+    `max_seq_len - max_new_tokens`). Messages are tokenized once, when added.
+    """
+
+    def __init__(self, tokenizer: Any, system: str | None = None, max_turns: int | None = None,
+                 max_tokens: int | None = None):
+        self.tokenizer, self.system = tokenizer, system
+        self.max_turns, self.max_tokens = max_turns, max_tokens
+        system_ids = encode_message(tokenizer, "system", system)[0] if system is not None else []
+        self._prefix = [tokenizer.bos_id] + system_ids
+        self._turns: list[list[tuple[Message, list[int]]]] = []
+
+    def add(self, role: str, content: str) -> None:
+        """Append a user or assistant message (an assistant message continues the current turn)."""
+        if role not in ("user", "assistant"):
+            raise UserError(f"ChatHistory.add: role must be 'user' or 'assistant', got {role!r}")
+        msg = {"role": role, "content": content}
+        entry = (msg, encode_message(self.tokenizer, role, content)[0])
+        if not self._turns or (role == "user" and self._turns[-1][-1][0]["role"] == "assistant"):
+            self._turns.append([entry])
+        else:
+            self._turns[-1].append(entry)
+        if self.max_turns is not None:
+            del self._turns[: max(0, len(self._turns) - self.max_turns)]
+
+    def add_user(self, content: str) -> None:
+        self.add("user", content)
+
+    def add_assistant(self, content: str) -> None:
+        self.add("assistant", content)
+
+    def clear(self) -> None:
+        self._turns.clear()
+
+    @property
+    def messages(self) -> list[Message]:
+        """The messages in the window, system message first."""
+        return with_system([m for turn in self._turns for m, _ in turn], self.system)
+
+    def prompt_ids(self) -> list[int]:
+        """Prompt for the next assistant reply; drops the oldest turns if it exceeds `max_tokens`."""
+        header = assistant_header(self.tokenizer)
+        while True:
+            ids = self._prefix + [t for turn in self._turns for _, ids in turn for t in ids] + header
+            if self.max_tokens is None or len(ids) <= self.max_tokens:
+                return ids
+            if len(self._turns) <= 1:
+                raise UserError(f"the message is too long: the prompt needs {len(ids)} tokens, "
+                                f"the budget is {self.max_tokens}; send a shorter message")
+            del self._turns[0]

@@ -1,0 +1,174 @@
+"""Training throughput of babyllama's trainer vs HF transformers (and bert4torch when installed), same run.
+
+    python bench/train_throughput.py                          # 0.2B config, batch 16 x 1024, bf16, on the GPU
+    python bench/train_throughput.py --levers                 # our trainer with each speed lever on/off
+    python bench/train_throughput.py --smoke                  # tiny config on CPU (CI keeps this working)
+
+Prints one JSON object per system (tokens/s, MFU against the detected GPU's peak, peak memory, loss) and a table.
+Every system sees the same random token batches, steps and optimizer settings; timing excludes warm-up steps.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from babyllama.config import ModelConfig, preset  # noqa: E402
+from babyllama.distributed import DistEnv, pick_device  # noqa: E402
+from babyllama.metrics import peak_flops  # noqa: E402
+from babyllama.model import Llama  # noqa: E402
+from babyllama.optim import build_adamw  # noqa: E402
+from babyllama.trainer import Callback, Trainer  # noqa: E402
+
+
+def random_batches(cfg: ModelConfig, batch: int, seq: int, device: torch.device, n: int = 4):
+    g = torch.Generator().manual_seed(0)
+    data = [torch.randint(0, cfg.vocab_size, (batch, seq + 1), generator=g) for _ in range(n)]
+    i = 0
+    while True:
+        w = data[i % n].to(device, non_blocking=True)
+        yield w[:, :-1], w[:, 1:]
+        i += 1
+
+
+class StepTimer(Callback):
+    """Wall time of the steps after `warmup`, with the device synchronised at both ends."""
+
+    def __init__(self, warmup: int, device: torch.device):
+        self.warmup, self.device, self.t0, self.t1, self.loss = warmup, device, None, None, None
+
+    def on_step_end(self, trainer: Trainer, logs: dict[str, float]) -> None:
+        if trainer.step == self.warmup:
+            _sync(self.device)
+            self.t0 = time.perf_counter()
+            if self.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+        self.loss = logs.get("loss", self.loss)
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        _sync(self.device)
+        self.t1 = time.perf_counter()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_ours(cfg: ModelConfig, args, device: torch.device, compile_model: bool = True, chunked_loss: bool = True,
+               checkpointing: bool = False, fused_adamw: bool = True, precision: str | None = "bf16") -> dict:
+    torch.manual_seed(0)
+    model = Llama(cfg)
+    model.chunked_loss, model.gradient_checkpointing = chunked_loss, checkpointing
+    trainer = Trainer(model, DistEnv(device=device))
+    opt = build_adamw(trainer.module, lr=3e-4)
+    if not fused_adamw:
+        opt = torch.optim.AdamW(opt.param_groups, lr=3e-4, betas=(0.9, 0.95), fused=False, foreach=False)
+    trainer.compile(optimizer=opt, clip_grad_norm=1.0, mixed_precision=precision, torch_compile=compile_model,
+                    grad_accumulation_steps=args.accum, log_every=args.warmup + args.steps)
+    timer = StepTimer(args.warmup, device)
+    trainer.fit(random_batches(cfg, args.batch, args.seq, device), max_steps=args.warmup + args.steps,
+                callbacks=[timer])
+    return _result(cfg, args, device, timer.t1 - timer.t0, timer.loss)
+
+
+def bench_hf(cfg: ModelConfig, args, device: torch.device) -> dict:
+    import transformers
+
+    torch.manual_seed(0)
+    hf_cfg = transformers.LlamaConfig(**cfg.to_hf(), attn_implementation="sdpa")
+    model = transformers.LlamaForCausalLM(hf_cfg).to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1,
+                            fused=device.type == "cuda")
+    batches = random_batches(cfg, args.batch, args.seq, device)
+    loss = None
+    for step in range(args.warmup + args.steps):
+        if step == args.warmup:
+            _sync(device)
+            t0 = time.perf_counter()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+        for _ in range(args.accum):
+            x, _ = next(batches)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                loss = model(input_ids=x, labels=x).loss  # HF shifts the labels itself
+            (loss / args.accum).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    _sync(device)
+    return _result(cfg, args, device, time.perf_counter() - t0, float(loss))
+
+
+def _result(cfg: ModelConfig, args, device: torch.device, seconds: float, loss: float | None) -> dict:
+    tokens = args.batch * args.seq * args.accum * args.steps
+    tps = tokens / seconds
+    peak = peak_flops(device)
+    return {
+        "tokens_per_s": round(tps, 1),
+        "mfu": round(cfg.flops_per_token(args.seq) * tps / peak, 4) if peak else None,
+        "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
+        "final_loss": round(loss, 4) if loss is not None else None,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="0.2b")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--seq", type=int, default=1024)
+    ap.add_argument("--accum", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--systems", default="ours,hf", help="comma list of: ours, ours-eager, hf")
+    ap.add_argument("--levers", action="store_true", help="measure each speed lever of our trainer")
+    ap.add_argument("--smoke", action="store_true", help="tiny config on CPU, 2 steps: checks the script runs")
+    ap.add_argument("--out", help="append results as JSON lines to this file")
+    args = ap.parse_args()
+    device = pick_device("cpu" if args.smoke else "auto")
+    if args.smoke:
+        cfg = ModelConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, ffn_dim=128, max_seq_len=64)
+        args.batch, args.seq, args.steps, args.warmup = 2, 64, 2, 1
+    else:
+        cfg = preset(args.config)
+    runs = {
+        "ours": lambda: bench_ours(cfg, args, device, compile_model=device.type == "cuda"),
+        "ours-eager": lambda: bench_ours(cfg, args, device, compile_model=False),
+        "hf": lambda: bench_hf(cfg, args, device),
+    }
+    if args.levers:
+        runs = {
+            "eager, full logits": lambda: bench_ours(cfg, args, device, False, chunked_loss=False),
+            "eager, chunked loss": lambda: bench_ours(cfg, args, device, False),
+            "compile, full logits": lambda: bench_ours(cfg, args, device, True, chunked_loss=False),
+            "compile, chunked loss": lambda: bench_ours(cfg, args, device, True),
+            "compile, chunked, unfused AdamW": lambda: bench_ours(cfg, args, device, True, fused_adamw=False),
+            "compile, chunked, act. checkpointing": lambda: bench_ours(cfg, args, device, True, checkpointing=True),
+        }
+    else:
+        runs = {k: runs[k] for k in args.systems.split(",")}
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    results = []
+    for system, fn in runs.items():
+        r = {"system": system, "device": name, "config": args.config, "batch": args.batch, "seq": args.seq,
+             "accum": args.accum, **fn()}
+        print(json.dumps(r), flush=True)
+        results.append(r)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if args.out:
+        with open(args.out, "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in results)
+    print("\n| system | tokens/s | MFU | peak GiB |\n|---|---|---|---|")
+    for r in results:
+        print(f"| {r['system']} | {r['tokens_per_s']:,.0f} | {r['mfu']} | {r['peak_mem_gib']} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""Build the shipped SFT set and the held-out multiple-choice eval set (deterministic from --seed).
+
+    pip install chatterbot-corpus==1.3.3
+    python data/build_sft.py                                   # -> data/sft/
+    python data/build_sft.py --name Xiaobai --author Alice     # your assistant's name in the self-cognition set
+    python data/build_sft.py --tokenizer runs/baby/tokenizer   # also report token lengths and padding
+
+Writes, in the OpenAI `messages` format (plus `source` and `lang` keys, which readers ignore):
+- `sft_train.jsonl`, `sft_valid.jsonl`: chatterbot-corpus (zh + en), instructions templated from the shipped
+  corpus TRAIN files (poems, Shakespeare), and the self-cognition set;
+- `choice_eval.jsonl`: 4-way "which line comes next" items from the HELD-OUT corpus files only;
+- `README.md`: what is inside, counts, and the licences.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from babyllama import sft_data  # noqa: E402
+from babyllama.cli import main_guard  # noqa: E402
+from babyllama.errors import UserError  # noqa: E402
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--corpus-dir", type=Path, default=ROOT / "data" / "corpus")
+    p.add_argument("--chatterbot-dir", type=Path, default=None,
+                   help="chatterbot-corpus data folder (default: the installed package)")
+    p.add_argument("--out-dir", type=Path, default=ROOT / "data" / "sft")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--name", default="BabyLlama", help="the assistant's name in the self-cognition set")
+    p.add_argument("--author", default="babyllama", help="the assistant's author in the self-cognition set")
+    p.add_argument("--self-repeat", type=int, default=3, help="copies of the (small) self-cognition set")
+    p.add_argument("--poetry-per-task", type=int, default=1500, help="examples per templated zh poetry task (3)")
+    p.add_argument("--shakespeare-per-task", type=int, default=1000, help="examples per templated en task (4)")
+    p.add_argument("--valid-size", type=int, default=300)
+    p.add_argument("--choice-items", type=int, default=200, help="multiple-choice items per language")
+    p.add_argument("--tokenizer", default=None, help="report token lengths and padding with this tokenizer")
+    p.add_argument("--max-len", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=16)
+    return p.parse_args()
+
+
+def load_records(path: Path) -> list[dict]:
+    if not path.exists():
+        raise UserError(f"{path} is missing: build the shipped corpus first (data/corpus/)")
+    from babyllama.corpus import iter_records
+    return list(iter_records(path))
+
+
+def tagged(convs: list, source: str, lang: str) -> list[dict]:
+    return [{"source": source, "lang": lang, "messages": m} for m in convs]
+
+
+def build_examples(args: argparse.Namespace) -> list[dict]:
+    bot = args.chatterbot_dir or sft_data.chatterbot_dir()
+    corpus = args.corpus_dir
+    self_set = sft_data.self_cognition(args.name, args.author)
+    examples = (
+        tagged(sft_data.read_chatterbot(bot / "chinese"), "chatterbot", "zh")
+        + tagged(sft_data.read_chatterbot(bot / "english"), "chatterbot", "en")
+        + tagged(sft_data.poetry_instructions(load_records(corpus / "poetry_zh_train.jsonl"), args.seed,
+                                              args.poetry_per_task), "poetry", "zh")
+        + tagged(sft_data.shakespeare_instructions(load_records(corpus / "shakespeare_en_train.jsonl"), args.seed,
+                                                   args.shakespeare_per_task), "shakespeare", "en")
+        + tagged(self_set["zh"] * args.self_repeat, "self", "zh")
+        + tagged(self_set["en"] * args.self_repeat, "self", "en"))
+    random.Random(args.seed).shuffle(examples)
+    return examples
+
+
+def build_choices(args: argparse.Namespace) -> list[dict]:
+    items = []
+    for lang, name in (("zh", "poetry_zh_heldout.jsonl"), ("en", "shakespeare_en_heldout.jsonl")):
+        records = load_records(args.corpus_dir / name)
+        items += [{"lang": lang, **it} for it in sft_data.build_choice_items(records, lang, args.seed,
+                                                                             args.choice_items)]
+    return items
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def counts_table(train: list[dict], valid: list[dict]) -> str:
+    keys = sorted(Counter((e["lang"], e["source"]) for e in train + valid))
+    tr, va = Counter((e["lang"], e["source"]) for e in train), Counter((e["lang"], e["source"]) for e in valid)
+    rows = [f"| {lang} | {src} | {tr[(lang, src)]} | {va[(lang, src)]} |" for lang, src in keys]
+    return "\n".join(["| lang | source | train | valid |", "|---|---|---|---|", *rows,
+                      f"| all | all | {len(train)} | {len(valid)} |"])
+
+
+def token_report(args: argparse.Namespace, train: list[dict]) -> str:
+    from babyllama.tokenizer import Tokenizer
+    ds = sft_data.SFTDataset([e["messages"] for e in train], Tokenizer.load(args.tokenizer), args.max_len)
+    n = sorted(ds.lengths)
+    pad = {b: sft_data.padding_fraction(ds.lengths, args.batch_size, bucketed=b, seed=args.seed) for b in (True, False)}
+    return (f"tokens per example: median {n[len(n) // 2]}, p95 {n[int(len(n) * 0.95)]}, max {n[-1]}; "
+            f"{ds.dropped} dropped at max_len={args.max_len}; supervised tokens {ds.supervised_tokens()}; "
+            f"padding at batch {args.batch_size}: bucketed {pad[True]:.1%}, random {pad[False]:.1%}")
+
+
+def main() -> None:
+    args = parse_args()
+    examples = build_examples(args)
+    valid, train = examples[: args.valid_size], examples[args.valid_size:]
+    choices = build_choices(args)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    write_jsonl(args.out_dir / "sft_train.jsonl", train)
+    write_jsonl(args.out_dir / "sft_valid.jsonl", valid)
+    write_jsonl(args.out_dir / "choice_eval.jsonl", choices)
+    table = counts_table(train, valid)
+    n_choices = Counter(c["lang"] for c in choices)
+    (args.out_dir / "README.md").write_text(README.format(table=table, zh=n_choices["zh"], en=n_choices["en"],
+                                                          seed=args.seed, name=args.name, author=args.author),
+                                            encoding="utf-8")
+    print(table)
+    print(f"choice_eval: {dict(n_choices)}")
+    if args.tokenizer:
+        print(token_report(args, train))
+
+
+README = """# Shipped SFT data
+
+Generated by `python data/build_sft.py --seed {seed} --name {name} --author {author}`; do not edit by hand.
+
+| file | what |
+|---|---|
+| `sft_train.jsonl`, `sft_valid.jsonl` | `{{"source", "lang", "messages": [{{"role", "content"}}]}}`, the OpenAI chat format |
+| `choice_eval.jsonl` | `{{"lang", "messages", "choices": [4 str], "answer": int}}`: which line comes next ({zh} zh, {en} en) |
+
+{table}
+
+Sources:
+- `chatterbot`: the Chinese (simplified) and English dialogues of chatterbot-corpus 1.3.3 (PyPI
+  `chatterbot-corpus`), without `botprofile.yml` and without conversations about the bot's identity, which
+  the self-cognition set replaces. Licence below.
+- `poetry`, `shakespeare`: questions templated from the shipped corpus TRAIN files only (`data/corpus/
+  *_train.jsonl`; see `data/corpus/` for their sources and licences): write a poem titled X, who wrote X,
+  the next line of a poem; continue a speech, who says a line, which play a line is from, the next line.
+- `self`: "who are you" questions and answers written for this project (name and author are options of the
+  build script), repeated to weigh them up.
+- `choice_eval.jsonl` uses the HELD-OUT corpus files only; nothing in it is trained on.
+
+## chatterbot-corpus licence
+
+Copyright (c) 2016, Gunther Cox
+All rights reserved.
+
+Redistribution and use in source and binary forms, with or without modification, are permitted provided that
+the following conditions are met:
+
+* Redistributions of source code must retain the above copyright notice, this list of conditions and the
+  following disclaimer.
+* Redistributions in binary form must reproduce the above copyright notice, this list of conditions and the
+  following disclaimer in the documentation and/or other materials provided with the distribution.
+* Neither the name of ChatterBot nor the names of its contributors may be used to endorse or promote products
+  derived from this software without specific prior written permission.
+
+THIS SOFTWARE IS PROVIDED BY THE COPYRIGHT HOLDERS AND CONTRIBUTORS "AS IS" AND ANY EXPRESS OR IMPLIED
+WARRANTIES, INCLUDING, BUT NOT LIMITED TO, THE IMPLIED WARRANTIES OF MERCHANTABILITY AND FITNESS FOR A
+PARTICULAR PURPOSE ARE DISCLAIMED. IN NO EVENT SHALL THE COPYRIGHT HOLDER OR CONTRIBUTORS BE LIABLE FOR ANY
+DIRECT, INDIRECT, INCIDENTAL, SPECIAL, EXEMPLARY, OR CONSEQUENTIAL DAMAGES (INCLUDING, BUT NOT LIMITED TO,
+PROCUREMENT OF SUBSTITUTE GOODS OR SERVICES; LOSS OF USE, DATA, OR PROFITS; OR BUSINESS INTERRUPTION) HOWEVER
+CAUSED AND ON ANY THEORY OF LIABILITY, WHETHER IN CONTRACT, STRICT LIABILITY, OR TORT (INCLUDING NEGLIGENCE OR
+OTHERWISE) ARISING IN ANY WAY OUT OF THE USE OF THIS SOFTWARE, EVEN IF ADVISED OF THE POSSIBILITY OF SUCH
+DAMAGE.
+"""
+
+if __name__ == "__main__":
+    main_guard(main)

@@ -1,0 +1,60 @@
+"""Tokenize a corpus into pretraining shards (`train_*.bin`, `val_*.bin`, `meta.json`; see babyllama/data.py).
+
+    python data/prepare.py                                   # shipped training files -> out/baby/data
+    python data/prepare.py --input data/corpus/*_train.jsonl my_texts/ --tokenizer out/tok8k --out out/tok8k_data
+    python data/prepare.py --input c4/ --format c4 --tokenizer qwen3/tokenizer.json --out out/c4 --workers 8
+
+--input takes files, directories (every corpus file under them: mind held-out files) and globs, read in the
+order given; the formats are those of babyllama.corpus.iter_documents. Each document is followed by the
+tokenizer's end-of-sequence token; a `--val-fraction` share of documents (chosen with --seed) goes to val.
+An existing output directory is replaced only with --overwrite.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Iterator
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from babyllama.cli import main_guard  # noqa: E402
+from babyllama.corpus import FORMATS, iter_documents  # noqa: E402
+from babyllama.data import prepare_token_bins  # noqa: E402
+from babyllama.tokenizer import Tokenizer  # noqa: E402
+
+
+def documents(paths: list[str], fmt: str, field: str) -> Iterator[str]:
+    for path in paths:
+        yield from iter_documents(path, fmt, field)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", nargs="+", default=[str(ROOT / "data" / "corpus" / "*_train.jsonl")],
+                   help="corpus files, directories or globs (default: the shipped training files)")
+    p.add_argument("--format", default="auto", choices=FORMATS, help="corpus format (default: by extension)")
+    p.add_argument("--field", default="text", help="JSON/parquet field holding the text (default: text)")
+    p.add_argument("--tokenizer", type=Path, default=Path("out") / "baby" / "tokenizer",
+                   help="tokenizer.model, tokenizer.json or their directory (default: out/baby/tokenizer)")
+    p.add_argument("--out", type=Path, default=Path("out") / "baby" / "data",
+                   help="output directory (default: out/baby/data, where the baby pretraining run looks)")
+    p.add_argument("--val-fraction", type=float, default=0.01, help="share of documents for validation")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
+    p.add_argument("--workers", type=int, default=2, help="tokenizing processes (1 = in this process)")
+    p.add_argument("--shard-tokens", type=int, default=1 << 27, help="tokens per .bin shard (default: 2^27)")
+    p.add_argument("--overwrite", action="store_true", help="replace the token data already in --out")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    tok = Tokenizer.load(args.tokenizer)
+    prepare_token_bins(documents(args.input, args.format, args.field), tok, args.out, val_fraction=args.val_fraction,
+                       seed=args.seed, num_workers=args.workers, shard_tokens=args.shard_tokens,
+                       overwrite=args.overwrite)
+
+
+if __name__ == "__main__":
+    main_guard(main)

@@ -1,0 +1,298 @@
+"""Pretraining data: token shards + meta.json, windows over memory maps, the resumable DDP sampler, the CLI."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import pickle
+import random
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from babyllama.data import (ResumableSampler, TokenWindowDataset, build_pretrain_loader, prepare_token_bins,
+                            read_meta)
+from babyllama.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+EOS = 2
+
+
+class ByteTokenizer:
+    """Picklable stand-in: one token per UTF-8 byte, shifted by `offset`; eos = 2."""
+
+    def __init__(self, offset: int = 3, vocab_size: int | None = None):
+        self.offset, self.eos_id = offset, EOS
+        self.vocab_size = vocab_size if vocab_size is not None else offset + 256
+
+    def encode(self, text: str) -> list[int]:
+        return [b + self.offset for b in text.encode("utf-8")]
+
+    def decode(self, ids) -> str:
+        return bytes(int(i) - self.offset for i in ids).decode("utf-8")
+
+
+def make_docs(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [f"{i}:" + "".join(rng.choice("abc 春风吹") for _ in range(rng.randint(0, 60))) for i in range(n)]
+
+
+def prepare(tmp_path: Path, docs: list[str], tok=None, name: str = "data", **kw) -> tuple[Path, dict]:
+    kw = {"val_fraction": 0.2, "num_workers": 1, "shard_tokens": 1000, **kw}
+    out = tmp_path / name
+    return out, prepare_token_bins(iter(docs), tok or ByteTokenizer(), out, **kw)
+
+
+def split_tokens(out: Path, meta: dict, split: str) -> np.ndarray:
+    dtype = np.dtype("<u2" if meta["dtype"] == "uint16" else "<u4")
+    parts = [np.fromfile(out / s["file"], dtype=dtype) for s in meta["splits"][split]["shards"]]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype)
+
+
+def split_docs(out: Path, meta: dict, split: str, tok) -> list[str]:
+    stream = split_tokens(out, meta, split).tolist()
+    assert not stream or stream[-1] == EOS
+    docs, cur = [], []
+    for t in stream:
+        if t == EOS:
+            docs.append(tok.decode(cur))
+            cur = []
+        else:
+            cur.append(t)
+    return docs
+
+
+# ======================================================================= preparation
+@pytest.mark.parametrize("offset,dtype", [(3, "uint16"), (70_000, "uint32")])
+def test_round_trip_and_meta(tmp_path, offset, dtype):
+    docs, tok = make_docs(300), ByteTokenizer(offset)
+    out, meta = prepare(tmp_path, docs, tok)
+    assert meta == json.loads((out / "meta.json").read_text()) == read_meta(out)
+    assert (meta["format"], meta["version"], meta["dtype"]) == ("babyllama-tokens", 1, dtype)
+    assert (meta["vocab_size"], meta["eos_id"], meta["seed"]) == (offset + 256, EOS, 0)
+    assert meta["tokenizer"]["class"].endswith("ByteTokenizer") and meta["tokenizer"]["path"] is None
+    assert meta["input"] == {"documents": 300, "bytes": sum(len(d.encode()) for d in docs)}
+    itemsize = 2 if dtype == "uint16" else 4
+    for split in ("train", "val"):
+        s = meta["splits"][split]
+        assert s["tokens"] == sum(x["tokens"] for x in s["shards"])
+        assert [x["file"] for x in s["shards"]] == [f"{split}_{i:05d}.bin" for i in range(len(s["shards"]))]
+        for x in s["shards"]:
+            assert x["bytes"] == x["tokens"] * itemsize == (out / x["file"]).stat().st_size
+            assert x["tokens"] <= 1000
+    assert len(meta["splits"]["train"]["shards"]) > 3
+    train, val = (split_docs(out, meta, s, tok) for s in ("train", "val"))
+    assert (len(train), len(val)) == (meta["splits"]["train"]["documents"], meta["splits"]["val"]["documents"])
+    assert 30 <= len(val) <= 90  # ~20% of 300
+    assert set(train).isdisjoint(val) and sorted(train + val) == sorted(docs)
+    assert train == [d for d in docs if d in set(train)]  # corpus order kept within a split
+    total = sum(len(tok.encode(d)) + 1 for d in docs)
+    assert meta["splits"]["train"]["tokens"] + meta["splits"]["val"]["tokens"] == total
+    assert sorted(p.name for p in out.iterdir() if p.suffix not in (".bin", ".json")) == []  # no *.tmp left
+
+
+def test_split_is_deterministic_by_seed(tmp_path):
+    docs, tok = make_docs(200), ByteTokenizer()
+    a, meta_a = prepare(tmp_path, docs, name="a", seed=5)
+    b, meta_b = prepare(tmp_path, docs, name="b", seed=5)
+    c, meta_c = prepare(tmp_path, docs, name="c", seed=6)
+    assert meta_a == meta_b
+    assert split_docs(a, meta_a, "val", tok) == split_docs(b, meta_b, "val", tok)
+    assert split_docs(a, meta_a, "val", tok) != split_docs(c, meta_c, "val", tok)
+
+
+def test_multiprocess_matches_single_process(tmp_path):
+    docs = make_docs(2500)  # several 512-document chunks in flight
+    one, meta_one = prepare(tmp_path, docs, name="one", num_workers=1)
+    two, meta_two = prepare(tmp_path, docs, name="two", num_workers=2)
+    assert meta_one == meta_two
+    for split in ("train", "val"):
+        assert np.array_equal(split_tokens(one, meta_one, split), split_tokens(two, meta_two, split))
+
+
+def test_tiny_corpus_still_gets_a_val_document(tmp_path):
+    docs = make_docs(5)
+    out, meta = prepare(tmp_path, docs, val_fraction=0.01)
+    assert split_docs(out, meta, "val", ByteTokenizer()) == [docs[-1]]
+    _, meta = prepare(tmp_path, docs, name="none", val_fraction=0.0)
+    assert meta["splits"]["val"] == {"documents": 0, "tokens": 0, "shards": []}
+
+
+def test_ids_beyond_uint16_are_refused_not_wrapped(tmp_path):
+    lying = ByteTokenizer(offset=65_400, vocab_size=65_535)  # claims uint16 but "春" gives ids >= 2**16
+    with pytest.raises(UserError, match=r"document 1: .*id (\d+), outside its vocabulary of 65535") as e:
+        prepare(tmp_path, ["abc", "a春"] * 600, lying, shard_tokens=4)
+    assert int(e.value.args[0].split("id ")[1].split(",")[0]) >= 2**16
+    assert list((tmp_path / "data").iterdir()) == []  # nothing half-written left behind
+    with pytest.raises(UserError, match="document 1001: .*id 198"):
+        prepare(tmp_path, ["ok"] * 1001 + ["é"], ByteTokenizer(vocab_size=150), num_workers=2)  # from a worker
+
+
+def test_existing_output_is_refused_unless_overwrite(tmp_path):
+    out, _ = prepare(tmp_path, make_docs(50))
+    with pytest.raises(UserError, match=rf"{out}.*--overwrite \(overwrite=True\)"):
+        prepare(tmp_path, make_docs(50))
+    (out / "notes.txt").write_text("mine")
+    _, meta = prepare(tmp_path, make_docs(20), overwrite=True)
+    assert meta["input"]["documents"] == 20 and (out / "notes.txt").read_text() == "mine"
+    assert len(list(out.glob("*.bin"))) == sum(len(s["shards"]) for s in meta["splits"].values())  # old ones gone
+
+
+def test_leftovers_of_an_interrupted_run_are_replaced(tmp_path):
+    out = tmp_path / "data"
+    out.mkdir()
+    (out / "train_00000.bin").write_bytes(b"\0" * 10)
+    (out / "train_00001.bin.tmp").write_bytes(b"\0" * 3)
+    _, meta = prepare(tmp_path, make_docs(20))
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train_00000.bin", "val_00000.bin"]
+    assert (out / "train_00000.bin").stat().st_size == meta["splits"]["train"]["shards"][0]["bytes"]
+
+
+# ======================================================================= reading
+def test_windows_cross_shard_index_arithmetic(tmp_path):
+    out, meta = prepare(tmp_path, make_docs(300), shard_tokens=700)
+    seq_len = 63
+    ds = TokenWindowDataset(out, "train", seq_len=seq_len)
+    shards = [np.fromfile(out / s["file"], dtype="<u2") for s in meta["splits"]["train"]["shards"]]
+    expected = [s[k * 64:(k + 1) * 64] for s in shards for k in range(len(s) // 64)]  # never across shards
+    assert len(shards) > 3 and len(ds) == len(expected)
+    for i, w in enumerate(expected):
+        x, y = ds[i]
+        assert x.dtype == y.dtype == torch.int64 and x.shape == y.shape == (seq_len,)
+        assert torch.equal(x, torch.from_numpy(w[:-1].astype(np.int64)))
+        assert torch.equal(y, torch.from_numpy(w[1:].astype(np.int64)))
+    with pytest.raises(IndexError):
+        ds[len(ds)]
+    ds[0]
+    clone = pickle.loads(pickle.dumps(ds))  # what a DataLoader worker gets: paths, not mapped data
+    assert len(pickle.dumps(ds)) < sum(map(len, shards)) / 5 and torch.equal(clone[len(ds) - 1][1], ds[len(ds) - 1][1])
+
+
+def test_uint32_windows_read_back(tmp_path):
+    out, _ = prepare(tmp_path, make_docs(100), ByteTokenizer(70_000))
+    x, y = TokenWindowDataset(out, "train", seq_len=16)[0]
+    tokens = torch.cat([x, y])
+    assert bool(((tokens == EOS) | (tokens >= 70_000)).all()) and int(tokens.max()) > 65_535
+
+
+def test_loader_batches_and_sampler(tmp_path):
+    out, _ = prepare(tmp_path, make_docs(300))
+    loader = build_pretrain_loader(out, "train", 31, 4, seed=3, num_workers=1)
+    assert isinstance(loader.sampler, ResumableSampler) and loader.tokens_per_batch == 4 * 31
+    x, y = next(iter(loader))
+    assert x.shape == y.shape == (4, 31) and torch.equal(x[:, 1:], y[:, :-1])
+    batches = list(loader)
+    assert sum(len(b[0]) for b in batches) == len(loader.dataset) == loader.sampler.num_samples
+    val = build_pretrain_loader(out, "val", 31, 4, shuffle=False)
+    assert torch.equal(next(iter(val))[0], next(iter(val))[0])
+
+
+# ---- bad inputs
+def test_truncated_or_corrupt_shard(tmp_path):
+    out, meta = prepare(tmp_path, make_docs(200))
+    shard = out / meta["splits"]["train"]["shards"][1]["file"]
+    size = shard.stat().st_size
+    for cut in (1, 2):
+        shard.write_bytes(b"\0" * (size - cut))
+        with pytest.raises(UserError, match=rf"{shard.name}: {size - cut:,} bytes, expected {size:,}.*"
+                                            r"rerun data/prepare.py"):
+            TokenWindowDataset(out, "train", seq_len=8)
+    shard.unlink()
+    with pytest.raises(UserError, match=f"{shard.name}: missing"):
+        TokenWindowDataset(out, "train", seq_len=8)
+    TokenWindowDataset(out, "val", seq_len=8)  # the other split is not affected
+
+
+def test_missing_or_bad_meta(tmp_path):
+    out, meta = prepare(tmp_path, make_docs(100))
+    meta_path = out / "meta.json"
+    meta_path.write_text("{not json")
+    with pytest.raises(UserError, match="meta.json: unreadable"):
+        TokenWindowDataset(out, seq_len=8)
+    meta_path.write_text(json.dumps({**meta, "dtype": "uint16", "vocab_size": 100_000}))
+    with pytest.raises(UserError, match="uint16 cannot hold the ids of a 100,000-token vocabulary"):
+        TokenWindowDataset(out, seq_len=8)
+    meta_path.unlink()
+    with pytest.raises(UserError, match="meta.json not found.*data/prepare.py"):
+        build_pretrain_loader(out, "train", 8, 2)
+
+
+def test_too_few_tokens_for_a_window(tmp_path):
+    out, meta = prepare(tmp_path, make_docs(100))
+    n = meta["splits"]["val"]["tokens"]
+    with pytest.raises(UserError, match=rf"split 'val' has {n:,} tokens .* needs 4,097"):
+        TokenWindowDataset(out, "val", seq_len=4096)
+
+
+# ======================================================================= sampler
+def test_sampler_ranks_cover_and_match_one_process():
+    n, ws = 103, 4
+    single = list(ResumableSampler(n, seed=7))
+    assert sorted(single) == list(range(n))
+    ranks = [list(ResumableSampler(n, seed=7, rank=r, world_size=ws)) for r in range(ws)]
+    assert {len(r) for r in ranks} == {26} and set().union(*ranks) == set(range(n))
+    interleaved = [ranks[k % ws][k // ws] for k in range(26 * ws)]
+    assert interleaved == single + single[:1]  # padded like DistributedSampler
+    dropped = [list(ResumableSampler(n, seed=7, rank=r, world_size=ws, drop_last=True)) for r in range(ws)]
+    assert sum(map(len, dropped)) == 100 and len(set().union(*dropped)) == 100
+    assert list(ResumableSampler(5, shuffle=False, rank=1, world_size=2)) == [1, 3, 0]
+
+
+def test_sampler_resumes_mid_epoch_exactly():
+    a = ResumableSampler(50, seed=1, rank=1, world_size=2)
+    a.set_epoch(3)
+    full = list(a.rank_indices(3))
+    it = iter(a)
+    seen = [next(it) for _ in range(9)]
+    assert seen == full[:9] and a.state_dict()["consumed"] == 9
+    b = ResumableSampler(50, seed=1, rank=1, world_size=2)
+    b.load_state_dict({"epoch": 3, "consumed": 9})  # what the trainer stores
+    assert len(b) == 16 and list(b) == full[9:]
+    assert b.state_dict()["epoch"] == 4 and list(b) == list(a.rank_indices(4))  # a finished pass moves on
+    with pytest.raises(UserError, match="world_size=4"):
+        b.load_state_dict({**a.state_dict(), "world_size": 4})
+    with pytest.raises(UserError, match="beyond"):
+        b.load_state_dict({"epoch": 0, "consumed": 26})
+
+
+def test_sampler_epochs_and_seeds_differ():
+    s = ResumableSampler(1000, seed=0)
+    assert list(s) != list(s)  # epoch 0, then epoch 1
+    assert torch.equal(s.rank_indices(2), ResumableSampler(1000, seed=0).rank_indices(2))
+    assert not torch.equal(s.rank_indices(0), ResumableSampler(1000, seed=1).rank_indices(0))
+    again = ResumableSampler(1000, seed=0)
+    it = iter(again)
+    next(it)
+    assert list(again)[0] == next(iter(ResumableSampler(1000, seed=0)))  # an unfinished pass restarts
+
+
+# ======================================================================= CLI
+def test_cli_end_to_end(tmp_path):
+    tokenizer = pytest.importorskip("babyllama.tokenizer")
+    pytest.importorskip("babyllama.corpus")
+    inputs = [str(ROOT / "data" / "corpus" / f"{name}_heldout.jsonl") for name in ("poetry_zh", "shakespeare_en")]
+    docs = [json.loads(line)["text"] for path in inputs for line in open(path, encoding="utf-8")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a small corpus for a tokenizer: fine for this test
+        tok = tokenizer.train_tokenizer(docs, 400, tmp_path / "tok")
+    spec = importlib.util.spec_from_file_location("prepare_cli", ROOT / "data" / "prepare.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    out = tmp_path / "bins"
+    cli.main(["--input", *inputs, "--tokenizer", str(tmp_path / "tok"), "--out", str(out), "--workers", "2",
+              "--val-fraction", "0.05"])
+    meta = read_meta(out)
+    assert meta["tokenizer"]["path"] == str(tmp_path / "tok" / "tokenizer.model")
+    assert len(meta["tokenizer"]["sha256"]) == 64
+    assert meta["input"]["documents"] == len(docs) and meta["vocab_size"] == 400
+    assert sum(s["tokens"] for s in meta["splits"].values()) == sum(len(tok.encode(d)) + 1 for d in docs)
+    decoded = split_docs(out, meta, "train", tok) + split_docs(out, meta, "val", tok)
+    assert meta["splits"]["val"]["documents"] > 0 and sorted(decoded) == sorted(docs)
+    proc = subprocess.run([sys.executable, str(ROOT / "data" / "prepare.py"), "--input", *inputs, "--tokenizer",
+                           str(tmp_path / "tok"), "--out", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.startswith(f"error: {out} is not empty")
+    assert "--overwrite" in proc.stderr
