@@ -8,7 +8,7 @@ runs/<name>/<stage>     TensorBoard event files
 from __future__ import annotations
 
 import glob
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -26,6 +26,7 @@ class RunConfig:
     """Everything a pretraining run needs; every field is also a command-line flag (`--batch-size 8`)."""
 
     model: str = "baby"  # model preset in babyllama.config.PRESETS
+    init: str | None = None  # checkpoint (file or dir) a later stage starts from; None = previous stage's newest
     corpus: list[str] = field(default_factory=lambda: list(SHIPPED_CORPUS))  # files, dirs or globs
     corpus_format: str = "auto"
     corpus_field: str = "text"
@@ -65,10 +66,20 @@ RUN_PRESETS: dict[str, RunConfig] = {
 }
 
 
-def run_preset(name: str) -> RunConfig:
+# Per-stage changes to a preset (stages after pretraining fine-tune: lower lr, fewer steps). Keyed by stage,
+# then by preset name ("*" = every preset).
+STAGE_OVERRIDES: dict[str, dict[str, dict]] = {
+    "pretrain": {},
+    "sft": {"*": dict(lr=3e-4, warmup_steps=20, max_steps=300, eval_every=50, ckpt_every=100),
+            "0.2b": dict(lr=2e-5, warmup_steps=100, max_steps=5000, eval_every=500, ckpt_every=1000)},
+}
+
+
+def run_preset(name: str, stage: str = "pretrain") -> RunConfig:
     if name not in RUN_PRESETS:
         raise UserError(f"unknown --name '{name}'; choose one of {sorted(RUN_PRESETS)}")
-    return RUN_PRESETS[name]
+    by_name = STAGE_OVERRIDES.get(stage, {})
+    return replace(RUN_PRESETS[name], **by_name.get(name, by_name.get("*", {})))
 
 
 @dataclass

@@ -1,0 +1,89 @@
+"""What every training stage script (pretrain, sft, reward, dpo, ppo) shares, so the scripts stay
+config -> data -> model -> compile -> fit(callbacks) and no stage copies another's plumbing.
+
+    args, run, paths, env = parse_stage_args(__doc__, "sft", add_flags)
+    trainer = Trainer(model, env)
+    compile_from_run(trainer, run, loss=my_loss)
+    resume_or_start(trainer, args, paths.stage("sft"))
+    trainer.fit(loader, max_steps=run.max_steps, callbacks=standard_callbacks(run, paths, "sft", [evaluator]))
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Callable
+
+from babyllama import callbacks as cb
+from babyllama.checkpoint import latest_checkpoint, list_checkpoints
+from babyllama.cli import add_dataclass_flags, apply_overrides
+from babyllama.distributed import DistEnv, init_distributed
+from babyllama.errors import UserError
+from babyllama.optim import build_adamw, warmup_cosine
+from babyllama.runs import RunConfig, RunPaths, resolve_compile, resolve_precision, run_preset
+from babyllama.trainer import Callback, LossFn, Trainer, causal_lm_loss
+
+
+def parse_stage_args(description: str, stage: str,
+                     add_flags: Callable[[argparse.ArgumentParser], None] | None = None,
+                     argv: list[str] | None = None) -> tuple[argparse.Namespace, RunConfig, RunPaths, DistEnv]:
+    """Flags common to all stages (--name, --resume, --device, every RunConfig field) plus the stage's own.
+
+    Refuses to start over a stage directory that already has checkpoints unless --resume is given,
+    so a finished run is never overwritten by accident."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--name", default="baby", help="run preset: baby, 0.2b, 1.1b")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of this stage")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    if add_flags is not None:
+        add_flags(parser)
+    add_dataclass_flags(parser, RunConfig)
+    args = parser.parse_args(argv)
+    run = apply_overrides(run_preset(args.name, stage), args)
+    paths, env = RunPaths.of(args.name, run), init_distributed(args.device)
+    ckpt_dir = paths.stage(stage)
+    if list_checkpoints(ckpt_dir) and not args.resume:
+        raise UserError(f"{ckpt_dir} already has checkpoints; pass --resume to continue, or --out to start elsewhere")
+    return args, run, paths, env
+
+
+def compile_from_run(trainer: Trainer, run: RunConfig, loss: LossFn = causal_lm_loss,
+                     flops_per_token: float | None = None) -> Trainer:
+    """AdamW (decay groups, fused where available) + warmup/cosine + clipping + precision/compile from the run."""
+    device = trainer.env.device
+    optimizer = build_adamw(trainer.module, run.lr, run.weight_decay)
+    trainer.compile(loss=loss, optimizer=optimizer,
+                    scheduler=warmup_cosine(optimizer, run.warmup_steps, run.max_steps, run.min_lr_ratio),
+                    clip_grad_norm=run.clip_grad_norm, mixed_precision=resolve_precision(run.mixed_precision, device),
+                    grad_accumulation_steps=run.grad_accum, torch_compile=resolve_compile(run.torch_compile, device),
+                    log_every=run.log_every, flops_per_token=flops_per_token)
+    return trainer
+
+
+def resume_if_asked(trainer: Trainer, args: argparse.Namespace, ckpt_dir: Path) -> None:
+    if not args.resume:
+        return
+    if latest_checkpoint(ckpt_dir) is None:
+        raise UserError(f"--resume: no checkpoint in {ckpt_dir}; run without --resume to start")
+    trainer.resume(str(ckpt_dir))
+
+
+def standard_callbacks(run: RunConfig, paths: RunPaths, stage: str,
+                       evaluators: list[Callback] = ()) -> list[Callback]:
+    """Evaluators first (their metrics join the step's logs), then progress, text log, TensorBoard, checkpoints."""
+    ckpt_dir = paths.stage(stage)
+    return [*evaluators, cb.ProgressBar(run.max_steps), cb.TextLogger(ckpt_dir / "log.jsonl"),
+            cb.TensorBoard(paths.tensorboard(stage)), cb.Checkpoint(ckpt_dir, run.ckpt_every, run.keep_checkpoints)]
+
+
+def init_checkpoint(explicit: str | None, paths: RunPaths, previous_stage: str) -> Path:
+    """The checkpoint a stage starts from: --init if given, else the newest of the previous stage."""
+    directory = Path(explicit) if explicit else paths.stage(previous_stage)
+    found = directory if directory.is_file() else latest_checkpoint(directory)
+    if found is None:
+        raise UserError(f"no checkpoint in {directory}; run the {previous_stage} stage first "
+                        f"(e.g. python {previous_stage_script(previous_stage)} --name {paths.name}) or pass --init")
+    return found
+
+
+def previous_stage_script(stage: str) -> str:
+    return {"pretrain": "pretrain/pretrain.py", "sft": "sft/sft.py", "reward": "reward/reward.py"}.get(stage, stage)
