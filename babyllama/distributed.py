@@ -6,6 +6,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.fsdp import fully_shard
 
 
 @dataclass
@@ -62,3 +65,24 @@ def barrier() -> None:
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def shard_model(model: torch.nn.Module) -> None:
+    """FSDP2: each transformer block is one shard unit (gathered just in time), the rest goes in the root unit."""
+    for block in getattr(getattr(model, "model", model), "layers", []):
+        fully_shard(block)
+    fully_shard(model)
+
+
+def full_state_dicts(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Unsharded model and optimizer state of an FSDP model, on CPU (complete on rank 0); call on every rank."""
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, optimizer, options=opts)
+
+
+def load_full_state_dicts(model: torch.nn.Module, optimizer: torch.optim.Optimizer, model_state: dict,
+                          optim_state: dict) -> None:
+    """Inverse of `full_state_dicts`: every rank passes the full state it read from the checkpoint file."""
+    opts = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, model_state, options=opts)
+    set_optimizer_state_dict(model, optimizer, optim_state, options=opts)

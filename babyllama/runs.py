@@ -35,6 +35,7 @@ class RunConfig:
     seq_len: int | None = None  # None = the model preset's max_seq_len
     batch_size: int = 16  # per rank, per micro-batch
     grad_accum: int = 1
+    fsdp: bool = False  # under torchrun: shard params/grads/optimizer state (FSDP2) instead of replicating (DDP)
     lr: float = 1e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 30

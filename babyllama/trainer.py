@@ -13,11 +13,12 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from babyllama.checkpoint import check_model_config, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from babyllama.config import ModelConfig
-from babyllama.distributed import DistEnv, all_reduce_mean
+from babyllama.distributed import DistEnv, all_reduce_mean, full_state_dicts, load_full_state_dicts, shard_model
 from babyllama.metrics import peak_flops
 
 LossFn = Callable[[nn.Module, Any], "Tensor | tuple[Tensor, dict[str, Tensor]]"]
@@ -39,9 +40,15 @@ class Callback:
 
 
 class Trainer:
-    def __init__(self, model: nn.Module, env: DistEnv | None = None, model_config: ModelConfig | None = None):
+    def __init__(self, model: nn.Module, env: DistEnv | None = None, model_config: ModelConfig | None = None,
+                 fsdp: bool = False):
+        """fsdp: shard parameters, gradients and optimizer state over the ranks (FSDP2) instead of replicating
+        them (DDP); for configs that do not fit one GPU. Build the optimizer from `trainer.module` afterwards."""
         self.env = env or DistEnv()
         self.module = model.to(self.env.device)
+        self.fsdp = fsdp and self.env.distributed
+        if self.fsdp:
+            shard_model(self.module)
         self.model_config = model_config or getattr(model, "config", None)
         self.step = 0  # optimizer steps done
         self.epoch = 0
@@ -65,7 +72,7 @@ class Trainer:
         self.flops_per_token = flops_per_token
         self.peak_flops = peak_flops(self.env.device)
         model: nn.Module = self.module
-        if self.env.distributed:
+        if self.env.distributed and not self.fsdp:
             ids = [self.env.device.index] if self.env.device.type == "cuda" else None
             model = DDP(model, device_ids=ids)
         self.model = torch.compile(model) if torch_compile else model
@@ -124,8 +131,7 @@ class Trainer:
             if batch is None:
                 return None
             batch = _to_device(batch, self.env.device)
-            sync = micro == self.accum - 1 or not isinstance(self.module_ddp, DDP)
-            with (contextlib.nullcontext() if sync else self.module_ddp.no_sync()), self.autocast():
+            with self._grad_sync(micro == self.accum - 1), self.autocast():
                 out = self.loss_fn(self.model, batch)
                 loss, extra = out if isinstance(out, tuple) else (out, {})
                 self.scaler.scale(loss / self.accum).backward()
@@ -139,6 +145,7 @@ class Trainer:
         if self.clip_grad_norm:
             self.scaler.unscale_(self.optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.clip_grad_norm)
+            grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -147,11 +154,13 @@ class Trainer:
             self.scheduler.step()
         return {"loss": total_loss, "grad_norm": grad_norm, "lr": lr, "tokens": tokens, **metrics}
 
-    @property
-    def module_ddp(self) -> nn.Module:
-        """The DDP wrapper (for `no_sync`), or the plain module."""
-        m = self.model
-        return getattr(m, "_orig_mod", m)
+    def _grad_sync(self, sync: bool) -> contextlib.AbstractContextManager:
+        """Skip the gradient all-reduce / reduce-scatter on all but the last micro-batch of an accumulation."""
+        if self.fsdp:
+            self.module.set_requires_gradient_sync(sync)
+            return contextlib.nullcontext()
+        wrapper = getattr(self.model, "_orig_mod", self.model)
+        return wrapper.no_sync() if isinstance(wrapper, DDP) and not sync else contextlib.nullcontext()
 
     def _logs(self, stats: dict[str, Any], seconds: float) -> dict[str, float]:
         logs = {k: float(all_reduce_mean(v)) for k, v in stats.items() if isinstance(v, Tensor)}
@@ -180,9 +189,13 @@ class Trainer:
 
     # ---- checkpoints ----
     def state_dict(self) -> dict[str, Any]:
+        """Full (unsharded) state; under FSDP a collective that every rank must call."""
+        model_state, optim_state = self.module.state_dict(), self.optimizer.state_dict()
+        if self.fsdp:
+            model_state, optim_state = full_state_dicts(self.module, self.optimizer)
         return {
-            "model": self.module.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": model_state,
+            "optimizer": optim_state,
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scaler": self.scaler.state_dict(),
             "rng": rng_state(),
@@ -193,8 +206,9 @@ class Trainer:
 
     def save_checkpoint(self, directory: str, keep: int | None = None) -> None:
         """Main rank writes atomically; all ranks wait so nobody runs ahead of a half-written file."""
+        state = self.state_dict() if self.fsdp or self.env.is_main else None
         if self.env.is_main:
-            save_checkpoint(directory, self.step, self.state_dict(), keep)
+            save_checkpoint(directory, self.step, state, keep)
         if self.env.distributed:
             torch.distributed.barrier()
 
@@ -203,8 +217,11 @@ class Trainer:
         state = load_checkpoint(path)  # CPU: RNG states must stay CPU tensors
         if self.model_config is not None:
             check_model_config(state, self.model_config, path)
-        self.module.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.fsdp:
+            load_full_state_dicts(self.module, self.optimizer, state["model"], state["optimizer"])
+        else:
+            self.module.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])

@@ -1,22 +1,45 @@
-"""Run by test_trainer under torchrun (2 ranks, batch 8 each) and alone (batch 16): same global batches."""
+"""Run by test_trainer under torchrun (2 ranks) and alone (1 rank), always with a global batch of 16.
+
+    python ddp_worker.py OUT_PREFIX [ddp|fsdp]
+
+fsdp mode shards the model (FSDP2), accumulates 2 micro-batches of 4, and checkpoints at step 3 then resumes
+from that file in a fresh trainer, so sharded save/resume and gradient-sync skipping are exercised together.
+"""
 import sys
 
 import torch
 from torch.utils.data import DataLoader
 
-from babyllama.distributed import init_distributed, shutdown
+from babyllama import callbacks as cb
 from babyllama.data import ResumableSampler
+from babyllama.distributed import init_distributed, shutdown
 from babyllama.model import Llama
 from babyllama.optim import build_adamw
 from babyllama.trainer import Trainer
 from test_trainer import CFG, pattern_data
 
+prefix, mode = sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "ddp"
 env = init_distributed("cpu")
-torch.manual_seed(0)
-trainer = Trainer(Llama(CFG), env)
-trainer.compile(optimizer=build_adamw(trainer.module, lr=3e-3))
+fsdp = mode == "fsdp"
+accum = 2 if fsdp else 1
 data = pattern_data(256)
-sampler = ResumableSampler(len(data), seed=1, rank=env.rank, world_size=env.world_size)
-trainer.fit(DataLoader(data, batch_size=16 // env.world_size, sampler=sampler), max_steps=5)
-torch.save(trainer.module.state_dict(), f"{sys.argv[1]}_rank{env.rank}.pt")
+
+
+def make_trainer(seed: int) -> tuple[Trainer, DataLoader]:
+    torch.manual_seed(seed)
+    trainer = Trainer(Llama(CFG), env, fsdp=fsdp)
+    trainer.compile(optimizer=build_adamw(trainer.module, lr=3e-3), grad_accumulation_steps=accum)
+    sampler = ResumableSampler(len(data), seed=1, rank=env.rank, world_size=env.world_size)
+    return trainer, DataLoader(data, batch_size=16 // env.world_size // accum, sampler=sampler)
+
+
+trainer, loader = make_trainer(0)
+if fsdp:
+    trainer.fit(loader, max_steps=3, callbacks=[cb.Checkpoint(f"{prefix}_ckpt", every=3)])
+    trainer, loader = make_trainer(1)  # different init: the weights must come from the checkpoint
+    trainer.resume(f"{prefix}_ckpt")
+trainer.fit(loader, max_steps=5)
+state = trainer.state_dict()["model"] if fsdp else trainer.module.state_dict()
+if env.is_main or not fsdp:
+    torch.save(state, f"{prefix}_rank{env.rank}.pt")
 shutdown()

@@ -112,14 +112,30 @@ def test_loggers_write_text_and_tensorboard(tmp_path):
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
 
 
-def test_two_process_gloo_matches_single_process(tmp_path):
+def run_worker(prefix: Path, *args: str, procs: int = 1, port: int = 29517) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     worker = str(ROOT / "tests" / "ddp_worker.py")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", worker]
-    subprocess.run(cmd + [str(tmp_path / "ddp")], check=True, env=env, timeout=300)
-    subprocess.run([sys.executable, worker, str(tmp_path / "single")], check=True, env=env, timeout=300)
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}", f"--master_port={port}"]
+    subprocess.run((launcher if procs > 1 else [sys.executable]) + [worker, str(prefix), *args], check=True, env=env,
+                   timeout=300)
+
+
+def test_two_process_gloo_matches_single_process(tmp_path):
+    run_worker(tmp_path / "ddp", procs=2)
+    run_worker(tmp_path / "single")
     r0, r1 = torch.load(tmp_path / "ddp_rank0.pt"), torch.load(tmp_path / "ddp_rank1.pt")
     single = torch.load(tmp_path / "single_rank0.pt")
     for k in single:
         assert torch.equal(r0[k], r1[k]), k
         assert torch.allclose(r0[k], single[k], atol=1e-5), k
+
+
+def test_fsdp_two_process_with_resume_matches_single_process(tmp_path):
+    run_worker(tmp_path / "fsdp", "fsdp", procs=2, port=29518)
+    run_worker(tmp_path / "single")
+    sharded, single = torch.load(tmp_path / "fsdp_rank0.pt"), torch.load(tmp_path / "single_rank0.pt")
+    assert sharded.keys() == single.keys()
+    for k in single:
+        assert torch.allclose(sharded[k], single[k], atol=1e-5), k
+    checkpoint = torch.load(next((tmp_path / "fsdp_ckpt").glob("step_*.pt")), weights_only=False)
+    assert checkpoint["step"] == 3 and checkpoint["model"].keys() == single.keys()
