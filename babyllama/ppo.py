@@ -1,0 +1,387 @@
+"""PPO for RLHF (Ziegler et al. 2019, InstructGPT): the math, the policy with a value head, rollouts and the loss.
+
+One PPO iteration
+-----------------
+1. Rollout: sample a response for each of `rollout_size` prompts with the policy (`Generator`, KV cache, left-padded
+   prompts; plain sampling at `temperature`, no top-k/top-p, so the samples come from the distribution we score).
+2. Score: log-probs of the response tokens under the policy (`old_logp`) and the frozen reference (the SFT
+   model), values from the value head, and one reward-model score per sequence.
+3. Rewards per response token: `-kl_coef * (old_logp - ref_logp)`, plus the score on the last response token
+   (`per_token_rewards`); advantages and returns by GAE over the response tokens (`gae`), advantages whitened
+   over the rollout (`masked_whiten`).
+4. `ppo_epochs` passes over the rollout in shuffled minibatches, each one optimizer step of
+   `policy_loss + vf_coef * value_loss - ent_coef * entropy` (clipped ratio and clipped value).
+5. The KL coefficient is updated from the rollout's KL: fixed, or adaptive towards `kl_target` (Ziegler's
+   proportional controller, `AdaptiveKLController`).
+
+Fitting it into the Trainer: `RolloutLoader` is the "data loader" (it yields PPO minibatches and makes a new rollout
+when the current one is used up) and `make_ppo_loss(cfg)` is the loss, so `Trainer.fit` does the optimisation,
+logging and checkpoints like in every other stage. The KL coefficient and the prompt cursor live in
+`trainer.extra_state`, so they are saved in checkpoints and `--resume` continues with them (a resumed run starts
+with a fresh rollout).
+
+Memory: resident are the policy (its backbone also carries the value head, so actor and critic share one copy),
+the frozen reference and the frozen reward model: three backbones, plus AdamW state for the policy only.
+
+Tensor layout: a rollout is `[left-padded prompt | response]`, prompts padded to a common length P, so every
+response starts at column P; per-token tensors (log-probs, values, rewards, masks) are (B, R) over the response
+columns. The response mask is a prefix: the sampled tokens up to and including the first stop token.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from babyllama.generation import Generator, SamplingConfig
+from babyllama.model import Llama
+from babyllama.trainer import LossFn, Trainer
+
+
+@dataclass
+class PPOConfig:
+    """PPO hyper-parameters; every field is also a flag of rlhf/ppo.py (`--kl-coef 0.1`)."""
+
+    rollout_size: int = 16  # prompts per rollout (the minibatch is the run's --batch-size)
+    ppo_epochs: int = 2  # passes over each rollout
+    max_new_tokens: int = 48  # response budget
+    max_prompt_len: int = 96  # longer prompts are skipped
+    temperature: float = 1.0  # rollout sampling temperature
+    kl_coef: float = 0.05  # initial coefficient of the per-token KL penalty
+    kl_target: float = 6.0  # adaptive controller's target KL per sequence (nats); 0 = fixed coefficient
+    kl_horizon: int = 10000  # adaptive controller's horizon (in samples)
+    gamma: float = 1.0
+    lam: float = 0.95  # GAE lambda
+    clip_eps: float = 0.2  # policy ratio clip
+    value_clip: float = 0.2  # value prediction clip around the rollout's values
+    vf_coef: float = 0.1
+    ent_coef: float = 0.0
+
+
+# ======================================================================= math
+def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_whiten(x: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
+    """Zero mean, unit variance over the masked entries (masked-out entries become 0)."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    return (x - mean) * torch.rsqrt(var + eps) * mask
+
+
+def per_token_rewards(score: Tensor, logp: Tensor, ref_logp: Tensor, mask: Tensor,
+                      kl_coef: float) -> tuple[Tensor, Tensor]:
+    """(rewards (B, R), per-token KL estimate (B, R)): the KL penalty on every response token and the
+    reward-model score (B,) added on the last one. `mask` must be a prefix mask with at least one token per row."""
+    kl = (logp - ref_logp) * mask
+    rewards = -kl_coef * kl
+    last = mask.sum(1).long() - 1
+    rows = torch.arange(score.shape[0], device=score.device)
+    rewards[rows, last] += score
+    return rewards, kl
+
+
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation over the response tokens: (advantages, returns), both (B, R), 0 where
+    masked. The value after the last response token is 0 (the episode ends there)."""
+    R = rewards.shape[1]
+    next_value = torch.zeros_like(rewards[:, 0])
+    running = torch.zeros_like(rewards[:, 0])
+    advantages = torch.zeros_like(rewards)
+    for t in reversed(range(R)):
+        live = mask[:, t + 1] if t + 1 < R else torch.zeros_like(running)  # does the episode go on after t?
+        delta = rewards[:, t] + gamma * next_value * live - values[:, t]
+        running = delta + gamma * lam * running * live
+        advantages[:, t] = running
+        next_value = values[:, t]
+    advantages = advantages * mask
+    return advantages, (advantages + values) * mask
+
+
+def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
+                clip_eps: float) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped surrogate: mean of max(-A r, -A clip(r, 1-eps, 1+eps)); metrics clip fraction and approx KL."""
+    log_ratio = logp - old_logp
+    ratio = log_ratio.exp()
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - clip_eps, 1 + clip_eps)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():  # k3 estimator of KL(old || new): non-negative, low variance
+        approx_kl = masked_mean(ratio - 1 - log_ratio, mask)
+        clipfrac = masked_mean((clipped > unclipped).float(), mask)
+    return loss, {"approx_kl": approx_kl, "clipfrac": clipfrac}
+
+
+def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor,
+               clip: float) -> tuple[Tensor, Tensor]:
+    """(0.5 * mean of max(unclipped, clipped) squared error, fraction clipped); values are clipped to
+    old_values +- clip so the critic cannot jump far from the values the advantages were computed with."""
+    clipped_values = old_values + (values - old_values).clamp(-clip, clip)
+    unclipped = (values - returns) ** 2
+    clipped = (clipped_values - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(unclipped, clipped), mask)
+    return loss, masked_mean((clipped > unclipped).float(), mask).detach()
+
+
+def entropy(logits: Tensor) -> Tensor:
+    """Entropy of each position's next-token distribution, (B, T, V) -> (B, T)."""
+    logp = logits.float().log_softmax(-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def token_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
+    """log p(tokens) under logits: (B, T, V), (B, T) -> (B, T)."""
+    return logits.float().log_softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def kl_divergence(logits: Tensor, ref_logits: Tensor) -> Tensor:
+    """Exact KL(p || q) of each position's next-token distributions, (B, T, V) x 2 -> (B, T)."""
+    logp, logq = logits.float().log_softmax(-1), ref_logits.float().log_softmax(-1)
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
+# ======================================================================= KL controllers
+class FixedKLController:
+    def __init__(self, value: float):
+        self.value = value
+
+    def update(self, kl: float, n_samples: int) -> None:
+        """A fixed coefficient ignores the measured KL."""
+
+
+class AdaptiveKLController:
+    """Ziegler et al. 2019: beta *= 1 + clip(KL / target - 1, -0.2, 0.2) * n_samples / horizon."""
+
+    def __init__(self, value: float, target: float, horizon: int):
+        self.value, self.target, self.horizon = value, target, horizon
+
+    def update(self, kl: float, n_samples: int) -> None:
+        error = min(max(kl / self.target - 1, -0.2), 0.2)
+        self.value *= 1 + error * n_samples / self.horizon
+
+
+def kl_controller(cfg: PPOConfig) -> FixedKLController | AdaptiveKLController:
+    if cfg.kl_target > 0:
+        return AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+    return FixedKLController(cfg.kl_coef)
+
+
+# ======================================================================= model
+class PolicyWithValue(nn.Module):
+    """The policy (`policy`, a Llama) and a scalar value head on its final hidden states.
+
+    Sharing the backbone saves a model copy; the value loss then also shapes the backbone (weighted by vf_coef).
+    State-dict keys are `policy.*` and `value.*`, so `checkpoint.load_model` reads the policy out of a PPO
+    checkpoint (it strips `policy.` and ignores the value head)."""
+
+    def __init__(self, policy: Llama):
+        super().__init__()
+        self.policy = policy
+        self.config = policy.config
+        self.value = nn.Linear(policy.config.dim, 1)
+        nn.init.zeros_(self.value.weight)  # values start at 0: the first advantages are the plain returns
+        nn.init.zeros_(self.value.bias)
+        p = policy.lm_head.weight
+        self.value.to(device=p.device, dtype=p.dtype)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                position_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(logits (B, T, V) fp32, values (B, T) fp32)."""
+        out = self.policy(input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          return_logits=True, return_hidden=True)
+        return out.logits, self.value(out.hidden).squeeze(-1).float()
+
+
+def frozen_copy(model: Llama) -> Llama:
+    """A reference model: same weights, no gradients, eval mode."""
+    ref = Llama(model.config)
+    ref.load_state_dict(model.state_dict())
+    p = model.lm_head.weight
+    return ref.to(device=p.device, dtype=p.dtype).eval().requires_grad_(False)
+
+
+# ======================================================================= rollouts
+@dataclass
+class Rollout:
+    input_ids: Tensor  # (B, P + R): left-padded prompts, then responses (pad_id after the stop token)
+    attention_mask: Tensor  # (B, P + R) 1 = real token
+    position_ids: Tensor  # (B, P + R) counted over real tokens
+    response_mask: Tensor  # (B, R) float, 1 up to and including the first stop token
+    prompt_len: int  # P
+
+    @property
+    def responses(self) -> Tensor:
+        return self.input_ids[:, self.prompt_len:]
+
+    def response_lists(self) -> list[list[int]]:
+        """Responses without padding (the stop token kept)."""
+        lengths = self.response_mask.sum(1).long().tolist()
+        return [row[:n] for row, n in zip(self.responses.tolist(), lengths)]
+
+
+def generate_rollout(policy: Llama, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
+                     stop_ids: Sequence[int], pad_id: int, rng: torch.Generator | None = None) -> Rollout:
+    """Sample one response per prompt. A fresh Generator each time: a Generator assumes it owns the model's
+    KV cache, and training and evaluation sample from the same policy with different batch sizes."""
+    steps = list(Generator(policy).generate_batch(prompts, sampling, stop_ids, rng))
+    policy.clear_cache()  # free it while training (and keep it out of DDP's buffers)
+    responses = torch.stack(steps, 1).clone()  # out of inference mode: training reads these ids
+    device = responses.device
+    is_stop = torch.isin(responses, torch.tensor(list(stop_ids) or [-1], device=device))
+    after_stop = (is_stop.long().cumsum(1) - is_stop.long()) > 0
+    responses = responses.masked_fill(after_stop, pad_id)
+    P = max(len(p) for p in prompts)
+    prompt_ids = torch.full((len(prompts), P), pad_id, dtype=torch.long, device=device)
+    prompt_mask = torch.zeros_like(prompt_ids)
+    for i, p in enumerate(prompts):
+        prompt_ids[i, P - len(p):] = torch.tensor(list(p), device=device)
+        prompt_mask[i, P - len(p):] = 1
+    response_mask = (~after_stop).long()
+    attention_mask = torch.cat([prompt_mask, response_mask], 1)
+    return Rollout(torch.cat([prompt_ids, responses], 1), attention_mask,
+                   (attention_mask.cumsum(1) - 1).clamp(min=0), response_mask.float(), P)
+
+
+def response_slice(x: Tensor, prompt_len: int) -> Tensor:
+    """The predictions for the response tokens: positions P-1 .. T-2 of (B, T, ...)."""
+    return x[:, prompt_len - 1:-1]
+
+
+@torch.no_grad()
+def policy_outputs(model: nn.Module, roll: Rollout) -> tuple[Tensor, Tensor]:
+    """(logits, values) of a PolicyWithValue, or (logits, None) of a plain Llama, at the response tokens."""
+    out = model(roll.input_ids, attention_mask=roll.attention_mask, position_ids=roll.position_ids)
+    logits, values = out if isinstance(out, tuple) else (out.logits, None)
+    P = roll.prompt_len
+    return response_slice(logits, P), None if values is None else response_slice(values, P)
+
+
+@torch.no_grad()
+def experience(model: PolicyWithValue, ref: Llama, reward_model: nn.Module, roll: Rollout, kl_coef: float,
+               cfg: PPOConfig) -> tuple[dict[str, Any], dict[str, float]]:
+    """Everything the PPO loss needs for a rollout (a batch dict), and the rollout's statistics."""
+    logits, values = policy_outputs(model, roll)
+    ref_logits, _ = policy_outputs(ref, roll)
+    logp, ref_logp = token_logprobs(logits, roll.responses), token_logprobs(ref_logits, roll.responses)
+    score = reward_model(roll.input_ids, roll.attention_mask).float()
+    mask = roll.response_mask
+    rewards, kl = per_token_rewards(score, logp, ref_logp, mask, kl_coef)
+    advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
+    batch = {"input_ids": roll.input_ids, "attention_mask": roll.attention_mask, "position_ids": roll.position_ids,
+             "response_mask": mask, "old_logp": logp, "old_values": values, "returns": returns,
+             "advantages": masked_whiten(advantages, mask), "prompt_len": roll.prompt_len}
+    stats = {"score": score.mean().item(), "kl": kl.sum(1).mean().item(), "kl_coef": kl_coef,
+             "response_len": mask.sum(1).mean().item(), "value_mean": masked_mean(values, mask).item()}
+    return batch, stats
+
+
+def minibatches(batch: dict[str, Any], size: int, rng: torch.Generator | None = None) -> Iterator[dict[str, Any]]:
+    """Shuffled row subsets of a rollout batch (ints such as prompt_len are shared)."""
+    n = batch["input_ids"].shape[0]
+    for idx in torch.randperm(n, generator=rng).split(size):
+        idx = idx.to(batch["input_ids"].device)
+        yield {k: v[idx] if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+
+# ======================================================================= loss
+def make_ppo_loss(cfg: PPOConfig) -> LossFn:
+    """`loss(model, minibatch) -> (loss, metrics)` for Trainer.compile; the rollout statistics the minibatch
+    carries under "stats" join the metrics so that they are logged with the step."""
+
+    def ppo_loss(model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+        P, mask = batch["prompt_len"], batch["response_mask"]
+        logits, values = model(batch["input_ids"], attention_mask=batch["attention_mask"],
+                               position_ids=batch["position_ids"])
+        logits, values = response_slice(logits, P), response_slice(values, P)
+        logp = token_logprobs(logits, batch["input_ids"][:, P:])
+        pg, pg_metrics = policy_loss(logp, batch["old_logp"], batch["advantages"], mask, cfg.clip_eps)
+        vf, vf_clipfrac = value_loss(values, batch["old_values"], batch["returns"], mask, cfg.value_clip)
+        ent = masked_mean(entropy(logits), mask)
+        loss = pg + cfg.vf_coef * vf - cfg.ent_coef * ent
+        metrics = {"pg_loss": pg.detach(), "vf_loss": vf.detach(), "entropy": ent.detach(),
+                   "vf_clipfrac": vf_clipfrac, **pg_metrics}
+        return loss, {**metrics, **{k: torch.tensor(v) for k, v in batch.get("stats", {}).items()}}
+
+    return ppo_loss
+
+
+# ======================================================================= the loader
+class RolloutLoader:
+    """Iterable of PPO minibatches for `Trainer.fit`: makes a rollout from the next `rollout_size` prompts,
+    yields `ppo_epochs` shuffled passes over it in minibatches of `batch_size`, then makes the next rollout.
+
+    Never ends; bound the run with `fit(max_steps=...)`. The KL coefficient and the prompt cursor are kept in
+    `trainer.extra_state` (read at every rollout), so a resumed trainer continues with them."""
+
+    def __init__(self, trainer: Trainer, ref: Llama, reward_model: nn.Module, prompts: Sequence[Sequence[int]],
+                 cfg: PPOConfig, batch_size: int, stop_ids: Sequence[int], pad_id: int, seed: int = 0):
+        if not prompts:
+            raise ValueError("RolloutLoader needs at least one prompt")
+        self.trainer, self.ref, self.reward_model = trainer, ref, reward_model
+        self.prompts, self.cfg, self.batch_size = list(prompts), cfg, batch_size
+        self.stop_ids, self.pad_id, self.seed = list(stop_ids), pad_id, seed
+        self.kl_ctl = kl_controller(cfg)
+        self.sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=0,
+                                       top_p=1.0)
+        self.last_stats: dict[str, float] = {}
+
+    def next_prompts(self) -> list[Sequence[int]]:
+        """The next rollout_size prompts of a seeded shuffle per pass over the prompts."""
+        state = self.trainer.extra_state
+        cursor = state.get("prompt_cursor", 0)
+        picked = []
+        for i in range(cursor, cursor + self.cfg.rollout_size):
+            order = list(range(len(self.prompts)))
+            random.Random(self.seed + i // len(self.prompts)).shuffle(order)
+            picked.append(self.prompts[order[i % len(self.prompts)]])
+        state["prompt_cursor"] = cursor + self.cfg.rollout_size
+        return picked
+
+    def collect(self) -> dict[str, Any]:
+        """A new rollout as a batch dict; updates the KL coefficient from its KL."""
+        state, model = self.trainer.extra_state, self.trainer.module
+        self.kl_ctl.value = state.get("kl_coef", self.kl_ctl.value)
+        model.eval()
+        roll = generate_rollout(model.policy, self.next_prompts(), self.sampling, self.stop_ids, self.pad_id)
+        batch, stats = experience(model, self.ref, self.reward_model, roll, self.kl_ctl.value, self.cfg)
+        model.train()
+        self.kl_ctl.update(stats["kl"], len(roll.input_ids))
+        state["kl_coef"] = self.kl_ctl.value
+        self.last_stats = stats
+        return {**batch, "stats": stats}
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        while True:
+            batch = self.collect()
+            for _ in range(self.cfg.ppo_epochs):
+                yield from minibatches(batch, self.batch_size)
+
+
+# ======================================================================= evaluation
+@torch.no_grad()
+def evaluate_policy(policy: Llama, ref: Llama, reward_model: nn.Module, prompts: Sequence[Sequence[int]],
+                    sampling: SamplingConfig, stop_ids: Sequence[int], pad_id: int, batch_size: int = 16,
+                    seed: int = 0) -> dict[str, float]:
+    """Mean reward-model score, KL(policy || ref) per response (exact per-token KL summed over the sampled
+    tokens) and response length over responses sampled for `prompts` with a fixed seed."""
+    was_training = policy.training
+    policy.eval()
+    rng = torch.Generator(device=policy.lm_head.weight.device).manual_seed(seed)
+    scores, kls, lengths = [], [], []
+    for start in range(0, len(prompts), batch_size):
+        roll = generate_rollout(policy, prompts[start:start + batch_size], sampling, stop_ids, pad_id, rng)
+        logits, _ = policy_outputs(policy, roll)
+        ref_logits, _ = policy_outputs(ref, roll)
+        scores.append(reward_model(roll.input_ids, roll.attention_mask).float())
+        kls.append((kl_divergence(logits, ref_logits) * roll.response_mask).sum(1))
+        lengths.append(roll.response_mask.sum(1))
+    policy.train(was_training)
+    return {"score": torch.cat(scores).mean().item(), "kl": torch.cat(kls).mean().item(),
+            "response_len": torch.cat(lengths).mean().item()}
