@@ -34,3 +34,11 @@ def test_decode_smoke_greedy_tokens_match_hf():
 def test_data_prep_smoke_counts_the_same_tokens():
     rows = run_bench("data_prep.py")
     assert len(rows) == 3 and len({r["tokens"] for r in rows}) == 1
+
+
+def test_plot_writes_png(tmp_path):
+    results = tmp_path / "r.jsonl"
+    results.write_text('{"system": "a", "tokens_per_s": 10.0, "mfu": 0.1}\n{"system": "b", "tokens_per_s": 20.0}\n')
+    subprocess.run([sys.executable, str(ROOT / "bench" / "plot.py"), str(results), "--out", str(tmp_path / "p.png")],
+                   check=True, timeout=120)
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
