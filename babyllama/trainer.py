@@ -60,7 +60,9 @@ class Trainer:
     def compile(self, loss: LossFn = causal_lm_loss, optimizer: torch.optim.Optimizer | None = None,
                 scheduler: Any = None, clip_grad_norm: float | None = 1.0, mixed_precision: str | None = None,
                 grad_accumulation_steps: int = 1, torch_compile: bool = False, log_every: int = 1,
-                flops_per_token: float | None = None) -> None:
+                flops_per_token: float | None = None, ddp: bool | None = None) -> None:
+        """ddp: wrap in DistributedDataParallel; None = when running on more than one rank (True at world size 1
+        only makes sense for measuring DDP's overhead, which needs an initialised process group)."""
         if mixed_precision not in _AUTOCAST:
             raise ValueError(f"mixed_precision must be one of 'bf16', 'fp16', None; got {mixed_precision!r}")
         if optimizer is None:
@@ -72,7 +74,7 @@ class Trainer:
         self.flops_per_token = flops_per_token
         self.peak_flops = peak_flops(self.env.device)
         model: nn.Module = self.module
-        if self.env.distributed and not self.fsdp:
+        if (self.env.distributed if ddp is None else ddp) and not self.fsdp:
             ids = [self.env.device.index] if self.env.device.type == "cuda" else None
             model = DDP(model, device_ids=ids)
         self.model = torch.compile(model) if torch_compile else model

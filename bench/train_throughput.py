@@ -3,6 +3,7 @@
     python bench/train_throughput.py                          # 0.2B config, batch 16 x 1024, bf16, on the GPU
     python bench/train_throughput.py --levers                 # our trainer with each speed lever on/off
     python bench/train_throughput.py --smoke                  # tiny config on CPU (CI keeps this working)
+    python bench/train_throughput.py --systems ours,ours-ddp  # DDP overhead at world size 1 vs plain
 
 Prints one JSON object per system (tokens/s, MFU against the detected GPU's peak, peak memory, loss) and a table.
 Every system sees the same random token batches, steps and optimizer settings; timing excludes warm-up steps.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -18,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 
 from babyllama.config import ModelConfig, preset  # noqa: E402
 from babyllama.distributed import DistEnv, pick_device  # noqa: E402
@@ -62,7 +65,8 @@ def _sync(device: torch.device) -> None:
 
 
 def bench_ours(cfg: ModelConfig, args, device: torch.device, compile_model: bool = True, chunked_loss: bool = True,
-               checkpointing: bool = False, fused_adamw: bool = True, precision: str | None = "bf16") -> dict:
+               checkpointing: bool = False, fused_adamw: bool = True, precision: str | None = "bf16",
+               ddp: bool = False) -> dict:
     torch.manual_seed(0)
     model = Llama(cfg)
     model.chunked_loss, model.gradient_checkpointing = chunked_loss, checkpointing
@@ -71,7 +75,7 @@ def bench_ours(cfg: ModelConfig, args, device: torch.device, compile_model: bool
     if not fused_adamw:
         opt = torch.optim.AdamW(opt.param_groups, lr=3e-4, betas=(0.9, 0.95), fused=False, foreach=False)
     trainer.compile(optimizer=opt, clip_grad_norm=1.0, mixed_precision=precision, torch_compile=compile_model,
-                    grad_accumulation_steps=args.accum, log_every=args.warmup + args.steps)
+                    grad_accumulation_steps=args.accum, log_every=args.warmup + args.steps, ddp=ddp)
     timer = StepTimer(args.warmup, device)
     trainer.fit(random_batches(cfg, args.batch, args.seq, device), max_steps=args.warmup + args.steps,
                 callbacks=[timer])
@@ -118,6 +122,13 @@ def _result(cfg: ModelConfig, args, device: torch.device, seconds: float, loss: 
     }
 
 
+def single_rank_group(device: torch.device) -> None:
+    """A one-process group, so that DDP's bucketing and all-reduce run as they would on N GPUs."""
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29533")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="0.2b")
@@ -126,12 +137,14 @@ def main() -> None:
     ap.add_argument("--accum", type=int, default=1)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--systems", default="ours,hf", help="comma list of: ours, ours-eager, hf")
+    ap.add_argument("--systems", default="ours,hf", help="comma list of: ours, ours-eager, ours-ddp, hf")
     ap.add_argument("--levers", action="store_true", help="measure each speed lever of our trainer")
     ap.add_argument("--smoke", action="store_true", help="tiny config on CPU, 2 steps: checks the script runs")
     ap.add_argument("--out", help="append results as JSON lines to this file")
     args = ap.parse_args()
     device = pick_device("cpu" if args.smoke else "auto")
+    if "ours-ddp" in args.systems.split(","):
+        single_rank_group(device)
     if args.smoke:
         cfg = ModelConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, ffn_dim=128, max_seq_len=64)
         args.batch, args.seq, args.steps, args.warmup = 2, 64, 2, 1
@@ -140,6 +153,7 @@ def main() -> None:
     runs = {
         "ours": lambda: bench_ours(cfg, args, device, compile_model=device.type == "cuda"),
         "ours-eager": lambda: bench_ours(cfg, args, device, compile_model=False),
+        "ours-ddp": lambda: bench_ours(cfg, args, device, compile_model=device.type == "cuda", ddp=True),
         "hf": lambda: bench_hf(cfg, args, device),
     }
     if args.levers:
