@@ -85,6 +85,13 @@ def bradley_terry_loss(chosen_scores: Tensor, rejected_scores: Tensor) -> tuple[
     return -F.logsigmoid(diff).mean(), metrics
 
 
+def pair_loss(model: nn.Module, batch: tuple[Tensor, ...]) -> tuple[Tensor, dict[str, Tensor]]:
+    """Trainer loss on `babyllama.preference` batches: score chosen and rejected in one forward, Bradley-Terry."""
+    ids, mask = batch[0], batch[1]
+    scores = model(ids.flatten(0, 1), mask.flatten(0, 1)).view(-1, 2)
+    return bradley_terry_loss(scores[:, 0], scores[:, 1])
+
+
 def mark_reward_checkpoint(extra_state: dict[str, Any]) -> None:
     """Tag a trainer's `extra_state` so that its checkpoints load with `load_reward_model`."""
     extra_state["kind"] = KIND

@@ -73,6 +73,20 @@ STAGE_OVERRIDES: dict[str, dict[str, dict]] = {
     "pretrain": {},
     "sft": {"*": dict(lr=3e-4, warmup_steps=20, max_steps=300, eval_every=50, ckpt_every=100),
             "0.2b": dict(lr=2e-5, warmup_steps=100, max_steps=5000, eval_every=500, ckpt_every=1000)},
+    # batch_size counts preference pairs (two sequences each)
+    "reward": {"*": dict(lr=1e-4, batch_size=8, warmup_steps=10, max_steps=150, eval_every=50, eval_batches=10,
+                         ckpt_every=50, weight_decay=0.0),
+               "0.2b": dict(lr=1e-5, batch_size=8, grad_accum=4, warmup_steps=50, max_steps=2000, eval_every=200,
+                            ckpt_every=500, weight_decay=0.0)},
+    "dpo": {"*": dict(lr=5e-5, batch_size=8, warmup_steps=10, max_steps=120, eval_every=40, eval_batches=10,
+                      ckpt_every=40, weight_decay=0.0),
+            "0.2b": dict(lr=1e-6, batch_size=8, grad_accum=4, warmup_steps=50, max_steps=2000, eval_every=200,
+                         ckpt_every=500, weight_decay=0.0)},
+    # batch_size = replies per PPO minibatch (one optimizer step); rollouts are --rollout-size prompts
+    "ppo": {"*": dict(lr=2e-5, batch_size=8, warmup_steps=5, max_steps=80, eval_every=40, ckpt_every=40,
+                      weight_decay=0.0, min_lr_ratio=1.0),
+            "0.2b": dict(lr=1e-6, batch_size=8, grad_accum=2, warmup_steps=20, max_steps=1000, eval_every=100,
+                         ckpt_every=200, weight_decay=0.0, min_lr_ratio=1.0)},
 }
 
 

@@ -73,3 +73,24 @@ def test_from_lm_keeps_backbone_and_checkpoint_roundtrip(tmp_path):
     torch.testing.assert_close(load_reward_model(tmp_path / "rm")(ids), rm.eval()(ids))
     backbone = load_model(tmp_path / "rm")  # the LM loader reads the backbone of a reward checkpoint
     torch.testing.assert_close(backbone(ids).logits, lm.eval()(ids).logits)
+
+
+def test_tiny_reward_training_raises_heldout_accuracy(tmp_path_factory):
+    from pref_fixtures import loaders, make_tokenizer, tiny_config
+
+    from babyllama.optim import build_adamw
+    from babyllama.preference import evaluate_pairs
+    from babyllama.reward_model import pair_loss
+
+    tok = make_tokenizer(tmp_path_factory.mktemp("tok"))
+    train, valid = loaders(tok)
+    torch.manual_seed(0)
+    rm = RewardModel.from_lm(Llama(tiny_config(tok.vocab_size)))
+    trainer = Trainer(rm)
+    trainer.compile(loss=pair_loss, optimizer=build_adamw(rm, 3e-3, 0.0))
+    before = evaluate_pairs(trainer, pair_loss, valid)
+    trainer.fit(train, epochs=100, max_steps=15)
+    after = evaluate_pairs(trainer, pair_loss, valid)
+    assert after["val_accuracy"] >= 0.95
+    assert after["val_margin"] > before["val_margin"] + 1.0
+    assert after["val_loss"] < before["val_loss"]

@@ -1,0 +1,110 @@
+"""Direct Preference Optimization (Rafailov et al. 2023): train the policy on preference pairs, no reward model.
+
+With log-ratios  rho(y) = log pi(y | x) - log pi_ref(y | x)  summed over the reply tokens (+ `<|im_end|>`):
+
+    loss = -(1 - eps) * log sigmoid(beta * (rho(chosen) - rho(rejected)))
+           - eps * log sigmoid(-beta * (rho(chosen) - rho(rejected)))
+
+`beta` sets how far the policy may move from the reference (smaller = further); `eps` (label smoothing, cDPO)
+assumes a share `eps` of the labels are flipped. The implicit rewards are `beta * rho(chosen)` and
+`beta * rho(rejected)`; `reward_accuracy` is the share of pairs where the chosen one is higher.
+
+The reference is a frozen copy of the starting (SFT) model: two copies of the weights are resident while training,
+or one with `precompute_reference_logps`, which scores every pair once before training and stores the numbers in
+the dataset (batches then carry them as a 4th tensor).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from babyllama.model import Llama
+from babyllama.preference import PreferenceDataset, collate_pairs
+from babyllama.reward_model import padded_hidden
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside torch.compile / DDP wrappers."""
+    while hasattr(model, "_orig_mod") or hasattr(model, "module"):
+        model = getattr(model, "_orig_mod", None) or model.module
+    return model
+
+
+def sequence_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor) -> Tensor:
+    """Summed log-probability of the response tokens of each row, (N,) float32.
+
+    Logits are computed for response positions only, so memory is (response tokens x vocab), not (N x T x vocab)."""
+    hidden = padded_hidden(model, input_ids, attention_mask)
+    scored = response_mask[:, 1:]  # the token at t+1 is predicted at t
+    logits = unwrap(model).lm_head(hidden[:, :-1][scored]).float()
+    token_logps = -F.cross_entropy(logits, input_ids[:, 1:][scored], reduction="none")
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(scored)[scored]
+    return torch.zeros(input_ids.shape[0], device=input_ids.device).index_add(0, rows, token_logps)
+
+
+def pair_logps(model: nn.Module, batch: tuple[Tensor, ...]) -> Tensor:
+    """(B, 2) log-probabilities of the chosen and rejected replies of a `babyllama.preference` batch."""
+    ids, mask, response = (t.flatten(0, 1) for t in batch[:3])
+    return sequence_logps(model, ids, mask, response).view(-1, 2)
+
+
+def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor,
+             beta: float = 0.1, label_smoothing: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
+    """Sigmoid DPO loss (mean over pairs) and the implicit-reward metrics (see the module docstring)."""
+    chosen_rewards = beta * (policy_chosen - ref_chosen).float()
+    rejected_rewards = beta * (policy_rejected - ref_rejected).float()
+    margin = chosen_rewards - rejected_rewards
+    losses = -(1 - label_smoothing) * F.logsigmoid(margin) - label_smoothing * F.logsigmoid(-margin)
+    metrics = {"reward_accuracy": (margin > 0).float().mean(), "chosen_reward": chosen_rewards.mean(),
+               "rejected_reward": rejected_rewards.mean(), "reward_margin": margin.mean()}
+    return losses.mean(), {k: v.detach() for k, v in metrics.items()}
+
+
+class DPOLoss:
+    """Trainer loss `(model, batch) -> (loss, metrics)`; reference log-probs from the batch when precomputed,
+    else from `reference` (frozen, no grad)."""
+
+    def __init__(self, reference: nn.Module | None, beta: float = 0.1, label_smoothing: float = 0.0):
+        if not 0.0 <= label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+        self.reference, self.beta, self.label_smoothing = reference, beta, label_smoothing
+
+    def __call__(self, model: nn.Module, batch: tuple[Tensor, ...]) -> tuple[Tensor, dict[str, Tensor]]:
+        policy = pair_logps(model, batch)
+        if len(batch) > 3:
+            ref = batch[3]
+        else:
+            if self.reference is None:
+                raise ValueError("DPOLoss has no reference model and the batch carries no reference log-probs")
+            with torch.no_grad():
+                ref = pair_logps(self.reference, batch)
+        return dpo_loss(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1], self.beta, self.label_smoothing)
+
+
+def frozen_reference(model: Llama) -> Llama:
+    """A copy of `model` in eval mode with gradients off: the DPO reference."""
+    ref = copy.deepcopy(model).eval()
+    ref.requires_grad_(False)
+    return ref
+
+
+def _batches(dataset: PreferenceDataset, batch_size: int) -> Iterator[tuple[int, tuple[Tensor, ...]]]:
+    for start in range(0, len(dataset), batch_size):
+        items = [dataset[i][:4] for i in range(start, min(start + batch_size, len(dataset)))]
+        yield start, collate_pairs(items, dataset.pad_id)
+
+
+@torch.no_grad()
+def precompute_reference_logps(reference: nn.Module, dataset: PreferenceDataset, batch_size: int = 16,
+                               device: torch.device | str = "cpu") -> None:
+    """Score every pair of `dataset` once with `reference` and store them as `dataset.ref_logps` (N, 2)."""
+    out = np.zeros((len(dataset), 2), dtype=np.float32)
+    for start, batch in _batches(dataset, batch_size):
+        logps = pair_logps(reference, tuple(t.to(device) for t in batch))
+        out[start: start + len(logps)] = logps.float().cpu().numpy()
+    dataset.ref_logps = out

@@ -1,0 +1,434 @@
+"""Preference data: pair builders from the shipped corpus, readers for users' files, dataset and batching.
+
+A pair is a prompt (chat messages) with a `chosen` and a `rejected` assistant reply (`PreferencePair`).
+
+Readers (`read_pairs(path, fmt="auto")`); a file is JSON lines or one JSON array:
+
+| fmt | record |
+|---|---|
+| `pairs` | `{"prompt": str or [messages], "chosen": str or [messages], "rejected": str or [messages]}` |
+| `hh` | Anthropic hh-rlhf: `{"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...", "rejected": "..."}` |
+
+In `pairs`, a message-list reply must end with an assistant message; messages before it continue the prompt
+(so TRL's conversational `{"chosen": [user, assistant], "rejected": [user, assistant]}` works without `prompt`).
+In `hh`, each text is split at its last `Assistant:` turn: what precedes is the prompt (the same for both
+texts), what follows the reply. A record that does not fit raises `UserError` naming `path:line` and the field.
+
+Builders (`poetry_pairs`, `shakespeare_pairs`) template questions like the SFT set's (`babyllama.sft_data`):
+chosen is the true answer, rejected one of `REJECTIONS` (recorded in the `rejection` field).
+
+Batching: a side of a pair is tokenized as `render_prompt(prompt)` + reply + `<|im_end|>`; with `max_len`
+the reply keeps at least one token and the prompt keeps `<s>` and its end. A batch is
+`(input_ids, attention_mask, response_mask)`, each `(B, 2, T)` with `[:, 0]` chosen and `[:, 1]` rejected,
+right-padded; `PreferenceDataset.ref_logps` (DPO's precomputed reference log-probs) adds a 4th `(B, 2)` tensor.
+"""
+from __future__ import annotations
+
+import argparse
+import bisect
+import random
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from babyllama.chat import IM_END, Message, check_messages, encode_text, render_prompt, special_id
+from babyllama.distributed import all_reduce_mean
+from babyllama.errors import UserError
+from babyllama.runs import REPO_ROOT
+from babyllama.sft_data import (EN_CONTINUE, EN_NEXT, EN_PLAY, EN_WHO, ZH_AUTHOR, ZH_NEXT, ZH_WRITE,
+                                BucketBatchSampler, _next_line_pair, _speaker, _unique_lines, iter_json_records)
+
+FORMATS = ("pairs", "hh")
+SHIPPED = REPO_ROOT / "data" / "preference"
+REJECTIONS = ("wrong_line", "wrong_author", "wrong_play", "shuffled", "truncated", "off_topic")
+
+
+@dataclass
+class PreferencePair:
+    prompt: list[Message]
+    chosen: str
+    rejected: str
+
+
+# ======================================================================= readers
+def read_pairs(path: str | Path, fmt: str = "auto") -> list[PreferencePair]:
+    """All pairs of a `pairs` or `hh` file (see the module docstring)."""
+    if fmt not in ("auto", *FORMATS):
+        raise UserError(f"unknown preference format {fmt!r}; choose one of {', '.join(FORMATS)} or 'auto'")
+    out = []
+    for loc, record in iter_json_records(path):
+        if not isinstance(record, dict):
+            raise UserError(f"{loc}: expected a JSON object with 'chosen' and 'rejected', got {type(record).__name__}")
+        missing = [key for key in ("chosen", "rejected") if key not in record]
+        if missing:
+            raise UserError(f"{loc}: missing field '{missing[0]}' (keys: {sorted(record)}); a preference record "
+                            "needs 'chosen' and 'rejected' (and 'prompt' unless they are hh-rlhf texts)")
+        if fmt == "auto":
+            fmt = detect_format(record)
+        out.append(_hh_pair(record, loc) if fmt == "hh" else _pairs_pair(record, loc))
+    if not out:
+        raise UserError(f"{path}: no records")
+    return out
+
+
+def detect_format(record: dict) -> str:
+    """`pairs` when the record has `prompt` or message-list replies, `hh` for bare Human/Assistant texts."""
+    return "pairs" if "prompt" in record or isinstance(record.get("chosen"), list) else "hh"
+
+
+def _pairs_pair(record: dict, loc: str) -> PreferencePair:
+    prompt = _prompt_messages(record.get("prompt"), loc) if "prompt" in record else []
+    context_c, chosen = _reply(record.get("chosen"), "chosen", loc)
+    context_r, rejected = _reply(record.get("rejected"), "rejected", loc)
+    if context_c != context_r:
+        raise UserError(f"{loc}: 'chosen' and 'rejected' have different messages before the final reply; "
+                        "both must answer the same conversation")
+    prompt = check_messages(prompt + context_c, loc)
+    if not prompt:
+        raise UserError(f"{loc}: no prompt; add a 'prompt' field (a string or a list of messages)")
+    return PreferencePair(prompt, chosen, rejected)
+
+
+def _prompt_messages(value: Any, loc: str) -> list[Message]:
+    if isinstance(value, str) and value.strip():
+        return [{"role": "user", "content": value}]
+    if isinstance(value, list) and value:
+        return check_messages(value, f"{loc}: field 'prompt'")
+    raise UserError(f"{loc}: field 'prompt' must be a non-empty string or a list of chat messages")
+
+
+def _reply(value: Any, key: str, loc: str) -> tuple[list[Message], str]:
+    """(messages before the reply, reply text) of a string or a message list ending with the assistant."""
+    if isinstance(value, str):
+        return [], value
+    if isinstance(value, list) and value:
+        messages = check_messages(value, f"{loc}: field '{key}'")
+        if messages[-1]["role"] == "assistant":
+            return messages[:-1], messages[-1]["content"]
+    raise UserError(f"{loc}: field '{key}' must be a string or a list of chat messages ending with an "
+                    "assistant message")
+
+
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+
+
+def _hh_pair(record: dict, loc: str) -> PreferencePair:
+    prompt_c, chosen = _split_hh(record.get("chosen"), "chosen", loc)
+    prompt_r, rejected = _split_hh(record.get("rejected"), "rejected", loc)
+    if prompt_c != prompt_r:
+        raise UserError(f"{loc}: 'chosen' and 'rejected' differ before their last 'Assistant:' turn; "
+                        "an hh-rlhf pair must share the conversation and differ in the last reply only")
+    return PreferencePair(prompt_c, chosen, rejected)
+
+
+def _split_hh(text: Any, key: str, loc: str) -> tuple[list[Message], str]:
+    """hh-rlhf text -> (prompt messages, last assistant reply)."""
+    if not isinstance(text, str):
+        raise UserError(f"{loc}: field '{key}' must be a string (hh-rlhf format), got {type(text).__name__}")
+    parts = _HH_TURN.split(text)
+    if parts[0].strip() or len(parts) < 5 or parts[-2] != "Assistant":
+        raise UserError(f"{loc}: field '{key}' is not '\\n\\nHuman: ...\\n\\nAssistant: ...' text ending with an "
+                        "Assistant turn; fix the record or pass the `pairs` format")
+    roles = {"Human": "user", "Assistant": "assistant"}
+    messages = [{"role": roles[r], "content": c.strip()} for r, c in zip(parts[1:-2:2], parts[2:-2:2])]
+    return messages, parts[-1].strip()
+
+
+def read_prompts(path: str | Path) -> list[list[Message]]:
+    """Prompts for generation: records with `messages` (a list) or `prompt` (a string or a list)."""
+    out = []
+    for loc, record in iter_json_records(path):
+        value = record.get("messages", record.get("prompt")) if isinstance(record, dict) else None
+        if value is None:
+            raise UserError(f"{loc}: expected an object with 'messages' (chat messages) or 'prompt'")
+        out.append(_prompt_messages(value, loc))
+    if not out:
+        raise UserError(f"{path}: no prompts")
+    return out
+
+
+# ======================================================================= builders from shipped material
+Record = dict[str, Any]  # a built pair: {"lang", "task", "rejection", "prompt", "chosen", "rejected"}
+
+
+class _LinePool:
+    """Lines of all records sorted by length, to draw a wrong line of about the length of the true one."""
+
+    def __init__(self, records: Sequence[dict]):
+        entries = sorted((len(line), k, line) for k, r in enumerate(records) for line in dict.fromkeys(r["lines"]))
+        self.lengths = [n for n, _, _ in entries]
+        self.entries = entries
+
+    def other(self, truth: str, record: int, rng: random.Random, window: int = 24) -> str | None:
+        mid = bisect.bisect_left(self.lengths, len(truth))
+        near = [line for _, k, line in self.entries[max(0, mid - window): mid + window]
+                if k != record and line != truth]
+        return rng.choice(near) if near else None
+
+
+def _truncated_line(line: str) -> str:
+    """The first clause of a line (up to the first comma), or its first half."""
+    m = re.search(r"[，,;；:：]", line[1:-1])
+    cut = m.start() + 2 if m else len(line) // 2
+    return line[:cut].rstrip() if 0 < cut < len(line) else ""
+
+
+def _shuffled(lines: Sequence[str], rng: random.Random) -> str:
+    order = list(lines)
+    for _ in range(8):
+        rng.shuffle(order)
+        if order != list(lines):
+            break
+    return "\n".join(order)
+
+
+def _wrong_line_in(lines: Sequence[str], pool: _LinePool, record: int, rng: random.Random) -> str:
+    i = rng.randrange(len(lines))
+    other = pool.other(lines[i], record, rng)
+    return "\n".join(lines[:i] + [other] + lines[i + 1:]) if other else ""
+
+
+def _pair(lang: str, task: str, kind: str, prompt: str, chosen: str, rejected: str) -> Record:
+    return {"lang": lang, "task": task, "rejection": kind, "prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def poetry_pairs(records: Iterable[dict], seed: int = 0, max_per_task: int | None = None,
+                 max_write_lines: int = 8) -> list[Record]:
+    """zh pairs from poems: next line, author of a titled poem, write a titled poem (see `REJECTIONS`)."""
+    records = [r for r in records if r.get("lines") and r.get("title")]
+    counts, pool, rng = _unique_lines(records), _LinePool(records), random.Random(seed)
+    authors_of = defaultdict(set)
+    for r in records:
+        authors_of[r["title"]].add(r["author"])
+    all_authors = sorted({r["author"] for r in records})
+    tasks: dict[str, list[Record]] = defaultdict(list)
+    for k, r in enumerate(records):
+        pair = _next_line_pair(r["lines"], counts, rng, min_chars=4)
+        if pair:
+            wrong = {"wrong_line": pool.other(pair[1], k, rng), "truncated": _truncated_line(pair[1])}
+            tasks["next"].append(_templated("zh", "next", ZH_NEXT.format(line=pair[0]), pair[1], wrong, rng))
+        if len(authors_of[r["title"]]) == 1:
+            dyn = f"（{r['dynasty']}）" if r.get("dynasty") else ""
+            answer = "《{t}》的作者是{a}" + dyn + "。"
+            other = rng.choice(all_authors)
+            wrong = {"wrong_author": answer.format(t=r["title"], a=other) if other != r["author"] else ""}
+            tasks["author"].append(_templated("zh", "author", ZH_AUTHOR.format(title=r["title"]),
+                                              answer.format(t=r["title"], a=r["author"]), wrong, rng))
+        lines = r["lines"]
+        if 2 <= len(lines) <= max_write_lines and len(set(lines)) > 1:
+            wrong = {"shuffled": _shuffled(lines, rng), "truncated": "\n".join(lines[: len(lines) // 2]),
+                     "wrong_line": _wrong_line_in(lines, pool, k, rng)}
+            tasks["write"].append(_templated("zh", "write", ZH_WRITE.format(title=r["title"]), "\n".join(lines),
+                                             wrong, rng))
+    return _finish(tasks, max_per_task, rng)
+
+
+def shakespeare_pairs(records: Iterable[dict], seed: int = 0, max_per_task: int | None = None,
+                      max_continue_lines: int = 6) -> list[Record]:
+    """en pairs from speeches: continue a speech, who says a line, which play, next line (see `REJECTIONS`)."""
+    records = [r for r in records if r.get("lines")]
+    counts, pool, rng = _unique_lines(records), _LinePool(records), random.Random(seed)
+    speakers = defaultdict(set)
+    for r in records:
+        speakers[r["play"]].add(_speaker(r["speaker"]))
+    plays = sorted(speakers)
+    tasks: dict[str, list[Record]] = defaultdict(list)
+    for k, r in enumerate(records):
+        lines, speaker = r["lines"], _speaker(r["speaker"])
+        cont = lines[1:1 + max_continue_lines]
+        if len(cont) >= 2 and len(set(cont)) > 1:
+            wrong = {"shuffled": _shuffled(cont, rng), "truncated": "\n".join(cont[: len(cont) // 2])}
+            tasks["continue"].append(_templated("en", "continue", EN_CONTINUE.format(speaker=speaker, line=lines[0]),
+                                                "\n".join(cont), wrong, rng))
+        quotable = [x for x in lines if counts[x] == 1 and len(x) >= 25]
+        if quotable:
+            others = sorted(speakers[r["play"]] - {speaker})
+            wrong = {"wrong_author": f"{rng.choice(others)} says it, in {r['play']}." if others else ""}
+            tasks["who"].append(_templated("en", "who", EN_WHO.format(line=rng.choice(quotable)),
+                                           f"{speaker} says it, in {r['play']}.", wrong, rng))
+            other_plays = [p for p in plays if p != r["play"]]
+            wrong = {"wrong_play": f"It is from {rng.choice(other_plays)}." if other_plays else ""}
+            tasks["play"].append(_templated("en", "play", EN_PLAY.format(line=rng.choice(quotable)),
+                                            f"It is from {r['play']}.", wrong, rng))
+        pair = _next_line_pair(lines, counts, rng, min_chars=15)
+        if pair:
+            wrong = {"wrong_line": pool.other(pair[1], k, rng), "truncated": _truncated_line(pair[1])}
+            tasks["next"].append(_templated("en", "next", EN_NEXT.format(line=pair[0]), pair[1], wrong, rng))
+    return _finish(tasks, max_per_task, rng)
+
+
+def _templated(lang: str, task: str, prompt: str, chosen: str, wrong: dict[str, str | None],
+               rng: random.Random) -> Record:
+    """One pair whose rejection kind is drawn among the usable `wrong` answers and `off_topic`.
+
+    `off_topic` is filled in by `_finish` with another task's true answer."""
+    usable = [kind for kind, text in wrong.items() if text and text != chosen]
+    kind = rng.choice(usable + ["off_topic"])
+    return _pair(lang, task, kind, prompt, chosen, wrong.get(kind) or "")
+
+
+def _finish(tasks: dict[str, list[Record]], max_per_task: int | None, rng: random.Random) -> list[Record]:
+    """Cap each task (seeded sample), answer off-topic rejections with a true answer of another task, and drop
+    pairs left without a distinct rejected reply."""
+    for name, items in tasks.items():
+        if max_per_task is not None and len(items) > max_per_task:
+            tasks[name] = [items[i] for i in sorted(rng.sample(range(len(items)), max_per_task))]
+    names = sorted(tasks)
+    for name in names:
+        answers = [it["chosen"] for n in names if n != name for it in tasks[n]]
+        answers = answers or [it["chosen"] for it in tasks[name]]
+        for item in tasks[name]:
+            if item["rejection"] == "off_topic":
+                tries = (rng.choice(answers) for _ in range(10))
+                item["rejected"] = next((a for a in tries if a != item["chosen"]), "")
+    return [it for name in names for it in tasks[name] if it["rejected"] and it["rejected"] != it["chosen"]]
+
+
+def prompts_of(pairs: Sequence[Record], per_task: int, seed: int = 0) -> list[Record]:
+    """Distinct prompts of built pairs, at most `per_task` per (lang, task), with the true answer as reference."""
+    rng = random.Random(seed)
+    by_task: dict[tuple[str, str], dict[str, str]] = defaultdict(dict)
+    for p in pairs:
+        by_task[(p["lang"], p["task"])].setdefault(p["prompt"], p["chosen"])
+    out = []
+    for (lang, task), prompts in sorted(by_task.items()):
+        chosen = sorted(prompts)
+        for prompt in sorted(rng.sample(chosen, min(per_task, len(chosen)))):
+            out.append({"lang": lang, "task": task, "messages": [{"role": "user", "content": prompt}],
+                        "reference": prompts[prompt]})
+    return out
+
+
+def records_to_pairs(records: Iterable[Record]) -> list[PreferencePair]:
+    """Built records (or `pairs`-format dicts with a string prompt) as `PreferencePair`s."""
+    return [PreferencePair([{"role": "user", "content": r["prompt"]}], r["chosen"], r["rejected"]) for r in records]
+
+
+# ======================================================================= tokenization, dataset, batching
+def encode_side(prompt_ids: Sequence[int], response: str, tokenizer: Any,
+                max_len: int | None = None) -> tuple[list[int], int]:
+    """(ids, prompt length) of prompt + reply + `<|im_end|>`; truncation keeps >= 1 reply token (see module doc)."""
+    reply = encode_text(tokenizer, response) + [special_id(tokenizer, IM_END)]
+    prompt = list(prompt_ids)
+    if max_len is not None and len(prompt) + len(reply) > max_len:
+        if max_len < 2:
+            raise UserError(f"max_len={max_len} cannot hold a prompt token and a reply token")
+        reply = reply[: max(1, max_len - len(prompt))]
+        keep = max_len - len(reply)
+        prompt = prompt[:1] + prompt[len(prompt) - keep + 1:] if keep < len(prompt) else prompt
+    return prompt + reply, len(prompt)
+
+
+class PreferenceDataset(torch.utils.data.Dataset):
+    """Pairs tokenized once; item i is `(chosen_ids, chosen_prompt_len, rejected_ids, rejected_prompt_len[, ref])`."""
+
+    def __init__(self, pairs: Iterable[PreferencePair], tokenizer: Any, max_len: int, system: str | None = None):
+        self.pad_id = tokenizer.pad_id
+        self._sides: list[tuple[np.ndarray, int, np.ndarray, int]] = []
+        for p in pairs:
+            prompt = render_prompt(p.prompt, tokenizer, system)
+            c, c_len = encode_side(prompt, p.chosen, tokenizer, max_len)
+            r, r_len = encode_side(prompt, p.rejected, tokenizer, max_len)
+            self._sides.append((np.asarray(c, dtype=np.int32), c_len, np.asarray(r, dtype=np.int32), r_len))
+        if not self._sides:
+            raise UserError("no preference pairs")
+        self.ref_logps: np.ndarray | None = None  # (N, 2) reference log-probs, set by DPO's --precompute-ref
+
+    def __len__(self) -> int:
+        return len(self._sides)
+
+    def __getitem__(self, i: int) -> tuple:
+        c, c_len, r, r_len = self._sides[i]
+        item = (torch.from_numpy(c.astype(np.int64)), c_len, torch.from_numpy(r.astype(np.int64)), r_len)
+        return item if self.ref_logps is None else (*item, torch.from_numpy(self.ref_logps[i]))
+
+    @property
+    def lengths(self) -> list[int]:
+        return [max(len(c), len(r)) for c, _, r, _ in self._sides]
+
+
+def pad_rows(rows: Sequence[tuple[Sequence[int] | Tensor, int]], pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Right-pad `(ids, prompt_len)` rows into `(input_ids, attention_mask, response_mask)`, each (N, T)."""
+    width = max(len(ids) for ids, _ in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    response = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, (seq, prompt_len) in enumerate(rows):
+        ids[i, : len(seq)], mask[i, : len(seq)] = torch.as_tensor(seq), 1
+        response[i, prompt_len: len(seq)] = True
+    return ids, mask, response
+
+
+def collate_pairs(samples: Sequence[tuple], pad_id: int) -> tuple[Tensor, ...]:
+    """Right-pad into `(input_ids, attention_mask, response_mask[, ref_logps])`, shapes (B, 2, T) [and (B, 2)]."""
+    rows = [side for s in samples for side in ((s[0], s[1]), (s[2], s[3]))]
+    batch = tuple(t.view(len(samples), 2, -1) for t in pad_rows(rows, pad_id))
+    return batch if len(samples[0]) == 4 else (*batch, torch.stack([s[4] for s in samples]).float())
+
+
+class PreferenceLoader:
+    """Iterable of collated pair batches; `loader.sampler` is the resumable sampler the Trainer saves/restores."""
+
+    def __init__(self, dataset: PreferenceDataset, sampler: BucketBatchSampler):
+        self.dataset, self.sampler = dataset, sampler
+
+    def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
+        for batch in self.sampler:
+            yield collate_pairs([self.dataset[i] for i in batch], self.dataset.pad_id)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+def build_preference_loader(dataset: PreferenceDataset, batch_size: int, seed: int = 0, shuffle: bool = True,
+                            rank: int = 0, world_size: int = 1) -> PreferenceLoader:
+    """Length-bucketed, seeded, rank-sharded, resumable batches of pairs (`sft_data.BucketBatchSampler`)."""
+    return PreferenceLoader(dataset, BucketBatchSampler(dataset.lengths, batch_size, seed, shuffle, rank, world_size))
+
+
+def evaluate_pairs(trainer: Any, loss_fn: Callable, loader: Iterable, max_batches: int | None = None,
+                   prefix: str = "val_") -> dict[str, float]:
+    """Mean loss and metrics of a pair loss (`loss_fn(model, batch) -> (loss, metrics)`) over a loader."""
+    model, device = trainer.module, trainer.env.device
+    model.eval()
+    sums: dict[str, Tensor] = defaultdict(lambda: torch.zeros((), device=device))
+    n = 0
+    with torch.no_grad():
+        for i, batch in enumerate(loader):
+            if max_batches is not None and i >= max_batches:
+                break
+            with trainer.autocast():
+                loss, metrics = loss_fn(model, tuple(t.to(device) for t in batch))
+            size = len(batch[0])  # weigh batches by their number of pairs
+            for k, v in {"loss": loss, **metrics}.items():
+                sums[k] += v.float() * size
+            n += size
+    model.train()
+    return {prefix + k: float(all_reduce_mean(v / max(n, 1))) for k, v in sums.items()}
+
+
+# ======================================================================= stage plumbing (reward and DPO scripts)
+def add_preference_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--train-data", default=str(SHIPPED / "pref_train.jsonl"),
+                        help="preference pairs to train on (JSON lines or a JSON array, see --pref-format)")
+    parser.add_argument("--valid-data", default=str(SHIPPED / "pref_valid.jsonl"), help="pairs for validation")
+    parser.add_argument("--pref-format", default="auto", choices=("auto", *FORMATS),
+                        help="pairs: prompt/chosen/rejected; hh: Anthropic hh-rlhf texts")
+    parser.add_argument("--system", default=None, help="system prompt for prompts that have none (as in SFT)")
+
+
+def preference_loaders(args: argparse.Namespace, tokenizer: Any, max_len: int, batch_size: int, seed: int,
+                       rank: int = 0, world_size: int = 1) -> tuple[PreferenceLoader, PreferenceLoader]:
+    """(shuffled training loader, fixed-order validation loader) from the `add_preference_flags` flags."""
+    def dataset(path: str) -> PreferenceDataset:
+        return PreferenceDataset(read_pairs(path, args.pref_format), tokenizer, max_len, args.system)
+
+    shard = dict(batch_size=batch_size, seed=seed, rank=rank, world_size=world_size)
+    return (build_preference_loader(dataset(args.train_data), **shard),
+            build_preference_loader(dataset(args.valid_data), shuffle=False, **shard))

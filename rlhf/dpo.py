@@ -1,0 +1,138 @@
+"""DPO: SFT checkpoint -> policy + frozen reference -> preference pairs -> DPO loss -> fit(callbacks).
+
+    python rlhf/dpo.py --name baby                          # shipped data/preference/, CPU minutes
+    python rlhf/dpo.py --name baby --beta 0.2 --label-smoothing 0.1
+    python rlhf/dpo.py --name baby --precompute-ref         # score pairs with the reference once; 1 model resident
+    torchrun --nproc_per_node=2 rlhf/dpo.py --name baby
+    python rlhf/dpo.py --name baby --resume                 # continue from the newest DPO checkpoint
+    python rlhf/dpo.py --name baby --train-data hh_train.jsonl --valid-data hh_test.jsonl --pref-format hh
+
+Starts from the newest out/<name>/sft checkpoint (or --init); the reference is the same weights, frozen. Logs the
+loss and the implicit rewards (reward_accuracy, chosen_reward, rejected_reward, reward_margin; val_* on
+--valid-data) to out/<name>/dpo/log.jsonl and TensorBoard (runs/<name>/dpo). At the end, prints for the SFT model
+and the DPO policy: the reward-model score of greedy replies to held-out prompts (when out/<name>/reward or
+--reward-model has a checkpoint), the KL of the policy to the SFT model on its replies, and held-out
+multiple-choice accuracy (babyllama/choice_eval.py). Checkpoints in out/<name>/dpo load with
+`babyllama.checkpoint.load_model` like any language model.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from babyllama import callbacks as cb  # noqa: E402
+from babyllama.checkpoint import latest_checkpoint  # noqa: E402
+from babyllama.choice_eval import choice_accuracy, load_choice_items  # noqa: E402
+from babyllama.cli import main_guard  # noqa: E402
+from babyllama.distributed import shutdown  # noqa: E402
+from babyllama.dpo import DPOLoss, frozen_reference, precompute_reference_logps  # noqa: E402
+from babyllama.model import Llama  # noqa: E402
+from babyllama.preference import (SHIPPED, add_preference_flags, evaluate_pairs, preference_loaders,  # noqa: E402
+                                  read_prompts)
+from babyllama.reward_model import load_reward_model  # noqa: E402
+from babyllama.rlhf_eval import Generations, generate_replies, kl_to_reference, reward_scores  # noqa: E402
+from babyllama.runs import REPO_ROOT, RunPaths, model_config_for  # noqa: E402
+from babyllama.stage import (compile_from_run, init_checkpoint, load_init_model, load_stage_tokenizer,  # noqa: E402
+                             parse_stage_args, resume_if_asked, standard_callbacks)
+from babyllama.tokenizer import Tokenizer  # noqa: E402
+from babyllama.trainer import Trainer  # noqa: E402
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    add_preference_flags(parser)
+    parser.add_argument("--beta", type=float, default=0.1, help="DPO temperature: smaller lets the policy move further")
+    parser.add_argument("--label-smoothing", type=float, default=0.0, help="assumed share of flipped labels (cDPO)")
+    parser.add_argument("--precompute-ref", action="store_true",
+                        help="score all pairs with the reference before training, then free it (1 model copy)")
+    parser.add_argument("--eval-prompts", default=str(SHIPPED / "prompts_heldout.jsonl"),
+                        help="held-out prompts for the before/after report ('none' = skip)")
+    parser.add_argument("--eval-prompt-count", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--reward-model", default=None, help="reward checkpoint (default: out/<name>/reward if any)")
+    parser.add_argument("--choice-data", default=str(REPO_ROOT / "data" / "sft" / "choice_eval.jsonl"),
+                        help="multiple-choice items ('none' = skip)")
+
+
+class Report:
+    """Before/after numbers on held-out prompts and multiple-choice items."""
+
+    def __init__(self, args: argparse.Namespace, paths: RunPaths, tok: Tokenizer, device: torch.device):
+        self.args, self.tok, self.device = args, tok, device
+        off = args.eval_prompts.lower() == "none"
+        self.prompts = [] if off else read_prompts(args.eval_prompts)[: args.eval_prompt_count]
+        rm = args.reward_model or paths.stage("reward")
+        self.reward_path = rm if latest_checkpoint(rm) or Path(rm).is_file() else None
+        self.items = None if args.choice_data.lower() == "none" else load_choice_items(args.choice_data)
+
+    def measure(self, model: Llama, reference: Llama | None = None) -> dict[str, float]:
+        out: dict[str, float] = {}
+        if self.prompts:
+            gens = generate_replies(model, self.tok, self.prompts, self.args.max_new_tokens, system=self.args.system)
+            out["reply_tokens"] = sum(map(len, gens.replies)) / len(gens.replies)
+            if self.reward_path:
+                out["reward"] = self._reward(gens)
+            if reference is not None:
+                out["kl"] = kl_to_reference(model, reference, gens, self.tok)
+        if self.items:
+            out.update(choice_accuracy(model, self.tok, self.items, device=self.device, system=self.args.system))
+        return out
+
+    def _reward(self, gens: Generations) -> float:
+        rm = load_reward_model(self.reward_path, self.device)  # loaded only while scoring
+        return float(reward_scores(rm, gens, self.tok).mean())
+
+
+def describe(m: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4g}" for k, v in m.items())
+
+
+def main() -> None:
+    args, run, paths, env = parse_stage_args(__doc__, "dpo", add_flags)
+    tok = load_stage_tokenizer(run, paths)
+    cfg = model_config_for(run, tok.vocab_size)
+    init = init_checkpoint(run.init, paths, "sft")
+    train_loader, valid_loader = preference_loaders(args, tok, cfg.max_seq_len, run.batch_size, run.seed,
+                                                    env.rank, env.world_size)
+    report = Report(args, paths, tok, env.device)
+
+    torch.manual_seed(run.seed)
+    policy = load_init_model(init, cfg).to(env.device).train()
+    reference = frozen_reference(policy)
+    before = report.measure(reference) if env.is_main else {}
+    if args.precompute_ref:
+        for loader in (train_loader, valid_loader):
+            precompute_reference_logps(reference, loader.dataset, run.batch_size, env.device)
+        reference = None
+        gc.collect()
+    loss = DPOLoss(reference, args.beta, args.label_smoothing)
+    trainer = compile_from_run(Trainer(policy, env), run, loss=loss)
+    resume_if_asked(trainer, args, paths.stage("dpo"))
+    if env.is_main:
+        print(f"init {init}; {len(train_loader.dataset)} train / {len(valid_loader.dataset)} valid pairs; beta "
+              f"{args.beta}, label smoothing {args.label_smoothing}; reference "
+              f"{'precomputed' if reference is None else 'resident'}; {run.max_steps} steps of "
+              f"{run.batch_size * run.grad_accum * env.world_size} pairs on {env.world_size} x {env.device}")
+    valid = list(valid_loader)  # fixed batches (with the reference log-probs if precomputed)
+    evaluator = cb.Evaluator(every=run.eval_every,
+                             fn=lambda t: evaluate_pairs(t, loss, valid[: run.eval_batches]))
+    trainer.fit(train_loader, epochs=10**9, max_steps=run.max_steps,
+                callbacks=standard_callbacks(run, paths, "dpo", [evaluator]))
+    final = evaluate_pairs(trainer, loss, valid)
+    if env.is_main:
+        if reference is None:  # freed by --precompute-ref; reloaded for the KL
+            reference = load_init_model(init, cfg).to(env.device)
+        after = report.measure(policy, reference)
+        print(f"held-out pairs ({len(valid_loader.dataset)}): {describe(final)}")
+        print(f"SFT model: {describe(before)}")
+        print(f"DPO policy: {describe(after)}")
+    shutdown()
+
+
+if __name__ == "__main__":
+    main_guard(main)
