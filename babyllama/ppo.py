@@ -34,9 +34,9 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from babyllama.distributed import all_reduce_mean
 from babyllama.generation import Generator, SamplingConfig
 from babyllama.model import Llama
 from babyllama.trainer import LossFn, Trainer
@@ -282,10 +282,10 @@ def experience(model: PolicyWithValue, ref: Llama, reward_model: nn.Module, roll
     return batch, stats
 
 
-def minibatches(batch: dict[str, Any], size: int, rng: torch.Generator | None = None) -> Iterator[dict[str, Any]]:
+def minibatches(batch: dict[str, Any], size: int) -> Iterator[dict[str, Any]]:
     """Shuffled row subsets of a rollout batch (ints such as prompt_len are shared)."""
     n = batch["input_ids"].shape[0]
-    for idx in torch.randperm(n, generator=rng).split(size):
+    for idx in torch.randperm(n).split(size):
         idx = idx.to(batch["input_ids"].device)
         yield {k: v[idx] if isinstance(v, Tensor) else v for k, v in batch.items()}
 
@@ -349,10 +349,13 @@ class RolloutLoader:
         state, model = self.trainer.extra_state, self.trainer.module
         self.kl_ctl.value = state.get("kl_coef", self.kl_ctl.value)
         model.eval()
-        roll = generate_rollout(model.policy, self.next_prompts(), self.sampling, self.stop_ids, self.pad_id)
-        batch, stats = experience(model, self.ref, self.reward_model, roll, self.kl_ctl.value, self.cfg)
+        with self.trainer.autocast():  # the precision the loss runs in, so that old and new log-probs agree
+            roll = generate_rollout(model.policy, self.next_prompts(), self.sampling, self.stop_ids, self.pad_id)
+            batch, stats = experience(model, self.ref, self.reward_model, roll, self.kl_ctl.value, self.cfg)
         model.train()
-        self.kl_ctl.update(stats["kl"], len(roll.input_ids))
+        # every rank must update the coefficient with the same KL, or their coefficients drift apart
+        kl = float(all_reduce_mean(torch.tensor(stats["kl"], device=roll.input_ids.device)))
+        self.kl_ctl.update(kl, len(roll.input_ids) * self.trainer.env.world_size)
         state["kl_coef"] = self.kl_ctl.value
         self.last_stats = stats
         return {**batch, "stats": stats}

@@ -1,7 +1,11 @@
 """PPO: GAE, clipped losses and KL controllers against hand-computed values; rollouts; a tiny PPO run that raises
 a deterministic reward on held-out prompts with bounded KL; PPO checkpoints load as language models."""
+import json
 import math
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,10 +17,14 @@ from babyllama.config import ModelConfig
 from babyllama.distributed import DistEnv
 from babyllama.generation import Generator, SamplingConfig
 from babyllama.model import Llama
+from babyllama.reward_model import RewardModel, mark_reward_checkpoint
+from babyllama.runs import model_config_for, run_preset
 from babyllama.ppo import (AdaptiveKLController, FixedKLController, PolicyWithValue, PPOConfig, RolloutLoader,
                            evaluate_policy, frozen_copy, gae, generate_rollout, make_ppo_loss, masked_whiten,
                            per_token_rewards, policy_loss, value_loss)
 from babyllama.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_gae_hand_computed():
@@ -99,7 +107,8 @@ def tok(tmp_path_factory):
     from babyllama.tokenizer import train_tokenizer
     rng = random.Random(0)
     texts = [" ".join(rng.choices(WORDS, k=12)) for _ in range(600)]
-    return train_tokenizer(texts, 320, tmp_path_factory.mktemp("tok"))
+    with pytest.warns(UserWarning, match="many pieces will be rare"):  # a small text is all these tests need
+        return train_tokenizer(texts, 320, tmp_path_factory.mktemp("tok"))
 
 
 def tiny_policy(vocab: int) -> Llama:
@@ -178,3 +187,54 @@ def test_tiny_ppo_run_raises_reward_with_bounded_kl(tok, tmp_path):
     ids = torch.tensor([heldout[0]])
     with torch.no_grad():
         torch.testing.assert_close(lm(ids).logits, policy.eval()(ids).logits)
+
+
+# ---- the script ----
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return str(path)
+
+
+def save_start_checkpoints(out, vocab: int) -> None:
+    """An (untrained) SFT checkpoint and a reward model on it, as the earlier stages would leave them."""
+    cfg = model_config_for(run_preset("baby", "ppo"), vocab)
+    cfg.max_seq_len = 64  # what --seq-len 64 asks for
+    torch.manual_seed(0)
+    for stage, model in (("sft", Llama(cfg)), ("reward", None)):
+        model = model if model is not None else RewardModel.from_lm(Llama(cfg))
+        trainer = Trainer(model, DistEnv())
+        trainer.compile(optimizer=torch.optim.SGD(model.parameters(), lr=0.0))
+        if stage == "reward":
+            mark_reward_checkpoint(trainer.extra_state)
+        trainer.save_checkpoint(str(out / "baby" / stage))
+
+
+def test_ppo_script_trains_logs_resumes_and_writes_a_chat_checkpoint(tok, tmp_path):
+    tok.save(tmp_path / "tok")
+    save_start_checkpoints(tmp_path / "out", tok.vocab_size)
+    rng = random.Random(3)
+    train = write_jsonl(tmp_path / "train.jsonl", [{"prompt": " ".join(rng.choices(WORDS, k=3))} for _ in range(20)])
+    heldout = write_jsonl(tmp_path / "heldout.jsonl", [
+        {"messages": [{"role": "user", "content": "moon river"}, {"role": "assistant", "content": "dropped"}]},
+        {"messages": [{"role": "user", "content": "king of the sea"}]}])
+    base = [sys.executable, str(ROOT / "rlhf" / "ppo.py"), "--name", "baby", "--out", str(tmp_path / "out"),
+            "--runs", str(tmp_path / "runs"), "--tokenizer", str(tmp_path / "tok"), "--seq-len", "64",
+            "--prompts", train, "--eval-prompts", heldout, "--choice-data", "none", "--rollout-size", "4",
+            "--batch-size", "4", "--max-new-tokens", "8", "--max-prompt-len", "40", "--eval-every", "2"]
+    first = subprocess.run(base + ["--max-steps", "4"], capture_output=True, text=True, cwd=ROOT)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "after PPO  greedy: score" in first.stdout and "20 training prompts, 2 held-out" in first.stdout
+
+    again = subprocess.run(base + ["--max-steps", "6", "--resume"], capture_output=True, text=True, cwd=ROOT)
+    assert again.returncode == 0, again.stderr[-2000:]
+    ckpt = latest_checkpoint(tmp_path / "out" / "baby" / "ppo")
+    state = torch.load(ckpt, weights_only=False)
+    assert state["step"] == 6 and state["extra"]["prompt_cursor"] == 4 * 3  # rollouts at steps 1, 3, 5
+    logs = [json.loads(line) for line in (ckpt.parent / "log.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in logs] == [1, 2, 3, 4, 5, 6] and "eval_score" in logs[1] and "kl_coef" in logs[-1]
+    assert load_model(ckpt).config.max_seq_len == 64
+
+    starts = ["--init", str(tmp_path / "out" / "baby" / "sft"), "--reward", str(tmp_path / "out" / "baby" / "reward")]
+    bad = subprocess.run(base + starts + ["--max-prompt-len", "60", "--out", str(tmp_path / "other")],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 2 and "exceeds the model's max_seq_len 64" in bad.stderr
