@@ -1,0 +1,75 @@
+"""Export babyllama checkpoints to Hugging Face / bert4torch, or import those into a babyllama checkpoint.
+
+    python docs/convert.py export-hf --name baby --stage sft --out hf_dir
+    python docs/convert.py export-hf --checkpoint out/baby/sft/step_00000300.pt --tokenizer out/baby/tokenizer \
+        --out hf_dir
+    python docs/convert.py import-hf hf_dir --out imported/
+    python docs/convert.py import-hf smollm2_dir --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf --out imported/
+    python docs/convert.py export-bert4torch --name baby --stage pretrain --out b4t_dir
+    python docs/convert.py import-bert4torch b4t_dir --out imported/
+
+Exports take the newest checkpoint of out/<name>/<stage> (or --checkpoint) and the run's tokenizer
+(out/<name>/tokenizer, or --tokenizer); --root changes "out". Imports write <out>/step_00000000.pt (model weights
+and config, no optimizer state) and, when the source has one, the tokenizer to <out>/tokenizer. See docs/convert.md.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from babyllama import convert  # noqa: E402
+from babyllama.cli import main_guard  # noqa: E402
+
+
+def run_checkpoint(args: argparse.Namespace) -> Path:
+    return Path(args.checkpoint) if args.checkpoint else Path(args.root) / args.name / args.stage
+
+
+def run_tokenizer(args: argparse.Namespace) -> Path:
+    return Path(args.tokenizer) if args.tokenizer else Path(args.root) / args.name / "tokenizer"
+
+
+def add_source_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--name", default="baby", help="run name: reads <root>/<name>/<stage>")
+    p.add_argument("--stage", default="sft", help="pretrain, sft, reward, dpo, ppo")
+    p.add_argument("--root", default="out", help="the runs' output root (the stages' --out)")
+    p.add_argument("--checkpoint", help="a checkpoint file or stage directory instead of --name/--stage")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    hf_out = sub.add_parser("export-hf", help="checkpoint -> transformers LlamaForCausalLM directory")
+    add_source_flags(hf_out)
+    hf_out.add_argument("--tokenizer", help="tokenizer dir/file (default <root>/<name>/tokenizer)")
+    b4t_out = sub.add_parser("export-bert4torch", help="checkpoint -> bert4torch_config.json + bert4torch_model.pt")
+    add_source_flags(b4t_out)
+    hf_in = sub.add_parser("import-hf", help="HF LLaMA directory (or GGUF file in it) -> babyllama checkpoint")
+    hf_in.add_argument("src", help="directory written by save_pretrained (or holding --gguf-file)")
+    hf_in.add_argument("--gguf-file", help="GGUF file name inside src (needs pip install gguf)")
+    b4t_in = sub.add_parser("import-bert4torch", help="bert4torch LLaMA -> babyllama checkpoint")
+    b4t_in.add_argument("src", help="directory with bert4torch_config.json, or that file")
+    b4t_in.add_argument("--weights", help="weights file (default: bert4torch_model.pt next to the config)")
+    for p in (hf_out, b4t_out, hf_in, b4t_in):
+        p.add_argument("--out", required=True, help="output directory")
+    return ap
+
+
+def main() -> None:
+    args = parser().parse_args()
+    if args.command == "export-hf":
+        done = convert.export_hf(run_checkpoint(args), run_tokenizer(args), args.out)
+    elif args.command == "export-bert4torch":
+        done = convert.export_bert4torch(run_checkpoint(args), args.out)
+    elif args.command == "import-hf":
+        done = convert.import_hf(args.src, args.out, args.gguf_file)
+    else:
+        done = convert.import_bert4torch(args.src, args.out, args.weights)
+    print(f"wrote {done}")
+
+
+if __name__ == "__main__":
+    main_guard(main)

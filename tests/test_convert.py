@@ -1,0 +1,225 @@
+"""Conversion: HF export loads in transformers with the same logits, tokens and chat template; HF and bert4torch
+imports reproduce the source model's logits; bert4torch round trip and parity against bert4torch itself."""
+import importlib.machinery
+import importlib.util
+import itertools
+import json
+import os
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from babyllama import convert
+from babyllama.chat import render_prompt
+from babyllama.checkpoint import atomic_save, load_model
+from babyllama.config import ModelConfig
+from babyllama.corpus import iter_records
+from babyllama.errors import UserError
+from babyllama.generation import Generator, SamplingConfig
+from babyllama.model import Llama
+from babyllama.tokenizer import Tokenizer, train_tokenizer
+
+transformers = pytest.importorskip("transformers")
+CORPUS = Path(__file__).resolve().parents[1] / "data" / "corpus"
+TOL = 1e-4
+MESSAGES = [{"role": "user", "content": "床前明月光的下一句是什么？"}, {"role": "assistant", "content": "疑是地上霜。"},
+            {"role": "user", "content": "And who wrote Hamlet?"}]
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # any attempt to reach the hub fails instead of downloading
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    texts = [r["text"] for name in ("poetry_zh_heldout.jsonl", "shakespeare_en_heldout.jsonl")
+             for r in itertools.islice(iter_records(CORPUS / name), 150)]
+    out = tmp_path_factory.mktemp("tok")
+    with pytest.warns(UserWarning):  # "few characters for the vocabulary": expected for a test tokenizer
+        train_tokenizer(texts, 400, out)
+    return out
+
+
+def tiny_config(vocab_size: int, tie: bool) -> ModelConfig:
+    # init_std 0.1: logits far apart, so greedy argmax is not decided by fp32 rounding
+    return ModelConfig(vocab_size=vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=160,
+                       max_seq_len=64, rope_theta=50000.0, norm_eps=1e-6, tie_embeddings=tie, init_std=0.1)
+
+
+def save_stage_checkpoint(model: Llama, path: Path, prefix: str = "", extra: dict | None = None) -> Path:
+    """A checkpoint as the stages write it (model + model_config; PPO prefixes `policy.`, RM adds a head)."""
+    weights = {prefix + k: v for k, v in model.state_dict().items()} | (extra or {})
+    atomic_save({"model": weights, "model_config": model.config.to_dict(), "step": 7}, path)
+    return path
+
+
+def logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).logits.float()
+
+
+def sample_ids(vocab: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab, (2, 21), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("tie,prefix", [(True, ""), (False, "policy.")])
+def test_hf_export_loads_offline_with_same_logits_and_greedy_tokens(tmp_path, tok_dir, tie, prefix):
+    torch.manual_seed(0)
+    ours = Llama(tiny_config(400, tie)).eval()
+    ckpt = save_stage_checkpoint(ours, tmp_path / "stage" / "step_00000007.pt", prefix)
+    out = convert.export_hf(ckpt.parent, tok_dir, tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
+    assert type(hf).__name__ == "LlamaForCausalLM" and hf.dtype == torch.float32
+    x = sample_ids(400)
+    assert (logits(hf, x) - logits(ours, x)).abs().max().item() <= TOL
+
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out, local_files_only=True)
+    prompt = render_prompt(MESSAGES, Tokenizer.load(tok_dir))
+    stops = hf.generation_config.eos_token_id
+    assert sorted(stops) == [2, 5] and hf_tok.convert_ids_to_tokens(stops) == ["</s>", "<|im_end|>"]
+    theirs = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=12)[0, len(prompt):].tolist()
+    cut = next((i for i, t in enumerate(theirs) if t in stops), len(theirs))
+    mine = Generator(ours).generate([prompt], SamplingConfig(max_new_tokens=12, temperature=0), stop_ids=stops)[0]
+    assert mine == theirs[:cut]
+
+
+def test_hf_tokenizer_matches_ours_and_renders_the_chat_template(tmp_path, tok_dir):
+    torch.manual_seed(0)
+    ckpt = save_stage_checkpoint(Llama(tiny_config(400, True)), tmp_path / "step_00000001.pt")
+    out = convert.export_hf(ckpt, tok_dir, tmp_path / "hf")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out, local_files_only=True)
+    ours = Tokenizer.load(tok_dir)
+    text = "床前明月光，疑是地上霜。\nTo be, or not to be: that is the question. 2024 ☃"
+    assert hf_tok(text, add_special_tokens=False)["input_ids"] == ours.encode(text)
+    assert hf_tok.decode(ours.encode(text)) == text
+    assert (hf_tok.bos_token, hf_tok.eos_token, hf_tok.pad_token) == ("<s>", "</s>", "<pad>")
+    assert hf_tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"]) == [4, 5]
+    ids = hf_tok.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert list(ids) == render_prompt(MESSAGES, ours)
+
+
+def test_reward_checkpoint_exports_its_language_model(tmp_path, tok_dir):
+    torch.manual_seed(0)
+    lm = Llama(tiny_config(400, True)).eval()
+    ckpt = save_stage_checkpoint(lm, tmp_path / "step_00000001.pt", extra={"score.weight": torch.randn(1, 64)})
+    out = convert.export_hf(ckpt, tok_dir, tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
+    x = sample_ids(400)
+    assert (logits(hf, x) - logits(lm, x)).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_import_hf_reproduces_a_random_transformers_llama(tmp_path, tie):
+    torch.manual_seed(0)
+    hf_cfg = transformers.LlamaConfig(vocab_size=320, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, intermediate_size=96, max_position_embeddings=128,
+                                      rope_theta=30000.0, rms_norm_eps=1e-6, tie_word_embeddings=tie)
+    hf = transformers.LlamaForCausalLM(hf_cfg).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    path = convert.import_hf(tmp_path / "hf", tmp_path / "imported")
+    assert path.name == "step_00000000.pt"
+    ours = load_model(path.parent)  # what --init / load_model read
+    assert ours.config.rope_theta == 30000.0 and ours.config.tie_embeddings == tie
+    x = sample_ids(320)
+    assert (logits(ours, x) - logits(hf, x)).abs().max().item() <= TOL
+
+
+def test_import_hf_brings_the_tokenizer_and_round_trips_export(tmp_path, tok_dir):
+    torch.manual_seed(0)
+    src = Llama(tiny_config(400, False)).eval()
+    convert.export_hf(save_stage_checkpoint(src, tmp_path / "a.pt"), tok_dir, tmp_path / "hf")
+    path = convert.import_hf(tmp_path / "hf", tmp_path / "imported")
+    again = load_model(path)
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in src.state_dict().items())
+    text = "举头望明月"
+    assert Tokenizer.load(tmp_path / "imported" / "tokenizer").encode(text) == \
+        Tokenizer.load(tok_dir).encode(text)
+
+
+def test_import_refuses_what_it_cannot_represent(tmp_path):
+    (tmp_path / "gpt").mkdir()
+    gpt2 = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}
+    (tmp_path / "gpt" / "config.json").write_text(json.dumps(gpt2))
+    with pytest.raises(UserError, match="not a LLaMA"):
+        convert.import_hf(tmp_path / "gpt", tmp_path / "out")
+    scaled = {**tiny_config(300, True).to_hf(), "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}
+    with pytest.raises(UserError, match="rope_type"):
+        convert.hf_model_config(scaled, "config.json")
+    torch.manual_seed(0)
+    convert.export_bert4torch(save_stage_checkpoint(Llama(tiny_config(300, True)), tmp_path / "c.pt"), tmp_path / "b")
+    (tmp_path / "b" / convert.B4T_WEIGHTS).unlink()
+    with pytest.raises(UserError, match="weights not found"):
+        convert.import_bert4torch(tmp_path / "b", tmp_path / "out")
+
+
+def test_bert4torch_round_trip_is_exact(tmp_path):
+    torch.manual_seed(0)
+    src = Llama(tiny_config(300, False)).eval()
+    out = convert.export_bert4torch(save_stage_checkpoint(src, tmp_path / "a.pt"), tmp_path / "b4t")
+    config = json.loads((out / convert.B4T_CONFIG).read_text())
+    assert config["layer_norm_eps"] == 1e-6 and config["num_key_value_heads"] == 2
+    back = load_model(convert.import_bert4torch(out, tmp_path / "back"))
+    assert all(torch.equal(v, back.state_dict()[k]) for k, v in src.state_dict().items())
+
+
+# ---------------------------------------------------------------- parity against bert4torch 0.6.2 itself
+@pytest.fixture(scope="module")
+def bert4torch():
+    """bert4torch, imported with a stand-in for torchvision (see requirements-bert4torch.txt): its one unguarded
+    torchvision import is in the Qwen2-VL video processor, never used for LLaMA, and PyPI's torchvision does not
+    load beside the CPU torch wheel. torch4keras deletes nn.Module.compile on import; it is put back after."""
+    if "bert4torch" not in sys.modules and importlib.util.find_spec("bert4torch") is None:
+        if os.environ.get("CI"):
+            pytest.fail("bert4torch is not installed: pip install -r requirements-bert4torch.txt")
+        pytest.skip("bert4torch not installed: pip install -r requirements-bert4torch.txt")
+    names = ["torchvision", "torchvision.transforms", "torchvision.transforms.v2",
+             "torchvision.transforms.v2.functional"]
+    stand_ins = {n: types.ModuleType(n) for n in names if n not in sys.modules}
+    for n, m in stand_ins.items():
+        m.__spec__ = importlib.machinery.ModuleSpec(n, None)  # no dist metadata: bert4torch sees "not installed"
+    compile_method = torch.nn.Module.compile
+    sys.modules.update(stand_ins)
+    try:
+        from bert4torch.models import build_transformer_model
+    finally:
+        for n in stand_ins:
+            del sys.modules[n]
+        torch.nn.Module.compile = compile_method
+    return build_transformer_model
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_bert4torch_loads_our_export_with_same_logits(tmp_path, bert4torch, tie):
+    torch.manual_seed(0)
+    ours = Llama(tiny_config(300, tie)).eval()
+    out = convert.export_bert4torch(save_stage_checkpoint(ours, tmp_path / "a.pt"), tmp_path / "b4t")
+    theirs = bert4torch(config_path=str(out / convert.B4T_CONFIG))
+    theirs.load_state_dict(torch.load(out / convert.B4T_WEIGHTS), strict=True)
+    x = sample_ids(300)
+    assert (logits_b4t(theirs, x) - logits(ours, x)).abs().max().item() <= TOL
+
+
+def test_bert4torch_reads_the_hf_export_and_we_import_its_weights(tmp_path, bert4torch, tok_dir):
+    torch.manual_seed(0)
+    ours = Llama(tiny_config(400, True)).eval()
+    hf_dir = convert.export_hf(save_stage_checkpoint(ours, tmp_path / "a.pt"), tok_dir, tmp_path / "hf")
+    theirs = bert4torch(config_path=str(hf_dir / convert.B4T_CONFIG), checkpoint_path=str(hf_dir / convert.HF_WEIGHTS))
+    x = sample_ids(400)
+    assert (logits_b4t(theirs, x) - logits(ours, x)).abs().max().item() <= TOL
+    # a model bert4torch trained, saved with its own parameter names (torch4keras save_weights)
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    torch.save(theirs.state_dict(), hf_dir / "trained.pt")
+    back = load_model(convert.import_bert4torch(hf_dir, tmp_path / "back", weights=hf_dir / "trained.pt"))
+    assert (logits(back, x) - logits_b4t(theirs, x)).abs().max().item() <= TOL
+
+
+def logits_b4t(model, ids: torch.Tensor) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(ids).float()
