@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Iterable
@@ -55,10 +57,23 @@ class ProgressBar(Callback):
 
 
 class TextLogger(Callback):
-    """One JSON object per logged step, appended to `path` (survives restarts: a resumed run appends)."""
+    """One JSON object per logged step, appended to `path` (survives restarts: a resumed run appends).
+
+    At the start of training, rows with a step beyond the trainer's (logged by a run killed after its last
+    checkpoint, or a torn last line) are dropped, so a resumed run's log has each step once."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+
+    def on_train_begin(self, trainer: Trainer) -> None:
+        if trainer.env.is_main and self.path.exists():
+            self._keep_up_to(trainer.step)
+
+    def _keep_up_to(self, step: int) -> None:
+        lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
+        kept = [line for line in lines if _logged_step(line) <= step]
+        if len(kept) < len(lines):
+            _write_text_atomic(self.path, "".join(line if line.endswith("\n") else line + "\n" for line in kept))
 
     def on_step_end(self, trainer: Trainer, logs: dict[str, float]) -> None:
         if trainer.env.is_main and len(logs) > 1:
@@ -67,8 +82,30 @@ class TextLogger(Callback):
                 f.write(json.dumps({"time": round(time.time(), 3), "epoch": trainer.epoch, **logs}) + "\n")
 
 
+def _logged_step(line: str) -> float:
+    """The step of a TextLogger row; infinity for a line torn by a kill (never kept)."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    """Replace `path` by `text` through a temp file, so a kill leaves either the old or the new log."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 class TensorBoard(Callback):
-    """Scalars under `train/` (loss, lr, grad_norm, tokens_per_s, mfu, ...) and `val/` for validation metrics."""
+    """Scalars under `train/` (loss, lr, grad_norm, tokens_per_s, mfu, ...) and `val/` for validation metrics.
+
+    A resumed run purges the events from its first step on, so the curves of a killed run do not double."""
 
     def __init__(self, log_dir: str | Path):
         self.log_dir, self.writer = Path(log_dir), None

@@ -127,6 +127,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Trains in minutes on 2 CPU cores on the shipped corpus; GQA so the small path exercises it too.
     "baby": dict(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, ffn_dim=704, max_seq_len=256,
                  tie_embeddings=True, vocab_size=None),
+    # Seconds on one CPU core: for tests and smoke runs of the scripts.
+    "tiny": dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=64,
+                 tie_embeddings=True, vocab_size=None),
     # The seed project's 0.2B (baby-llama2-chinese / build_MiniLLM_from_scratch), ChatGLM2 vocab.
     "0.2b": dict(dim=1024, n_layers=12, n_heads=8, ffn_dim=2752, max_seq_len=1024,
                  tie_embeddings=True, vocab_size=64793),

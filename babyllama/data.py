@@ -54,7 +54,8 @@ SPLITS = ("train", "val")
 _DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 _OUR_FILES = re.compile(r"(?:(?:train|val)_\d{5}\.bin|meta\.json)(?:\.tmp)?")
 _CHUNK_DOCS, _CHUNK_CHARS = 512, 1 << 20  # one worker task: bounded both ways (many tiny or few huge documents)
-_PREPARE_HINT = "rerun data/prepare.py (with --overwrite)"
+_PREPARE_HINT = ("rerun data/prepare.py (with --overwrite), or delete the directory and pretrain/pretrain.py "
+                 "rebuilds it")
 
 
 # ======================================================================= preparation
@@ -355,6 +356,23 @@ def read_meta(bin_dir: str | Path) -> dict:
     return meta
 
 
+def check_tokenizer_matches(bin_dir: str | Path, tokenizer: Any) -> dict:
+    """meta.json of `bin_dir`, after checking that the data was tokenized by `tokenizer` (same vocabulary size and,
+    where both are known, the same file): ids from another tokenizer would train silently on wrong tokens."""
+    meta, path = read_meta(bin_dir), Path(bin_dir) / "meta.json"
+    vocab, dtype = int(tokenizer.vocab_size), meta["dtype"]
+    redo = f"delete {bin_dir} to re-tokenize the corpus with this tokenizer, or use another --out"
+    if vocab - 1 > np.iinfo(_DTYPES[dtype]).max:
+        raise UserError(f"{path}: the token data is {dtype}, which cannot hold the ids of the {vocab:,}-token "
+                        f"tokenizer {_tokenizer_path(tokenizer)}; {redo}")
+    saved, now = meta.get("tokenizer", {}).get("sha256"), _tokenizer_identity(tokenizer)["sha256"]
+    if vocab != int(meta["vocab_size"]) or (saved and now and saved != now):
+        raise UserError(f"{path}: the token data was made by another tokenizer ({int(meta['vocab_size']):,} tokens, "
+                        f"{meta.get('tokenizer', {}).get('path')}) than {_tokenizer_path(tokenizer)} "
+                        f"({vocab:,} tokens); {redo}")
+    return meta
+
+
 def _checked_shards(bin_dir: Path, meta: dict, split: str) -> list[tuple[Path, int]]:
     """(path, tokens) of each shard of `split`, after checking every file's size against meta.json."""
     itemsize = _DTYPES[meta["dtype"]].itemsize
@@ -496,17 +514,25 @@ class ResumableSampler(Sampler[int]):
 
 
 def build_pretrain_loader(bin_dir: str | Path, split: str, seq_len: int, batch_size: int, *, seed: int = 0,
-                          rank: int = 0, world_size: int = 1, shuffle: bool = True, num_workers: int = 0,
-                          pin_memory: bool = False) -> DataLoader:
+                          rank: int = 0, world_size: int = 1, shuffle: bool = True, drop_last: bool = False,
+                          num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
     """A DataLoader of `(x, y)` batches `[batch_size, seq_len]` for this rank (see the module docstring).
 
     `loader.sampler` is the `ResumableSampler` (get/set its state), `loader.dataset` the `TokenWindowDataset`,
-    `loader.tokens_per_batch` = `batch_size * seq_len`. The last batch of a pass may be smaller.
+    `loader.tokens_per_batch` = `batch_size * seq_len`. The last batch of a pass may be smaller, unless
+    `drop_last`: then every pass is `num_samples // (world_size * batch_size)` full batches per rank, and rank `r`'s
+    batch `k` holds the `r::world_size` slice of what one process with batch `world_size * batch_size` gets as
+    its batch `k` (without it, the padding that evens out the ranks changes the last global batch).
     """
     dataset = TokenWindowDataset(bin_dir, split, seq_len=seq_len)
-    sampler = ResumableSampler(len(dataset), shuffle=shuffle, seed=seed, rank=rank, world_size=world_size)
+    if drop_last and len(dataset) < world_size * batch_size:  # else every pass would be empty: no step, ever
+        raise UserError(f"{bin_dir}: split '{split}' has {len(dataset):,} windows of {seq_len + 1} tokens, fewer than "
+                        f"one global batch ({world_size} x {batch_size}); use a smaller --batch-size or --seq-len, "
+                        "or more data")
+    sampler = ResumableSampler(len(dataset), shuffle=shuffle, seed=seed, rank=rank, world_size=world_size,
+                               drop_last=drop_last)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                        pin_memory=pin_memory, persistent_workers=num_workers > 0)
+                        pin_memory=pin_memory, persistent_workers=num_workers > 0, drop_last=drop_last)
     loader.tokens_per_batch = batch_size * seq_len
     return loader
 

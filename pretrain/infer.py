@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from babyllama.checkpoint import load_model  # noqa: E402
+from babyllama.checkpoint import latest_checkpoint, load_model  # noqa: E402
 from babyllama.cli import main_guard  # noqa: E402
 from babyllama.distributed import pick_device  # noqa: E402
-from babyllama.generation import Generator, SamplingConfig, add_sampling_flags, sampling_from_args  # noqa: E402
+from babyllama.errors import UserError  # noqa: E402
+from babyllama.generation import Generator, add_sampling_flags, sampling_from_args  # noqa: E402
 from babyllama.runs import RunPaths, run_preset  # noqa: E402
 from babyllama.tokenizer import Tokenizer  # noqa: E402
 
@@ -25,6 +27,7 @@ from babyllama.tokenizer import Tokenizer  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--name", default="baby", help="run preset whose out/<name>/ holds tokenizer and checkpoints")
+    parser.add_argument("--out", help="output root the run was trained with (default: the preset's, out)")
     parser.add_argument("--checkpoint", help="checkpoint file or directory (default: out/<name>/pretrain)")
     parser.add_argument("--tokenizer", help="tokenizer path (default: out/<name>/tokenizer)")
     parser.add_argument("--prompt", help="continue this text and exit; without it, read prompts from stdin")
@@ -32,9 +35,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     add_sampling_flags(parser)
     args = parser.parse_args()
-    paths = RunPaths.of(args.name, run_preset(args.name))
+    run = run_preset(args.name)
+    paths = RunPaths.of(args.name, replace(run, out=args.out or run.out))
     device = pick_device(args.device)
-    model = load_model(args.checkpoint or paths.stage("pretrain"), device)
+    model = load_model(args.checkpoint or default_checkpoint(paths), device)
     tok = Tokenizer.load(args.tokenizer or paths.tokenizer)
     gen, cfg = Generator(model), sampling_from_args(args)
     rng = torch.Generator(device=device).manual_seed(args.seed)
@@ -45,6 +49,15 @@ def main() -> None:
         for token in gen.stream(tok.encode(prompt, bos=True), cfg, stop_ids=[tok.eos_id], generator=rng):
             print(stream.push(token), end="", flush=True)
         print(stream.flush(), flush=True)
+
+
+def default_checkpoint(paths: RunPaths) -> Path:
+    """The newest pretraining checkpoint of the run; a clear error (not a missing-file one) before training."""
+    found = latest_checkpoint(paths.stage("pretrain"))
+    if found is None:
+        raise UserError(f"no checkpoint in {paths.stage('pretrain')}; train first (python pretrain/pretrain.py "
+                        f"--name {paths.name} --out {paths.out.parent}) or pass --checkpoint")
+    return found
 
 
 def _stdin_prompts():

@@ -17,10 +17,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from babyllama import callbacks as cb  # noqa: E402
+from babyllama.checkpoint import latest_checkpoint  # noqa: E402
 from babyllama.cli import main_guard  # noqa: E402
 from babyllama.corpus import iter_documents  # noqa: E402
-from babyllama.data import build_pretrain_loader, prepare_token_bins  # noqa: E402
+from babyllama.data import build_pretrain_loader, check_tokenizer_matches, prepare_token_bins  # noqa: E402
 from babyllama.distributed import barrier, shutdown  # noqa: E402
+from babyllama.errors import UserError  # noqa: E402
 from babyllama.generation import Generator, SamplingConfig  # noqa: E402
 from babyllama.model import Llama  # noqa: E402
 from babyllama.runs import RunConfig, RunPaths, expand_inputs, model_config_for  # noqa: E402
@@ -50,16 +52,25 @@ def ensure_token_bins(run: RunConfig, paths: RunPaths, tok: Tokenizer, is_main: 
         prepare_token_bins(documents(run), tok, paths.data, val_fraction=run.val_fraction, seed=run.seed,
                            num_workers=run.workers)
     barrier()
+    check_tokenizer_matches(paths.data, tok)  # data kept from an earlier run may come from another tokenizer
+
+
+def refuse_resume_without_checkpoint(resume: bool, ckpt_dir: Path) -> None:
+    """Checked before the tokenizer and data are built, so a mistyped --resume costs nothing."""
+    if resume and latest_checkpoint(ckpt_dir) is None:
+        raise UserError(f"--resume: no checkpoint in {ckpt_dir}; run without --resume to start")
 
 
 def main() -> None:
     args, run, paths, env = parse_stage_args(__doc__, "pretrain")
+    refuse_resume_without_checkpoint(args.resume, paths.stage("pretrain"))
     tok = ensure_tokenizer(run, paths, env.is_main)
+    cfg = model_config_for(run, tok.vocab_size)  # before tokenizing: a tokenizer too large for the preset fails now
     ensure_token_bins(run, paths, tok, env.is_main)
-    cfg = model_config_for(run, tok.vocab_size)
     loader_args = dict(seq_len=cfg.max_seq_len, batch_size=run.batch_size, seed=run.seed, rank=env.rank,
                        world_size=env.world_size)
-    train_loader = build_pretrain_loader(paths.data, "train", **loader_args)
+    # Full global batches only: N ranks then train on exactly the batches of one process with N times the batch.
+    train_loader = build_pretrain_loader(paths.data, "train", drop_last=True, **loader_args)
     val_loader = build_pretrain_loader(paths.data, "val", shuffle=False, **loader_args)
 
     torch.manual_seed(run.seed)
@@ -72,8 +83,8 @@ def main() -> None:
     evaluator = cb.Evaluator(val_loader, every=run.eval_every, max_batches=run.eval_batches)
     trainer.fit(train_loader, epochs=10**9, max_steps=run.max_steps,
                 callbacks=standard_callbacks(run, paths, "pretrain", [evaluator]))
+    val = trainer.evaluate(val_loader, max_batches=run.eval_batches)  # on every rank: it all-reduces
     if env.is_main:
-        val = trainer.evaluate(val_loader, max_batches=run.eval_batches)
         print(f"final validation loss {val:.4f}")
         sample(trainer.module, tok)
     shutdown()

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from babyllama.data import (ResumableSampler, TokenWindowDataset, build_pretrain_loader, prepare_token_bins,
-                            read_meta)
+from babyllama.data import (ResumableSampler, TokenWindowDataset, build_pretrain_loader, check_tokenizer_matches,
+                            prepare_token_bins, read_meta)
 from babyllama.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -191,7 +191,37 @@ def test_loader_batches_and_sampler(tmp_path):
     assert torch.equal(next(iter(val))[0], next(iter(val))[0])
 
 
+def test_drop_last_ranks_split_the_global_batches_of_one_process(tmp_path):
+    out, _ = prepare(tmp_path, make_docs(300))
+    loader = build_pretrain_loader(out, "train", 5, 4, seed=3, drop_last=True)
+    n = len(loader.dataset)
+    assert n % 4 == 3  # 2 ranks padded to 2 x ceil(n / 2) samples would get one more (padded) global batch
+    single = [x for x, _ in loader]
+    ranks = [[x for x, _ in build_pretrain_loader(out, "train", 5, 2, seed=3, rank=r, world_size=2, drop_last=True)]
+             for r in range(2)]
+    assert len(single) == len(ranks[0]) == len(ranks[1]) == n // 4
+    for k, batch in enumerate(single):
+        assert torch.equal(batch[0::2], ranks[0][k]) and torch.equal(batch[1::2], ranks[1][k])
+
+
 # ---- bad inputs
+def test_too_few_windows_for_one_global_batch(tmp_path):
+    out, _ = prepare(tmp_path, make_docs(20))
+    n = len(TokenWindowDataset(out, "train", seq_len=8))
+    with pytest.raises(UserError, match=rf"split 'train' has {n:,} windows of 9 tokens, fewer than one global "
+                                        rf"batch \(2 x {n}\)"):
+        build_pretrain_loader(out, "train", 8, n, world_size=2, drop_last=True)
+
+
+def test_data_of_another_tokenizer_is_refused(tmp_path):
+    out, _ = prepare(tmp_path, make_docs(50))
+    assert check_tokenizer_matches(out, ByteTokenizer())["vocab_size"] == 259
+    with pytest.raises(UserError, match="token data is uint16, which cannot hold the ids of the 70,256-token"):
+        check_tokenizer_matches(out, ByteTokenizer(offset=70_000))
+    with pytest.raises(UserError, match=r"made by another tokenizer \(259 tokens.*\(300 tokens\); delete"):
+        check_tokenizer_matches(out, ByteTokenizer(vocab_size=300))
+
+
 def test_truncated_or_corrupt_shard(tmp_path):
     out, meta = prepare(tmp_path, make_docs(200))
     shard = out / meta["splits"]["train"]["shards"][1]["file"]

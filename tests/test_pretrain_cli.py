@@ -1,0 +1,258 @@
+"""pretrain/pretrain.py and pretrain/infer.py end to end, as subprocesses on a tiny zh+en corpus: bad input is one
+`error:` line with exit code 2 that overwrites nothing; kill + --resume reproduces the uninterrupted loss curve;
+2-process gloo DDP trains the same parameters as one process with the same global batch; inference prints."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+PRETRAIN, INFER = str(ROOT / "pretrain" / "pretrain.py"), str(ROOT / "pretrain" / "infer.py")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+STEPS, BATCH, SEQ_LEN = 30, 4, 31
+TINY = ["--model", "tiny", "--vocab-size", "300", "--seq-len", str(SEQ_LEN), "--batch-size", str(BATCH),
+        "--max-steps", str(STEPS), "--eval-every", "10", "--eval-batches", "2", "--ckpt-every", "3",
+        "--workers", "1", "--device", "cpu"]
+
+
+@dataclass
+class Run:
+    root: Path  # holds corpus.jsonl, out/ and runs/
+
+    @property
+    def corpus(self) -> Path:
+        return self.root / "corpus.jsonl"
+
+    @property
+    def out(self) -> Path:  # out/<name> for the default --name baby
+        return self.root / "out" / "baby"
+
+    def args(self, *extra: str) -> list[str]:
+        """pretrain.py's command line; later flags override earlier ones."""
+        return [sys.executable, PRETRAIN, "--out", str(self.root / "out"), "--runs", str(self.root / "runs"),
+                "--corpus", str(self.corpus), *TINY, *extra]
+
+    def pretrain(self, *extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(self.args(*extra), capture_output=True, text=True, env=ENV, timeout=300)
+
+    def losses(self) -> list[tuple[int, float]]:
+        rows = [json.loads(line) for line in (self.out / "pretrain" / "log.jsonl").read_text().splitlines()]
+        return [(r["step"], r["loss"]) for r in rows]
+
+
+def write_corpus(path: Path) -> None:
+    """Eight poems and eight speeches of the shipped held-out corpus, interleaved (about 4 KB)."""
+    texts = [[json.loads(line)["text"] for line in (ROOT / "data" / "corpus" / f"{name}_heldout.jsonl").open()][:8]
+             for name in ("poetry_zh", "shakespeare_en")]
+    lines = [json.dumps({"text": t}, ensure_ascii=False) for pair in zip(*texts) for t in pair]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def new_run(root: Path, like: Run | None = None) -> Run:
+    """A run directory with the corpus, and `like`'s tokenizer and token data (not its checkpoints) if given."""
+    run = Run(root)
+    root.mkdir(parents=True, exist_ok=True)
+    write_corpus(run.corpus)
+    if like is not None:
+        for part in ("tokenizer", "data"):
+            shutil.copytree(like.out / part, run.out / part)
+    return run
+
+
+def digests(directory: Path) -> dict[str, str]:
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def assert_user_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    """Exit code 2 and exactly one stderr line, `error: ...`, holding every fragment."""
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Run:
+    """One uninterrupted run: tokenizer, token data, checkpoints every 3 steps, log.jsonl."""
+    run = new_run(tmp_path_factory.mktemp("trained"))
+    proc = run.pretrain()
+    assert proc.returncode == 0, proc.stderr
+    assert [s for s, _ in run.losses()] == list(range(1, STEPS + 1))
+    return run
+
+
+@pytest.fixture
+def untouched(trained):
+    """Asserts that a test leaves every file of the trained run byte-identical."""
+    before = digests(trained.root)
+    yield trained
+    assert digests(trained.root) == before
+
+
+@pytest.fixture(scope="module")
+def big_tokenizer(tmp_path_factory) -> Path:
+    """A 70,000-token tokenizer.json: more ids than uint16 holds and than the 0.2b preset's 64,793."""
+    import tokenizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 70_000)}}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.add_special_tokens(["<unk>", "<s>", "</s>"])
+    path = tmp_path_factory.mktemp("big_tokenizer") / "tokenizer.json"
+    tok.save(str(path))
+    return path
+
+
+# ======================================================================= bad input: one line, exit 2
+@pytest.mark.parametrize("content,expected", [
+    (None, ["{corpus}: no such file or directory", "check the corpus path"]),
+    ("", ["{corpus}: no documents", "--corpus-field"]),
+    ('{{"text": "床前明月光"}}\n{{"text": "To be\n', ["{corpus}:2: invalid JSON", "one object per line"]),
+    ('{{"text": "床前明月光"}}\n{{"body": "To be"}}\n', ["{corpus}:2: record has no field 'text' (keys: body)",
+                                                       "--corpus-field"]),
+], ids=["missing", "empty", "malformed-line", "missing-field"])
+def test_bad_corpus(tmp_path, content, expected):
+    run = Run(tmp_path)
+    if content is not None:
+        run.corpus.write_text(content.format(), encoding="utf-8")
+    assert_user_error(run.pretrain(), *(e.format(corpus=run.corpus) for e in expected))
+    assert not (tmp_path / "out").exists()  # no half-trained tokenizer or half-written data left behind
+
+
+def test_tokenizer_beyond_the_data_dtype(tmp_path, trained, big_tokenizer):
+    run = new_run(tmp_path, like=trained)
+    before = digests(run.out)
+    assert_user_error(run.pretrain("--tokenizer", str(big_tokenizer)),
+                      f"{run.out / 'data' / 'meta.json'}: the token data is uint16, which cannot hold the ids of "
+                      f"the 70,000-token tokenizer", f"delete {run.out / 'data'}")
+    assert digests(run.out) == before
+
+
+def test_tokenizer_beyond_the_model_preset(tmp_path, big_tokenizer):
+    run = new_run(tmp_path)
+    assert_user_error(run.pretrain("--tokenizer", str(big_tokenizer), "--model", "0.2b"),
+                      "tokenizer has 70000 tokens but model preset '0.2b' has vocab_size 64793")
+    assert not (tmp_path / "out").exists()  # refused before tokenizing the corpus
+
+
+def test_corrupt_or_truncated_bin(tmp_path, trained):
+    run = new_run(tmp_path, like=trained)
+    shard = run.out / "data" / "train_00000.bin"
+    intact = shard.read_bytes()
+    for cut in (1, 2):  # not a whole number of uint16 ids; whole ids but fewer than meta.json lists
+        shard.write_bytes(intact[:-cut])
+        before = digests(run.out)
+        assert_user_error(run.pretrain(), f"{shard}: {len(intact) - cut:,} bytes, expected {len(intact):,}",
+                          "truncated or corrupt", "delete the directory")
+        assert digests(run.out) == before
+
+
+def test_resume_with_another_config(untouched):
+    assert_user_error(untouched.pretrain("--resume", "--seq-len", "15"), "checkpoint is for another model config",
+                      f"max_seq_len: checkpoint {SEQ_LEN} vs now 15")
+
+
+def test_resume_without_checkpoint(tmp_path):
+    run = new_run(tmp_path)
+    assert_user_error(run.pretrain("--resume"), f"--resume: no checkpoint in {run.out / 'pretrain'}",
+                      "run without --resume")
+    assert not (tmp_path / "out").exists()  # refused before building the tokenizer and data
+
+
+def test_existing_checkpoints_without_resume(untouched):
+    assert_user_error(untouched.pretrain(), f"{untouched.out / 'pretrain'} already has checkpoints",
+                      "pass --resume")
+
+
+def test_infer_without_checkpoint(tmp_path):
+    proc = subprocess.run([sys.executable, INFER, "--out", str(tmp_path / "out"), "--prompt", "To be"],
+                          capture_output=True, text=True, env=ENV, timeout=120)
+    assert_user_error(proc, f"no checkpoint in {tmp_path / 'out' / 'baby' / 'pretrain'}",
+                      "python pretrain/pretrain.py", "--checkpoint")
+
+
+# ======================================================================= kill, then --resume
+def test_killed_then_resumed_run_has_the_uninterrupted_losses(tmp_path, trained):
+    run = new_run(tmp_path, like=trained)
+    first_checkpoint = run.out / "pretrain" / "step_00000003.pt"
+    proc = subprocess.Popen(run.args(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    deadline = time.monotonic() + 120
+    while not first_checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL  # killed mid-run, not finished
+    assert not (run.out / "pretrain" / f"step_{STEPS:08d}.pt").exists()
+    resumed = run.pretrain("--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert run.losses() == trained.losses()  # each step once (rows past the checkpoint dropped), same values
+
+
+# ======================================================================= DDP
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_process_group(cmd: list[str], timeout: float) -> tuple[int, str]:
+    """(exit code, stderr) of `cmd` in its own session; on timeout the whole group is killed, so that a hung
+    rank does not outlive the test (killing torchrun alone would orphan it)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+                            start_new_session=True)
+    try:
+        stderr = proc.communicate(timeout=timeout)[1]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return proc.returncode, stderr
+
+
+def test_two_gloo_processes_train_like_one_with_the_global_batch(tmp_path, trained):
+    windows = (json.loads((trained.out / "data" / "meta.json").read_text())["splits"]["train"]["tokens"]
+               // (SEQ_LEN + 1))
+    # The run crosses an epoch end where 2 ranks padded to 2 x ceil(windows / 2) samples would get one more
+    # (padded) global batch than one process.
+    assert windows % BATCH == 3 and windows // BATCH < STEPS
+    run = new_run(tmp_path, like=trained)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
+    returncode, stderr = run_process_group(launcher + run.args("--batch-size", str(BATCH // 2))[1:], timeout=300)
+    assert returncode == 0, stderr[-3000:]
+    name = f"step_{STEPS:08d}.pt"
+    ddp = torch.load(run.out / "pretrain" / name, weights_only=False)
+    single = torch.load(trained.out / "pretrain" / name, weights_only=False)
+    assert ddp["consumed"] == single["consumed"] // 2 and ddp["epoch"] == single["epoch"] == 1
+    for key, value in single["model"].items():
+        assert torch.allclose(ddp["model"][key], value, atol=1e-5), key
+
+
+# ======================================================================= inference
+def infer(run: Run, *extra: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, INFER, "--out", str(run.root / "out"), "--device", "cpu", "--max-new-tokens", "12", *extra]
+    return subprocess.run(cmd, input=stdin, capture_output=True, text=True, env=ENV, timeout=120)
+
+
+def test_infer_prompt_prints_a_continuation(untouched):
+    proc = infer(untouched, "--prompt", "To be")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("To be") and len(proc.stdout.rstrip("\n")) > len("To be")
+
+
+def test_infer_reads_prompts_from_stdin(untouched):
+    proc = infer(untouched, stdin="床前明月光，\n\nTo be\n")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("床前明月光，") and "\nTo be" in proc.stdout and ">>>" not in proc.stdout
