@@ -106,8 +106,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-    """A `Llama` with the weights of a checkpoint file (or the newest in a directory), in eval mode."""
+def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+               strict: bool = False):
+    """A `Llama` with the weights of a checkpoint file (or the newest in a directory), in eval mode.
+
+    `strict=True` also refuses weights the model does not use (e.g. a reward model's value head), for stages
+    that must start from a plain language model."""
     from babyllama.model import Llama  # local import: the model module does not need checkpoint code
 
     state = load_checkpoint(path)
@@ -115,8 +119,16 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
         raise UserError(f"{path}: checkpoint has no model_config; it was not written by babyllama")
     model = Llama(ModelConfig.from_dict(state["model_config"], str(path)))
     weights = {k.removeprefix("policy."): v for k, v in state["model"].items()}
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError as e:  # size mismatch: the weights do not match the checkpoint's own model_config
+        first = str(e).strip().splitlines()[1:2] or [str(e)]  # line 0 is "Error(s) in loading state_dict ..."
+        raise UserError(f"{path}: weights do not fit the checkpoint's model_config ({first[0].strip()}); "
+                        "the file is damaged or not babyllama's") from None
     if missing:
         raise UserError(f"{path}: checkpoint lacks {len(missing)} model weights (e.g. {missing[0]}); "
                         "is it a babyllama language-model checkpoint?")
+    if strict and unexpected:
+        raise UserError(f"{path}: checkpoint has {len(unexpected)} weights a language model does not use "
+                        f"(e.g. {unexpected[0]}); is it a reward/value model? pass a pretrain or SFT checkpoint")
     return model.to(device=device, dtype=dtype).eval()

@@ -14,12 +14,15 @@ from pathlib import Path
 from typing import Callable
 
 from babyllama import callbacks as cb
-from babyllama.checkpoint import latest_checkpoint, list_checkpoints
+from babyllama.checkpoint import check_model_config, latest_checkpoint, list_checkpoints, load_model
 from babyllama.cli import add_dataclass_flags, apply_overrides
+from babyllama.config import ModelConfig
 from babyllama.distributed import DistEnv, init_distributed
 from babyllama.errors import UserError
+from babyllama.model import Llama
 from babyllama.optim import build_adamw, warmup_cosine
 from babyllama.runs import RunConfig, RunPaths, resolve_compile, resolve_precision, run_preset
+from babyllama.tokenizer import Tokenizer
 from babyllama.trainer import Callback, LossFn, Trainer, causal_lm_loss
 
 
@@ -87,3 +90,20 @@ def init_checkpoint(explicit: str | None, paths: RunPaths, previous_stage: str) 
 
 def previous_stage_script(stage: str) -> str:
     return {"pretrain": "pretrain/pretrain.py", "sft": "sft/sft.py", "reward": "reward/reward.py"}.get(stage, stage)
+
+
+def load_stage_tokenizer(run: RunConfig, paths: RunPaths) -> Tokenizer:
+    """--tokenizer if given, else the one pretraining wrote to out/<name>/tokenizer."""
+    path = Path(run.tokenizer) if run.tokenizer else paths.tokenizer
+    if not path.exists():
+        raise UserError(f"no tokenizer at {path}; run the pretrain stage first "
+                        f"(python pretrain/pretrain.py --name {paths.name}) or pass --tokenizer")
+    return Tokenizer.load(path)
+
+
+def load_init_model(path: Path, expected: ModelConfig) -> Llama:
+    """The weights a stage starts from, loaded strictly (no missing or extra weights); a checkpoint trained for
+    another config than this run's (preset, --seq-len, tokenizer size) is refused with one line naming the fields."""
+    model = load_model(path, strict=True)
+    check_model_config({"model_config": model.config.to_dict()}, expected, path)
+    return model

@@ -1,0 +1,169 @@
+"""Multi-turn chat with a checkpoint of any stage, streaming the reply as it is sampled.
+
+    python sft/infer.py                                  # interactive, newest out/baby/sft checkpoint
+    python sft/infer.py --stage pretrain --temperature 0
+    python sft/infer.py --ckpt out/baby/sft/step_00000300.pt --system "You are a poet."
+    python sft/infer.py --prompt "你是谁？"              # one reply, then exit (for scripts)
+    printf '你好\\n你是谁？\\n/reset\\nWho are you?\\n' | python sft/infer.py
+
+Commands: `/reset` forgets the conversation, `/exit` (or end of input) quits. The prompt keeps the system
+message and as many of the newest turns as fit in --history-tokens (default: the model's context minus the reply
+budget); older turns are dropped. A reply stops at `<|im_end|>`, at --max-new-tokens, or at the end of the
+model's context. `--show-prompt` writes each rendered prompt to stderr.
+
+`rlhf/infer.py` is the same chat with PPO/DPO checkpoints as the default; both call `main` here.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence, TextIO
+
+import torch
+
+from babyllama.chat import ChatHistory, stop_ids
+from babyllama.checkpoint import latest_checkpoint, load_model
+from babyllama.distributed import pick_device
+from babyllama.errors import UserError
+from babyllama.generation import Generator, SamplingConfig, add_sampling_flags, sampling_from_args
+from babyllama.model import Llama
+from babyllama.runs import RunPaths, run_preset
+from babyllama.tokenizer import Tokenizer
+
+STAGES = ("sft", "dpo", "ppo", "pretrain")
+RESET, EXIT = "/reset", ("/exit", "/quit")
+
+
+class ChatSession:
+    """A model, its tokenizer and the conversation so far; `reply` streams one assistant answer."""
+
+    def __init__(self, model: Llama, tokenizer: Tokenizer, sampling: SamplingConfig, system: str | None = None,
+                 history_tokens: int | None = None, seed: int = 0):
+        context = model.config.max_seq_len
+        budget = history_tokens or max(context - sampling.max_new_tokens, context // 2)
+        self.model, self.tokenizer, self.sampling, self.context = model, tokenizer, sampling, context
+        self.history = ChatHistory(tokenizer, system, max_tokens=budget)
+        self.generator = Generator(model)
+        self.stops = stop_ids(tokenizer)
+        self.rng = torch.Generator(device=model.lm_head.weight.device).manual_seed(seed)
+
+    def prompt_ids(self, user: str) -> list[int]:
+        """Add the user's message and return the prompt for the reply (a message too long is forgotten again)."""
+        self.history.add_user(user)
+        try:
+            return self.history.prompt_ids()
+        except UserError:
+            self.history.clear()  # the window already dropped every older turn; only the too-long one is left
+            raise
+
+    def reply(self, user: str, out: TextIO, show_prompt: TextIO | None = None) -> str:
+        """Stream the answer to `user` to `out` and remember both in the history."""
+        prompt = self.prompt_ids(user)
+        if show_prompt is not None:
+            show_prompt.write(f"--- prompt ({len(prompt)} tokens) ---\n{self.tokenizer.decode(prompt)}\n--- end ---\n")
+            show_prompt.flush()
+        # beyond the trained context RoPE positions are unseen and the output degrades
+        cfg = dataclasses.replace(self.sampling, max_new_tokens=max(1, min(self.sampling.max_new_tokens,
+                                                                           self.context - len(prompt))))
+        stream, ids = self.tokenizer.stream_decoder(skip_special=True), []
+        for token in self.generator.stream(prompt, cfg, stop_ids=self.stops, generator=self.rng):
+            ids.append(token)
+            out.write(stream.push(token))
+            out.flush()
+        out.write(stream.flush())
+        out.flush()
+        text = self.tokenizer.decode(ids, skip_special=True)
+        self.history.add_assistant(text)
+        return text
+
+    def reset(self) -> None:
+        self.history.clear()
+
+
+def chat_loop(session: ChatSession, lines: Iterable[str], out: TextIO, show_prompt: TextIO | None = None) -> None:
+    """Answer each line; `/reset` clears the history, `/exit` stops. Errors about one message do not end the chat."""
+    for line in lines:
+        text = line.strip()
+        if not text:
+            continue
+        if text in EXIT:
+            return
+        if text == RESET:
+            session.reset()
+            out.write("(history cleared)\n")
+            continue
+        out.write("assistant> ")
+        try:
+            session.reply(text, out, show_prompt)
+        except UserError as e:
+            out.write(f"(error: {e})")
+        out.write("\n")
+        out.flush()
+
+
+def read_lines(stream: TextIO, prompt: str = "user> ") -> Iterator[str]:
+    """Lines from a terminal (after a prompt) or from a pipe (silently, until end of input)."""
+    if not stream.isatty():
+        yield from stream
+        return
+    while True:
+        try:
+            yield input(prompt)
+        except EOFError:
+            print()
+            return
+
+
+def add_chat_flags(parser: argparse.ArgumentParser, default_stages: Sequence[str]) -> None:
+    parser.add_argument("--name", default="baby", help="run preset whose out/<name>/ holds tokenizer and checkpoints")
+    parser.add_argument("--out", default="out", help="output root of the training runs")
+    parser.add_argument("--stage", choices=STAGES, default=None,
+                        help=f"load the newest checkpoint of this stage (default: {' or '.join(default_stages)})")
+    parser.add_argument("--ckpt", help="checkpoint file or directory (overrides --stage)")
+    parser.add_argument("--tokenizer", help="tokenizer path (default: out/<name>/tokenizer)")
+    parser.add_argument("--system", default=None, help="system prompt (default: none, as in the shipped SFT data)")
+    parser.add_argument("--prompt", help="answer this one message and exit; without it, chat on stdin")
+    parser.add_argument("--history-tokens", type=int, default=None,
+                        help="prompt budget for system + kept turns (default: context - --max-new-tokens)")
+    parser.add_argument("--show-prompt", action="store_true", help="write each rendered prompt to stderr")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--seed", type=int, default=0)
+    add_sampling_flags(parser)
+
+
+def checkpoint_for(args: argparse.Namespace, paths: RunPaths, default_stages: Sequence[str]) -> Path:
+    """--ckpt, else the newest checkpoint of --stage, else of the first default stage that has one."""
+    if args.ckpt:
+        return Path(args.ckpt)
+    stages = [args.stage] if args.stage else list(default_stages)
+    for stage in stages:
+        if latest_checkpoint(paths.stage(stage)) is not None:
+            return paths.stage(stage)
+    tried = " or ".join(str(paths.stage(s)) for s in stages)
+    raise UserError(f"no checkpoint in {tried}; train that stage first, or pass --stage / --ckpt")
+
+
+def load_session(args: argparse.Namespace, default_stages: Sequence[str]) -> ChatSession:
+    paths = RunPaths.of(args.name, dataclasses.replace(run_preset(args.name), out=args.out))
+    model = load_model(checkpoint_for(args, paths, default_stages), pick_device(args.device))
+    tok = Tokenizer.load(args.tokenizer or paths.tokenizer)
+    if tok.vocab_size > model.config.vocab_size:
+        raise UserError(f"tokenizer {tok.source} has {tok.vocab_size} tokens, the model {model.config.vocab_size}; "
+                        "pass the tokenizer the model was trained with (--tokenizer)")
+    return ChatSession(model, tok, sampling_from_args(args), args.system, args.history_tokens, args.seed)
+
+
+def main(description: str = __doc__, default_stages: Sequence[str] = ("sft",), argv: list[str] | None = None) -> None:
+    """The chat command line; scripts pass their docstring and the stages whose checkpoints they prefer."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_chat_flags(parser, default_stages)
+    args = parser.parse_args(argv)
+    session = load_session(args, default_stages)
+    show = sys.stderr if args.show_prompt else None
+    if args.prompt is not None:
+        session.reply(args.prompt, sys.stdout, show)
+        print()
+        return
+    chat_loop(session, read_lines(sys.stdin), sys.stdout, show)

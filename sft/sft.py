@@ -1,0 +1,106 @@
+"""Supervised fine-tuning: pretrain checkpoint -> chat data (assistant-only loss) -> compile -> fit(callbacks).
+
+    python sft/sft.py --name baby                      # shipped data/sft/, CPU minutes
+    torchrun --nproc_per_node=2 sft/sft.py --name baby
+    python sft/sft.py --name baby --resume             # continue from the newest SFT checkpoint
+    python sft/sft.py --name baby --train-data my_train.json --valid-data my_valid.json --data-format alpaca
+    python sft/sft.py --name baby --init out/baby/pretrain/step_00000400.pt --system "You are a poet."
+
+Starts from the newest out/<name>/pretrain checkpoint (or --init) and the tokenizer pretraining wrote; a
+checkpoint of another model config is refused. Every conversation is rendered with the ChatML template and only
+the assistant's replies are learned (see babyllama/chat.py). Logs training loss, `val_loss` on --valid-data and
+`choice_acc` (held-out multiple choice, see babyllama/choice_eval.py) to out/<name>/sft/log.jsonl and TensorBoard
+(runs/<name>/sft); prints validation loss, choice accuracy before and after SFT, and the padding share of batches.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from itertools import islice
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from babyllama import callbacks as cb  # noqa: E402
+from babyllama.choice_eval import ChoiceAccuracy, load_choice_items  # noqa: E402
+from babyllama.cli import main_guard  # noqa: E402
+from babyllama.distributed import shutdown  # noqa: E402
+from babyllama.runs import REPO_ROOT, model_config_for  # noqa: E402
+from babyllama.sft_data import FORMATS, SFTDataset, build_sft_loader, padding_fraction, read_conversations  # noqa: E402
+from babyllama.stage import (compile_from_run, init_checkpoint, load_init_model, load_stage_tokenizer,  # noqa: E402
+                             parse_stage_args, resume_if_asked, standard_callbacks)
+from babyllama.tokenizer import Tokenizer  # noqa: E402
+from babyllama.trainer import Trainer, causal_lm_loss  # noqa: E402
+
+SHIPPED = REPO_ROOT / "data" / "sft"
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--train-data", default=str(SHIPPED / "sft_train.jsonl"),
+                        help="conversations to learn (JSON lines or a JSON array, any --data-format)")
+    parser.add_argument("--valid-data", default=str(SHIPPED / "sft_valid.jsonl"), help="conversations for val_loss")
+    parser.add_argument("--choice-data", default=str(SHIPPED / "choice_eval.jsonl"),
+                        help="multiple-choice items for choice_acc (schema in babyllama/choice_eval.py); 'none' = skip")
+    parser.add_argument("--data-format", default="auto", choices=("auto", *FORMATS))
+    parser.add_argument("--system", default=None, help="system prompt for conversations that have none")
+
+
+def load_dataset(path: str, fmt: str, tok: Tokenizer, max_len: int, system: str | None) -> SFTDataset:
+    return SFTDataset(read_conversations(path, fmt), tok, max_len, system)
+
+
+def choice_evaluator(args: argparse.Namespace, tok: Tokenizer, every: int) -> ChoiceAccuracy | None:
+    if args.choice_data.lower() == "none":
+        return None
+    return ChoiceAccuracy(load_choice_items(args.choice_data), tok, every, system=args.system)
+
+
+def describe(acc: dict[str, float]) -> str:
+    langs = ", ".join(f"{k.removeprefix('choice_acc_')} {v:.1%}" for k, v in acc.items() if k != "choice_acc")
+    return f"{acc['choice_acc']:.1%}" + (f" ({langs})" if langs else "")
+
+
+def main() -> None:
+    args, run, paths, env = parse_stage_args(__doc__, "sft", add_flags)
+    tok = load_stage_tokenizer(run, paths)
+    cfg = model_config_for(run, tok.vocab_size)
+    init = init_checkpoint(run.init, paths, "pretrain")
+    model = load_init_model(init, cfg)
+    max_len = cfg.max_seq_len + 1  # a batch row is a sample minus its last token
+    train = load_dataset(args.train_data, args.data_format, tok, max_len, args.system)
+    valid = load_dataset(args.valid_data, args.data_format, tok, max_len, args.system)
+    loader_args = dict(batch_size=run.batch_size, seed=run.seed, rank=env.rank, world_size=env.world_size)
+    train_loader = build_sft_loader(train, **loader_args)
+    # fixed validation batches, so every evaluation sees the same ones
+    val_batches = list(islice(build_sft_loader(valid, shuffle=False, **loader_args), run.eval_batches))
+    choice = choice_evaluator(args, tok, run.eval_every)
+
+    torch.manual_seed(run.seed)
+    mean_len = sum(train.lengths) / len(train)
+    trainer = compile_from_run(Trainer(model, env), run, loss=causal_lm_loss,
+                               flops_per_token=cfg.flops_per_token(int(mean_len)))
+    before = choice.compute(trainer) if choice else None
+    resume_if_asked(trainer, args, paths.stage("sft"))
+    if env.is_main:
+        pad = padding_fraction(train.lengths, run.batch_size, seed=run.seed)
+        print(f"init {init}; {len(train)} train / {len(valid)} valid conversations ({train.dropped} dropped: no "
+              f"answer within {max_len} tokens), {train.supervised_tokens():,} supervised tokens, mean length "
+              f"{mean_len:.0f}; padding {pad:.1%} of batch positions; {run.max_steps} steps of "
+              f"{run.batch_size * run.grad_accum * env.world_size} conversations on {env.world_size} x {env.device}")
+    evaluators = [cb.Evaluator(val_batches, every=run.eval_every, max_batches=None), *([choice] if choice else [])]
+    trainer.fit(train_loader, epochs=10**9, max_steps=run.max_steps,
+                callbacks=standard_callbacks(run, paths, "sft", evaluators))
+    val = trainer.evaluate(val_batches)
+    after = choice.compute(trainer) if choice else None
+    if env.is_main:
+        print(f"final SFT validation loss {val:.4f}")
+        if choice:
+            print(f"choice accuracy on {len(choice.items)} held-out items: before SFT {describe(before)}, "
+                  f"after SFT {describe(after)}")
+    shutdown()
+
+
+if __name__ == "__main__":
+    main_guard(main)
