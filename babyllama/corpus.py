@@ -57,6 +57,12 @@ def iter_documents(path: str | Path, fmt: str = "auto", field: str = "text") -> 
                         "check the path and --corpus-field")
 
 
+def iter_corpus(paths: Iterable[str | Path], fmt: str = "auto", field: str = "text") -> Iterator[str]:
+    """Documents of several files / directories / globs, in the order given."""
+    for path in paths:
+        yield from iter_documents(path, fmt, field)
+
+
 def iter_records(path: str | Path) -> Iterator[dict]:
     """The JSON objects of JSON-lines (or JSON-array) files, e.g. the shipped corpus; each must have `text`."""
     found = False

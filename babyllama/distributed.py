@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.fsdp import fully_shard
+
+from babyllama.errors import UserError
 
 
 @dataclass
@@ -55,6 +58,23 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         t /= dist.get_world_size()
     return t
+
+
+def main_rank_first(fn: Callable[[], Any]) -> None:
+    """Run `fn` on rank 0 while the other ranks wait (e.g. building the tokenizer); a UserError there is raised
+    on every rank, so a bad corpus stops the whole job with one message instead of leaving ranks at a barrier."""
+    error = None
+    if int(os.environ.get("RANK", "0")) == 0:
+        try:
+            fn()
+        except UserError as e:
+            error = str(e)
+    if dist.is_available() and dist.is_initialized():
+        shared = [error]
+        dist.broadcast_object_list(shared, src=0)
+        error = shared[0]
+    if error is not None:
+        raise UserError(error)
 
 
 def barrier() -> None:

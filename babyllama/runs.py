@@ -7,7 +7,6 @@ runs/<name>/<stage>     TensorBoard event files
 """
 from __future__ import annotations
 
-import glob
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -122,16 +121,6 @@ class RunPaths:
 
     def tensorboard(self, stage: str) -> Path:
         return self.runs / stage
-
-
-def expand_inputs(patterns: list[str]) -> list[str]:
-    """Expand globs; keep plain paths (the readers report missing ones with a clear message)."""
-    out: list[str] = []
-    for p in patterns:
-        out.extend(sorted(glob.glob(p)) if any(c in p for c in "*?[") else [p])
-    if not out:
-        raise UserError(f"--corpus {patterns}: no file matches")
-    return out
 
 
 def model_config_for(run: RunConfig, vocab_size: int) -> ModelConfig:

@@ -51,8 +51,11 @@ def parse_stage_args(description: str, stage: str,
 
 def compile_from_run(trainer: Trainer, run: RunConfig, loss: LossFn = causal_lm_loss,
                      flops_per_token: float | None = None) -> Trainer:
-    """AdamW (decay groups, fused where available) + warmup/cosine + clipping + precision/compile from the run."""
+    """AdamW (decay groups, fused where available) + warmup/cosine + clipping + precision/compile from the run;
+    with --fsdp under torchrun the model is sharded first (the optimizer must see the sharded parameters)."""
     device = trainer.env.device
+    if run.fsdp:
+        trainer.shard()
     optimizer = build_adamw(trainer.module, run.lr, run.weight_decay)
     trainer.compile(loss=loss, optimizer=optimizer,
                     scheduler=warmup_cosine(optimizer, run.warmup_steps, run.max_steps, run.min_lr_ratio),

@@ -40,21 +40,23 @@ class Callback:
 
 
 class Trainer:
-    def __init__(self, model: nn.Module, env: DistEnv | None = None, model_config: ModelConfig | None = None,
-                 fsdp: bool = False):
-        """fsdp: shard parameters, gradients and optimizer state over the ranks (FSDP2) instead of replicating
-        them (DDP); for configs that do not fit one GPU. Build the optimizer from `trainer.module` afterwards."""
+    def __init__(self, model: nn.Module, env: DistEnv | None = None, model_config: ModelConfig | None = None):
         self.env = env or DistEnv()
         self.module = model.to(self.env.device)
-        self.fsdp = fsdp and self.env.distributed
-        if self.fsdp:
-            shard_model(self.module)
+        self.fsdp = False
         self.model_config = model_config or getattr(model, "config", None)
         self.step = 0  # optimizer steps done
         self.epoch = 0
         self.consumed = 0  # samples of the current epoch consumed by this rank
         self.stop_training = False
         self.extra_state: dict[str, Any] = {}  # stage-specific state saved in checkpoints (e.g. PPO's KL coef)
+
+    def shard(self) -> None:
+        """FSDP2: shard parameters, gradients and optimizer state over the ranks instead of replicating them (DDP),
+        for configs that do not fit one GPU. Call before building the optimizer; a no-op in a single process."""
+        if self.env.distributed and not self.fsdp:
+            shard_model(self.module)
+            self.fsdp = True
 
     # ---- compile ----
     def compile(self, loss: LossFn = causal_lm_loss, optimizer: torch.optim.Optimizer | None = None,

@@ -14,20 +14,14 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from babyllama.cli import main_guard  # noqa: E402
-from babyllama.corpus import FORMATS, iter_documents  # noqa: E402
+from babyllama.corpus import FORMATS, iter_corpus  # noqa: E402
 from babyllama.data import prepare_token_bins  # noqa: E402
 from babyllama.tokenizer import Tokenizer  # noqa: E402
-
-
-def documents(paths: list[str], fmt: str, field: str) -> Iterator[str]:
-    for path in paths:
-        yield from iter_documents(path, fmt, field)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -51,7 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     tok = Tokenizer.load(args.tokenizer)
-    prepare_token_bins(documents(args.input, args.format, args.field), tok, args.out, val_fraction=args.val_fraction,
+    prepare_token_bins(iter_corpus(args.input, args.format, args.field), tok, args.out, val_fraction=args.val_fraction,
                        seed=args.seed, num_workers=args.workers, shard_tokens=args.shard_tokens,
                        overwrite=args.overwrite)
 

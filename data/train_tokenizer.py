@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from babyllama.cli import main_guard  # noqa: E402
-from babyllama.corpus import FORMATS, iter_documents  # noqa: E402
+from babyllama.corpus import FORMATS, iter_corpus  # noqa: E402
 from babyllama.tokenizer import DEFAULT_VOCAB_SIZE, Tokenizer, train_tokenizer  # noqa: E402
 
 _HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
@@ -56,11 +56,6 @@ def chars_per_token(tok: Tokenizer, docs: list[str]) -> float:
     return sum(map(len, docs)) / max(1, sum(map(len, tok.encode_batch(docs))))
 
 
-def documents(paths: list[str], fmt: str, field: str) -> Iterator[str]:
-    for path in paths:
-        yield from iter_documents(path, fmt, field)
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", nargs="+", default=[str(ROOT / "data" / "corpus" / "*_train.jsonl")],
@@ -88,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     warnings.showwarning = lambda message, *_: print(f"warning: {message}", file=sys.stderr)  # one line, no source
     sample = LanguageSample()
     start = time.perf_counter()
-    tok = train_tokenizer(sample.tap(documents(args.input, args.format, args.field)), args.vocab_size, args.out,
+    tok = train_tokenizer(sample.tap(iter_corpus(args.input, args.format, args.field)), args.vocab_size, args.out,
                           character_coverage=args.character_coverage, max_train_chars=args.max_train_chars,
                           input_sentence_size=args.input_sentence_size, max_sentence_chars=args.max_sentence_chars,
                           num_threads=args.threads, seed=args.seed, verbose=args.verbose)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -19,39 +20,42 @@ import torch  # noqa: E402
 from babyllama import callbacks as cb  # noqa: E402
 from babyllama.checkpoint import latest_checkpoint  # noqa: E402
 from babyllama.cli import main_guard  # noqa: E402
-from babyllama.corpus import iter_documents  # noqa: E402
+from babyllama.corpus import iter_corpus  # noqa: E402
 from babyllama.data import build_pretrain_loader, check_tokenizer_matches, prepare_token_bins  # noqa: E402
-from babyllama.distributed import barrier, shutdown  # noqa: E402
+from babyllama.checkpoint import load_model  # noqa: E402
+from babyllama.distributed import main_rank_first, shutdown  # noqa: E402
 from babyllama.errors import UserError  # noqa: E402
 from babyllama.generation import Generator, SamplingConfig  # noqa: E402
 from babyllama.model import Llama  # noqa: E402
-from babyllama.runs import RunConfig, RunPaths, expand_inputs, model_config_for  # noqa: E402
+from babyllama.runs import RunConfig, RunPaths, model_config_for  # noqa: E402
 from babyllama.stage import compile_from_run, parse_stage_args, resume_if_asked, standard_callbacks  # noqa: E402
 from babyllama.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
 from babyllama.trainer import Trainer  # noqa: E402
 
 
-def documents(run: RunConfig):
-    for path in expand_inputs(run.corpus):
-        yield from iter_documents(path, fmt=run.corpus_format, field=run.corpus_field)
+def documents(run: RunConfig) -> Iterator[str]:
+    return iter_corpus(run.corpus, run.corpus_format, run.corpus_field)
 
 
-def ensure_tokenizer(run: RunConfig, paths: RunPaths, is_main: bool) -> Tokenizer:
+def ensure_tokenizer(run: RunConfig, paths: RunPaths) -> Tokenizer:
     if run.tokenizer:
         return Tokenizer.load(run.tokenizer)
-    if is_main and not (paths.tokenizer / "tokenizer.model").exists():
-        print(f"training a {run.vocab_size}-token tokenizer on {run.corpus} -> {paths.tokenizer}")
-        train_tokenizer(documents(run), run.vocab_size, paths.tokenizer)
-    barrier()
+
+    def train() -> None:
+        if not (paths.tokenizer / "tokenizer.model").exists():
+            print(f"training a {run.vocab_size}-token tokenizer on {run.corpus} -> {paths.tokenizer}")
+            train_tokenizer(documents(run), run.vocab_size, paths.tokenizer)
+    main_rank_first(train)
     return Tokenizer.load(paths.tokenizer)
 
 
-def ensure_token_bins(run: RunConfig, paths: RunPaths, tok: Tokenizer, is_main: bool) -> None:
-    if is_main and not (paths.data / "meta.json").exists():
-        print(f"tokenizing {run.corpus} -> {paths.data}")
-        prepare_token_bins(documents(run), tok, paths.data, val_fraction=run.val_fraction, seed=run.seed,
-                           num_workers=run.workers)
-    barrier()
+def ensure_token_bins(run: RunConfig, paths: RunPaths, tok: Tokenizer) -> None:
+    def prepare() -> None:
+        if not (paths.data / "meta.json").exists():
+            print(f"tokenizing {run.corpus} -> {paths.data}")
+            prepare_token_bins(documents(run), tok, paths.data, val_fraction=run.val_fraction, seed=run.seed,
+                               num_workers=run.workers)
+    main_rank_first(prepare)
     check_tokenizer_matches(paths.data, tok)  # data kept from an earlier run may come from another tokenizer
 
 
@@ -64,9 +68,9 @@ def refuse_resume_without_checkpoint(resume: bool, ckpt_dir: Path) -> None:
 def main() -> None:
     args, run, paths, env = parse_stage_args(__doc__, "pretrain")
     refuse_resume_without_checkpoint(args.resume, paths.stage("pretrain"))
-    tok = ensure_tokenizer(run, paths, env.is_main)
+    tok = ensure_tokenizer(run, paths)
     cfg = model_config_for(run, tok.vocab_size)  # before tokenizing: a tokenizer too large for the preset fails now
-    ensure_token_bins(run, paths, tok, env.is_main)
+    ensure_token_bins(run, paths, tok)
     loader_args = dict(seq_len=cfg.max_seq_len, batch_size=run.batch_size, seed=run.seed, rank=env.rank,
                        world_size=env.world_size)
     # Full global batches only: N ranks then train on exactly the batches of one process with N times the batch.
@@ -86,7 +90,7 @@ def main() -> None:
     val = trainer.evaluate(val_loader, max_batches=run.eval_batches)  # on every rank: it all-reduces
     if env.is_main:
         print(f"final validation loss {val:.4f}")
-        sample(trainer.module, tok)
+        sample(load_model(paths.stage("pretrain")), tok)  # from the final checkpoint: also right under FSDP
     shutdown()
 
 

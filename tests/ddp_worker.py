@@ -27,7 +27,9 @@ data = pattern_data(256)
 
 def make_trainer(seed: int) -> tuple[Trainer, DataLoader]:
     torch.manual_seed(seed)
-    trainer = Trainer(Llama(CFG), env, fsdp=fsdp)
+    trainer = Trainer(Llama(CFG), env)
+    if fsdp:
+        trainer.shard()
     trainer.compile(optimizer=build_adamw(trainer.module, lr=3e-3), grad_accumulation_steps=accum)
     sampler = ResumableSampler(len(data), seed=1, rank=env.rank, world_size=env.world_size)
     return trainer, DataLoader(data, batch_size=16 // env.world_size // accum, sampler=sampler)

@@ -240,6 +240,14 @@ def test_two_gloo_processes_train_like_one_with_the_global_batch(tmp_path, train
         assert torch.allclose(ddp["model"][key], value, atol=1e-5), key
 
 
+def test_bad_corpus_under_torchrun_stops_every_rank(tmp_path):
+    run = Run(tmp_path)  # no corpus file: rank 0 fails while building the tokenizer, rank 1 must not wait forever
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
+    returncode, stderr = run_process_group(launcher + run.args()[1:], timeout=200)
+    assert returncode != 0
+    assert stderr.count(f"error: {run.corpus}: no such file or directory") == 2  # one line from each rank
+
+
 # ======================================================================= inference
 def infer(run: Run, *extra: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, INFER, "--out", str(run.root / "out"), "--device", "cpu", "--max-new-tokens", "12", *extra]
