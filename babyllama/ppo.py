@@ -330,19 +330,20 @@ class RolloutLoader:
         self.kl_ctl = kl_controller(cfg)
         self.sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=0,
                                        top_p=1.0)
-        self.last_stats: dict[str, float] = {}
+        self._pass, self._shuffled = -1, []
 
     def next_prompts(self) -> list[Sequence[int]]:
         """The next rollout_size prompts of a seeded shuffle per pass over the prompts."""
-        state = self.trainer.extra_state
-        cursor = state.get("prompt_cursor", 0)
-        picked = []
-        for i in range(cursor, cursor + self.cfg.rollout_size):
-            order = list(range(len(self.prompts)))
-            random.Random(self.seed + i // len(self.prompts)).shuffle(order)
-            picked.append(self.prompts[order[i % len(self.prompts)]])
-        state["prompt_cursor"] = cursor + self.cfg.rollout_size
-        return picked
+        cursor = self.trainer.extra_state.get("prompt_cursor", 0)
+        self.trainer.extra_state["prompt_cursor"] = cursor + self.cfg.rollout_size
+        return [self.prompts[self._order(i // len(self.prompts))[i % len(self.prompts)]]
+                for i in range(cursor, cursor + self.cfg.rollout_size)]
+
+    def _order(self, pass_index: int) -> list[int]:
+        if self._pass != pass_index:
+            self._pass, self._shuffled = pass_index, list(range(len(self.prompts)))
+            random.Random(self.seed + pass_index).shuffle(self._shuffled)
+        return self._shuffled
 
     def collect(self) -> dict[str, Any]:
         """A new rollout as a batch dict; updates the KL coefficient from its KL."""
@@ -357,7 +358,6 @@ class RolloutLoader:
         kl = float(all_reduce_mean(torch.tensor(stats["kl"], device=roll.input_ids.device)))
         self.kl_ctl.update(kl, len(roll.input_ids) * self.trainer.env.world_size)
         state["kl_coef"] = self.kl_ctl.value
-        self.last_stats = stats
         return {**batch, "stats": stats}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:

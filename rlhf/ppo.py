@@ -56,6 +56,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--choice-data", default=str(REPO_ROOT / "data" / "sft" / "choice_eval.jsonl"),
                         help="multiple-choice items for accuracy before/after (babyllama/choice_eval.py); 'none' = skip")
     parser.add_argument("--system", default=None, help="system prompt for prompts that have none (as in SFT)")
+    parser.add_argument("--eval-batch-size", type=int, default=32, help="prompts per batch when evaluating")
     add_dataclass_flags(parser, PPOConfig)
 
 
@@ -95,9 +96,9 @@ class Report:
     optimises), the same for greedy replies measured as rlhf/dpo.py does (babyllama.rlhf_eval), and choice accuracy."""
 
     def __init__(self, args: argparse.Namespace, ppo: PPOConfig, tok: Tokenizer, ref: Llama, reward: RewardModel,
-                 trainer: Trainer, batch_size: int, seed: int):
+                 trainer: Trainer, seed: int):
         self.args, self.ppo, self.tok, self.ref, self.reward, self.trainer = args, ppo, tok, ref, reward, trainer
-        self.batch_size, self.seed = batch_size, seed
+        self.batch_size, self.seed = args.eval_batch_size, seed
         self.messages = read_fitting_prompts([args.eval_prompts], tok, ppo.max_prompt_len, args.system)
         self.prompts = [render_prompt(m, tok, args.system) for m in self.messages]
         self.items = None if args.choice_data.lower() == "none" else load_choice_items(args.choice_data)
@@ -113,11 +114,14 @@ class Report:
         s = self.sampled(model)
         lines = [f"sampled (T={self.ppo.temperature}): score {s['score']:+.3f}, KL to SFT {s['kl']:.3f} nats/reply, "
                  f"reply length {s['response_len']:.1f}"]
-        gens = generate_replies(model, self.tok, self.messages, self.ppo.max_new_tokens, system=self.args.system)
-        lines.append(f"greedy: score {float(reward_scores(self.reward, gens, self.tok).mean()):+.3f}, KL to SFT "
-                     f"{kl_to_reference(model, self.ref, gens, self.tok):.4f} nats/token")
+        gens = generate_replies(model, self.tok, self.messages, self.ppo.max_new_tokens, batch_size=self.batch_size,
+                                system=self.args.system)
+        score = float(reward_scores(self.reward, gens, self.tok, self.batch_size).mean())
+        kl = kl_to_reference(model, self.ref, gens, self.tok, self.batch_size)
+        lines.append(f"greedy: score {score:+.3f}, KL to SFT {kl:.4f} nats/token")
         if self.items:
-            acc = choice_accuracy(model, self.tok, self.items, device=self.trainer.env.device, system=self.args.system)
+            acc = choice_accuracy(model, self.tok, self.items, self.batch_size, self.trainer.env.device,
+                                  self.args.system)
             lines.append(f"choice accuracy on {len(self.items)} held-out items: {acc['choice_acc']:.1%}")
         return lines
 
@@ -143,12 +147,13 @@ def main() -> None:
     resume_if_asked(trainer, args, paths.stage("ppo"))
     loader = RolloutLoader(trainer, ref, reward, prompts[env.rank::env.world_size], ppo, run.batch_size,
                            stop_ids(tok), tok.pad_id, seed=run.seed)
-    report = Report(args, ppo, tok, ref, reward, trainer, run.batch_size, run.seed)
+    report = Report(args, ppo, tok, ref, reward, trainer, run.seed)
     before = report.measure(ref) if env.is_main else []
     if env.is_main:
         print(f"init {init}, reward {reward_path}; {len(prompts)} training prompts, {len(report.prompts)} held-out; "
               f"{run.max_steps} steps of {run.batch_size} replies, rollouts of {ppo.rollout_size} x "
               f"{ppo.ppo_epochs} epochs; {env.world_size} x {env.device}")
+        print("held-out before PPO:\n" + "\n".join(f"  {line}" for line in before))
     periodic = cb.Evaluator(every=run.eval_every,
                             fn=lambda t: {f"eval_{k}": v for k, v in report.sampled(policy).items()})
     trainer.fit(loader, max_steps=run.max_steps, callbacks=standard_callbacks(run, paths, "ppo", [periodic]))

@@ -5,6 +5,7 @@ import math
 import random
 import subprocess
 import sys
+from types import SimpleNamespace
 from pathlib import Path
 
 import pytest
@@ -148,6 +149,24 @@ def test_rollout_masks_and_padding(tok):
         assert row[:len(want)] == want and len(row) in (len(want), len(want) + 1)  # the stop token is kept
         assert ids[len(row):] == [tok.pad_id] * (len(ids) - len(row))
     assert roll.response_lists()[0] == free[0][:3]
+
+
+def test_prompt_order_covers_every_prompt_per_pass_and_survives_resume():
+    prompts = [[1, i] for i in range(5)]
+    cfg = PPOConfig(rollout_size=3)
+
+    def loader(state):
+        return RolloutLoader(SimpleNamespace(extra_state=state), None, None, prompts, cfg, 2, [2], 3, seed=7)
+
+    state = {}
+    one = loader(state)
+    straight = [p for _ in range(4) for p in one.next_prompts()]
+    assert sorted(straight[:5]) == prompts and sorted(straight[5:10]) == prompts and straight[:5] != straight[5:10]
+    resumed_state = {}
+    first = loader(resumed_state).next_prompts()
+    again = loader(resumed_state)  # a new loader (as after --resume) continues at the saved cursor
+    assert first + [p for _ in range(3) for p in again.next_prompts()] == straight
+    assert state["prompt_cursor"] == 12
 
 
 def test_tiny_ppo_run_raises_reward_with_bounded_kl(tok, tmp_path):
