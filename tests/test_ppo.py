@@ -1,10 +1,12 @@
 """PPO: GAE, clipped losses and KL controllers against hand-computed values; rollouts; a tiny PPO run that raises
 a deterministic reward on held-out prompts with bounded KL; PPO checkpoints load as language models."""
+import importlib.util
 import json
 import math
 import random
 import subprocess
 import sys
+from dataclasses import replace
 from types import SimpleNamespace
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from babyllama.chat import render_prompt, stop_ids
 from babyllama.checkpoint import latest_checkpoint, load_model
 from babyllama.config import ModelConfig
 from babyllama.distributed import DistEnv
+from babyllama.errors import UserError
 from babyllama.generation import Generator, SamplingConfig
 from babyllama.model import Llama
 from babyllama.reward_model import RewardModel, mark_reward_checkpoint
@@ -253,7 +256,16 @@ def test_ppo_script_trains_logs_resumes_and_writes_a_chat_checkpoint(tok, tmp_pa
     assert [l["step"] for l in logs] == [1, 2, 3, 4, 5, 6] and "eval_score" in logs[1] and "kl_coef" in logs[-1]
     assert load_model(ckpt).config.max_seq_len == 64
 
-    starts = ["--init", str(tmp_path / "out" / "baby" / "sft"), "--reward", str(tmp_path / "out" / "baby" / "reward")]
-    bad = subprocess.run(base + starts + ["--max-prompt-len", "60", "--out", str(tmp_path / "other")],
-                         capture_output=True, text=True, cwd=ROOT)
-    assert bad.returncode == 2 and "exceeds the model's max_seq_len 64" in bad.stderr
+
+
+def test_ppo_script_refuses_replies_longer_than_the_model():
+    spec = importlib.util.spec_from_file_location("ppo_script", ROOT / "rlhf" / "ppo.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    cfg = ModelConfig(vocab_size=300, dim=32, n_layers=1, n_heads=4, ffn_dim=64, max_seq_len=64)
+    reward = RewardModel(cfg)
+    script.check_sizes(PPOConfig(max_prompt_len=40, max_new_tokens=24), cfg, reward)
+    with pytest.raises(UserError, match="exceeds the model's max_seq_len 64"):
+        script.check_sizes(PPOConfig(max_prompt_len=60, max_new_tokens=8), cfg, reward)
+    with pytest.raises(UserError, match="vocab_size 300 differs"):
+        script.check_sizes(PPOConfig(max_prompt_len=40, max_new_tokens=24), replace(cfg, vocab_size=400), reward)
