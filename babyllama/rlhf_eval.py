@@ -2,8 +2,10 @@
 to the reference (SFT) model on those replies. Used by the RLHF stages to report before/after numbers.
 
 A reply is scored as the reward model was trained: prompt (chat template) + reply tokens + `<|im_end|>`.
-KL = mean over reply tokens of log pi(token) - log pi_ref(token) on the policy's own greedy replies (a
-per-token Monte-Carlo estimate of KL(pi || pi_ref); 0 for the reference itself).
+KL = mean over reply tokens of log pi(token) - log pi_ref(token) on the policy's own replies: with sampled
+replies (temperature 1) a per-token Monte-Carlo estimate of KL(pi || pi_ref); with greedy replies the mean
+log-ratio on the policy's preferred tokens, which can be negative when the policy became flatter than the
+reference. 0 for the reference itself.
 """
 from __future__ import annotations
 

@@ -31,6 +31,7 @@ from babyllama.checkpoint import latest_checkpoint  # noqa: E402
 from babyllama.choice_eval import choice_accuracy, load_choice_items  # noqa: E402
 from babyllama.cli import main_guard  # noqa: E402
 from babyllama.distributed import shutdown  # noqa: E402
+from babyllama.errors import UserError  # noqa: E402
 from babyllama.dpo import DPOLoss, frozen_reference, precompute_reference_logps  # noqa: E402
 from babyllama.model import Llama  # noqa: E402
 from babyllama.preference import (SHIPPED, add_preference_flags, evaluate_pairs, preference_loaders,  # noqa: E402
@@ -68,6 +69,8 @@ class Report:
         self.prompts = [] if off else read_prompts(args.eval_prompts)[: args.eval_prompt_count]
         rm = args.reward_model or paths.stage("reward")
         self.reward_path = rm if latest_checkpoint(rm) or Path(rm).is_file() else None
+        if args.reward_model and self.reward_path is None:
+            raise UserError(f"--reward-model {rm}: no checkpoint there; train one with reward/reward.py")
         self.items = None if args.choice_data.lower() == "none" else load_choice_items(args.choice_data)
 
     def measure(self, model: Llama, reference: Llama | None = None) -> dict[str, float]:
