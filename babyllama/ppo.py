@@ -21,7 +21,8 @@ logging and checkpoints like in every other stage. The KL coefficient and the pr
 with a fresh rollout).
 
 Memory: resident are the policy (its backbone also carries the value head, so actor and critic share one copy),
-the frozen reference and the frozen reward model: three backbones, plus AdamW state for the policy only.
+the frozen reference and the frozen reward model: three backbones, plus AdamW state for the policy only. A separate
+critic (`PolicyWithValue(policy, critic_from(reward_model))`) makes it four, with AdamW state for two.
 
 Tensor layout: a rollout is `[left-padded prompt | response]`, prompts padded to a common length P, so every
 response starts at column P; per-token tensors (log-probs, values, rewards, masks) are (B, R) over the response
@@ -175,17 +176,20 @@ def kl_controller(cfg: PPOConfig) -> FixedKLController | AdaptiveKLController:
 
 # ======================================================================= model
 class PolicyWithValue(nn.Module):
-    """The policy (`policy`, a Llama) and a scalar value head on its final hidden states.
+    """The policy (`policy`, a Llama) and a scalar value head (`value`) on final hidden states.
 
-    Sharing the backbone saves a model copy; the value loss then also shapes the backbone (weighted by vf_coef).
-    State-dict keys are `policy.*` and `value.*`, so `checkpoint.load_model` reads the policy out of a PPO
-    checkpoint (it strips `policy.` and ignores the value head)."""
+    By default the head reads the policy's own hidden states: actor and critic share one backbone, which saves a
+    model copy, and the value loss then also shapes the policy's backbone (weighted by vf_coef). With a `critic`
+    backbone (`--separate-value`, InstructGPT-style, one more model copy) the head reads the critic's hidden states
+    and the value loss never touches the policy. State-dict keys are `policy.*`, `value.*` (and `critic.*`), so
+    `checkpoint.load_model` reads the policy out of a PPO checkpoint (it strips `policy.`, ignores the rest)."""
 
-    def __init__(self, policy: Llama):
+    def __init__(self, policy: Llama, critic: Llama | None = None):
         super().__init__()
         self.policy = policy
+        self.critic = critic
         self.config = policy.config
-        self.value = nn.Linear(policy.config.dim, 1)
+        self.value = nn.Linear((critic or policy).config.dim, 1)
         nn.init.zeros_(self.value.weight)  # values start at 0: the first advantages are the plain returns
         nn.init.zeros_(self.value.bias)
         p = policy.lm_head.weight
@@ -194,9 +198,26 @@ class PolicyWithValue(nn.Module):
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 position_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(logits (B, T, V) fp32, values (B, T) fp32)."""
+        shared = self.critic is None
         out = self.policy(input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          return_logits=True, return_hidden=True)
-        return out.logits, self.value(out.hidden).squeeze(-1).float()
+                          return_logits=True, return_hidden=shared)
+        hidden = out.hidden if shared else self.critic(input_ids, attention_mask=attention_mask,
+                                                       position_ids=position_ids, return_logits=False,
+                                                       return_hidden=True).hidden
+        return out.logits, self.value(hidden).squeeze(-1).float()
+
+
+def critic_from(model: Llama) -> Llama:
+    """A trainable critic backbone with `model`'s weights (e.g. the reward model's, as InstructGPT does; a reward
+    model's score head is left out). Its language-model head is unused, so it is frozen unless tied."""
+    critic = Llama(model.config)
+    missing, _ = critic.load_state_dict(model.state_dict(), strict=False)
+    if missing:
+        raise ValueError(f"critic_from: the model lacks backbone weights such as {missing[0]}")
+    if not model.config.tie_embeddings:
+        critic.lm_head.weight.requires_grad_(False)
+    p = model.lm_head.weight
+    return critic.to(device=p.device, dtype=p.dtype).train()
 
 
 def frozen_copy(model: Llama) -> Llama:

@@ -5,6 +5,7 @@ clipped PPO updates, in the Trainer's compile/fit.
     python rlhf/ppo.py --name baby --resume               # continue (KL coefficient and prompt position included)
     python rlhf/ppo.py --name baby --prompts my_prompts.jsonl --kl-coef 0.1 --kl-target 0    # own prompts, fixed KL
     python rlhf/ppo.py --name baby --init out/baby/sft/step_00000300.pt --reward out/baby/reward/step_00000150.pt
+    python rlhf/ppo.py --name baby --separate-value      # critic with its own backbone (one more model copy)
     python rlhf/infer.py --name baby --stage ppo          # chat with the result (checkpoint.load_model reads it)
 
 Training prompts: --prompts (JSON lines with `messages` or `prompt`; trailing assistant replies are dropped;
@@ -29,14 +30,15 @@ import torch  # noqa: E402
 from babyllama import callbacks as cb  # noqa: E402
 from babyllama.chat import Message, render_prompt, stop_ids  # noqa: E402
 from babyllama.choice_eval import choice_accuracy, load_choice_items  # noqa: E402
+from babyllama.checkpoint import latest_checkpoint  # noqa: E402
 from babyllama.cli import add_dataclass_flags, apply_overrides, main_guard  # noqa: E402
 from babyllama.config import ModelConfig  # noqa: E402
 from babyllama.distributed import shutdown  # noqa: E402
 from babyllama.errors import UserError  # noqa: E402
 from babyllama.generation import SamplingConfig  # noqa: E402
 from babyllama.model import Llama  # noqa: E402
-from babyllama.ppo import (PolicyWithValue, PPOConfig, RolloutLoader, evaluate_policy, frozen_copy,  # noqa: E402
-                           make_ppo_loss)
+from babyllama.ppo import (PolicyWithValue, PPOConfig, RolloutLoader, critic_from, evaluate_policy,  # noqa: E402
+                           frozen_copy, make_ppo_loss)
 from babyllama.preference import read_prompts  # noqa: E402
 from babyllama.rlhf_eval import generate_replies, kl_to_reference, reward_scores  # noqa: E402
 from babyllama.reward_model import RewardModel, load_reward_model  # noqa: E402
@@ -56,6 +58,9 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--choice-data", default=str(REPO_ROOT / "data" / "sft" / "choice_eval.jsonl"),
                         help="multiple-choice items for accuracy before/after (babyllama/choice_eval.py); 'none' = skip")
     parser.add_argument("--system", default=None, help="system prompt for prompts that have none (as in SFT)")
+    parser.add_argument("--separate-value", action="store_true",
+                        help="a separate critic backbone (initialised from the reward model) instead of a value head "
+                             "on the policy's backbone: one more model copy")
     parser.add_argument("--eval-batch-size", type=int, default=32, help="prompts per batch when evaluating")
     add_dataclass_flags(parser, PPOConfig)
 
@@ -80,6 +85,18 @@ def without_replies(messages: list[Message], where: str) -> list[Message]:
     if not any(m["role"] == "user" for m in messages[:end]):
         raise UserError(f"{where}: a prompt has no user message")
     return messages[:end]
+
+
+def check_value_layout(args: argparse.Namespace, ckpt_dir: Path) -> None:
+    """--resume needs the --separate-value of the run it continues: their checkpoints hold different weights."""
+    latest = latest_checkpoint(ckpt_dir) if args.resume else None
+    if latest is None:
+        return
+    weights = torch.load(latest, map_location="cpu", mmap=True, weights_only=False)["model"]  # mmap: keys only
+    has_critic = any(k.startswith("critic.") for k in weights)
+    if has_critic != args.separate_value:
+        raise UserError(f"{latest} was trained {'with' if has_critic else 'without'} --separate-value; "
+                        "resume it with the same setting")
 
 
 def check_sizes(ppo: PPOConfig, cfg: ModelConfig, reward: RewardModel) -> None:
@@ -143,7 +160,9 @@ def main() -> None:
     torch.manual_seed(run.seed)
     policy = load_init_model(init, cfg).train()
     ref = frozen_copy(policy)
-    trainer = compile_from_run(Trainer(PolicyWithValue(policy), env), run, loss=make_ppo_loss(ppo))
+    critic = critic_from(reward) if args.separate_value else None
+    trainer = compile_from_run(Trainer(PolicyWithValue(policy, critic), env), run, loss=make_ppo_loss(ppo))
+    check_value_layout(args, paths.stage("ppo"))
     resume_if_asked(trainer, args, paths.stage("ppo"))
     loader = RolloutLoader(trainer, ref, reward, prompts[env.rank::env.world_size], ppo, run.batch_size,
                            stop_ids(tok), tok.pad_id, seed=run.seed)

@@ -24,7 +24,7 @@ from babyllama.model import Llama
 from babyllama.reward_model import RewardModel, mark_reward_checkpoint
 from babyllama.runs import model_config_for, run_preset
 from babyllama.ppo import (AdaptiveKLController, FixedKLController, PolicyWithValue, PPOConfig, RolloutLoader,
-                           evaluate_policy, frozen_copy, gae, generate_rollout, make_ppo_loss, masked_whiten,
+                           critic_from, evaluate_policy, frozen_copy, gae, generate_rollout, make_ppo_loss, masked_whiten,
                            per_token_rewards, policy_loss, value_loss)
 from babyllama.trainer import Trainer
 
@@ -211,6 +211,30 @@ def test_tiny_ppo_run_raises_reward_with_bounded_kl(tok, tmp_path):
         torch.testing.assert_close(lm(ids).logits, policy.eval()(ids).logits)
 
 
+def test_value_head_shares_the_backbone_unless_a_critic_is_given(tok, tmp_path):
+    policy = tiny_policy(tok.vocab_size)
+    ids = torch.tensor([[1, 5, 7, 9, 11]])
+    shared = PolicyWithValue(policy)
+    nn.init.normal_(shared.value.weight)
+    shared(ids)[1].sum().backward()
+    assert policy.model.layers[0].mlp.up_proj.weight.grad.abs().sum() > 0
+    policy.zero_grad(set_to_none=True)
+
+    separate = PolicyWithValue(policy, critic_from(RewardModel(policy.config)))
+    nn.init.normal_(separate.value.weight)
+    logits, values = separate(ids)
+    torch.testing.assert_close(logits, policy(ids).logits)
+    values.sum().backward()
+    assert all(p.grad is None for p in policy.parameters())  # the value loss never reaches the policy
+    assert separate.critic.model.layers[0].mlp.up_proj.weight.grad.abs().sum() > 0
+
+    trainer = Trainer(separate, DistEnv())
+    trainer.compile(loss=make_ppo_loss(PPOConfig()), optimizer=torch.optim.SGD(separate.parameters(), lr=0.0))
+    trainer.save_checkpoint(str(tmp_path))
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(tmp_path)(ids).logits, policy(ids).logits)
+
+
 # ---- the script ----
 def write_jsonl(path, records):
     path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
@@ -255,13 +279,20 @@ def test_ppo_script_trains_logs_resumes_and_writes_a_chat_checkpoint(tok, tmp_pa
     logs = [json.loads(line) for line in (ckpt.parent / "log.jsonl").read_text().splitlines()]
     assert [l["step"] for l in logs] == [1, 2, 3, 4, 5, 6] and "eval_score" in logs[1] and "kl_coef" in logs[-1]
     assert load_model(ckpt).config.max_seq_len == 64
+    with pytest.raises(UserError, match="was trained without --separate-value"):
+        load_script().check_value_layout(SimpleNamespace(resume=True, separate_value=True), ckpt.parent)
 
 
 
-def test_ppo_script_refuses_replies_longer_than_the_model():
+def load_script():
     spec = importlib.util.spec_from_file_location("ppo_script", ROOT / "rlhf" / "ppo.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def test_ppo_script_refuses_replies_longer_than_the_model():
+    script = load_script()
     cfg = ModelConfig(vocab_size=300, dim=32, n_layers=1, n_heads=4, ffn_dim=64, max_seq_len=64)
     reward = RewardModel(cfg)
     script.check_sizes(PPOConfig(max_prompt_len=40, max_new_tokens=24), cfg, reward)
