@@ -126,7 +126,8 @@ def add_chat_flags(parser: argparse.ArgumentParser, default_stages: Sequence[str
     parser.add_argument("--system", default=None, help="system prompt (default: none, as in the shipped SFT data)")
     parser.add_argument("--prompt", help="answer this one message and exit; without it, chat on stdin")
     parser.add_argument("--history-tokens", type=int, default=None,
-                        help="prompt budget for system + kept turns (default: context - --max-new-tokens)")
+                        help="prompt budget for system + kept turns (default: the context minus --max-new-tokens, "
+                             "at least half the context)")
     parser.add_argument("--show-prompt", action="store_true", help="write each rendered prompt to stderr")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)

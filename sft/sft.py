@@ -89,6 +89,8 @@ def main() -> None:
               f"answer within {max_len} tokens), {train.supervised_tokens():,} supervised tokens, mean length "
               f"{mean_len:.0f}; padding {pad:.1%} of batch positions; {run.max_steps} steps of "
               f"{run.batch_size * run.grad_accum * env.world_size} conversations on {env.world_size} x {env.device}")
+        if choice:
+            print(f"choice accuracy before SFT: {describe(before)}")
     evaluators = [cb.Evaluator(val_batches, every=run.eval_every, max_batches=None), *([choice] if choice else [])]
     trainer.fit(train_loader, epochs=10**9, max_steps=run.max_steps,
                 callbacks=standard_callbacks(run, paths, "sft", evaluators))
