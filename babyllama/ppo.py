@@ -64,10 +64,8 @@ class PPOConfig:
 
 
 # ======================================================================= math
-def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
-    if dim is None:
-        return (x * mask).sum() / mask.sum().clamp(min=1)
-    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
 def masked_whiten(x: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
@@ -276,7 +274,7 @@ def response_slice(x: Tensor, prompt_len: int) -> Tensor:
 
 
 @torch.no_grad()
-def policy_outputs(model: nn.Module, roll: Rollout) -> tuple[Tensor, Tensor]:
+def policy_outputs(model: nn.Module, roll: Rollout) -> tuple[Tensor, Tensor | None]:
     """(logits, values) of a PolicyWithValue, or (logits, None) of a plain Llama, at the response tokens."""
     out = model(roll.input_ids, attention_mask=roll.attention_mask, position_ids=roll.position_ids)
     logits, values = out if isinstance(out, tuple) else (out.logits, None)
