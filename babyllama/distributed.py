@@ -83,7 +83,10 @@ def barrier() -> None:
 
 
 def shutdown() -> None:
+    """Leave the process group together: a rank tearing down gloo while another still works (e.g. rank 0
+    writing samples) intermittently hung or aborted the job at exit."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
