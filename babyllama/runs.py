@@ -7,12 +7,14 @@ runs/<name>/<stage>     TensorBoard event files
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from babyllama.config import ModelConfig, preset
+from babyllama.checkpoint import latest_checkpoint, load_checkpoint
+from babyllama.config import ModelConfig, load_bert4torch_config, preset
 from babyllama.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -124,12 +126,34 @@ class RunPaths:
 
 
 def model_config_for(run: RunConfig, vocab_size: int) -> ModelConfig:
+    """The preset named by --model, or the architecture stored at that path (a babyllama checkpoint or its
+    directory, an HF config.json or its directory, a bert4torch_config.json): e.g. an imported HF model."""
     overrides = {"max_seq_len": run.seq_len} if run.seq_len else {}
-    cfg = preset(run.model, vocab_size=vocab_size, **overrides)
+    if Path(run.model).exists():
+        cfg = replace(config_at(Path(run.model)), **overrides)
+    else:
+        cfg = preset(run.model, vocab_size=vocab_size, **overrides)
     if vocab_size > cfg.vocab_size:
         raise UserError(f"tokenizer has {vocab_size} tokens but model preset '{run.model}' has vocab_size "
                         f"{cfg.vocab_size}; use a matching tokenizer or preset")
     return cfg
+
+
+def config_at(path: Path) -> ModelConfig:
+    if path.is_dir() and (path / "config.json").exists():
+        path = path / "config.json"
+    if path.suffix == ".json":
+        data = json.loads(path.read_text())
+        if path.name == "bert4torch_config.json":
+            return load_bert4torch_config(path)
+        return ModelConfig.from_hf(data, str(path))
+    found = path if path.is_file() else latest_checkpoint(path)
+    if found is None:
+        raise UserError(f"--model {path}: no checkpoint, config.json or bert4torch_config.json there")
+    state = load_checkpoint(found)
+    if state.get("model_config") is None:
+        raise UserError(f"--model {found}: checkpoint has no model_config; it was not written by babyllama")
+    return ModelConfig.from_dict(state["model_config"], str(found))
 
 
 def resolve_precision(run_value: str, device: torch.device) -> str | None:

@@ -4,6 +4,8 @@
     torchrun --nproc_per_node=4 pretrain/pretrain.py --name baby
     python pretrain/pretrain.py --name baby --resume        # continue exactly where the last checkpoint left off
     python pretrain/pretrain.py --name 0.2b --corpus my/*.jsonl --tokenizer my_tokenizer/
+    python pretrain/pretrain.py --name 0.2b --model out/smol/import --init out/smol/import \
+        --tokenizer out/smol/import/tokenizer --corpus my/*.jsonl     # continue an imported model (docs/convert.py)
 
 The tokenizer and the token bins are built on first use (rank 0; the others wait) and reused afterwards.
 """
@@ -28,7 +30,8 @@ from babyllama.errors import UserError  # noqa: E402
 from babyllama.generation import Generator, SamplingConfig  # noqa: E402
 from babyllama.model import Llama  # noqa: E402
 from babyllama.runs import RunConfig, RunPaths, model_config_for  # noqa: E402
-from babyllama.stage import compile_from_run, parse_stage_args, resume_if_asked, standard_callbacks  # noqa: E402
+from babyllama.stage import (compile_from_run, init_checkpoint, load_init_model, parse_stage_args,  # noqa: E402
+                             resume_if_asked, standard_callbacks)
 from babyllama.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
 from babyllama.trainer import Trainer  # noqa: E402
 
@@ -78,7 +81,9 @@ def main() -> None:
     val_loader = build_pretrain_loader(paths.data, "val", shuffle=False, **loader_args)
 
     torch.manual_seed(run.seed)
-    trainer = compile_from_run(Trainer(Llama(cfg), env), run, flops_per_token=cfg.flops_per_token(cfg.max_seq_len))
+    # --init continues pretraining from given weights (e.g. an imported HF model, with --model set to it)
+    model = load_init_model(init_checkpoint(run.init, paths, "pretrain"), cfg) if run.init else Llama(cfg)
+    trainer = compile_from_run(Trainer(model, env), run, flops_per_token=cfg.flops_per_token(cfg.max_seq_len))
     resume_if_asked(trainer, args, paths.stage("pretrain"))
     if env.is_main:
         print(f"model {run.model}: {trainer.module.num_params() / 1e6:.1f}M params, {env.world_size} process(es) "

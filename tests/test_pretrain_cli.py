@@ -201,6 +201,27 @@ def test_killed_then_resumed_run_has_the_uninterrupted_losses(tmp_path, trained)
     assert run.losses() == trained.losses()  # each step once (rows past the checkpoint dropped), same values
 
 
+# ======================================================================= --init, --model PATH
+def test_init_continues_from_given_weights_with_their_architecture(tmp_path, trained):
+    run = new_run(tmp_path, like=trained)
+    checkpoints = str(trained.out / "pretrain")
+    proc = run.pretrain("--model", checkpoints, "--init", checkpoints, "--max-steps", "2")
+    assert proc.returncode == 0, proc.stderr
+    fresh_first, trained_last = trained.losses()[0][1], trained.losses()[-1][1]
+    assert abs(run.losses()[0][1] - trained_last) < abs(run.losses()[0][1] - fresh_first)
+
+
+def test_model_flag_reads_hf_and_checkpoint_configs(tmp_path, trained):
+    from babyllama.config import ModelConfig
+    from babyllama.runs import RunConfig, model_config_for
+
+    cfg = ModelConfig.from_dict(torch.load(trained.out / "pretrain" / f"step_{STEPS:08d}.pt",
+                                           weights_only=False)["model_config"])
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_hf()))
+    assert model_config_for(RunConfig(model=str(tmp_path)), 300) == cfg
+    assert model_config_for(RunConfig(model=str(trained.out / "pretrain"), seq_len=8), 300).max_seq_len == 8
+
+
 # ======================================================================= DDP
 def free_port() -> int:
     with socket.socket() as s:
