@@ -42,7 +42,7 @@ from babyllama.distributed import all_reduce_mean
 from babyllama.errors import UserError
 from babyllama.runs import REPO_ROOT
 from babyllama.sft_data import (EN_CONTINUE, EN_NEXT, EN_PLAY, EN_WHO, ZH_AUTHOR, ZH_NEXT, ZH_WRITE,
-                                BucketBatchSampler, _next_line_pair, _speaker, _unique_lines, iter_json_records)
+                                BucketBatchSampler, iter_json_records, next_line_pair, speaker_name, unique_lines)
 
 FORMATS = ("pairs", "hh")
 SHIPPED = REPO_ROOT / "data" / "preference"
@@ -202,14 +202,14 @@ def poetry_pairs(records: Iterable[dict], seed: int = 0, max_per_task: int | Non
                  max_write_lines: int = 8) -> list[Record]:
     """zh pairs from poems: next line, author of a titled poem, write a titled poem (see `REJECTIONS`)."""
     records = [r for r in records if r.get("lines") and r.get("title")]
-    counts, pool, rng = _unique_lines(records), _LinePool(records), random.Random(seed)
+    counts, pool, rng = unique_lines(records), _LinePool(records), random.Random(seed)
     authors_of = defaultdict(set)
     for r in records:
         authors_of[r["title"]].add(r["author"])
     all_authors = sorted({r["author"] for r in records})
     tasks: dict[str, list[Record]] = defaultdict(list)
     for k, r in enumerate(records):
-        pair = _next_line_pair(r["lines"], counts, rng, min_chars=4)
+        pair = next_line_pair(r["lines"], counts, rng, min_chars=4)
         if pair:
             wrong = {"wrong_line": pool.other(pair[1], k, rng), "truncated": _truncated_line(pair[1])}
             tasks["next"].append(_templated("zh", "next", ZH_NEXT.format(line=pair[0]), pair[1], wrong, rng))
@@ -233,14 +233,14 @@ def shakespeare_pairs(records: Iterable[dict], seed: int = 0, max_per_task: int 
                       max_continue_lines: int = 6) -> list[Record]:
     """en pairs from speeches: continue a speech, who says a line, which play, next line (see `REJECTIONS`)."""
     records = [r for r in records if r.get("lines")]
-    counts, pool, rng = _unique_lines(records), _LinePool(records), random.Random(seed)
+    counts, pool, rng = unique_lines(records), _LinePool(records), random.Random(seed)
     speakers = defaultdict(set)
     for r in records:
-        speakers[r["play"]].add(_speaker(r["speaker"]))
+        speakers[r["play"]].add(speaker_name(r["speaker"]))
     plays = sorted(speakers)
     tasks: dict[str, list[Record]] = defaultdict(list)
     for k, r in enumerate(records):
-        lines, speaker = r["lines"], _speaker(r["speaker"])
+        lines, speaker = r["lines"], speaker_name(r["speaker"])
         cont = lines[1:1 + max_continue_lines]
         if len(cont) >= 2 and len(set(cont)) > 1:
             wrong = {"shuffled": _shuffled(cont, rng), "truncated": "\n".join(cont[: len(cont) // 2])}
@@ -256,7 +256,7 @@ def shakespeare_pairs(records: Iterable[dict], seed: int = 0, max_per_task: int 
             wrong = {"wrong_play": f"It is from {rng.choice(other_plays)}." if other_plays else ""}
             tasks["play"].append(_templated("en", "play", EN_PLAY.format(line=rng.choice(quotable)),
                                             f"It is from {r['play']}.", wrong, rng))
-        pair = _next_line_pair(lines, counts, rng, min_chars=15)
+        pair = next_line_pair(lines, counts, rng, min_chars=15)
         if pair:
             wrong = {"wrong_line": pool.other(pair[1], k, rng), "truncated": _truncated_line(pair[1])}
             tasks["next"].append(_templated("en", "next", EN_NEXT.format(line=pair[0]), pair[1], wrong, rng))

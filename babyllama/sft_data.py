@@ -237,7 +237,7 @@ def read_chatterbot(language_dir: str | Path, exclude: Sequence[str] = ("botprof
     return out
 
 
-def _unique_lines(records: Sequence[dict]) -> Counter:
+def unique_lines(records: Sequence[dict]) -> Counter:
     """How many records each line occurs in; lines in several records make ambiguous questions."""
     return Counter(line for r in records for line in set(r["lines"]))
 
@@ -248,7 +248,7 @@ def poetry_instructions(records: Iterable[dict], seed: int = 0, max_per_task: in
 
     "Write a poem titled X" uses poems of at most `max_write_lines` lines (long ones would be cut at max_len)."""
     records = [r for r in records if r.get("lines") and r.get("title")]
-    counts = _unique_lines(records)
+    counts = unique_lines(records)
     authors = defaultdict(set)
     for r in records:
         authors[r["title"]].add(r["author"])
@@ -260,13 +260,13 @@ def poetry_instructions(records: Iterable[dict], seed: int = 0, max_per_task: in
         if len(authors[r["title"]]) == 1:  # "无题" by many poets has no single answer
             dyn = f"（{r['dynasty']}）" if r.get("dynasty") else ""
             author.append(chat(ZH_AUTHOR.format(title=r["title"]), f"《{r['title']}》的作者是{r['author']}{dyn}。"))
-        pair = _next_line_pair(r["lines"], counts, rng, min_chars=4)
+        pair = next_line_pair(r["lines"], counts, rng, min_chars=4)
         if pair:
             nxt.append(chat(ZH_NEXT.format(line=pair[0]), pair[1]))
     return _cap([write, author, nxt], max_per_task, rng)
 
 
-def _speaker(name: str) -> str:
+def speaker_name(name: str) -> str:
     return name.title() if name.isupper() else name
 
 
@@ -274,11 +274,11 @@ def shakespeare_instructions(records: Iterable[dict], seed: int = 0, max_per_tas
                              max_continue_lines: int = 6) -> list[list[Message]]:
     """en tasks from speeches (`play`, `speaker`, `lines`): continue / who says / which play / next line."""
     records = [r for r in records if r.get("lines")]
-    counts = _unique_lines(records)
+    counts = unique_lines(records)
     rng = random.Random(seed)
     cont, who, play, nxt = [], [], [], []
     for r in records:
-        lines, speaker = r["lines"], _speaker(r["speaker"])
+        lines, speaker = r["lines"], speaker_name(r["speaker"])
         if len(lines) >= 2:
             prompt = EN_CONTINUE.format(speaker=speaker, line=lines[0])
             cont.append(chat(prompt, "\n".join(lines[1:1 + max_continue_lines])))
@@ -288,14 +288,14 @@ def shakespeare_instructions(records: Iterable[dict], seed: int = 0, max_per_tas
             who.append(chat(EN_WHO.format(line=line), f"{speaker} says it, in {r['play']}."))
             line = rng.choice(quotable)
             play.append(chat(EN_PLAY.format(line=line), f"It is from {r['play']}."))
-        pair = _next_line_pair(lines, counts, rng, min_chars=15)
+        pair = next_line_pair(lines, counts, rng, min_chars=15)
         if pair:
             nxt.append(chat(EN_NEXT.format(line=pair[0]), pair[1]))
     return _cap([cont, who, play, nxt], max_per_task, rng)
 
 
-def _next_line_pair(lines: Sequence[str], counts: Counter, rng: random.Random,
-                    min_chars: int) -> tuple[str, str] | None:
+def next_line_pair(lines: Sequence[str], counts: Counter, rng: random.Random,
+                   min_chars: int) -> tuple[str, str] | None:
     """A random (line, next line) of a record, with an unambiguous first line and both long enough."""
     options = [i for i in range(len(lines) - 1)
                if counts[lines[i]] == 1 and len(lines[i]) >= min_chars and len(lines[i + 1]) >= min_chars]
@@ -358,7 +358,7 @@ def build_choice_items(records: Iterable[dict], lang: str, seed: int = 0,
         raise UserError(f"build_choice_items: lang must be 'zh' or 'en', got {lang!r}")
     template, min_chars = (ZH_NEXT, 4) if lang == "zh" else (EN_NEXT, 15)
     records = [r for r in records if r.get("lines")]
-    counts = _unique_lines(records)
+    counts = unique_lines(records)
     by_len: dict[int, list[tuple[int, str]]] = defaultdict(list)
     for k, r in enumerate(records):
         for line in dict.fromkeys(r["lines"]):
@@ -368,7 +368,7 @@ def build_choice_items(records: Iterable[dict], lang: str, seed: int = 0,
     rng.shuffle(order)
     items = []
     for k in order:
-        pair = _next_line_pair(records[k]["lines"], counts, rng, min_chars)
+        pair = next_line_pair(records[k]["lines"], counts, rng, min_chars)
         distractors = pair and _distractors(by_len, k, pair[1], rng)
         if distractors:
             items.append((pair[0], pair[1], distractors))
