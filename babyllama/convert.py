@@ -25,6 +25,7 @@ and the stages' `--init` read.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import tempfile
 from pathlib import Path
@@ -112,7 +113,8 @@ def _save_hf_tokenizer(tok: Tokenizer, out: Path, max_len: int) -> None:
 
 def import_hf(src: str | Path, out_dir: str | Path, gguf_file: str | None = None) -> Path:
     """A babyllama checkpoint (`out_dir/step_00000000.pt`, tokenizer in `out_dir/tokenizer`) from an HF LLaMA
-    directory; with `gguf_file`, from a GGUF file in `src` that transformers dequantizes (needs `gguf`)."""
+    directory; with `gguf_file`, from a GGUF file in `src` that transformers dequantizes (needs
+    requirements-gguf.txt: `gguf`, `accelerate`)."""
     src = Path(src)
     if gguf_file:
         hf_config, weights, tok = _read_gguf(src, gguf_file)
@@ -156,10 +158,14 @@ def _read_hf_weights(src: Path) -> dict[str, Tensor]:
 
 def _read_gguf(src: Path, gguf_file: str) -> tuple[dict[str, Any], dict[str, Tensor], Tokenizer]:
     """transformers reads GGUF (dequantizing to fp32); its tokenizer is saved and reloaded as ours."""
-    import transformers  # only this path needs it (and the `gguf` package)
+    import transformers  # only this path needs it
 
     if not (src / gguf_file).is_file():
         raise UserError(f"{src / gguf_file}: GGUF file not found")
+    # transformers reads GGUF metadata with `gguf` and refuses gguf_file without `accelerate`
+    missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UserError(f"--gguf-file needs {' and '.join(missing)}: pip install -r requirements-gguf.txt")
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf_file, dtype=torch.float32)
     with tempfile.TemporaryDirectory() as tmp:
         transformers.AutoTokenizer.from_pretrained(src, gguf_file=gguf_file).save_pretrained(tmp)

@@ -49,7 +49,7 @@ def parser() -> argparse.ArgumentParser:
     add_source_flags(b4t_out)
     hf_in = sub.add_parser("import-hf", help="HF LLaMA directory (or GGUF file in it) -> babyllama checkpoint")
     hf_in.add_argument("src", help="directory written by save_pretrained (or holding --gguf-file)")
-    hf_in.add_argument("--gguf-file", help="GGUF file name inside src (needs pip install gguf)")
+    hf_in.add_argument("--gguf-file", help="GGUF file name inside src (needs pip install -r requirements-gguf.txt)")
     b4t_in = sub.add_parser("import-bert4torch", help="bert4torch LLaMA -> babyllama checkpoint")
     b4t_in.add_argument("src", help="directory with bert4torch_config.json, or that file")
     b4t_in.add_argument("--weights", help="weights file (default: bert4torch_model.pt next to the config)")

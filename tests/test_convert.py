@@ -1,21 +1,25 @@
 """Conversion: HF export loads in transformers with the same logits, tokens and chat template; HF and bert4torch
-imports reproduce the source model's logits; bert4torch round trip and parity against bert4torch itself."""
+imports reproduce the source model's logits (GGUF too); an imported model fine-tunes with sft/sft.py; bert4torch round
+trip and parity against bert4torch itself."""
 import importlib.machinery
 import importlib.util
 import itertools
 import json
 import os
+import subprocess
 import sys
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from tokenizers import pre_tokenizers
 
 from babyllama import convert
 from babyllama.chat import render_prompt
 from babyllama.checkpoint import atomic_save, load_model
-from babyllama.config import ModelConfig
+from babyllama.config import ModelConfig, preset
 from babyllama.corpus import iter_records
 from babyllama.errors import UserError
 from babyllama.generation import Generator, SamplingConfig
@@ -23,8 +27,10 @@ from babyllama.model import Llama
 from babyllama.tokenizer import Tokenizer, train_tokenizer
 
 transformers = pytest.importorskip("transformers")
-CORPUS = Path(__file__).resolve().parents[1] / "data" / "corpus"
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS = ROOT / "data" / "corpus"
 TOL = 1e-4
+ROPE_THETA = 30000.0  # of the random transformers models: not the default, so a dropped value shows
 MESSAGES = [{"role": "user", "content": "床前明月光的下一句是什么？"}, {"role": "assistant", "content": "疑是地上霜。"},
             {"role": "user", "content": "And who wrote Hamlet?"}]
 
@@ -81,10 +87,10 @@ def test_hf_export_loads_offline_with_same_logits_and_greedy_tokens(tmp_path, to
     prompt = render_prompt(MESSAGES, Tokenizer.load(tok_dir))
     stops = hf.generation_config.eos_token_id
     assert sorted(stops) == [2, 5] and hf_tok.convert_ids_to_tokens(stops) == ["</s>", "<|im_end|>"]
-    theirs = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=12)[0, len(prompt):].tolist()
-    cut = next((i for i, t in enumerate(theirs) if t in stops), len(theirs))
-    mine = Generator(ours).generate([prompt], SamplingConfig(max_new_tokens=12, temperature=0), stop_ids=stops)[0]
-    assert mine == theirs[:cut]
+    # no stops on either side: all 12 tokens are compared, so two replies cut empty at once cannot pass
+    theirs = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=12, eos_token_id=None)
+    mine = Generator(ours).generate([prompt], SamplingConfig(max_new_tokens=12, temperature=0))[0]
+    assert len(mine) == 12 and mine == theirs[0, len(prompt):].tolist()
 
 
 def test_hf_tokenizer_matches_ours_and_renders_the_chat_template(tmp_path, tok_dir):
@@ -112,20 +118,113 @@ def test_reward_checkpoint_exports_its_language_model(tmp_path, tok_dir):
     assert (logits(hf, x) - logits(lm, x)).abs().max().item() <= TOL
 
 
+def random_hf_llama(vocab: int, tie: bool):
+    """A randomly initialised transformers LlamaForCausalLM: GQA, rope_theta and eps off their defaults."""
+    torch.manual_seed(0)
+    hf_cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, intermediate_size=96, max_position_embeddings=128,
+                                      rope_theta=ROPE_THETA, rms_norm_eps=1e-6, tie_word_embeddings=tie)
+    return transformers.LlamaForCausalLM(hf_cfg).eval()
+
+
+def require(module: str, requirements: str) -> None:
+    """Skip the test when an optional module is missing, or fail it under CI (which installs `requirements`)."""
+    if module not in sys.modules and importlib.util.find_spec(module) is None:
+        message = f"{module} is not installed: pip install -r {requirements}"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
 @pytest.mark.parametrize("tie", [True, False])
 def test_import_hf_reproduces_a_random_transformers_llama(tmp_path, tie):
-    torch.manual_seed(0)
-    hf_cfg = transformers.LlamaConfig(vocab_size=320, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, intermediate_size=96, max_position_embeddings=128,
-                                      rope_theta=30000.0, rms_norm_eps=1e-6, tie_word_embeddings=tie)
-    hf = transformers.LlamaForCausalLM(hf_cfg).eval()
+    hf = random_hf_llama(320, tie)
     hf.save_pretrained(tmp_path / "hf")
     path = convert.import_hf(tmp_path / "hf", tmp_path / "imported")
     assert path.name == "step_00000000.pt"
     ours = load_model(path.parent)  # what --init / load_model read
-    assert ours.config.rope_theta == 30000.0 and ours.config.tie_embeddings == tie
+    assert ours.config.rope_theta == ROPE_THETA and ours.config.tie_embeddings == tie
     x = sample_ids(320)
     assert (logits(ours, x) - logits(hf, x)).abs().max().item() <= TOL
+
+
+# ---------------------------------------------------------------- GGUF (llama.cpp's format)
+# A byte-level BPE vocabulary (tokenizer.ggml.model "gpt2", as SmolLM2's GGUF has): specials, the 256 byte
+# symbols, and merges up to " the".
+GGUF_TOKENS = ["<unk>", "<s>", "</s>", *sorted(pre_tokenizers.ByteLevel.alphabet()), "Ġt", "he", "Ġthe"]
+GGUF_MERGES = ["Ġ t", "h e", "Ġt he"]
+
+
+def llama_cpp_rotary_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp's convert_hf_to_gguf.py permutation of q/k rows (its rotary pairs adjacent dimensions, HF pairs
+    the two halves of a head); transformers' GGUF loader undoes it."""
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_llama_gguf(hf, path: Path) -> None:
+    """`hf` as llama.cpp writes a LLaMA: llama.* metadata, F32 tensors under gguf's names, q/k rows permuted."""
+    import gguf  # optional (requirements-gguf.txt): the caller checks with `require`
+
+    cfg = hf.config
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    w.add_rope_freq_base(ROPE_THETA)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(GGUF_TOKENS)
+    w.add_token_merges(GGUF_MERGES)
+    w.add_token_types([gguf.TokenType.CONTROL] * 3 + [gguf.TokenType.NORMAL] * (len(GGUF_TOKENS) - 3))
+    w.add_unk_token_id(0)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    heads = {"q_proj": cfg.num_attention_heads, "k_proj": cfg.num_key_value_heads}
+    tied = cfg.tie_word_embeddings  # a file without output.weight is read as tied
+    for name, tensor in hf.state_dict().items():
+        if tied and name == "lm_head.weight":
+            continue
+        module, kind = name.rsplit(".", 1)
+        array = tensor.numpy().astype(np.float32)
+        n_heads = next((n for proj, n in heads.items() if module.endswith(proj)), None)
+        w.add_tensor(f"{names.get_name(module)}.{kind}", llama_cpp_rotary_rows(array, n_heads) if n_heads else array)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_import_gguf_reproduces_the_model_it_was_written_from(tmp_path, tie):
+    require("gguf", "requirements-gguf.txt")
+    require("accelerate", "requirements-gguf.txt")
+    hf = random_hf_llama(len(GGUF_TOKENS), tie)
+    (tmp_path / "src").mkdir()
+    write_llama_gguf(hf, tmp_path / "src" / "tiny.gguf")
+    path = convert.import_hf(tmp_path / "src", tmp_path / "imported", gguf_file="tiny.gguf")
+    ours = load_model(path)
+    assert (ours.config.n_kv_heads, ours.config.rope_theta, ours.config.tie_embeddings) == (2, ROPE_THETA, tie)
+    x = sample_ids(len(GGUF_TOKENS))
+    assert (logits(ours, x) - logits(hf, x)).abs().max().item() <= TOL  # F32 tensors: nothing lost
+    tok = Tokenizer.load(tmp_path / "imported" / "tokenizer")
+    assert tok.encode(" the") == [GGUF_TOKENS.index("Ġthe")] and tok.decode(tok.encode("the 床")) == "the 床"
+    with pytest.raises(UserError, match="GGUF file not found"):
+        convert.import_hf(tmp_path / "src", tmp_path / "again", gguf_file="missing.gguf")
+
+
+def test_import_gguf_without_its_packages_says_what_to_install(tmp_path, monkeypatch):
+    (tmp_path / "m.gguf").write_bytes(b"")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))
+    with pytest.raises(UserError, match=r"needs gguf: pip install -r requirements-gguf.txt"):
+        convert.import_hf(tmp_path, tmp_path / "out", gguf_file="m.gguf")
 
 
 def test_import_hf_brings_the_tokenizer_and_round_trips_export(tmp_path, tok_dir):
@@ -138,6 +237,31 @@ def test_import_hf_brings_the_tokenizer_and_round_trips_export(tmp_path, tok_dir
     text = "举头望明月"
     assert Tokenizer.load(tmp_path / "imported" / "tokenizer").encode(text) == \
         Tokenizer.load(tok_dir).encode(text)
+
+
+def test_an_imported_hf_llama_fine_tunes_with_sft(tmp_path, tok_dir):
+    """A random transformers LLaMA of the `tiny` preset's sizes, imported, is what sft/sft.py --init trains."""
+    tok = Tokenizer.load(tok_dir)
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**preset("tiny", tok.vocab_size).to_hf()))
+    hf.save_pretrained(tmp_path / "hf")
+    tok.save(tmp_path / "hf")
+    init = convert.import_hf(tmp_path / "hf", tmp_path / "imported")
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"messages": [{"role": "user", "content": m["content"]},
+                                                      {"role": "assistant", "content": "疑是地上霜。"}]},
+                                        ensure_ascii=False) + "\n" for m in MESSAGES), encoding="utf-8")
+    cmd = [sys.executable, str(ROOT / "sft" / "sft.py"), "--model", "tiny", "--init", str(init),
+           "--tokenizer", str(tmp_path / "imported" / "tokenizer"), "--train-data", str(chats),
+           "--valid-data", str(chats), "--choice-data", "none", "--out", str(tmp_path / "out"),
+           "--runs", str(tmp_path / "runs"), "--max-steps", "2", "--batch-size", "2", "--eval-every", "2",
+           "--lr", "1e-3", "--warmup-steps", "1", "--device", "cpu"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    before, after = load_model(init).state_dict(), load_model(tmp_path / "out" / "baby" / "sft").state_dict()
+    moved = max((after[k] - v).abs().max().item() for k, v in before.items())
+    assert 0 < moved < 0.01  # two AdamW steps of lr 1e-3 from the imported weights, not from a fresh init
 
 
 def test_import_refuses_what_it_cannot_represent(tmp_path):
@@ -172,10 +296,7 @@ def bert4torch():
     """bert4torch, imported with a stand-in for torchvision (see requirements-bert4torch.txt): its one unguarded
     torchvision import is in the Qwen2-VL video processor, never used for LLaMA, and PyPI's torchvision does not
     load beside the CPU torch wheel. torch4keras deletes nn.Module.compile on import; it is put back after."""
-    if "bert4torch" not in sys.modules and importlib.util.find_spec("bert4torch") is None:
-        if os.environ.get("CI"):
-            pytest.fail("bert4torch is not installed: pip install -r requirements-bert4torch.txt")
-        pytest.skip("bert4torch not installed: pip install -r requirements-bert4torch.txt")
+    require("bert4torch", "requirements-bert4torch.txt")
     names = ["torchvision", "torchvision.transforms", "torchvision.transforms.v2",
              "torchvision.transforms.v2.functional"]
     stand_ins = {n: types.ModuleType(n) for n in names if n not in sys.modules}
