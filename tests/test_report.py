@@ -1,16 +1,23 @@
-"""Report: plots and tables from a tiny real run's TensorBoard events and log.jsonl."""
+"""Report: plots and tables from a tiny real run's TensorBoard events and log.jsonl; --evaluate evaluates every
+trained stage first."""
 import importlib.util
+import itertools
 import json
+import struct
 from pathlib import Path
 
 import pytest
 import torch
 
 from babyllama import callbacks as cb
+from babyllama.checkpoint import atomic_save
 from babyllama.config import ModelConfig
+from babyllama.corpus import iter_records
 from babyllama.errors import UserError
-from babyllama.evaluate import write_results
+from babyllama.evaluate import HELDOUT, write_results
 from babyllama.model import Llama
+from babyllama.reward_model import RewardModel, mark_reward_checkpoint
+from babyllama.tokenizer import train_tokenizer
 from babyllama.trainer import Trainer
 
 _SCRIPT = Path(__file__).resolve().parents[1] / "docs" / "make_report.py"
@@ -52,6 +59,7 @@ def test_report_writes_plots_and_tables(run, tmp_path):
         assert (dest / f"{stage}.png").read_bytes()[:8] == PNG_MAGIC
     readme = (dest / "README.md").read_text()
     assert readme.index("| pretrain | 6 |") < readme.index("| sft | 4 |")  # stages in pipeline order
+    assert "--evaluate" not in readme
     assert "![pretrain](pretrain.png)" in readme
     assert "| bpb | 2.5000 | 2.2500 |" in readme and "| idiom_acc | 0.2500 | — |" in readme
     assert "| chat_choice_acc | — | 0.5000 |" in readme
@@ -79,3 +87,45 @@ def test_log_jsonl_fallback_keeps_the_last_value_of_a_redone_step(tmp_path):
 def test_missing_run_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="no training logs for run 'nope'"):
         make_report.make_report("nope", tmp_path / "out", tmp_path / "runs", tmp_path / "report")
+
+
+# what each stage's log.jsonl holds besides the loss (one step): the metrics the stage scripts log
+STAGE_LOGS = {"pretrain": {}, "reward": {"accuracy": 0.5, "margin": 0.1, "val_accuracy": 0.625, "val_margin": 0.2},
+              "dpo": {"reward_accuracy": 0.5, "reward_margin": 0.01, "val_reward_accuracy": 0.75},
+              "ppo": {"score": -0.5, "kl": 0.02, "eval_score": -0.25, "eval_kl": 0.03}}
+
+
+def png_height(path: Path) -> int:
+    return struct.unpack(">I", path.read_bytes()[20:24])[0]  # IHDR: width, then height, big-endian
+
+
+def test_evaluate_flag_evaluates_every_trained_stage_then_draws(tmp_path):
+    out = tmp_path / "out" / "demo"
+    texts = [r["text"] for path in HELDOUT.values() for r in itertools.islice(iter_records(path), 60)]
+    with pytest.warns(UserWarning):  # few characters per vocabulary entry: expected for a test tokenizer
+        tok = train_tokenizer(texts, 300, out / "tokenizer")
+    torch.manual_seed(0)
+    lm = Llama(ModelConfig(vocab_size=tok.vocab_size, dim=16, n_layers=1, n_heads=2, ffn_dim=32, max_seq_len=32))
+    kind: dict = {}
+    mark_reward_checkpoint(kind)
+    weights = {"pretrain": lm.state_dict(), "reward": RewardModel.from_lm(lm).state_dict(), "dpo": lm.state_dict(),
+               "ppo": {f"policy.{k}": v for k, v in lm.state_dict().items()}}  # PPO keeps the policy under policy.
+    for step, (stage, extra) in enumerate(STAGE_LOGS.items(), 1):
+        atomic_save({"model": weights[stage], "model_config": lm.config.to_dict(),
+                     "extra": kind if stage == "reward" else {}}, out / stage / f"step_{step:08d}.pt")
+        (out / stage / "log.jsonl").write_text(json.dumps({"step": step, "loss": 1.0, **extra}) + "\n")
+    dest = tmp_path / "report"
+    make_report.main(["--name", "demo", "--root", str(tmp_path / "out"), "--runs", str(tmp_path / "runs"),
+                      "--dest", str(dest), "--evaluate", "--max-docs", "2", "--max-items", "4", "--device", "cpu"])
+    assert sorted(p.stem for p in (out / "eval").glob("*.json")) == sorted(STAGE_LOGS)
+    readme = (dest / "README.md").read_text()
+    assert "--evaluate`" in readme
+    assert "| metric | pretrain (step 1) | reward (step 2) | dpo (step 3) | ppo (step 4) |" in readme
+    reward_acc = next(line for line in readme.splitlines() if line.startswith("| reward_acc |"))
+    assert reward_acc.count("—") == 3 and "| reward_margin |" in readme and "| chat_choice_acc |" in readme
+    assert "| reward | 2 | 1 | — | — | accuracy 0.5, val_accuracy 0.625, margin 0.1, val_margin 0.2 |" in readme
+    assert "eval_score -0.25, kl 0.02, eval_kl 0.03 |" in readme and "val_reward_accuracy 0.75" in readme
+    heights = {stage: png_height(dest / f"{stage}.png") for stage in STAGE_LOGS}
+    assert heights["reward"] == heights["dpo"] == heights["ppo"] > heights["pretrain"]  # a third row of panels
+    with pytest.raises(UserError, match="no stage checkpoints"):
+        make_report.main(["--name", "nope", "--root", str(tmp_path / "out"), "--evaluate"])
