@@ -13,7 +13,8 @@ from babyllama.trainer import Callback, Trainer
 
 
 class Evaluator(Callback):
-    """Every `every` steps (and at the end) compute a validation metric and add it to the step's logs.
+    """Every `every` steps compute a validation metric and add it to the step's logs (a stage that wants a final
+    value after training calls `compute` or `trainer.evaluate` itself).
 
     Place it before the loggers so they see the value. `fn(trainer) -> dict` for custom metrics (e.g. accuracy).
     """

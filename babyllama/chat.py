@@ -38,10 +38,14 @@ SFT collate in `babyllama.sft_data` does this).
 Truncation
 ----------
 With `max_len`, the system message and the most recent whole turns that fit are kept (a turn = the user
-message(s) plus the assistant reply that follows); if even the newest turn does not fit it is cut at
-`max_len` from the end. If no supervised token survives, `encode_chat` raises `NoSupervisedTokens` (a
-`UserError`): the SFT dataset catches it and drops the sample, counting it in `SFTDataset.dropped`.
-Messages after the last assistant reply carry no loss and are dropped.
+message(s) plus the assistant reply that follows). If even the newest turn does not fit, it is shortened so
+that its headers and the start of the reply survive: first the user content loses tokens from its END (its
+start is kept: the instruction comes first in alpaca-style `instruction\ninput` prompts and in our templates),
+but it keeps at least half of the tokens that the headers leave for text; then, if still too long, the reply
+loses its end (and its `<|im_end|>`, since a cut reply must not teach the model to stop there). Only when
+`<s>`, the system message and the headers alone leave no room for a reply token does `encode_chat` raise
+`NoSupervisedTokens` (a `UserError`): the SFT dataset catches it and drops the sample, counting it in
+`SFTDataset.dropped`. Messages after the last assistant reply carry no loss and are dropped.
 """
 from __future__ import annotations
 
@@ -125,8 +129,12 @@ def encode_text(tokenizer: Any, text: str) -> list[int]:
 
 def encode_message(tokenizer: Any, role: str, content: str) -> Encoded:
     """One rendered message as ids, with labels on the assistant content and its `<|im_end|>` only."""
+    return _render_message(tokenizer, role, encode_text(tokenizer, content))
+
+
+def _render_message(tokenizer: Any, role: str, content_ids: list[int]) -> Encoded:
     head = [special_id(tokenizer, IM_START)] + encode_text(tokenizer, f"{role}\n")
-    body = encode_text(tokenizer, content) + [special_id(tokenizer, IM_END)]
+    body = content_ids + [special_id(tokenizer, IM_END)]
     tail = encode_text(tokenizer, "\n")
     ids = head + body + tail
     if role != "assistant":
@@ -171,14 +179,32 @@ def encode_chat(messages: Sequence[Message], tokenizer: Any, max_len: int | None
         raise NoSupervisedTokens("conversation has no assistant message")
     prefix = _join([([tokenizer.bos_id], [IGNORE_INDEX])] + [encode_message(tokenizer, **m) for m in sys_msgs])
     blocks = [_join([encode_message(tokenizer, **m) for m in turn]) for turn in turns]
-    keep = 0 if max_len is None else _first_fitting(blocks, max_len - len(prefix[0]))
-    ids, labels = _join([prefix] + blocks[keep:])
-    if max_len is not None:
-        ids, labels = ids[:max_len], labels[:max_len]
-    if all(l == IGNORE_INDEX for l in labels):
-        raise NoSupervisedTokens(f"no assistant token fits in max_len={max_len} "
-                                 f"(system + newest turn = {len(prefix[0]) + len(blocks[-1][0])} tokens)")
+    if max_len is None:
+        return _join([prefix] + blocks)
+    budget = max_len - len(prefix[0])
+    keep = _first_fitting(blocks, budget)
+    newest = blocks[-1] if len(blocks[-1][0]) <= budget else _shorten_turn(tokenizer, turns[-1], budget)
+    ids, labels = _join([prefix, *blocks[keep:-1], newest])
+    if all(l == IGNORE_INDEX for l in labels[:max_len]):
+        raise NoSupervisedTokens(f"no assistant token fits in max_len={max_len}: <s> and the system message "
+                                 f"take {len(prefix[0])} tokens; shorten the system message or raise the context")
     return ids, labels
+
+
+def _shorten_turn(tokenizer: Any, turn: Sequence[Message], budget: int) -> Encoded:
+    """The turn cut to `budget` tokens: the user content loses its end first, down to half the room for text,
+    then the reply loses its end (see the module docstring)."""
+    contents = [encode_text(tokenizer, m["content"]) for m in turn]
+    length = len(_join([_render_message(tokenizer, m["role"], c) for m, c in zip(turn, contents)])[0])
+    room = budget - (length - sum(map(len, contents)))  # tokens left for message text after the headers
+    prompt = [i for i, m in enumerate(turn) if m["role"] != "assistant"]  # the turn's leading user message(s)
+    prompt_len = sum(len(contents[i]) for i in prompt)
+    cut = min(length - budget, max(0, prompt_len - room // 2))  # half the text room stays for the question
+    for i in reversed(prompt):  # later user messages lose first, so the turn's start is kept
+        drop = min(cut, len(contents[i]))
+        contents[i], cut = contents[i][: len(contents[i]) - drop], cut - drop
+    ids, labels = _join([_render_message(tokenizer, m["role"], c) for m, c in zip(turn, contents)])
+    return ids[: max(budget, 0)], labels[: max(budget, 0)]
 
 
 def _first_fitting(blocks: Sequence[Encoded], budget: int) -> int:

@@ -8,8 +8,9 @@
 
 Commands: `/reset` forgets the conversation, `/exit` (or end of input) quits. The prompt keeps the system
 message and as many of the newest turns as fit in --history-tokens (default: the model's context minus the reply
-budget); older turns are dropped. A reply stops at `<|im_end|>`, at --max-new-tokens, or at the end of the
-model's context. `--show-prompt` writes each rendered prompt to stderr.
+budget), at most --history-turns of them (default: no limit; 1 = answer each message on its own); older turns
+are dropped. A reply stops at `<|im_end|>`, at --max-new-tokens, or at the end of the model's context.
+`--show-prompt` writes each rendered prompt to stderr.
 
 `rlhf/infer.py` is the same chat with PPO/DPO checkpoints as the default; both call `main` here.
 """
@@ -40,11 +41,11 @@ class ChatSession:
     """A model, its tokenizer and the conversation so far; `reply` streams one assistant answer."""
 
     def __init__(self, model: Llama, tokenizer: Tokenizer, sampling: SamplingConfig, system: str | None = None,
-                 history_tokens: int | None = None, seed: int = 0):
+                 history_tokens: int | None = None, seed: int = 0, history_turns: int | None = None):
         context = model.config.max_seq_len
         budget = history_tokens or max(context - sampling.max_new_tokens, context // 2)
         self.model, self.tokenizer, self.sampling, self.context = model, tokenizer, sampling, context
-        self.history = ChatHistory(tokenizer, system, max_tokens=budget)
+        self.history = ChatHistory(tokenizer, system, max_turns=history_turns, max_tokens=budget)
         self.generator = Generator(model)
         self.stops = stop_ids(tokenizer)
         self.rng = torch.Generator(device=model.lm_head.weight.device).manual_seed(seed)
@@ -128,10 +129,20 @@ def add_chat_flags(parser: argparse.ArgumentParser, default_stages: Sequence[str
     parser.add_argument("--history-tokens", type=int, default=None,
                         help="prompt budget for system + kept turns (default: the context minus --max-new-tokens, "
                              "at least half the context)")
+    parser.add_argument("--history-turns", type=positive_int, default=None,
+                        help="keep at most this many turns (a message and its reply), the current one included "
+                             "(default: as many as fit in --history-tokens)")
     parser.add_argument("--show-prompt", action="store_true", help="write each rendered prompt to stderr")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
     add_sampling_flags(parser)
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def checkpoint_for(args: argparse.Namespace, paths: RunPaths, default_stages: Sequence[str]) -> Path:
@@ -153,7 +164,8 @@ def load_session(args: argparse.Namespace, default_stages: Sequence[str]) -> Cha
     if tok.vocab_size > model.config.vocab_size:
         raise UserError(f"tokenizer {tok.source} has {tok.vocab_size} tokens, the model {model.config.vocab_size}; "
                         "pass the tokenizer the model was trained with (--tokenizer)")
-    return ChatSession(model, tok, sampling_from_args(args), args.system, args.history_tokens, args.seed)
+    return ChatSession(model, tok, sampling_from_args(args), args.system, args.history_tokens, args.seed,
+                       args.history_turns)
 
 
 def main(description: str = __doc__, default_stages: Sequence[str] = ("sft",), argv: list[str] | None = None) -> None:

@@ -54,12 +54,19 @@ def read_conversations(path: str | Path, fmt: str = "auto") -> list[list[Message
     if fmt != "auto" and fmt not in FORMATS:
         raise UserError(f"unknown SFT format {fmt!r}; choose one of {', '.join(FORMATS)} or 'auto'")
     out: list[list[Message]] = []
+    detected = fmt == "auto"
     for loc, record in iter_json_records(path):
         if not isinstance(record, dict):
             raise UserError(f"{loc}: expected a JSON object, got {type(record).__name__}")
         if fmt == "auto":
             fmt = detect_format(record, loc)
-        out.append(record_to_messages(record, fmt, loc))
+        try:
+            out.append(record_to_messages(record, fmt, loc))
+        except UserError as e:
+            if detected and out:  # the record may just be of another format than the first one
+                raise UserError(f"{e} (read as {fmt!r}, the format detected from the first record; "
+                                f"one file holds one format)") from e
+            raise
     if not out:
         raise UserError(f"{path}: no records")
     return out
@@ -120,6 +127,9 @@ def record_to_messages(record: dict, fmt: str, loc: str = "record") -> list[Mess
     messages = check_messages(messages, loc)
     if not any(m["role"] == "assistant" for m in messages):
         raise UserError(f"{loc}: the conversation has no assistant reply")
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant" and not m["content"].strip():  # refused like an empty alpaca 'output'
+            raise UserError(f"{loc}: message {i} (assistant) has an empty 'content'; an assistant reply needs text")
     return messages
 
 
@@ -172,8 +182,8 @@ def _from_sharegpt(record: dict, loc: str) -> list[Message]:
 def _from_alpaca(record: dict, loc: str) -> list[Message]:
     messages = _system(record, loc)
     for i, pair in enumerate(_list(record, "history", loc, required=False)):
-        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
-            raise UserError(f"{loc}: history[{i}] must be a [user, assistant] pair of strings")
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) and x.strip() for x in pair)):
+            raise UserError(f"{loc}: history[{i}] must be a [user, assistant] pair of non-empty strings")
         messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
     prompt = _text(record, "instruction", loc)
     extra = _text(record, "input", loc, required=False)
@@ -248,22 +258,77 @@ def poetry_instructions(records: Iterable[dict], seed: int = 0, max_per_task: in
 
     "Write a poem titled X" uses poems of at most `max_write_lines` lines (long ones would be cut at max_len)."""
     records = [r for r in records if r.get("lines") and r.get("title")]
-    counts = unique_lines(records)
-    authors = defaultdict(set)
-    for r in records:
-        authors[r["title"]].add(r["author"])
+    counts, single_author = unique_lines(records), titles_with_one_author(records)
     rng = random.Random(seed)
     write, author, nxt = [], [], []
     for r in records:
         if len(r["lines"]) <= max_write_lines:
             write.append(chat(ZH_WRITE.format(title=r["title"]), "\n".join(r["lines"])))
-        if len(authors[r["title"]]) == 1:  # "无题" by many poets has no single answer
-            dyn = f"（{r['dynasty']}）" if r.get("dynasty") else ""
-            author.append(chat(ZH_AUTHOR.format(title=r["title"]), f"《{r['title']}》的作者是{r['author']}{dyn}。"))
+        if r["title"] in single_author:
+            author.append(chat(ZH_AUTHOR.format(title=r["title"]), author_answer(r)))
         pair = next_line_pair(r["lines"], counts, rng, min_chars=4)
         if pair:
             nxt.append(chat(ZH_NEXT.format(line=pair[0]), pair[1]))
     return _cap([write, author, nxt], max_per_task, rng)
+
+
+def titles_with_one_author(records: Iterable[dict]) -> set[str]:
+    """Titles that name one poem's author: "无题" by many poets has no single answer to "who wrote it?"."""
+    authors = defaultdict(set)
+    for r in records:
+        authors[r["title"]].add(r["author"])
+    return {title for title, names in authors.items() if len(names) == 1}
+
+
+def author_answer(record: dict) -> str:
+    dyn = f"（{record['dynasty']}）" if record.get("dynasty") else ""
+    return f"《{record['title']}》的作者是{record['author']}{dyn}。"
+
+
+# Follow-up questions of the multi-turn builders: they refer back to the conversation, not to a title or line.
+ZH_FOLLOW_AUTHOR = ("这首诗的作者是谁？", "这首诗是谁写的？", "作者是谁？")
+EN_FOLLOW_WHO = ("Who says these lines?", "Who speaks them?", "And who says them?")
+EN_FOLLOW_PLAY = ("Which play is it from?", "And which play is that?")
+
+
+def poetry_dialogues(records: Iterable[dict], seed: int = 0, max_dialogues: int | None = None,
+                     max_write_lines: int = 16) -> list[list[Message]]:
+    """Multi-turn zh conversations about one poem: write the poem titled X, who wrote it, and for about half of
+    them the line after one of its lines (the answer is in the conversation already)."""
+    records = [r for r in records if r.get("lines") and r.get("title")]
+    counts, single_author = unique_lines(records), titles_with_one_author(records)
+    rng = random.Random(seed)
+    out = []
+    for r in records:
+        if len(r["lines"]) > max_write_lines or r["title"] not in single_author:
+            continue
+        messages = chat(ZH_WRITE.format(title=r["title"]), "\n".join(r["lines"]))
+        messages += chat(rng.choice(ZH_FOLLOW_AUTHOR), author_answer(r))
+        pair = next_line_pair(r["lines"], counts, rng, min_chars=4)
+        if pair and rng.random() < 0.5:
+            messages += chat(ZH_NEXT.format(line=pair[0]), pair[1])
+        out.append(messages)
+    return _cap([out], max_dialogues, rng)
+
+
+def shakespeare_dialogues(records: Iterable[dict], seed: int = 0,
+                          max_dialogues: int | None = None) -> list[list[Message]]:
+    """Multi-turn en conversations about one speech: the line after a line, who says them, and for about half
+    of them which play they are from."""
+    records = [r for r in records if r.get("lines")]
+    counts = unique_lines(records)
+    rng = random.Random(seed)
+    out = []
+    for r in records:
+        pair = next_line_pair(r["lines"], counts, rng, min_chars=15)
+        if not pair:
+            continue
+        messages = chat(EN_NEXT.format(line=pair[0]), pair[1])
+        messages += chat(rng.choice(EN_FOLLOW_WHO), f"{speaker_name(r['speaker'])} says them.")
+        if rng.random() < 0.5:
+            messages += chat(rng.choice(EN_FOLLOW_PLAY), f"It is from {r['play']}.")
+        out.append(messages)
+    return _cap([out], max_dialogues, rng)
 
 
 def speaker_name(name: str) -> str:
@@ -339,6 +404,21 @@ _SELF_EN = {
 }
 
 
+_SYSTEM_PROMPTS = {
+    "zh": ["你是一个乐于助人的助手。", "你是{name}，由{author}开发的AI助手。", "你是一位熟悉古诗词的助手，请简洁地回答。",
+           "请用简短的中文回答用户的问题。", "You are a helpful assistant."],
+    "en": ["You are a helpful assistant.", "You are {name}, an AI assistant made by {author}.",
+           "You are an assistant who knows Shakespeare's plays. Answer briefly.",
+           "Answer the user's questions briefly and politely."],
+}
+
+
+def system_prompts(name: str = "BabyLlama", author: str = "babyllama") -> dict[str, list[str]]:
+    """Varied system prompts, `{"zh": [...], "en": [...]}`, so the model learns to read a system message; the
+    identity ones use the self-cognition set's name and author, so they never contradict it."""
+    return {lang: [p.format(name=name, author=author) for p in prompts] for lang, prompts in _SYSTEM_PROMPTS.items()}
+
+
 def self_cognition(name: str = "BabyLlama", author: str = "babyllama") -> dict[str, list[list[Message]]]:
     """"Who are you?" conversations, `{"zh": [...], "en": [...]}`: every question with every answer of its intent."""
     def build(table: dict) -> list[list[Message]]:
@@ -402,10 +482,11 @@ def _choice_item(prompt: str, truth: str, wrong: list[str], answer: int) -> dict
 class SFTDataset(torch.utils.data.Dataset):
     """Conversations tokenized once with `encode_chat`; item i is `(input_ids, labels)` (aligned, int64).
 
-    Conversations with no supervised token left after truncation to `max_len` are dropped (`self.dropped`)."""
+    Conversations with no supervised token left after truncation to `max_len` are dropped (`self.dropped`);
+    `source` (the data file) names them in the error when none is left."""
 
     def __init__(self, conversations: Iterable[Sequence[Message]], tokenizer: Any, max_len: int,
-                 system: str | None = None):
+                 system: str | None = None, source: str | Path = "SFT data"):
         self.max_len, self.pad_id = max_len, tokenizer.pad_id
         self._ids: list[np.ndarray] = []
         self._mask: list[np.ndarray] = []  # True where the token is supervised (compact form of the labels)
@@ -419,7 +500,8 @@ class SFTDataset(torch.utils.data.Dataset):
             self._ids.append(np.asarray(ids, dtype=np.int32))
             self._mask.append(np.asarray(labels, dtype=np.int64) != IGNORE_INDEX)
         if not self._ids:
-            raise UserError(f"no SFT sample fits max_len={max_len} ({self.dropped} dropped)")
+            raise UserError(f"{source}: no SFT sample fits max_len={max_len} ({self.dropped} dropped: no room for a "
+                            f"reply after <s> and the system message); shorten the system message or raise --seq-len")
 
     def __len__(self) -> int:
         return len(self._ids)

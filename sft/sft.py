@@ -27,6 +27,7 @@ from babyllama import callbacks as cb  # noqa: E402
 from babyllama.choice_eval import ChoiceAccuracy, load_choice_items  # noqa: E402
 from babyllama.cli import main_guard  # noqa: E402
 from babyllama.distributed import shutdown  # noqa: E402
+from babyllama.errors import UserError  # noqa: E402
 from babyllama.runs import REPO_ROOT, model_config_for  # noqa: E402
 from babyllama.sft_data import FORMATS, SFTDataset, build_sft_loader, padding_fraction, read_conversations  # noqa: E402
 from babyllama.stage import (compile_from_run, init_checkpoint, load_init_model, load_stage_tokenizer,  # noqa: E402
@@ -48,7 +49,19 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def load_dataset(path: str, fmt: str, tok: Tokenizer, max_len: int, system: str | None) -> SFTDataset:
-    return SFTDataset(read_conversations(path, fmt), tok, max_len, system)
+    return SFTDataset(read_conversations(path, fmt), tok, max_len, system, source=path)
+
+
+def validation_batches(valid: SFTDataset, path: str, max_batches: int, batch_size: int, seed: int, rank: int,
+                       world_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The first `max_batches` batches of `valid`, fixed so every evaluation sees the same ones. None at all would
+    log a val_loss of 0, so that is an error."""
+    batches = list(islice(build_sft_loader(valid, batch_size, seed, False, rank, world_size), max_batches))
+    if not batches:
+        raise UserError(f"--valid-data {path}: no validation batch ({len(valid)} conversations in batches of "
+                        f"{batch_size} for {world_size} ranks, --eval-batches {max_batches}); add conversations, "
+                        f"lower --batch-size or raise --eval-batches")
+    return batches
 
 
 def choice_evaluator(args: argparse.Namespace, tok: Tokenizer, every: int) -> ChoiceAccuracy | None:
@@ -73,8 +86,7 @@ def main() -> None:
     valid = load_dataset(args.valid_data, args.data_format, tok, max_len, args.system)
     loader_args = dict(batch_size=run.batch_size, seed=run.seed, rank=env.rank, world_size=env.world_size)
     train_loader = build_sft_loader(train, **loader_args)
-    # fixed validation batches, so every evaluation sees the same ones
-    val_batches = list(islice(build_sft_loader(valid, shuffle=False, **loader_args), run.eval_batches))
+    val_batches = validation_batches(valid, args.valid_data, run.eval_batches, **loader_args)
     choice = choice_evaluator(args, tok, run.eval_every)
 
     torch.manual_seed(run.seed)

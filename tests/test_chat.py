@@ -4,7 +4,7 @@ import random
 import pytest
 
 from babyllama.chat import (IGNORE_INDEX, IM_END, IM_START, ChatHistory, NoSupervisedTokens, encode_chat,
-                            render_prompt, render_text, stop_ids)
+                            encode_text, render_prompt, render_text, stop_ids)
 from babyllama.errors import UserError
 
 SAMPLE_TEXT = [
@@ -141,6 +141,30 @@ def test_newest_turn_too_long_is_cut_but_supervised(tok):
     conv = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "To be, or not to be. " * 20}]
     ids, labels = encode_chat(conv, tok, max_len=30)
     assert len(ids) == 30 and labels[-1] != IGNORE_INDEX
+
+
+def test_long_user_message_is_cut_so_the_reply_survives(tok):
+    reply = "床前明月光，疑是地上霜。"
+    conv = [CONV[0], {"role": "user", "content": "写一首"}, {"role": "assistant", "content": reply}]
+    max_len = len(encode_chat(conv, tok)[0]) + 10
+    conv[1]["content"] += "题为《静夜思》的诗，请写得好一些" * 40
+    ids, labels = encode_chat(conv, tok, max_len=max_len)
+    text = tok.decode(ids[1:])
+    assert len(ids) == max_len
+    assert text.startswith(render_text(conv[:1]) + "<|im_start|>user\n写一首")  # the question's start is kept
+    assert text.endswith(f"{IM_END}\n<|im_start|>assistant\n{reply}{IM_END}\n")  # the whole reply, and its end
+    assert [tok.decode(r) for r in supervised_runs(ids, labels)] == [reply + IM_END]
+
+
+def test_long_question_and_long_reply_share_the_context(tok):
+    conv = [{"role": "user", "content": "To be, or not to be? " * 30},
+            {"role": "assistant", "content": "That is the question. " * 30}]
+    max_len = 60
+    ids, labels = encode_chat(conv, tok, max_len=max_len)
+    (reply,) = supervised_runs(ids, labels)
+    question = tok.decode(ids).split("user\n")[1].split(IM_END)[0]
+    assert len(ids) == max_len and tok.token_to_id(IM_END) not in reply  # a cut reply is not taught to stop
+    assert question.startswith("To be, or not") and abs(len(encode_text(tok, question)) - len(reply)) <= 3  # halves
 
 
 def test_nothing_supervised_raises(tok):

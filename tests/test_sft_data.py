@@ -10,9 +10,11 @@ import torch
 
 from babyllama.chat import IGNORE_INDEX, encode_chat
 from babyllama.errors import UserError
-from babyllama.sft_data import (EN_NEXT, ZH_AUTHOR, ZH_NEXT, BucketBatchSampler, SFTDataset, build_choice_items,
-                                build_sft_loader, collate_sft, padding_fraction, poetry_instructions,
-                                read_chatterbot, read_conversations, self_cognition, shakespeare_instructions)
+from babyllama.sft_data import (EN_FOLLOW_PLAY, EN_FOLLOW_WHO, EN_NEXT, ZH_AUTHOR, ZH_FOLLOW_AUTHOR, ZH_NEXT,
+                                BucketBatchSampler, SFTDataset, build_choice_items, build_sft_loader, collate_sft,
+                                padding_fraction, poetry_dialogues, poetry_instructions, read_chatterbot,
+                                read_conversations, self_cognition, shakespeare_dialogues, shakespeare_instructions,
+                                system_prompts)
 from test_chat import make_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,6 +82,7 @@ def test_reader_json_array(tmp_path):
     ({"instruction": "x", "output": 5}, "'output'"),
     ({"instruction": "x", "output": "  "}, "'output'"),
     ({"instruction": "x", "output": "y", "history": [["only one"]]}, "history[0]"),
+    ({"instruction": "x", "output": "y", "history": [["q", " "]]}, "history[0]"),
 ])
 def test_bad_alpaca_line_names_path_line_and_field(tmp_path, bad, field):
     good = READER_CASES["alpaca"][0]
@@ -119,11 +122,24 @@ def test_bad_openai_firefly_json_and_unknown_format(tmp_path):
     with pytest.raises(UserError, match="invalid JSON") as e:
         read_conversations(path)
     assert f"{path}:3" in str(e.value)
+    path = write_jsonl(tmp_path / "d.jsonl", [READER_CASES["openai"][0], {"messages": msgs((U, "q"), (A, " "))}])
+    with pytest.raises(UserError, match=r"d\.jsonl:2: message 1 \(assistant\) has an empty 'content'"):
+        read_conversations(path)  # refused as alpaca refuses an empty 'output'
     array = tmp_path / "a.json"
     array.write_text("[\n" + json.dumps(READER_CASES["openai"][0]) + ",\n" + json.dumps({"messages": []}) + "\n]")
     with pytest.raises(UserError, match="'messages'") as e:
         read_conversations(array)
     assert f"{array}:3" in str(e.value)
+
+
+def test_later_record_error_names_the_detected_format(tmp_path):
+    path = write_jsonl(tmp_path / "mixed.jsonl", [READER_CASES["alpaca"][0], READER_CASES["sharegpt"][0]])
+    with pytest.raises(UserError, match=r"mixed\.jsonl:2: missing field 'instruction' \(read as 'alpaca', the "
+                                        r"format detected from the first record"):
+        read_conversations(path)
+    with pytest.raises(UserError) as e:  # a format given by the user needs no such note
+        read_conversations(path, "alpaca")
+    assert "detected" not in str(e.value)
 
 
 # ---------------------------------------------------------------- builders
@@ -158,6 +174,29 @@ def test_poetry_and_shakespeare_instructions():
     assert all(c[1]["role"] == A and c[1]["content"] for c in zh + en)
 
 
+def test_dialogues_refer_back_to_their_first_answer():
+    zh = poetry_dialogues(POEMS, seed=0)
+    assert zh == poetry_dialogues(POEMS, seed=0) and len(zh) == 39  # "诗0" has two authors
+    by_title = {p["title"]: p for p in POEMS[1:40]}
+    for conv in zh:
+        poem = by_title[conv[0]["content"][len("写一首题为《"):-len("》的诗")]]
+        assert conv[1]["content"] == "\n".join(poem["lines"])
+        assert conv[2]["content"] in ZH_FOLLOW_AUTHOR and poem["author"] in conv[3]["content"]
+        assert len(conv) == 4 or conv[5]["content"] in poem["lines"]
+    en = shakespeare_dialogues(SPEECHES, seed=0, max_dialogues=10)
+    assert len(en) == 10 and {len(c) for c in en} == {4, 6}
+    assert all(c[2]["content"] in EN_FOLLOW_WHO and c[3]["content"].startswith("Lord Number") for c in en)
+    assert all(c[4]["content"] in EN_FOLLOW_PLAY and c[5]["content"] in ("It is from Hamlet.", "It is from Macbeth.")
+               for c in en if len(c) == 6)
+
+
+def test_system_prompts_per_language_use_name_and_author():
+    prompts = system_prompts(name="Xiaobai", author="Alice")
+    assert set(prompts) == {"zh", "en"} and all(len(p) >= 3 for p in prompts.values())
+    assert any("Xiaobai" in p and "Alice" in p for p in prompts["zh"])
+    assert not any("{" in p for p in prompts["zh"] + prompts["en"])
+
+
 def test_self_cognition_uses_name_and_author():
     sets = self_cognition(name="Xiaobai", author="Alice")
     assert sets["zh"] and sets["en"]
@@ -175,6 +214,8 @@ def test_dataset_and_collate_shift(tok):
     convs = conversations(12) + [msgs((S, "You are a helpful assistant. " * 50), (U, "q"), (A, "a"))]
     ds = SFTDataset(convs, tok, max_len=96)
     assert len(ds) == 12 and ds.dropped == 1
+    with pytest.raises(UserError, match=r"^train\.jsonl: no SFT sample fits max_len=96 \(1 dropped"):
+        SFTDataset(convs[-1:], tok, max_len=96, source="train.jsonl")
     samples = [ds[i] for i in range(4)]
     x, y = collate_sft(samples, tok.pad_id)
     assert x.dtype == y.dtype == torch.long and x.shape == y.shape == (4, max(len(s[0]) for s in samples) - 1)
@@ -286,8 +327,12 @@ def test_build_script_is_deterministic_and_readable(tmp_path, monkeypatch):
         outputs.append([(out / f).read_bytes() for f in ("sft_train.jsonl", "sft_valid.jsonl", "choice_eval.jsonl")])
     assert outputs[0] == outputs[1]
     train = read_conversations(tmp_path / "a" / "sft_train.jsonl")
-    assert len(train) + 5 == 2 + len(poetry_instructions(POEMS[:30], max_per_task=1500)) + len(
-        shakespeare_instructions(SPEECHES[:30], max_per_task=1000)) + 3 * 56
+    assert len(train) + 5 == 2 + sum(len(build(records[:30])) for build, records in (
+        (poetry_instructions, POEMS), (poetry_dialogues, POEMS), (shakespeare_instructions, SPEECHES),
+        (shakespeare_dialogues, SPEECHES))) + 3 * 56  # the caps are far above these small files
+    with_system = sum(c[0]["role"] == S for c in train)
+    assert 0.1 * len(train) < with_system < 0.3 * len(train)  # --system-share 0.2
+    assert sum(sum(m["role"] == A for m in c) > 1 for c in train) >= 50
     held = {line for r in POEMS[30:] + SPEECHES[30:] for line in r["lines"]}
     for row in map(json.loads, (tmp_path / "a" / "choice_eval.jsonl").read_text(encoding="utf-8").splitlines()):
         assert set(row["choices"]) <= held

@@ -2,6 +2,7 @@
 import json
 import os
 import random
+import runpy
 import shutil
 import subprocess
 import sys
@@ -206,6 +207,16 @@ def test_chat_history_window_drops_oldest_turns(trained, tok_dir):
     assert turns[-1] in last and turns[0] not in last
 
 
+def test_chat_history_turns_keeps_only_the_newest(trained, tok_dir):
+    turns = [question("little", "dog"), question("quick", "cow")]
+    out = chat(["--show-prompt", "--history-turns", "1"], tok_dir, trained["ckpt"], stdin="\n".join(turns))
+    assert out.returncode == 0, out.stderr
+    last = out.stderr.split("--- prompt")[-1]
+    assert turns[1] in last and turns[0] not in last and last.count("<|im_start|>user") == 1
+    bad = chat(["--history-turns", "0"], tok_dir, trained["ckpt"], stdin="")
+    assert bad.returncode == 2 and "--history-turns" in bad.stderr and "at least 1" in bad.stderr
+
+
 # ---------------------------------------------------------------- sft/sft.py
 @pytest.fixture(scope="module")
 def workspace(tok_dir, tmp_path_factory):
@@ -236,6 +247,55 @@ def test_sft_cli_trains_logs_and_reports(workspace):
     assert (root / "out" / "baby" / "sft" / "step_00000004.pt").is_file()
     logs = [json.loads(line) for line in (root / "out" / "baby" / "sft" / "log.jsonl").read_text().splitlines()]
     assert {"val_loss", "choice_acc", "choice_acc_en"} <= {k for row in logs if row["step"] == 4 for k in row}
+    scalars = tensorboard_scalars(root / "runs" / "baby" / "sft")
+    assert scalars["val_loss"] == [2, 4] and scalars["choice_acc"] == [2, 4] and scalars["loss"] == [1, 2, 3, 4]
+
+
+def tensorboard_scalars(log_dir: Path) -> dict[str, list[int]]:
+    """Steps of each scalar in the event files of `log_dir`, by name without its `train/` or `val/` group."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert list(log_dir.glob("events.out.tfevents.*")), f"no TensorBoard event file in {log_dir}"
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag.split("/", 1)[-1]: [e.step for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_sft_cli_resume_continues_the_log(workspace, tmp_path):
+    root, data_flags = workspace
+    for part in ("tokenizer", "pretrain"):  # a fresh SFT directory: the other tests' run stays as it is
+        shutil.copytree(root / "out" / "baby" / part, tmp_path / "out" / "baby" / part)
+    flags = [*data_flags, "--out", str(tmp_path / "out"), "--runs", str(tmp_path / "runs"), "--choice-data", "none",
+             "--eval-every", "2", "--batch-size", "8"]
+    first = sft_cli(root, *flags, "--max-steps", "2")
+    assert first.returncode == 0, first.stderr
+    again = sft_cli(root, *flags, "--resume", "--max-steps", "4")
+    assert again.returncode == 0, again.stderr
+    rows = [json.loads(line) for line in (tmp_path / "out" / "baby" / "sft" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and [r["step"] for r in rows if "val_loss" in r] == [2, 4]
+    assert tensorboard_scalars(tmp_path / "runs" / "baby" / "sft")["val_loss"] == [2, 4]
+
+
+def test_sft_cli_names_the_validation_file_it_cannot_use(workspace, tok_dir, tmp_path):
+    root, data_flags = workspace
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n", encoding="utf-8")
+    out = sft_cli(root, *data_flags, "--valid-data", str(empty), "--out", str(tmp_path / "out"),
+                  "--init", str(root / "out" / "baby" / "pretrain"), "--tokenizer", str(tok_dir))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.startswith(f"error: {empty}: no records")
+
+
+def test_validation_batches_refuse_fewer_batches_than_ranks(tok, tmp_path):
+    script = runpy.run_path(str(ROOT / "sft" / "sft.py"), run_name="sft")
+    path = write_jsonl(tmp_path / "valid.jsonl", [{"messages": m} for m in conversations()[:8]])
+    valid = script["load_dataset"](str(path), "auto", tok, 64, None)
+    loader = dict(batch_size=8, seed=0, rank=0, world_size=1)
+    assert len(script["validation_batches"](valid, str(path), 20, **loader)) == 1
+    with pytest.raises(UserError, match=rf"--valid-data {path}: no validation batch .* 2 ranks"):
+        script["validation_batches"](valid, str(path), 20, **{**loader, "world_size": 2})
+    with pytest.raises(UserError, match=rf"{path}: no SFT sample fits max_len=3"):
+        script["load_dataset"](str(path), "auto", tok, 3, None)
 
 
 def test_sft_cli_refuses_checkpoint_of_another_config(workspace, tok, tok_dir, tmp_path):
