@@ -6,8 +6,9 @@
     python data/build_sft.py --tokenizer runs/baby/tokenizer   # also report token lengths and padding
 
 Writes, in the OpenAI `messages` format (plus `source` and `lang` keys, which readers ignore):
-- `sft_train.jsonl`, `sft_valid.jsonl`: chatterbot-corpus (zh + en), instructions templated from the shipped
-  corpus TRAIN files (poems, Shakespeare), and the self-cognition set;
+- `sft_train.jsonl`, `sft_valid.jsonl`: chatterbot-corpus (zh + en), instructions and multi-turn dialogues
+  templated from the shipped corpus TRAIN files (poems, Shakespeare), and the self-cognition set; a seeded
+  --system-share of the conversations starts with one of a few zh/en system prompts;
 - `choice_eval.jsonl`: 4-way "which line comes next" items from the HELD-OUT corpus files only;
 - `README.md`: what is inside, counts, and the licences.
 """
@@ -38,8 +39,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--name", default="BabyLlama", help="the assistant's name in the self-cognition set")
     p.add_argument("--author", default="babyllama", help="the assistant's author in the self-cognition set")
     p.add_argument("--self-repeat", type=int, default=3, help="copies of the (small) self-cognition set")
-    p.add_argument("--poetry-per-task", type=int, default=1500, help="examples per templated zh poetry task (3)")
-    p.add_argument("--shakespeare-per-task", type=int, default=1000, help="examples per templated en task (4)")
+    p.add_argument("--poetry-per-task", type=int, default=1300, help="examples per templated zh poetry task (3)")
+    p.add_argument("--shakespeare-per-task", type=int, default=900, help="examples per templated en task (4)")
+    p.add_argument("--dialogues", type=int, default=500, help="multi-turn conversations per language")
+    p.add_argument("--system-share", type=float, default=0.2, help="share of conversations given a system prompt")
     p.add_argument("--valid-size", type=int, default=300)
     p.add_argument("--choice-items", type=int, default=200, help="multiple-choice items per language")
     p.add_argument("--tokenizer", default=None, help="report token lengths and padding with this tokenizer")
@@ -61,19 +64,31 @@ def tagged(convs: list, source: str, lang: str) -> list[dict]:
 
 def build_examples(args: argparse.Namespace) -> list[dict]:
     bot = args.chatterbot_dir or sft_data.chatterbot_dir()
-    corpus = args.corpus_dir
+    poems = load_records(args.corpus_dir / "poetry_zh_train.jsonl")
+    speeches = load_records(args.corpus_dir / "shakespeare_en_train.jsonl")
     self_set = sft_data.self_cognition(args.name, args.author)
     examples = (
         tagged(sft_data.read_chatterbot(bot / "chinese"), "chatterbot", "zh")
         + tagged(sft_data.read_chatterbot(bot / "english"), "chatterbot", "en")
-        + tagged(sft_data.poetry_instructions(load_records(corpus / "poetry_zh_train.jsonl"), args.seed,
-                                              args.poetry_per_task), "poetry", "zh")
-        + tagged(sft_data.shakespeare_instructions(load_records(corpus / "shakespeare_en_train.jsonl"), args.seed,
-                                                   args.shakespeare_per_task), "shakespeare", "en")
+        + tagged(sft_data.poetry_instructions(poems, args.seed, args.poetry_per_task), "poetry", "zh")
+        + tagged(sft_data.poetry_dialogues(poems, args.seed, args.dialogues), "poetry_dialogue", "zh")
+        + tagged(sft_data.shakespeare_instructions(speeches, args.seed, args.shakespeare_per_task), "shakespeare", "en")
+        + tagged(sft_data.shakespeare_dialogues(speeches, args.seed, args.dialogues), "shakespeare_dialogue", "en")
         + tagged(self_set["zh"] * args.self_repeat, "self", "zh")
         + tagged(self_set["en"] * args.self_repeat, "self", "en"))
-    random.Random(args.seed).shuffle(examples)
+    rng = random.Random(args.seed)
+    add_system_prompts(examples, sft_data.system_prompts(args.name, args.author), args.system_share, rng)
+    rng.shuffle(examples)
     return examples
+
+
+def add_system_prompts(examples: list[dict], prompts: dict[str, list[str]], share: float,
+                       rng: random.Random) -> None:
+    """Start about `share` of the examples with a system prompt of their language; the rest keep none, as when
+    a user passes no --system."""
+    for e in examples:
+        if rng.random() < share:
+            e["messages"] = [{"role": "system", "content": rng.choice(prompts[e["lang"]])}, *e["messages"]]
 
 
 def build_choices(args: argparse.Namespace) -> list[dict]:
@@ -95,8 +110,14 @@ def counts_table(train: list[dict], valid: list[dict]) -> str:
     keys = sorted(Counter((e["lang"], e["source"]) for e in train + valid))
     tr, va = Counter((e["lang"], e["source"]) for e in train), Counter((e["lang"], e["source"]) for e in valid)
     rows = [f"| {lang} | {src} | {tr[(lang, src)]} | {va[(lang, src)]} |" for lang, src in keys]
+    shapes = [(what, sum(map(test, train)), sum(map(test, valid))) for what, test in SHAPES]
     return "\n".join(["| lang | source | train | valid |", "|---|---|---|---|", *rows,
-                      f"| all | all | {len(train)} | {len(valid)} |"])
+                      f"| all | all | {len(train)} | {len(valid)} |",
+                      *(f"| all | {what} | {t} | {v} |" for what, t, v in shapes)])
+
+
+SHAPES = [("with a system prompt", lambda e: e["messages"][0]["role"] == "system"),
+          ("multi-turn (2+ replies)", lambda e: sum(m["role"] == "assistant" for m in e["messages"]) > 1)]
 
 
 def token_report(args: argparse.Namespace, train: list[dict]) -> str:
@@ -121,7 +142,8 @@ def main() -> None:
     table = counts_table(train, valid)
     n_choices = Counter(c["lang"] for c in choices)
     (args.out_dir / "README.md").write_text(README.format(table=table, zh=n_choices["zh"], en=n_choices["en"],
-                                                          seed=args.seed, name=args.name, author=args.author),
+                                                          seed=args.seed, name=args.name, author=args.author,
+                                                          system_share=args.system_share),
                                             encoding="utf-8")
     print(table)
     print(f"choice_eval: {dict(n_choices)}")
@@ -147,8 +169,13 @@ Sources:
 - `poetry`, `shakespeare`: questions templated from the shipped corpus TRAIN files only (`data/corpus/
   *_train.jsonl`; see `data/corpus/` for their sources and licences): write a poem titled X, who wrote X,
   the next line of a poem; continue a speech, who says a line, which play a line is from, the next line.
+- `poetry_dialogue`, `shakespeare_dialogue`: multi-turn conversations from the same TRAIN files, whose later
+  questions refer back ("write the poem titled X" -> "who wrote it?" -> sometimes "the line after Y?";
+  "which line follows Y?" -> "who says them?" -> sometimes "which play is that?").
 - `self`: "who are you" questions and answers written for this project (name and author are options of the
   build script), repeated to weigh them up.
+- System prompts: {system_share:.0%} of the conversations (drawn with the seed, any source) start with one of a
+  few zh/en system prompts (`babyllama/sft_data.py` `system_prompts`); the rest have none.
 - `choice_eval.jsonl` uses the HELD-OUT corpus files only; nothing in it is trained on.
 
 ## chatterbot-corpus licence
