@@ -5,7 +5,9 @@ One PPO iteration
 1. Rollout: sample a response for each of `rollout_size` prompts with the policy (`Generator`, KV cache, left-padded
    prompts; plain sampling at `temperature`, no top-k/top-p, so the samples come from the distribution we score).
 2. Score: log-probs of the response tokens under the policy (`old_logp`) and the frozen reference (the SFT
-   model), values from the value head, and one reward-model score per sequence.
+   model), values from the value head, and one reward-model score per sequence, read on prompt + reply +
+   `<|im_end|>` as the reward model was trained (`Rollout.reward_inputs`). Rows are scored in chunks of the
+   minibatch size (`in_chunks`), so only one chunk's (chunk, T, vocab) logits exist at a time.
 3. Rewards per response token: `-kl_coef * (old_logp - ref_logp)`, plus the score on the last response token
    (`per_token_rewards`); advantages and returns by GAE over the response tokens (`gae`), advantages whitened
    over the rollout (`masked_whiten`).
@@ -22,7 +24,9 @@ with a fresh rollout).
 
 Memory: resident are the policy (its backbone also carries the value head, so actor and critic share one copy),
 the frozen reference and the frozen reward model: three backbones, plus AdamW state for the policy only. A separate
-critic (`PolicyWithValue(policy, critic_from(reward_model))`) makes it four, with AdamW state for two.
+critic (`PolicyWithValue(policy, critic_from(reward_model))`) makes it four, with AdamW state for two. The
+activation peak of a rollout is the scoring of one chunk (`experience(chunk_size=...)`, the minibatch size): its
+fp32 (chunk, P + R, vocab) logits, first the policy's then the reference's, the same size as a training step's.
 
 Tensor layout: a rollout is `[left-padded prompt | response]`, prompts padded to a common length P, so every
 response starts at column P; per-token tensors (log-probs, values, rewards, masks) are (B, R) over the response
@@ -31,10 +35,11 @@ columns. The response mask is a prefix: the sampled tokens up to and including t
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from dataclasses import dataclass, fields, replace
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from babyllama.distributed import all_reduce_mean
@@ -233,6 +238,7 @@ class Rollout:
     attention_mask: Tensor  # (B, P + R) 1 = real token
     position_ids: Tensor  # (B, P + R) counted over real tokens
     response_mask: Tensor  # (B, R) float, 1 up to and including the first stop token
+    stopped: Tensor  # (B,) bool: the reply ends with a stop token (else it was cut at max_new_tokens)
     prompt_len: int  # P
 
     @property
@@ -243,6 +249,20 @@ class Rollout:
         """Responses without padding (the stop token kept)."""
         lengths = self.response_mask.sum(1).long().tolist()
         return [row[:n] for row, n in zip(self.responses.tolist(), lengths)]
+
+    def rows(self, idx: slice) -> "Rollout":
+        return replace(self, **{f.name: getattr(self, f.name)[idx] for f in fields(self) if f.name != "prompt_len"})
+
+    def reward_inputs(self, end_id: int) -> tuple[Tensor, Tensor]:
+        """(input_ids, attention_mask), one column wider, of prompt + reply + `end_id` (`<|im_end|>`): the form the
+        reward model was trained on (`babyllama.preference.encode_side`). The stop token becomes `end_id`, and a
+        reply cut at max_new_tokens gets one appended (OpenRLHF likewise ends every sequence with EOS), so that
+        it is not scored out of distribution; the policy's tokens and log-probs are unchanged."""
+        ids, mask = F.pad(self.input_ids, (0, 1), value=end_id), F.pad(self.attention_mask, (0, 1))
+        end = self.prompt_len + self.response_mask.sum(1).long() - self.stopped.long()
+        rows = torch.arange(len(ids), device=ids.device)
+        ids[rows, end], mask[rows, end] = end_id, 1
+        return ids, mask
 
 
 def generate_rollout(policy: Llama, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
@@ -265,7 +285,7 @@ def generate_rollout(policy: Llama, prompts: Sequence[Sequence[int]], sampling: 
     response_mask = (~after_stop).long()
     attention_mask = torch.cat([prompt_mask, response_mask], 1)
     return Rollout(torch.cat([prompt_ids, responses], 1), attention_mask,
-                   (attention_mask.cumsum(1) - 1).clamp(min=0), response_mask.float(), P)
+                   (attention_mask.cumsum(1) - 1).clamp(min=0), response_mask.float(), is_stop.any(1), P)
 
 
 def response_slice(x: Tensor, prompt_len: int) -> Tensor:
@@ -282,14 +302,32 @@ def policy_outputs(model: nn.Module, roll: Rollout) -> tuple[Tensor, Tensor | No
     return response_slice(logits, P), None if values is None else response_slice(values, P)
 
 
+def in_chunks(fn: Callable[[Rollout], dict[str, Tensor]], roll: Rollout, size: int) -> dict[str, Tensor]:
+    """`fn` over chunks of `size` rows, its outputs concatenated: the (size, T, vocab) logits `fn` makes are freed
+    after each chunk, and `fn` keeps only per-token or per-row results."""
+    return concat([fn(roll.rows(slice(start, start + size))) for start in range(0, len(roll.input_ids), size)])
+
+
+def concat(parts: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """Per-row results of consecutive row chunks, joined along the rows."""
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
 @torch.no_grad()
 def experience(model: PolicyWithValue, ref: Llama, reward_model: nn.Module, roll: Rollout, kl_coef: float,
-               cfg: PPOConfig) -> tuple[dict[str, Any], dict[str, float]]:
-    """Everything the PPO loss needs for a rollout (a batch dict), and the rollout's statistics."""
-    logits, values = policy_outputs(model, roll)
-    ref_logits, _ = policy_outputs(ref, roll)
-    logp, ref_logp = token_logprobs(logits, roll.responses), token_logprobs(ref_logits, roll.responses)
-    score = reward_model(roll.input_ids, roll.attention_mask).float()
+               cfg: PPOConfig, end_id: int, chunk_size: int) -> tuple[dict[str, Any], dict[str, float]]:
+    """Everything the PPO loss needs for a rollout (a batch dict), and the rollout's statistics; the rollout is
+    scored in chunks of `chunk_size` rows (see `in_chunks`). `end_id`: see `Rollout.reward_inputs`."""
+    def scored(r: Rollout) -> dict[str, Tensor]:
+        logits, values = policy_outputs(model, r)
+        out = {"logp": token_logprobs(logits, r.responses), "values": values}
+        del logits  # before the reference's logits exist
+        out["ref_logp"] = token_logprobs(policy_outputs(ref, r)[0], r.responses)
+        out["score"] = reward_model(*r.reward_inputs(end_id)).float()
+        return out
+
+    s = in_chunks(scored, roll, chunk_size)
+    logp, ref_logp, values, score = s["logp"], s["ref_logp"], s["values"], s["score"]
     mask = roll.response_mask
     rewards, kl = per_token_rewards(score, logp, ref_logp, mask, kl_coef)
     advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
@@ -340,12 +378,12 @@ class RolloutLoader:
     `trainer.extra_state` (read at every rollout), so a resumed trainer continues with them."""
 
     def __init__(self, trainer: Trainer, ref: Llama, reward_model: nn.Module, prompts: Sequence[Sequence[int]],
-                 cfg: PPOConfig, batch_size: int, stop_ids: Sequence[int], pad_id: int, seed: int = 0):
+                 cfg: PPOConfig, batch_size: int, stop_ids: Sequence[int], pad_id: int, end_id: int, seed: int = 0):
         if not prompts:
             raise ValueError("RolloutLoader needs at least one prompt")
         self.trainer, self.ref, self.reward_model = trainer, ref, reward_model
         self.prompts, self.cfg, self.batch_size = list(prompts), cfg, batch_size
-        self.stop_ids, self.pad_id, self.seed = list(stop_ids), pad_id, seed
+        self.stop_ids, self.pad_id, self.end_id, self.seed = list(stop_ids), pad_id, end_id, seed
         self.kl_ctl = kl_controller(cfg)
         self.sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=0,
                                        top_p=1.0)
@@ -371,7 +409,8 @@ class RolloutLoader:
         model.eval()
         with self.trainer.autocast():  # the precision the loss runs in, so that old and new log-probs agree
             roll = generate_rollout(model.policy, self.next_prompts(), self.sampling, self.stop_ids, self.pad_id)
-            batch, stats = experience(model, self.ref, self.reward_model, roll, self.kl_ctl.value, self.cfg)
+            batch, stats = experience(model, self.ref, self.reward_model, roll, self.kl_ctl.value, self.cfg,
+                                      self.end_id, self.batch_size)
         model.train()
         # every rank must update the coefficient with the same KL, or their coefficients drift apart
         kl = float(all_reduce_mean(torch.tensor(stats["kl"], device=roll.input_ids.device)))
@@ -388,22 +427,28 @@ class RolloutLoader:
 
 # ======================================================================= evaluation
 @torch.no_grad()
-def evaluate_policy(policy: Llama, ref: Llama, reward_model: nn.Module, prompts: Sequence[Sequence[int]],
-                    sampling: SamplingConfig, stop_ids: Sequence[int], pad_id: int, batch_size: int = 16,
-                    seed: int = 0) -> dict[str, float]:
-    """Mean reward-model score, KL(policy || ref) per response (exact per-token KL summed over the sampled
-    tokens) and response length over responses sampled for `prompts` with a fixed seed."""
+def evaluate_policy(policy: Llama, ref: Llama | None, reward_model: nn.Module | None, prompts: Sequence[Sequence[int]],
+                    sampling: SamplingConfig, stop_ids: Sequence[int], pad_id: int, end_id: int, batch_size: int = 16,
+                    seed: int = 0, chunk_size: int | None = None) -> dict[str, float]:
+    """Over responses sampled for `prompts` with a fixed seed: the mean reward-model `score` (without a reward
+    model: none), `kl` = KL(policy || ref) per response, the exact per-token KL summed over the response tokens
+    (without a ref: none), and `response_len`. Generation runs `batch_size` prompts at a time, the scoring
+    `chunk_size` rows at a time (default: the whole generation batch); `end_id`: see `Rollout.reward_inputs`."""
+    def measured(r: Rollout) -> dict[str, Tensor]:
+        out = {}
+        if reward_model is not None:
+            out["score"] = reward_model(*r.reward_inputs(end_id)).float()
+        if ref is not None:
+            logits, _ = policy_outputs(policy, r)
+            out["kl"] = (kl_divergence(logits, policy_outputs(ref, r)[0]) * r.response_mask).sum(1)
+        return {**out, "response_len": r.response_mask.sum(1)}
+
     was_training = policy.training
     policy.eval()
     rng = torch.Generator(device=policy.lm_head.weight.device).manual_seed(seed)
-    scores, kls, lengths = [], [], []
+    parts = []
     for start in range(0, len(prompts), batch_size):
         roll = generate_rollout(policy, prompts[start:start + batch_size], sampling, stop_ids, pad_id, rng)
-        logits, _ = policy_outputs(policy, roll)
-        ref_logits, _ = policy_outputs(ref, roll)
-        scores.append(reward_model(roll.input_ids, roll.attention_mask).float())
-        kls.append((kl_divergence(logits, ref_logits) * roll.response_mask).sum(1))
-        lengths.append(roll.response_mask.sum(1))
+        parts.append(in_chunks(measured, roll, chunk_size or len(roll.input_ids)))
     policy.train(was_training)
-    return {"score": torch.cat(scores).mean().item(), "kl": torch.cat(kls).mean().item(),
-            "response_len": torch.cat(lengths).mean().item()}
+    return {k: v.mean().item() for k, v in concat(parts).items()}

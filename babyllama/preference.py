@@ -71,10 +71,21 @@ def read_pairs(path: str | Path, fmt: str = "auto") -> list[PreferencePair]:
                             "needs 'chosen' and 'rejected' (and 'prompt' unless they are hh-rlhf texts)")
         if fmt == "auto":
             fmt = detect_format(record)
-        out.append(_hh_pair(record, loc) if fmt == "hh" else _pairs_pair(record, loc))
+        out.append(_checked(_hh_pair(record, loc) if fmt == "hh" else _pairs_pair(record, loc), loc))
     if not out:
         raise UserError(f"{path}: no records")
     return out
+
+
+def _checked(pair: PreferencePair, loc: str) -> PreferencePair:
+    """Refuse pairs that teach nothing: an empty reply, or the same reply on both sides."""
+    for key in ("chosen", "rejected"):
+        if not getattr(pair, key).strip():
+            raise UserError(f"{loc}: field '{key}' has an empty reply; drop the record or fill in the reply")
+    if pair.chosen == pair.rejected:
+        raise UserError(f"{loc}: fields 'chosen' and 'rejected' have the same reply; a pair needs two different "
+                        "replies, drop the record")
+    return pair
 
 
 def detect_format(record: dict) -> str:
@@ -141,16 +152,25 @@ def _split_hh(text: Any, key: str, loc: str) -> tuple[list[Message], str]:
 
 
 def read_prompts(path: str | Path) -> list[list[Message]]:
-    """Prompts for generation: records with `messages` (a list) or `prompt` (a string or a list)."""
+    """Prompts for generation: records with `messages` (a list) or `prompt` (a string or a list), each up to its
+    last non-assistant message (trailing assistant replies are dropped: what the policy is asked to answer)."""
     out = []
     for loc, record in iter_json_records(path):
-        value = record.get("messages", record.get("prompt")) if isinstance(record, dict) else None
+        key = "messages" if isinstance(record, dict) and "messages" in record else "prompt"
+        value = record.get(key) if isinstance(record, dict) else None
         if value is None:
             raise UserError(f"{loc}: expected an object with 'messages' (chat messages) or 'prompt'")
-        out.append(_prompt_messages(value, loc))
+        out.append(_without_replies(_prompt_messages(value, loc), f"{loc}: field '{key}'"))
     if not out:
         raise UserError(f"{path}: no prompts")
     return out
+
+
+def _without_replies(messages: list[Message], loc: str) -> list[Message]:
+    end = max((i + 1 for i, m in enumerate(messages) if m["role"] != "assistant"), default=0)
+    if not any(m["role"] == "user" for m in messages[:end]):
+        raise UserError(f"{loc} has no user message to answer (trailing assistant replies are dropped); add one")
+    return messages[:end]
 
 
 # ======================================================================= builders from shipped material

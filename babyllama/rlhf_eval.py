@@ -1,76 +1,104 @@
-"""Evaluation of a policy on held-out prompts: generate replies, score them with a reward model, measure the KL
-to the reference (SFT) model on those replies. Used by the RLHF stages to report before/after numbers.
+"""Held-out evaluation of a policy, shared by the RLHF stages (rlhf/ppo.py, rlhf/dpo.py) so that their numbers
+compare. `HeldOut.measure(policy, ref, reward_model)` gives:
 
-A reply is scored as the reward model was trained: prompt (chat template) + reply tokens + `<|im_end|>`.
-KL = mean over reply tokens of log pi(token) - log pi_ref(token) on the policy's own replies: with sampled
-replies (temperature 1) a per-token Monte-Carlo estimate of KL(pi || pi_ref); with greedy replies the mean
-log-ratio on the policy's preferred tokens, which can be negative when the policy became flatter than the
-reference. 0 for the reference itself.
+- `score`, `kl`, `response_len` on replies sampled from the policy to the held-out prompts (a fixed seed, the
+  sampling temperature, at most max_new_tokens; `babyllama.ppo.evaluate_policy`): the reward model's mean score;
+  KL(policy || ref) per reply, the exact KL between the two next-token distributions summed over the reply tokens
+  (>= 0, 0 for the reference itself; at temperature 1 an unbiased estimate of the KL between the reply
+  distributions); the mean reply length in tokens (the stop token included);
+- `greedy_score`: the reward model's mean score of the greedy replies (deterministic);
+- `choice_acc` (and per language): held-out multiple-choice accuracy (`babyllama.choice_eval`).
+
+Replies are scored as the reward model was trained: prompt + reply + `<|im_end|>`, also when a reply was cut at
+max_new_tokens (`babyllama.ppo.Rollout.reward_inputs`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Sequence
+import argparse
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import replace
+from typing import Any, Callable, Sequence
 
-import torch
 from torch import nn
 
-from babyllama.chat import IM_END, Message, render_prompt, special_id, stop_ids
-from babyllama.dpo import sequence_logps
-from babyllama.generation import Generator, SamplingConfig
+from babyllama.chat import IM_END, render_prompt, special_id, stop_ids
+from babyllama.choice_eval import choice_accuracy, load_choice_items
+from babyllama.errors import UserError
+from babyllama.generation import SamplingConfig
 from babyllama.model import Llama
-from babyllama.preference import pad_rows
+from babyllama.ppo import evaluate_policy
+from babyllama.preference import read_prompts
+from babyllama.runs import REPO_ROOT
+
+LABELS = {"score": "score", "kl": "KL to SFT (nats/reply)", "response_len": "reply tokens",
+          "greedy_score": "greedy score"}
 
 
-@dataclass
-class Generations:
-    prompts: list[list[int]]
-    replies: list[list[int]]  # without the stop token
-
-    def rows(self, im_end: int) -> list[tuple[list[int], int]]:
-        """(prompt + reply + <|im_end|>, prompt length) of each generation."""
-        return [(p + r + [im_end], len(p)) for p, r in zip(self.prompts, self.replies)]
-
-
-@torch.no_grad()
-def generate_replies(model: Llama, tokenizer: Any, prompts: Sequence[list[Message]], max_new_tokens: int = 64,
-                     temperature: float = 0.0, batch_size: int = 16, system: str | None = None,
-                     seed: int = 0) -> Generations:
-    """Replies of `model` to chat prompts (greedy by default), fitted to the model's max_seq_len."""
-    was_training = model.training
-    model.eval()
-    ids = [render_prompt(p, tokenizer, system)[-(model.config.max_seq_len - max_new_tokens - 1):] for p in prompts]
-    cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature)
-    gen, rng = Generator(model), torch.Generator().manual_seed(seed)
-    replies = []
-    for start in range(0, len(ids), batch_size):
-        replies += gen.generate(ids[start:start + batch_size], cfg, stop_ids(tokenizer), rng)
-    model.clear_cache()  # free the KV cache before training or scoring
-    model.train(was_training)
-    return Generations(ids, replies)
+def add_heldout_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--eval-prompts", default=str(REPO_ROOT / "data" / "preference" / "prompts_heldout.jsonl"),
+                        help="held-out prompts for the before/after score and KL ('none' = skip)")
+    parser.add_argument("--eval-prompt-count", type=int, default=None,
+                        help="use the first N held-out prompts that fit (default: all)")
+    parser.add_argument("--choice-data", default=str(REPO_ROOT / "data" / "sft" / "choice_eval.jsonl"),
+                        help="multiple-choice items for accuracy before/after (babyllama/choice_eval.py); 'none' = skip")
+    parser.add_argument("--eval-batch-size", type=int, default=32, help="prompts per batch when evaluating")
 
 
-@torch.no_grad()
-def reward_scores(reward_model: nn.Module, gens: Generations, tokenizer: Any, batch_size: int = 16) -> torch.Tensor:
-    """Reward-model score of each generated reply, (N,) on CPU."""
-    device = next(reward_model.parameters()).device
-    rows = gens.rows(special_id(tokenizer, IM_END))
-    out = []
-    for start in range(0, len(rows), batch_size):
-        ids, mask, _ = pad_rows(rows[start:start + batch_size], tokenizer.pad_id)
-        out.append(reward_model(ids.to(device), mask.to(device)).float().cpu())
-    return torch.cat(out)
+def check_reply_budget(max_prompt_len: int, max_new_tokens: int, max_seq_len: int) -> None:
+    if max_prompt_len + max_new_tokens > max_seq_len:
+        raise UserError(f"--max-prompt-len {max_prompt_len} + --max-new-tokens {max_new_tokens} exceeds the "
+                        f"model's max_seq_len {max_seq_len}; lower one of them")
 
 
-@torch.no_grad()
-def kl_to_reference(policy: nn.Module, reference: nn.Module, gens: Generations, tokenizer: Any,
-                    batch_size: int = 16) -> float:
-    """Mean per-token log pi - log pi_ref over the reply tokens (and <|im_end|>) of `gens`."""
-    device = next(policy.parameters()).device
-    rows = gens.rows(special_id(tokenizer, IM_END))
-    diff, tokens = 0.0, 0
-    for start in range(0, len(rows), batch_size):
-        batch = tuple(t.to(device) for t in pad_rows(rows[start:start + batch_size], tokenizer.pad_id))
-        diff += float((sequence_logps(policy, *batch) - sequence_logps(reference, *batch)).sum())
-        tokens += int(batch[2][:, 1:].sum())
-    return diff / max(tokens, 1)
+def fitting_prompts(paths: Sequence[str], tokenizer: Any, max_len: int, system: str | None) -> list[list[int]]:
+    """Distinct rendered prompts (`read_prompts`: replies dropped) of at most `max_len` tokens, in file order."""
+    seen: dict[tuple[int, ...], None] = {}
+    for path in paths:
+        for messages in read_prompts(path):
+            ids = tuple(render_prompt(messages, tokenizer, system))
+            if len(ids) <= max_len:
+                seen.setdefault(ids)
+    if not seen:
+        raise UserError(f"{', '.join(paths)}: no prompt of at most {max_len} tokens; raise --max-prompt-len")
+    return [list(ids) for ids in seen]
+
+
+class HeldOut:
+    """The before/after numbers of an RLHF stage (see the module docstring) on fixed prompts and choice items."""
+
+    def __init__(self, args: argparse.Namespace, tokenizer: Any, sampling: SamplingConfig, max_prompt_len: int,
+                 seed: int, chunk_size: int | None = None,
+                 precision: Callable[[], AbstractContextManager] = nullcontext):
+        """`args`: the `add_heldout_flags` flags and `--system`; `chunk_size`: see `evaluate_policy`; `precision`:
+        e.g. `trainer.autocast`, to evaluate in the precision the policy trains in."""
+        self.tok, self.sampling, self.seed, self.chunk_size = tokenizer, sampling, seed, chunk_size
+        self.precision = precision
+        self.system, self.batch_size = args.system, args.eval_batch_size
+        off = args.eval_prompts.lower() == "none"
+        self.prompts = [] if off else fitting_prompts([args.eval_prompts], tokenizer, max_prompt_len,
+                                                      args.system)[: args.eval_prompt_count]
+        self.items = None if args.choice_data.lower() == "none" else load_choice_items(args.choice_data)
+
+    def sampled(self, policy: Llama, ref: Llama | None, reward_model: nn.Module | None,
+                sampling: SamplingConfig | None = None) -> dict[str, float]:
+        """score / kl / response_len of replies sampled for the held-out prompts (greedy at temperature 0)."""
+        if not self.prompts:
+            return {}
+        with self.precision():
+            return evaluate_policy(policy, ref, reward_model, self.prompts, sampling or self.sampling,
+                                   stop_ids(self.tok), self.tok.pad_id, special_id(self.tok, IM_END), self.batch_size,
+                                   self.seed, self.chunk_size)
+
+    def measure(self, policy: Llama, ref: Llama | None, reward_model: nn.Module | None) -> dict[str, float]:
+        out = self.sampled(policy, ref, reward_model)
+        if self.prompts and reward_model is not None:
+            greedy = self.sampled(policy, None, reward_model, replace(self.sampling, temperature=0.0))
+            out["greedy_score"] = greedy["score"]
+        if self.items:
+            with self.precision():
+                out.update(choice_accuracy(policy, self.tok, self.items, self.batch_size, system=self.system))
+        return out
+
+
+def describe(m: dict[str, float]) -> str:
+    return ", ".join(f"{LABELS.get(k, k)} {v:.4g}" for k, v in m.items())

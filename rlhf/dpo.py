@@ -10,10 +10,10 @@
 Starts from the newest out/<name>/sft checkpoint (or --init); the reference is the same weights, frozen. Logs the
 loss and the implicit rewards (reward_accuracy, chosen_reward, rejected_reward, reward_margin; val_* on
 --valid-data) to out/<name>/dpo/log.jsonl and TensorBoard (runs/<name>/dpo). At the end, prints for the SFT model
-and the DPO policy: the reward-model score of greedy replies to held-out prompts (when out/<name>/reward or
---reward-model has a checkpoint), the KL of the policy to the SFT model on its replies, and held-out
-multiple-choice accuracy (babyllama/choice_eval.py). Checkpoints in out/<name>/dpo load with
-`babyllama.checkpoint.load_model` like any language model.
+and the DPO policy the held-out numbers rlhf/ppo.py prints (babyllama/rlhf_eval.py): on replies sampled with a
+fixed seed, the reward-model score (when out/<name>/reward or --reward-model has a checkpoint) and the KL to the
+SFT model per reply; the score of greedy replies; held-out multiple-choice accuracy. Checkpoints in out/<name>/dpo
+load with `babyllama.checkpoint.load_model` like any language model.
 """
 from __future__ import annotations
 
@@ -28,17 +28,17 @@ import torch  # noqa: E402
 
 from babyllama import callbacks as cb  # noqa: E402
 from babyllama.checkpoint import latest_checkpoint  # noqa: E402
-from babyllama.choice_eval import choice_accuracy, load_choice_items  # noqa: E402
 from babyllama.cli import main_guard  # noqa: E402
 from babyllama.distributed import shutdown  # noqa: E402
 from babyllama.errors import UserError  # noqa: E402
 from babyllama.dpo import DPOLoss, frozen_reference, precompute_reference_logps  # noqa: E402
+from babyllama.generation import SamplingConfig  # noqa: E402
 from babyllama.model import Llama  # noqa: E402
-from babyllama.preference import (SHIPPED, add_preference_flags, evaluate_pairs, preference_loaders,  # noqa: E402
-                                  read_prompts)
+from babyllama.ppo import PPOConfig  # noqa: E402
+from babyllama.preference import add_preference_flags, evaluate_pairs, preference_loaders  # noqa: E402
 from babyllama.reward_model import load_reward_model  # noqa: E402
-from babyllama.rlhf_eval import Generations, generate_replies, kl_to_reference, reward_scores  # noqa: E402
-from babyllama.runs import REPO_ROOT, RunPaths, model_config_for  # noqa: E402
+from babyllama.rlhf_eval import HeldOut, add_heldout_flags, check_reply_budget, describe  # noqa: E402
+from babyllama.runs import RunPaths, model_config_for  # noqa: E402
 from babyllama.stage import (compile_from_run, init_checkpoint, load_init_model, load_stage_tokenizer,  # noqa: E402
                              parse_stage_args, resume_if_asked, standard_callbacks)
 from babyllama.tokenizer import Tokenizer  # noqa: E402
@@ -51,48 +51,31 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--label-smoothing", type=float, default=0.0, help="assumed share of flipped labels (cDPO)")
     parser.add_argument("--precompute-ref", action="store_true",
                         help="score all pairs with the reference before training, then free it (1 model copy)")
-    parser.add_argument("--eval-prompts", default=str(SHIPPED / "prompts_heldout.jsonl"),
-                        help="held-out prompts for the before/after report ('none' = skip)")
-    parser.add_argument("--eval-prompt-count", type=int, default=32)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    add_heldout_flags(parser)
+    # the held-out replies are sampled as rlhf/ppo.py samples them (temperature 1), with its default budgets
+    parser.add_argument("--max-new-tokens", type=int, default=PPOConfig.max_new_tokens, help="held-out reply budget")
+    parser.add_argument("--max-prompt-len", type=int, default=PPOConfig.max_prompt_len,
+                        help="longer held-out prompts are skipped")
     parser.add_argument("--reward-model", default=None, help="reward checkpoint (default: out/<name>/reward if any)")
-    parser.add_argument("--choice-data", default=str(REPO_ROOT / "data" / "sft" / "choice_eval.jsonl"),
-                        help="multiple-choice items ('none' = skip)")
 
 
 class Report:
-    """Before/after numbers on held-out prompts and multiple-choice items."""
+    """Before/after numbers (`babyllama.rlhf_eval.HeldOut`); the reward model is loaded only while measuring."""
 
-    def __init__(self, args: argparse.Namespace, paths: RunPaths, tok: Tokenizer, device: torch.device):
-        self.args, self.tok, self.device = args, tok, device
-        off = args.eval_prompts.lower() == "none"
-        self.prompts = [] if off else read_prompts(args.eval_prompts)[: args.eval_prompt_count]
+    def __init__(self, args: argparse.Namespace, paths: RunPaths, tok: Tokenizer, max_seq_len: int, seed: int,
+                 chunk_size: int, device: torch.device):
+        check_reply_budget(args.max_prompt_len, args.max_new_tokens, max_seq_len)
+        sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=1.0, top_k=0, top_p=1.0)
+        self.heldout = HeldOut(args, tok, sampling, args.max_prompt_len, seed, chunk_size)
         rm = args.reward_model or paths.stage("reward")
         self.reward_path = rm if latest_checkpoint(rm) or Path(rm).is_file() else None
         if args.reward_model and self.reward_path is None:
             raise UserError(f"--reward-model {rm}: no checkpoint there; train one with reward/reward.py")
-        self.items = None if args.choice_data.lower() == "none" else load_choice_items(args.choice_data)
+        self.device = device
 
-    def measure(self, model: Llama, reference: Llama | None = None) -> dict[str, float]:
-        out: dict[str, float] = {}
-        if self.prompts:
-            gens = generate_replies(model, self.tok, self.prompts, self.args.max_new_tokens, system=self.args.system)
-            out["reply_tokens"] = sum(map(len, gens.replies)) / len(gens.replies)
-            if self.reward_path:
-                out["reward"] = self._reward(gens)
-            if reference is not None:
-                out["kl"] = kl_to_reference(model, reference, gens, self.tok)
-        if self.items:
-            out.update(choice_accuracy(model, self.tok, self.items, device=self.device, system=self.args.system))
-        return out
-
-    def _reward(self, gens: Generations) -> float:
-        rm = load_reward_model(self.reward_path, self.device)  # loaded only while scoring
-        return float(reward_scores(rm, gens, self.tok).mean())
-
-
-def describe(m: dict[str, float]) -> str:
-    return ", ".join(f"{k} {v:.4g}" for k, v in m.items())
+    def measure(self, model: Llama, reference: Llama) -> dict[str, float]:
+        rm = load_reward_model(self.reward_path, self.device) if self.reward_path else None
+        return self.heldout.measure(model, reference, rm)
 
 
 def main() -> None:
@@ -102,12 +85,12 @@ def main() -> None:
     init = init_checkpoint(run.init, paths, "sft")
     train_loader, valid_loader = preference_loaders(args, tok, cfg.max_seq_len, run.batch_size, run.seed,
                                                     env.rank, env.world_size)
-    report = Report(args, paths, tok, env.device)
+    report = Report(args, paths, tok, cfg.max_seq_len, run.seed, run.batch_size, env.device)
 
     torch.manual_seed(run.seed)
     policy = load_init_model(init, cfg).to(env.device).train()
     reference = frozen_reference(policy)
-    before = report.measure(reference) if env.is_main else {}
+    before = report.measure(reference, reference) if env.is_main else {}
     if args.precompute_ref:
         for loader in (train_loader, valid_loader):
             precompute_reference_logps(reference, loader.dataset, run.batch_size, env.device)

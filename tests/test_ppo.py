@@ -1,34 +1,25 @@
-"""PPO: GAE, clipped losses and KL controllers against hand-computed values; rollouts; a tiny PPO run that raises
-a deterministic reward on held-out prompts with bounded KL; PPO checkpoints load as language models."""
-import importlib.util
-import json
+"""PPO: GAE, clipped losses and KL controllers against hand-computed values; rollouts, their reward-model inputs and
+chunked scoring; a tiny PPO run that raises a trained reward model's score on held-out prompts with bounded KL;
+PPO checkpoints load as language models. The rlhf/ppo.py script: tests/test_rlhf_scripts.py."""
 import math
-import random
-import subprocess
-import sys
-from dataclasses import replace
 from types import SimpleNamespace
-from pathlib import Path
 
 import pytest
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from babyllama.chat import render_prompt, stop_ids
+from babyllama.chat import IM_END, render_prompt, special_id, stop_ids
 from babyllama.checkpoint import latest_checkpoint, load_model
 from babyllama.config import ModelConfig
 from babyllama.distributed import DistEnv
-from babyllama.errors import UserError
 from babyllama.generation import Generator, SamplingConfig
 from babyllama.model import Llama
-from babyllama.reward_model import RewardModel, mark_reward_checkpoint
-from babyllama.runs import model_config_for, run_preset
-from babyllama.ppo import (AdaptiveKLController, FixedKLController, PolicyWithValue, PPOConfig, RolloutLoader,
-                           critic_from, evaluate_policy, frozen_copy, gae, generate_rollout, make_ppo_loss, masked_whiten,
-                           per_token_rewards, policy_loss, value_loss)
+from babyllama.reward_model import RewardModel
+from babyllama.ppo import (AdaptiveKLController, FixedKLController, PolicyWithValue, PPOConfig, Rollout,
+                           RolloutLoader, critic_from, evaluate_policy, experience, frozen_copy, gae, generate_rollout,
+                           make_ppo_loss, masked_whiten, per_token_rewards, policy_loss, value_loss)
 from babyllama.trainer import Trainer
-
-ROOT = Path(__file__).resolve().parents[1]
+from pref_fixtures import make_tokenizer, synthetic_pairs, train_reward_model
 
 
 def test_gae_hand_computed():
@@ -102,40 +93,25 @@ def test_adaptive_kl_controller_moves_towards_target():
 
 
 # ---- rollouts and the loop ----
-WORDS = ("moon river song light stone water wind flower night star cloud rain snow sun tree bird "
-         "mountain leaf dream road sea fire home heart friend king queen sword crown").split()
-
-
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
-    from babyllama.tokenizer import train_tokenizer
-    rng = random.Random(0)
-    texts = [" ".join(rng.choices(WORDS, k=12)) for _ in range(600)]
-    with pytest.warns(UserWarning, match="many pieces will be rare"):  # a small text is all these tests need
-        return train_tokenizer(texts, 320, tmp_path_factory.mktemp("tok"))
+    return make_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
-def tiny_policy(vocab: int) -> Llama:
-    torch.manual_seed(0)
+def tiny_policy(vocab: int, seed: int = 0) -> Llama:
+    torch.manual_seed(seed)
     return Llama(ModelConfig(vocab_size=vocab, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,
                              max_seq_len=128))
 
 
-def chat_prompts(tok, n: int, seed: int) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [render_prompt([{"role": "user", "content": " ".join(rng.choices(WORDS, k=3))}], tok) for _ in range(n)]
-
-
-class TokenSetReward(nn.Module):
-    """Deterministic stand-in with the RewardModel interface: how many of a row's real tokens are in `targets`
-    (tokens the prompts never use, so only the response counts)."""
-
-    def __init__(self, targets: Tensor):
-        super().__init__()
-        self.register_buffer("targets", targets)
-
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        return (torch.isin(input_ids, self.targets).float() * attention_mask).sum(1)
+def pair_prompts(tok, n: int, seed: int) -> list[list[int]]:
+    """Distinct rendered prompts of `synthetic_pairs` (the reward model's questions, "how are you <0-99>?")."""
+    out = []
+    for p in synthetic_pairs(n, seed):
+        ids = render_prompt(p.prompt, tok)
+        if ids not in out:
+            out.append(ids)
+    return out
 
 
 def test_rollout_masks_and_padding(tok):
@@ -148,10 +124,46 @@ def test_rollout_masks_and_padding(tok):
     assert roll.prompt_len == 4 and roll.input_ids[1, :2].tolist() == [tok.pad_id] * 2
     assert roll.attention_mask[1, :4].tolist() == [0, 0, 1, 1] and roll.position_ids[1, 2:4].tolist() == [0, 1]
     cut = Generator(policy).generate(prompts, greedy, stop_ids=[stop])
-    for row, want, ids in zip(roll.response_lists(), cut, roll.responses.tolist()):
+    for row, want, ids, stopped in zip(roll.response_lists(), cut, roll.responses.tolist(), roll.stopped.tolist()):
         assert row[:len(want)] == want and len(row) in (len(want), len(want) + 1)  # the stop token is kept
         assert ids[len(row):] == [tok.pad_id] * (len(ids) - len(row))
-    assert roll.response_lists()[0] == free[0][:3]
+        assert stopped == (len(row) == len(want) + 1)
+    assert roll.response_lists()[0] == free[0][:3] and roll.stopped[0]
+
+
+def test_reward_inputs_end_every_reply_with_im_end():
+    """The reward model reads prompt + reply + <|im_end|> (as in training): the stop token becomes <|im_end|>,
+    a reply cut at max_new_tokens gets one appended."""
+    END, EOS, PAD = 5, 2, 3
+    ids = torch.tensor([[7, 8, 9, END, PAD, PAD],  # stopped at <|im_end|>
+                        [7, 8, 9, 10, 11, 12],  # cut at max_new_tokens (R = 4)
+                        [PAD, 8, EOS, PAD, PAD, PAD]])  # stopped at </s> at once: an empty reply
+    response_mask = torch.tensor([[1.0, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
+    attention_mask = torch.cat([(ids[:, :2] != PAD).long(), response_mask.long()], 1)
+    roll = Rollout(ids, attention_mask, (attention_mask.cumsum(1) - 1).clamp(min=0), response_mask,
+                   torch.tensor([True, False, True]), 2)
+    got_ids, got_mask = roll.reward_inputs(END)
+    assert got_ids.shape == (3, 7)
+    assert [r[m.bool()].tolist() for r, m in zip(got_ids, got_mask)] == \
+        [[7, 8, 9, END], [7, 8, 9, 10, 11, 12, END], [8, END]]
+    assert got_mask[2].tolist() == [0, 1, 1, 0, 0, 0, 0]  # still left-padded, right-padded after <|im_end|>
+
+
+def test_scoring_in_chunks_matches_one_pass(tok):
+    model = PolicyWithValue(tiny_policy(tok.vocab_size))
+    nn.init.normal_(model.value.weight)
+    ref, rm = frozen_copy(tiny_policy(tok.vocab_size, seed=1)), RewardModel(tiny_policy(tok.vocab_size).config)
+    prompts = pair_prompts(tok, 5, seed=3) + [[1, 7], [1, 7, 9, 11, 13, 15, 17, 19, 21, 23]]  # mixed lengths
+    sampling = SamplingConfig(max_new_tokens=6, temperature=1.0, top_k=0, top_p=1.0)
+    stops, end = stop_ids(tok), special_id(tok, IM_END)
+    roll = generate_rollout(model.policy, prompts, sampling, stops, tok.pad_id, torch.Generator().manual_seed(0))
+    whole, stats = experience(model, ref, rm, roll, 0.1, PPOConfig(), end, chunk_size=len(prompts))
+    chunked, chunked_stats = experience(model, ref, rm, roll, 0.1, PPOConfig(), end, chunk_size=3)
+    for key in ("old_logp", "old_values", "returns", "advantages"):
+        torch.testing.assert_close(chunked[key], whole[key], atol=1e-5, rtol=1e-5)
+    assert chunked_stats == pytest.approx(stats, abs=1e-5) and stats["kl"] != 0
+    args = (model.policy, ref, rm, prompts, sampling, stops, tok.pad_id, end)
+    assert evaluate_policy(*args, batch_size=4, chunk_size=2) == pytest.approx(evaluate_policy(*args, batch_size=4))
 
 
 def test_prompt_order_covers_every_prompt_per_pass_and_survives_resume():
@@ -159,7 +171,7 @@ def test_prompt_order_covers_every_prompt_per_pass_and_survives_resume():
     cfg = PPOConfig(rollout_size=3)
 
     def loader(state):
-        return RolloutLoader(SimpleNamespace(extra_state=state), None, None, prompts, cfg, 2, [2], 3, seed=7)
+        return RolloutLoader(SimpleNamespace(extra_state=state), None, None, prompts, cfg, 2, [2], 3, 5, seed=7)
 
     state = {}
     one = loader(state)
@@ -172,21 +184,23 @@ def test_prompt_order_covers_every_prompt_per_pass_and_survives_resume():
     assert state["prompt_cursor"] == 12
 
 
-def test_tiny_ppo_run_raises_reward_with_bounded_kl(tok, tmp_path):
-    train_prompts, heldout = chat_prompts(tok, 64, seed=1), chat_prompts(tok, 32, seed=2)
-    in_prompts = {t for p in train_prompts + heldout for t in p}
-    reward = TokenSetReward(torch.tensor([t for t in range(6, 134) if t not in in_prompts]))  # ~40% of the vocab
+def test_tiny_ppo_run_raises_reward_model_score_with_bounded_kl(tok, tmp_path):
+    reward, _, rm_after = train_reward_model(tok)  # GOOD-word replies over BAD-word ones
+    assert rm_after["val_accuracy"] >= 0.95
+    reward.requires_grad_(False)
+    train_prompts = pair_prompts(tok, 160, seed=0)  # the reward model's training questions
+    heldout = [render_prompt([{"role": "user", "content": f"how are you {n}?"}], tok) for n in range(100, 132)]
     policy = tiny_policy(tok.vocab_size)
     ref = frozen_copy(policy)
-    stops = stop_ids(tok)
+    stops, end = stop_ids(tok), special_id(tok, IM_END)
     sampling = SamplingConfig(max_new_tokens=8, temperature=1.0, top_k=0, top_p=1.0)
-    before = evaluate_policy(policy, ref, reward, heldout, sampling, stops, tok.pad_id, seed=0)
+    before = evaluate_policy(policy, ref, reward, heldout, sampling, stops, tok.pad_id, end, seed=0)
 
-    cfg = PPOConfig(rollout_size=16, ppo_epochs=2, max_new_tokens=8, kl_coef=0.05, kl_target=1.0, kl_horizon=100)
+    cfg = PPOConfig(rollout_size=16, ppo_epochs=2, max_new_tokens=8, kl_coef=0.2, kl_target=1.0, kl_horizon=100)
     trainer = Trainer(PolicyWithValue(policy), DistEnv())
     trainer.compile(loss=make_ppo_loss(cfg), optimizer=torch.optim.Adam(trainer.module.parameters(), lr=1e-2))
     loader = RolloutLoader(trainer, ref, reward, train_prompts, cfg, batch_size=8, stop_ids=stops,
-                           pad_id=tok.pad_id, seed=0)
+                           pad_id=tok.pad_id, end_id=end, seed=0)
     logged = []
 
     class Keep:
@@ -194,15 +208,16 @@ def test_tiny_ppo_run_raises_reward_with_bounded_kl(tok, tmp_path):
         def on_step_end(self, t, logs): logged.append(logs)
         def on_train_end(self, t): ...
 
-    trainer.fit(loader, max_steps=24, callbacks=[Keep()])
-    after = evaluate_policy(policy, ref, reward, heldout, sampling, stops, tok.pad_id, seed=0)
+    trainer.fit(loader, max_steps=48, callbacks=[Keep()])
+    after = evaluate_policy(policy, ref, reward, heldout, sampling, stops, tok.pad_id, end, seed=0)
 
     assert before["kl"] == pytest.approx(0.0, abs=1e-5)
-    assert after["score"] > before["score"] + 1.0, (before, after)  # measured: 2.9 -> 4.8 target tokens of 8
-    assert 0 < after["kl"] < 10.0, after  # measured: 5.4 nats per response
+    # measured: score -0.80 -> +1.56 (the reward model scores GOOD-word replies ~+5, BAD-word ones ~-5)
+    assert after["score"] > before["score"] + 1.0, (before, after)
+    assert 0 < after["kl"] < 10.0, after  # measured: 6.5 nats per response of 8 tokens
     assert {"pg_loss", "vf_loss", "entropy", "clipfrac", "approx_kl", "score", "kl", "kl_coef"} <= set(logged[-1])
     assert trainer.extra_state["kl_coef"] != cfg.kl_coef  # the adaptive controller moved it
-    assert trainer.extra_state["prompt_cursor"] == 16 * 6  # one rollout of 16 prompts per 4 steps
+    assert trainer.extra_state["prompt_cursor"] == 16 * 12  # one rollout of 16 prompts per 4 steps
 
     trainer.save_checkpoint(str(tmp_path))
     lm = load_model(latest_checkpoint(tmp_path))
@@ -233,70 +248,3 @@ def test_value_head_shares_the_backbone_unless_a_critic_is_given(tok, tmp_path):
     trainer.save_checkpoint(str(tmp_path))
     with torch.no_grad():
         torch.testing.assert_close(load_model(tmp_path)(ids).logits, policy(ids).logits)
-
-
-# ---- the script ----
-def write_jsonl(path, records):
-    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    return str(path)
-
-
-def save_start_checkpoints(out, vocab: int) -> None:
-    """An (untrained) SFT checkpoint and a reward model on it, as the earlier stages would leave them."""
-    cfg = model_config_for(run_preset("baby", "ppo"), vocab)
-    cfg.max_seq_len = 64  # what --seq-len 64 asks for
-    torch.manual_seed(0)
-    for stage, model in (("sft", Llama(cfg)), ("reward", None)):
-        model = model if model is not None else RewardModel.from_lm(Llama(cfg))
-        trainer = Trainer(model, DistEnv())
-        trainer.compile(optimizer=torch.optim.SGD(model.parameters(), lr=0.0))
-        if stage == "reward":
-            mark_reward_checkpoint(trainer.extra_state)
-        trainer.save_checkpoint(str(out / "baby" / stage))
-
-
-def test_ppo_script_trains_logs_resumes_and_writes_a_chat_checkpoint(tok, tmp_path):
-    tok.save(tmp_path / "tok")
-    save_start_checkpoints(tmp_path / "out", tok.vocab_size)
-    rng = random.Random(3)
-    train = write_jsonl(tmp_path / "train.jsonl", [{"prompt": " ".join(rng.choices(WORDS, k=3))} for _ in range(20)])
-    heldout = write_jsonl(tmp_path / "heldout.jsonl", [
-        {"messages": [{"role": "user", "content": "moon river"}, {"role": "assistant", "content": "dropped"}]},
-        {"messages": [{"role": "user", "content": "king of the sea"}]}])
-    base = [sys.executable, str(ROOT / "rlhf" / "ppo.py"), "--name", "baby", "--out", str(tmp_path / "out"),
-            "--runs", str(tmp_path / "runs"), "--tokenizer", str(tmp_path / "tok"), "--seq-len", "64",
-            "--prompts", train, "--eval-prompts", heldout, "--choice-data", "none", "--rollout-size", "4",
-            "--batch-size", "4", "--max-new-tokens", "8", "--max-prompt-len", "40", "--eval-every", "2"]
-    first = subprocess.run(base + ["--max-steps", "4"], capture_output=True, text=True, cwd=ROOT)
-    assert first.returncode == 0, first.stderr[-2000:]
-    assert "after PPO  greedy: score" in first.stdout and "20 training prompts, 2 held-out" in first.stdout
-
-    again = subprocess.run(base + ["--max-steps", "6", "--resume"], capture_output=True, text=True, cwd=ROOT)
-    assert again.returncode == 0, again.stderr[-2000:]
-    ckpt = latest_checkpoint(tmp_path / "out" / "baby" / "ppo")
-    state = torch.load(ckpt, weights_only=False)
-    assert state["step"] == 6 and state["extra"]["prompt_cursor"] == 4 * 3  # rollouts at steps 1, 3, 5
-    logs = [json.loads(line) for line in (ckpt.parent / "log.jsonl").read_text().splitlines()]
-    assert [l["step"] for l in logs] == [1, 2, 3, 4, 5, 6] and "eval_score" in logs[1] and "kl_coef" in logs[-1]
-    assert load_model(ckpt).config.max_seq_len == 64
-    with pytest.raises(UserError, match="was trained without --separate-value"):
-        load_script().check_value_layout(SimpleNamespace(resume=True, separate_value=True), ckpt.parent)
-
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("ppo_script", ROOT / "rlhf" / "ppo.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script
-
-
-def test_ppo_script_refuses_replies_longer_than_the_model():
-    script = load_script()
-    cfg = ModelConfig(vocab_size=300, dim=32, n_layers=1, n_heads=4, ffn_dim=64, max_seq_len=64)
-    reward = RewardModel(cfg)
-    script.check_sizes(PPOConfig(max_prompt_len=40, max_new_tokens=24), cfg, reward)
-    with pytest.raises(UserError, match="exceeds the model's max_seq_len 64"):
-        script.check_sizes(PPOConfig(max_prompt_len=60, max_new_tokens=8), cfg, reward)
-    with pytest.raises(UserError, match="vocab_size 300 differs"):
-        script.check_sizes(PPOConfig(max_prompt_len=40, max_new_tokens=24), replace(cfg, vocab_size=400), reward)

@@ -113,6 +113,10 @@ def test_read_hh_format(tmp_path):
     ({"prompt": "q", "chosen": [U("x"), A("a")], "rejected": [U("y"), A("b")]}, "different messages"),
     ({"chosen": "\n\nHuman: q\n\nAssistant: a", "rejected": "just text"}, "field 'rejected' is not"),
     ({"chosen": "\n\nHuman: q\n\nAssistant: a", "rejected": "\n\nHuman: other\n\nAssistant: b"}, "differ before"),
+    ({"prompt": "q", "chosen": " ", "rejected": "b"}, "field 'chosen' has an empty reply"),
+    ({"prompt": "q", "chosen": "a", "rejected": [A("")]}, "field 'rejected' has an empty reply"),
+    ({"chosen": "\n\nHuman: q\n\nAssistant: a", "rejected": "\n\nHuman: q\n\nAssistant:"}, "'rejected' has an empty"),
+    ({"prompt": "q", "chosen": "same", "rejected": [A("same")]}, "'chosen' and 'rejected' have the same reply"),
 ])
 def test_malformed_records_name_file_and_line(tmp_path, bad, message):
     good = {"prompt": "q", "chosen": "a", "rejected": "b"} if "Human" not in str(bad) else \
@@ -127,6 +131,17 @@ def test_read_prompts_error_names_line(tmp_path):
     path = write(tmp_path / "p.jsonl", [{"messages": [U("q")]}, {"prompt": "q2"}, {"text": "x"}])
     with pytest.raises(UserError, match=f"{path}:3"):
         read_prompts(path)
+
+
+def test_read_prompts_drops_trailing_replies_and_needs_a_user_message(tmp_path):
+    path = write(tmp_path / "p.jsonl", [{"messages": [U("q1"), A("a1"), U("q2"), A("a2"), A("a3")]},
+                                        {"prompt": "q", "chosen": "good", "rejected": "bad"}])
+    assert read_prompts(path) == [[U("q1"), A("a1"), U("q2")], [U("q")]]
+    system = {"role": "system", "content": "be brief"}
+    path = write(tmp_path / "bad.jsonl", [{"prompt": "q"}, {"messages": [system, A("a reply")]}])
+    with pytest.raises(UserError, match=f"{path}:2: field 'messages' has no user message") as e:
+        read_prompts(path)
+    assert "\n" not in str(e.value)
 
 
 # ---------------------------------------------------------------- tokenization and batches

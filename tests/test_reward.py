@@ -35,6 +35,21 @@ def test_pooling_matches_unpadded_scores(left):
     torch.testing.assert_close(rm(ids.masked_fill(mask == 0, 7), mask), alone, atol=1e-5, rtol=1e-5)
 
 
+def test_pooling_with_padding_on_both_sides_of_a_row():
+    """A PPO rollout row: a left-padded prompt, then a reply right-padded after its stop token."""
+    torch.manual_seed(0)
+    rm = RewardModel(CFG).eval()
+    prompt, reply = torch.randint(6, 64, (3,)), torch.randint(6, 64, (2,))
+    ids = torch.cat([torch.full((2,), PAD), prompt, reply, torch.full((3,), PAD)])[None]
+    mask = (ids != PAD).long()
+    assert mask.tolist() == [[0, 0, 1, 1, 1, 1, 1, 0, 0, 0]]
+    alone = rm(torch.cat([prompt, reply])[None])
+    torch.testing.assert_close(rm(ids, mask), alone, atol=1e-5, rtol=1e-5)
+    other_row, other_mask = padded([torch.randint(6, 64, (10,))], 10, left=False)  # batched with a full row
+    both = rm(torch.cat([ids, other_row]), torch.cat([mask, other_mask]))
+    torch.testing.assert_close(both[:1], alone, atol=1e-5, rtol=1e-5)
+
+
 def test_score_reads_last_token_only():
     torch.manual_seed(0)
     rm = RewardModel(CFG).eval()
@@ -76,21 +91,9 @@ def test_from_lm_keeps_backbone_and_checkpoint_roundtrip(tmp_path):
 
 
 def test_tiny_reward_training_raises_heldout_accuracy(tmp_path_factory):
-    from pref_fixtures import loaders, make_tokenizer, tiny_config
+    from pref_fixtures import make_tokenizer, train_reward_model
 
-    from babyllama.optim import build_adamw
-    from babyllama.preference import evaluate_pairs
-    from babyllama.reward_model import pair_loss
-
-    tok = make_tokenizer(tmp_path_factory.mktemp("tok"))
-    train, valid = loaders(tok)
-    torch.manual_seed(0)
-    rm = RewardModel.from_lm(Llama(tiny_config(tok.vocab_size)))
-    trainer = Trainer(rm)
-    trainer.compile(loss=pair_loss, optimizer=build_adamw(rm, 3e-3, 0.0))
-    before = evaluate_pairs(trainer, pair_loss, valid)
-    trainer.fit(train, epochs=100, max_steps=15)
-    after = evaluate_pairs(trainer, pair_loss, valid)
+    _, before, after = train_reward_model(make_tokenizer(tmp_path_factory.mktemp("tok")))
     assert after["val_accuracy"] >= 0.95
     assert after["val_margin"] > before["val_margin"] + 1.0
     assert after["val_loss"] < before["val_loss"]
