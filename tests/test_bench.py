@@ -42,3 +42,13 @@ def test_plot_writes_png(tmp_path):
     subprocess.run([sys.executable, str(ROOT / "bench" / "plot.py"), str(results), "--out", str(tmp_path / "p.png")],
                    check=True, timeout=120)
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_gpu_session_script_runs_each_benchmark_and_writes_results(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable}
+    subprocess.run(["bash", str(ROOT / "bench" / "gpu_session.sh"), "smoke", str(tmp_path)], env=env, check=True,
+                   capture_output=True, timeout=600)
+    results = {p.name.split("_", 2)[2]: p.read_text().splitlines() for p in tmp_path.glob("*.jsonl")}
+    assert {name: len(lines) for name, lines in results.items()} == {"train.jsonl": 2, "ddp.jsonl": 2,
+                                                                     "decode.jsonl": 6}
+    assert "!! failed" not in next(tmp_path.glob("*_smoke.log")).read_text()
