@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable
 
+from babyllama.checkpoint import remove_partial_writes
 from babyllama.trainer import Callback, Trainer
 
 
@@ -130,11 +131,16 @@ class TensorBoard(Callback):
 
 
 class Checkpoint(Callback):
-    """Full-state checkpoint every `every` steps and at the end of training; keeps the newest `keep`."""
+    """Full-state checkpoint every `every` steps and at the end of training; keeps the newest `keep`. At the start,
+    temp files of writes a kill interrupted are removed."""
 
     def __init__(self, directory: str | Path, every: int = 1000, keep: int | None = 3):
         self.directory, self.every, self.keep = str(directory), every, keep
         self.last_saved = -1
+
+    def on_train_begin(self, trainer: Trainer) -> None:
+        if trainer.env.is_main:
+            remove_partial_writes(self.directory)
 
     def _save(self, trainer: Trainer) -> None:
         if trainer.step != self.last_saved:

@@ -5,6 +5,7 @@ data-sampler position, step) plus the model config, so that loading into another
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -19,6 +20,7 @@ from babyllama.config import ModelConfig
 from babyllama.errors import UserError
 
 _NAME = re.compile(r"^step_(\d{8})\.pt$")
+_PARTIAL = re.compile(r"^\.step_\d{8}\.pt\..+\.tmp$")  # atomic_save's temp file, left behind by a kill
 
 
 def checkpoint_path(directory: str | Path, step: int) -> Path:
@@ -39,7 +41,8 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """torch.save to a temp file in the same directory, fsync, then rename: a crash never leaves half a file."""
+    """torch.save to a temp file in the same directory, fsync, rename, fsync the directory: a crash never leaves
+    half a file, and a power loss right after does not lose the rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -52,6 +55,29 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename in `directory` durable (POSIX); skipped where that is unsupported."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # Windows cannot open a directory
+        return
+    try:
+        with contextlib.suppress(OSError):  # nor can every filesystem sync one
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_partial_writes(directory: str | Path) -> None:
+    """Delete the temp files of checkpoint writes that were killed midway (they would pile up otherwise)."""
+    d = Path(directory)
+    if d.is_dir():
+        for p in d.iterdir():
+            if _PARTIAL.match(p.name):
+                p.unlink(missing_ok=True)
 
 
 def save_checkpoint(directory: str | Path, step: int, state: dict[str, Any], keep: int | None = None) -> Path:

@@ -4,7 +4,7 @@ config -> data -> model -> compile -> fit(callbacks) and no stage copies another
     args, run, paths, env = parse_stage_args(__doc__, "sft", add_flags)
     trainer = Trainer(model, env)
     compile_from_run(trainer, run, loss=my_loss)
-    resume_or_start(trainer, args, paths.stage("sft"))
+    resume_if_asked(trainer, args, paths.stage("sft"))
     trainer.fit(loader, max_steps=run.max_steps, callbacks=standard_callbacks(run, paths, "sft", [evaluator]))
 """
 from __future__ import annotations
@@ -62,15 +62,37 @@ def compile_from_run(trainer: Trainer, run: RunConfig, loss: LossFn = causal_lm_
                     clip_grad_norm=run.clip_grad_norm, mixed_precision=resolve_precision(run.mixed_precision, device),
                     grad_accumulation_steps=run.grad_accum, torch_compile=resolve_compile(run.torch_compile, device),
                     log_every=run.log_every, flops_per_token=flops_per_token)
+    trainer.extra_state["data_order"] = {"seed": run.seed, "batch_size": run.batch_size, "grad_accum": run.grad_accum,
+                                         "world_size": trainer.env.world_size}
     return trainer
 
 
+# what fixes the order in which samples are drawn, so an exact resume needs them unchanged (--max-steps, --lr may)
+_DATA_ORDER_FLAGS = {"seed": "--seed", "batch_size": "--batch-size", "grad_accum": "--grad-accum",
+                     "world_size": "world size"}
+
+
 def resume_if_asked(trainer: Trainer, args: argparse.Namespace, ckpt_dir: Path) -> None:
+    """--resume: restore the newest checkpoint into a trainer set up by `compile_from_run`, refusing settings
+    that would change the data order."""
     if not args.resume:
         return
-    if latest_checkpoint(ckpt_dir) is None:
+    found = latest_checkpoint(ckpt_dir)
+    if found is None:
         raise UserError(f"--resume: no checkpoint in {ckpt_dir}; run without --resume to start")
-    trainer.resume(str(ckpt_dir))
+    now = trainer.extra_state["data_order"]
+    trainer.resume(str(found))  # replaces extra_state with the checkpoint's
+    _check_data_order(trainer.extra_state.get("data_order"), now, found)
+    trainer.extra_state["data_order"] = now
+
+
+def _check_data_order(saved: dict | None, now: dict, source: Path) -> None:
+    """Name every changed field; checkpoints from before the record was kept resume unchecked."""
+    changed = [f"{flag} {saved[k]} at save, {now[k]} now" for k, flag in _DATA_ORDER_FLAGS.items()
+               if saved is not None and saved[k] != now[k]]
+    if changed:
+        raise UserError(f"checkpoint {source}: {' and '.join(changed)}; resume with the same "
+                        f"value{'s' if len(changed) > 1 else ''} or start a new run with --out")
 
 
 def standard_callbacks(run: RunConfig, paths: RunPaths, stage: str,

@@ -64,7 +64,8 @@ class Trainer:
                 grad_accumulation_steps: int = 1, torch_compile: bool = False, log_every: int = 1,
                 flops_per_token: float | None = None, ddp: bool | None = None) -> None:
         """ddp: wrap in DistributedDataParallel; None = when running on more than one rank (True at world size 1
-        only makes sense for measuring DDP's overhead, which needs an initialised process group)."""
+        only makes sense for measuring DDP's overhead, which needs an initialised process group).
+        log_every: the logged tokens/s and MFU cover all the steps since the previous log, callbacks excluded."""
         if mixed_precision not in _AUTOCAST:
             raise ValueError(f"mixed_precision must be one of 'bf16', 'fp16', None; got {mixed_precision!r}")
         if optimizer is None:
@@ -95,6 +96,7 @@ class Trainer:
         for cb in callbacks:
             cb.on_train_begin(self)
         self.module.train()
+        self._window_tokens, self._window_start = 0, time.perf_counter()  # throughput since the last logged step
         while self.epoch < epochs and not self._done(max_steps):
             if resumable:  # start of an epoch, or mid-epoch after --resume
                 sampler.load_state_dict({"epoch": self.epoch, "consumed": self.consumed})
@@ -114,17 +116,25 @@ class Trainer:
                    callbacks: Sequence[Callback]) -> None:
         steps_here = 0
         while not self._done(max_steps) and (steps_per_epoch is None or steps_here < steps_per_epoch):
-            t0 = time.perf_counter()
             stats = self._train_step(batches)
             if stats is None:  # epoch exhausted; a partial accumulation is dropped (like drop_last)
                 self.optimizer.zero_grad(set_to_none=True)
                 return
             self.step += 1
             steps_here += 1
-            logs = self._logs(stats, time.perf_counter() - t0) if self.step % self.log_every == 0 else {}
+            self._window_tokens += stats["tokens"]
+            logged = self.step % self.log_every == 0
+            logs = self._logs(stats) if logged else {}
             logs["step"] = self.step
+            callbacks_start = time.perf_counter()
             for cb in callbacks:
                 cb.on_step_end(self, logs)
+            # callbacks (logging, checkpoints, evaluation) are not training: the window restarts after a logged
+            # step's and skips a non-logged step's
+            if logged:
+                self._window_tokens, self._window_start = 0, time.perf_counter()
+            else:
+                self._window_start += time.perf_counter() - callbacks_start
 
     def _train_step(self, batches: Any) -> dict[str, Any] | None:
         total_loss = torch.zeros((), device=self.env.device)
@@ -166,10 +176,12 @@ class Trainer:
         wrapper = getattr(self.model, "_orig_mod", self.model)
         return wrapper.no_sync() if isinstance(wrapper, DDP) and not sync else contextlib.nullcontext()
 
-    def _logs(self, stats: dict[str, Any], seconds: float) -> dict[str, float]:
+    def _logs(self, stats: dict[str, Any]) -> dict[str, float]:
         logs = {k: float(all_reduce_mean(v)) for k, v in stats.items() if isinstance(v, Tensor)}
         logs["lr"] = stats["lr"]
-        tokens_per_s = stats["tokens"] * self.env.world_size / seconds
+        # read after float() waited for the device: on a GPU the kernels queued so far have run by now
+        seconds = time.perf_counter() - self._window_start
+        tokens_per_s = self._window_tokens * self.env.world_size / seconds
         logs["tokens_per_s"] = tokens_per_s
         if self.flops_per_token and self.peak_flops:
             logs["mfu"] = self.flops_per_token * tokens_per_s / (self.peak_flops * self.env.world_size)

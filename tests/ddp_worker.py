@@ -1,14 +1,19 @@
 """Run by test_trainer under torchrun (2 ranks) and alone (1 rank), always with a global batch of 16.
 
-    python ddp_worker.py OUT_PREFIX [ddp|fsdp]
+    python ddp_worker.py OUT_PREFIX [ddp|ddp-accum|fsdp]
 
-fsdp mode shards the model (FSDP2), accumulates 2 micro-batches of 4, and checkpoints at step 3 then resumes
-from that file in a fresh trainer, so sharded save/resume and gradient-sync skipping are exercised together.
+ddp-accum mode accumulates 2 micro-batches of 4 per rank (DDP `no_sync` on the first) and writes the step of every
+gradient all-reduce to OUT_PREFIX_syncs.json. fsdp mode shards the model (FSDP2), accumulates 2 micro-batches of
+4, and checkpoints at step 3 then resumes from that file in a fresh trainer, so sharded save/resume and
+gradient-sync skipping are exercised together.
 """
+import json
 import os
 import sys
 
 import torch
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 from babyllama import callbacks as cb
@@ -22,8 +27,14 @@ from test_trainer import CFG, pattern_data
 prefix, mode = sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "ddp"
 env = init_distributed("cpu")
 fsdp = mode == "fsdp"
-accum = 2 if fsdp else 1
+accum = 1 if mode == "ddp" else 2
 data = pattern_data(256)
+syncs: list[int] = []
+
+
+def counting_allreduce(process_group, bucket):
+    syncs.append(trainer.step)
+    return allreduce_hook(process_group, bucket)
 
 
 def make_trainer(seed: int) -> tuple[Trainer, DataLoader]:
@@ -37,6 +48,8 @@ def make_trainer(seed: int) -> tuple[Trainer, DataLoader]:
 
 
 trainer, loader = make_trainer(0)
+if isinstance(trainer.model, DDP):
+    trainer.model.register_comm_hook(None, counting_allreduce)
 if fsdp:
     trainer.fit(loader, max_steps=3, callbacks=[cb.Checkpoint(f"{prefix}_ckpt", every=3)])
     trainer, loader = make_trainer(1)  # different init: the weights must come from the checkpoint
@@ -45,6 +58,9 @@ trainer.fit(loader, max_steps=5)
 state = trainer.state_dict()["model"] if fsdp else trainer.module.state_dict()
 if env.is_main or not fsdp:
     torch.save(state, f"{prefix}_rank{env.rank}.pt")
+if env.is_main and mode == "ddp-accum":
+    with open(f"{prefix}_syncs.json", "w") as f:
+        json.dump(syncs, f)
 shutdown()
 if fsdp:
     # torch 2.13 (CPU, gloo): about 1 in 10 FSDP2 processes aborts in C++ teardown at interpreter exit

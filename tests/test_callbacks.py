@@ -1,17 +1,27 @@
-"""Callbacks on resume: the text log and TensorBoard drop what a killed run logged after its last checkpoint."""
+"""Callbacks on resume: the text log and TensorBoard drop what a killed run logged after its last checkpoint, the
+checkpoint callback removes the temp file of a killed write; checkpoint renames are synced to disk."""
 from __future__ import annotations
 
 import json
+import os
+import stat
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import torch
+
 from babyllama import callbacks as cb
+from babyllama.checkpoint import atomic_save, save_checkpoint
 from babyllama.distributed import DistEnv
 
+ROOT = Path(__file__).resolve().parents[1]
 
-def at_step(step: int) -> SimpleNamespace:
-    """What the loggers read of a trainer (main rank)."""
-    return SimpleNamespace(env=DistEnv(), step=step, epoch=0)
+
+def at_step(step: int, rank: int = 0) -> SimpleNamespace:
+    """What the loggers read of a trainer (main rank unless told)."""
+    return SimpleNamespace(env=DistEnv(rank=rank, world_size=rank + 1), step=step, epoch=0)
 
 
 def logged_steps(path: Path) -> list[int]:
@@ -60,3 +70,53 @@ def test_tensorboard_resume_purges_events_after_the_checkpoint(tmp_path):
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 1.0), (2, 1.0), (3, 1.0), (4, 2.0),
                                                                          (5, 2.0), (6, 2.0)]
+
+
+# the process dies inside torch.save, as under SIGKILL: no cleanup runs, the temp file stays
+KILLED_WRITE = """
+import os, sys
+from babyllama.checkpoint import save_checkpoint
+
+class Kill:
+    def __reduce__(self):
+        os._exit(9)
+
+save_checkpoint(sys.argv[1], 3, {"model": Kill()})
+"""
+
+
+def test_checkpoint_callback_removes_the_temp_file_of_a_killed_write(tmp_path):
+    save_checkpoint(tmp_path, 2, {"step": 2})
+    killed = subprocess.run([sys.executable, "-c", KILLED_WRITE, str(tmp_path)], cwd=ROOT, timeout=120)
+    assert killed.returncode == 9
+    (leftover,) = tmp_path.glob(".step_00000003.pt.*.tmp")
+    callback = cb.Checkpoint(tmp_path)
+    callback.on_train_begin(at_step(2, rank=1))  # only the main rank writes, and cleans up
+    assert leftover.exists()
+    callback.on_train_begin(at_step(2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000002.pt"]
+
+
+def test_atomic_save_syncs_the_directory_after_the_rename(tmp_path, monkeypatch):
+    path, real_fsync, synced = tmp_path / "step_00000001.pt", os.fsync, []
+
+    def fsync(fd: int) -> None:
+        synced.append((stat.S_ISDIR(os.fstat(fd).st_mode), path.exists()))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    atomic_save({"step": 1}, path)
+    assert synced == [(False, False), (True, True)]  # the temp file's data, then the directory holding the rename
+
+
+def test_atomic_save_where_directories_cannot_be_opened(tmp_path, monkeypatch):
+    real_open = os.open
+
+    def windows_open(name, flags, *args):
+        if Path(name).is_dir():
+            raise PermissionError(13, "Permission denied", str(name))
+        return real_open(name, flags, *args)
+
+    monkeypatch.setattr(os, "open", windows_open)
+    atomic_save({"step": 1}, tmp_path / "step_00000001.pt")
+    assert torch.load(tmp_path / "step_00000001.pt") == {"step": 1}

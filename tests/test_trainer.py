@@ -112,6 +112,49 @@ def test_loggers_write_text_and_tensorboard(tmp_path):
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
 
 
+
+class FakeClock:
+    """`time` for the trainer module: moves only when the test says (a loss call, a slow callback)."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+def test_throughput_covers_the_logging_window_without_callbacks(monkeypatch):
+    clock, peak, flops_per_token = FakeClock(), 1e6, 5000.0
+    monkeypatch.setattr("babyllama.trainer.time", clock)
+    monkeypatch.setattr("babyllama.trainer.peak_flops", lambda device: peak)
+
+    def slow_loss(model, batch):  # step n takes n seconds
+        clock.now += trainer.step + 1
+        return model(batch[0], batch[1]).loss
+
+    class Slow(cb.Callback):  # a checkpoint or evaluation: 100 s that are not training
+        def on_step_end(self, trainer, logs):
+            clock.now += 100.0
+
+    class Logged(cb.Callback):
+        def __init__(self):
+            self.rows = []
+
+        def on_step_end(self, trainer, logs):
+            if "loss" in logs:
+                self.rows.append(logs)
+
+    torch.manual_seed(0)
+    trainer = Trainer(Llama(CFG))
+    trainer.compile(loss=slow_loss, optimizer=build_adamw(trainer.module, lr=3e-3), log_every=3,
+                    flops_per_token=flops_per_token)
+    logged = Logged()
+    trainer.fit(DataLoader(pattern_data(64), batch_size=8), max_steps=6, callbacks=[Slow(), logged])
+    tokens = 3 * 8 * 16  # a window: three steps of 8 sequences of 16 tokens
+    assert [row["tokens_per_s"] for row in logged.rows] == [tokens / (1 + 2 + 3), tokens / (4 + 5 + 6)]
+    for row in logged.rows:
+        assert row["mfu"] == pytest.approx(flops_per_token * row["tokens_per_s"] / peak, rel=1e-12)
+
 def run_worker(prefix: Path, *args: str, procs: int = 1, port: int = 29517) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     worker = str(ROOT / "tests" / "ddp_worker.py")
@@ -120,20 +163,28 @@ def run_worker(prefix: Path, *args: str, procs: int = 1, port: int = 29517) -> N
                    timeout=300)
 
 
-def test_two_process_gloo_matches_single_process(tmp_path):
-    run_worker(tmp_path / "ddp", procs=2)
-    run_worker(tmp_path / "single")
+@pytest.fixture(scope="module")
+def single(tmp_path_factory) -> dict[str, torch.Tensor]:
+    """Weights after 5 steps of one process with the global batch of 16, which every 2-process mode must match."""
+    prefix = tmp_path_factory.mktemp("single") / "single"
+    run_worker(prefix)
+    return torch.load(f"{prefix}_rank0.pt")
+
+
+@pytest.mark.parametrize("mode,port", [("ddp", 29517), ("ddp-accum", 29519)])
+def test_two_process_gloo_matches_single_process(tmp_path, single, mode, port):
+    run_worker(tmp_path / "ddp", mode, procs=2, port=port)
     r0, r1 = torch.load(tmp_path / "ddp_rank0.pt"), torch.load(tmp_path / "ddp_rank1.pt")
-    single = torch.load(tmp_path / "single_rank0.pt")
     for k in single:
         assert torch.equal(r0[k], r1[k]), k
         assert torch.allclose(r0[k], single[k], atol=1e-5), k
+    if mode == "ddp-accum":  # no_sync skipped the first micro-batch's all-reduce: one per step (one bucket)
+        assert json.loads((tmp_path / "ddp_syncs.json").read_text()) == [0, 1, 2, 3, 4]
 
 
-def test_fsdp_two_process_with_resume_matches_single_process(tmp_path):
+def test_fsdp_two_process_with_resume_matches_single_process(tmp_path, single):
     run_worker(tmp_path / "fsdp", "fsdp", procs=2, port=29518)
-    run_worker(tmp_path / "single")
-    sharded, single = torch.load(tmp_path / "fsdp_rank0.pt"), torch.load(tmp_path / "single_rank0.pt")
+    sharded = torch.load(tmp_path / "fsdp_rank0.pt")
     assert sharded.keys() == single.keys()
     for k in single:
         assert torch.allclose(sharded[k], single[k], atol=1e-5), k
