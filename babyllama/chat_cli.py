@@ -31,7 +31,7 @@ from babyllama.errors import UserError
 from babyllama.generation import Generator, SamplingConfig, add_sampling_flags, sampling_from_args
 from babyllama.model import Llama
 from babyllama.runs import RunPaths, run_preset
-from babyllama.tokenizer import Tokenizer
+from babyllama.tokenizer import Tokenizer, check_fits_model
 
 STAGES = ("sft", "dpo", "ppo", "pretrain")
 RESET, EXIT = "/reset", ("/exit", "/quit")
@@ -159,11 +159,10 @@ def checkpoint_for(args: argparse.Namespace, paths: RunPaths, default_stages: Se
 
 def load_session(args: argparse.Namespace, default_stages: Sequence[str]) -> ChatSession:
     paths = RunPaths.of(args.name, dataclasses.replace(run_preset(args.name), out=args.out))
-    model = load_model(checkpoint_for(args, paths, default_stages), pick_device(args.device))
+    checkpoint = checkpoint_for(args, paths, default_stages)
+    model = load_model(checkpoint, pick_device(args.device))
     tok = Tokenizer.load(args.tokenizer or paths.tokenizer)
-    if tok.vocab_size > model.config.vocab_size:
-        raise UserError(f"tokenizer {tok.source} has {tok.vocab_size} tokens, the model {model.config.vocab_size}; "
-                        "pass the tokenizer the model was trained with (--tokenizer)")
+    check_fits_model(tok, model.config.vocab_size, checkpoint)
     return ChatSession(model, tok, sampling_from_args(args), args.system, args.history_tokens, args.seed,
                        args.history_turns)
 

@@ -103,7 +103,7 @@ def _from_mapping(cls: type[ModelConfig], raw: dict[str, Any], keys: dict[str, s
 
 def load_bert4torch_config(path: str | Path) -> ModelConfig:
     """Read a bert4torch `bert4torch_config.json` describing a LLaMA model (rotary, rmsnorm, LlamaFeedForward)."""
-    raw = _read_json(path)
+    raw = read_json(path)
     not_llama = {k: raw[k] for k, want in (("pos_emb_type", "rotary"), ("layer_norm_mode", "rmsnorm"))
                  if k in raw and raw[k] != want}
     if not_llama or raw.get("use_bias"):
@@ -112,14 +112,20 @@ def load_bert4torch_config(path: str | Path) -> ModelConfig:
     return _from_mapping(ModelConfig, raw, _B4T_KEYS, str(path))
 
 
-def _read_json(path: str | Path) -> dict[str, Any]:
+def read_json(path: str | Path) -> dict[str, Any]:
+    """A JSON config file as a dict; a missing, undecodable or non-object file is a one-line UserError."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"{p}: config file not found")
     try:
-        return json.loads(p.read_text(encoding="utf-8"))
+        raw = json.loads(p.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise UserError(f"{p}:{e.lineno}: invalid JSON ({e.msg})") from None
+        raise UserError(f"{p}:{e.lineno}: invalid JSON ({e.msg}); fix the file") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{p}: not UTF-8 text; is it a JSON config?") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{p}: expected a JSON object of config fields, got {type(raw).__name__}")
+    return raw
 
 
 # Presets by name. vocab_size=None means "take it from the tokenizer".

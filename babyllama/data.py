@@ -9,10 +9,12 @@ On disk (`out_dir/`)
 
     {"format": "babyllama-tokens", "version": 1, "dtype": "uint16" | "uint32", "vocab_size", "eos_id",
      "tokenizer": {"class", "path", "sha256"}, "seed", "val_fraction",
-     "input": {"documents", "bytes"},
+     "corpus": {"files", "format", "field"} | null, "input": {"documents", "bytes"},
      "splits": {"train": {"documents", "tokens", "shards": [{"file", "tokens", "bytes"}, ...]}, "val": {...}}}
 
-  `dtype` is uint16 when `vocab_size <= 65535`, else uint32.
+  `dtype` is uint16 when `vocab_size <= 65535`, else uint32. `corpus` (`corpus_record`: the absolute corpus files,
+  format and field) is what `check_corpus_matches` compares a later run with; null when not given, and absent in
+  data prepared before it was recorded (both are accepted as any corpus).
 
 `prepare_token_bins` writes such a directory (see its docstring); `data/prepare.py` is its command line.
 
@@ -20,9 +22,10 @@ Reading
 -------
 `TokenWindowDataset(dir, split, seq_len=L)`: sample `i` is a non-overlapping window of `L + 1` tokens inside one
 shard, returned as `(x, y) = (w[:-1], w[1:])` int64 tensors. The tail of each shard shorter than a window is not
-used. Shards are memory-mapped lazily in each process (the dataset pickles to a few paths and integers for
-DataLoader workers), and sample -> (shard, offset) is arithmetic over cumulative per-shard counts: memory is
-O(shards), not O(samples).
+used. Reading a window checks its ids against meta.json's `vocab_size` (a corrupt shard is a `UserError`, not a
+crash in the embedding). Shards are memory-mapped lazily in each process (the dataset pickles to a few paths and
+integers for DataLoader workers), and sample -> (shard, offset) is arithmetic over cumulative per-shard counts:
+memory is O(shards), not O(samples).
 
 `ResumableSampler`: a `DistributedSampler`-like sampler whose position can be saved and restored mid-epoch.
 `build_pretrain_loader(...)` returns a `DataLoader` whose `.sampler` is that sampler, `.dataset` the
@@ -47,7 +50,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
+from babyllama.corpus import resolve_files
 from babyllama.errors import UserError
+from babyllama.outdir import claim_out_dir
 
 FORMAT, VERSION = "babyllama-tokens", 1
 SPLITS = ("train", "val")
@@ -66,7 +71,7 @@ def token_dtype(vocab_size: int) -> str:
 
 def prepare_token_bins(documents: Iterable[str], tokenizer: Any, out_dir: str | Path, *, val_fraction: float = 0.01,
                        seed: int = 0, num_workers: int | None = None, shard_tokens: int = 1 << 27,
-                       desc: str = "tokenizing", overwrite: bool = False) -> dict:
+                       desc: str = "tokenizing", overwrite: bool = False, corpus: dict | None = None) -> dict:
     """Tokenize `documents` into train/val shards + meta.json in `out_dir`; returns the meta dict.
 
     Each document goes to val with probability `val_fraction`, decided by a `seed`ed generator in document order
@@ -81,6 +86,7 @@ def prepare_token_bins(documents: Iterable[str], tokenizer: Any, out_dir: str | 
 
     An existing `out_dir` holding anything but the leftovers of an interrupted preparation (shards without
     meta.json) is refused unless `overwrite=True`, which deletes this format's files there (and only those).
+    `corpus` (a `corpus_record` of where `documents` come from) is stored in meta.json as is.
     """
     if not 0 <= val_fraction < 1:
         raise UserError(f"val_fraction={val_fraction}: must be in [0, 1)")
@@ -108,25 +114,24 @@ def prepare_token_bins(documents: Iterable[str], tokenizer: Any, out_dir: str | 
         raise UserError(f"no documents to tokenize for {out}; check the input paths and --field")
     meta = {"format": FORMAT, "version": VERSION, "dtype": dtype, "vocab_size": vocab_size, "eos_id": eos_id,
             "tokenizer": _tokenizer_identity(tokenizer), "seed": seed, "val_fraction": val_fraction,
-            "input": {"documents": n_docs, "bytes": n_bytes}, "splits": splits.summary()}
+            "corpus": corpus, "input": {"documents": n_docs, "bytes": n_bytes}, "splits": splits.summary()}
     _write_atomic(out / "meta.json", (json.dumps(meta, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
     _report(meta, time.perf_counter() - start, out)
     return meta
 
 
 def _claim_out_dir(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: exists and is not a directory; choose another output directory")
+    entries = claim_out_dir(out, overwrite, "token data", leftovers=_interrupted)
     out.mkdir(parents=True, exist_ok=True)
-    entries = list(out.iterdir())
-    ours = [p for p in entries if _OUR_FILES.fullmatch(p.name)]
-    interrupted = len(ours) == len(entries) and not (out / "meta.json").exists()
-    if entries and not (overwrite or interrupted):
-        raise UserError(f"{out} is not empty ({len(entries)} entries); pass --overwrite (overwrite=True) to replace "
-                        "its token data, or choose another output directory")
     meta = out / "meta.json"
+    ours = [p for p in entries if _OUR_FILES.fullmatch(p.name)]
     for p in sorted(ours, key=lambda p: p != meta):  # meta.json first: the directory is marked incomplete at once
         p.unlink()
+
+
+def _interrupted(entries: list[Path]) -> bool:
+    """Only shards of ours and no meta.json: what an interrupted preparation leaves."""
+    return all(_OUR_FILES.fullmatch(p.name) for p in entries) and not any(p.name == "meta.json" for p in entries)
 
 
 def _tokenizer_identity(tok: Any) -> dict:
@@ -373,6 +378,33 @@ def check_tokenizer_matches(bin_dir: str | Path, tokenizer: Any) -> dict:
     return meta
 
 
+def corpus_record(paths: Iterable[str | Path], fmt: str, field: str) -> dict:
+    """What meta.json keeps of a corpus: the files the paths name (absolute, so that a run started from another
+    directory compares equal; globs and directories expanded, so `dir/*.jsonl` equals its files), format, field."""
+    files = [os.path.abspath(f) for path in paths for f in resolve_files(path)]
+    return {"files": files, "format": fmt, "field": field}
+
+
+def check_corpus_matches(bin_dir: str | Path, corpus: dict, redo: str) -> None:
+    """Refuse token data prepared from another corpus than `corpus` (a `corpus_record`), naming what differs;
+    data with no record of its corpus (prepared before it was recorded) is accepted."""
+    saved = read_meta(bin_dir).get("corpus")
+    if not saved:
+        return
+    differ = [f"{key} {_few(saved.get(key))} vs now {_few(now)}" for key, now in corpus.items()
+              if saved.get(key) != now]
+    if differ:
+        raise UserError(f"{Path(bin_dir) / 'meta.json'}: the token data was prepared from another corpus "
+                        f"({'; '.join(differ)}); {redo}")
+
+
+def _few(value: Any, n: int = 3) -> str:
+    """A value for an error message; long file lists are cut to their first `n`."""
+    if not isinstance(value, list) or len(value) <= n:
+        return repr(value)
+    return repr(value[:n])[:-1] + f", ... (+{len(value) - n} more)]"
+
+
 def _checked_shards(bin_dir: Path, meta: dict, split: str) -> list[tuple[Path, int]]:
     """(path, tokens) of each shard of `split`, after checking every file's size against meta.json."""
     itemsize = _DTYPES[meta["dtype"]].itemsize
@@ -426,7 +458,17 @@ class TokenWindowDataset(Dataset):
         shard = int(np.searchsorted(self._ends, index, side="right"))
         local = index - (int(self._ends[shard - 1]) if shard else 0)
         start = local * (self.seq_len + 1)
-        return self._map(shard)[start:start + self.seq_len + 1]
+        window = self._map(shard)[start:start + self.seq_len + 1]
+        self._check_ids(window, shard, start)
+        return window
+
+    def _check_ids(self, window: np.ndarray, shard: int, start: int) -> None:
+        """Shard sizes are checked when opening, contents only here (O(window) per sample, no corpus scan): an id
+        beyond the vocabulary would otherwise fail deep inside the embedding (a device assert on CUDA)."""
+        if window.max() >= self.vocab_size:
+            bad = int(np.argmax(window >= self.vocab_size))
+            raise UserError(f"{self._paths[shard]}: token {start + bad:,} is id {int(window[bad])}, beyond the "
+                            f"vocabulary of {self.vocab_size:,} in meta.json; the file is corrupt: {_PREPARE_HINT}")
 
     def _map(self, shard: int) -> np.memmap:
         mm = self._maps[shard]

@@ -7,16 +7,18 @@ runs/<name>/<stage>     TensorBoard event files
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from babyllama.checkpoint import latest_checkpoint, load_checkpoint
-from babyllama.config import ModelConfig, load_bert4torch_config, preset
+from babyllama.config import ModelConfig, load_bert4torch_config, preset, read_json
 from babyllama.errors import UserError
 
+_CONFIG_FILES = ("config.json", "bert4torch_config.json")  # looked for in a --model directory, in this order
+_NO_AUTOCAST = ("fp32", "none", "no")
+_PRECISIONS = ("auto", "bf16", "fp16", *_NO_AUTOCAST)
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_CORPUS = [str(REPO_ROOT / "data" / "corpus" / "poetry_zh_train.jsonl"),
                   str(REPO_ROOT / "data" / "corpus" / "shakespeare_en_train.jsonl")]
@@ -140,13 +142,12 @@ def model_config_for(run: RunConfig, vocab_size: int) -> ModelConfig:
 
 
 def config_at(path: Path) -> ModelConfig:
-    if path.is_dir() and (path / "config.json").exists():
-        path = path / "config.json"
+    if path.is_dir():
+        path = next((path / n for n in _CONFIG_FILES if (path / n).exists()), path)
+    if path.name == "bert4torch_config.json":
+        return load_bert4torch_config(path)
     if path.suffix == ".json":
-        data = json.loads(path.read_text())
-        if path.name == "bert4torch_config.json":
-            return load_bert4torch_config(path)
-        return ModelConfig.from_hf(data, str(path))
+        return ModelConfig.from_hf(read_json(path), str(path))
     found = path if path.is_file() else latest_checkpoint(path)
     if found is None:
         raise UserError(f"--model {path}: no checkpoint, config.json or bert4torch_config.json there")
@@ -157,8 +158,13 @@ def config_at(path: Path) -> ModelConfig:
 
 
 def resolve_precision(run_value: str, device: torch.device) -> str | None:
-    if run_value != "auto":
-        return None if run_value in ("none", "fp32", "no") else run_value
+    """The trainer's autocast dtype name (None = fp32) for --mixed-precision; a typo is a UserError here, not a
+    ValueError from the trainer."""
+    value = run_value.lower()
+    if value not in _PRECISIONS:
+        raise UserError(f"--mixed-precision {run_value!r}: choose auto, bf16, fp16 or fp32 (none)")
+    if value != "auto":
+        return None if value in _NO_AUTOCAST else value
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return None  # CPU autocast is slower than fp32 for these sizes

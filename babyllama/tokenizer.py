@@ -8,6 +8,8 @@ Training
 - `tokenizer.json`: the same tokenizer for Hugging Face `tokenizers`/`transformers` (encodes identically);
 - `tokenizer_config.json`: the special tokens (`PreTrainedTokenizerFast`, so `AutoTokenizer` loads the directory).
 
+A non-empty `out_dir` is refused unless `overwrite=True` (`data/train_tokenizer.py --overwrite`).
+
 Ids 0-5 are fixed: `<unk>`=0, `<s>`=1, `</s>`=2, `<pad>`=3, `<|im_start|>`=4, `<|im_end|>`=5, then the 256 byte
 pieces `<0x00>`..`<0xFF>` (byte fallback: a character outside the vocabulary becomes its UTF-8 bytes, so nothing
 is ever `<unk>`), then the learned pieces. Text round-trips exactly (identity normalization, no dummy prefix,
@@ -40,6 +42,7 @@ either (`tokenizer.model` is preferred: SentencePiece encodes ~3x faster). Bos/e
 with common names for HF). Fallbacks: no bos -> bos = eos (GPT/Qwen-style tokenizers separate documents with one
 end token); no pad -> pad = eos (padding is masked out); no unk -> `unk_id` is None (byte-level tokenizers never
 produce one); no eos at all -> `UserError`. Qwen3's config names `<|im_end|>` as eos, so that is what it gets.
+`check_fits_model(tok, vocab_size, checkpoint)` refuses a tokenizer with more ids than a model's embedding.
 
 Special tokens and injection safety
 -----------------------------------
@@ -74,6 +77,7 @@ from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 from tokenizers import decoders, normalizers, processors
 
 from babyllama.errors import UserError
+from babyllama.outdir import claim_out_dir
 
 UNK, BOS, EOS, PAD, IM_START, IM_END = "<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = (UNK, BOS, EOS, PAD, IM_START, IM_END)  # ids 0..5 in tokenizers trained here
@@ -95,8 +99,12 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path, 
                     character_coverage: float = 0.9995, char_vocab_fraction: float = 2 / 3,
                     max_train_chars: int = 20_000_000, input_sentence_size: int = 2_000_000,
                     max_sentence_chars: int = 1024, num_threads: int | None = None, seed: int = 0,
-                    verbose: bool = False) -> "Tokenizer":
-    """Train a byte-fallback BPE on `texts` (documents) and write it to `out_dir`; see the module docstring."""
+                    verbose: bool = False, overwrite: bool = False) -> "Tokenizer":
+    """Train a byte-fallback BPE on `texts` (documents) and write it to `out_dir`; see the module docstring.
+
+    A non-empty `out_dir` is refused before training unless `overwrite` (data and checkpoints may have been built
+    with the tokenizer there); the three tokenizer files are then replaced, anything else is left alone."""
+    claim_out_dir(Path(out_dir), overwrite, "tokenizer")
     if vocab_size < N_META + 16:
         raise UserError(f"vocab_size={vocab_size} is too small: {N_META} ids are special and byte tokens; "
                         f"use at least {N_META + 16} (e.g. {DEFAULT_VOCAB_SIZE})")
@@ -345,6 +353,13 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer({self._backend.kind}, vocab_size={self.vocab_size}, source={str(self.source)!r})"
+
+
+def check_fits_model(tok: Tokenizer, model_vocab_size: int, checkpoint: str | Path) -> None:
+    """Refuse a tokenizer whose ids the model has no embedding for (they would fail deep inside the model)."""
+    if tok.vocab_size > model_vocab_size:
+        raise UserError(f"tokenizer {tok.source} has {tok.vocab_size:,} tokens but the checkpoint {checkpoint} has "
+                        f"vocab_size {model_vocab_size:,}; pass the tokenizer the model was trained with (--tokenizer)")
 
 
 class StreamDecoder:

@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT))
 
 from babyllama.cli import main_guard  # noqa: E402
 from babyllama.corpus import FORMATS, iter_corpus  # noqa: E402
-from babyllama.data import prepare_token_bins  # noqa: E402
+from babyllama.data import corpus_record, prepare_token_bins  # noqa: E402
 from babyllama.tokenizer import Tokenizer  # noqa: E402
 
 
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     tok = Tokenizer.load(args.tokenizer)
     prepare_token_bins(iter_corpus(args.input, args.format, args.field), tok, args.out, val_fraction=args.val_fraction,
                        seed=args.seed, num_workers=args.workers, shard_tokens=args.shard_tokens,
-                       overwrite=args.overwrite)
+                       overwrite=args.overwrite, corpus=corpus_record(args.input, args.format, args.field))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ tokenizer_config.json (see babyllama/tokenizer.py for the design and the fixed s
 
 --input takes files, directories (every corpus file under them: mind held-out files) and globs; the formats are
 those of babyllama.corpus.iter_documents. A 64,793-token vocabulary wants ~20M characters of text (about 25 s and
-1.6 GB of RAM on 2 cores); larger corpora are sampled down to --max-train-chars.
+1.6 GB of RAM on 2 cores); larger corpora are sampled down to --max-train-chars. A non-empty --out (data and
+checkpoints may have been built with the tokenizer there) is replaced only with --overwrite.
 """
 from __future__ import annotations
 
@@ -75,6 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="SentencePiece threads (default: all cores)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--verbose", action="store_true", help="show SentencePiece's log")
+    p.add_argument("--overwrite", action="store_true", help="replace the tokenizer already in --out")
     return p.parse_args(argv)
 
 
@@ -86,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     tok = train_tokenizer(sample.tap(iter_corpus(args.input, args.format, args.field)), args.vocab_size, args.out,
                           character_coverage=args.character_coverage, max_train_chars=args.max_train_chars,
                           input_sentence_size=args.input_sentence_size, max_sentence_chars=args.max_sentence_chars,
-                          num_threads=args.threads, seed=args.seed, verbose=args.verbose)
+                          num_threads=args.threads, seed=args.seed, verbose=args.verbose, overwrite=args.overwrite)
     print(f"trained a {tok.vocab_size:,}-token tokenizer in {time.perf_counter() - start:.1f} s -> {args.out}")
     for lang, docs in sample.docs.items():
         if docs:

@@ -21,7 +21,7 @@ from babyllama.distributed import pick_device  # noqa: E402
 from babyllama.errors import UserError  # noqa: E402
 from babyllama.generation import Generator, add_sampling_flags, sampling_from_args  # noqa: E402
 from babyllama.runs import RunPaths, run_preset  # noqa: E402
-from babyllama.tokenizer import Tokenizer  # noqa: E402
+from babyllama.tokenizer import Tokenizer, check_fits_model  # noqa: E402
 
 
 def main() -> None:
@@ -38,8 +38,10 @@ def main() -> None:
     run = run_preset(args.name)
     paths = RunPaths.of(args.name, replace(run, out=args.out or run.out))
     device = pick_device(args.device)
-    model = load_model(args.checkpoint or default_checkpoint(paths), device)
+    checkpoint = args.checkpoint or default_checkpoint(paths)
+    model = load_model(checkpoint, device)
     tok = Tokenizer.load(args.tokenizer or paths.tokenizer)
+    check_fits_model(tok, model.config.vocab_size, checkpoint)
     gen, cfg = Generator(model), sampling_from_args(args)
     rng = torch.Generator(device=device).manual_seed(args.seed)
     prompts = [args.prompt] if args.prompt is not None else _stdin_prompts()

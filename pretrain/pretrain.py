@@ -23,7 +23,8 @@ from babyllama import callbacks as cb  # noqa: E402
 from babyllama.checkpoint import latest_checkpoint  # noqa: E402
 from babyllama.cli import main_guard  # noqa: E402
 from babyllama.corpus import iter_corpus  # noqa: E402
-from babyllama.data import build_pretrain_loader, check_tokenizer_matches, prepare_token_bins  # noqa: E402
+from babyllama.data import (build_pretrain_loader, check_corpus_matches, check_tokenizer_matches,  # noqa: E402
+                            corpus_record, prepare_token_bins)
 from babyllama.checkpoint import load_model  # noqa: E402
 from babyllama.distributed import main_rank_first, shutdown  # noqa: E402
 from babyllama.errors import UserError  # noqa: E402
@@ -42,24 +43,39 @@ def documents(run: RunConfig) -> Iterator[str]:
 
 def ensure_tokenizer(run: RunConfig, paths: RunPaths) -> Tokenizer:
     if run.tokenizer:
-        return Tokenizer.load(run.tokenizer)
+        return Tokenizer.load(run.tokenizer)  # its own vocabulary: --vocab-size is for training one
 
     def train() -> None:
         if not (paths.tokenizer / "tokenizer.model").exists():
             print(f"training a {run.vocab_size}-token tokenizer on {run.corpus} -> {paths.tokenizer}")
             train_tokenizer(documents(run), run.vocab_size, paths.tokenizer)
     main_rank_first(train)
-    return Tokenizer.load(paths.tokenizer)
+    tok = Tokenizer.load(paths.tokenizer)
+    if tok.vocab_size != run.vocab_size:  # kept from an earlier run with another --vocab-size
+        raise UserError(f"{paths.tokenizer} holds a {tok.vocab_size:,}-token tokenizer but this run has --vocab-size "
+                        f"{run.vocab_size:,}; {rebuild_hint(run, paths)}")
+    return tok
 
 
 def ensure_token_bins(run: RunConfig, paths: RunPaths, tok: Tokenizer) -> None:
+    corpus = corpus_record(run.corpus, run.corpus_format, run.corpus_field)
+
     def prepare() -> None:
         if not (paths.data / "meta.json").exists():
             print(f"tokenizing {run.corpus} -> {paths.data}")
             prepare_token_bins(documents(run), tok, paths.data, val_fraction=run.val_fraction, seed=run.seed,
-                               num_workers=run.workers)
+                               num_workers=run.workers, corpus=corpus)
     main_rank_first(prepare)
-    check_tokenizer_matches(paths.data, tok)  # data kept from an earlier run may come from another tokenizer
+    # data kept from an earlier run may come from another corpus or tokenizer
+    check_corpus_matches(paths.data, corpus, rebuild_hint(run, paths))
+    check_tokenizer_matches(paths.data, tok)
+
+
+def rebuild_hint(run: RunConfig, paths: RunPaths) -> str:
+    """What to do when kept tokenizer/data do not fit this run: the tokenizer of out/<name> was trained on the same
+    corpus as the data, so both go (a --tokenizer given by the user is not ours to delete)."""
+    ours = f"{paths.tokenizer} and {paths.data}" if not run.tokenizer else str(paths.data)
+    return f"use another --out, or delete {ours} to rebuild from this run's --corpus"
 
 
 def refuse_resume_without_checkpoint(resume: bool, ckpt_dir: Path) -> None:

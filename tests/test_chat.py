@@ -1,11 +1,20 @@
-"""Chat template: round trip, assistant-only masks, special-token safety, truncation, prompts, history window."""
+"""Chat template: round trip, assistant-only masks, special-token safety, truncation, prompts, history window; the
+chat CLI refuses a tokenizer the checkpoint has no embeddings for."""
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from babyllama.chat import (IGNORE_INDEX, IM_END, IM_START, ChatHistory, NoSupervisedTokens, encode_chat,
                             encode_text, render_prompt, render_text, stop_ids)
+from babyllama.checkpoint import atomic_save
+from babyllama.config import preset
 from babyllama.errors import UserError
+from babyllama.model import Llama
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SAMPLE_TEXT = [
     "床前明月光，疑是地上霜。举头望明月，低头思故乡。", "白日依山尽，黄河入海流。欲穷千里目，更上一层楼。",
@@ -221,3 +230,15 @@ def test_history_window_by_turns_and_tokens(tok):
     small.add_user("x" * 200)
     with pytest.raises(UserError, match="too long"):
         small.prompt_ids()
+
+
+def test_chat_cli_refuses_a_tokenizer_larger_than_the_model(tok, tmp_path):
+    model = Llama(preset("tiny", vocab_size=tok.vocab_size - 100))
+    ckpt = tmp_path / "step_00000001.pt"
+    atomic_save({"model": model.state_dict(), "model_config": model.config.to_dict()}, ckpt)
+    proc = subprocess.run([sys.executable, str(ROOT / "sft" / "infer.py"), "--ckpt", str(ckpt), "--tokenizer",
+                           str(tok.source), "--device", "cpu", "--prompt", "你好"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and proc.stderr.splitlines() == [
+        f"error: tokenizer {tok.source} has {tok.vocab_size} tokens but the checkpoint {ckpt} has vocab_size "
+        f"{tok.vocab_size - 100}; pass the tokenizer the model was trained with (--tokenizer)"]

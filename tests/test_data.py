@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from babyllama.data import (ResumableSampler, TokenWindowDataset, build_pretrain_loader, check_tokenizer_matches,
-                            prepare_token_bins, read_meta)
+from babyllama.data import (ResumableSampler, TokenWindowDataset, build_pretrain_loader, check_corpus_matches,
+                            check_tokenizer_matches, corpus_record, prepare_token_bins, read_meta)
+from babyllama.tokenizer import train_tokenizer
 from babyllama.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -237,6 +238,38 @@ def test_truncated_or_corrupt_shard(tmp_path):
     TokenWindowDataset(out, "val", seq_len=8)  # the other split is not affected
 
 
+def test_out_of_range_ids_in_a_shard_of_the_right_size(tmp_path):
+    out, meta = prepare(tmp_path, make_docs(200))
+    shard = out / meta["splits"]["train"]["shards"][1]["file"]
+    tokens = np.fromfile(shard, dtype="<u2")
+    tokens[20] = 0xFFFF  # garbage bytes: the size is right, the id is beyond the 259-token vocabulary
+    tokens.tofile(shard)
+    ds = TokenWindowDataset(out, "train", seq_len=8)  # opening checks sizes only: no scan of the corpus
+    first = meta["splits"]["train"]["shards"][0]["tokens"] // 9  # windows of the shard before
+    ds[first + 1]  # the windows around it read fine
+    with pytest.raises(UserError, match=rf"{shard.name}: token 20 is id 65535, beyond the vocabulary of 259 in "
+                                        r"meta.json; the file is corrupt: rerun data/prepare.py"):
+        ds[first + 2]  # tokens 18..26 of the shard
+
+
+def test_corpus_record_expands_paths_and_names_what_differs(tmp_path, monkeypatch):
+    for name in ("a.jsonl", "b.jsonl"):
+        (tmp_path / name).write_text('{"text": "x"}\n')
+    monkeypatch.chdir(tmp_path)
+    record = corpus_record(["a.jsonl", "b.jsonl"], "auto", "text")
+    assert record == corpus_record([str(tmp_path / "*.jsonl")], "auto", "text")  # a glob or a directory: its files
+    assert record["files"] == [str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")]  # absolute
+    out, meta = prepare(tmp_path, make_docs(50), corpus=record)
+    assert meta["corpus"] == read_meta(out)["corpus"] == record
+    check_corpus_matches(out, record, "redo")
+    with pytest.raises(UserError, match=rf"meta.json: the token data was prepared from another corpus \(files "
+                                        rf".*b.jsonl'\] vs now \['{tmp_path / 'a.jsonl'}'\]; field 'text' vs now "
+                                        r"'body'\); redo"):
+        check_corpus_matches(out, corpus_record(["a.jsonl"], "auto", "body"), "redo")
+    old, _ = prepare(tmp_path, make_docs(50), name="old")  # no corpus given, as data prepared before the record
+    check_corpus_matches(old, corpus_record(["a.jsonl"], "auto", "body"), "redo")
+
+
 def test_missing_or_bad_meta(tmp_path):
     out, meta = prepare(tmp_path, make_docs(100))
     meta_path = out / "meta.json"
@@ -302,13 +335,11 @@ def test_sampler_epochs_and_seeds_differ():
 
 # ======================================================================= CLI
 def test_cli_end_to_end(tmp_path):
-    tokenizer = pytest.importorskip("babyllama.tokenizer")
-    pytest.importorskip("babyllama.corpus")
     inputs = [str(ROOT / "data" / "corpus" / f"{name}_heldout.jsonl") for name in ("poetry_zh", "shakespeare_en")]
     docs = [json.loads(line)["text"] for path in inputs for line in open(path, encoding="utf-8")]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a small corpus for a tokenizer: fine for this test
-        tok = tokenizer.train_tokenizer(docs, 400, tmp_path / "tok")
+        tok = train_tokenizer(docs, 400, tmp_path / "tok")
     spec = importlib.util.spec_from_file_location("prepare_cli", ROOT / "data" / "prepare.py")
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
@@ -319,6 +350,7 @@ def test_cli_end_to_end(tmp_path):
     assert meta["tokenizer"]["path"] == str(tmp_path / "tok" / "tokenizer.model")
     assert len(meta["tokenizer"]["sha256"]) == 64
     assert meta["input"]["documents"] == len(docs) and meta["vocab_size"] == 400
+    assert meta["corpus"] == {"files": inputs, "format": "auto", "field": "text"}
     assert sum(s["tokens"] for s in meta["splits"].values()) == sum(len(tok.encode(d)) + 1 for d in docs)
     decoded = split_docs(out, meta, "train", tok) + split_docs(out, meta, "val", tok)
     assert meta["splits"]["val"]["documents"] > 0 and sorted(decoded) == sorted(docs)

@@ -2,6 +2,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
 
 import babyllama.loss as loss_mod
 from babyllama.config import ModelConfig, load_bert4torch_config, preset
@@ -17,7 +18,6 @@ def tiny_config(**kw) -> ModelConfig:
 
 @pytest.mark.parametrize("tie", [False, True])
 def test_matches_hf_llama_logits(tie):
-    transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     cfg = tiny_config(tie_embeddings=tie)
     ours = Llama(cfg).eval()

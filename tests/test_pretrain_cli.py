@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from babyllama.errors import UserError
+
 ROOT = Path(__file__).resolve().parents[1]
 PRETRAIN, INFER = str(ROOT / "pretrain" / "pretrain.py"), str(ROOT / "pretrain" / "infer.py")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -29,11 +31,11 @@ TINY = ["--model", "tiny", "--vocab-size", "300", "--seq-len", str(SEQ_LEN), "--
 
 @dataclass
 class Run:
-    root: Path  # holds corpus.jsonl, out/ and runs/
+    root: Path  # holds out/ and runs/
+    corpus: Path | None = None  # default root/corpus.jsonl
 
-    @property
-    def corpus(self) -> Path:
-        return self.root / "corpus.jsonl"
+    def __post_init__(self):
+        self.corpus = self.corpus or self.root / "corpus.jsonl"
 
     @property
     def out(self) -> Path:  # out/<name> for the default --name baby
@@ -61,14 +63,16 @@ def write_corpus(path: Path) -> None:
 
 
 def new_run(root: Path, like: Run | None = None) -> Run:
-    """A run directory with the corpus, and `like`'s tokenizer and token data (not its checkpoints) if given."""
-    run = Run(root)
+    """A run directory with the corpus, or with `like`'s corpus file, tokenizer and token data (not its
+    checkpoints): token data is reused only for the corpus files it was prepared from."""
     root.mkdir(parents=True, exist_ok=True)
-    write_corpus(run.corpus)
-    if like is not None:
-        for part in ("tokenizer", "data"):
-            shutil.copytree(like.out / part, run.out / part)
-    return run
+    if like is None:
+        run = Run(root)
+        write_corpus(run.corpus)
+        return run
+    for part in ("tokenizer", "data"):
+        shutil.copytree(like.out / part, root / "out" / "baby" / part)
+    return Run(root, like.corpus)
 
 
 def digests(directory: Path) -> dict[str, str]:
@@ -161,6 +165,20 @@ def test_corrupt_or_truncated_bin(tmp_path, trained):
         assert digests(run.out) == before
 
 
+def test_kept_tokenizer_and_data_of_another_vocab_size_or_corpus(tmp_path, trained):
+    run = new_run(tmp_path, like=trained)
+    before = digests(run.out)
+    delete = f"use another --out, or delete {run.out / 'tokenizer'} and {run.out / 'data'}"
+    assert_user_error(run.pretrain("--vocab-size", "400"),
+                      f"{run.out / 'tokenizer'} holds a 300-token tokenizer but this run has --vocab-size 400", delete)
+    other = tmp_path / "other.jsonl"
+    shutil.copy(trained.corpus, other)
+    assert_user_error(run.pretrain("--corpus", str(other), "--corpus-format", "jsonl"),
+                      f"{run.out / 'data' / 'meta.json'}: the token data was prepared from another corpus (files "
+                      f"['{trained.corpus}'] vs now ['{other}']; format 'auto' vs now 'jsonl')", delete)
+    assert digests(run.out) == before
+
+
 def test_resume_with_another_config(untouched):
     assert_user_error(untouched.pretrain("--resume", "--seq-len", "15"), "checkpoint is for another model config",
                       f"max_seq_len: checkpoint {SEQ_LEN} vs now 15")
@@ -176,6 +194,11 @@ def test_resume_without_checkpoint(tmp_path):
 def test_existing_checkpoints_without_resume(untouched):
     assert_user_error(untouched.pretrain(), f"{untouched.out / 'pretrain'} already has checkpoints",
                       "pass --resume")
+
+
+def test_invalid_mixed_precision(untouched):
+    assert_user_error(untouched.pretrain("--resume", "--mixed-precision", "bf17"),
+                      "--mixed-precision 'bf17': choose auto, bf16, fp16 or fp32 (none)")
 
 
 def test_infer_without_checkpoint(tmp_path):
@@ -220,6 +243,21 @@ def test_model_flag_reads_hf_and_checkpoint_configs(tmp_path, trained):
     (tmp_path / "config.json").write_text(json.dumps(cfg.to_hf()))
     assert model_config_for(RunConfig(model=str(tmp_path)), 300) == cfg
     assert model_config_for(RunConfig(model=str(trained.out / "pretrain"), seq_len=8), 300).max_seq_len == 8
+
+
+def test_model_flag_reads_a_bert4torch_directory_and_refuses_bad_json(tmp_path):
+    from babyllama.config import preset
+    from babyllama.runs import RunConfig, model_config_for
+
+    cfg = preset("tiny", vocab_size=300)
+    b4t = {"pos_emb_type": "rotary", "layer_norm_mode": "rmsnorm", "layer_norm_eps": cfg.norm_eps,
+           **{k: v for k, v in cfg.to_hf().items() if k != "rms_norm_eps"}}
+    (tmp_path / "bert4torch_config.json").write_text(json.dumps(b4t))
+    assert model_config_for(RunConfig(model=str(tmp_path)), 300) == cfg
+    bad = tmp_path / "x.json"
+    bad.write_text('{"hidden_size": 8,\n oops}')
+    with pytest.raises(UserError, match=f"{bad}:2: invalid JSON"):
+        model_config_for(RunConfig(model=str(bad)), 300)
 
 
 # ======================================================================= DDP
@@ -279,6 +317,12 @@ def test_infer_prompt_prints_a_continuation(untouched):
     proc = infer(untouched, "--prompt", "To be")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("To be") and len(proc.stdout.rstrip("\n")) > len("To be")
+
+
+def test_infer_refuses_a_tokenizer_larger_than_the_model(untouched, big_tokenizer):
+    assert_user_error(infer(untouched, "--tokenizer", str(big_tokenizer), "--prompt", "To be"),
+                      f"tokenizer {big_tokenizer} has 70,000 tokens but the checkpoint "
+                      f"{untouched.out / 'pretrain' / f'step_{STEPS:08d}.pt'} has vocab_size 300", "--tokenizer")
 
 
 def test_infer_reads_prompts_from_stdin(untouched):

@@ -273,5 +273,17 @@ def test_cli_trains_and_reports_per_language(corpus, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "zh:" in done.stdout and "en:" in done.stdout and "characters/token" in done.stdout
     assert Tokenizer.load(tmp_path / "out").vocab_size == 600
-    bad = subprocess.run(cmd[:3] + [str(tmp_path / "nope")] + cmd[4:], capture_output=True, text=True, timeout=60)
-    assert bad.returncode == 2 and bad.stderr.startswith("error:")
+    kept = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    again = subprocess.run(cmd[:-3] + ["700"] + cmd[-2:], capture_output=True, text=True, timeout=60)
+    assert again.returncode == 2 and again.stderr.splitlines() == [
+        f"error: {tmp_path / 'out'} is not empty (3 entries); pass --overwrite (overwrite=True) to replace its "
+        "tokenizer, or choose another output directory"]
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == kept  # refused before training
+    replaced = subprocess.run(cmd[:-3] + ["700"] + cmd[-2:] + ["--overwrite"], capture_output=True, text=True,
+                              timeout=60)
+    assert replaced.returncode == 0, replaced.stderr
+    assert Tokenizer.load(tmp_path / "out").vocab_size == 700
+    bad = subprocess.run(cmd[:3] + [str(tmp_path / "nope")] + cmd[4:-1] + [str(tmp_path / "out2")],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.startswith(f"error: {tmp_path / 'nope'}: no such file")
+    assert not (tmp_path / "out2").exists()
