@@ -19,7 +19,9 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
         if kind.startswith("list"):
             parser.add_argument(flag, nargs="+", default=None, help="(default: from the preset)")
         else:
-            conv = {"int": int, "float": float, "bool": _parse_bool}.get(kind.split(" ")[0], _str_or_none)
+            # a plain `str` field keeps "none" as a value (--mixed-precision none); `str | None` fields read it as None
+            conv = str if kind == "str" else {"int": int, "float": float, "bool": _parse_bool}.get(
+                kind.split(" ")[0], _str_or_none)
             parser.add_argument(flag, type=conv, default=None, help="(default: from the preset)")
 
 

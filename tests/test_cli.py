@@ -1,0 +1,26 @@
+"""Flags generated from the run config: unset flags keep the preset's value, given ones replace it."""
+import argparse
+
+from babyllama.cli import add_dataclass_flags, apply_overrides
+from babyllama.runs import RunConfig, run_preset
+
+
+def parse(*argv: str) -> RunConfig:
+    parser = argparse.ArgumentParser()
+    add_dataclass_flags(parser, RunConfig)
+    return apply_overrides(run_preset("baby"), parser.parse_args(list(argv)))
+
+
+def test_unset_flags_keep_the_preset():
+    assert parse() == run_preset("baby")
+
+
+def test_given_flags_are_typed_and_replace_the_preset():
+    run = parse("--batch-size", "4", "--lr", "1e-4", "--fsdp", "true", "--corpus", "a.txt", "b.jsonl")
+    assert (run.batch_size, run.lr, run.fsdp, run.corpus) == (4, 1e-4, True, ["a.txt", "b.jsonl"])
+
+
+def test_none_is_a_value_for_plain_string_fields():
+    # --mixed-precision none must mean fp32, not "flag not given" (which would leave the preset's auto)
+    assert parse("--mixed-precision", "none").mixed_precision == "none"
+    assert parse("--tokenizer", "none").tokenizer is None
