@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from babyllama.data import (ResumableSampler, TokenWindowDataset, build_pretrain_loader, check_corpus_matches,
+from babyllama.data import (IndexPermutation, ResumableSampler, TokenWindowDataset, build_pretrain_loader, check_corpus_matches,
                             check_tokenizer_matches, corpus_record, prepare_token_bins, read_meta)
 from babyllama.tokenizer import train_tokenizer
 from babyllama.errors import UserError
@@ -292,6 +292,28 @@ def test_too_few_tokens_for_a_window(tmp_path):
 
 
 # ======================================================================= sampler
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 103, 1024, 4097])
+def test_index_permutation_is_a_bijection(n):
+    out = IndexPermutation(n, (7, 0))(np.arange(n, dtype=np.uint64))
+    assert sorted(out.tolist()) == list(range(n))
+
+
+def test_index_permutation_shuffles_like_a_random_one():
+    n = 20_000
+    a = IndexPermutation(n, (1, 0))(np.arange(n, dtype=np.uint64)).astype(np.float64)
+    assert abs(np.corrcoef(np.arange(n), a)[0, 1]) < 0.05  # no trace of the input order
+    # neighbouring indices land far apart: a random permutation's median |jump| is (1 - 1/sqrt 2) n = 0.29 n
+    assert 0.25 < np.median(np.abs(np.diff(a))) / n < 0.34
+    b = IndexPermutation(n, (1, 1))(np.arange(n, dtype=np.uint64))
+    assert (a == b).mean() < 0.01  # another seed (epoch) is another order
+
+
+def test_sampler_blocks_equal_the_whole_epoch():
+    s = ResumableSampler(1000, seed=3, rank=1, world_size=3)
+    whole = s.rank_indices(2)
+    assert torch.equal(torch.cat([s.rank_indices(2, 0, 100), s.rank_indices(2, 100, s.per_rank)]), whole)
+
+
 def test_sampler_ranks_cover_and_match_one_process():
     n, ws = 103, 4
     single = list(ResumableSampler(n, seed=7))
