@@ -5,7 +5,6 @@ data-sampler position, step) plus the model config, so that loading into another
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 import re
@@ -18,6 +17,7 @@ import torch
 
 from babyllama.config import ModelConfig
 from babyllama.errors import UserError
+from babyllama.outdir import fsync_dir
 
 _NAME = re.compile(r"^step_(\d{8})\.pt$")
 _PARTIAL = re.compile(r"^\.step_\d{8}\.pt\..+\.tmp$")  # atomic_save's temp file, left behind by a kill
@@ -56,19 +56,6 @@ def atomic_save(obj: Any, path: str | Path) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
-
-
-def fsync_dir(directory: Path) -> None:
-    """Make a rename in `directory` durable (POSIX); skipped where that is unsupported."""
-    try:
-        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:  # Windows cannot open a directory
-        return
-    try:
-        with contextlib.suppress(OSError):  # nor can every filesystem sync one
-            os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def remove_partial_writes(directory: str | Path) -> None:

@@ -52,7 +52,7 @@ from tqdm import tqdm
 
 from babyllama.corpus import resolve_files
 from babyllama.errors import UserError
-from babyllama.outdir import claim_out_dir
+from babyllama.outdir import claim_out_dir, fsync_dir
 
 FORMAT, VERSION = "babyllama-tokens", 1
 SPLITS = ("train", "val")
@@ -334,6 +334,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_dir(path.parent)  # meta.json marks the data complete: its rename must survive a power loss
 
 
 # ======================================================================= reading

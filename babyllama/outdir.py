@@ -1,6 +1,9 @@
-"""Output directories that scripts write into: a non-empty one is never overwritten by accident."""
+"""Output directories that scripts write into: a non-empty one is never overwritten by accident, and a rename
+into one is made durable (`fsync_dir`)."""
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -20,3 +23,16 @@ def claim_out_dir(out: Path, overwrite: bool, what: str,
         raise UserError(f"{out} is not empty ({len(entries)} entries); pass --overwrite (overwrite=True) to replace "
                         f"its {what}, or choose another output directory")
     return entries
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename in `directory` durable (POSIX); skipped where that is unsupported."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # Windows cannot open a directory
+        return
+    try:
+        with contextlib.suppress(OSError):  # nor can every filesystem sync one
+            os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import pickle
 import random
+import stat
 import subprocess
 import sys
 import warnings
@@ -94,6 +96,19 @@ def test_round_trip_and_meta(tmp_path, offset, dtype):
     total = sum(len(tok.encode(d)) + 1 for d in docs)
     assert meta["splits"]["train"]["tokens"] + meta["splits"]["val"]["tokens"] == total
     assert sorted(p.name for p in out.iterdir() if p.suffix not in (".bin", ".json")) == []  # no *.tmp left
+
+
+def test_meta_json_rename_is_synced_to_the_directory(tmp_path, monkeypatch):
+    real_fsync, synced = os.fsync, []
+
+    def fsync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            synced.append((tmp_path / "data" / "meta.json").exists())
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    prepare(tmp_path, make_docs(20), ByteTokenizer(3))
+    assert synced[-1:] == [True]  # the directory is synced once meta.json (the completion mark) is in place
 
 
 def test_split_is_deterministic_by_seed(tmp_path):
