@@ -28,7 +28,8 @@ from babyllama.chat import ChatHistory, stop_ids
 from babyllama.checkpoint import latest_checkpoint, load_model
 from babyllama.distributed import pick_device
 from babyllama.errors import UserError
-from babyllama.generation import Generator, SamplingConfig, add_sampling_flags, sampling_from_args
+from babyllama.generation import (Generator, SamplingConfig, add_runtime_flags, add_sampling_flags, decode_dtype,
+                                  sampling_from_args)
 from babyllama.model import Llama
 from babyllama.runs import RunPaths, run_preset
 from babyllama.tokenizer import Tokenizer, check_fits_model
@@ -41,12 +42,13 @@ class ChatSession:
     """A model, its tokenizer and the conversation so far; `reply` streams one assistant answer."""
 
     def __init__(self, model: Llama, tokenizer: Tokenizer, sampling: SamplingConfig, system: str | None = None,
-                 history_tokens: int | None = None, seed: int = 0, history_turns: int | None = None):
+                 history_tokens: int | None = None, seed: int = 0, history_turns: int | None = None,
+                 compile: bool = False):
         context = model.config.max_seq_len
         budget = history_tokens or max(context - sampling.max_new_tokens, context // 2)
         self.model, self.tokenizer, self.sampling, self.context = model, tokenizer, sampling, context
         self.history = ChatHistory(tokenizer, system, max_turns=history_turns, max_tokens=budget)
-        self.generator = Generator(model)
+        self.generator = Generator(model, compile=compile)
         self.stops = stop_ids(tokenizer)
         self.rng = torch.Generator(device=model.lm_head.weight.device).manual_seed(seed)
 
@@ -133,8 +135,7 @@ def add_chat_flags(parser: argparse.ArgumentParser, default_stages: Sequence[str
                         help="keep at most this many turns (a message and its reply), the current one included "
                              "(default: as many as fit in --history-tokens)")
     parser.add_argument("--show-prompt", action="store_true", help="write each rendered prompt to stderr")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--seed", type=int, default=0)
+    add_runtime_flags(parser)
     add_sampling_flags(parser)
 
 
@@ -160,11 +161,12 @@ def checkpoint_for(args: argparse.Namespace, paths: RunPaths, default_stages: Se
 def load_session(args: argparse.Namespace, default_stages: Sequence[str]) -> ChatSession:
     paths = RunPaths.of(args.name, dataclasses.replace(run_preset(args.name), out=args.out))
     checkpoint = checkpoint_for(args, paths, default_stages)
-    model = load_model(checkpoint, pick_device(args.device))
+    device = pick_device(args.device)
+    model = load_model(checkpoint, device, decode_dtype(args.dtype, device))
     tok = Tokenizer.load(args.tokenizer or paths.tokenizer)
     check_fits_model(tok, model.config.vocab_size, checkpoint)
     return ChatSession(model, tok, sampling_from_args(args), args.system, args.history_tokens, args.seed,
-                       args.history_turns)
+                       args.history_turns, args.compile)
 
 
 def main(description: str = __doc__, default_stages: Sequence[str] = ("sft",), argv: list[str] | None = None) -> None:

@@ -53,10 +53,10 @@ class Generator:
     """Generates continuations with `model`; reuses its cache buffers across calls of the same size."""
 
     def __init__(self, model: Llama, max_len: int | None = None, compile: bool = False):
-        """max_len: fixed cache length (prompt + output); None sizes it per call. Fix it when compiling so that
-        the decode step is captured once."""
+        """max_len: fixed cache length (prompt + output); None sizes it per call, or, when compiling, is the
+        model's context, so that the decode step is compiled and captured once for every call."""
         self.model = model
-        self.max_len = max_len
+        self.max_len = max_len or (model.config.max_seq_len if compile else None)
         self._step: Callable[..., Tensor] = self._decode_step
         if compile:
             self._step = torch.compile(self._decode_step, mode="reduce-overhead", fullgraph=True)
@@ -87,13 +87,13 @@ class Generator:
             pad_mask[i, : longest - len(p)] = 0
         return ids, pad_mask, pad_len, cache_len
 
-    @torch.inference_mode()
-    def generate_batch(self, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, stop_ids: Sequence[int] = (),
-                       generator: torch.Generator | None = None) -> Iterator[Tensor]:
-        """Yield the next token of every row, step by step, until all rows stopped or the budget is spent.
+    def _decode(self, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, stop_ids: Sequence[int],
+                generator: torch.Generator | None) -> Iterator[tuple[Tensor, "_HostCopy"]]:
+        """Yield (next tokens on the device, their host copy) step by step; see `generate_batch`.
 
-        Rows that already stopped keep yielding their stop token; callers cut at the first stop id.
-        """
+        The decode step for token t+1 is queued before the host waits for token t (through a host copy queued
+        ahead of it), so Python's work on one token overlaps the device's work on the next; the only step wasted
+        is the one queued after the last token."""
         ids, pad_mask, pad_len, cache_len = self._prepare(prompts, cfg.max_new_tokens)
         B, T = ids.shape
         device = ids.device
@@ -104,22 +104,35 @@ class Generator:
                             position_ids=positions).logits[:, -1]
         stops = torch.tensor(list(stop_ids) or [-1], device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)
-        for pos in range(T, min(T + cfg.max_new_tokens, cache_len + 1)):
+        input_pos = torch.tensor([T], device=device)  # advanced on the device: no host-to-device copy per token
+        end = min(T + cfg.max_new_tokens, cache_len + 1)  # token t is written to cache slot t, if it is fed back
+        for pos in range(T, end):
             logits = apply_repetition_penalty(logits.float(), seen, cfg.repetition_penalty)
-            nxt = sample_next(logits, cfg, generator)
-            nxt = torch.where(done, stops[0].clamp(min=0), nxt)
-            yield nxt
+            nxt = torch.where(done, stops[0].clamp(min=0), sample_next(logits, cfg, generator))
             done |= torch.isin(nxt, stops)
-            if bool(done.all()) or pos == cache_len:
-                return
             seen.scatter_(1, nxt[:, None], True)
-            logits = self._step(nxt[:, None].clone(), torch.tensor([pos], device=device), pad_mask, pad_len)
+            host = _HostCopy(torch.cat([nxt, done.all()[None].long()]))
+            if pos + 1 < end:
+                logits = self._step(nxt[:, None].clone(), input_pos, pad_mask, pad_len)
+                input_pos += 1
+            yield nxt, host
+            if host.get()[-1]:  # every row stopped
+                return
 
+    @torch.inference_mode()
+    def generate_batch(self, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, stop_ids: Sequence[int] = (),
+                       generator: torch.Generator | None = None) -> Iterator[Tensor]:
+        """Yield the next token of every row (a device tensor), step by step, until all rows stopped or the budget
+        is spent. Rows that already stopped keep yielding their stop token; callers cut at the first stop id."""
+        for nxt, _ in self._decode(prompts, cfg, stop_ids, generator):
+            yield nxt
+
+    @torch.inference_mode()
     def stream(self, prompt: Sequence[int], cfg: SamplingConfig, stop_ids: Sequence[int] = (),
                generator: torch.Generator | None = None) -> Iterator[int]:
         """Yield generated token ids for one prompt; the stop token itself is not yielded."""
-        for tok in self.generate_batch([prompt], cfg, stop_ids, generator):
-            t = int(tok[0])
+        for _, host in self._decode([prompt], cfg, stop_ids, generator):
+            t = int(host.get()[0])
             if t in stop_ids:
                 return
             yield t
@@ -130,6 +143,25 @@ class Generator:
         steps = list(self.generate_batch(prompts, cfg, stop_ids, generator))
         outs = torch.stack(steps, 1).tolist() if steps else [[] for _ in prompts]
         return [_cut_at_stop(row, stop_ids) for row in outs]
+
+
+class _HostCopy:
+    """A copy of a small device tensor on the host, queued without waiting: `get()` waits only for the device
+    work queued before it, not for work queued after (pinned memory + an event on CUDA)."""
+
+    def __init__(self, t: Tensor):
+        if t.device.type == "cuda":
+            self._host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            self._host.copy_(t, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+        else:  # a copy, not a view: the device tensor is updated in place afterwards
+            self._host, self._ready = t.cpu().clone(), None
+
+    def get(self) -> Tensor:
+        if self._ready is not None:
+            self._ready.synchronize()
+        return self._host
 
 
 def _cut_at_stop(row: list[int], stop_ids: Sequence[int]) -> list[int]:
@@ -147,6 +179,29 @@ def add_sampling_flags(parser) -> None:
     parser.add_argument("--top-k", type=int, default=d.top_k, help="0 = off")
     parser.add_argument("--top-p", type=float, default=d.top_p, help="1.0 = off")
     parser.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty, help="1.0 = off")
+
+
+def add_runtime_flags(parser) -> None:
+    """--device, --dtype, --compile, --seed for the inference scripts."""
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="auto",
+                        help="weights and KV cache (default: bf16 on a GPU that supports it, else fp32)")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the decode step with CUDA graphs: the first reply waits for the compile, "
+                             "later tokens come several times faster (GPU; replies stop at the model's context)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+_DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def decode_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The --dtype to load weights in: `auto` is bf16 on a GPU with bf16 support (half the memory traffic of
+    fp32 per token), fp32 elsewhere."""
+    if name == "auto":
+        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda_bf16 else torch.float32
+    return _DTYPES[name]
 
 
 def sampling_from_args(args) -> SamplingConfig:

@@ -19,7 +19,8 @@ from babyllama.checkpoint import latest_checkpoint, load_model  # noqa: E402
 from babyllama.cli import main_guard  # noqa: E402
 from babyllama.distributed import pick_device  # noqa: E402
 from babyllama.errors import UserError  # noqa: E402
-from babyllama.generation import Generator, add_sampling_flags, sampling_from_args  # noqa: E402
+from babyllama.generation import (Generator, add_runtime_flags, add_sampling_flags, decode_dtype,  # noqa: E402
+                                  sampling_from_args)  # noqa: E402
 from babyllama.runs import RunPaths, run_preset  # noqa: E402
 from babyllama.tokenizer import Tokenizer, check_fits_model  # noqa: E402
 
@@ -31,18 +32,17 @@ def main() -> None:
     parser.add_argument("--checkpoint", help="checkpoint file or directory (default: out/<name>/pretrain)")
     parser.add_argument("--tokenizer", help="tokenizer path (default: out/<name>/tokenizer)")
     parser.add_argument("--prompt", help="continue this text and exit; without it, read prompts from stdin")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--seed", type=int, default=0)
+    add_runtime_flags(parser)
     add_sampling_flags(parser)
     args = parser.parse_args()
     run = run_preset(args.name)
     paths = RunPaths.of(args.name, replace(run, out=args.out or run.out))
     device = pick_device(args.device)
     checkpoint = args.checkpoint or default_checkpoint(paths)
-    model = load_model(checkpoint, device)
+    model = load_model(checkpoint, device, decode_dtype(args.dtype, device))
     tok = Tokenizer.load(args.tokenizer or paths.tokenizer)
     check_fits_model(tok, model.config.vocab_size, checkpoint)
-    gen, cfg = Generator(model), sampling_from_args(args)
+    gen, cfg = Generator(model, compile=args.compile), sampling_from_args(args)
     rng = torch.Generator(device=device).manual_seed(args.seed)
     prompts = [args.prompt] if args.prompt is not None else _stdin_prompts()
     for prompt in prompts:

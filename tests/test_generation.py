@@ -63,3 +63,26 @@ def test_repetition_penalty():
     seen = torch.tensor([[True, True, False]])
     out = apply_repetition_penalty(logits, seen, 2.0)
     assert out.tolist() == [[1.0, -4.0, 1.0]]
+
+
+def test_compiled_decode_step_gives_the_eager_tokens():
+    """The compiled step (one fixed cache shape for every call) is the eager step token for token, for a
+    left-padded batch and for a stream that reuses the captured shapes."""
+    m = tiny_model()
+    prompts = [[5, 17, 3, 88, 9, 1], [42], [7, 7]]
+    compiled = Generator(m, compile=True)
+    assert compiled.max_len == m.config.max_seq_len
+    assert compiled.generate(prompts, GREEDY) == Generator(m).generate(prompts, GREEDY)
+    assert list(compiled.stream([5, 17], GREEDY)) == greedy_by_recompute(m, [5, 17], 12)
+
+
+def test_sampled_stream_is_reproducible_and_stops_at_a_stop_token():
+    """Sampling draws from the generator in token order: the same seed gives the same reply, and a stop id
+    ends the stream in the middle of the pipelined loop."""
+    m = tiny_model()
+    cfg = SamplingConfig(max_new_tokens=30, temperature=1.0, top_k=0, top_p=1.0)
+    runs = [list(Generator(m).stream([3, 4], cfg, generator=torch.Generator().manual_seed(7))) for _ in range(2)]
+    assert runs[0] == runs[1] and len(runs[0]) == 30
+    stop = runs[0][10]
+    cut = list(Generator(m).stream([3, 4], cfg, stop_ids=[stop], generator=torch.Generator().manual_seed(7)))
+    assert cut == runs[0][:runs[0].index(stop)]

@@ -186,6 +186,15 @@ def test_one_shot_prompt_prints_the_learned_reply(trained, tok_dir):
     assert out.stdout.strip() == "meow"
 
 
+def test_compiled_bf16_chat_gives_the_learned_replies(trained, tok_dir):
+    """--compile --dtype bf16 (the GPU settings) on CPU: the compiled decode step answers the same, turn after turn."""
+    turns = [question("brown", "cat"), question("little", "dog")]
+    out = chat(["--compile", "--dtype", "bf16"], tok_dir, trained["ckpt"], stdin="\n".join(turns) + "\n")
+    assert out.returncode == 0, out.stderr
+    assert [line for line in out.stdout.splitlines() if line.startswith("assistant> ")] == [
+        "assistant> meow", "assistant> woof"]
+
+
 def test_chat_on_stdin_keeps_history_until_reset(trained, tok_dir):
     turns = [question("little", "dog"), question("quick", "cow"), "/reset", question("young", "owl")]
     out = chat(["--show-prompt"], tok_dir, trained["ckpt"], stdin="\n".join(turns) + "\n")
