@@ -27,10 +27,15 @@ def _chunk_loss_and_grad(h: Tensor, w: Tensor, t: Tensor, ignore_index: int, sca
     loss = ((lse - logits.gather(1, tgt[:, None]).squeeze(1)) * valid).sum()
     if scale is None:
         return loss, None
+    coef = (valid.float() * scale)[:, None]
+    if torch.compiler.is_compiling():
+        # Written as one pointwise expression so that inductor fuses softmax, minus one-hot, scaling and the
+        # cast into a single pass over the logits (a scatter would first write the fp32 chunk out in full).
+        onehot = torch.arange(logits.shape[1], device=logits.device)[None, :] == tgt[:, None]
+        return loss, (torch.exp(logits - lse[:, None]) - onehot.float()) * coef
     grad = torch.exp_(logits.sub_(lse[:, None]))  # softmax, in place to keep one chunk-sized buffer
     grad.scatter_add_(1, tgt[:, None], torch.full_like(lse[:, None], -1.0))
-    grad.mul_((valid.float() * scale)[:, None])
-    return loss, grad
+    return loss, grad.mul_(coef)
 
 
 def _matmul_dtype(h: Tensor, w: Tensor) -> torch.dtype:

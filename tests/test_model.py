@@ -56,13 +56,15 @@ def test_left_padding_mask_matches_unpadded():
     assert torch.isfinite(out).all() and (out - ref).abs().max() < 1e-5
 
 
-def test_fused_loss_matches_cross_entropy_and_grads(monkeypatch):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_fused_loss_matches_cross_entropy_and_grads(monkeypatch, compiled):
+    """Eager runs the in-place chunk code, compiled the single-expression one inductor fuses: both are exact."""
     monkeypatch.setattr(loss_mod, "CHUNK_ELEMENTS", 7 * 300)  # force several chunks
     torch.manual_seed(0)
     m = Llama(tiny_config())
     x, y = torch.randint(0, 300, (2, 2, 20)).unbind(0)
     y[0, :5] = IGNORE_INDEX
-    loss = m(x, y).loss
+    loss = (torch.compile(m, fullgraph=True) if compiled else m)(x, y).loss
     loss.backward()
     fused = {n: p.grad.clone() for n, p in m.named_parameters()}
     m.zero_grad()
