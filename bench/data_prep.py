@@ -10,7 +10,6 @@ Prints one JSON object per system: documents/s, tokens/s, MB/s of text, peak ext
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -26,6 +25,7 @@ from babyllama.corpus import iter_documents  # noqa: E402
 from babyllama.data import prepare_token_bins  # noqa: E402
 from babyllama.runs import SHIPPED_CORPUS  # noqa: E402
 from babyllama.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
+from jsonl import emit  # noqa: E402  (bench/ is on sys.path as the script's folder)
 
 
 def seed_style(docs: list[str], tok: Tokenizer, out: Path) -> int:
@@ -78,10 +78,7 @@ def main() -> None:
     base = results[0]["tokens_per_s"]
     for r in results:
         r["speedup_vs_seed"] = round(r["tokens_per_s"] / base, 2)
-        print(json.dumps(r), flush=True)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.writelines(json.dumps(r) + "\n" for r in results)
+        emit(r, args.out)
 
 
 def _row(system: str, n_docs: int, tokens: int, seconds: float, text_mb: float, peak: int | None) -> dict:

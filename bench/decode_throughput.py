@@ -9,7 +9,6 @@ path token for token (random weights make near-ties, so the comparison is also r
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from babyllama.config import ModelConfig, preset  # noqa: E402
 from babyllama.distributed import pick_device  # noqa: E402
 from babyllama.generation import Generator, SamplingConfig  # noqa: E402
 from babyllama.model import Llama  # noqa: E402
+from jsonl import emit  # noqa: E402  (bench/ is on sys.path as the script's folder)
 
 
 def _sync(device: torch.device) -> None:
@@ -29,14 +29,16 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn, device: torch.device, repeats: int):
-    fn()  # warm-up (compilation, CUDA graph capture, allocator)
-    _sync(device)
+def timed(fn, device: torch.device, repeats: int) -> tuple[list[list[int]], float, float]:
+    """(output, seconds per call, seconds of the first call: compilation, CUDA graph capture, allocator)."""
     t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    t1 = time.perf_counter()
     for _ in range(repeats):
         out = fn()
     _sync(device)
-    return out, (time.perf_counter() - t0) / repeats
+    return out, (time.perf_counter() - t1) / repeats, t1 - t0
 
 
 def ours(model: Llama, prompts: torch.Tensor, new: int, compile: bool):
@@ -76,7 +78,7 @@ def main() -> None:
     device = pick_device("cpu" if args.smoke else "auto")
     if args.smoke:
         cfg = ModelConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, ffn_dim=128, max_seq_len=128)
-        args.new_tokens, args.repeats, args.systems = 16, 1, "ours-eager,hf,hf-static"
+        args.new_tokens, args.repeats = 16, 1
     else:
         cfg = preset(args.config)
     torch.manual_seed(0)
@@ -91,22 +93,18 @@ def main() -> None:
         "hf-static": lambda p: hf(model, p, args.new_tokens, static=True),
     }
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    results = []
     for batch in map(int, args.batches.split(",")):
         prompts = torch.randint(0, cfg.vocab_size, (batch, args.prompt_len), generator=torch.Generator().manual_seed(1))
         prompts = prompts.to(device)
         reference = None
         for system in args.systems.split(","):
-            tokens, seconds = timed(systems[system](prompts), device, args.repeats)
+            tokens, seconds, first = timed(systems[system](prompts), device, args.repeats)
             reference = reference or tokens
             same = sum(a == b for ra, rb in zip(tokens, reference) for a, b in zip(ra, rb)) / (batch * args.new_tokens)
             r = {"system": system, "device": name, "batch": batch, "dtype": str(dtype).split(".")[1],
-                 "tokens_per_s": round(batch * args.new_tokens / seconds, 1), "same_tokens_as_eager": round(same, 4)}
-            print(json.dumps(r), flush=True)
-            results.append(r)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.writelines(json.dumps(r) + "\n" for r in results)
+                 "tokens_per_s": round(batch * args.new_tokens / seconds, 1), "same_tokens_as_eager": round(same, 4),
+                 "first_call_s": round(first, 1)}
+            emit(r, args.out)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
-# Every GPU measurement docs/performance.md reports, in two parts that each fit a 10-minute command on a lent GPU:
+# Every GPU measurement docs/performance.md reports, in two parts that each fit one 10-minute command, most
+# important first (a lent GPU has 15 minutes in all, its start included):
 #
-#   bash bench/gpu_session.sh train  [RESULTS_DIR]   # ours vs HF, each speed lever, DDP overhead at world size 1
-#   bash bench/gpu_session.sh decode [RESULTS_DIR]   # batch-1 and batch-8 decoding, ours eager/compiled vs HF
-#   bash bench/gpu_session.sh smoke  [RESULTS_DIR]   # CPU, tiny configs: checks the script (levers need a GPU's compile)
+#   bash bench/gpu_session.sh main   [RESULTS_DIR]  # training ours vs HF; batch-1 and batch-8 decoding vs HF
+#   bash bench/gpu_session.sh levers [RESULTS_DIR]  # our trainer with each speed lever on/off; DDP at world size 1
+#   bash bench/gpu_session.sh smoke  [RESULTS_DIR]  # CPU, tiny configs: checks the script (levers need a GPU's compile)
 #
 # Results are JSON lines in RESULTS_DIR (default: $OUT if set, else bench/results), named <date>_<gpu>_<part>.jsonl,
 # plus a log. Each benchmark has its own time limit, so one that hangs (a compile, say) does not cost the rest.
 # PYTHON picks the interpreter (default python3). Exits 1 if any benchmark failed or timed out.
 set -uo pipefail
 part=${1:-}
-case "$part" in train|decode|smoke) ;; *) echo "usage: gpu_session.sh train|decode|smoke [RESULTS_DIR]" >&2; exit 2 ;; esac
+case "$part" in main|levers|smoke) ;; *) echo "usage: gpu_session.sh main|levers|smoke [RESULTS_DIR]" >&2; exit 2 ;; esac
 repo=$(cd "$(dirname "$0")/.." && pwd)
 dir=$(realpath -m "${2:-${OUT:-$repo/bench/results}}")  # a relative RESULTS_DIR is taken from where this was called
 cd "$repo"
@@ -30,19 +31,21 @@ step() {  # step SECONDS ARGS...: run one benchmark under a time limit, keep goi
 
 "$py" -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)' | tee -a "$log"
 case "$part" in
-  train)
+  main)
     nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee -a "$log"
-    step 150 bench/train_throughput.py --systems ours,hf --out "${stem}_train.jsonl"
-    step 330 bench/train_throughput.py --levers --steps 10 --warmup 3 --out "${stem}_levers.jsonl"
-    step 100 bench/train_throughput.py --systems ours,ours-ddp --steps 10 --warmup 3 --out "${stem}_ddp.jsonl"
+    step 140 bench/train_throughput.py --systems ours,hf --out "${stem}_train.jsonl"
+    step 220 bench/decode_throughput.py --batches 1 --out "${stem}_decode.jsonl"
+    step 200 bench/decode_throughput.py --batches 8 --systems ours-eager,ours-compiled,hf-static \
+      --out "${stem}_decode.jsonl"
     ;;
-  decode)
-    step 480 bench/decode_throughput.py --out "${stem}_decode.jsonl"
+  levers)
+    step 360 bench/train_throughput.py --levers --steps 10 --warmup 3 --out "${stem}_levers.jsonl"
+    step 180 bench/train_throughput.py --systems ours,ours-ddp --steps 10 --warmup 3 --out "${stem}_ddp.jsonl"
     ;;
   smoke)
     step 300 bench/train_throughput.py --smoke --systems ours,hf --out "${stem}_train.jsonl"
-    step 300 bench/train_throughput.py --smoke --systems ours,ours-ddp --out "${stem}_ddp.jsonl"
     step 300 bench/decode_throughput.py --smoke --out "${stem}_decode.jsonl"
+    step 300 bench/train_throughput.py --smoke --systems ours,ours-ddp --out "${stem}_ddp.jsonl"
     ;;
 esac
 exit $failed

@@ -11,7 +11,6 @@ Every system sees the same random token batches, steps and optimizer settings; t
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -28,6 +27,7 @@ from babyllama.metrics import peak_flops  # noqa: E402
 from babyllama.model import Llama  # noqa: E402
 from babyllama.optim import build_adamw  # noqa: E402
 from babyllama.trainer import Callback, Trainer  # noqa: E402
+from jsonl import emit  # noqa: E402  (bench/ is on sys.path as the script's folder)
 
 
 def random_batches(cfg: ModelConfig, batch: int, seq: int, device: torch.device, n: int = 4):
@@ -157,13 +157,13 @@ def main() -> None:
         "hf": lambda: bench_hf(cfg, args, device),
     }
     if args.levers:
-        runs = {
-            "eager, full logits": lambda: bench_ours(cfg, args, device, False, chunked_loss=False),
-            "eager, chunked loss": lambda: bench_ours(cfg, args, device, False),
-            "compile, full logits": lambda: bench_ours(cfg, args, device, True, chunked_loss=False),
+        runs = {  # the default first (the baseline of this run), then one lever changed at a time
             "compile, chunked loss": lambda: bench_ours(cfg, args, device, True),
+            "compile, full logits": lambda: bench_ours(cfg, args, device, True, chunked_loss=False),
+            "eager, chunked loss": lambda: bench_ours(cfg, args, device, False),
             "compile, chunked, unfused AdamW": lambda: bench_ours(cfg, args, device, True, fused_adamw=False),
             "compile, chunked, act. checkpointing": lambda: bench_ours(cfg, args, device, True, checkpointing=True),
+            "eager, full logits": lambda: bench_ours(cfg, args, device, False, chunked_loss=False),
         }
     else:
         runs = {k: runs[k] for k in args.systems.split(",")}
@@ -172,13 +172,10 @@ def main() -> None:
     for system, fn in runs.items():
         r = {"system": system, "device": name, "config": args.config, "batch": args.batch, "seq": args.seq,
              "accum": args.accum, **fn()}
-        print(json.dumps(r), flush=True)
+        emit(r, args.out)
         results.append(r)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    if args.out:
-        with open(args.out, "a") as f:
-            f.writelines(json.dumps(r) + "\n" for r in results)
     print("\n| system | tokens/s | MFU | peak GiB |\n|---|---|---|---|")
     for r in results:
         print(f"| {r['system']} | {r['tokens_per_s']:,.0f} | {r['mfu']} | {r['peak_mem_gib']} |")
