@@ -52,11 +52,15 @@ def sample_next(logits: Tensor, cfg: SamplingConfig, generator: torch.Generator 
 class Generator:
     """Generates continuations with `model`; reuses its cache buffers across calls of the same size."""
 
-    def __init__(self, model: Llama, max_len: int | None = None, compile: bool = False):
+    def __init__(self, model: Llama, max_len: int | None = None, compile: bool = False,
+                 fuse_projections: bool | None = None):
         """max_len: fixed cache length (prompt + output); None sizes it per call, or, when compiling, is the
-        model's context, so that the decode step is compiled and captured once for every call."""
+        model's context, so that the decode step is compiled and captured once for every call.
+        fuse_projections: decode with concatenated q|k|v and gate|up copies of the weights (`Llama.fuse_projections`,
+        refreshed every call; costs their memory once more), or with the separate weights; default: when compiling."""
         self.model = model
         self.max_len = max_len or (model.config.max_seq_len if compile else None)
+        self.fuse = compile if fuse_projections is None else fuse_projections
         self._step: Callable[..., Tensor] = self._decode_step
         if compile:
             self._step = torch.compile(self._decode_step, mode="reduce-overhead", fullgraph=True)
@@ -79,6 +83,10 @@ class Generator:
         if self._cache_shape != (len(prompts), cache_len):
             self.model.setup_cache(len(prompts), cache_len)
             self._cache_shape = (len(prompts), cache_len)
+        if self.fuse:  # refreshed: the weights may have been trained since the last call
+            self.model.fuse_projections()
+        else:  # copies left by another Generator would be used (and may be stale)
+            self.model.unfuse_projections()
         pad_len = torch.tensor([longest - len(p) for p in prompts], device=device)
         ids = torch.zeros(len(prompts), longest, dtype=torch.long, device=device)
         pad_mask = torch.ones(len(prompts), cache_len, dtype=torch.long, device=device)

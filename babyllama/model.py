@@ -78,12 +78,18 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.cache: KVCache | None = None
+        self.register_buffer("qkv_weight", None, persistent=False)  # decoding copy, see Llama.fuse_projections
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, input_pos: Tensor | None) -> Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if input_pos is not None and self.qkv_weight is not None:
+            q, k, v = F.linear(x, self.qkv_weight).split(
+                [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], -1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if input_pos is not None:  # decoding: the cache is used only when positions are given
             k, v = self.cache.update(input_pos, k, v)
@@ -101,9 +107,14 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+        self.register_buffer("gate_up_weight", None, persistent=False)  # decoding copy, see Llama.fuse_projections
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x: Tensor, decoding: bool = False) -> Tensor:
+        if decoding and self.gate_up_weight is not None:
+            gate, up = F.linear(x, self.gate_up_weight).chunk(2, -1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -116,7 +127,7 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, input_pos: Tensor | None) -> Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x), decoding=input_pos is not None)
 
 
 class Backbone(nn.Module):
@@ -229,5 +240,29 @@ class Llama(nn.Module):
         for layer in self.model.layers:
             layer.self_attn.cache = None
 
+    def fuse_projections(self) -> None:
+        """Give each block one q|k|v and one gate|up weight matrix for decoding (forwards with `input_pos`): at
+        batch 1 a decode step is a chain of small kernels, and this makes five matrix products per block two.
+        The copies are refreshed in place (same memory, so a CUDA graph stays valid): call this again after the
+        weights change; `unfuse_projections` frees them. Training and scoring always use the separate weights."""
+        with torch.no_grad():
+            for layer in self.model.layers:
+                attn, mlp = layer.self_attn, layer.mlp
+                attn.qkv_weight = _concat_into(attn.qkv_weight, attn.q_proj.weight, attn.k_proj.weight,
+                                               attn.v_proj.weight)
+                mlp.gate_up_weight = _concat_into(mlp.gate_up_weight, mlp.gate_proj.weight, mlp.up_proj.weight)
+
+    def unfuse_projections(self) -> None:
+        for layer in self.model.layers:
+            layer.self_attn.qkv_weight = layer.mlp.gate_up_weight = None
+
     def num_params(self) -> int:
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+
+
+def _concat_into(out: Tensor | None, *parts: Tensor) -> Tensor:
+    """torch.cat(parts) written into `out` when it still fits (same storage), else a new tensor."""
+    rows = sum(p.shape[0] for p in parts)
+    fits = (out is not None and out.shape == (rows, *parts[0].shape[1:]) and out.dtype == parts[0].dtype
+            and (torch.is_inference_mode_enabled() or not out.is_inference()))
+    return torch.cat(parts, out=out) if fits else torch.cat(parts)

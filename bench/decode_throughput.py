@@ -2,6 +2,9 @@
 
     python bench/decode_throughput.py                 # 0.2B config in bf16 on the GPU, batch 1 and 8
     python bench/decode_throughput.py --smoke         # tiny config on CPU
+    python bench/decode_throughput.py --batches 1 --systems ours-compiled,ours-compiled-unfused   # a lever
+
+ours-compiled decodes with fused q|k|v and gate|up weights (`Llama.fuse_projections`); -unfused without.
 
 tokens/s counts generated tokens of all rows. `same_tokens` compares each system's greedy output with our eager
 path token for token (random weights make near-ties, so the comparison is also reported in fp32).
@@ -41,8 +44,8 @@ def timed(fn, device: torch.device, repeats: int) -> tuple[list[list[int]], floa
     return out, (time.perf_counter() - t1) / repeats, t1 - t0
 
 
-def ours(model: Llama, prompts: torch.Tensor, new: int, compile: bool):
-    gen = Generator(model, max_len=prompts.shape[1] + new, compile=compile)
+def ours(model: Llama, prompts: torch.Tensor, new: int, compile: bool, fuse: bool | None = None):
+    gen = Generator(model, max_len=prompts.shape[1] + new, compile=compile, fuse_projections=fuse)
     greedy = SamplingConfig(max_new_tokens=new, temperature=0)
     return lambda: gen.generate(prompts.tolist(), greedy)
 
@@ -89,6 +92,7 @@ def main() -> None:
     systems = {
         "ours-eager": lambda p: ours(model, p, args.new_tokens, compile=False),
         "ours-compiled": lambda p: ours(model, p, args.new_tokens, compile=True),
+        "ours-compiled-unfused": lambda p: ours(model, p, args.new_tokens, compile=True, fuse=False),
         "hf": lambda p: hf(model, p, args.new_tokens, static=False),
         "hf-static": lambda p: hf(model, p, args.new_tokens, static=True),
     }

@@ -86,3 +86,14 @@ def test_sampled_stream_is_reproducible_and_stops_at_a_stop_token():
     stop = runs[0][10]
     cut = list(Generator(m).stream([3, 4], cfg, stop_ids=[stop], generator=torch.Generator().manual_seed(7)))
     assert cut == runs[0][:runs[0].index(stop)]
+
+
+def test_fused_generator_follows_weight_updates():
+    """A Generator with fused projections refreshes them every call (PPO-style: sample, train, sample again)."""
+    m = tiny_model()
+    fused = Generator(m, fuse_projections=True)
+    assert fused.generate([[5, 17]], GREEDY) == Generator(m).generate([[5, 17]], GREEDY)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    assert fused.generate([[5, 17]], GREEDY) == [greedy_by_recompute(m, [5, 17], 12)]

@@ -43,6 +43,35 @@ def test_kv_cache_decoding_equals_full_recompute():
     assert (torch.cat(steps, 1) - full).abs().max() < 1e-5
 
 
+def test_fused_projections_decode_the_same_and_never_train():
+    """Decoding with the fused q|k|v and gate|up copies gives the separate weights' logits; the copies stay out
+    of the state dict, follow the weights when refreshed, and a training forward ignores them even when stale."""
+    torch.manual_seed(0)
+    m = Llama(tiny_config()).eval()
+    x = torch.randint(0, 300, (2, 12))
+
+    def decoded() -> torch.Tensor:
+        m.setup_cache(batch=2, max_len=16)
+        return m(x, input_pos=torch.arange(12)).logits
+
+    with torch.no_grad():
+        plain = decoded()
+        m.fuse_projections()
+        assert (decoded() - plain).abs().max() < 1e-5
+        assert m.model.layers[0].self_attn.qkv_weight.shape == (64 + 2 * 32, 64)
+        assert set(m.state_dict()) == set(Llama(tiny_config()).state_dict())
+        m.model.layers[1].mlp.up_proj.weight.mul_(2)  # the fused copies are stale now
+        trained = m(x).logits
+        stale = decoded()
+        qkv = m.model.layers[0].self_attn.qkv_weight
+        m.fuse_projections()
+        assert m.model.layers[0].self_attn.qkv_weight.data_ptr() == qkv.data_ptr()  # refreshed in place
+        refreshed = decoded()
+        m.unfuse_projections()
+        assert (decoded() - refreshed).abs().max() < 1e-5 and (trained - refreshed).abs().max() < 1e-5
+        assert (stale - refreshed).abs().max() > 1e-2
+
+
 def test_left_padding_mask_matches_unpadded():
     torch.manual_seed(0)
     m = Llama(tiny_config()).eval()
