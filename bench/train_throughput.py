@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+import babyllama.loss as loss_module  # noqa: E402
 from babyllama.config import ModelConfig, preset  # noqa: E402
 from babyllama.distributed import DistEnv, pick_device  # noqa: E402
 from babyllama.metrics import peak_flops  # noqa: E402
@@ -28,6 +29,9 @@ from babyllama.model import Llama  # noqa: E402
 from babyllama.optim import build_adamw  # noqa: E402
 from babyllama.trainer import Callback, Trainer  # noqa: E402
 from jsonl import emit  # noqa: E402  (bench/ is on sys.path as the script's folder)
+
+
+DEFAULT_CHUNK = loss_module.CHUNK_ELEMENTS
 
 
 def random_batches(cfg: ModelConfig, batch: int, seq: int, device: torch.device, n: int = 4):
@@ -66,8 +70,10 @@ def _sync(device: torch.device) -> None:
 
 def bench_ours(cfg: ModelConfig, args, device: torch.device, compile_model: bool = True, chunked_loss: bool = True,
                checkpointing: bool = False, fused_adamw: bool = True, precision: str | None = "bf16",
-               ddp: bool = False) -> dict:
+               ddp: bool = False, loss_chunk_elements: int | None = None) -> dict:
     torch.manual_seed(0)
+    if loss_chunk_elements:
+        loss_module.CHUNK_ELEMENTS = loss_chunk_elements
     model = Llama(cfg)
     model.chunked_loss, model.gradient_checkpointing = chunked_loss, checkpointing
     trainer = Trainer(model, DistEnv(device=device))
@@ -79,6 +85,7 @@ def bench_ours(cfg: ModelConfig, args, device: torch.device, compile_model: bool
     timer = StepTimer(args.warmup, device)
     trainer.fit(random_batches(cfg, args.batch, args.seq, device), max_steps=args.warmup + args.steps,
                 callbacks=[timer])
+    loss_module.CHUNK_ELEMENTS = DEFAULT_CHUNK
     return _result(cfg, args, device, timer.t1 - timer.t0, timer.loss)
 
 
@@ -162,6 +169,8 @@ def main() -> None:
             "compile, full logits": lambda: bench_ours(cfg, args, device, True, chunked_loss=False),
             "eager, chunked loss": lambda: bench_ours(cfg, args, device, False),
             "compile, chunked, unfused AdamW": lambda: bench_ours(cfg, args, device, True, fused_adamw=False),
+            "compile, chunked x4 rows": lambda: bench_ours(cfg, args, device, True,
+                                                           loss_chunk_elements=4 * DEFAULT_CHUNK),
             "compile, chunked, act. checkpointing": lambda: bench_ours(cfg, args, device, True, checkpointing=True),
             "eager, full logits": lambda: bench_ours(cfg, args, device, False, chunked_loss=False),
         }
