@@ -32,7 +32,7 @@ from babyllama.generation import (Generator, SamplingConfig, add_runtime_flags, 
                                   sampling_from_args)
 from babyllama.model import Llama
 from babyllama.runs import RunPaths, run_preset
-from babyllama.tokenizer import Tokenizer, check_fits_model
+from babyllama.tokenizer import Tokenizer
 
 STAGES = ("sft", "dpo", "ppo", "pretrain")
 RESET, EXIT = "/reset", ("/exit", "/quit")
@@ -162,9 +162,8 @@ def load_session(args: argparse.Namespace, default_stages: Sequence[str]) -> Cha
     paths = RunPaths.of(args.name, dataclasses.replace(run_preset(args.name), out=args.out))
     checkpoint = checkpoint_for(args, paths, default_stages)
     device = pick_device(args.device)
-    model = load_model(checkpoint, device, decode_dtype(args.dtype, device))
     tok = Tokenizer.load(args.tokenizer or paths.tokenizer)
-    check_fits_model(tok, model.config.vocab_size, checkpoint)
+    model = load_model(checkpoint, device, decode_dtype(args.dtype, device), tokenizer=tok)
     return ChatSession(model, tok, sampling_from_args(args), args.system, args.history_tokens, args.seed,
                        args.history_turns, args.compile)
 

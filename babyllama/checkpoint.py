@@ -1,7 +1,8 @@
 """Atomic, full-state checkpoints: `step_00000100.pt` files in a directory, the newest K kept.
 
 A checkpoint holds everything an exact resume needs (model, optimizer, scheduler, grad scaler, RNG states,
-data-sampler position, step) plus the model config, so that loading into another architecture is a clear error.
+data-sampler position, step) plus the model config, so that loading into another architecture is a clear error,
+and (in `extra`) the fingerprint of the tokenizer it was trained with, so that another tokenizer is one too.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import torch
 from babyllama.config import ModelConfig
 from babyllama.errors import UserError
 from babyllama.outdir import fsync_dir
+from babyllama.tokenizer import Tokenizer, check_tokenizer
 
 _NAME = re.compile(r"^step_(\d{8})\.pt$")
 _PARTIAL = re.compile(r"^\.step_\d{8}\.pt\..+\.tmp$")  # atomic_save's temp file, left behind by a kill
@@ -120,17 +122,20 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-               strict: bool = False):
+               strict: bool = False, tokenizer: "Tokenizer | None" = None):
     """A `Llama` with the weights of a checkpoint file (or the newest in a directory), in eval mode.
 
     `strict=True` also refuses weights the model does not use (e.g. a reward model's value head), for stages
-    that must start from a plain language model."""
+    that must start from a plain language model. `tokenizer`: refuse it unless it is the one the checkpoint was
+    trained with (and fits its vocabulary)."""
     from babyllama.model import Llama  # local import: the model module does not need checkpoint code
 
     state = load_checkpoint(path)
     if state.get("model_config") is None:
         raise UserError(f"{path}: checkpoint has no model_config; it was not written by babyllama")
     model = Llama(ModelConfig.from_dict(state["model_config"], str(path)))
+    if tokenizer is not None:
+        check_tokenizer(tokenizer, model.config.vocab_size, trained_tokenizer(state), path)
     weights = {k.removeprefix("policy."): v for k, v in state["model"].items()}
     try:
         missing, unexpected = model.load_state_dict(weights, strict=False)
@@ -145,3 +150,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
         raise UserError(f"{path}: checkpoint has {len(unexpected)} weights a language model does not use "
                         f"(e.g. {unexpected[0]}); is it a reward/value model? pass a pretrain or SFT checkpoint")
     return model.to(device=device, dtype=dtype).eval()
+
+
+def trained_tokenizer(state: dict[str, Any]) -> str | None:
+    """The fingerprint of the tokenizer a checkpoint was trained with (None if not recorded)."""
+    return (state.get("extra") or {}).get("tokenizer")

@@ -76,10 +76,8 @@ _B4T_GLOBAL = {"embeddings.word_embeddings.weight": "model.embed_tokens.weight",
 # ======================================================================= Hugging Face
 def export_hf(checkpoint: str | Path, tokenizer: str | Path, out_dir: str | Path) -> Path:
     """Write a transformers `LlamaForCausalLM` directory (see the module docstring) for a babyllama checkpoint."""
-    model, tok, out = load_model(checkpoint), Tokenizer.load(tokenizer), Path(out_dir)
-    if tok.vocab_size > model.config.vocab_size:
-        raise UserError(f"{tokenizer}: {tok.vocab_size} tokens but the model in {checkpoint} has "
-                        f"{model.config.vocab_size}; pass the tokenizer the model was trained with (--tokenizer)")
+    tok = Tokenizer.load(tokenizer)
+    model, out = load_model(checkpoint, tokenizer=tok), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = model.config
     ids = dict(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)

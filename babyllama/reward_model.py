@@ -22,10 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from babyllama.checkpoint import load_checkpoint
+from babyllama.checkpoint import load_checkpoint, trained_tokenizer
 from babyllama.config import ModelConfig
 from babyllama.errors import UserError
 from babyllama.model import Llama
+from babyllama.tokenizer import Tokenizer, check_tokenizer
 
 KIND = "reward"
 
@@ -102,12 +103,15 @@ def is_reward_checkpoint(state: dict[str, Any]) -> bool:
 
 
 def load_reward_model(path: str | Path, device: str | torch.device = "cpu",
-                      dtype: torch.dtype | None = None) -> RewardModel:
-    """A trained `RewardModel` (eval mode) from a checkpoint file, or the newest one in a directory."""
+                      dtype: torch.dtype | None = None, tokenizer: Tokenizer | None = None) -> RewardModel:
+    """A trained `RewardModel` (eval mode) from a checkpoint file, or the newest one in a directory;
+    `tokenizer`: refused unless it is the one the reward model was trained with."""
     state = load_checkpoint(path)
     if not is_reward_checkpoint(state):
         raise UserError(f"{path}: not a reward-model checkpoint (no kind='{KIND}' / score head); "
                         "train one with: python reward/reward.py --name <name>, or pass its out/<name>/reward")
     model = RewardModel(ModelConfig.from_dict(state["model_config"], str(path)))
+    if tokenizer is not None:
+        check_tokenizer(tokenizer, model.config.vocab_size, trained_tokenizer(state), path)
     model.load_state_dict(state["model"])
     return model.to(device=device, dtype=dtype).eval()

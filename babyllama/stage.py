@@ -50,9 +50,10 @@ def parse_stage_args(description: str, stage: str,
 
 
 def compile_from_run(trainer: Trainer, run: RunConfig, loss: LossFn = causal_lm_loss,
-                     flops_per_token: float | None = None) -> Trainer:
+                     flops_per_token: float | None = None, tokenizer: Tokenizer | None = None) -> Trainer:
     """AdamW (decay groups, fused where available) + warmup/cosine + clipping + precision/compile from the run;
-    with --fsdp under torchrun the model is sharded first (the optimizer must see the sharded parameters)."""
+    with --fsdp under torchrun the model is sharded first (the optimizer must see the sharded parameters).
+    `tokenizer`: recorded in every checkpoint (its fingerprint), so later stages and inference can refuse another."""
     device = trainer.env.device
     if run.fsdp:
         trainer.shard()
@@ -64,6 +65,8 @@ def compile_from_run(trainer: Trainer, run: RunConfig, loss: LossFn = causal_lm_
                     log_every=run.log_every, flops_per_token=flops_per_token)
     trainer.extra_state["data_order"] = {"seed": run.seed, "batch_size": run.batch_size, "grad_accum": run.grad_accum,
                                          "world_size": trainer.env.world_size}
+    if tokenizer is not None:
+        trainer.extra_state["tokenizer"] = tokenizer.fingerprint
     return trainer
 
 
@@ -80,10 +83,16 @@ def resume_if_asked(trainer: Trainer, args: argparse.Namespace, ckpt_dir: Path) 
     found = latest_checkpoint(ckpt_dir)
     if found is None:
         raise UserError(f"--resume: no checkpoint in {ckpt_dir}; run without --resume to start")
-    now = trainer.extra_state["data_order"]
+    now, tokenizer = trainer.extra_state["data_order"], trainer.extra_state.get("tokenizer")
     trainer.resume(str(found))  # replaces extra_state with the checkpoint's
     _check_data_order(trainer.extra_state.get("data_order"), now, found)
+    saved_tokenizer = trainer.extra_state.get("tokenizer")
+    if tokenizer is not None and saved_tokenizer not in (None, tokenizer):
+        raise UserError(f"checkpoint {found} was trained with another tokenizer (fingerprint {saved_tokenizer}, "
+                        f"now {tokenizer}); resume with the tokenizer of that run or start a new run with --out")
     trainer.extra_state["data_order"] = now
+    if tokenizer is not None:
+        trainer.extra_state["tokenizer"] = tokenizer
 
 
 def _check_data_order(saved: dict | None, now: dict, source: Path) -> None:
@@ -126,9 +135,10 @@ def load_stage_tokenizer(run: RunConfig, paths: RunPaths) -> Tokenizer:
     return Tokenizer.load(path)
 
 
-def load_init_model(path: Path, expected: ModelConfig) -> Llama:
+def load_init_model(path: Path, expected: ModelConfig, tokenizer: Tokenizer | None = None) -> Llama:
     """The weights a stage starts from, loaded strictly (no missing or extra weights); a checkpoint trained for
-    another config than this run's (preset, --seq-len, tokenizer size) is refused with one line naming the fields."""
-    model = load_model(path, strict=True)
+    another config than this run's (preset, --seq-len, tokenizer size) is refused with one line naming the fields,
+    and one trained with another tokenizer than `tokenizer` too."""
+    model = load_model(path, strict=True, tokenizer=tokenizer)
     check_model_config({"model_config": model.config.to_dict()}, expected, path)
     return model

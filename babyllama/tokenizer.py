@@ -42,7 +42,8 @@ either (`tokenizer.model` is preferred: SentencePiece encodes ~3x faster). Bos/e
 with common names for HF). Fallbacks: no bos -> bos = eos (GPT/Qwen-style tokenizers separate documents with one
 end token); no pad -> pad = eos (padding is masked out); no unk -> `unk_id` is None (byte-level tokenizers never
 produce one); no eos at all -> `UserError`. Qwen3's config names `<|im_end|>` as eos, so that is what it gets.
-`check_fits_model(tok, vocab_size, checkpoint)` refuses a tokenizer with more ids than a model's embedding.
+`check_tokenizer(...)` refuses a tokenizer with more ids than a model's embedding, or another one than the
+checkpoint's recorded `fingerprint` (hash of the id -> token table and bos/eos/pad).
 
 Special tokens and injection safety
 -----------------------------------
@@ -60,6 +61,8 @@ never contain a half character and their concatenation equals `decode(ids)`.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import heapq
 import io
 import json
@@ -286,6 +289,13 @@ class Tokenizer:
         """Special/control tokens, text -> id (never produced from text unless `allow_special=True`)."""
         return dict(self._special)
 
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """Hash of the id -> token table and the bos/eos/pad ids: what a model trained on these ids depends on.
+        Checkpoints record it, so that a retrained or other tokenizer is refused instead of decoding nonsense."""
+        table = [self.id_to_token(i) for i in range(self.vocab_size)] + [self._bos, self._eos, self._pad]
+        return hashlib.sha256(json.dumps(table, ensure_ascii=False).encode()).hexdigest()[:16]
+
     def token_to_id(self, token: str) -> int | None:
         return self._backend.token_to_id(token)
 
@@ -355,11 +365,17 @@ class Tokenizer:
         return f"Tokenizer({self._backend.kind}, vocab_size={self.vocab_size}, source={str(self.source)!r})"
 
 
-def check_fits_model(tok: Tokenizer, model_vocab_size: int, checkpoint: str | Path) -> None:
-    """Refuse a tokenizer whose ids the model has no embedding for (they would fail deep inside the model)."""
+def check_tokenizer(tok: Tokenizer, model_vocab_size: int, trained_with: str | None, checkpoint: str | Path) -> None:
+    """Refuse a tokenizer whose ids the model has no embedding for (they would fail deep inside the model), or
+    that is not the one the checkpoint was trained with (`trained_with`: its recorded fingerprint, None for
+    checkpoints from before the record was kept)."""
+    fix = "pass the tokenizer the model was trained with (--tokenizer)"
     if tok.vocab_size > model_vocab_size:
         raise UserError(f"tokenizer {tok.source} has {tok.vocab_size:,} tokens but the checkpoint {checkpoint} has "
-                        f"vocab_size {model_vocab_size:,}; pass the tokenizer the model was trained with (--tokenizer)")
+                        f"vocab_size {model_vocab_size:,}; {fix}")
+    if trained_with is not None and trained_with != tok.fingerprint:
+        raise UserError(f"tokenizer {tok.source} is not the one checkpoint {checkpoint} was trained with "
+                        f"(fingerprint {tok.fingerprint}, trained with {trained_with}; was it retrained?); {fix}")
 
 
 class StreamDecoder:

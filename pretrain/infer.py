@@ -22,7 +22,7 @@ from babyllama.errors import UserError  # noqa: E402
 from babyllama.generation import (Generator, add_runtime_flags, add_sampling_flags, decode_dtype,  # noqa: E402
                                   sampling_from_args)  # noqa: E402
 from babyllama.runs import RunPaths, run_preset  # noqa: E402
-from babyllama.tokenizer import Tokenizer, check_fits_model  # noqa: E402
+from babyllama.tokenizer import Tokenizer  # noqa: E402
 
 
 def main() -> None:
@@ -39,9 +39,8 @@ def main() -> None:
     paths = RunPaths.of(args.name, replace(run, out=args.out or run.out))
     device = pick_device(args.device)
     checkpoint = args.checkpoint or default_checkpoint(paths)
-    model = load_model(checkpoint, device, decode_dtype(args.dtype, device))
     tok = Tokenizer.load(args.tokenizer or paths.tokenizer)
-    check_fits_model(tok, model.config.vocab_size, checkpoint)
+    model = load_model(checkpoint, device, decode_dtype(args.dtype, device), tokenizer=tok)
     gen, cfg = Generator(model, compile=args.compile), sampling_from_args(args)
     rng = torch.Generator(device=device).manual_seed(args.seed)
     prompts = [args.prompt] if args.prompt is not None else _stdin_prompts()

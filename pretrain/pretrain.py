@@ -98,8 +98,9 @@ def main() -> None:
 
     torch.manual_seed(run.seed)
     # --init continues pretraining from given weights (e.g. an imported HF model, with --model set to it)
-    model = load_init_model(init_checkpoint(run.init, paths, "pretrain"), cfg) if run.init else Llama(cfg)
-    trainer = compile_from_run(Trainer(model, env), run, flops_per_token=cfg.flops_per_token(cfg.max_seq_len))
+    model = load_init_model(init_checkpoint(run.init, paths, "pretrain"), cfg, tok) if run.init else Llama(cfg)
+    trainer = compile_from_run(Trainer(model, env), run, flops_per_token=cfg.flops_per_token(cfg.max_seq_len),
+                               tokenizer=tok)
     resume_if_asked(trainer, args, paths.stage("pretrain"))
     if env.is_main:
         print(f"model {run.model}: {trainer.module.num_params() / 1e6:.1f}M params, {env.world_size} process(es) "
@@ -111,7 +112,7 @@ def main() -> None:
     val = trainer.evaluate(val_loader, max_batches=run.eval_batches)  # on every rank: it all-reduces
     if env.is_main:
         print(f"final validation loss {val:.4f}")
-        sample(load_model(paths.stage("pretrain")), tok)  # from the final checkpoint: also right under FSDP
+        sample(load_model(paths.stage("pretrain"), tokenizer=tok), tok)  # from the final checkpoint: also right under FSDP
     shutdown()
 
 

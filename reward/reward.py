@@ -52,8 +52,8 @@ def main() -> None:
     valid = list(valid_loader)  # fixed batches; periodic evaluation uses the first eval_batches
 
     torch.manual_seed(run.seed)
-    model = RewardModel.from_lm(load_init_model(init, cfg))
-    trainer = compile_from_run(Trainer(model, env), run, loss=pair_loss)
+    model = RewardModel.from_lm(load_init_model(init, cfg, tok))
+    trainer = compile_from_run(Trainer(model, env), run, loss=pair_loss, tokenizer=tok)
     mark_reward_checkpoint(trainer.extra_state)
     before = evaluate_pairs(trainer, pair_loss, valid)
     resume_if_asked(trainer, args, paths.stage("reward"))

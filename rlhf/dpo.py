@@ -66,7 +66,7 @@ class Report:
                  chunk_size: int, device: torch.device):
         check_reply_budget(args.max_prompt_len, args.max_new_tokens, max_seq_len)
         sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=1.0, top_k=0, top_p=1.0)
-        self.heldout = HeldOut(args, tok, sampling, args.max_prompt_len, seed, chunk_size)
+        self.heldout, self.tok = HeldOut(args, tok, sampling, args.max_prompt_len, seed, chunk_size), tok
         rm = args.reward_model or paths.stage("reward")
         self.reward_path = rm if latest_checkpoint(rm) or Path(rm).is_file() else None
         if args.reward_model and self.reward_path is None:
@@ -74,7 +74,7 @@ class Report:
         self.device = device
 
     def measure(self, model: Llama, reference: Llama) -> dict[str, float]:
-        rm = load_reward_model(self.reward_path, self.device) if self.reward_path else None
+        rm = load_reward_model(self.reward_path, self.device, tokenizer=self.tok) if self.reward_path else None
         return self.heldout.measure(model, reference, rm)
 
 
@@ -88,7 +88,7 @@ def main() -> None:
     report = Report(args, paths, tok, cfg.max_seq_len, run.seed, run.batch_size, env.device)
 
     torch.manual_seed(run.seed)
-    policy = load_init_model(init, cfg).to(env.device).train()
+    policy = load_init_model(init, cfg, tok).to(env.device).train()
     reference = frozen_reference(policy)
     before = report.measure(reference, reference) if env.is_main else {}
     if args.precompute_ref:
@@ -97,7 +97,7 @@ def main() -> None:
         reference = None
         gc.collect()
     loss = DPOLoss(reference, args.beta, args.label_smoothing)
-    trainer = compile_from_run(Trainer(policy, env), run, loss=loss)
+    trainer = compile_from_run(Trainer(policy, env), run, loss=loss, tokenizer=tok)
     resume_if_asked(trainer, args, paths.stage("dpo"))
     if env.is_main:
         print(f"init {init}; {len(train_loader.dataset)} train / {len(valid_loader.dataset)} valid pairs; beta "

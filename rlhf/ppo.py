@@ -85,15 +85,16 @@ def main() -> None:
     if args.reward and not Path(args.reward).exists():
         raise UserError(f"--reward {args.reward}: no such file or directory")
     reward_path = init_checkpoint(args.reward, paths, "reward")
-    reward = load_reward_model(reward_path, env.device).requires_grad_(False)
+    reward = load_reward_model(reward_path, env.device, tokenizer=tok).requires_grad_(False)
     check_sizes(ppo, cfg, reward)
     prompts = fitting_prompts(args.prompts, tok, ppo.max_prompt_len, args.system)
 
     torch.manual_seed(run.seed)
-    policy = load_init_model(init, cfg).train()
+    policy = load_init_model(init, cfg, tok).train()
     ref = frozen_copy(policy)
     critic = critic_from(reward) if args.separate_value else None
-    trainer = compile_from_run(Trainer(PolicyWithValue(policy, critic), env), run, loss=make_ppo_loss(ppo))
+    trainer = compile_from_run(Trainer(PolicyWithValue(policy, critic), env), run, loss=make_ppo_loss(ppo),
+                               tokenizer=tok)
     check_value_layout(args, paths.stage("ppo"))
     resume_if_asked(trainer, args, paths.stage("ppo"))
     loader = RolloutLoader(trainer, ref, reward, prompts[env.rank::env.world_size], ppo, run.batch_size,

@@ -80,7 +80,7 @@ def main() -> None:
     tok = load_stage_tokenizer(run, paths)
     cfg = model_config_for(run, tok.vocab_size)
     init = init_checkpoint(run.init, paths, "pretrain")
-    model = load_init_model(init, cfg)
+    model = load_init_model(init, cfg, tok)
     max_len = cfg.max_seq_len + 1  # a batch row is a sample minus its last token
     train = load_dataset(args.train_data, args.data_format, tok, max_len, args.system)
     valid = load_dataset(args.valid_data, args.data_format, tok, max_len, args.system)
@@ -92,7 +92,7 @@ def main() -> None:
     torch.manual_seed(run.seed)
     mean_len = sum(train.lengths) / len(train)
     trainer = compile_from_run(Trainer(model, env), run, loss=causal_lm_loss,
-                               flops_per_token=cfg.flops_per_token(int(mean_len)))
+                               flops_per_token=cfg.flops_per_token(int(mean_len)), tokenizer=tok)
     before = choice.compute(trainer) if choice else None
     resume_if_asked(trainer, args, paths.stage("sft"))
     if env.is_main:

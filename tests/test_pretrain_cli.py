@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,6 +120,19 @@ def big_tokenizer(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("big_tokenizer") / "tokenizer.json"
     tok.save(str(path))
     return path
+
+
+@pytest.fixture(scope="module")
+def other_tokenizer(tmp_path_factory) -> Path:
+    """A 300-token tokenizer like the runs' but trained on other text: same size, other ids."""
+    from babyllama.tokenizer import train_tokenizer
+
+    texts = [json.loads(line)["text"] for line in (ROOT / "data" / "corpus" / "shakespeare_en_heldout.jsonl").open()]
+    out = tmp_path_factory.mktemp("other_tokenizer")
+    with warnings.catch_warnings():  # "little text for the vocabulary": enough for this test
+        warnings.simplefilter("ignore")
+        train_tokenizer(texts[:40], 300, out)
+    return out
 
 
 # ======================================================================= bad input: one line, exit 2
@@ -323,6 +337,19 @@ def test_infer_refuses_a_tokenizer_larger_than_the_model(untouched, big_tokenize
     assert_user_error(infer(untouched, "--tokenizer", str(big_tokenizer), "--prompt", "To be"),
                       f"tokenizer {big_tokenizer} has 70,000 tokens but the checkpoint "
                       f"{untouched.out / 'pretrain' / f'step_{STEPS:08d}.pt'} has vocab_size 300", "--tokenizer")
+
+
+def test_infer_refuses_another_tokenizer_of_the_same_size(untouched, other_tokenizer):
+    checkpoint = untouched.out / "pretrain" / f"step_{STEPS:08d}.pt"
+    assert_user_error(infer(untouched, "--tokenizer", str(other_tokenizer), "--prompt", "To be"),
+                      f"tokenizer {other_tokenizer / 'tokenizer.model'} is not the one checkpoint {checkpoint} was "
+                      "trained with", "was it retrained?", "--tokenizer")
+
+
+def test_init_refuses_weights_trained_with_another_tokenizer(tmp_path, trained, other_tokenizer):
+    proc = new_run(tmp_path).pretrain("--tokenizer", str(other_tokenizer), "--init", str(trained.out / "pretrain"))
+    assert_user_error(proc, "is not the one checkpoint", f"{trained.out / 'pretrain'}", "was trained with")
+    assert not list((tmp_path / "out" / "baby").glob("pretrain/*.pt"))
 
 
 def test_infer_reads_prompts_from_stdin(untouched):

@@ -1,5 +1,5 @@
 """Stage plumbing through pretrain/pretrain.py: --resume refuses what would change the data order (seed, batch
-size, accumulation, world size) and allows extending the run (--max-steps, --lr)."""
+size, accumulation, world size) or another tokenizer, and allows extending the run (--max-steps, --lr)."""
 from __future__ import annotations
 
 import shutil
@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_pretrain_cli import BATCH, Run, assert_user_error, digests, new_run
+from babyllama.tokenizer import Tokenizer
+from test_pretrain_cli import BATCH, Run, assert_user_error, digests, new_run, other_tokenizer  # noqa: F401 (fixture)
 
 CHECKPOINT = "step_00000002.pt"
 
@@ -44,8 +45,18 @@ def test_resume_may_extend_the_run(two_steps, tmp_path):
     proc = run.pretrain("--resume", "--max-steps", "4", "--lr", "1e-4")
     assert proc.returncode == 0, proc.stderr
     assert [step for step, _ in run.losses()] == [1, 2, 3, 4]
-    saved = torch.load(run.out / "pretrain" / "step_00000004.pt", weights_only=False)["extra"]["data_order"]
-    assert saved == {"seed": 1337, "batch_size": BATCH, "grad_accum": 1, "world_size": 1}
+    saved = torch.load(run.out / "pretrain" / "step_00000004.pt", weights_only=False)["extra"]
+    assert saved["data_order"] == {"seed": 1337, "batch_size": BATCH, "grad_accum": 1, "world_size": 1}
+    assert saved["tokenizer"] == Tokenizer.load(run.out / "tokenizer").fingerprint
+
+
+def test_resume_refuses_another_tokenizer(two_steps, tmp_path, other_tokenizer):
+    run = copy_of(two_steps, tmp_path)
+    for part in ("tokenizer", "data"):  # a retrained tokenizer (and the token data made with it)
+        shutil.rmtree(run.out / part)
+    shutil.copytree(other_tokenizer, run.out / "tokenizer")
+    assert_user_error(run.pretrain("--resume"), f"checkpoint {run.out / 'pretrain' / CHECKPOINT} was trained with "
+                      "another tokenizer", "start a new run with --out")
 
 
 def test_checkpoint_without_a_data_order_resumes_as_before(two_steps, tmp_path):
