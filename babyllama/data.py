@@ -12,9 +12,10 @@ On disk (`out_dir/`)
      "corpus": {"files", "format", "field"} | null, "input": {"documents", "bytes"},
      "splits": {"train": {"documents", "tokens", "shards": [{"file", "tokens", "bytes"}, ...]}, "val": {...}}}
 
-  `dtype` is uint16 when `vocab_size <= 65535`, else uint32. `corpus` (`corpus_record`: the absolute corpus files,
-  format and field) is what `check_corpus_matches` compares a later run with; null when not given, and absent in
-  data prepared before it was recorded (both are accepted as any corpus).
+  `dtype` is uint16 when `vocab_size <= 65535`, else uint32. `corpus` (`corpus_record`: each corpus file's name,
+  size and a hash of its ends, the format and field) is what `check_corpus_matches` compares a later run with, so a
+  moved corpus (or repository) still matches and an edited file does not; null when not given, and absent in data
+  prepared before it was recorded (both are accepted as any corpus).
 
 `prepare_token_bins` writes such a directory (see its docstring); `data/prepare.py` is its command line.
 
@@ -52,7 +53,7 @@ from tqdm import tqdm
 
 from babyllama.corpus import resolve_files
 from babyllama.errors import UserError
-from babyllama.outdir import claim_out_dir, fsync_dir
+from babyllama.outdir import claim_out_dir, write_atomic
 
 FORMAT, VERSION = "babyllama-tokens", 1
 SPLITS = ("train", "val")
@@ -115,7 +116,7 @@ def prepare_token_bins(documents: Iterable[str], tokenizer: Any, out_dir: str | 
     meta = {"format": FORMAT, "version": VERSION, "dtype": dtype, "vocab_size": vocab_size, "eos_id": eos_id,
             "tokenizer": _tokenizer_identity(tokenizer), "seed": seed, "val_fraction": val_fraction,
             "corpus": corpus, "input": {"documents": n_docs, "bytes": n_bytes}, "splits": splits.summary()}
-    _write_atomic(out / "meta.json", (json.dumps(meta, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+    write_atomic(out / "meta.json", (json.dumps(meta, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
     _report(meta, time.perf_counter() - start, out)
     return meta
 
@@ -327,16 +328,6 @@ class _Splits:
             self._held = None
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)  # meta.json marks the data complete: its rename must survive a power loss
-
-
 # ======================================================================= reading
 def read_meta(bin_dir: str | Path) -> dict:
     """meta.json of a prepared directory, checked for format, version, dtype and vocabulary consistency."""
@@ -380,30 +371,61 @@ def check_tokenizer_matches(bin_dir: str | Path, tokenizer: Any) -> dict:
 
 
 def corpus_record(paths: Iterable[str | Path], fmt: str, field: str) -> dict:
-    """What meta.json keeps of a corpus: the files the paths name (absolute, so that a run started from another
-    directory compares equal; globs and directories expanded, so `dir/*.jsonl` equals its files), format, field."""
-    files = [os.path.abspath(f) for path in paths for f in resolve_files(path)]
+    """What meta.json keeps of a corpus: the identity of each file the paths name (globs and directories
+    expanded, so `dir/*.jsonl` equals its files), the format and the field."""
+    files = [file_identity(f) for path in paths for f in resolve_files(path)]
     return {"files": files, "format": fmt, "field": field}
+
+
+_ENDS = 1 << 16  # bytes hashed at each end of a corpus file: cheap for a 100 GB corpus, yet catches edits
+
+
+def file_identity(path: Path) -> dict:
+    """Name, size and a hash of the first and last 64 KiB: equal for a moved or copied file, different for an
+    edited one (almost always: an edit of the same size deep inside a big file goes unseen)."""
+    size = path.stat().st_size
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        digest.update(f.read(_ENDS))
+        f.seek(max(_ENDS, size - _ENDS))
+        digest.update(f.read())
+    return {"name": path.name, "bytes": size, "ends_sha256": digest.hexdigest()[:16]}
+
+
+def corpus_differences(saved: dict, now: dict) -> list[str]:
+    """What differs between two `corpus_record`s, for an error message (empty if they match)."""
+    differ = []
+    if saved.get("files") != now["files"]:
+        old, new = saved.get("files") or [], now["files"]
+        if len(old) != len(new):
+            differ.append(f"{len(old)} files ({_file_list(old)}) vs now {len(new)} ({_file_list(new)})")
+        else:
+            i = next(i for i, (a, b) in enumerate(zip(old, new)) if a != b)
+            differ.append(f"file {i + 1} of {len(new)}: {_describe_file(old[i])} vs now {_describe_file(new[i])}")
+    differ += [f"{key} {saved.get(key)!r} vs now {now[key]!r}" for key in ("format", "field")
+               if saved.get(key) != now[key]]
+    return differ
+
+
+def _describe_file(identity: dict | str) -> str:
+    if isinstance(identity, str):  # recorded before identities were kept: an absolute path
+        return identity
+    return f"{identity['name']} ({identity['bytes']:,} bytes, ends {identity['ends_sha256']})"
+
+
+def _file_list(files: list, n: int = 3) -> str:
+    names = [f if isinstance(f, str) else f["name"] for f in files]
+    return ", ".join(names[:n]) + (f", ... (+{len(names) - n} more)" if len(names) > n else "")
 
 
 def check_corpus_matches(bin_dir: str | Path, corpus: dict, redo: str) -> None:
     """Refuse token data prepared from another corpus than `corpus` (a `corpus_record`), naming what differs;
     data with no record of its corpus (prepared before it was recorded) is accepted."""
     saved = read_meta(bin_dir).get("corpus")
-    if not saved:
-        return
-    differ = [f"{key} {_few(saved.get(key))} vs now {_few(now)}" for key, now in corpus.items()
-              if saved.get(key) != now]
+    differ = corpus_differences(saved, corpus) if saved else []
     if differ:
         raise UserError(f"{Path(bin_dir) / 'meta.json'}: the token data was prepared from another corpus "
                         f"({'; '.join(differ)}); {redo}")
-
-
-def _few(value: Any, n: int = 3) -> str:
-    """A value for an error message; long file lists are cut to their first `n`."""
-    if not isinstance(value, list) or len(value) <= n:
-        return repr(value)
-    return repr(value[:n])[:-1] + f", ... (+{len(value) - n} more)]"
 
 
 def _checked_shards(bin_dir: Path, meta: dict, split: str) -> list[tuple[Path, int]]:

@@ -1,5 +1,5 @@
 """Output directories that scripts write into: a non-empty one is never overwritten by accident, and a rename
-into one is made durable (`fsync_dir`)."""
+into one is made durable (`fsync_dir`, `write_atomic`)."""
 from __future__ import annotations
 
 import contextlib
@@ -36,3 +36,14 @@ def fsync_dir(directory: Path) -> None:
             os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `path` whole or not at all, durably: a temp file `<name>.tmp` beside it, fsynced, then renamed."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)

@@ -11,6 +11,7 @@ The tokenizer and the token bins are built on first use (rank 0; the others wait
 """
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Iterator
@@ -24,12 +25,13 @@ from babyllama.checkpoint import latest_checkpoint  # noqa: E402
 from babyllama.cli import main_guard  # noqa: E402
 from babyllama.corpus import iter_corpus  # noqa: E402
 from babyllama.data import (build_pretrain_loader, check_corpus_matches, check_tokenizer_matches,  # noqa: E402
-                            corpus_record, prepare_token_bins)
+                            corpus_differences, corpus_record, prepare_token_bins)
 from babyllama.checkpoint import load_model  # noqa: E402
 from babyllama.distributed import main_rank_first, shutdown  # noqa: E402
 from babyllama.errors import UserError  # noqa: E402
 from babyllama.generation import Generator, SamplingConfig  # noqa: E402
 from babyllama.model import Llama  # noqa: E402
+from babyllama.outdir import write_atomic  # noqa: E402
 from babyllama.runs import RunConfig, RunPaths, model_config_for  # noqa: E402
 from babyllama.stage import (compile_from_run, init_checkpoint, load_init_model, parse_stage_args,  # noqa: E402
                              resume_if_asked, standard_callbacks)
@@ -41,25 +43,41 @@ def documents(run: RunConfig) -> Iterator[str]:
     return iter_corpus(run.corpus, run.corpus_format, run.corpus_field)
 
 
-def ensure_tokenizer(run: RunConfig, paths: RunPaths) -> Tokenizer:
+# beside out/<name>/tokenizer's files: {"tokenizer": fingerprint, "corpus": corpus_record} of its training run
+TOKENIZER_CORPUS = "corpus.json"
+
+
+def ensure_tokenizer(run: RunConfig, paths: RunPaths, corpus: dict) -> Tokenizer:
     if run.tokenizer:
         return Tokenizer.load(run.tokenizer)  # its own vocabulary: --vocab-size is for training one
 
     def train() -> None:
         if not (paths.tokenizer / "tokenizer.model").exists():
             print(f"training a {run.vocab_size}-token tokenizer on {run.corpus} -> {paths.tokenizer}")
-            train_tokenizer(documents(run), run.vocab_size, paths.tokenizer)
+            tok = train_tokenizer(documents(run), run.vocab_size, paths.tokenizer)
+            record = {"tokenizer": tok.fingerprint, "corpus": corpus}
+            write_atomic(paths.tokenizer / TOKENIZER_CORPUS, json.dumps(record, ensure_ascii=False).encode("utf-8"))
     main_rank_first(train)
     tok = Tokenizer.load(paths.tokenizer)
     if tok.vocab_size != run.vocab_size:  # kept from an earlier run with another --vocab-size
         raise UserError(f"{paths.tokenizer} holds a {tok.vocab_size:,}-token tokenizer but this run has --vocab-size "
                         f"{run.vocab_size:,}; {rebuild_hint(run, paths)}")
+    keep = f"; or pass --tokenizer {paths.tokenizer} to use it anyway"
+    check_tokenizer_corpus(tok, paths.tokenizer / TOKENIZER_CORPUS, corpus, rebuild_hint(run, paths) + keep)
     return tok
 
 
-def ensure_token_bins(run: RunConfig, paths: RunPaths, tok: Tokenizer) -> None:
-    corpus = corpus_record(run.corpus, run.corpus_format, run.corpus_field)
+def check_tokenizer_corpus(tok: Tokenizer, record_path: Path, corpus: dict, redo: str) -> None:
+    """Refuse a kept tokenizer trained on another corpus than this run's. No record (a tokenizer from before it
+    was written, or placed there by hand) or a record of another tokenizer (retrained there since) is no check."""
+    record = json.loads(record_path.read_text("utf-8")) if record_path.exists() else {}
+    differ = corpus_differences(record["corpus"], corpus) if record.get("tokenizer") == tok.fingerprint else []
+    if differ:
+        raise UserError(f"{record_path.parent}: the tokenizer was trained on another corpus ({'; '.join(differ)}); "
+                        f"{redo}")
 
+
+def ensure_token_bins(run: RunConfig, paths: RunPaths, tok: Tokenizer, corpus: dict) -> None:
     def prepare() -> None:
         if not (paths.data / "meta.json").exists():
             print(f"tokenizing {run.corpus} -> {paths.data}")
@@ -87,9 +105,10 @@ def refuse_resume_without_checkpoint(resume: bool, ckpt_dir: Path) -> None:
 def main() -> None:
     args, run, paths, env = parse_stage_args(__doc__, "pretrain")
     refuse_resume_without_checkpoint(args.resume, paths.stage("pretrain"))
-    tok = ensure_tokenizer(run, paths)
+    corpus = corpus_record(run.corpus, run.corpus_format, run.corpus_field)
+    tok = ensure_tokenizer(run, paths, corpus)
     cfg = model_config_for(run, tok.vocab_size)  # before tokenizing: a tokenizer too large for the preset fails now
-    ensure_token_bins(run, paths, tok)
+    ensure_token_bins(run, paths, tok, corpus)
     loader_args = dict(seq_len=cfg.max_seq_len, batch_size=run.batch_size, seed=run.seed, rank=env.rank,
                        world_size=env.world_size)
     # Full global batches only: N ranks then train on exactly the batches of one process with N times the batch.

@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from babyllama.data import (IndexPermutation, ResumableSampler, TokenWindowDataset, build_pretrain_loader, check_corpus_matches,
-                            check_tokenizer_matches, corpus_record, prepare_token_bins, read_meta)
+from babyllama.data import (IndexPermutation, ResumableSampler, TokenWindowDataset, build_pretrain_loader,
+                            check_corpus_matches, check_tokenizer_matches, corpus_record, file_identity,
+                            prepare_token_bins, read_meta)
 from babyllama.tokenizer import train_tokenizer
 from babyllama.errors import UserError
 
@@ -268,21 +269,41 @@ def test_out_of_range_ids_in_a_shard_of_the_right_size(tmp_path):
 
 
 def test_corpus_record_expands_paths_and_names_what_differs(tmp_path, monkeypatch):
+    """Files are recorded by name, size and a hash of their ends: a moved corpus matches, an edited file does not."""
     for name in ("a.jsonl", "b.jsonl"):
         (tmp_path / name).write_text('{"text": "x"}\n')
     monkeypatch.chdir(tmp_path)
     record = corpus_record(["a.jsonl", "b.jsonl"], "auto", "text")
     assert record == corpus_record([str(tmp_path / "*.jsonl")], "auto", "text")  # a glob or a directory: its files
-    assert record["files"] == [str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")]  # absolute
+    assert [f["name"] for f in record["files"]] == ["a.jsonl", "b.jsonl"] and record["files"][0]["bytes"] == 14
     out, meta = prepare(tmp_path, make_docs(50), corpus=record)
     assert meta["corpus"] == read_meta(out)["corpus"] == record
     check_corpus_matches(out, record, "redo")
-    with pytest.raises(UserError, match=rf"meta.json: the token data was prepared from another corpus \(files "
-                                        rf".*b.jsonl'\] vs now \['{tmp_path / 'a.jsonl'}'\]; field 'text' vs now "
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    for name in ("a.jsonl", "b.jsonl"):
+        (tmp_path / name).rename(moved / name)
+    check_corpus_matches(out, corpus_record([moved], "auto", "text"), "redo")  # the same files, moved
+    with pytest.raises(UserError, match=r"meta.json: the token data was prepared from another corpus \(2 files "
+                                        r"\(a.jsonl, b.jsonl\) vs now 1 \(a.jsonl\); field 'text' vs now "
                                         r"'body'\); redo"):
-        check_corpus_matches(out, corpus_record(["a.jsonl"], "auto", "body"), "redo")
+        check_corpus_matches(out, corpus_record([moved / "a.jsonl"], "auto", "body"), "redo")
+    (moved / "b.jsonl").write_text('{"text": "y"}\n')  # edited, same size
+    with pytest.raises(UserError, match=r"\(file 2 of 2: b.jsonl \(14 bytes, ends [0-9a-f]{16}\) vs now b.jsonl "
+                                        r"\(14 bytes, ends [0-9a-f]{16}\)\); redo"):
+        check_corpus_matches(out, corpus_record([moved], "auto", "text"), "redo")
     old, _ = prepare(tmp_path, make_docs(50), name="old")  # no corpus given, as data prepared before the record
-    check_corpus_matches(old, corpus_record(["a.jsonl"], "auto", "body"), "redo")
+    check_corpus_matches(old, corpus_record([moved / "a.jsonl"], "auto", "body"), "redo")
+
+
+def test_file_identity_hashes_both_ends_of_big_files(tmp_path):
+    big = tmp_path / "big.txt"
+    body = bytearray(b"x" * 300_000)
+    big.write_bytes(body)
+    first = file_identity(big)
+    body[-1:] = b"y"  # the last byte: past the first 64 KiB
+    big.write_bytes(body)
+    assert file_identity(big)["ends_sha256"] != first["ends_sha256"] and file_identity(big)["bytes"] == 300_000
 
 
 def test_missing_or_bad_meta(tmp_path):
@@ -387,7 +408,7 @@ def test_cli_end_to_end(tmp_path):
     assert meta["tokenizer"]["path"] == str(tmp_path / "tok" / "tokenizer.model")
     assert len(meta["tokenizer"]["sha256"]) == 64
     assert meta["input"]["documents"] == len(docs) and meta["vocab_size"] == 400
-    assert meta["corpus"] == {"files": inputs, "format": "auto", "field": "text"}
+    assert meta["corpus"] == {"files": [file_identity(Path(p)) for p in inputs], "format": "auto", "field": "text"}
     assert sum(s["tokens"] for s in meta["splits"].values()) == sum(len(tok.encode(d)) + 1 for d in docs)
     decoded = split_docs(out, meta, "train", tok) + split_docs(out, meta, "val", tok)
     assert meta["splits"]["val"]["documents"] > 0 and sorted(decoded) == sorted(docs)

@@ -186,11 +186,33 @@ def test_kept_tokenizer_and_data_of_another_vocab_size_or_corpus(tmp_path, train
     assert_user_error(run.pretrain("--vocab-size", "400"),
                       f"{run.out / 'tokenizer'} holds a 300-token tokenizer but this run has --vocab-size 400", delete)
     other = tmp_path / "other.jsonl"
-    shutil.copy(trained.corpus, other)
-    assert_user_error(run.pretrain("--corpus", str(other), "--corpus-format", "jsonl"),
-                      f"{run.out / 'data' / 'meta.json'}: the token data was prepared from another corpus (files "
-                      f"['{trained.corpus}'] vs now ['{other}']; format 'auto' vs now 'jsonl')", delete)
+    other.write_text(trained.corpus.read_text("utf-8") * 2, "utf-8")
+    size = trained.corpus.stat().st_size
+    assert_user_error(run.pretrain("--corpus", str(other)), f"{run.out / 'tokenizer'}: the tokenizer was trained on "
+                      f"another corpus (file 1 of 1: corpus.jsonl ({size:,} bytes, ends ",
+                      f"vs now other.jsonl ({2 * size:,} bytes, ends ", delete,
+                      f"pass --tokenizer {run.out / 'tokenizer'} to use it anyway")
+    # a tokenizer passed by the user is the user's choice; the token data still remembers its corpus
+    assert_user_error(run.pretrain("--corpus", str(other), "--corpus-format", "jsonl", "--tokenizer",
+                                   str(run.out / "tokenizer")),
+                      f"{run.out / 'data' / 'meta.json'}: the token data was prepared from another corpus (file 1 of "
+                      f"1: corpus.jsonl ({size:,} bytes", "format 'auto' vs now 'jsonl')",
+                      f"use another --out, or delete {run.out / 'data'} to rebuild")
     assert digests(run.out) == before
+
+
+def test_kept_tokenizer_and_data_follow_a_moved_corpus(tmp_path, trained):
+    """The corpus is recorded by its files' names, sizes and contents, not their paths: moving it (or the whole
+    repository) keeps the tokenizer and token data."""
+    moved = tmp_path / "moved" / trained.corpus.name
+    moved.parent.mkdir()
+    shutil.copy(trained.corpus, moved)
+    run = new_run(tmp_path / "run", like=trained)
+    kept = digests(run.out)
+    proc = Run(run.root, moved).pretrain("--max-steps", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert "tokenizing" not in proc.stdout and "training a" not in proc.stdout
+    assert {k: v for k, v in digests(run.out).items() if not k.startswith("pretrain")} == kept
 
 
 def test_resume_with_another_config(untouched):
