@@ -70,7 +70,15 @@ def _sync(device: torch.device) -> None:
 
 def bench_ours(cfg: ModelConfig, args, device: torch.device, compile_model: bool = True, chunked_loss: bool = True,
                checkpointing: bool = False, fused_adamw: bool = True, precision: str | None = "bf16",
-               ddp: bool = False, loss_chunk_elements: int | None = None) -> dict:
+               ddp: bool = False, loss_chunk_elements: int | None = None, attention: str | None = None) -> dict:
+    """attention: an SDPA backend to prefer (e.g. "CUDNN_ATTENTION"), None = PyTorch's own choice."""
+    if attention:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        preferred = [getattr(SDPBackend, attention), SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+        with sdpa_kernel(preferred, set_priority=True):  # compiled inside: the trace picks the preferred kernel
+            return bench_ours(cfg, args, device, compile_model, chunked_loss, checkpointing, fused_adamw, precision,
+                              ddp, loss_chunk_elements)
     torch.manual_seed(0)
     if loss_chunk_elements:
         loss_module.CHUNK_ELEMENTS = loss_chunk_elements
@@ -172,8 +180,12 @@ def main() -> None:
             "compile, chunked x4 rows": lambda: bench_ours(cfg, args, device, True,
                                                            loss_chunk_elements=4 * DEFAULT_CHUNK),
             "compile, chunked, act. checkpointing": lambda: bench_ours(cfg, args, device, True, checkpointing=True),
+            "compile, chunked, cuDNN attention": lambda: bench_ours(cfg, args, device, True,
+                                                                    attention="CUDNN_ATTENTION"),
             "eager, full logits": lambda: bench_ours(cfg, args, device, False, chunked_loss=False),
         }
+        if device.type != "cuda":  # cuDNN's attention kernel exists on NVIDIA GPUs only
+            del runs["compile, chunked, cuDNN attention"]
     else:
         runs = {k: runs[k] for k in args.systems.split(",")}
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"

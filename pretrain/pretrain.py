@@ -109,8 +109,9 @@ def main() -> None:
     tok = ensure_tokenizer(run, paths, corpus)
     cfg = model_config_for(run, tok.vocab_size)  # before tokenizing: a tokenizer too large for the preset fails now
     ensure_token_bins(run, paths, tok, corpus)
+    # pinned batches: the trainer's non_blocking copy then does not wait for the GPU to finish the previous step
     loader_args = dict(seq_len=cfg.max_seq_len, batch_size=run.batch_size, seed=run.seed, rank=env.rank,
-                       world_size=env.world_size)
+                       world_size=env.world_size, pin_memory=env.device.type == "cuda")
     # Full global batches only: N ranks then train on exactly the batches of one process with N times the batch.
     train_loader = build_pretrain_loader(paths.data, "train", drop_last=True, **loader_args)
     val_loader = build_pretrain_loader(paths.data, "val", shuffle=False, **loader_args)
