@@ -25,11 +25,14 @@ and the stages' `--init` read.
 """
 from __future__ import annotations
 
+import importlib.machinery
 import importlib.util
 import json
+import sys
 import tempfile
+import types
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -192,6 +195,27 @@ def bert4torch_names(n_layers: int) -> dict[str, str]:
         names.update({f"decoderLayer.{i}.{b4t}.weight": f"model.layers.{i}.{hf}.weight"
                       for b4t, hf in _B4T_LAYER.items()})
     return names
+
+
+def bert4torch_builder() -> Callable[..., torch.nn.Module]:
+    """bert4torch's `build_transformer_model`, imported with a stand-in for torchvision: its one unguarded
+    torchvision import is in the Qwen2-VL video processor, never used for LLaMA, and PyPI's torchvision does not
+    load beside the CPU torch wheel (see requirements-bert4torch.txt). torch4keras deletes `nn.Module.compile` on
+    import; it is put back."""
+    names = ["torchvision", "torchvision.transforms", "torchvision.transforms.v2",
+             "torchvision.transforms.v2.functional"]
+    stand_ins = {n: types.ModuleType(n) for n in names if n not in sys.modules}
+    for n, m in stand_ins.items():
+        m.__spec__ = importlib.machinery.ModuleSpec(n, None)  # no dist metadata: bert4torch sees "not installed"
+    compile_method = torch.nn.Module.compile
+    sys.modules.update(stand_ins)
+    try:
+        from bert4torch.models import build_transformer_model
+    finally:
+        for n in stand_ins:
+            del sys.modules[n]
+        torch.nn.Module.compile = compile_method
+    return build_transformer_model
 
 
 def export_bert4torch(checkpoint: str | Path, out_dir: str | Path) -> Path:

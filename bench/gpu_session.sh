@@ -9,6 +9,10 @@
 # Results are JSON lines in RESULTS_DIR (default: $OUT if set, else bench/results), named <date>_<gpu>_<part>.jsonl,
 # plus a log. Each benchmark has its own time limit, so one that hangs (a compile, say) does not cost the rest.
 # PYTHON picks the interpreter (default python3). Exits 1 if any benchmark failed or timed out.
+#
+# A GPU machine without internet lacks bert4torch: build its wheels here first and carry .whl/ (gitignored)
+#   python -m pip wheel --no-deps -w .whl bert4torch==0.6.2 torch4keras==0.3.4 six
+# and this script installs them (into /tmp/site) before measuring; without them the bert4torch row is skipped.
 set -uo pipefail
 part=${1:-}
 case "$part" in main|levers|smoke) ;; *) echo "usage: gpu_session.sh main|levers|smoke [RESULTS_DIR]" >&2; exit 2 ;; esac
@@ -29,11 +33,15 @@ step() {  # step SECONDS ARGS...: run one benchmark under a time limit, keep goi
     timeout "$limit" "$py" "$@" 2>&1 | tee -a "$log" || { echo "!! failed or timed out: $*" | tee -a "$log"; failed=1; }
 }
 
+if compgen -G ".whl/*.whl" >/dev/null; then
+  "$py" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>&1 | tee -a "$log"
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
 "$py" -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)' | tee -a "$log"
 case "$part" in
   main)
     nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee -a "$log"
-    step 140 bench/train_throughput.py --systems ours,hf --out "${stem}_train.jsonl"
+    step 160 bench/train_throughput.py --systems ours,hf,bert4torch --out "${stem}_train.jsonl"
     step 220 bench/decode_throughput.py --batches 1 --out "${stem}_decode.jsonl"
     step 200 bench/decode_throughput.py --batches 8 --systems ours-eager,ours-compiled,hf-static \
       --out "${stem}_decode.jsonl"

@@ -1,6 +1,7 @@
 """Training throughput of babyllama's trainer vs HF transformers (and bert4torch when installed), same run.
 
-    python bench/train_throughput.py                          # 0.2B config, batch 16 x 1024, bf16, on the GPU
+    python bench/train_throughput.py                          # 0.2B config, batch 16 x 1024, bf16, on the GPU:
+                                                              # ours vs HF vs bert4torch (when installed)
     python bench/train_throughput.py --levers                 # our trainer with each speed lever on/off
     python bench/train_throughput.py --smoke                  # tiny config on CPU (CI keeps this working)
     python bench/train_throughput.py --systems ours,ours-ddp  # DDP overhead at world size 1 vs plain
@@ -11,8 +12,11 @@ Every system sees the same random token batches, steps and optimizer settings; t
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -20,9 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 import babyllama.loss as loss_module  # noqa: E402
 from babyllama.config import ModelConfig, preset  # noqa: E402
+from babyllama.convert import B4T_CONFIG, bert4torch_builder, bert4torch_config  # noqa: E402
 from babyllama.distributed import DistEnv, pick_device  # noqa: E402
 from babyllama.metrics import peak_flops  # noqa: E402
 from babyllama.model import Llama  # noqa: E402
@@ -103,6 +109,23 @@ def bench_hf(cfg: ModelConfig, args, device: torch.device) -> dict:
     torch.manual_seed(0)
     hf_cfg = transformers.LlamaConfig(**cfg.to_hf(), attn_implementation="sdpa")
     model = transformers.LlamaForCausalLM(hf_cfg).to(device).train()
+    return plain_loop(model, lambda x, y: model(input_ids=x, labels=x).loss, cfg, args, device)  # HF shifts itself
+
+
+def bench_bert4torch(cfg: ModelConfig, args, device: torch.device) -> dict:
+    """bert4torch 0.6.2's LLaMA (the seed project's stack), built from the config verified against HF."""
+    build = bert4torch_builder()
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / B4T_CONFIG
+        config.write_text(json.dumps(bert4torch_config(cfg)))
+        torch.manual_seed(0)
+        model = build(config_path=str(config)).to(device).train()
+    return plain_loop(model, lambda x, y: F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten()),
+                      cfg, args, device)
+
+
+def plain_loop(model: torch.nn.Module, loss_of, cfg: ModelConfig, args, device: torch.device) -> dict:
+    """The usual eager loop of a model outside our trainer: bf16 autocast on GPU, clipping, fused AdamW."""
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1,
                             fused=device.type == "cuda")
     batches = random_batches(cfg, args.batch, args.seq, device)
@@ -114,15 +137,15 @@ def bench_hf(cfg: ModelConfig, args, device: torch.device) -> dict:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
         for _ in range(args.accum):
-            x, _ = next(batches)
+            x, y = next(batches)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                loss = model(input_ids=x, labels=x).loss  # HF shifts the labels itself
+                loss = loss_of(x, y)
             (loss / args.accum).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
     _sync(device)
-    return _result(cfg, args, device, time.perf_counter() - t0, float(loss))
+    return _result(cfg, args, device, time.perf_counter() - t0, float(loss.detach()))
 
 
 def _result(cfg: ModelConfig, args, device: torch.device, seconds: float, loss: float | None) -> dict:
@@ -152,7 +175,8 @@ def main() -> None:
     ap.add_argument("--accum", type=int, default=1)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--systems", default="ours,hf", help="comma list of: ours, ours-eager, ours-ddp, hf")
+    ap.add_argument("--systems", default="ours,hf,bert4torch",
+                    help="comma list of: ours, ours-eager, ours-ddp, hf, bert4torch (skipped when not installed)")
     ap.add_argument("--levers", action="store_true", help="measure each speed lever of our trainer")
     ap.add_argument("--smoke", action="store_true", help="tiny config on CPU, 2 steps: checks the script runs")
     ap.add_argument("--out", help="append results as JSON lines to this file")
@@ -162,7 +186,7 @@ def main() -> None:
         single_rank_group(device)
     if args.smoke:
         cfg = ModelConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, ffn_dim=128, max_seq_len=64)
-        args.batch, args.seq, args.steps, args.warmup = 2, 64, 2, 1
+        args.batch, args.seq, args.steps, args.warmup, args.config = 2, 64, 2, 1, "smoke"
     else:
         cfg = preset(args.config)
     runs = {
@@ -170,6 +194,7 @@ def main() -> None:
         "ours-eager": lambda: bench_ours(cfg, args, device, compile_model=False),
         "ours-ddp": lambda: bench_ours(cfg, args, device, compile_model=device.type == "cuda", ddp=True),
         "hf": lambda: bench_hf(cfg, args, device),
+        "bert4torch": lambda: bench_bert4torch(cfg, args, device),
     }
     if args.levers:
         runs = {  # the default first (the baseline of this run), then one lever changed at a time
@@ -188,6 +213,9 @@ def main() -> None:
             del runs["compile, chunked, cuDNN attention"]
     else:
         runs = {k: runs[k] for k in args.systems.split(",")}
+        if "bert4torch" in runs and importlib.util.find_spec("bert4torch") is None:
+            print("bert4torch is not installed (pip install -r requirements-bert4torch.txt): skipped", flush=True)
+            del runs["bert4torch"]
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     results = []
     for system, fn in runs.items():

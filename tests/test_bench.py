@@ -16,12 +16,13 @@ def run_bench(script: str, *args: str) -> list[dict]:
     return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
 
-def test_train_throughput_smoke_compares_ours_and_hf(tmp_path):
-    rows = run_bench("train_throughput.py", "--systems", "ours-eager,ours-ddp,hf", "--out", str(tmp_path / "r.jsonl"))
-    assert [r["system"] for r in rows] == ["ours-eager", "ours-ddp", "hf"]
+def test_train_throughput_smoke_compares_ours_hf_and_bert4torch(tmp_path):
+    rows = run_bench("train_throughput.py", "--systems", "ours-eager,ours-ddp,hf,bert4torch",
+                     "--out", str(tmp_path / "r.jsonl"))
+    assert [r["system"] for r in rows] == ["ours-eager", "ours-ddp", "hf", "bert4torch"]  # CI installs bert4torch
     for r in rows:
         assert r["tokens_per_s"] > 0 and 0 < r["final_loss"] < 8  # ln(512) = 6.2 at init
-    assert len((tmp_path / "r.jsonl").read_text().splitlines()) == 3
+    assert len((tmp_path / "r.jsonl").read_text().splitlines()) == 4
 
 
 def test_decode_smoke_greedy_tokens_match_hf():

@@ -1,14 +1,12 @@
 """Conversion: HF export loads in transformers with the same logits, tokens and chat template; HF and bert4torch
 imports reproduce the source model's logits (GGUF too); an imported model fine-tunes with sft/sft.py; bert4torch round
 trip and parity against bert4torch itself."""
-import importlib.machinery
 import importlib.util
 import itertools
 import json
 import os
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -293,24 +291,8 @@ def test_bert4torch_round_trip_is_exact(tmp_path):
 # ---------------------------------------------------------------- parity against bert4torch 0.6.2 itself
 @pytest.fixture(scope="module")
 def bert4torch():
-    """bert4torch, imported with a stand-in for torchvision (see requirements-bert4torch.txt): its one unguarded
-    torchvision import is in the Qwen2-VL video processor, never used for LLaMA, and PyPI's torchvision does not
-    load beside the CPU torch wheel. torch4keras deletes nn.Module.compile on import; it is put back after."""
     require("bert4torch", "requirements-bert4torch.txt")
-    names = ["torchvision", "torchvision.transforms", "torchvision.transforms.v2",
-             "torchvision.transforms.v2.functional"]
-    stand_ins = {n: types.ModuleType(n) for n in names if n not in sys.modules}
-    for n, m in stand_ins.items():
-        m.__spec__ = importlib.machinery.ModuleSpec(n, None)  # no dist metadata: bert4torch sees "not installed"
-    compile_method = torch.nn.Module.compile
-    sys.modules.update(stand_ins)
-    try:
-        from bert4torch.models import build_transformer_model
-    finally:
-        for n in stand_ins:
-            del sys.modules[n]
-        torch.nn.Module.compile = compile_method
-    return build_transformer_model
+    return convert.bert4torch_builder()
 
 
 @pytest.mark.parametrize("tie", [True, False])
