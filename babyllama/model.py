@@ -5,6 +5,7 @@ so HF state dicts load with `load_state_dict` and export is a rename-free save.
 
 Decoding uses a static KV cache (`KVCache`): fixed-size buffers written at `input_pos`, attention over the whole
 buffer with a mask. Shapes never change between steps, so the decode step compiles once and can be CUDA-graphed.
+`fuse_projections` adds q|k|v and gate|up weight copies that decoding forwards use (fewer, larger kernels).
 """
 from __future__ import annotations
 
@@ -264,5 +265,5 @@ def _concat_into(out: Tensor | None, *parts: Tensor) -> Tensor:
     """torch.cat(parts) written into `out` when it still fits (same storage), else a new tensor."""
     rows = sum(p.shape[0] for p in parts)
     fits = (out is not None and out.shape == (rows, *parts[0].shape[1:]) and out.dtype == parts[0].dtype
-            and (torch.is_inference_mode_enabled() or not out.is_inference()))
+            and out.device == parts[0].device and (torch.is_inference_mode_enabled() or not out.is_inference()))
     return torch.cat(parts, out=out) if fits else torch.cat(parts)
