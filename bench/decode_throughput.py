@@ -2,6 +2,7 @@
 
     python bench/decode_throughput.py                 # 0.2B config in bf16 on the GPU, batch 1 and 8
     python bench/decode_throughput.py --smoke         # tiny config on CPU
+    python bench/decode_throughput.py --config baby   # the baby preset (4,096-token vocab), e.g. on a CPU
     python bench/decode_throughput.py --batches 1 --systems ours-compiled,ours-compiled-unfused   # a lever
 
 ours-compiled decodes with fused q|k|v and gate|up weights (`Llama.fuse_projections`); -unfused without.
@@ -70,6 +71,7 @@ def hf(model: Llama, prompts: torch.Tensor, new: int, static: bool):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="0.2b")
+    ap.add_argument("--vocab-size", type=int, default=4096, help="for presets that take it from the tokenizer (baby)")
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--batches", default="1,8")
@@ -83,7 +85,7 @@ def main() -> None:
         cfg = ModelConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, ffn_dim=128, max_seq_len=128)
         args.new_tokens, args.repeats = 16, 1
     else:
-        cfg = preset(args.config)
+        cfg = preset(args.config, vocab_size=args.vocab_size)
     torch.manual_seed(0)
     base = Llama(cfg).to(device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
