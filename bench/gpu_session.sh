@@ -49,7 +49,7 @@ case "$part" in
   levers)
     step 150 bench/decode_throughput.py --batches 1 --systems ours-compiled,ours-compiled-unfused \
       --out "${stem}_decode_levers.jsonl"
-    step 320 bench/train_throughput.py --levers --steps 10 --warmup 3 --out "${stem}_levers.jsonl"
+    step 300 bench/train_throughput.py --levers --steps 10 --warmup 3 --out "${stem}_levers.jsonl"
     step 110 bench/train_throughput.py --systems ours,ours-ddp --steps 10 --warmup 3 --out "${stem}_ddp.jsonl"
     ;;
   smoke)
