@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Iterable
 
 from babyllama.checkpoint import remove_partial_writes
+from babyllama.outdir import write_atomic
 from babyllama.trainer import Callback, Trainer
 
 
@@ -75,7 +74,8 @@ class TextLogger(Callback):
         lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
         kept = [line for line in lines if _logged_step(line) <= step]
         if len(kept) < len(lines):
-            _write_text_atomic(self.path, "".join(line if line.endswith("\n") else line + "\n" for line in kept))
+            text = "".join(line if line.endswith("\n") else line + "\n" for line in kept)
+            write_atomic(self.path, text.encode("utf-8"))  # a kill leaves the old log or the new one
 
     def on_step_end(self, trainer: Trainer, logs: dict[str, float]) -> None:
         if trainer.env.is_main and len(logs) > 1:
@@ -90,18 +90,6 @@ def _logged_step(line: str) -> float:
         return json.loads(line)["step"]
     except (json.JSONDecodeError, KeyError, TypeError):
         return math.inf
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    """Replace `path` by `text` through a temp file, so a kill leaves either the old or the new log."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class TensorBoard(Callback):

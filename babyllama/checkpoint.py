@@ -6,10 +6,8 @@ and (in `extra`) the fingerprint of the tokenizer it was trained with, so that a
 """
 from __future__ import annotations
 
-import os
 import random
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +16,10 @@ import torch
 
 from babyllama.config import ModelConfig
 from babyllama.errors import UserError
-from babyllama.outdir import fsync_dir
+from babyllama.outdir import atomic_file, is_partial_write
 from babyllama.tokenizer import Tokenizer, check_tokenizer
 
 _NAME = re.compile(r"^step_(\d{8})\.pt$")
-_PARTIAL = re.compile(r"^\.step_\d{8}\.pt\..+\.tmp$")  # atomic_save's temp file, left behind by a kill
 
 
 def checkpoint_path(directory: str | Path, step: int) -> Path:
@@ -43,21 +40,10 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """torch.save to a temp file in the same directory, fsync, rename, fsync the directory: a crash never leaves
-    half a file, and a power loss right after does not lose the rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+    """torch.save through `outdir.atomic_file`: a crash never leaves half a file, and a power loss right after does
+    not lose the rename."""
+    with atomic_file(Path(path)) as f:
+        torch.save(obj, f)
 
 
 def remove_partial_writes(directory: str | Path) -> None:
@@ -65,7 +51,7 @@ def remove_partial_writes(directory: str | Path) -> None:
     d = Path(directory)
     if d.is_dir():
         for p in d.iterdir():
-            if _PARTIAL.match(p.name):
+            if is_partial_write(p, r"step_\d{8}\.pt"):
                 p.unlink(missing_ok=True)
 
 

@@ -53,12 +53,12 @@ from tqdm import tqdm
 
 from babyllama.corpus import resolve_files
 from babyllama.errors import UserError
-from babyllama.outdir import claim_out_dir, write_atomic
+from babyllama.outdir import claim_out_dir, is_partial_write, write_atomic
 
 FORMAT, VERSION = "babyllama-tokens", 1
 SPLITS = ("train", "val")
 _DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
-_OUR_FILES = re.compile(r"(?:(?:train|val)_\d{5}\.bin|meta\.json)(?:\.tmp)?")
+_OUR_FILES = re.compile(r"(?:train|val)_\d{5}\.bin(?:\.tmp)?|meta\.json")  # and meta.json's partial write
 _CHUNK_DOCS, _CHUNK_CHARS = 512, 1 << 20  # one worker task: bounded both ways (many tiny or few huge documents)
 _PREPARE_HINT = ("rerun data/prepare.py (with --overwrite), or delete the directory and pretrain/pretrain.py "
                  "rebuilds it")
@@ -125,14 +125,18 @@ def _claim_out_dir(out: Path, overwrite: bool) -> None:
     entries = claim_out_dir(out, overwrite, "token data", leftovers=_interrupted)
     out.mkdir(parents=True, exist_ok=True)
     meta = out / "meta.json"
-    ours = [p for p in entries if _OUR_FILES.fullmatch(p.name)]
+    ours = [p for p in entries if _is_ours(p)]
     for p in sorted(ours, key=lambda p: p != meta):  # meta.json first: the directory is marked incomplete at once
         p.unlink()
 
 
 def _interrupted(entries: list[Path]) -> bool:
     """Only shards of ours and no meta.json: what an interrupted preparation leaves."""
-    return all(_OUR_FILES.fullmatch(p.name) for p in entries) and not any(p.name == "meta.json" for p in entries)
+    return all(_is_ours(p) for p in entries) and not any(p.name == "meta.json" for p in entries)
+
+
+def _is_ours(entry: Path) -> bool:
+    return _OUR_FILES.fullmatch(entry.name) is not None or is_partial_write(entry, r"meta\.json")
 
 
 def _tokenizer_identity(tok: Any) -> dict:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable, Iterator
 
 from babyllama.errors import UserError
 
@@ -38,12 +40,31 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `path` whole or not at all, durably: a temp file `<name>.tmp` beside it, fsynced, then renamed."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[BinaryIO]:
+    """A binary file whose contents replace `path` whole or not at all, durably: it is a temp file
+    `.<name>.<random>.tmp` beside `path`, fsynced and renamed over it when the block ends (then the rename is made
+    durable), removed if the block raises. A kill can leave the temp file; `is_partial_write` recognises it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    with atomic_file(path) as f:
+        f.write(data)
+
+
+def is_partial_write(entry: Path, name_pattern: str) -> bool:
+    """Whether `entry` is the temp file `atomic_file` left when killed while writing a file named like the
+    regular expression `name_pattern`."""
+    return re.fullmatch(rf"\.(?:{name_pattern})\..+\.tmp", entry.name) is not None

@@ -164,6 +164,7 @@ def test_leftovers_of_an_interrupted_run_are_replaced(tmp_path):
     out.mkdir()
     (out / "train_00000.bin").write_bytes(b"\0" * 10)
     (out / "train_00001.bin.tmp").write_bytes(b"\0" * 3)
+    (out / ".meta.json.k3j4x9.tmp").write_bytes(b"{")  # outdir.atomic_file's temp file, killed mid-write
     _, meta = prepare(tmp_path, make_docs(20))
     assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train_00000.bin", "val_00000.bin"]
     assert (out / "train_00000.bin").stat().st_size == meta["splits"]["train"]["shards"][0]["bytes"]
