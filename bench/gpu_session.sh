@@ -41,9 +41,9 @@ fi
 case "$part" in
   main)
     nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee -a "$log"
-    step 150 bench/train_throughput.py --systems ours,hf,bert4torch --out "${stem}_train.jsonl"
-    step 210 bench/decode_throughput.py --batches 1 --out "${stem}_decode.jsonl"
-    step 190 bench/decode_throughput.py --batches 8 --systems ours-eager,ours-compiled,hf-static \
+    step 170 bench/train_throughput.py --systems ours,ours-loader,hf,bert4torch --out "${stem}_train.jsonl"
+    step 200 bench/decode_throughput.py --batches 1 --out "${stem}_decode.jsonl"
+    step 180 bench/decode_throughput.py --batches 8 --systems ours-eager,ours-compiled,hf-static \
       --out "${stem}_decode.jsonl"
     ;;
   levers)

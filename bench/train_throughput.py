@@ -12,12 +12,15 @@ Every system sees the same random token batches, steps and optimizer settings; t
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import importlib.util
 import json
 import os
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -28,6 +31,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import babyllama.loss as loss_module  # noqa: E402
 from babyllama.config import ModelConfig, preset  # noqa: E402
+from babyllama.data import build_pretrain_loader, prepare_token_bins  # noqa: E402
 from babyllama.convert import B4T_CONFIG, bert4torch_builder, bert4torch_config  # noqa: E402
 from babyllama.distributed import DistEnv, pick_device  # noqa: E402
 from babyllama.metrics import peak_flops  # noqa: E402
@@ -35,9 +39,6 @@ from babyllama.model import Llama  # noqa: E402
 from babyllama.optim import build_adamw  # noqa: E402
 from babyllama.trainer import Callback, Trainer  # noqa: E402
 from jsonl import emit  # noqa: E402  (bench/ is on sys.path as the script's folder)
-
-
-DEFAULT_CHUNK = loss_module.CHUNK_ELEMENTS
 
 
 def random_batches(cfg: ModelConfig, batch: int, seq: int, device: torch.device, n: int = 4):
@@ -48,6 +49,28 @@ def random_batches(cfg: ModelConfig, batch: int, seq: int, device: torch.device,
         w = data[i % n].to(device, non_blocking=True)
         yield w[:, :-1], w[:, 1:]
         i += 1
+
+
+class RandomTokenizer:
+    """What prepare_token_bins needs of a tokenizer: each document becomes `tokens` seeded random ids."""
+
+    def __init__(self, vocab_size: int, tokens: int):
+        self.vocab_size, self.eos_id, self.tokens = vocab_size, 0, tokens
+
+    def encode(self, text: str) -> list[int]:
+        g = torch.Generator().manual_seed(int(text.split()[-1]))
+        return torch.randint(1, self.vocab_size, (self.tokens,), generator=g).tolist()
+
+
+def token_bin_batches(cfg: ModelConfig, args, device: torch.device, out_dir: Path):
+    """pretrain.py's data path: random tokens written as token bins, read by its memmap loader (pinned on a GPU),
+    copied to the device by the trainer."""
+    windows = (args.warmup + args.steps + 2) * args.batch * args.accum
+    per_doc = 1 << 16
+    docs = (f"document {i}" for i in range(windows * (args.seq + 1) // per_doc + 2))
+    prepare_token_bins(docs, RandomTokenizer(cfg.vocab_size, per_doc), out_dir, val_fraction=0.0, num_workers=1)
+    return build_pretrain_loader(out_dir, "train", args.seq, args.batch, drop_last=True,
+                                 pin_memory=device.type == "cuda")
 
 
 class StepTimer(Callback):
@@ -74,32 +97,45 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def bench_ours(cfg: ModelConfig, args, device: torch.device, compile_model: bool = True, chunked_loss: bool = True,
-               checkpointing: bool = False, fused_adamw: bool = True, precision: str | None = "bf16",
-               ddp: bool = False, loss_chunk_elements: int | None = None, attention: str | None = None) -> dict:
-    """attention: an SDPA backend to prefer (e.g. "CUDNN_ATTENTION"), None = PyTorch's own choice."""
-    if attention:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
+@dataclass
+class Levers:
+    """How our trainer is run; the defaults are pretrain.py's on a GPU."""
+    compile: bool = True
+    chunked_loss: bool = True
+    checkpointing: bool = False
+    fused_adamw: bool = True
+    ddp: bool = False
+    loss_chunk_elements: int | None = None  # None = babyllama.loss.CHUNK_ELEMENTS
+    attention: str | None = None  # an SDPA backend to prefer (e.g. "CUDNN_ATTENTION"); None = PyTorch's choice
+    loader: bool = False  # batches through pretrain.py's token-bin loader instead of tensors already on the device
 
-        preferred = [getattr(SDPBackend, attention), SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
-        with sdpa_kernel(preferred, set_priority=True):  # compiled inside: the trace picks the preferred kernel
-            return bench_ours(cfg, args, device, compile_model, chunked_loss, checkpointing, fused_adamw, precision,
-                              ddp, loss_chunk_elements)
-    torch.manual_seed(0)
-    if loss_chunk_elements:
-        loss_module.CHUNK_ELEMENTS = loss_chunk_elements
-    model = Llama(cfg)
-    model.chunked_loss, model.gradient_checkpointing = chunked_loss, checkpointing
-    trainer = Trainer(model, DistEnv(device=device))
-    opt = build_adamw(trainer.module, lr=3e-4)
-    if not fused_adamw:
-        opt = torch.optim.AdamW(opt.param_groups, lr=3e-4, betas=(0.9, 0.95), fused=False, foreach=False)
-    trainer.compile(optimizer=opt, clip_grad_norm=1.0, mixed_precision=precision, torch_compile=compile_model,
-                    grad_accumulation_steps=args.accum, log_every=args.warmup + args.steps, ddp=ddp)
-    timer = StepTimer(args.warmup, device)
-    trainer.fit(random_batches(cfg, args.batch, args.seq, device), max_steps=args.warmup + args.steps,
-                callbacks=[timer])
-    loss_module.CHUNK_ELEMENTS = DEFAULT_CHUNK
+
+def bench_ours(cfg: ModelConfig, args, device: torch.device, levers: Levers) -> dict:
+    with contextlib.ExitStack() as stack:
+        if levers.attention:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            preferred = [getattr(SDPBackend, levers.attention), SDPBackend.FLASH_ATTENTION,
+                         SDPBackend.EFFICIENT_ATTENTION]
+            stack.enter_context(sdpa_kernel(preferred, set_priority=True))  # the compile's trace picks it
+        if levers.loss_chunk_elements:
+            stack.callback(setattr, loss_module, "CHUNK_ELEMENTS", loss_module.CHUNK_ELEMENTS)
+            loss_module.CHUNK_ELEMENTS = levers.loss_chunk_elements
+        if levers.loader:
+            batches = token_bin_batches(cfg, args, device, Path(stack.enter_context(tempfile.TemporaryDirectory())))
+        else:
+            batches = random_batches(cfg, args.batch, args.seq, device)
+        torch.manual_seed(0)
+        model = Llama(cfg)
+        model.chunked_loss, model.gradient_checkpointing = levers.chunked_loss, levers.checkpointing
+        trainer = Trainer(model, DistEnv(device=device))
+        opt = build_adamw(trainer.module, lr=3e-4)
+        if not levers.fused_adamw:
+            opt = torch.optim.AdamW(opt.param_groups, lr=3e-4, betas=(0.9, 0.95), fused=False, foreach=False)
+        trainer.compile(optimizer=opt, clip_grad_norm=1.0, mixed_precision="bf16", torch_compile=levers.compile,
+                        grad_accumulation_steps=args.accum, log_every=args.warmup + args.steps, ddp=levers.ddp)
+        timer = StepTimer(args.warmup, device)
+        trainer.fit(batches, max_steps=args.warmup + args.steps, callbacks=[timer])
     return _result(cfg, args, device, timer.t1 - timer.t0, timer.loss)
 
 
@@ -176,7 +212,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--systems", default="ours,hf,bert4torch",
-                    help="comma list of: ours, ours-eager, ours-ddp, hf, bert4torch (skipped when not installed)")
+                    help="comma list of: ours, ours-loader (through pretrain.py's token-bin loader), ours-eager, "
+                         "ours-ddp, hf, bert4torch (skipped when not installed)")
     ap.add_argument("--levers", action="store_true", help="measure each speed lever of our trainer")
     ap.add_argument("--smoke", action="store_true", help="tiny config on CPU, 2 steps: checks the script runs")
     ap.add_argument("--out", help="append results as JSON lines to this file")
@@ -189,26 +226,27 @@ def main() -> None:
         args.batch, args.seq, args.steps, args.warmup, args.config = 2, 64, 2, 1, "smoke"
     else:
         cfg = preset(args.config)
+    gpu = device.type == "cuda"
     runs = {
-        "ours": lambda: bench_ours(cfg, args, device, compile_model=device.type == "cuda"),
-        "ours-eager": lambda: bench_ours(cfg, args, device, compile_model=False),
-        "ours-ddp": lambda: bench_ours(cfg, args, device, compile_model=device.type == "cuda", ddp=True),
+        "ours": lambda: bench_ours(cfg, args, device, Levers(compile=gpu)),
+        "ours-loader": lambda: bench_ours(cfg, args, device, Levers(compile=gpu, loader=True)),
+        "ours-eager": lambda: bench_ours(cfg, args, device, Levers(compile=False)),
+        "ours-ddp": lambda: bench_ours(cfg, args, device, Levers(compile=gpu, ddp=True)),
         "hf": lambda: bench_hf(cfg, args, device),
         "bert4torch": lambda: bench_bert4torch(cfg, args, device),
     }
     if args.levers:
-        runs = {  # the default first (the baseline of this run), then one lever changed at a time
-            "compile, chunked loss": lambda: bench_ours(cfg, args, device, True),
-            "compile, full logits": lambda: bench_ours(cfg, args, device, True, chunked_loss=False),
-            "eager, chunked loss": lambda: bench_ours(cfg, args, device, False),
-            "compile, chunked, unfused AdamW": lambda: bench_ours(cfg, args, device, True, fused_adamw=False),
-            "compile, chunked x4 rows": lambda: bench_ours(cfg, args, device, True,
-                                                           loss_chunk_elements=4 * DEFAULT_CHUNK),
-            "compile, chunked, act. checkpointing": lambda: bench_ours(cfg, args, device, True, checkpointing=True),
-            "compile, chunked, cuDNN attention": lambda: bench_ours(cfg, args, device, True,
-                                                                    attention="CUDNN_ATTENTION"),
-            "eager, full logits": lambda: bench_ours(cfg, args, device, False, chunked_loss=False),
+        levers = {  # the default first (the baseline of this run), then one lever changed at a time
+            "compile, chunked loss": Levers(),
+            "compile, full logits": Levers(chunked_loss=False),
+            "eager, chunked loss": Levers(compile=False),
+            "compile, chunked, unfused AdamW": Levers(fused_adamw=False),
+            "compile, chunked x4 rows": Levers(loss_chunk_elements=4 * loss_module.CHUNK_ELEMENTS),
+            "compile, chunked, act. checkpointing": Levers(checkpointing=True),
+            "compile, chunked, cuDNN attention": Levers(attention="CUDNN_ATTENTION"),
+            "eager, full logits": Levers(compile=False, chunked_loss=False),
         }
+        runs = {name: functools.partial(bench_ours, cfg, args, device, lv) for name, lv in levers.items()}
         if device.type != "cuda":  # cuDNN's attention kernel exists on NVIDIA GPUs only
             del runs["compile, chunked, cuDNN attention"]
     else:
