@@ -12,6 +12,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import Tensor
 
+from babyllama.errors import UserError
 from babyllama.model import Llama
 
 
@@ -78,7 +79,8 @@ class Generator:
         longest = max(len(p) for p in prompts)
         cache_len = self.max_len or longest + max_new
         if longest >= cache_len:
-            raise ValueError(f"prompt of {longest} tokens leaves no room in a cache of {cache_len}")
+            raise UserError(f"the prompt has {longest:,} tokens, leaving no room in a cache of {cache_len:,} (the "
+                            "model's context when compiled); shorten the prompt")
         device = self.model.lm_head.weight.device
         if self._cache_shape != (len(prompts), cache_len):
             self.model.setup_cache(len(prompts), cache_len)

@@ -1,7 +1,9 @@
 """Generation: KV-cache greedy equals full recompute, batching with left padding, sampling filters."""
+import pytest
 import torch
 
 from babyllama.config import ModelConfig
+from babyllama.errors import UserError
 from babyllama.generation import Generator, SamplingConfig, apply_repetition_penalty, sample_next
 from babyllama.model import Llama
 
@@ -47,6 +49,8 @@ def test_fixed_cache_length_is_respected():
     m = tiny_model()
     out = list(Generator(m, max_len=10).stream([1, 2, 3], SamplingConfig(max_new_tokens=100, temperature=0)))
     assert len(out) == 8  # 3 prompt + 7 fed back fill the 10 slots, plus the last sampled token
+    with pytest.raises(UserError, match="the prompt has 10 tokens, leaving no room in a cache of 10"):
+        list(Generator(m, max_len=10).stream(list(range(10)), GREEDY))
 
 
 def test_top_k_and_top_p_filters():
