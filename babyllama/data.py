@@ -14,8 +14,8 @@ On disk (`out_dir/`)
 
   `dtype` is uint16 when `vocab_size <= 65535`, else uint32. `corpus` (`corpus_record`: each corpus file's name,
   size and a hash of its ends, the format and field) is what `check_corpus_matches` compares a later run with, so a
-  moved corpus (or repository) still matches and an edited file does not; null when not given, and absent in data
-  prepared before it was recorded (both are accepted as any corpus).
+  moved corpus (or repository) still matches and an edited file does not; null when not given, absent in data
+  prepared before it was recorded, and a list of paths before identities were kept (all accepted as any corpus).
 
 `prepare_token_bins` writes such a directory (see its docstring); `data/prepare.py` is its command line.
 
@@ -381,11 +381,12 @@ def corpus_record(paths: Iterable[str | Path], fmt: str, field: str) -> dict:
     return {"files": files, "format": fmt, "field": field}
 
 
-_ENDS = 1 << 16  # bytes hashed at each end of a corpus file: cheap for a 100 GB corpus, yet catches edits
+_ENDS = 1 << 14  # bytes hashed at each end of a corpus file: cheap for thousands of files (a size change is
+# always caught; this catches same-size edits near either end)
 
 
 def file_identity(path: Path) -> dict:
-    """Name, size and a hash of the first and last 64 KiB: equal for a moved or copied file, different for an
+    """Name, size and a hash of the first and last 16 KiB: equal for a moved or copied file, different for an
     edited one (almost always: an edit of the same size deep inside a big file goes unseen)."""
     size = path.stat().st_size
     digest = hashlib.sha256()
@@ -411,14 +412,17 @@ def corpus_differences(saved: dict, now: dict) -> list[str]:
     return differ
 
 
-def _describe_file(identity: dict | str) -> str:
-    if isinstance(identity, str):  # recorded before identities were kept: an absolute path
-        return identity
+def _paths_only(record: dict) -> bool:
+    """A record from before file identities were kept (absolute paths): accepted as any corpus, like no record."""
+    return any(isinstance(f, str) for f in record.get("files") or [])
+
+
+def _describe_file(identity: dict) -> str:
     return f"{identity['name']} ({identity['bytes']:,} bytes, ends {identity['ends_sha256']})"
 
 
-def _file_list(files: list, n: int = 3) -> str:
-    names = [f if isinstance(f, str) else f["name"] for f in files]
+def _file_list(files: list[dict], n: int = 3) -> str:
+    names = [f["name"] for f in files]
     return ", ".join(names[:n]) + (f", ... (+{len(names) - n} more)" if len(names) > n else "")
 
 
@@ -426,7 +430,7 @@ def check_corpus_matches(bin_dir: str | Path, corpus: dict, redo: str) -> None:
     """Refuse token data prepared from another corpus than `corpus` (a `corpus_record`), naming what differs;
     data with no record of its corpus (prepared before it was recorded) is accepted."""
     saved = read_meta(bin_dir).get("corpus")
-    differ = corpus_differences(saved, corpus) if saved else []
+    differ = corpus_differences(saved, corpus) if saved and not _paths_only(saved) else []
     if differ:
         raise UserError(f"{Path(bin_dir) / 'meta.json'}: the token data was prepared from another corpus "
                         f"({'; '.join(differ)}); {redo}")

@@ -295,6 +295,9 @@ def test_corpus_record_expands_paths_and_names_what_differs(tmp_path, monkeypatc
         check_corpus_matches(out, corpus_record([moved], "auto", "text"), "redo")
     old, _ = prepare(tmp_path, make_docs(50), name="old")  # no corpus given, as data prepared before the record
     check_corpus_matches(old, corpus_record([moved / "a.jsonl"], "auto", "body"), "redo")
+    paths, _ = prepare(tmp_path, make_docs(50), name="paths", corpus={"files": ["/x/a.jsonl"], "format": "auto",
+                                                                        "field": "text"})
+    check_corpus_matches(paths, corpus_record([moved], "auto", "text"), "redo")  # an older record: any corpus
 
 
 def test_file_identity_hashes_both_ends_of_big_files(tmp_path):
@@ -302,7 +305,7 @@ def test_file_identity_hashes_both_ends_of_big_files(tmp_path):
     body = bytearray(b"x" * 300_000)
     big.write_bytes(body)
     first = file_identity(big)
-    body[-1:] = b"y"  # the last byte: past the first 64 KiB
+    body[-1:] = b"y"  # the last byte: past the first 16 KiB
     big.write_bytes(body)
     assert file_identity(big)["ends_sha256"] != first["ends_sha256"] and file_identity(big)["bytes"] == 300_000
 
