@@ -12,7 +12,6 @@ import socket
 import subprocess
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,19 +119,6 @@ def big_tokenizer(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("big_tokenizer") / "tokenizer.json"
     tok.save(str(path))
     return path
-
-
-@pytest.fixture(scope="module")
-def other_tokenizer(tmp_path_factory) -> Path:
-    """A 300-token tokenizer like the runs' but trained on other text: same size, other ids."""
-    from babyllama.tokenizer import train_tokenizer
-
-    texts = [json.loads(line)["text"] for line in (ROOT / "data" / "corpus" / "shakespeare_en_heldout.jsonl").open()]
-    out = tmp_path_factory.mktemp("other_tokenizer")
-    with warnings.catch_warnings():  # "little text for the vocabulary": enough for this test
-        warnings.simplefilter("ignore")
-        train_tokenizer(texts[:40], 300, out)
-    return out
 
 
 # ======================================================================= bad input: one line, exit 2

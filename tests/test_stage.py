@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from babyllama.tokenizer import Tokenizer
-from test_pretrain_cli import BATCH, Run, assert_user_error, digests, new_run, other_tokenizer  # noqa: F401 (fixture)
+from test_pretrain_cli import BATCH, Run, assert_user_error, digests, new_run
 
 CHECKPOINT = "step_00000002.pt"
 
