@@ -3,7 +3,7 @@
 # important first (a lent GPU has 15 minutes in all, its start included):
 #
 #   bash bench/gpu_session.sh main   [RESULTS_DIR]  # training ours vs HF; batch-1 and batch-8 decoding vs HF
-#   bash bench/gpu_session.sh levers [RESULTS_DIR]  # our trainer with each speed lever on/off; DDP at world size 1
+#   bash bench/gpu_session.sh levers [RESULTS_DIR]  # a step's profile; each speed lever on/off; DDP at world size 1
 #   bash bench/gpu_session.sh smoke  [RESULTS_DIR]  # CPU, tiny configs: checks the script (levers need a GPU's compile)
 #
 # Results are JSON lines in RESULTS_DIR (default: $OUT if set, else bench/results), named <date>_<gpu>_<part>.jsonl,
@@ -47,10 +47,11 @@ case "$part" in
       --out "${stem}_decode.jsonl"
     ;;
   levers)
+    step 90 bench/profile_step.py --out "${stem}_profile.jsonl"
     step 150 bench/decode_throughput.py --batches 1 --systems ours-compiled,ours-compiled-unfused \
       --out "${stem}_decode_levers.jsonl"
-    step 300 bench/train_throughput.py --levers --steps 10 --warmup 3 --out "${stem}_levers.jsonl"
-    step 110 bench/train_throughput.py --systems ours,ours-ddp --steps 10 --warmup 3 --out "${stem}_ddp.jsonl"
+    step 240 bench/train_throughput.py --levers --steps 10 --warmup 3 --out "${stem}_levers.jsonl"
+    step 90 bench/train_throughput.py --systems ours,ours-ddp --steps 10 --warmup 3 --out "${stem}_ddp.jsonl"
     ;;
   smoke)
     step 300 bench/train_throughput.py --smoke --systems ours,hf --out "${stem}_train.jsonl"

@@ -33,6 +33,13 @@ def test_decode_smoke_greedy_tokens_match_hf():
     assert all(r["first_call_s"] >= 0 for r in rows)
 
 
+def test_profile_smoke_groups_the_step_time(tmp_path):
+    subprocess_out = run_bench("profile_step.py", "--out", str(tmp_path / "p.jsonl"))
+    (row,) = subprocess_out
+    assert row["ms_per_step"] > 0 and abs(sum(row["groups"].values()) - 1) < 0.01
+    assert row["groups"]["matmul"] > 0 and row["groups"]["attention"] > 0 and len(row["top"]) == 15
+
+
 def test_data_prep_smoke_counts_the_same_tokens():
     rows = run_bench("data_prep.py")
     assert len(rows) == 3 and len({r["tokens"] for r in rows}) == 1
