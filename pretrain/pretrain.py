@@ -70,7 +70,11 @@ def ensure_tokenizer(run: RunConfig, paths: RunPaths, corpus: dict) -> Tokenizer
 def check_tokenizer_corpus(tok: Tokenizer, record_path: Path, corpus: dict, redo: str) -> None:
     """Refuse a kept tokenizer trained on another corpus than this run's. No record (a tokenizer from before it
     was written, or placed there by hand) or a record of another tokenizer (retrained there since) is no check."""
-    record = json.loads(record_path.read_text("utf-8")) if record_path.exists() else {}
+    try:
+        record = json.loads(record_path.read_text("utf-8")) if record_path.exists() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{record_path}: not the JSON this script writes; delete it (the tokenizer is then kept "
+                        "without a corpus check)") from None
     differ = corpus_differences(record["corpus"], corpus) if record.get("tokenizer") == tok.fingerprint else []
     if differ:
         raise UserError(f"{record_path.parent}: the tokenizer was trained on another corpus ({'; '.join(differ)}); "

@@ -187,6 +187,13 @@ def test_kept_tokenizer_and_data_of_another_vocab_size_or_corpus(tmp_path, train
     assert digests(run.out) == before
 
 
+def test_damaged_tokenizer_corpus_record(tmp_path, trained):
+    run = new_run(tmp_path, like=trained)
+    record = run.out / "tokenizer" / "corpus.json"
+    record.write_text("{", encoding="utf-8")
+    assert_user_error(run.pretrain(), f"{record}: not the JSON this script writes; delete it")
+
+
 def test_kept_tokenizer_and_data_follow_a_moved_corpus(tmp_path, trained):
     """The corpus is recorded by its files' names, sizes and contents, not their paths: moving it (or the whole
     repository) keeps the tokenizer and token data."""
