@@ -31,8 +31,8 @@ import torch.nn.functional as F  # noqa: E402
 
 import babyllama.loss as loss_module  # noqa: E402
 from babyllama.config import ModelConfig, preset  # noqa: E402
-from babyllama.data import build_pretrain_loader, prepare_token_bins  # noqa: E402
 from babyllama.convert import B4T_CONFIG, bert4torch_builder, bert4torch_config  # noqa: E402
+from babyllama.data import build_pretrain_loader, prepare_token_bins  # noqa: E402
 from babyllama.distributed import DistEnv, pick_device  # noqa: E402
 from babyllama.metrics import peak_flops  # noqa: E402
 from babyllama.model import Llama  # noqa: E402
