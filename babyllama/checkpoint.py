@@ -19,7 +19,8 @@ from babyllama.errors import UserError
 from babyllama.outdir import atomic_file, is_partial_write
 from babyllama.tokenizer import Tokenizer, check_tokenizer
 
-_NAME = re.compile(r"^step_(\d{8})\.pt$")
+_STEP_FILE = r"step_(\d{8})\.pt"
+_NAME = re.compile(rf"^{_STEP_FILE}$")
 
 
 def checkpoint_path(directory: str | Path, step: int) -> Path:
@@ -51,7 +52,7 @@ def remove_partial_writes(directory: str | Path) -> None:
     d = Path(directory)
     if d.is_dir():
         for p in d.iterdir():
-            if is_partial_write(p, r"step_\d{8}\.pt"):
+            if is_partial_write(p, _STEP_FILE):
                 p.unlink(missing_ok=True)
 
 

@@ -58,7 +58,7 @@ from babyllama.outdir import claim_out_dir, is_partial_write, write_atomic
 FORMAT, VERSION = "babyllama-tokens", 1
 SPLITS = ("train", "val")
 _DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
-_OUR_FILES = re.compile(r"(?:train|val)_\d{5}\.bin(?:\.tmp)?|meta\.json")  # and meta.json's partial write
+_OUR_FILES = re.compile(r"(?:train|val)_\d{5}\.bin(?:\.tmp)?|meta\.json")  # meta.json's killed write: _is_ours
 _CHUNK_DOCS, _CHUNK_CHARS = 512, 1 << 20  # one worker task: bounded both ways (many tiny or few huge documents)
 _PREPARE_HINT = ("rerun data/prepare.py (with --overwrite), or delete the directory and pretrain/pretrain.py "
                  "rebuilds it")

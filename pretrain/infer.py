@@ -20,7 +20,7 @@ from babyllama.cli import main_guard  # noqa: E402
 from babyllama.distributed import pick_device  # noqa: E402
 from babyllama.errors import UserError  # noqa: E402
 from babyllama.generation import (Generator, add_runtime_flags, add_sampling_flags, decode_dtype,  # noqa: E402
-                                  sampling_from_args)  # noqa: E402
+                                  sampling_from_args)
 from babyllama.runs import RunPaths, run_preset  # noqa: E402
 from babyllama.tokenizer import Tokenizer  # noqa: E402
 

@@ -136,7 +136,8 @@ def main() -> None:
     val = trainer.evaluate(val_loader, max_batches=run.eval_batches)  # on every rank: it all-reduces
     if env.is_main:
         print(f"final validation loss {val:.4f}")
-        sample(load_model(paths.stage("pretrain"), tokenizer=tok), tok)  # from the final checkpoint: also right under FSDP
+        # from the final checkpoint: also right under FSDP
+        sample(load_model(paths.stage("pretrain"), tokenizer=tok), tok)
     shutdown()
 
 
