@@ -66,7 +66,7 @@ class Report:
                  chunk_size: int, device: torch.device):
         check_reply_budget(args.max_prompt_len, args.max_new_tokens, max_seq_len)
         sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=1.0, top_k=0, top_p=1.0)
-        self.heldout, self.tok = HeldOut(args, tok, sampling, args.max_prompt_len, seed, chunk_size), tok
+        self.heldout = HeldOut(args, tok, sampling, args.max_prompt_len, seed, chunk_size)
         rm = args.reward_model or paths.stage("reward")
         self.reward_path = rm if latest_checkpoint(rm) or Path(rm).is_file() else None
         if args.reward_model and self.reward_path is None:
@@ -74,7 +74,7 @@ class Report:
         self.device = device
 
     def measure(self, model: Llama, reference: Llama) -> dict[str, float]:
-        rm = load_reward_model(self.reward_path, self.device, tokenizer=self.tok) if self.reward_path else None
+        rm = load_reward_model(self.reward_path, self.device, tokenizer=self.heldout.tok) if self.reward_path else None
         return self.heldout.measure(model, reference, rm)
 
 
