@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from babyllama.checkpoint import remove_partial_writes
+from babyllama.errors import UserError
 from babyllama.outdir import write_atomic
 from babyllama.trainer import Callback, Trainer
 
@@ -34,6 +35,18 @@ class Evaluator(Callback):
     def on_step_end(self, trainer: Trainer, logs: dict[str, float]) -> None:
         if trainer.step % self.every == 0:
             logs.update(self.compute(trainer))
+
+
+class StopAt(Callback):
+    """End training after step `step` while the learning-rate schedule still runs to --max-steps: a long run done
+    in parts (`--resume` continues it), or the first steps of a published run replayed exactly."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, trainer: Trainer, logs: dict[str, float]) -> None:
+        if trainer.step >= self.step:
+            trainer.stop_training = True
 
 
 class ProgressBar(Callback):
@@ -82,6 +95,27 @@ class TextLogger(Callback):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with self.path.open("a", encoding="utf-8") as f:
                 f.write(json.dumps({"time": round(time.time(), 3), "epoch": trainer.epoch, **logs}) + "\n")
+
+
+Series = dict[str, tuple[list[int], list[float]]]  # metric -> (steps, values), steps ascending
+
+
+def read_text_log(path: Path) -> Series:
+    """The numeric fields of a TextLogger file by metric; a step logged twice keeps its last value. A line that is
+    not a logged step (a torn write, another file) is a UserError naming it."""
+    by_metric: dict[str, dict[int, float]] = {}
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{n}: invalid JSON ({e.msg}), e.g. the torn last line of a killed run; "
+                            "`--resume` of that stage trims it, or delete the line") from None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            raise UserError(f"{path}:{n}: no integer 'step' field; is this a babyllama log.jsonl (TextLogger)?")
+        for k, v in record.items():
+            if k not in ("step", "time", "epoch") and isinstance(v, (int, float)):
+                by_metric.setdefault(k, {})[record["step"]] = float(v)
+    return {k: (sorted(d), [d[s] for s in sorted(d)]) for k, d in by_metric.items()}
 
 
 def _logged_step(line: str) -> float:

@@ -43,6 +43,7 @@ class RunConfig:
     min_lr_ratio: float = 0.1
     warmup_steps: int = 30
     max_steps: int = 600
+    stop_at: int | None = None  # end this invocation after this step; the schedule still runs to max_steps
     weight_decay: float = 0.1
     clip_grad_norm: float = 1.0
     mixed_precision: str = "auto"  # auto = bf16 on GPUs that support it, else fp32

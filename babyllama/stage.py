@@ -21,6 +21,7 @@ from babyllama.distributed import DistEnv, init_distributed
 from babyllama.errors import UserError
 from babyllama.model import Llama
 from babyllama.optim import build_adamw, warmup_cosine
+from babyllama.run_record import write_run_record
 from babyllama.runs import RunConfig, RunPaths, resolve_compile, resolve_precision, run_preset
 from babyllama.tokenizer import Tokenizer
 from babyllama.trainer import Callback, LossFn, Trainer, causal_lm_loss
@@ -106,10 +107,21 @@ def _check_data_order(saved: dict | None, now: dict, source: Path) -> None:
 
 def standard_callbacks(run: RunConfig, paths: RunPaths, stage: str,
                        evaluators: list[Callback] = ()) -> list[Callback]:
-    """Evaluators first (their metrics join the step's logs), then progress, text log, TensorBoard, checkpoints."""
+    """Evaluators first (their metrics join the step's logs), then progress, text log, TensorBoard, checkpoints
+    (and --stop-at's stop, after the step is logged and saved)."""
     ckpt_dir = paths.stage(stage)
+    stop = [cb.StopAt(run.stop_at)] if run.stop_at else []
     return [*evaluators, cb.ProgressBar(run.max_steps), cb.TextLogger(ckpt_dir / "log.jsonl"),
-            cb.TensorBoard(paths.tensorboard(stage)), cb.Checkpoint(ckpt_dir, run.ckpt_every, run.keep_checkpoints)]
+            cb.TensorBoard(paths.tensorboard(stage)), cb.Checkpoint(ckpt_dir, run.ckpt_every, run.keep_checkpoints),
+            *stop]
+
+
+def record_stage(args: argparse.Namespace, run: RunConfig, paths: RunPaths, stage: str, trainer: Trainer,
+                 metrics: dict[str, float]) -> None:
+    """Write the stage's run.json (command, config, versions, machine, wall time, final metrics) on the main rank:
+    what `python -m babyllama.compare` checks against a published run."""
+    if trainer.env.is_main:
+        write_run_record(paths.stage(stage), stage, args, run, trainer, metrics)
 
 
 def init_checkpoint(explicit: str | None, paths: RunPaths, previous_stage: str) -> Path:

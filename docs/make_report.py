@@ -29,12 +29,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from babyllama import evaluate as ev  # noqa: E402
+from babyllama.callbacks import Series, read_text_log  # noqa: E402
 from babyllama.checkpoint import latest_checkpoint  # noqa: E402
 from babyllama.cli import main_guard  # noqa: E402
 from babyllama.errors import UserError  # noqa: E402
 
 STAGE_ORDER = ("pretrain", "sft", "reward", "dpo", "ppo")
-Series = dict[str, tuple[list[int], list[float]]]  # metric -> (steps, values)
 # (panel title, metrics drawn in it); metric names as the trainer logs them
 PANELS = (("loss", ("loss", "val_loss")), ("learning rate", ("lr",)), ("tokens/s", ("tokens_per_s",)),
           ("gradient norm", ("grad_norm",)))
@@ -57,28 +57,12 @@ def read_tensorboard(log_dir: Path) -> Series:
             for tag in acc.Tags()["scalars"]}
 
 
-def read_log_jsonl(path: Path) -> Series:
-    """Numeric fields of a TextLogger file; a step logged twice (a resumed run) keeps its last value."""
-    by_metric: dict[str, dict[int, float]] = {}
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{n}: invalid JSON ({e.msg}); fix or delete the line") from None
-        if not isinstance(record, dict) or "step" not in record:
-            raise UserError(f"{path}:{n}: no 'step' field; is this a babyllama log.jsonl (TextLogger)?")
-        for k, v in record.items():
-            if k not in ("step", "time", "epoch") and isinstance(v, (int, float)):
-                by_metric.setdefault(k, {})[int(record["step"])] = float(v)
-    return {k: (sorted(d), [d[s] for s in sorted(d)]) for k, d in by_metric.items()}
-
-
 def stage_series(runs: Path, out: Path, stage: str) -> Series:
     tb = runs / stage
     if tb.is_dir() and any(tb.glob("events.out.tfevents.*")):
         return read_tensorboard(tb)
     log = out / stage / "log.jsonl"
-    return read_log_jsonl(log) if log.is_file() else {}
+    return read_text_log(log) if log.is_file() else {}
 
 
 def find_stages(runs: Path, out: Path) -> list[str]:

@@ -34,7 +34,7 @@ from babyllama.model import Llama  # noqa: E402
 from babyllama.outdir import write_atomic  # noqa: E402
 from babyllama.runs import RunConfig, RunPaths, model_config_for  # noqa: E402
 from babyllama.stage import (compile_from_run, init_checkpoint, load_init_model, parse_stage_args,  # noqa: E402
-                             resume_if_asked, standard_callbacks)
+                             record_stage, resume_if_asked, standard_callbacks)
 from babyllama.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
 from babyllama.trainer import Trainer  # noqa: E402
 
@@ -134,6 +134,7 @@ def main() -> None:
     trainer.fit(train_loader, epochs=10**9, max_steps=run.max_steps,
                 callbacks=standard_callbacks(run, paths, "pretrain", [evaluator]))
     val = trainer.evaluate(val_loader, max_batches=run.eval_batches)  # on every rank: it all-reduces
+    record_stage(args, run, paths, "pretrain", trainer, {"val_loss": val})
     if env.is_main:
         print(f"final validation loss {val:.4f}")
         # from the final checkpoint: also right under FSDP

@@ -29,8 +29,9 @@ from babyllama.distributed import shutdown  # noqa: E402
 from babyllama.preference import add_preference_flags, evaluate_pairs, preference_loaders  # noqa: E402
 from babyllama.reward_model import RewardModel, mark_reward_checkpoint, pair_loss  # noqa: E402
 from babyllama.runs import model_config_for  # noqa: E402
+from babyllama.run_record import flatten  # noqa: E402
 from babyllama.stage import (compile_from_run, init_checkpoint, load_init_model, load_stage_tokenizer,  # noqa: E402
-                             parse_stage_args, resume_if_asked, standard_callbacks)
+                             parse_stage_args, record_stage, resume_if_asked, standard_callbacks)
 from babyllama.trainer import Trainer  # noqa: E402
 
 
@@ -67,6 +68,7 @@ def main() -> None:
     trainer.fit(train_loader, epochs=10**9, max_steps=run.max_steps,
                 callbacks=standard_callbacks(run, paths, "reward", [evaluator]))
     after = evaluate_pairs(trainer, pair_loss, valid)
+    record_stage(args, run, paths, "reward", trainer, {**flatten("before_", before), **after})
     if env.is_main:
         print(f"held-out preference pairs ({len(valid_loader.dataset)}): before training {describe(before)}; "
               f"after {describe(after)}")

@@ -39,8 +39,9 @@ from babyllama.preference import add_preference_flags, evaluate_pairs, preferenc
 from babyllama.reward_model import load_reward_model  # noqa: E402
 from babyllama.rlhf_eval import HeldOut, add_heldout_flags, check_reply_budget, describe  # noqa: E402
 from babyllama.runs import RunPaths, model_config_for  # noqa: E402
+from babyllama.run_record import flatten  # noqa: E402
 from babyllama.stage import (compile_from_run, init_checkpoint, load_init_model, load_stage_tokenizer,  # noqa: E402
-                             parse_stage_args, resume_if_asked, standard_callbacks)
+                             parse_stage_args, record_stage, resume_if_asked, standard_callbacks)
 from babyllama.tokenizer import Tokenizer  # noqa: E402
 from babyllama.trainer import Trainer  # noqa: E402
 
@@ -114,6 +115,8 @@ def main() -> None:
         if reference is None:  # freed by --precompute-ref; reloaded for the KL
             reference = load_init_model(init, cfg).to(env.device)
         after = report.measure(policy, reference)
+        record_stage(args, run, paths, "dpo", trainer,
+                     {**final, **flatten("heldout_before_", before), **flatten("heldout_", after)})
         print(f"held-out pairs ({len(valid_loader.dataset)}): {describe(final)}")
         print(f"SFT model: {describe(before)}")
         print(f"DPO policy: {describe(after)}")

@@ -40,8 +40,9 @@ from babyllama.ppo import PolicyWithValue, PPOConfig, RolloutLoader, critic_from
 from babyllama.rlhf_eval import HeldOut, add_heldout_flags, check_reply_budget, describe, fitting_prompts  # noqa: E402
 from babyllama.reward_model import RewardModel, load_reward_model  # noqa: E402
 from babyllama.runs import REPO_ROOT, model_config_for  # noqa: E402
+from babyllama.run_record import flatten  # noqa: E402
 from babyllama.stage import (compile_from_run, init_checkpoint, load_init_model, load_stage_tokenizer,  # noqa: E402
-                             parse_stage_args, resume_if_asked, standard_callbacks)
+                             parse_stage_args, record_stage, resume_if_asked, standard_callbacks)
 from babyllama.trainer import Trainer  # noqa: E402
 
 
@@ -111,9 +112,11 @@ def main() -> None:
                             fn=lambda t: {f"eval_{k}": v for k, v in heldout.sampled(policy, ref, reward).items()})
     trainer.fit(loader, max_steps=run.max_steps, callbacks=standard_callbacks(run, paths, "ppo", [periodic]))
     if env.is_main:
-        print(f"held-out, {len(heldout.prompts)} prompts; KL coefficient now "
-              f"{trainer.extra_state.get('kl_coef', ppo.kl_coef):.4f}")
-        print(f"  SFT model:  {describe(before)}\n  PPO policy: {describe(heldout.measure(policy, ref, reward))}")
+        after, kl_coef = heldout.measure(policy, ref, reward), trainer.extra_state.get("kl_coef", ppo.kl_coef)
+        record_stage(args, run, paths, "ppo", trainer,
+                     {**flatten("heldout_before_", before), **flatten("heldout_", after), "kl_coef": kl_coef})
+        print(f"held-out, {len(heldout.prompts)} prompts; KL coefficient now {kl_coef:.4f}")
+        print(f"  SFT model:  {describe(before)}\n  PPO policy: {describe(after)}")
     shutdown()
 
 

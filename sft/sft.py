@@ -30,8 +30,9 @@ from babyllama.distributed import shutdown  # noqa: E402
 from babyllama.errors import UserError  # noqa: E402
 from babyllama.runs import REPO_ROOT, model_config_for  # noqa: E402
 from babyllama.sft_data import FORMATS, SFTDataset, build_sft_loader, padding_fraction, read_conversations  # noqa: E402
+from babyllama.run_record import flatten  # noqa: E402
 from babyllama.stage import (compile_from_run, init_checkpoint, load_init_model, load_stage_tokenizer,  # noqa: E402
-                             parse_stage_args, resume_if_asked, standard_callbacks)
+                             parse_stage_args, record_stage, resume_if_asked, standard_callbacks)
 from babyllama.tokenizer import Tokenizer  # noqa: E402
 from babyllama.trainer import Trainer, causal_lm_loss  # noqa: E402
 
@@ -108,6 +109,8 @@ def main() -> None:
                 callbacks=standard_callbacks(run, paths, "sft", evaluators))
     val = trainer.evaluate(val_batches)
     after = choice.compute(trainer) if choice else None
+    record_stage(args, run, paths, "sft", trainer,
+                 {"val_loss": val, **flatten("before_", before or {}), **(after or {})})
     if env.is_main:
         print(f"final SFT validation loss {val:.4f}")
         if choice:

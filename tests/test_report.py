@@ -67,7 +67,7 @@ def test_report_writes_plots_and_tables(run, tmp_path):
 
 def test_tensorboard_and_log_jsonl_give_the_same_series(run):
     tb = make_report.read_tensorboard(run / "runs" / "demo" / "pretrain")
-    log = make_report.read_log_jsonl(run / "out" / "demo" / "pretrain" / "log.jsonl")
+    log = cb.read_text_log(run / "out" / "demo" / "pretrain" / "log.jsonl")
     assert {"loss", "lr", "grad_norm", "tokens_per_s", "val_loss"} <= set(tb) & set(log)
     assert tb["loss"][0] == log["loss"][0] == list(range(1, 7)) and tb["val_loss"][0] == [3, 6]
     assert tb["loss"][1] == pytest.approx(log["loss"][1], rel=1e-6)

@@ -1,0 +1,212 @@
+"""Publish a reference run of the whole chain, and measure the tolerance `babyllama.compare` judges runs with.
+
+    python docs/publish.py run --name baby          # the chain from scratch, evaluated -> docs/published/baby/
+                                                    #   and docs/report/ (~25 min on 2 CPU cores)
+    python docs/publish.py variants --name baby     # the same commands on "other machines" and with other seeds
+    python docs/publish.py tolerance --name baby    # their differences -> docs/published/baby/tolerance.json
+
+`run` works in <work>/reference (default work: out/_publish; it must not hold checkpoints yet) and runs exactly
+the commands a user runs (`python pretrain/pretrain.py --name baby`, then sft, reward, dpo, ppo), each with --out
+and --runs pointing into the work directory; then `babyllama.evaluate` on every stage and docs/make_report.py,
+and copies, per stage, log.jsonl, run.json (command, config, commit, versions, machine, wall time, final metrics),
+the TensorBoard event files and the evaluation JSON to docs/published/<name>/<stage>/. tolerance.json is kept
+(remeasure it with `variants` and `tolerance` when a change could move the curves differently, e.g. a new preset).
+
+`variants` runs the reference's commands again in <work>/<variant> (a stage whose run.json exists is kept, so a
+killed session continues): the same machine again, one thread, the AVX2 kernels instead of AVX-512 (another CPU's
+arithmetic), 2 processes with half the batch each, 2 nodes of one process (torchrun --nnodes 2, rendezvous on
+127.0.0.1, gloo), and other seeds (token data copied from the reference, so only initialisation, data order and
+sampling change). docs/reproducibility.md has the measured numbers.
+
+Multi-GPU or multi-node runs are published the same way: run the chain with your launcher into a run directory,
+then `python docs/publish.py collect --name <name> --from <out>/<name> --runs <runs>/<name>`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from babyllama.checkpoint import list_checkpoints  # noqa: E402
+from babyllama.cli import main_guard  # noqa: E402
+from babyllama.compare import PUBLISHED, STAGE_SCRIPTS, STAGES, TOLERANCE, derive_tolerance  # noqa: E402
+from babyllama.errors import UserError  # noqa: E402
+from babyllama.run_record import REPO_ROOT, RUN_RECORD, read_run_record  # noqa: E402
+
+DOCS = Path(__file__).resolve().parent
+EVENTS = "events.out.tfevents.*"
+
+
+@dataclass
+class Variant:
+    """One way of running the reference's commands differently: environment, launcher, extra flags."""
+
+    env: dict[str, str] = field(default_factory=dict)
+    processes: int = 1  # torchrun processes per node
+    nodes: int = 1
+    flags: tuple[str, ...] = ()
+    stages: tuple[str, ...] = STAGES
+    seed_of_data: bool = False  # copy the reference's tokenizer and token data (a --seed also splits the data)
+    kind: str = "machine"  # "machine": the same run elsewhere; "seed": the same recipe with other randomness
+
+
+VARIANTS = {
+    "rerun": Variant(stages=("pretrain",)),
+    "threads1": Variant(env={"OMP_NUM_THREADS": "1"}, stages=("pretrain",)),
+    "avx2": Variant(env={"ATEN_CPU_CAPABILITY": "avx2"}),
+    "2proc": Variant(processes=2, flags=("--batch-size", "8"), stages=("pretrain",)),
+    "2node": Variant(nodes=2, flags=("--batch-size", "8"), stages=("pretrain",)),
+    "seed1338": Variant(flags=("--seed", "1338"), seed_of_data=True, kind="seed"),
+    "seed1339": Variant(flags=("--seed", "1339"), seed_of_data=True, kind="seed"),
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_stage(stage: str, name: str, root: Path, variant: Variant) -> float:
+    """One stage's command in root/{out,runs}; its output goes to root/<stage>.txt. Returns the wall seconds."""
+    script = [STAGE_SCRIPTS[stage], "--name", name, "--out", str(root / "out"), "--runs", str(root / "runs"),
+              *variant.flags]
+    if variant.processes * variant.nodes == 1:
+        commands = [[sys.executable, *script]]
+    else:
+        port = free_port()
+        commands = [[sys.executable, "-m", "torch.distributed.run", f"--nnodes={variant.nodes}",
+                     f"--node-rank={node}", f"--nproc-per-node={variant.processes}", "--master-addr=127.0.0.1",
+                     f"--master-port={port}", *script] for node in range(variant.nodes)]
+    log = root / f"{stage}.txt"
+    print(f"{root.name}/{stage}: {' '.join(commands[0][1:])}  (output in {log})", flush=True)
+    start = time.time()
+    with log.open("w", encoding="utf-8") as out:
+        procs = [subprocess.Popen(cmd, cwd=REPO_ROOT, env={**os.environ, **variant.env}, stdout=out,
+                                  stderr=subprocess.STDOUT) for cmd in commands]
+        codes = [p.wait() for p in procs]
+    if any(codes):
+        raise UserError(f"{root.name}/{stage} failed (exit {max(codes)}); its output is in {log}")
+    return time.time() - start
+
+
+def run_chain(name: str, root: Path, variant: Variant, stages: tuple[str, ...]) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    for stage in stages:
+        if read_run_record(root / "out" / name / stage / RUN_RECORD) is not None:
+            print(f"{root.name}/{stage}: done before, kept")
+            continue
+        if list_checkpoints(root / "out" / name / stage):
+            raise UserError(f"{root / 'out' / name / stage} holds checkpoints of an unfinished run; delete it")
+        print(f"{root.name}/{stage}: {run_stage(stage, name, root, variant):.0f} s", flush=True)
+
+
+def collect(name: str, out: Path, runs: Path, dest: Path) -> None:
+    """Copy every stage's log, record, event files and evaluation from a run into `dest` (replacing them)."""
+    stages = [s for s in STAGES if (out / s / RUN_RECORD).is_file()]
+    if not stages:
+        raise UserError(f"{out}: no finished stage (no <stage>/{RUN_RECORD}); run the chain first")
+    for stage in stages:
+        target = dest / stage
+        if target.exists():
+            shutil.rmtree(target)
+        target.mkdir(parents=True)
+        for part in ("log.jsonl", RUN_RECORD):
+            shutil.copy2(out / stage / part, target / part)
+        for events in sorted((runs / stage).glob(EVENTS)):
+            shutil.copy2(events, target / events.name)
+        evaluation = out / "eval" / f"{stage}.json"
+        if evaluation.is_file():
+            shutil.copy2(evaluation, target / "eval.json")
+    write_manifest(name, dest, stages)
+    print(f"published {', '.join(stages)} -> {dest}")
+
+
+def write_manifest(name: str, dest: Path, stages: list[str]) -> None:
+    """dest/README.md: per stage the command, steps, wall time and final metrics, and where the run was made."""
+    records = {s: read_run_record(dest / s / RUN_RECORD) for s in stages}
+    first = records[stages[0]]
+    git, machine, software = first.get("git") or {}, first["machine"], first["software"]
+    lines = [f"# Published run: `{name}`", "",
+             f"Made by `python docs/publish.py run --name {name}`; do not edit by hand. Compare yours with "
+             f"`python -m babyllama.compare --name {name}`; see docs/reproducibility.md.", "",
+             f"Commit `{git.get('commit', 'unknown')}`{' (with local changes)' if git.get('dirty') else ''}; "
+             f"{machine['cpu']}, {machine['cpu_count']} cores, {machine['torch_threads']} torch threads, "
+             f"{machine['cpu_capability']} kernels, device {machine['device']}; " +
+             ", ".join(f"{k} {v}" for k, v in software.items()) + ".", "",
+             "| stage | command | steps | wall time | final metrics |", "|---|---|---|---|---|"]
+    for stage, record in records.items():
+        metrics = ", ".join(f"{k} {v:.4g}" for k, v in record["metrics"].items())
+        lines.append(f"| {stage} | `{record['commands'][-1]}` | {record['steps']} | {record['wall_s'] / 60:.1f} min "
+                     f"| {metrics} |")
+    lines += ["", "Each stage directory holds `log.jsonl` (one line per step), `run.json` (every flag and config "
+              "value, versions, machine, final metrics), the TensorBoard event files "
+              f"(`tensorboard --logdir_spec yours:runs/{name},published:docs/published/{name}`) and `eval.json` "
+              f"(`python -m babyllama.evaluate --name {name} --stage <stage>`).", ""]
+    (dest / "README.md").write_text("\n".join(lines), encoding="utf-8")
+
+
+def copy_token_data(reference: Path, root: Path, name: str) -> None:
+    for part in ("tokenizer", "data"):
+        source, target = reference / "out" / name / part, root / "out" / name / part
+        if not source.is_dir():
+            raise UserError(f"{source}: run `python docs/publish.py run --name {name}` first (a seed variant "
+                            "reuses its token data)")
+        if not target.exists():
+            shutil.copytree(source, target)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("command", choices=("run", "variants", "tolerance", "collect"))
+    ap.add_argument("--name", default="baby", help="run preset")
+    ap.add_argument("--work", default=str(REPO_ROOT / "out" / "_publish"), help="where the runs are made")
+    ap.add_argument("--only", nargs="+", choices=sorted(VARIANTS), help="variants: only these")
+    ap.add_argument("--stages", nargs="+", choices=STAGES, help="run / variants: only these stages")
+    ap.add_argument("--from", dest="source", help="collect: the run directory (<out>/<name>)")
+    ap.add_argument("--runs", help="collect: its TensorBoard directory (<runs>/<name>)")
+    ap.add_argument("--device", default="cpu", help="run: device for the evaluation")
+    args = ap.parse_args(argv)
+    work, dest = Path(args.work).resolve(), PUBLISHED / args.name
+    stages = tuple(args.stages or STAGES)
+    if args.command == "run":
+        import make_report  # docs/make_report.py, beside this script
+
+        root = work / "reference"
+        run_chain(args.name, root, Variant(), stages)
+        out, runs = root / "out", root / "runs"
+        make_report.evaluate_stages(out / args.name, args.device, None, 200)
+        print(f"wrote {make_report.make_report(args.name, out, runs, DOCS / 'report', evaluated=True)}")
+        collect(args.name, out / args.name, runs / args.name, dest)
+    elif args.command == "collect":
+        if not args.source:
+            raise UserError("collect: pass --from <out>/<name> (and --runs <runs>/<name> for the event files)")
+        collect(args.name, Path(args.source), Path(args.runs or "/nonexistent"), dest)
+    elif args.command == "variants":
+        for label in args.only or VARIANTS:
+            variant = VARIANTS[label]
+            if variant.seed_of_data:
+                copy_token_data(work / "reference", work / label, args.name)
+            run_chain(args.name, work / label, variant, tuple(s for s in stages if s in variant.stages))
+    else:
+        found = {label: work / label / "out" / args.name for label in VARIANTS if (work / label / "out").is_dir()}
+        if not found:
+            raise UserError(f"{work}: no variant runs; run `python docs/publish.py variants --name {args.name}` first")
+        tolerance = derive_tolerance(dest, {k: v for k, v in found.items() if VARIANTS[k].kind == "machine"},
+                                     {k: v for k, v in found.items() if VARIANTS[k].kind == "seed"})
+        (dest / TOLERANCE).write_text(json.dumps(tolerance, indent=1) + "\n", encoding="utf-8")
+        print(json.dumps(tolerance["measured"], indent=1))
+        print(f"wrote {dest / TOLERANCE}")
+
+
+if __name__ == "__main__":
+    main_guard(main)
