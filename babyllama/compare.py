@@ -173,11 +173,21 @@ def judge(diff: Difference, tolerance: dict | None) -> Judgement:
                                                                                    diff.metrics[k][1]) <= metric_drifted[k]]
     if not smoothed and not beyond_drift:
         return Judgement(DRIFTED, over[0][0] if over else None, reasons)
+    first = None
     if smoothed:
         s, d = smoothed[0]
         reasons.append(f"smoothed |Δloss| {d:.3g} at step {s} beyond another seed's band {drift['smoothed_loss']:.3g}")
+        first = _departure(diff, diff.steps.index(s), drift["smoothed_loss"])
     reasons += [f"{k} beyond another seed's band ±{metric_drifted[k]:.3g}" for k in beyond_drift]
-    return Judgement(DIVERGED, smoothed[0][0] if smoothed else None, reasons)
+    return Judgement(DIVERGED, first, reasons)
+
+
+def _departure(diff: Difference, crossing: int, band: float) -> int:
+    """The step where a divergence starts: the smoothed curve crosses the band up to a window after the step
+    whose own |Δloss| first left it."""
+    deltas = diff.abs_delta
+    start = max(0, crossing - diff.window + 1)
+    return next((diff.steps[i] for i in range(start, crossing + 1) if deltas[i] > band), diff.steps[crossing])
 
 
 # How measured differences become bands (docs/reproducibility.md gives the measurements behind them).
@@ -405,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     reference_dir = Path(args.reference) if args.reference else published
     if args.reference is None and not published.is_dir():
         raise UserError(f"no published run for '{args.name}' (docs/published/ has "
-                        f"{', '.join(sorted(p.name for p in PUBLISHED.iterdir() if p.is_dir())) or 'none'}); "
+                        f"{', '.join(sorted(p.name for p in PUBLISHED.glob('*/') if p.is_dir())) or 'none'}); "
                         "pass --reference DIR")
     tolerance = load_tolerance(Path(args.tolerance) if args.tolerance else published / TOLERANCE)
     if args.tolerance and not tolerance:

@@ -1,0 +1,196 @@
+"""babyllama.compare: verdicts against measured bands, the tolerance derived from variant runs, one-line errors
+for bad input, and the replay of the published baby pretraining run's first steps."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from babyllama import compare
+from babyllama.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+PUBLISHED = ROOT / "docs" / "published" / "baby"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+STEPS = 60
+BASE = [8.0 - 3.0 * (1 - 0.97 ** s) + 0.05 * ((s * 7) % 5 - 2) for s in range(1, STEPS + 1)]  # noisy decay
+METRICS = {"val_loss": 4.5, "choice_acc": 0.3}
+# bands as docs/publish.py derives them: a tight envelope that widens at step 30, a seed band for the curve
+TOLERANCE = {"pretrain": {"window": 5,
+                          "reproduced": {"loss": [[1, 1e-4], [30, 0.01]], "metrics": {"val_loss": 0.003,
+                                                                                      "choice_acc": 1e-4}},
+                          "drifted": {"smoothed_loss": 0.05, "metrics": {"val_loss": 0.05, "choice_acc": 0.05}}}}
+
+
+def write_stage(run_dir: Path, stage: str, losses: list[float], metrics: dict | None = None,
+                config: dict | None = None, tokenizer: str = "abc", steps: int | None = None) -> Path:
+    """A stage directory as the trainer leaves it: log.jsonl (one line per step) and, when `metrics` is given,
+    run.json."""
+    directory = run_dir / stage
+    directory.mkdir(parents=True, exist_ok=True)
+    rows = [{"time": 0.0, "epoch": 0, "loss": v, "lr": 1e-3, "step": s} for s, v in enumerate(losses, 1)]
+    (directory / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if metrics is not None:
+        record = {"stage": stage, "config": {"model": "baby", "lr": 1e-3, "batch_size": 16, **(config or {})},
+                  "world_size": 1, "tokenizer": tokenizer, "steps": steps or len(losses), "metrics": metrics}
+        (directory / "run.json").write_text(json.dumps(record))
+    return directory
+
+
+@pytest.fixture
+def reference(tmp_path) -> Path:
+    write_stage(tmp_path / "ref", "pretrain", BASE, METRICS)
+    return tmp_path / "ref"
+
+
+def judge(reference: Path, losses: list[float], metrics: dict | None = METRICS, **kw) -> compare.StageResult:
+    yours = write_stage(reference.parent / "yours", "pretrain", losses, metrics, **kw).parent
+    results, _ = compare.compare_runs(yours, reference, TOLERANCE)
+    return results[0]
+
+
+# ======================================================================= verdicts
+def test_identical_run_is_reproduced(reference):
+    result = judge(reference, BASE)
+    assert result.judgement.verdict == "reproduced" and result.diff.largest() == (0.0, 1)
+    assert result.diff.metrics == {k: (v, v) for k, v in METRICS.items()}
+
+
+def test_noise_within_the_envelope_is_reproduced_and_beyond_it_drifted(reference):
+    late_noise = [v + (0.005 if s > 30 else 5e-5) * (-1) ** s for s, v in enumerate(BASE, 1)]
+    assert judge(reference, late_noise).judgement.verdict == "reproduced"
+    early = [v + (2e-3 if s == 10 else 0.0) for s, v in enumerate(BASE, 1)]  # beyond the early band, not the seed's
+    judgement = judge(reference, early).judgement
+    assert judgement.verdict == "drifted" and judgement.first_step == 10
+    assert "step 10" in judgement.reasons[0]
+
+
+def test_a_metric_beyond_its_band(reference):
+    assert judge(reference, BASE, {**METRICS, "choice_acc": 0.32}).judgement.verdict == "drifted"
+    judgement = judge(reference, BASE, {**METRICS, "choice_acc": 0.5}).judgement
+    assert judgement.verdict == "diverged" and judgement.first_step is None
+    assert any("choice_acc beyond another seed's band" in r for r in judgement.reasons)
+
+
+def test_shifted_curve_diverges_at_its_first_step_with_exit_code_1(reference, tmp_path):
+    shifted = [v + (0.2 if s >= 40 else 0.0) for s, v in enumerate(BASE, 1)]
+    write_stage(tmp_path / "out" / "baby", "pretrain", shifted, METRICS)
+    tolerance = tmp_path / "tolerance.json"
+    tolerance.write_text(json.dumps({"stages": TOLERANCE}))
+    out_json = tmp_path / "result.json"
+    code = compare.main(["--out", str(tmp_path / "out"), "--reference", str(reference), "--tolerance",
+                         str(tolerance), "--json", str(out_json)])
+    assert code == 1
+    [result] = json.loads(out_json.read_text())
+    assert result["verdict"] == "diverged" and result["first_step"] == 40
+    assert result["max_abs_delta_loss"] == pytest.approx(0.2) and result["steps_compared"] == STEPS
+    assert (tmp_path / "out" / "baby" / "compare" / "pretrain.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_fewer_steps_are_judged_on_the_steps_they_have(reference):
+    result = judge(reference, BASE[:20], metrics=None)
+    assert result.judgement.verdict == "reproduced" and result.diff.steps == list(range(1, 21))
+    assert any("ends at step 20 of 60" in n and "--resume" in n for n in result.notes)
+    assert result.diff.metrics == {}  # final metrics of a shorter run are not comparable
+
+
+def test_other_config_fields_are_named(reference):
+    result = judge(reference, BASE, config={"lr": 2e-3})
+    assert any("lr 0.001 -> 0.002" in n for n in result.notes)
+
+
+# ======================================================================= bad input: one line
+@pytest.mark.parametrize("make,message", [
+    (lambda d: write_stage(d, "pretrain", BASE, METRICS, config={"model": "0.2b"}),
+     "model preset '0.2b' but the reference ran 'baby'"),
+    (lambda d: write_stage(d, "pretrain", BASE, METRICS, tokenizer="other"),
+     "trained with another tokenizer (fingerprint other, the reference's abc)"),
+    (lambda d: (write_stage(d, "pretrain", BASE) / "log.jsonl").write_text(""), "no logged training loss"),
+    (lambda d: (write_stage(d, "pretrain", BASE) / "log.jsonl").open("a").write('{"step": 61, "lo'),
+     "log.jsonl:61: invalid JSON"),
+    (lambda d: (write_stage(d, "pretrain", BASE) / "run.json").write_text("{not json"), "run.json: not the JSON"),
+    (lambda d: None, "none of the reference's stages (pretrain) has a log"),
+])
+def test_bad_input_is_one_line(reference, tmp_path, make, message):
+    yours = tmp_path / "yours"
+    yours.mkdir()
+    make(yours)
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        compare.compare_runs(yours, reference, TOLERANCE)
+
+
+def test_missing_stage_asked_for_or_in_the_reference(reference, tmp_path):
+    write_stage(tmp_path / "yours", "pretrain", BASE, METRICS)
+    write_stage(reference, "sft", BASE[:10], {"val_loss": 3.0})
+    results, lines = compare.compare_runs(tmp_path / "yours", reference, TOLERANCE)
+    assert [r.stage for r in results] == ["pretrain"] and "sft: not run" in lines[-1]
+    with pytest.raises(UserError, match="no sft log in your run; run python sft/sft.py first"):
+        compare.compare_runs(tmp_path / "yours", reference, TOLERANCE, stages=["sft"])
+    with pytest.raises(UserError, match="the reference has no dpo stage"):
+        compare.compare_runs(tmp_path / "yours", reference, TOLERANCE, stages=["dpo"])
+
+
+def test_cli_bad_input_exits_2_with_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "babyllama.compare", "--out", str(tmp_path), "--name", "nope"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert proc.stderr.startswith("error: no published run for 'nope'")
+
+
+# ======================================================================= tolerance from variant runs
+def test_tolerance_bands_come_from_the_measured_variants(reference, tmp_path):
+    machine = [v + (1e-6 if s < 20 else 2e-3 * (-1) ** s) for s, v in enumerate(BASE, 1)]
+    seed = [v + 0.03 + 0.1 * (-1) ** s for s, v in enumerate(BASE, 1)]
+    write_stage(tmp_path / "m", "pretrain", machine, {"val_loss": 4.501, "choice_acc": 0.3})
+    write_stage(tmp_path / "s", "pretrain", seed, {"val_loss": 4.52, "choice_acc": 0.28})
+    tol = compare.derive_tolerance(reference, {"m": tmp_path / "m"}, {"s": tmp_path / "s"})
+    bands = tol["stages"]["pretrain"]
+    assert bands["reproduced"]["loss"][0] == [1, compare.LOSS_FLOOR]  # 3 x 1e-6 is below the floor
+    assert bands["reproduced"]["loss"][-1] == [20, pytest.approx(3 * 2e-3)]  # widens where the variant moved
+    assert bands["reproduced"]["metrics"]["val_loss"] == pytest.approx(3 * 1e-3)
+    assert bands["drifted"]["metrics"]["val_loss"] == pytest.approx(1.5 * 0.02)
+    assert bands["drifted"]["metrics"]["choice_acc"] == pytest.approx(1.5 * 0.02)
+    assert bands["drifted"]["smoothed_loss"] > 1.5 * 0.03  # the seed's offset, smoothed
+    assert tol["measured"]["m"]["pretrain"]["max_abs_delta_loss"] == pytest.approx(2e-3)
+    # the variants themselves: the machine run reproduces, the other seed drifts
+    assert compare.judge(compare.difference(compare.read_stage(tmp_path / "m", "pretrain"),
+                                            compare.read_stage(reference, "pretrain"), 5), bands).verdict == "reproduced"
+    assert compare.judge(compare.difference(compare.read_stage(tmp_path / "s", "pretrain"),
+                                            compare.read_stage(reference, "pretrain"), 5), bands).verdict == "drifted"
+
+
+# ======================================================================= the published run
+def test_published_run_is_complete_and_self_consistent():
+    tolerance = json.loads((PUBLISHED / compare.TOLERANCE).read_text())
+    for stage in compare.STAGES:
+        record = json.loads((PUBLISHED / stage / "run.json").read_text())
+        log = compare.read_stage(PUBLISHED, stage)
+        assert record["steps"] == log.steps[-1] and record["metrics"] and record["git"]["commit"]
+        assert record["commands"][-1].startswith(f"python {compare.STAGE_SCRIPTS[stage]} --name baby")
+        assert list(PUBLISHED.glob(f"{stage}/events.out.tfevents.*")) and (PUBLISHED / stage / "eval.json").is_file()
+        assert stage in tolerance["stages"]
+    results, _ = compare.compare_runs(PUBLISHED, PUBLISHED, tolerance["stages"])
+    assert {r.judgement.verdict for r in results} == {"reproduced"}
+
+
+def test_replay_of_the_published_pretraining_run(tmp_path):
+    """The first steps of `python pretrain/pretrain.py --name baby` (same schedule: --stop-at) are within the
+    published run's measured band: a change to the model, data, optimizer or schedule fails here until the
+    published logs are regenerated (python docs/publish.py run --name baby)."""
+    steps = 8
+    cmd = [sys.executable, "pretrain/pretrain.py", "--name", "baby", "--out", str(tmp_path / "out"), "--runs",
+           str(tmp_path / "runs"), "--stop-at", str(steps)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, env=os.environ)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out_json = tmp_path / "compare.json"
+    code = compare.main(["--name", "baby", "--out", str(tmp_path / "out"), "--stages", "pretrain",
+                         "--json", str(out_json)])
+    [result] = json.loads(out_json.read_text())
+    assert (code, result["verdict"], result["steps_compared"]) == (0, "reproduced", steps), result
+    assert result["max_abs_delta_loss"] < 1e-4
+    shutil.rmtree(tmp_path / "out")
