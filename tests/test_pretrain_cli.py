@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from babyllama import compare
 from babyllama.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -253,6 +254,30 @@ def test_killed_then_resumed_run_has_the_uninterrupted_losses(tmp_path, trained)
     assert run.losses() == trained.losses()  # each step once (rows past the checkpoint dropped), same values
 
 
+def test_run_record_names_command_config_versions_and_final_metrics(untouched):
+    record = json.loads((untouched.out / "pretrain" / "run.json").read_text())
+    assert record["commands"] == [f"python pretrain/pretrain.py {' '.join(untouched.args()[2:])}"]
+    assert record["config"]["max_steps"] == STEPS and record["config"]["model"] == "tiny"
+    assert record["steps"] == STEPS and record["world_size"] == 1 and record["wall_s"] > 0
+    checkpoint = torch.load(untouched.out / "pretrain" / f"step_{STEPS:08d}.pt", weights_only=False)
+    assert record["tokenizer"] == checkpoint["extra"]["tokenizer"]
+    assert len(record["git"]["commit"]) == 40 and record["software"]["torch"] == torch.__version__
+    assert record["machine"]["torch_threads"] == 1 and record["machine"]["OMP_NUM_THREADS"] == "1"
+    assert set(record["metrics"]) == {"val_loss"} and 0 < record["metrics"]["val_loss"] < 10
+
+
+def test_stop_at_then_resume_is_the_uninterrupted_run(tmp_path, trained):
+    run = new_run(tmp_path, like=trained)
+    stopped = run.pretrain("--stop-at", "12")
+    assert stopped.returncode == 0, stopped.stderr
+    assert run.losses() == trained.losses()[:12]  # the schedule of --max-steps, not one that ends at 12
+    assert json.loads((run.out / "pretrain" / "run.json").read_text())["steps"] == 12
+    resumed = run.pretrain("--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert run.losses() == trained.losses()
+    assert len(json.loads((run.out / "pretrain" / "run.json").read_text())["commands"]) == 2
+
+
 # ======================================================================= --init, --model PATH
 def test_init_continues_from_given_weights_with_their_architecture(tmp_path, trained):
     run = new_run(tmp_path, like=trained)
@@ -296,30 +321,43 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_process_group(cmd: list[str], timeout: float) -> tuple[int, str]:
-    """(exit code, stderr) of `cmd` in its own session; on timeout the whole group is killed, so that a hung
-    rank does not outlive the test (killing torchrun alone would orphan it)."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
-                            start_new_session=True)
+def run_process_group(cmd: list[str], timeout: float, nodes: int = 1) -> tuple[int, str]:
+    """(exit code, stderr) of `cmd` in its own session (`nodes` copies of it at once, `{node}` in it replaced by
+    each one's rank); on timeout the whole group is killed, so that a hung rank does not outlive the test (killing
+    torchrun alone would orphan it)."""
+    procs = [subprocess.Popen([a.replace("{node}", str(n)) for a in cmd], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True, env=ENV, start_new_session=True) for n in range(nodes)]
     try:
-        stderr = proc.communicate(timeout=timeout)[1]
+        stderr = "".join(p.communicate(timeout=timeout)[1] for p in procs)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
+        for p in procs:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.communicate()
         raise
-    return proc.returncode, stderr
+    return max(p.returncode for p in procs), stderr
 
 
-def test_two_gloo_processes_train_like_one_with_the_global_batch(tmp_path, trained):
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_two_gloo_processes_train_like_one_with_the_global_batch(tmp_path, trained, nodes):
+    """2 processes on one node, or 2 nodes of one process (torchrun --nnodes 2, rendezvous on 127.0.0.1): the
+    same run as one process with the whole batch, by the weights and by `babyllama.compare` of the logs."""
     windows = (json.loads((trained.out / "data" / "meta.json").read_text())["splits"]["train"]["tokens"]
                // (SEQ_LEN + 1))
     # The run crosses an epoch end where 2 ranks padded to 2 x ceil(windows / 2) samples would get one more
     # (padded) global batch than one process.
     assert windows % BATCH == 3 and windows // BATCH < STEPS
     run = new_run(tmp_path, like=trained)
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
-    returncode, stderr = run_process_group(launcher + run.args("--batch-size", str(BATCH // 2))[1:], timeout=300)
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nodes}", "--node-rank={node}",
+                f"--nproc-per-node={2 // nodes}", "--master-addr=127.0.0.1", f"--master-port={free_port()}"]
+    returncode, stderr = run_process_group(launcher + run.args("--batch-size", str(BATCH // 2))[1:], timeout=300,
+                                           nodes=nodes)
     assert returncode == 0, stderr[-3000:]
+    record = json.loads((run.out / "pretrain" / "run.json").read_text())
+    assert record["world_size"] == 2 and f"--nnodes={nodes}" in record["commands"][0]
+    [result], _ = compare.compare_runs(run.out, trained.out, compare.load_tolerance(compare.PUBLISHED / "baby" /
+                                                                                   compare.TOLERANCE))
+    assert result.judgement.verdict == "reproduced" and result.diff.largest()[0] < 1e-4
+    assert any("processes 1 -> 2 (global batch 4 -> 4)" in note for note in result.notes)
     name = f"step_{STEPS:08d}.pt"
     ddp = torch.load(run.out / "pretrain" / name, weights_only=False)
     single = torch.load(trained.out / "pretrain" / name, weights_only=False)
