@@ -185,7 +185,9 @@ def main(argv: list[str] | None = None) -> None:
         run_chain(args.name, root, Variant(), stages)
         out, runs = root / "out", root / "runs"
         make_report.evaluate_stages(out / args.name, args.device, None, 200)
-        print(f"wrote {make_report.make_report(args.name, out, runs, DOCS / 'report', evaluated=True)}")
+        report = make_report.make_report(args.name, out, runs, DOCS / "report", evaluated=True,
+                                         command=f"python docs/publish.py run --name {args.name}")
+        print(f"wrote {report}")
         collect(args.name, out / args.name, runs / args.name, dest)
     elif args.command == "collect":
         if not args.source:
