@@ -73,6 +73,10 @@ def git_state() -> dict[str, Any] | None:
         return None
 
 
+# the code that ran: read when the stage starts, not when it ends (the checkout may change meanwhile)
+GIT_AT_START = git_state()
+
+
 def command_line(world_size: int) -> str:
     """This process's command as a user types it from the repository root (torchrun shown when it launched us)."""
     argv = [_portable(a) for a in sys.argv]
@@ -114,7 +118,7 @@ def write_run_record(directory: Path, stage: str, args: argparse.Namespace, run:
         "steps": trainer.step,
         "wall_s": round(time.time() - PROCESS_STARTED + previous.get("wall_s", 0.0), 1),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "git": git_state(),
+        "git": GIT_AT_START,
         "software": software(),
         "machine": machine(env.device),
         "metrics": {k: float(v) for k, v in metrics.items()},
