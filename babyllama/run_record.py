@@ -79,7 +79,7 @@ GIT_AT_START = git_state()
 
 def command_line(world_size: int) -> str:
     """This process's command as a user types it from the repository root (torchrun shown when it launched us)."""
-    argv = [_portable(a) for a in sys.argv]
+    argv = [portable(a) for a in sys.argv]
     launcher = ["python"]
     if world_size > 1:
         nodes = int(os.environ.get("WORLD_SIZE", world_size)) // int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
@@ -87,14 +87,14 @@ def command_line(world_size: int) -> str:
     return shlex.join(launcher + argv)
 
 
-def _portable(value: Any) -> Any:
+def portable(value: Any) -> Any:
     """Paths inside the repository written relative to its root, so a record reads the same on every machine."""
     if isinstance(value, str) and value.startswith(_ABSOLUTE_ROOT):
         return value[len(_ABSOLUTE_ROOT):]
     if isinstance(value, (list, tuple)):
-        return [_portable(v) for v in value]
+        return [portable(v) for v in value]
     if isinstance(value, dict):
-        return {k: _portable(v) for k, v in value.items()}
+        return {k: portable(v) for k, v in value.items()}
     return value
 
 
@@ -111,8 +111,8 @@ def write_run_record(directory: Path, stage: str, args: argparse.Namespace, run:
         "stage": stage,
         "name": getattr(args, "name", None),
         "commands": [*previous.get("commands", []), command_line(env.world_size)],
-        "config": _portable(config),
-        "flags": _portable(flags),  # the stage's own flags (data files, PPO settings, ...)
+        "config": portable(config),
+        "flags": portable(flags),  # the stage's own flags (data files, PPO settings, ...)
         "world_size": env.world_size,
         "tokenizer": trainer.extra_state.get("tokenizer"),
         "steps": trainer.step,

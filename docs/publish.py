@@ -40,7 +40,7 @@ from babyllama.checkpoint import list_checkpoints  # noqa: E402
 from babyllama.cli import main_guard  # noqa: E402
 from babyllama.compare import PUBLISHED, STAGE_SCRIPTS, STAGES, TOLERANCE, derive_tolerance  # noqa: E402
 from babyllama.errors import UserError  # noqa: E402
-from babyllama.run_record import REPO_ROOT, RUN_RECORD, read_run_record  # noqa: E402
+from babyllama.run_record import REPO_ROOT, RUN_RECORD, portable, read_run_record  # noqa: E402
 
 DOCS = Path(__file__).resolve().parent
 EVENTS = "events.out.tfevents.*"
@@ -125,8 +125,9 @@ def collect(name: str, out: Path, runs: Path, dest: Path) -> None:
         for events in sorted((runs / stage).glob(EVENTS)):
             shutil.copy2(events, target / events.name)
         evaluation = out / "eval" / f"{stage}.json"
-        if evaluation.is_file():
-            shutil.copy2(evaluation, target / "eval.json")
+        if evaluation.is_file():  # its checkpoint path written relative to the repository, like the run records
+            result = portable(json.loads(evaluation.read_text(encoding="utf-8")))
+            (target / "eval.json").write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n", "utf-8")
     write_manifest(name, dest, stages)
     print(f"published {', '.join(stages)} -> {dest}")
 
