@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable
 
-from babyllama.checkpoint import remove_partial_writes
+from babyllama.checkpoint import last_good_hint, remove_partial_writes
 from babyllama.errors import UserError
 from babyllama.outdir import write_atomic
 from babyllama.trainer import Callback, Trainer
@@ -35,6 +35,33 @@ class Evaluator(Callback):
     def on_step_end(self, trainer: Trainer, logs: dict[str, float]) -> None:
         if trainer.step % self.every == 0:
             logs.update(self.compute(trainer))
+
+
+class DivergenceGuard(Callback):
+    """Stop at the first logged step whose loss or gradient norm is NaN/inf, or whose loss is above `spike_factor`
+    x the mean of the previous `window` logged losses (0 = no spike check), with one line naming the step and the
+    last good checkpoint in `directory`. Place it first: the bad step is then neither logged nor saved. Steps the
+    trainer skipped (`skip_nonfinite`) are not a reason to stop."""
+
+    def __init__(self, directory: str | Path, spike_factor: float = 0.0, window: int = 50):
+        self.directory, self.spike_factor, self.window = directory, spike_factor, window
+        self.recent: list[float] = []
+
+    def on_step_end(self, trainer: Trainer, logs: dict[str, float]) -> None:
+        if "loss" not in logs:
+            return
+        checked = ["loss"] + (["grad_norm"] if "grad_norm" in logs and not trainer.scaler.is_enabled() else [])
+        bad = [f"{k} {logs[k]}" for k in checked if not math.isfinite(logs[k])]
+        if bad and trainer.skip_nonfinite:
+            return  # not applied to the weights; counted in skipped_steps
+        mean = sum(self.recent) / len(self.recent) if self.recent else None
+        if not bad and self.spike_factor and mean is not None and mean > 0 and logs["loss"] > self.spike_factor * mean:
+            bad = [f"loss {logs['loss']:.4g} > {self.spike_factor:g} x {mean:.4g} (the mean of the previous "
+                   f"{len(self.recent)} logged losses; --loss-spike-factor)"]
+        if bad:
+            raise UserError(f"step {trainer.step}: {', '.join(bad)}: training diverged and stopped; "
+                            f"{last_good_hint(self.directory)}")
+        self.recent = (self.recent + [logs["loss"]])[-self.window:]
 
 
 class StopAt(Callback):
@@ -94,7 +121,9 @@ class TextLogger(Callback):
         if trainer.env.is_main and len(logs) > 1:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with self.path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps({"time": round(time.time(), 3), "epoch": trainer.epoch, **logs}) + "\n")
+                # strict JSON: NaN/inf (a skipped step's loss) written as null
+                row = {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in logs.items()}
+                f.write(json.dumps({"time": round(time.time(), 3), "epoch": trainer.epoch, **row}) + "\n")
 
 
 Series = dict[str, tuple[list[int], list[float]]]  # metric -> (steps, values), steps ascending

@@ -40,6 +40,15 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def last_good_hint(directory: str | Path) -> str:
+    """What to do after a diverged run: the newest checkpoint (only finite weights are ever saved) and how to
+    continue from it."""
+    found = latest_checkpoint(directory)
+    if found is None:
+        return "no checkpoint was saved before it; start again with a lower --lr"
+    return f"the last good checkpoint is {found}: continue from it with --resume and a lower --lr"
+
+
 def atomic_save(obj: Any, path: str | Path) -> None:
     """torch.save through `outdir.atomic_file`: a crash never leaves half a file, and a power loss right after does
     not lose the rename."""

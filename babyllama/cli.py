@@ -43,11 +43,20 @@ def _str_or_none(s: str) -> str | None:
     return None if s.lower() == "none" else s
 
 
+def _close_progress_bars() -> None:
+    if "tqdm" in sys.modules:
+        from tqdm import tqdm
+
+        for bar in list(tqdm._instances):  # noqa: SLF001 (tqdm keeps its open bars here; no public accessor)
+            bar.close()
+
+
 def main_guard(main: Callable[[], Any]) -> None:
     """Run `main`; a UserError prints `error: ...` and exits 2 (no traceback for bad input)."""
     try:
         main()
     except UserError as e:
+        _close_progress_bars()  # a run stopped mid-training: the error gets a line of its own
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

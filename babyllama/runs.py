@@ -46,6 +46,8 @@ class RunConfig:
     stop_at: int | None = None  # end this invocation after this step; the schedule still runs to max_steps
     weight_decay: float = 0.1
     clip_grad_norm: float = 1.0
+    on_nonfinite: str = "stop"  # a NaN/inf loss or gradient: "stop" (naming the last good checkpoint) or "skip" the step
+    loss_spike_factor: float = 0.0  # stop when a loss exceeds this x the recent mean (0 = off)
     mixed_precision: str = "auto"  # auto = bf16 on GPUs that support it, else fp32
     torch_compile: str = "auto"  # auto = on for CUDA
     eval_every: int = 100
@@ -94,6 +96,31 @@ STAGE_OVERRIDES: dict[str, dict[str, dict]] = {
             "0.2b": dict(lr=1e-6, batch_size=8, grad_accum=2, warmup_steps=20, max_steps=1000, eval_every=100,
                          ckpt_every=200, weight_decay=0.0, min_lr_ratio=1.0)},
 }
+
+
+# (field, test, what it must be): checked before any work starts, so a typo costs nothing
+_RULES = (
+    ("batch_size", lambda v: v >= 1, "at least 1"), ("grad_accum", lambda v: v >= 1, "at least 1"),
+    ("lr", lambda v: 0 < v < float("inf"), "a positive number"), ("min_lr_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("warmup_steps", lambda v: v >= 0, "0 or more"), ("max_steps", lambda v: v >= 1, "at least 1"),
+    ("stop_at", lambda v: v is None or v >= 1, "at least 1"), ("weight_decay", lambda v: v >= 0, "0 or more"),
+    ("clip_grad_norm", lambda v: v >= 0, "0 (off) or more"), ("on_nonfinite", lambda v: v in ("stop", "skip"),
+                                                               "stop or skip"),
+    ("loss_spike_factor", lambda v: v == 0 or v > 1, "0 (off) or above 1"),
+    ("eval_every", lambda v: v >= 1, "at least 1"), ("eval_batches", lambda v: v >= 1, "at least 1"),
+    ("ckpt_every", lambda v: v >= 1, "at least 1"), ("keep_checkpoints", lambda v: v >= 0, "0 (keep all) or more"),
+    ("log_every", lambda v: v >= 1, "at least 1"), ("seq_len", lambda v: v is None or v >= 2, "at least 2"),
+    ("val_fraction", lambda v: 0 < v < 1, "between 0 and 1"), ("workers", lambda v: v >= 1, "at least 1"),
+    ("vocab_size", lambda v: v >= 16, "at least 16"),
+)
+
+
+def check_run(run: RunConfig) -> None:
+    """One line naming the first flag out of range (NaN fails every test)."""
+    for name, ok, rule in _RULES:
+        value = getattr(run, name)
+        if not ok(value):
+            raise UserError(f"--{name.replace('_', '-')} {value}: must be {rule}")
 
 
 def run_preset(name: str, stage: str = "pretrain") -> RunConfig:

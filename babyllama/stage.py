@@ -22,7 +22,7 @@ from babyllama.errors import UserError
 from babyllama.model import Llama
 from babyllama.optim import build_adamw, warmup_cosine
 from babyllama.run_record import write_run_record
-from babyllama.runs import RunConfig, RunPaths, resolve_compile, resolve_precision, run_preset
+from babyllama.runs import RunConfig, RunPaths, check_run, resolve_compile, resolve_precision, run_preset
 from babyllama.tokenizer import Tokenizer
 from babyllama.trainer import Callback, LossFn, Trainer, causal_lm_loss
 
@@ -43,6 +43,7 @@ def parse_stage_args(description: str, stage: str,
     add_dataclass_flags(parser, RunConfig)
     args = parser.parse_args(argv)
     run = apply_overrides(run_preset(args.name, stage), args)
+    check_run(run)
     paths, env = RunPaths.of(args.name, run), init_distributed(args.device)
     ckpt_dir = paths.stage(stage)
     if list_checkpoints(ckpt_dir) and not args.resume:
@@ -63,7 +64,8 @@ def compile_from_run(trainer: Trainer, run: RunConfig, loss: LossFn = causal_lm_
                     scheduler=warmup_cosine(optimizer, run.warmup_steps, run.max_steps, run.min_lr_ratio),
                     clip_grad_norm=run.clip_grad_norm, mixed_precision=resolve_precision(run.mixed_precision, device),
                     grad_accumulation_steps=run.grad_accum, torch_compile=resolve_compile(run.torch_compile, device),
-                    log_every=run.log_every, flops_per_token=flops_per_token)
+                    log_every=run.log_every, flops_per_token=flops_per_token, skip_nonfinite=run.on_nonfinite == "skip")
+    trainer.extra_state["schedule"] = {k: getattr(run, k) for k in _SCHEDULE_FLAGS}
     trainer.extra_state["data_order"] = {"seed": run.seed, "batch_size": run.batch_size, "grad_accum": run.grad_accum,
                                          "world_size": trainer.env.world_size}
     if tokenizer is not None:
@@ -71,7 +73,10 @@ def compile_from_run(trainer: Trainer, run: RunConfig, loss: LossFn = causal_lm_
     return trainer
 
 
-# what fixes the order in which samples are drawn, so an exact resume needs them unchanged (--max-steps, --lr may)
+# what may change on --resume (a diverging run continued with a lower --lr, a run extended with --max-steps): the
+# new values apply from the resumed step on, and the change is printed
+_SCHEDULE_FLAGS = ("lr", "min_lr_ratio", "warmup_steps", "max_steps", "weight_decay", "clip_grad_norm")
+# what fixes the order in which samples are drawn, so an exact resume needs them unchanged
 _DATA_ORDER_FLAGS = {"seed": "--seed", "batch_size": "--batch-size", "grad_accum": "--grad-accum",
                      "world_size": "world size"}
 
@@ -85,7 +90,10 @@ def resume_if_asked(trainer: Trainer, args: argparse.Namespace, ckpt_dir: Path) 
     if found is None:
         raise UserError(f"--resume: no checkpoint in {ckpt_dir}; run without --resume to start")
     now, tokenizer = trainer.extra_state["data_order"], trainer.extra_state.get("tokenizer")
-    trainer.resume(str(found))  # replaces extra_state with the checkpoint's
+    schedule = trainer.extra_state["schedule"]
+    base_lrs = list(trainer.scheduler.base_lrs)
+    weight_decays = [g["weight_decay"] for g in trainer.optimizer.param_groups]
+    trainer.resume(str(found))  # replaces extra_state, optimizer and scheduler state with the checkpoint's
     _check_data_order(trainer.extra_state.get("data_order"), now, found)
     saved_tokenizer = trainer.extra_state.get("tokenizer")
     if tokenizer is not None and saved_tokenizer not in (None, tokenizer):
@@ -94,6 +102,23 @@ def resume_if_asked(trainer: Trainer, args: argparse.Namespace, ckpt_dir: Path) 
     trainer.extra_state["data_order"] = now
     if tokenizer is not None:
         trainer.extra_state["tokenizer"] = tokenizer
+    _apply_schedule(trainer, base_lrs, weight_decays)
+    saved_schedule, trainer.extra_state["schedule"] = trainer.extra_state.get("schedule"), schedule
+    changed = [f"{k} {saved_schedule[k]} -> {schedule[k]}" for k in _SCHEDULE_FLAGS
+               if saved_schedule is not None and saved_schedule.get(k, schedule[k]) != schedule[k]]
+    if changed and trainer.env.is_main:
+        print(f"resumed at step {trainer.step} with changed settings, applied from here on: {', '.join(changed)}")
+
+
+def _apply_schedule(trainer: Trainer, base_lrs: list[float], weight_decays: list[float]) -> None:
+    """The checkpoint's optimizer and scheduler state bring back the old peak lr and weight decay; this run's
+    flags win (the schedule's shape — warmup, min lr, max steps — is this run's already: it is not saved)."""
+    scheduler = trainer.scheduler
+    scheduler.base_lrs = list(base_lrs)
+    for group, base, lr_lambda, decay in zip(trainer.optimizer.param_groups, base_lrs, scheduler.lr_lambdas,
+                                             weight_decays):
+        group["initial_lr"], group["weight_decay"] = base, decay
+        group["lr"] = base * lr_lambda(scheduler.last_epoch)  # what the next step uses
 
 
 def _check_data_order(saved: dict | None, now: dict, source: Path) -> None:
@@ -107,11 +132,12 @@ def _check_data_order(saved: dict | None, now: dict, source: Path) -> None:
 
 def standard_callbacks(run: RunConfig, paths: RunPaths, stage: str,
                        evaluators: list[Callback] = ()) -> list[Callback]:
-    """Evaluators first (their metrics join the step's logs), then progress, text log, TensorBoard, checkpoints
-    (and --stop-at's stop, after the step is logged and saved)."""
+    """The divergence guard, evaluators (their metrics join the step's logs), then progress, text log, TensorBoard,
+    checkpoints (and --stop-at's stop, after the step is logged and saved)."""
     ckpt_dir = paths.stage(stage)
     stop = [cb.StopAt(run.stop_at)] if run.stop_at else []
-    return [*evaluators, cb.ProgressBar(run.max_steps), cb.TextLogger(ckpt_dir / "log.jsonl"),
+    guard = cb.DivergenceGuard(ckpt_dir, run.loss_spike_factor)  # first: a diverged step is neither logged nor saved
+    return [guard, *evaluators, cb.ProgressBar(run.max_steps), cb.TextLogger(ckpt_dir / "log.jsonl"),
             cb.TensorBoard(paths.tensorboard(stage)), cb.Checkpoint(ckpt_dir, run.ckpt_every, run.keep_checkpoints),
             *stop]
 

@@ -8,6 +8,7 @@ full-state checkpoints with the data position — is shared by every stage.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from typing import Any, Callable, Iterable, Sequence
 
@@ -16,9 +17,11 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from babyllama.checkpoint import check_model_config, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from babyllama.checkpoint import (check_model_config, last_good_hint, load_checkpoint, rng_state, save_checkpoint,
+                                  set_rng_state)
 from babyllama.config import ModelConfig
 from babyllama.distributed import DistEnv, all_reduce_mean, full_state_dicts, load_full_state_dicts, shard_model
+from babyllama.errors import UserError
 from babyllama.metrics import peak_flops
 
 LossFn = Callable[[nn.Module, Any], "Tensor | tuple[Tensor, dict[str, Tensor]]"]
@@ -62,16 +65,19 @@ class Trainer:
     def compile(self, loss: LossFn = causal_lm_loss, optimizer: torch.optim.Optimizer | None = None,
                 scheduler: Any = None, clip_grad_norm: float | None = 1.0, mixed_precision: str | None = None,
                 grad_accumulation_steps: int = 1, torch_compile: bool = False, log_every: int = 1,
-                flops_per_token: float | None = None, ddp: bool | None = None) -> None:
+                flops_per_token: float | None = None, ddp: bool | None = None, skip_nonfinite: bool = False) -> None:
         """ddp: wrap in DistributedDataParallel; None = when running on more than one rank (True at world size 1
         only makes sense for measuring DDP's overhead, which needs an initialised process group).
-        log_every: the logged tokens/s and MFU cover all the steps since the previous log, callbacks excluded."""
+        log_every: the logged tokens/s and MFU cover all the steps since the previous log, callbacks excluded.
+        skip_nonfinite: a step whose gradient norm is NaN/inf is not applied (counted in `skipped_steps`) instead
+        of corrupting the weights; costs one host sync per step. (fp16's grad scaler skips overflows by itself.)"""
         if mixed_precision not in _AUTOCAST:
             raise ValueError(f"mixed_precision must be one of 'bf16', 'fp16', None; got {mixed_precision!r}")
         if optimizer is None:
             raise ValueError("compile() needs an optimizer")
         self.loss_fn, self.optimizer, self.scheduler = loss, optimizer, scheduler
         self.clip_grad_norm, self.accum, self.log_every = clip_grad_norm, grad_accumulation_steps, log_every
+        self.skip_nonfinite = skip_nonfinite
         self.amp_dtype = _AUTOCAST[mixed_precision]
         self.scaler = torch.amp.GradScaler(self.env.device.type, enabled=self.amp_dtype == torch.float16)
         self.flops_per_token = flops_per_token
@@ -156,12 +162,17 @@ class Trainer:
             tokens += first.numel()
             self.consumed += first.shape[0]
         grad_norm = None
-        if self.clip_grad_norm:
+        skip = self.skip_nonfinite and not self.scaler.is_enabled()
+        if self.clip_grad_norm or skip:
             self.scaler.unscale_(self.optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.clip_grad_norm)
+            # the norm of the all-reduced gradients: every rank takes the same decision below
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.clip_grad_norm or math.inf)
             grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        if skip and not bool(torch.isfinite(grad_norm)):
+            self.extra_state["skipped_steps"] = self.extra_state.get("skipped_steps", 0) + 1
+        else:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         lr = self.optimizer.param_groups[0]["lr"]
         if self.scheduler is not None:
@@ -179,6 +190,8 @@ class Trainer:
     def _logs(self, stats: dict[str, Any]) -> dict[str, float]:
         logs = {k: float(all_reduce_mean(v)) for k, v in stats.items() if isinstance(v, Tensor)}
         logs["lr"] = stats["lr"]
+        if "skipped_steps" in self.extra_state:  # --on-nonfinite skip: how many steps were not applied so far
+            logs["skipped_steps"] = self.extra_state["skipped_steps"]
         # read after float() waited for the device: on a GPU the kernels queued so far have run by now
         seconds = time.perf_counter() - self._window_start
         tokens_per_s = self._window_tokens * self.env.world_size / seconds
@@ -220,8 +233,18 @@ class Trainer:
             "extra": self.extra_state,
         }
 
+    def weights_finite(self) -> bool:
+        """No NaN/inf in any parameter, on any rank (under FSDP each rank checks its shards)."""
+        ok = all(bool(torch.isfinite(p.to_local() if isinstance(p, DTensor) else p).all())
+                 for p in self.module.parameters())
+        return float(all_reduce_mean(torch.tensor(float(ok), device=self.env.device))) == 1.0
+
     def save_checkpoint(self, directory: str, keep: int | None = None) -> None:
-        """Main rank writes atomically; all ranks wait so nobody runs ahead of a half-written file."""
+        """Main rank writes atomically; all ranks wait so nobody runs ahead of a half-written file. Weights with
+        NaN/inf are never written (so rotation never deletes the last good checkpoint for them)."""
+        if not self.weights_finite():
+            raise UserError(f"step {self.step}: the weights hold NaN/inf, so they were not saved; "
+                            f"{last_good_hint(directory)}")
         state = self.state_dict() if self.fsdp or self.env.is_main else None
         if self.env.is_main:
             save_checkpoint(directory, self.step, state, keep)

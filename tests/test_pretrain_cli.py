@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -79,6 +80,14 @@ def new_run(root: Path, like: Run | None = None) -> Run:
 def digests(directory: Path) -> dict[str, str]:
     return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def assert_stopped(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    """A run stopped during training: exit code 2, and its last stderr line (after the progress bar) is
+    `error: ...` holding every fragment."""
+    assert proc.returncode == 2, proc.stderr
+    last = proc.stderr.splitlines()[-1]
+    assert last.startswith("error: ") and all(f in last for f in fragments), proc.stderr
 
 
 def assert_user_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
@@ -276,6 +285,51 @@ def test_stop_at_then_resume_is_the_uninterrupted_run(tmp_path, trained):
     assert resumed.returncode == 0, resumed.stderr
     assert run.losses() == trained.losses()
     assert len(json.loads((run.out / "pretrain" / "run.json").read_text())["commands"]) == 2
+
+
+# ======================================================================= divergence, resume with new settings, flags
+def test_diverging_run_stops_keeps_the_last_good_checkpoint_and_resumes_with_a_lower_lr(tmp_path, trained):
+    run = new_run(tmp_path, like=trained)
+    assert run.pretrain("--stop-at", "12").returncode == 0
+    proc = run.pretrain("--resume", "--lr", "1000")  # a rescue gone wrong: NaN within a few steps
+    assert_stopped(proc, "training diverged and stopped; the last good checkpoint is "
+                   f"{run.out / 'pretrain' / 'step_00000012.pt'}: continue from it with --resume and a lower --lr")
+    assert "lr 0.001 -> 1000.0" in proc.stdout
+    for path in (run.out / "pretrain").glob("step_*.pt"):  # never a NaN checkpoint, so rotation kept the good ones
+        weights = torch.load(path, weights_only=False)["model"]
+        assert all(torch.isfinite(t).all() for t in weights.values()), path
+    resumed = run.pretrain("--resume", "--lr", "1e-3")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "changed settings" not in resumed.stdout  # the step-12 checkpoint was saved with lr 0.001
+    assert run.losses() == trained.losses()  # from the kept step 12 on, exactly the uninterrupted run
+
+
+def test_skipped_nonfinite_steps_are_counted_and_logged_as_null(tmp_path, trained):
+    run = new_run(tmp_path, like=trained)
+    proc = run.pretrain("--lr", "30", "--on-nonfinite", "skip")
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in (run.out / "pretrain" / "log.jsonl").read_text().splitlines()]
+    assert rows[-1]["skipped_steps"] > 0 and any(r["grad_norm"] is None for r in rows)
+
+
+def test_loss_spike_stops_the_run(tmp_path, trained):
+    run = new_run(tmp_path, like=trained)
+    assert_stopped(run.pretrain("--lr", "30", "--loss-spike-factor", "3"), "--loss-spike-factor", "diverged")
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--batch-size", "0", "--batch-size 0: must be at least 1"), ("--lr", "-1", "--lr -1.0: must be a positive"),
+    ("--lr", "nan", "--lr nan: must be a positive"), ("--max-steps", "0", "--max-steps 0: must be at least 1"),
+    ("--grad-accum", "0", "--grad-accum 0"), ("--eval-every", "0", "--eval-every 0"),
+    ("--ckpt-every", "0", "--ckpt-every 0"), ("--log-every", "0", "--log-every 0"), ("--seq-len", "0", "--seq-len 0"),
+    ("--keep-checkpoints", "-1", "--keep-checkpoints -1"), ("--on-nonfinite", "maybe", "must be stop or skip"),
+    ("--min-lr-ratio", "2", "in [0, 1]"), ("--val-fraction", "1", "between 0 and 1"),
+])
+def test_flags_out_of_range_are_refused_before_any_work(flag, value, message):
+    from babyllama.stage import parse_stage_args
+
+    with pytest.raises(UserError, match=re.escape(message)):
+        parse_stage_args("", "pretrain", argv=[flag, value, "--out", "/nonexistent/never-created"])
 
 
 # ======================================================================= --init, --model PATH
