@@ -164,6 +164,7 @@ def load_session(args: argparse.Namespace, default_stages: Sequence[str]) -> Cha
     device = pick_device(args.device)
     tok = Tokenizer.load(args.tokenizer or paths.tokenizer)
     model = load_model(checkpoint, device, decode_dtype(args.dtype, device), tokenizer=tok)
+    model.mask_beyond(tok.vocab_size)
     return ChatSession(model, tok, sampling_from_args(args), args.system, args.history_tokens, args.seed,
                        args.history_turns, args.compile)
 

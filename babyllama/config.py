@@ -25,10 +25,16 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     init_std: float = 0.02
+    # Ids the tokenizer has when the embedding is padded past them (`padded_vocab`); the model masks the logits of
+    # the rest, so they are never sampled nor given probability. None = every id is the tokenizer's.
+    tokenizer_vocab_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
+        if self.tokenizer_vocab_size is not None and not 0 < self.tokenizer_vocab_size <= self.vocab_size:
+            raise UserError(f"config: tokenizer_vocab_size={self.tokenizer_vocab_size} is not in 1..vocab_size="
+                            f"{self.vocab_size}")
         if self.dim % self.n_heads:
             raise UserError(f"config: dim={self.dim} is not divisible by n_heads={self.n_heads}")
         if self.n_heads % self.n_kv_heads:
@@ -37,6 +43,15 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
+
+    @property
+    def n_tokens(self) -> int:
+        """The ids the model may produce: the tokenizer's, not the padding rows."""
+        return self.tokenizer_vocab_size or self.vocab_size
+
+    def for_tokenizer(self, n_tokens: int) -> "ModelConfig":
+        """This config with the ids from `n_tokens` on masked: for an embedding larger than its tokenizer."""
+        return dataclasses.replace(self, tokenizer_vocab_size=n_tokens if n_tokens < self.vocab_size else None)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -128,7 +143,18 @@ def read_json(path: str | Path) -> dict[str, Any]:
     return raw
 
 
-# Presets by name. vocab_size=None means "take it from the tokenizer".
+# A vocabulary padded to a multiple of 64 keeps the embedding and lm_head matrix shapes multiples of 64, which GPU
+# matmul kernels tile without ragged edges (nanoGPT pads GPT-2's 50,257 to 50,304 for this; see docs/architecture.md).
+VOCAB_MULTIPLE = 64
+
+
+def padded_vocab(n_tokens: int) -> int:
+    """The embedding size for a tokenizer of `n_tokens` ids: rounded up to a multiple of `VOCAB_MULTIPLE`."""
+    return -(-n_tokens // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
+# Presets by name. vocab_size=None means "take it from the tokenizer"; a number is the seed's vocabulary, kept for a
+# tokenizer of exactly that size (another tokenizer gets its own size, padded: `runs.model_config_for`).
 PRESETS: dict[str, dict[str, Any]] = {
     # Trains in minutes on 2 CPU cores on the shipped corpus; GQA so the small path exercises it too.
     "baby": dict(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, ffn_dim=704, max_seq_len=256,

@@ -21,7 +21,11 @@ and `model.load_state_dict` / `load_weights` reads. The `.pt` suffix keeps bert4
 (which expects HF names in `*.bin`/`*.safetensors`) from picking it up and silently loading nothing.
 
 Imported checkpoints hold `model` and `model_config` (step 0, no optimizer state): what `checkpoint.load_model`
-and the stages' `--init` read.
+and the stages' `--init` read; a source whose embedding is larger than its tokenizer gets the rest masked
+(`ModelConfig.tokenizer_vocab_size`).
+
+Padded vocabularies: exports cut the embedding and lm_head to the tokenizer's ids (`unpadded`), so the consumer's
+`vocab_size` is its tokenizer's size and no padding id can be produced by a consumer that does not mask.
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ import json
 import sys
 import tempfile
 import types
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -80,9 +85,9 @@ _B4T_GLOBAL = {"embeddings.word_embeddings.weight": "model.embed_tokens.weight",
 def export_hf(checkpoint: str | Path, tokenizer: str | Path, out_dir: str | Path) -> Path:
     """Write a transformers `LlamaForCausalLM` directory (see the module docstring) for a babyllama checkpoint."""
     tok = Tokenizer.load(tokenizer)
-    model, out = load_model(checkpoint, tokenizer=tok), Path(out_dir)
+    model, out = load_model(checkpoint, tokenizer=tok).mask_beyond(tok.vocab_size), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = model.config
+    cfg, weights = unpadded(model)
     ids = dict(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
     rope = {"rope_theta": cfg.rope_theta, "rope_type": "default"}  # transformers >= 5 reads rope_parameters
     _write_json(out / "config.json", {**cfg.to_hf(), **ids, "rope_parameters": rope, "torch_dtype": "float32",
@@ -90,15 +95,22 @@ def export_hf(checkpoint: str | Path, tokenizer: str | Path, out_dir: str | Path
     stops = [i for i in (tok.eos_id, tok.token_to_id(IM_END)) if i is not None]
     _write_json(out / "generation_config.json", {**ids, "eos_token_id": stops})
     _write_json(out / B4T_CONFIG, bert4torch_config(cfg))
-    save_file(_hf_weights(model), str(out / HF_WEIGHTS), metadata={"format": "pt"})
+    # safetensors refuses shared storage; transformers re-ties lm_head from tie_word_embeddings.
+    skip = {"lm_head.weight"} if cfg.tie_embeddings else set()
+    save_file({k: v.float() for k, v in weights.items() if k not in skip}, str(out / HF_WEIGHTS),
+              metadata={"format": "pt"})
     _save_hf_tokenizer(tok, out, cfg.max_seq_len)
     return out
 
 
-def _hf_weights(model: Llama) -> dict[str, Tensor]:
-    # safetensors refuses shared storage; transformers re-ties lm_head from tie_word_embeddings.
-    skip = {"lm_head.weight"} if model.config.tie_embeddings else set()
-    return {k: v.detach().float().contiguous() for k, v in model.state_dict().items() if k not in skip}
+def unpadded(model: Llama) -> tuple[ModelConfig, dict[str, Tensor]]:
+    """The config and weights an export writes: the embedding and lm_head cut to the tokenizer's ids. Training
+    masks the padding rows, so they hold untrained weights that transformers, bert4torch or llama.cpp (which do not
+    mask) would sample; without them their `vocab_size` is the tokenizer's size, as their loaders expect."""
+    n = model.config.n_tokens
+    cfg = replace(model.config, vocab_size=n, tokenizer_vocab_size=None)
+    cut = {"model.embed_tokens.weight", "lm_head.weight"}
+    return cfg, {k: (v[:n] if k in cut else v).detach().clone() for k, v in model.state_dict().items()}
 
 
 def _save_hf_tokenizer(tok: Tokenizer, out: Path, max_len: int) -> None:
@@ -124,6 +136,8 @@ def import_hf(src: str | Path, out_dir: str | Path, gguf_file: str | None = None
         cfg = hf_model_config(_read_json(src / "config.json"), str(src / "config.json"))
         weights, tok = _read_hf_weights(src), Tokenizer.load(src) if _has_tokenizer(src) else None
     model = _load_weights(cfg, weights, str(src))
+    if tok is not None:  # e.g. an HF model padded past its tokenizer: the checkpoint masks the rest
+        model.mask_beyond(tok.vocab_size)
     path = save_imported(model, out_dir, str(src))
     if tok is not None:
         tok.save(Path(out_dir) / "tokenizer")
@@ -222,9 +236,9 @@ def export_bert4torch(checkpoint: str | Path, out_dir: str | Path) -> Path:
     """Write `bert4torch_config.json` + `bert4torch_model.pt` (bert4torch parameter names) for a checkpoint."""
     model, out = load_model(checkpoint), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / B4T_CONFIG, bert4torch_config(model.config))
-    ours = model.state_dict()  # holds lm_head.weight even when tied, as bert4torch's state dict does
-    weights = {b4t: ours[hf].detach().clone() for b4t, hf in bert4torch_names(model.config.n_layers).items()}
+    cfg, ours = unpadded(model)  # holds lm_head.weight even when tied, as bert4torch's state dict does
+    _write_json(out / B4T_CONFIG, bert4torch_config(cfg))
+    weights = {b4t: ours[hf] for b4t, hf in bert4torch_names(cfg.n_layers).items()}
     torch.save(weights, out / B4T_WEIGHTS)
     return out
 

@@ -41,7 +41,7 @@ def sequence_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, 
     Logits are computed for response positions only, so memory is (response tokens x vocab), not (N x T x vocab)."""
     hidden = padded_hidden(model, input_ids, attention_mask)
     scored = response_mask[:, 1:]  # the token at t+1 is predicted at t
-    logits = unwrap(model).lm_head(hidden[:, :-1][scored]).float()
+    logits = unwrap(model).head(hidden[:, :-1][scored])
     token_logps = -F.cross_entropy(logits, input_ids[:, 1:][scored], reduction="none")
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(scored)[scored]
     return torch.zeros(input_ids.shape[0], device=input_ids.device).index_add(0, rows, token_logps)

@@ -18,9 +18,18 @@ def _chunk_rows(n_rows: int, vocab: int) -> int:
     return max(1, min(n_rows, CHUNK_ELEMENTS // vocab))
 
 
-def _chunk_loss_and_grad(h: Tensor, w: Tensor, t: Tensor, ignore_index: int, scale: Tensor | None):
+def mask_padding(logits: Tensor, padded_from: int | None) -> Tensor:
+    """Set the logits of ids from `padded_from` on (in place) to the lowest float: their probability is exactly 0,
+    and, unlike -inf, p * log p stays 0 in entropies and KL terms. None: nothing to mask."""
+    if padded_from is not None:
+        logits[..., padded_from:] = torch.finfo(logits.dtype).min
+    return logits
+
+
+def _chunk_loss_and_grad(h: Tensor, w: Tensor, t: Tensor, ignore_index: int, scale: Tensor | None,
+                         padded_from: int | None):
     """Summed loss of one chunk, and (if scale is given) d(loss*scale)/d(logits) in the matmul dtype."""
-    logits = (h @ w.t()).float()
+    logits = mask_padding((h @ w.t()).float(), padded_from)
     lse = torch.logsumexp(logits, dim=-1)
     valid = t != ignore_index
     tgt = torch.where(valid, t, 0)
@@ -45,7 +54,7 @@ def _matmul_dtype(h: Tensor, w: Tensor) -> torch.dtype:
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h: Tensor, w: Tensor, targets: Tensor, ignore_index: int) -> Tensor:
+    def forward(ctx, h: Tensor, w: Tensor, targets: Tensor, ignore_index: int, padded_from: int | None) -> Tensor:
         dtype = _matmul_dtype(h, w)
         with torch.autocast(h.device.type, enabled=False):  # cast once here, not once per chunk
             h2, wc, t = h.reshape(-1, h.shape[-1]).to(dtype), w.to(dtype), targets.reshape(-1)
@@ -56,7 +65,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             step = _chunk_rows(h2.shape[0], w.shape[0])
             for s in range(0, h2.shape[0], step):
                 hc = h2[s:s + step]
-                loss, g = _chunk_loss_and_grad(hc, wc, t[s:s + step], ignore_index, scale)
+                loss, g = _chunk_loss_and_grad(hc, wc, t[s:s + step], ignore_index, scale, padded_from)
                 total += loss
                 g = g.to(dtype)
                 grad_h[s:s + step] = g @ wc
@@ -67,19 +76,21 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_out, grad_w * grad_out, None, None
+        return grad_h * grad_out, grad_w * grad_out, None, None, None
 
 
-def fused_linear_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
+def fused_linear_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, ignore_index: int = -100,
+                               padded_from: int | None = None) -> Tensor:
     """Mean cross-entropy of `h @ weight.T` against `targets` over non-ignored positions.
 
-    h: (..., dim); weight: (vocab, dim); targets: (...) with `ignore_index` for positions without loss.
+    h: (..., dim); weight: (vocab, dim); targets: (...) with `ignore_index` for positions without loss;
+    padded_from: the first of the vocabulary's padding ids, masked (`mask_padding`), or None.
     """
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-        return _FusedLinearCrossEntropy.apply(h, weight, targets, ignore_index)
+        return _FusedLinearCrossEntropy.apply(h, weight, targets, ignore_index, padded_from)
     dtype = _matmul_dtype(h, weight)
     h2, w, t = h.reshape(-1, h.shape[-1]).to(dtype), weight.to(dtype), targets.reshape(-1)
     step = _chunk_rows(h2.shape[0], weight.shape[0])
-    total = sum(_chunk_loss_and_grad(h2[s:s + step], w, t[s:s + step], ignore_index, None)[0]
+    total = sum(_chunk_loss_and_grad(h2[s:s + step], w, t[s:s + step], ignore_index, None, padded_from)[0]
                 for s in range(0, h2.shape[0], step))
     return total / (t != ignore_index).sum().clamp(min=1)

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from babyllama.config import ModelConfig
-from babyllama.loss import fused_linear_cross_entropy
+from babyllama.loss import fused_linear_cross_entropy, mask_padding
 
 IGNORE_INDEX = -100
 
@@ -206,13 +206,28 @@ class Llama(nn.Module):
         h = self.model.norm(x)
         out = Output(hidden=h if return_hidden else None)
         if targets is not None and self.chunked_loss:
-            out.loss = fused_linear_cross_entropy(h, self.lm_head.weight, targets, IGNORE_INDEX)
+            out.loss = fused_linear_cross_entropy(h, self.lm_head.weight, targets, IGNORE_INDEX, self._padded_from())
         elif targets is not None:
-            out.logits = self.lm_head(h).float()
+            out.logits = self.head(h)
             out.loss = F.cross_entropy(out.logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
         if out.logits is None and (return_logits or (return_logits is None and targets is None)):
-            out.logits = self.lm_head(h).float()
+            out.logits = self.head(h)
         return out
+
+    def mask_beyond(self, n_tokens: int) -> "Llama":
+        """Mask the ids from `n_tokens` on (the tokenizer's size) if the embedding has more: checkpoints written
+        before `ModelConfig.tokenizer_vocab_size` was recorded, and imports, do not say so themselves. Returns self."""
+        self.config = self.config.for_tokenizer(n_tokens)
+        return self
+
+    def head(self, h: Tensor) -> Tensor:
+        """fp32 logits of final-norm hidden states, the padding ids (past the tokenizer's) masked."""
+        return mask_padding(self.lm_head(h).float(), self._padded_from())
+
+    def _padded_from(self) -> int | None:
+        """The first padding id, or None when the embedding has exactly the tokenizer's ids (no masking work)."""
+        n = self.config.n_tokens
+        return n if n < self.config.vocab_size else None
 
     def _attention_mask(self, T: int, input_pos: Tensor | None, attention_mask: Tensor | None) -> Tensor | None:
         """Boolean (B|1, 1, T, S) mask, or None for plain causal attention over the T tokens."""

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from babyllama.checkpoint import latest_checkpoint, load_checkpoint
-from babyllama.config import ModelConfig, load_bert4torch_config, preset, read_json
+from babyllama.config import ModelConfig, load_bert4torch_config, padded_vocab, preset, read_json
 from babyllama.errors import UserError
 
 _CONFIG_FILES = ("config.json", "bert4torch_config.json")  # looked for in a --model directory, in this order
@@ -65,7 +65,8 @@ class RunConfig:
 RUN_PRESETS: dict[str, RunConfig] = {
     # Minutes on 2 CPU cores with the shipped corpus.
     "baby": RunConfig(),
-    # The seed's 0.2B: bring your own corpus (--corpus) and tokenizer (--tokenizer, e.g. ChatGLM2's 64,793).
+    # The seed's 0.2B: bring your own corpus (--corpus) and tokenizer (--tokenizer, any size: the model's vocabulary
+    # follows it, padded to a multiple of 64; ChatGLM2's 64,793 gives the seed's model; see model_config_for).
     "0.2b": RunConfig(model="0.2b", vocab_size=64793, batch_size=16, grad_accum=4, lr=3e-4, warmup_steps=1000,
                       max_steps=100_000, eval_every=1000, eval_batches=50, ckpt_every=2000, log_every=10),
     "1.1b": RunConfig(model="1.1b", vocab_size=64793, batch_size=8, grad_accum=8, lr=2e-4, warmup_steps=2000,
@@ -157,16 +158,23 @@ class RunPaths:
 
 def model_config_for(run: RunConfig, vocab_size: int) -> ModelConfig:
     """The preset named by --model, or the architecture stored at that path (a babyllama checkpoint or its
-    directory, an HF config.json or its directory, a bert4torch_config.json): e.g. an imported HF model."""
+    directory, an HF config.json or its directory, a bert4torch_config.json): e.g. an imported HF model.
+
+    A preset's vocabulary follows the tokenizer (`vocab_size` ids): presets without a size of their own take it
+    exactly; the seed-scale presets keep their 64,793 for a tokenizer of that size, and for any other pad it to a
+    multiple of 64 (`config.padded_vocab`), the rows past the tokenizer masked (`ModelConfig.tokenizer_vocab_size`).
+    An architecture read from a path is used as stored."""
     overrides = {"max_seq_len": run.seq_len} if run.seq_len else {}
     if Path(run.model).exists():
         cfg = replace(config_at(Path(run.model)), **overrides)
-    else:
-        cfg = preset(run.model, vocab_size=vocab_size, **overrides)
-    if vocab_size > cfg.vocab_size:
-        raise UserError(f"tokenizer has {vocab_size} tokens but model preset '{run.model}' has vocab_size "
-                        f"{cfg.vocab_size}; use a matching tokenizer or preset")
-    return cfg
+        if vocab_size > cfg.vocab_size:
+            raise UserError(f"the tokenizer has {vocab_size:,} tokens but the model at --model {run.model} has "
+                            f"{cfg.vocab_size:,} embedding rows; pass the tokenizer it was trained with")
+        return cfg
+    cfg = preset(run.model, vocab_size=vocab_size, **overrides)
+    if cfg.vocab_size != vocab_size:  # a seed-scale preset's own size, for another tokenizer
+        cfg = replace(cfg, vocab_size=padded_vocab(vocab_size))
+    return cfg.for_tokenizer(vocab_size)
 
 
 def config_at(path: Path) -> ModelConfig:

@@ -41,6 +41,7 @@ def main() -> None:
     checkpoint = args.checkpoint or default_checkpoint(paths)
     tok = Tokenizer.load(args.tokenizer or paths.tokenizer)
     model = load_model(checkpoint, device, decode_dtype(args.dtype, device), tokenizer=tok)
+    model.mask_beyond(tok.vocab_size)
     gen, cfg = Generator(model, compile=args.compile), sampling_from_args(args)
     rng = torch.Generator(device=device).manual_seed(args.seed)
     prompts = [args.prompt] if args.prompt is not None else _stdin_prompts()

@@ -24,8 +24,8 @@ from babyllama import callbacks as cb  # noqa: E402
 from babyllama.checkpoint import latest_checkpoint  # noqa: E402
 from babyllama.cli import main_guard  # noqa: E402
 from babyllama.corpus import iter_corpus  # noqa: E402
-from babyllama.data import (build_pretrain_loader, check_corpus_matches, check_tokenizer_matches,  # noqa: E402
-                            corpus_differences, corpus_record, prepare_token_bins)
+from babyllama.data import (TokenWindowDataset, build_pretrain_loader, check_corpus_matches,  # noqa: E402
+                            check_tokenizer_matches, corpus_differences, corpus_record, prepare_token_bins)
 from babyllama.checkpoint import load_model  # noqa: E402
 from babyllama.distributed import main_rank_first, shutdown  # noqa: E402
 from babyllama.errors import UserError  # noqa: E402
@@ -138,17 +138,32 @@ def main() -> None:
     if env.is_main:
         print(f"final validation loss {val:.4f}")
         # from the final checkpoint: also right under FSDP
-        sample(load_model(paths.stage("pretrain"), tokenizer=tok), tok)
+        sample(load_model(paths.stage("pretrain"), tokenizer=tok), tok,
+               validation_prompts(val_loader.dataset, tok.eos_id))
     shutdown()
 
 
-def sample(model: Llama, tok: Tokenizer) -> None:
+def sample(model: Llama, tok: Tokenizer, prompts: list[list[int]]) -> None:
     model.eval()
     gen = Generator(model)
-    for prompt in ("床前明月光，", "To be, or not to be"):
-        out = gen.generate([tok.encode(prompt, bos=True)], SamplingConfig(max_new_tokens=48, temperature=0.7),
-                           stop_ids=[tok.eos_id], generator=torch.Generator().manual_seed(0))
-        print(f"sample: {prompt}{tok.decode(out[0])}")
+    for prompt in prompts:
+        out = gen.generate([prompt], SamplingConfig(max_new_tokens=48, temperature=0.7), stop_ids=[tok.eos_id],
+                           generator=torch.Generator().manual_seed(0))
+        print(f"sample: {tok.decode(prompt, skip_special=True)}{tok.decode(out[0])}")
+
+
+def validation_prompts(val: TokenWindowDataset, eos_id: int, n: int = 2, length: int = 10) -> list[list[int]]:
+    """Prompts from the run's own held-out text, whatever the corpus: the first `length` ids of a document in each
+    of `n` windows spread over the validation split, after its `</s>` (as documents start in the pretraining
+    stream); a window inside one long document gives its first ids."""
+    prompts = []
+    for i in sorted({k * (len(val) - 1) // max(1, n - 1) for k in range(n)}):
+        ids = val.window(i).tolist()
+        if eos_id in ids:
+            ids = ids[ids.index(eos_id):]
+            ids = ids[:ids.index(eos_id, 1)] if eos_id in ids[1:] else ids
+        prompts.append(ids[:length])
+    return prompts
 
 
 if __name__ == "__main__":
