@@ -20,7 +20,9 @@ import pytest
 import torch
 
 from babyllama import compare
+from babyllama.checkpoint import load_checkpoint
 from babyllama.errors import UserError
+from babyllama.outdir import LOCK_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 PRETRAIN, INFER = str(ROOT / "pretrain" / "pretrain.py"), str(ROOT / "pretrain" / "infer.py")
@@ -78,8 +80,9 @@ def new_run(root: Path, like: Run | None = None) -> Run:
 
 
 def digests(directory: Path) -> dict[str, str]:
+    """Every file's hash, but for the lock files (they hold the PID of the last run that took them)."""
     return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("*")) if p.is_file()}
+            for p in sorted(directory.rglob("*")) if p.is_file() and p.name != LOCK_FILE}
 
 
 def assert_stopped(proc: subprocess.CompletedProcess, *fragments: str) -> None:
@@ -156,11 +159,13 @@ def test_tokenizer_beyond_the_data_dtype(tmp_path, trained, big_tokenizer):
     assert digests(run.out) == before
 
 
-def test_tokenizer_beyond_the_model_preset(tmp_path, big_tokenizer):
+def test_tokenizer_beyond_the_model_at_a_path(tmp_path, trained, big_tokenizer):
+    """A preset's vocabulary follows the tokenizer; an architecture read with --model PATH cannot grow."""
     run = new_run(tmp_path)
-    assert_user_error(run.pretrain("--tokenizer", str(big_tokenizer), "--model", "0.2b"),
-                      "tokenizer has 70000 tokens but model preset '0.2b' has vocab_size 64793")
-    assert not (tmp_path / "out").exists()  # refused before tokenizing the corpus
+    model = trained.out / "pretrain"
+    assert_user_error(run.pretrain("--tokenizer", str(big_tokenizer), "--model", str(model)),
+                      f"the tokenizer has 70,000 tokens but the model at --model {model} has 300 embedding rows")
+    assert not run.out.joinpath("data").exists()  # refused before tokenizing the corpus
 
 
 def test_corrupt_or_truncated_bin(tmp_path, trained):
@@ -330,6 +335,54 @@ def test_flags_out_of_range_are_refused_before_any_work(flag, value, message):
 
     with pytest.raises(UserError, match=re.escape(message)):
         parse_stage_args("", "pretrain", argv=[flag, value, "--out", "/nonexistent/never-created"])
+
+
+def test_second_run_on_a_stage_is_refused_naming_the_holder_and_a_killed_runs_lock_is_released(tmp_path, trained):
+    run = new_run(tmp_path, like=trained)
+    lock = run.out / "pretrain" / LOCK_FILE
+    first = subprocess.Popen(run.args("--max-steps", "100000"), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, env=ENV)
+    deadline = time.monotonic() + 120
+    while not (lock.exists() and lock.read_text().startswith(str(first.pid))) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        assert_user_error(run.pretrain(), f"is in use by another pretrain run (PID {first.pid} on ",
+                          "wait for it to finish, or pass another --out")
+    finally:
+        first.kill()
+        first.wait()
+    resumed = run.pretrain("--resume")  # the kernel released the killed run's lock
+    assert resumed.returncode == 0, resumed.stderr
+
+
+def test_a_corrupted_checkpoint_is_one_line_naming_the_previous_one(tmp_path, trained):
+    kept = sorted((trained.out / "pretrain").glob("step_*.pt"))[-2:]
+    for path in kept:
+        shutil.copy(path, tmp_path / path.name)
+    newest = tmp_path / kept[-1].name
+    data = bytearray(newest.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 2048] = bytes(2048)  # 2 KB inside a tensor's bytes
+    newest.write_bytes(data)
+    with pytest.raises(UserError, match=f"{newest}: corrupted .* fails its checksum.*previous checkpoint "
+                                        f"{tmp_path / kept[0].name}"):
+        load_checkpoint(tmp_path)
+    assert load_checkpoint(tmp_path / kept[0].name)["step"] > 0
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path, trained):
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=640k", "tmpfs", str(mount)]).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root (CI runs as root)")
+    try:
+        run = new_run(mount, like=trained)
+        assert_stopped(run.pretrain(), "no space left on the device of", "--resume")
+        saved = sorted((run.out / "pretrain").glob("step_*.pt"))
+        assert saved and load_checkpoint(saved[-1])["step"] == int(saved[-1].stem.split("_")[1])
+        assert not [p for p in (run.out / "pretrain").iterdir() if p.name.endswith(".tmp")]
+    finally:
+        subprocess.run(["umount", str(mount)])
 
 
 # ======================================================================= --init, --model PATH
