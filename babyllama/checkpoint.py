@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -84,10 +85,28 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         p = found
     if not p.is_file():
         raise UserError(f"{p}: checkpoint not found")
+    check_integrity(p)
     try:
         return torch.load(p, map_location=map_location, weights_only=False)
     except Exception as e:  # truncated or foreign files fail deep inside pickle/zip
         raise UserError(f"{p}: not a readable checkpoint ({type(e).__name__}: {e}); delete it or pick another") from None
+
+
+def check_integrity(path: Path) -> None:
+    """A checkpoint is a zip whose every entry (each tensor's bytes) carries a CRC-32: a flipped or overwritten byte
+    anywhere is a one-line error here, where torch.load would read it silently."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError) as e:
+        raise UserError(f"{path}: not a readable checkpoint ({e}); {_previous_hint(path)}") from None
+    if bad is not None:
+        raise UserError(f"{path}: corrupted (its entry {bad} fails its checksum); {_previous_hint(path)}")
+
+
+def _previous_hint(path: Path) -> str:
+    older = [p for p in list_checkpoints(path.parent) if p.name < path.name]
+    return f"delete it and use the previous checkpoint {older[-1]}" if older else "delete it or pick another"
 
 
 def check_model_config(state: dict[str, Any], cfg: ModelConfig, source: str | Path) -> None:

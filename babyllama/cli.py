@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import sys
 from typing import Any, Callable, TypeVar
 
@@ -58,6 +59,13 @@ def main_guard(main: Callable[[], Any]) -> None:
     except UserError as e:
         _close_progress_bars()  # a run stopped mid-training: the error gets a line of its own
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        _close_progress_bars()
+        print(f"error: no space left on the device of {e.filename or 'the output'}; free some space or pass "
+              "another --out, then run again (a stage continues with --resume)", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted; resume with --resume", file=sys.stderr)

@@ -471,9 +471,10 @@ class TokenWindowDataset(Dataset):
         self._maps: list[np.memmap | None] = [None] * len(shards)
         if len(self) == 0:
             tokens, largest = sum(n for _, n in shards), max((n for _, n in shards), default=0)
+            fraction = "larger" if split == "val" else "smaller"
             raise UserError(f"{self.bin_dir}: split '{split}' has {tokens:,} tokens (largest shard {largest:,}) but "
                             f"one sample needs {seq_len + 1:,} in one shard; use a shorter seq_len, more data, or "
-                            "a larger val_fraction (data/prepare.py --val-fraction)")
+                            f"a {fraction} val_fraction (data/prepare.py --val-fraction)")
 
     def __len__(self) -> int:
         return int(self._ends[-1]) if len(self._ends) else 0

@@ -2,14 +2,81 @@
 into one is made durable (`fsync_dir`, `write_atomic`)."""
 from __future__ import annotations
 
+import atexit
 import contextlib
+import errno
 import os
 import re
+import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
 from babyllama.errors import UserError
+
+try:
+    import fcntl
+except ImportError:  # Windows: runs are not locked
+    fcntl = None
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)  # read once: there is no way to read it without setting it
+LOCK_FILE = ".lock"
+_held_locks: dict[Path, int] = {}  # directory -> open descriptor holding its lock, for the life of the process
+
+
+def hold_lock(directory: Path, what: str = "run") -> None:
+    """Lock `directory` for this process until it exits (flock on <directory>/.lock, which holds our PID): a second
+    run on the same directory stops with one line naming the holder. The kernel drops the lock when its process
+    dies, so a killed run's lock never needs cleaning up. At exit the lock file goes, and so do the directories
+    made for it if nothing else was written there (a refused run leaves no trace). Local filesystems only (flock
+    is unreliable on NFS)."""
+    directory = Path(directory).resolve()
+    if fcntl is None or directory in _held_locks:
+        return
+    made = [p for p in (directory, *directory.parents) if not p.exists()]
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / LOCK_FILE
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise UserError(f"{directory} is in use by another {what} (PID {holder}); wait for it to finish, "
+                            "or pass another --out") from None
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break  # else its holder removed the file as we opened it: lock the new one
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()} on {socket.gethostname()}".encode())
+    _held_locks[directory] = fd
+    atexit.register(_release_lock, path, fd, made)
+
+
+def _release_lock(path: Path, fd: int, made: list[Path]) -> None:
+    path.unlink(missing_ok=True)
+    os.close(fd)
+    for directory in made:  # innermost first; stops at the first that holds anything
+        try:
+            directory.rmdir()
+        except OSError:
+            break
+
+
+def raise_if_disk_full(path: Path, error: BaseException) -> None:
+    """A write that failed for want of space as one line: torch.save reports a full disk only as "file write
+    failed" from C++, so its free space decides."""
+    full = isinstance(error, OSError) and error.errno == errno.ENOSPC
+    if not full and isinstance(error, RuntimeError) and "write" in str(error):
+        with contextlib.suppress(OSError):
+            full = shutil.disk_usage(path.parent).free < 1 << 20
+    if full:
+        raise UserError(f"no space left on the device of {path.parent} while writing {path.name}; free some space "
+                        "(older runs, checkpoints) or pass another --out, then continue with --resume") from None
 
 
 def claim_out_dir(out: Path, overwrite: bool, what: str,
@@ -47,14 +114,16 @@ def atomic_file(path: Path) -> Iterator[BinaryIO]:
     durable), removed if the block raises. A kill can leave the temp file; `is_partial_write` recognises it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would make checkpoints private; follow the umask like open()
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        raise_if_disk_full(path, e)
         raise
     fsync_dir(path.parent)
 

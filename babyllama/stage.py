@@ -21,6 +21,7 @@ from babyllama.distributed import DistEnv, init_distributed
 from babyllama.errors import UserError
 from babyllama.model import Llama
 from babyllama.optim import build_adamw, warmup_cosine
+from babyllama.outdir import hold_lock
 from babyllama.run_record import write_run_record
 from babyllama.runs import RunConfig, RunPaths, check_run, resolve_compile, resolve_precision, run_preset
 from babyllama.tokenizer import Tokenizer
@@ -46,6 +47,8 @@ def parse_stage_args(description: str, stage: str,
     check_run(run)
     paths, env = RunPaths.of(args.name, run), init_distributed(args.device)
     ckpt_dir = paths.stage(stage)
+    if env.is_main:  # a second run on this stage's directory would interleave logs and replace checkpoints
+        hold_lock(ckpt_dir, f"{stage} run")
     if list_checkpoints(ckpt_dir) and not args.resume:
         raise UserError(f"{ckpt_dir} already has checkpoints; pass --resume to continue, or --out to start elsewhere")
     return args, run, paths, env
