@@ -64,7 +64,8 @@ VARIANTS = {
     "threads1": Variant(env={"OMP_NUM_THREADS": "1"}, stages=("pretrain",)),
     "avx2": Variant(env={"ATEN_CPU_CAPABILITY": "avx2"}),
     "2proc": Variant(processes=2, flags=("--batch-size", "8"), stages=("pretrain",)),
-    "2node": Variant(nodes=2, flags=("--batch-size", "8"), stages=("pretrain",)),
+    # one thread per process, as torchrun sets it for several processes per node (with one per node it does not)
+    "2node": Variant(nodes=2, env={"OMP_NUM_THREADS": "1"}, flags=("--batch-size", "8"), stages=("pretrain",)),
     "seed1338": Variant(flags=("--seed", "1338"), seed_of_data=True, kind="seed"),
     "seed1339": Variant(flags=("--seed", "1339"), seed_of_data=True, kind="seed"),
 }
