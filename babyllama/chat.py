@@ -232,8 +232,9 @@ class ChatHistory:
     """Conversation state for an interactive chat: the system prompt plus a window of recent turns.
 
     Keeps at most `max_turns` turns (a turn = a user message and the replies to it) and, in `prompt_ids`,
-    drops the oldest turns until the prompt fits `max_tokens` (leave room for the reply: pass
-    `max_seq_len - max_new_tokens`). Messages are tokenized once, when added.
+    drops the oldest turns until the prompt fits `max_tokens` (leave room for the reply:
+    `generation.prompt_budget`); a newest message too long alone keeps its newest tokens, as a too-long prompt
+    does in every front end (`generation.fit_context`). Messages are tokenized once, when added.
     """
 
     def __init__(self, tokenizer: Any, system: str | None = None, max_turns: int | None = None,
@@ -243,6 +244,7 @@ class ChatHistory:
         system_ids = encode_message(tokenizer, "system", system)[0] if system is not None else []
         self._prefix = [tokenizer.bos_id] + system_ids
         self._turns: list[list[tuple[Message, list[int]]]] = []
+        self.cut: tuple[int, int] | None = None  # (tokens, kept) of the message the last prompt_ids shortened
 
     def add(self, role: str, content: str) -> None:
         """Append a user or assistant message (an assistant message continues the current turn)."""
@@ -272,13 +274,24 @@ class ChatHistory:
         return with_system([m for turn in self._turns for m, _ in turn], self.system)
 
     def prompt_ids(self) -> list[int]:
-        """Prompt for the next assistant reply; drops the oldest turns if it exceeds `max_tokens`."""
+        """Prompt for the next assistant reply within `max_tokens`: the oldest turns go first, then the oldest
+        tokens of the newest message (recorded in `cut`)."""
         header = assistant_header(self.tokenizer)
+        self.cut = None
         while True:
             ids = self._prefix + [t for turn in self._turns for _, ids in turn for t in ids] + header
             if self.max_tokens is None or len(ids) <= self.max_tokens:
                 return ids
-            if len(self._turns) <= 1:
-                raise UserError(f"the message is too long: the prompt needs {len(ids)} tokens, "
-                                f"the budget is {self.max_tokens}; send a shorter message")
-            del self._turns[0]
+            if len(self._turns) > 1:
+                del self._turns[0]
+                continue
+            msg = self._turns[-1][-1][0]
+            content = encode_text(self.tokenizer, msg["content"])
+            excess = len(ids) - self.max_tokens
+            if excess >= len(content):
+                raise UserError(f"the system message and the chat template take {len(ids) - len(content)} tokens, "
+                                f"the prompt budget is {self.max_tokens}; shorten --system or raise --history-tokens")
+            kept = content[excess:]
+            self._turns[-1][-1] = ({**msg, "content": self.tokenizer.decode(kept)},
+                                   _render_message(self.tokenizer, msg["role"], kept)[0])
+            self.cut = (len(content), len(kept))

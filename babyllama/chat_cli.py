@@ -9,7 +9,7 @@
 Commands: `/reset` forgets the conversation, `/exit` (or end of input) quits. The prompt keeps the system
 message and as many of the newest turns as fit in --history-tokens (default: the model's context minus the reply
 budget), at most --history-turns of them (default: no limit; 1 = answer each message on its own); older turns
-are dropped. A reply stops at `<|im_end|>`, at --max-new-tokens, or at the end of the model's context.
+are dropped, and a message too long alone keeps its newest tokens (said on stderr). A reply stops at `<|im_end|>`, at --max-new-tokens, or at the end of the model's context.
 `--show-prompt` writes each rendered prompt to stderr.
 
 `rlhf/infer.py` is the same chat with PPO/DPO checkpoints as the default; both call `main` here.
@@ -20,7 +20,7 @@ import argparse
 import dataclasses
 import sys
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence, TextIO
+from typing import Iterable, Sequence, TextIO
 
 import torch
 
@@ -28,8 +28,9 @@ from babyllama.chat import ChatHistory, stop_ids
 from babyllama.checkpoint import latest_checkpoint, load_model
 from babyllama.distributed import pick_device
 from babyllama.errors import UserError
+from babyllama.cli import read_lines, valid_text
 from babyllama.generation import (Generator, SamplingConfig, add_runtime_flags, add_sampling_flags, decode_dtype,
-                                  sampling_from_args)
+                                  prompt_budget, sampling_from_args, within_context)
 from babyllama.model import Llama
 from babyllama.runs import RunPaths, run_preset
 from babyllama.tokenizer import Tokenizer
@@ -45,7 +46,11 @@ class ChatSession:
                  history_tokens: int | None = None, seed: int = 0, history_turns: int | None = None,
                  compile: bool = False):
         context = model.config.max_seq_len
-        budget = history_tokens or max(context - sampling.max_new_tokens, context // 2)
+        sampling.check(context)
+        if history_tokens is not None and not 1 <= history_tokens < context:
+            raise UserError(f"--history-tokens {history_tokens}: must be between 1 and {context - 1} (the model's "
+                            f"context, {context}, less one token for the reply)")
+        budget = history_tokens or prompt_budget(context, sampling.max_new_tokens)
         self.model, self.tokenizer, self.sampling, self.context = model, tokenizer, sampling, context
         self.history = ChatHistory(tokenizer, system, max_turns=history_turns, max_tokens=budget)
         self.generator = Generator(model, compile=compile)
@@ -64,12 +69,14 @@ class ChatSession:
     def reply(self, user: str, out: TextIO, show_prompt: TextIO | None = None) -> str:
         """Stream the answer to `user` to `out` and remember both in the history."""
         prompt = self.prompt_ids(user)
+        if self.history.cut:
+            print(f"note: the message has {self.history.cut[0]:,} tokens; kept its last {self.history.cut[1]:,} (the "
+                  f"prompt budget is {self.history.max_tokens:,} of the model's {self.context:,}-token context)",
+                  file=sys.stderr)
         if show_prompt is not None:
             show_prompt.write(f"--- prompt ({len(prompt)} tokens) ---\n{self.tokenizer.decode(prompt)}\n--- end ---\n")
             show_prompt.flush()
-        # beyond the trained context RoPE positions are unseen and the output degrades
-        cfg = dataclasses.replace(self.sampling, max_new_tokens=max(1, min(self.sampling.max_new_tokens,
-                                                                           self.context - len(prompt))))
+        cfg = within_context(self.sampling, len(prompt), self.context)  # later positions were never trained
         stream, ids = self.tokenizer.stream_decoder(skip_special=True), []
         for token in self.generator.stream(prompt, cfg, stop_ids=self.stops, generator=self.rng):
             ids.append(token)
@@ -104,19 +111,6 @@ def chat_loop(session: ChatSession, lines: Iterable[str], out: TextIO, show_prom
             out.write(f"(error: {e})")
         out.write("\n")
         out.flush()
-
-
-def read_lines(stream: TextIO, prompt: str = "user> ") -> Iterator[str]:
-    """Lines from a terminal (after a prompt) or from a pipe (silently, until end of input)."""
-    if not stream.isatty():
-        yield from stream
-        return
-    while True:
-        try:
-            yield input(prompt)
-        except EOFError:
-            print()
-            return
 
 
 def add_chat_flags(parser: argparse.ArgumentParser, default_stages: Sequence[str]) -> None:
@@ -158,14 +152,15 @@ def checkpoint_for(args: argparse.Namespace, paths: RunPaths, default_stages: Se
     raise UserError(f"no checkpoint in {tried}; train that stage first, or pass --stage / --ckpt")
 
 
-def load_session(args: argparse.Namespace, default_stages: Sequence[str]) -> ChatSession:
+def load_session(args: argparse.Namespace, sampling: SamplingConfig, default_stages: Sequence[str]) -> ChatSession:
     paths = RunPaths.of(args.name, dataclasses.replace(run_preset(args.name), out=args.out))
     checkpoint = checkpoint_for(args, paths, default_stages)
     device = pick_device(args.device)
     tok = Tokenizer.load(args.tokenizer or paths.tokenizer)
     model = load_model(checkpoint, device, decode_dtype(args.dtype, device), tokenizer=tok)
     model.mask_beyond(tok.vocab_size)
-    return ChatSession(model, tok, sampling_from_args(args), args.system, args.history_tokens, args.seed,
+    system = None if args.system is None else valid_text(args.system, "--system")
+    return ChatSession(model, tok, sampling, system, args.history_tokens, args.seed,
                        args.history_turns, args.compile)
 
 
@@ -174,10 +169,11 @@ def main(description: str = __doc__, default_stages: Sequence[str] = ("sft",), a
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_chat_flags(parser, default_stages)
     args = parser.parse_args(argv)
-    session = load_session(args, default_stages)
+    sampling = sampling_from_args(args)  # bad values are refused before the model is loaded
+    session = load_session(args, sampling, default_stages)
     show = sys.stderr if args.show_prompt else None
     if args.prompt is not None:
-        session.reply(args.prompt, sys.stdout, show)
+        session.reply(valid_text(args.prompt, "--prompt"), sys.stdout, show)
         print()
         return
-    chat_loop(session, read_lines(sys.stdin), sys.stdout, show)
+    chat_loop(session, read_lines(sys.stdin, "user> "), sys.stdout, show)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
+import re
 import sys
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator, Sequence, TextIO, TypeVar
 
 from babyllama.errors import UserError
 
@@ -30,6 +31,48 @@ def apply_overrides(cfg: T, args: argparse.Namespace) -> T:
     """Replace the preset's fields by the flags the user gave."""
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cfg) if getattr(args, f.name, None) is not None}
     return dataclasses.replace(cfg, **given)
+
+
+Rule = tuple[str, Callable[[Any], bool], str]  # (field, test, what the value must be)
+
+
+def check_ranges(values: Any, rules: Sequence[Rule]) -> None:
+    """One line naming the first flag (`--field-name`) out of its range; NaN fails every comparison."""
+    for name, ok, rule in rules:
+        value = getattr(values, name)
+        if not ok(value):
+            shown = " ".join(map(str, value)) if isinstance(value, list) else value  # as typed (nargs="+")
+            raise UserError(f"--{name.replace('_', '-')} {shown}: must be {rule}")
+
+
+_UNDECODABLE = re.compile("[\ud800-\udfff]")  # how Python holds bytes that are not UTF-8 (surrogateescape)
+_noted: set[str] = set()
+
+
+def valid_text(text: str, source: str) -> str:
+    """`text` (from argv or stdin) with each byte that is not UTF-8 replaced by U+FFFD, said once per source on
+    stderr: a tokenizer cannot encode such bytes, and dropping the input would lose the rest of it."""
+    fixed, n = _UNDECODABLE.subn("\ufffd", text)
+    if n and source not in _noted:
+        _noted.add(source)
+        print(f"note: {source} is not valid UTF-8; undecodable bytes were replaced by U+FFFD", file=sys.stderr)
+    return fixed
+
+
+def read_lines(stream: TextIO, prompt: str) -> Iterator[str]:
+    """Lines (newline stripped, `valid_text`) from a terminal, after `prompt`, or from a pipe, until end of input."""
+    if hasattr(stream, "reconfigure"):  # undecodable bytes reach `valid_text` whatever the locale's error handler
+        stream.reconfigure(errors="surrogateescape")
+    tty = stream.isatty()
+    while True:
+        try:
+            line = input(prompt) if tty else stream.readline()
+        except EOFError:
+            print()
+            return
+        if not tty and not line:
+            return
+        yield valid_text(line.rstrip("\n"), "the input")
 
 
 def _parse_bool(s: str) -> bool:

@@ -6,12 +6,15 @@ same token for token as the eager path.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+import math
+import sys
+from dataclasses import dataclass, replace
+from typing import Callable, Iterator, Sequence, TextIO
 
 import torch
 from torch import Tensor
 
+from babyllama.cli import check_ranges
 from babyllama.errors import UserError
 from babyllama.model import Llama
 
@@ -23,6 +26,43 @@ class SamplingConfig:
     top_k: int = 50  # 0 = off
     top_p: float = 0.95  # 1.0 = off
     repetition_penalty: float = 1.0  # 1.0 = off; >1 discourages tokens already in prompt or output (CTRL paper)
+
+    def check(self, context: int | None = None) -> None:
+        """One line naming the first flag out of its range; with the model's `context`, --max-new-tokens is bounded
+        by it too (a larger budget would only allocate a cache for positions the model never saw)."""
+        most = f"between 1 and the model's context, {context}" if context else "at least 1"
+        check_ranges(self, (
+            ("max_new_tokens", lambda v: 1 <= v <= (context or v), most),
+            ("temperature", lambda v: 0 <= v < math.inf, "0 (greedy) or a positive number"),
+            ("top_k", lambda v: v >= 0, "0 (off) or more"),
+            ("top_p", lambda v: 0 < v <= 1, "in (0, 1] (1 = off)"),
+            ("repetition_penalty", lambda v: 0 < v < math.inf, "a positive number (1 = off, above 1 discourages "
+                                                                 "repeats)")))
+
+
+def fit_context(prompt: Sequence[int], cfg: SamplingConfig, context: int,
+                notes: TextIO | None = sys.stderr) -> tuple[list[int], SamplingConfig]:
+    """The prompt and reply budget that fit the model's context: a prompt longer than `prompt_budget` keeps its
+    first token (<s>) and its newest tokens (said on `notes`), as a chat keeps its newest turns; the reply then
+    stops at the end of the context (later positions were never trained)."""
+    budget = prompt_budget(context, cfg.max_new_tokens)
+    if len(prompt) > budget:
+        if notes is not None:
+            print(f"note: the prompt has {len(prompt):,} tokens; continuing from its last {budget - 1:,} (the model's "
+                  f"context is {context:,}, --max-new-tokens {cfg.max_new_tokens:,})", file=notes)
+        prompt = [prompt[0], *prompt[len(prompt) - budget + 1:]]
+    return list(prompt), within_context(cfg, len(prompt), context)
+
+
+def within_context(cfg: SamplingConfig, prompt_len: int, context: int) -> SamplingConfig:
+    """`cfg` with the reply budget cut to the context left after the prompt."""
+    return replace(cfg, max_new_tokens=min(cfg.max_new_tokens, context - prompt_len))
+
+
+def prompt_budget(context: int, max_new_tokens: int) -> int:
+    """Tokens a prompt may take: the context minus the reply budget, but at least half the context (a long reply
+    is then cut at the end of the context instead)."""
+    return max(context - max_new_tokens, context // 2)
 
 
 def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
@@ -215,5 +255,8 @@ def decode_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def sampling_from_args(args) -> SamplingConfig:
-    return SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                          top_p=args.top_p, repetition_penalty=args.repetition_penalty)
+    """The `add_sampling_flags` values, checked (all but the bound by the model's context) before any loading."""
+    cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                         top_p=args.top_p, repetition_penalty=args.repetition_penalty)
+    cfg.check()
+    return cfg

@@ -34,6 +34,7 @@ columns. The response mask is a prefix: the sampled tokens up to and including t
 """
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, fields, replace
 from typing import Any, Callable, Iterator, Sequence
@@ -42,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from babyllama.cli import check_ranges
 from babyllama.distributed import all_reduce_mean
 from babyllama.generation import Generator, SamplingConfig
 from babyllama.model import Llama
@@ -66,6 +68,20 @@ class PPOConfig:
     value_clip: float = 0.2  # value prediction clip around the rollout's values
     vf_coef: float = 0.1
     ent_coef: float = 0.0
+
+    def check(self) -> None:
+        """One line naming the first flag out of its range."""
+        check_ranges(self, (
+            ("rollout_size", lambda v: v >= 1, "at least 1"), ("ppo_epochs", lambda v: v >= 1, "at least 1"),
+            ("max_new_tokens", lambda v: v >= 1, "at least 1"), ("max_prompt_len", lambda v: v >= 1, "at least 1"),
+            ("temperature", lambda v: 0 < v < math.inf, "a positive number (rollouts are sampled)"),
+            ("kl_coef", lambda v: 0 <= v < math.inf, "0 or a positive number"),
+            ("kl_target", lambda v: 0 <= v < math.inf, "0 (a fixed coefficient) or a positive number"),
+            ("kl_horizon", lambda v: v >= 1, "at least 1"), ("gamma", lambda v: 0 <= v <= 1, "in [0, 1]"),
+            ("lam", lambda v: 0 <= v <= 1, "in [0, 1]"), ("clip_eps", lambda v: 0 < v < math.inf, "a positive number"),
+            ("value_clip", lambda v: 0 < v < math.inf, "a positive number"),
+            ("vf_coef", lambda v: 0 <= v < math.inf, "0 or a positive number"),
+            ("ent_coef", lambda v: 0 <= v < math.inf, "0 or a positive number")))
 
 
 # ======================================================================= math

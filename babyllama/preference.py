@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from babyllama.chat import IM_END, Message, check_messages, encode_text, render_prompt, special_id
+from babyllama.cli import Rule
 from babyllama.distributed import all_reduce_mean
 from babyllama.errors import UserError
 from babyllama.runs import REPO_ROOT
@@ -441,6 +442,11 @@ def add_preference_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pref-format", default="auto", choices=("auto", *FORMATS),
                         help="pairs: prompt/chosen/rejected; hh: Anthropic hh-rlhf texts")
     parser.add_argument("--system", default=None, help="system prompt for prompts that have none (as in SFT)")
+
+
+PREFERENCE_RULES: tuple[Rule, ...] = (  # of `add_preference_flags`, for `cli.check_ranges`
+    ("train_data", lambda v: Path(v).is_file(), "an existing file"),
+    ("valid_data", lambda v: Path(v).is_file(), "an existing file"))
 
 
 def preference_loaders(args: argparse.Namespace, tokenizer: Any, max_len: int, batch_size: int, seed: int,

@@ -17,12 +17,14 @@ from __future__ import annotations
 import argparse
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from torch import nn
 
 from babyllama.chat import IM_END, render_prompt, special_id, stop_ids
 from babyllama.choice_eval import choice_accuracy, load_choice_items
+from babyllama.cli import Rule
 from babyllama.errors import UserError
 from babyllama.generation import SamplingConfig
 from babyllama.model import Llama
@@ -42,6 +44,13 @@ def add_heldout_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--choice-data", default=str(REPO_ROOT / "data" / "sft" / "choice_eval.jsonl"),
                         help="multiple-choice items for accuracy before/after (babyllama/choice_eval.py); 'none' = skip")
     parser.add_argument("--eval-batch-size", type=int, default=32, help="prompts per batch when evaluating")
+
+
+HELDOUT_RULES: tuple[Rule, ...] = (  # of `add_heldout_flags`, for `cli.check_ranges`
+    ("eval_prompts", lambda v: v.lower() == "none" or Path(v).is_file(), "an existing file or none"),
+    ("eval_prompt_count", lambda v: v is None or v >= 1, "at least 1"),
+    ("choice_data", lambda v: v.lower() == "none" or Path(v).is_file(), "an existing file or none"),
+    ("eval_batch_size", lambda v: v >= 1, "at least 1"))
 
 
 def check_reply_budget(max_prompt_len: int, max_new_tokens: int, max_seq_len: int) -> None:

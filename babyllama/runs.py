@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from babyllama.cli import check_ranges
 from babyllama.checkpoint import latest_checkpoint, load_checkpoint
 from babyllama.config import ModelConfig, load_bert4torch_config, padded_vocab, preset, read_json
 from babyllama.errors import UserError
@@ -117,11 +118,8 @@ _RULES = (
 
 
 def check_run(run: RunConfig) -> None:
-    """One line naming the first flag out of range (NaN fails every test)."""
-    for name, ok, rule in _RULES:
-        value = getattr(run, name)
-        if not ok(value):
-            raise UserError(f"--{name.replace('_', '-')} {value}: must be {rule}")
+    """One line naming the first flag out of range."""
+    check_ranges(run, _RULES)
 
 
 def run_preset(name: str, stage: str = "pretrain") -> RunConfig:

@@ -30,8 +30,10 @@ from babyllama.trainer import Callback, LossFn, Trainer, causal_lm_loss
 
 def parse_stage_args(description: str, stage: str,
                      add_flags: Callable[[argparse.ArgumentParser], None] | None = None,
-                     argv: list[str] | None = None) -> tuple[argparse.Namespace, RunConfig, RunPaths, DistEnv]:
-    """Flags common to all stages (--name, --resume, --device, every RunConfig field) plus the stage's own.
+                     argv: list[str] | None = None, check: Callable[[argparse.Namespace], None] | None = None,
+                     ) -> tuple[argparse.Namespace, RunConfig, RunPaths, DistEnv]:
+    """Flags common to all stages (--name, --resume, --device, every RunConfig field) plus the stage's own
+    (`add_flags`), all checked (the stage's by `check`) before any work.
 
     Refuses to start over a stage directory that already has checkpoints unless --resume is given,
     so a finished run is never overwritten by accident."""
@@ -45,6 +47,8 @@ def parse_stage_args(description: str, stage: str,
     args = parser.parse_args(argv)
     run = apply_overrides(run_preset(args.name, stage), args)
     check_run(run)
+    if check is not None:
+        check(args)
     paths, env = RunPaths.of(args.name, run), init_distributed(args.device)
     ckpt_dir = paths.stage(stage)
     if env.is_main:  # a second run on this stage's directory would interleave logs and replace checkpoints

@@ -3,6 +3,9 @@
     python pretrain/infer.py --prompt "床前明月光，"          # one continuation
     python pretrain/infer.py                                   # interactive: one prompt per line
     python pretrain/infer.py --checkpoint out/baby/pretrain/step_00000600.pt --temperature 0 --max-new-tokens 100
+
+A prompt longer than the model's context allows (minus --max-new-tokens, at least half of it) is continued from its
+newest tokens (said on stderr); the continuation stops at the end of the context.
 """
 from __future__ import annotations
 
@@ -16,11 +19,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from babyllama.checkpoint import latest_checkpoint, load_model  # noqa: E402
-from babyllama.cli import main_guard  # noqa: E402
+from babyllama.cli import main_guard, read_lines, valid_text  # noqa: E402
 from babyllama.distributed import pick_device  # noqa: E402
 from babyllama.errors import UserError  # noqa: E402
 from babyllama.generation import (Generator, add_runtime_flags, add_sampling_flags, decode_dtype,  # noqa: E402
-                                  sampling_from_args)
+                                  fit_context, sampling_from_args)
 from babyllama.runs import RunPaths, run_preset  # noqa: E402
 from babyllama.tokenizer import Tokenizer  # noqa: E402
 
@@ -35,6 +38,7 @@ def main() -> None:
     add_runtime_flags(parser)
     add_sampling_flags(parser)
     args = parser.parse_args()
+    cfg = sampling_from_args(args)  # bad values are refused before the model is loaded
     run = run_preset(args.name)
     paths = RunPaths.of(args.name, replace(run, out=args.out or run.out))
     device = pick_device(args.device)
@@ -42,13 +46,16 @@ def main() -> None:
     tok = Tokenizer.load(args.tokenizer or paths.tokenizer)
     model = load_model(checkpoint, device, decode_dtype(args.dtype, device), tokenizer=tok)
     model.mask_beyond(tok.vocab_size)
-    gen, cfg = Generator(model, compile=args.compile), sampling_from_args(args)
+    context = model.config.max_seq_len
+    cfg.check(context)
+    gen = Generator(model, compile=args.compile)
     rng = torch.Generator(device=device).manual_seed(args.seed)
-    prompts = [args.prompt] if args.prompt is not None else _stdin_prompts()
-    for prompt in prompts:
+    prompts = [valid_text(args.prompt, "--prompt")] if args.prompt is not None else read_lines(sys.stdin, ">>> ")
+    for prompt in filter(str.strip, prompts):
         print(prompt, end="", flush=True)
         stream = tok.stream_decoder()
-        for token in gen.stream(tok.encode(prompt, bos=True), cfg, stop_ids=[tok.eos_id], generator=rng):
+        ids, fitted = fit_context(tok.encode(prompt, bos=True), cfg, context)
+        for token in gen.stream(ids, fitted, stop_ids=[tok.eos_id], generator=rng):
             print(stream.push(token), end="", flush=True)
         print(stream.flush(), flush=True)
 
@@ -60,18 +67,6 @@ def default_checkpoint(paths: RunPaths) -> Path:
         raise UserError(f"no checkpoint in {paths.stage('pretrain')}; train first (python pretrain/pretrain.py "
                         f"--name {paths.name} --out {paths.out.parent}) or pass --checkpoint")
     return found
-
-
-def _stdin_prompts():
-    interactive = sys.stdin.isatty()
-    while True:
-        if interactive:
-            print(">>> ", end="", flush=True)
-        line = sys.stdin.readline()
-        if not line:
-            return
-        if line.strip():
-            yield line.rstrip("\n")
 
 
 if __name__ == "__main__":

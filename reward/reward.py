@@ -24,9 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from babyllama import callbacks as cb  # noqa: E402
-from babyllama.cli import main_guard  # noqa: E402
+from babyllama.cli import check_ranges, main_guard  # noqa: E402
 from babyllama.distributed import shutdown  # noqa: E402
-from babyllama.preference import add_preference_flags, evaluate_pairs, preference_loaders  # noqa: E402
+from babyllama.preference import (PREFERENCE_RULES, add_preference_flags, evaluate_pairs,  # noqa: E402
+                                  preference_loaders)
 from babyllama.reward_model import RewardModel, mark_reward_checkpoint, pair_loss  # noqa: E402
 from babyllama.runs import model_config_for  # noqa: E402
 from babyllama.run_record import flatten  # noqa: E402
@@ -44,7 +45,8 @@ def describe(m: dict[str, float]) -> str:
 
 
 def main() -> None:
-    args, run, paths, env = parse_stage_args(__doc__, "reward", add_flags)
+    args, run, paths, env = parse_stage_args(__doc__, "reward", add_flags,
+                                                 check=lambda a: check_ranges(a, PREFERENCE_RULES))
     tok = load_stage_tokenizer(run, paths)
     cfg = model_config_for(run, tok.vocab_size)
     init = init_checkpoint(run.init, paths, "sft")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import math
 import sys
 from pathlib import Path
 
@@ -28,16 +29,17 @@ import torch  # noqa: E402
 
 from babyllama import callbacks as cb  # noqa: E402
 from babyllama.checkpoint import latest_checkpoint  # noqa: E402
-from babyllama.cli import main_guard  # noqa: E402
+from babyllama.cli import check_ranges, main_guard  # noqa: E402
 from babyllama.distributed import shutdown  # noqa: E402
 from babyllama.errors import UserError  # noqa: E402
 from babyllama.dpo import DPOLoss, frozen_reference, precompute_reference_logps  # noqa: E402
 from babyllama.generation import SamplingConfig  # noqa: E402
 from babyllama.model import Llama  # noqa: E402
 from babyllama.ppo import PPOConfig  # noqa: E402
-from babyllama.preference import add_preference_flags, evaluate_pairs, preference_loaders  # noqa: E402
+from babyllama.preference import (PREFERENCE_RULES, add_preference_flags, evaluate_pairs,  # noqa: E402
+                                  preference_loaders)
 from babyllama.reward_model import load_reward_model  # noqa: E402
-from babyllama.rlhf_eval import HeldOut, add_heldout_flags, check_reply_budget, describe  # noqa: E402
+from babyllama.rlhf_eval import HELDOUT_RULES, HeldOut, add_heldout_flags, check_reply_budget, describe  # noqa: E402
 from babyllama.runs import RunPaths, model_config_for  # noqa: E402
 from babyllama.run_record import flatten  # noqa: E402
 from babyllama.stage import (compile_from_run, init_checkpoint, load_init_model, load_stage_tokenizer,  # noqa: E402
@@ -60,6 +62,15 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reward-model", default=None, help="reward checkpoint (default: out/<name>/reward if any)")
 
 
+def check_flags(args: argparse.Namespace) -> None:
+    """DPO's, the preference data's and the held-out flags, before any work (`stage.parse_stage_args`)."""
+    check_ranges(args, (
+        ("beta", lambda v: 0 < v < math.inf, "a positive number"),
+        ("label_smoothing", lambda v: 0 <= v < 0.5, "in [0, 0.5) (the share of pairs assumed flipped)"),
+        ("max_new_tokens", lambda v: v >= 1, "at least 1"), ("max_prompt_len", lambda v: v >= 1, "at least 1"),
+        *PREFERENCE_RULES, *HELDOUT_RULES))
+
+
 class Report:
     """Before/after numbers (`babyllama.rlhf_eval.HeldOut`); the reward model is loaded only while measuring."""
 
@@ -80,7 +91,7 @@ class Report:
 
 
 def main() -> None:
-    args, run, paths, env = parse_stage_args(__doc__, "dpo", add_flags)
+    args, run, paths, env = parse_stage_args(__doc__, "dpo", add_flags, check=check_flags)
     tok = load_stage_tokenizer(run, paths)
     cfg = model_config_for(run, tok.vocab_size)
     init = init_checkpoint(run.init, paths, "sft")

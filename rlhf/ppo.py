@@ -31,13 +31,14 @@ import torch  # noqa: E402
 from babyllama import callbacks as cb  # noqa: E402
 from babyllama.chat import IM_END, special_id, stop_ids  # noqa: E402
 from babyllama.checkpoint import latest_checkpoint  # noqa: E402
-from babyllama.cli import add_dataclass_flags, apply_overrides, main_guard  # noqa: E402
+from babyllama.cli import add_dataclass_flags, apply_overrides, check_ranges, main_guard  # noqa: E402
 from babyllama.config import ModelConfig  # noqa: E402
 from babyllama.distributed import shutdown  # noqa: E402
 from babyllama.errors import UserError  # noqa: E402
 from babyllama.generation import SamplingConfig  # noqa: E402
 from babyllama.ppo import PolicyWithValue, PPOConfig, RolloutLoader, critic_from, frozen_copy, make_ppo_loss  # noqa: E402
-from babyllama.rlhf_eval import HeldOut, add_heldout_flags, check_reply_budget, describe, fitting_prompts  # noqa: E402
+from babyllama.rlhf_eval import (HELDOUT_RULES, HeldOut, add_heldout_flags, check_reply_budget, describe,  # noqa: E402
+                                 fitting_prompts)
 from babyllama.reward_model import RewardModel, load_reward_model  # noqa: E402
 from babyllama.runs import REPO_ROOT, model_config_for  # noqa: E402
 from babyllama.run_record import flatten  # noqa: E402
@@ -56,6 +57,12 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
                         help="a separate critic backbone (initialised from the reward model) instead of a value head "
                              "on the policy's backbone: one more model copy")
     add_dataclass_flags(parser, PPOConfig)
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """The PPO, prompt and held-out flags, before any work (`stage.parse_stage_args`)."""
+    apply_overrides(PPOConfig(), args).check()
+    check_ranges(args, (("prompts", lambda v: all(Path(p).is_file() for p in v), "existing files"), *HELDOUT_RULES))
 
 
 def check_value_layout(args: argparse.Namespace, ckpt_dir: Path) -> None:
@@ -78,7 +85,7 @@ def check_sizes(ppo: PPOConfig, cfg: ModelConfig, reward: RewardModel) -> None:
 
 
 def main() -> None:
-    args, run, paths, env = parse_stage_args(__doc__, "ppo", add_flags)
+    args, run, paths, env = parse_stage_args(__doc__, "ppo", add_flags, check=check_flags)
     ppo = apply_overrides(PPOConfig(), args)
     tok = load_stage_tokenizer(run, paths)
     cfg = model_config_for(run, tok.vocab_size)

@@ -227,9 +227,18 @@ def test_history_window_by_turns_and_tokens(tok):
     ids = small.prompt_ids()
     assert ids == render_prompt(CONV[3:4], tok) and [m["content"] for m in small.messages] == [CONV[3]["content"]]
     small.add_assistant("ok")
-    small.add_user("x" * 200)
-    with pytest.raises(UserError, match="too long"):
-        small.prompt_ids()
+    long = "".join(f"{i % 10}" for i in range(200))
+    small.add_user(long)  # alone too long: keeps its newest tokens
+    ids = small.prompt_ids()
+    message = small.messages[-1]["content"]
+    assert len(ids) == small.max_tokens and ids == render_prompt(small.messages, tok)
+    assert small.cut[0] > small.cut[1] > 0 and message and long.endswith(message)
+    assert small.prompt_ids() == ids and small.cut is None  # the history keeps the shortened message
+
+    tight = ChatHistory(tok, system="x" * 200, max_tokens=50)
+    tight.add_user("hi")
+    with pytest.raises(UserError, match="the system message and the chat template take .* the prompt budget is 50"):
+        tight.prompt_ids()
 
 
 def test_chat_cli_refuses_a_tokenizer_larger_than_the_model(tok, tmp_path):

@@ -1,6 +1,9 @@
-"""Flags generated from the run config: unset flags keep the preset's value, given ones replace it."""
+"""Flags generated from the run config: unset flags keep the preset's value, given ones replace it; text that is not
+UTF-8 is read with its undecodable bytes replaced, said once."""
 import argparse
+import io
 
+from babyllama import cli
 from babyllama.cli import add_dataclass_flags, apply_overrides
 from babyllama.runs import RunConfig, run_preset
 
@@ -24,3 +27,14 @@ def test_none_is_a_value_for_plain_string_fields():
     # --mixed-precision none must mean fp32, not "flag not given" (which would leave the preset's auto)
     assert parse("--mixed-precision", "none").mixed_precision == "none"
     assert parse("--tokenizer", "none").tokenizer is None
+
+
+def test_input_that_is_not_utf8_is_read_with_replacement_characters_said_once(capsys, monkeypatch):
+    monkeypatch.setattr(cli, "_noted", set())
+    strict = io.TextIOWrapper(io.BytesIO(b"caf\xe9\n\xff\xfeok\nfine\n"), encoding="utf-8", errors="strict")
+    assert list(cli.read_lines(strict, "> ")) == ["caf\ufffd", "\ufffd\ufffdok", "fine"]
+    assert cli.valid_text("a\udcffb", "--prompt") == "a\ufffdb"  # as Python passes argv bytes that are not UTF-8
+    assert cli.valid_text("plain", "--prompt") == "plain"
+    assert capsys.readouterr().err.splitlines() == [
+        "note: the input is not valid UTF-8; undecodable bytes were replaced by U+FFFD",
+        "note: --prompt is not valid UTF-8; undecodable bytes were replaced by U+FFFD"]

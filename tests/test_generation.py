@@ -1,10 +1,14 @@
-"""Generation: KV-cache greedy equals full recompute, batching with left padding, sampling filters."""
+"""Generation: KV-cache greedy equals full recompute, batching with left padding, sampling filters; sampling values
+and prompts checked against the model's context."""
+import io
+from dataclasses import replace
+
 import pytest
 import torch
 
 from babyllama.config import ModelConfig
 from babyllama.errors import UserError
-from babyllama.generation import Generator, SamplingConfig, apply_repetition_penalty, sample_next
+from babyllama.generation import Generator, SamplingConfig, apply_repetition_penalty, fit_context, sample_next
 from babyllama.model import Llama
 
 GREEDY = SamplingConfig(max_new_tokens=12, temperature=0)
@@ -101,3 +105,31 @@ def test_fused_generator_follows_weight_updates():
         for p in m.parameters():
             p.add_(torch.randn_like(p) * 0.5)
     assert fused.generate([[5, 17]], GREEDY) == [greedy_by_recompute(m, [5, 17], 12)]
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("top_p", -1.0, "--top-p -1.0: must be in (0, 1] (1 = off)"), ("top_p", 2.0, "--top-p 2.0: must be in (0, 1]"),
+    ("repetition_penalty", 0.0, "--repetition-penalty 0.0: must be a positive number"),
+    ("repetition_penalty", -1.0, "--repetition-penalty -1.0: must be a positive number"),
+    ("temperature", float("nan"), "--temperature nan: must be 0 (greedy) or a positive number"),
+    ("temperature", -1.0, "--temperature -1.0: must be 0 (greedy)"), ("top_k", -5, "--top-k -5: must be 0 (off)"),
+    ("max_new_tokens", 0, "--max-new-tokens 0: must be between 1 and the model's context, 64"),
+    ("max_new_tokens", -1, "--max-new-tokens -1: must be between 1"),
+    ("max_new_tokens", 10**8, "--max-new-tokens 100000000: must be between 1 and the model's context, 64"),
+])
+def test_sampling_values_out_of_range_are_one_line_naming_the_flag(field, value, message):
+    cfg = replace(SamplingConfig(max_new_tokens=16), **{field: value})
+    with pytest.raises(UserError) as e:
+        cfg.check(64)
+    assert str(e.value).startswith(message)
+    SamplingConfig(max_new_tokens=64, temperature=0, top_k=0, top_p=1.0, repetition_penalty=0.5).check(64)
+
+
+def test_a_prompt_longer_than_the_context_keeps_its_first_and_newest_tokens():
+    notes, cfg = io.StringIO(), SamplingConfig(max_new_tokens=16)
+    prompt, fitted = fit_context(list(range(1, 101)), cfg, 64, notes)  # budget: 64 - 16 = 48 tokens
+    assert prompt == [1, *range(54, 101)] and fitted.max_new_tokens == 16
+    assert notes.getvalue() == ("note: the prompt has 100 tokens; continuing from its last 47 (the model's context "
+                                "is 64, --max-new-tokens 16)\n")
+    prompt, fitted = fit_context([1, 2, 3], replace(cfg, max_new_tokens=64), 64, notes)  # the reply stops at 64
+    assert prompt == [1, 2, 3] and fitted.max_new_tokens == 61 and notes.getvalue().count("\n") == 1

@@ -516,3 +516,18 @@ def test_infer_reads_prompts_from_stdin(untouched):
     proc = infer(untouched, stdin="床前明月光，\n\nTo be\n")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("床前明月光，") and "\nTo be" in proc.stdout and ">>>" not in proc.stdout
+
+
+def test_infer_reads_bytes_that_are_not_utf8_and_continues_a_too_long_prompt_from_its_end(untouched):
+    long = "To be, or not to be, that is the question. " * 10
+    cmd = [sys.executable, INFER, "--out", str(untouched.root / "out"), "--device", "cpu", "--max-new-tokens", "12"]
+    proc = subprocess.run(cmd, input=b"\xff\xfeTo be\n" + long.encode() + b"\n", capture_output=True, timeout=120,
+                          env={**ENV, "PYTHONIOENCODING": "utf-8:strict"})  # a strict locale raised on such bytes
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.decode().startswith("\ufffd\ufffdTo be")
+    notes = proc.stderr.decode().splitlines()
+    assert notes[0] == "note: the input is not valid UTF-8; undecodable bytes were replaced by U+FFFD"
+    assert re.fullmatch(r"note: the prompt has \d+ tokens; continuing from its last 18 \(the model's context is "
+                        rf"{SEQ_LEN}, --max-new-tokens 12\)", notes[1]) and len(notes) == 2
+    assert_user_error(infer(untouched, "--max-new-tokens", "100000000", "--prompt", "To be"),
+                      f"--max-new-tokens 100000000: must be between 1 and the model's context, {SEQ_LEN}")

@@ -1,6 +1,7 @@
 """reward/reward.py, rlhf/dpo.py, rlhf/ppo.py and rlhf/infer.py end to end, as subprocesses on the tiny preset: each
 trains a few steps, logs its metrics, resumes, and leaves a checkpoint the next tool reads. The pretrain/SFT chain
 they start from (a tokenizer, an untrained SFT checkpoint and a reward model on it) is built once per module."""
+import argparse
 import importlib.util
 import json
 import os
@@ -135,8 +136,8 @@ def test_infer_answers_with_the_dpo_checkpoint(chain, dpo_run):
 
 
 # ---------------------------------------------------------------- PPO
-def load_ppo_script():
-    spec = importlib.util.spec_from_file_location("ppo_script", ROOT / "rlhf" / "ppo.py")
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / "rlhf" / f"{name}.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     return script
@@ -158,11 +159,11 @@ def test_ppo_script_trains_logs_resumes_and_writes_a_chat_checkpoint(chain, tmp_
     assert {"score", "kl", "kl_coef", "pg_loss", "vf_loss", "entropy", "clipfrac", "approx_kl"} <= set(rows[-1])
     assert load_model(ckpt).config.max_seq_len == 64
     with pytest.raises(UserError, match="was trained without --separate-value"):
-        load_ppo_script().check_value_layout(SimpleNamespace(resume=True, separate_value=True), ckpt.parent)
+        load_script("ppo").check_value_layout(SimpleNamespace(resume=True, separate_value=True), ckpt.parent)
 
 
 def test_ppo_script_refuses_replies_longer_than_the_model():
-    script = load_ppo_script()
+    script = load_script("ppo")
     cfg = ModelConfig(vocab_size=300, dim=32, n_layers=1, n_heads=4, ffn_dim=64, max_seq_len=64)
     reward = RewardModel(cfg)
     script.check_sizes(PPOConfig(max_prompt_len=40, max_new_tokens=24), cfg, reward)
@@ -170,3 +171,25 @@ def test_ppo_script_refuses_replies_longer_than_the_model():
         script.check_sizes(PPOConfig(max_prompt_len=60, max_new_tokens=8), cfg, reward)
     with pytest.raises(UserError, match="vocab_size 300 differs"):
         script.check_sizes(PPOConfig(max_prompt_len=40, max_new_tokens=24), replace(cfg, vocab_size=400), reward)
+
+
+@pytest.mark.parametrize("script,argv,message", [
+    ("dpo", ["--beta", "0"], "--beta 0.0: must be a positive number"),
+    ("dpo", ["--label-smoothing", "0.5"], "--label-smoothing 0.5: must be in [0, 0.5)"),
+    ("dpo", ["--train-data", "nowhere.jsonl"], "--train-data nowhere.jsonl: must be an existing file"),
+    ("dpo", ["--eval-prompt-count", "0"], "--eval-prompt-count 0: must be at least 1"),
+    ("ppo", ["--gamma", "2"], "--gamma 2.0: must be in [0, 1]"),
+    ("ppo", ["--temperature", "nan"], "--temperature nan: must be a positive number"),
+    ("ppo", ["--kl-coef", "-1"], "--kl-coef -1.0: must be 0 or a positive number"),
+    ("ppo", ["--rollout-size", "0"], "--rollout-size 0: must be at least 1"),
+    ("ppo", ["--prompts", "a.jsonl", "b.jsonl"], "--prompts a.jsonl b.jsonl: must be existing files"),
+    ("ppo", ["--choice-data", "nowhere.jsonl"], "--choice-data nowhere.jsonl: must be an existing file or none"),
+])
+def test_rlhf_flags_out_of_range_are_one_line_before_any_work(script, argv, message):
+    module = load_script(script)
+    parser = argparse.ArgumentParser()
+    module.add_flags(parser)
+    module.check_flags(parser.parse_args([]))  # the defaults pass
+    with pytest.raises(UserError) as e:
+        module.check_flags(parser.parse_args(argv))
+    assert str(e.value).startswith(message)
