@@ -1,11 +1,14 @@
 """Chat template: round trip, assistant-only masks, special-token safety, truncation, prompts, history window; the
-chat CLI refuses a tokenizer the checkpoint has no embeddings for."""
+chat CLI refuses a tokenizer the checkpoint has no embeddings for, reads bytes that are not UTF-8 and keeps the newest
+tokens of a message too long for the context."""
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from babyllama.chat import (IGNORE_INDEX, IM_END, IM_START, ChatHistory, NoSupervisedTokens, encode_chat,
                             encode_text, render_prompt, render_text, stop_ids)
@@ -251,3 +254,18 @@ def test_chat_cli_refuses_a_tokenizer_larger_than_the_model(tok, tmp_path):
     assert proc.returncode == 2 and proc.stderr.splitlines() == [
         f"error: tokenizer {tok.source} has {tok.vocab_size} tokens but the checkpoint {ckpt} has vocab_size "
         f"{tok.vocab_size - 100}; pass the tokenizer the model was trained with (--tokenizer)"]
+
+
+def test_chat_cli_reads_a_prompt_that_is_not_utf8_and_keeps_the_newest_tokens_of_a_long_message(tok, tmp_path):
+    torch.manual_seed(0)
+    model = Llama(preset("tiny", vocab_size=tok.vocab_size, max_seq_len=48))
+    ckpt = tmp_path / "step_00000001.pt"
+    atomic_save({"model": model.state_dict(), "model_config": model.config.to_dict()}, ckpt)
+    proc = subprocess.run([sys.executable, str(ROOT / "sft" / "infer.py"), "--ckpt", str(ckpt), "--tokenizer",
+                           str(tok.source), "--device", "cpu", "--max-new-tokens", "8", "--prompt",
+                           b"\xff" + "写一首诗".encode() * 30], capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    notes = proc.stderr.decode().splitlines()
+    assert notes[0] == "note: --prompt is not valid UTF-8; undecodable bytes were replaced by U+FFFD"
+    assert re.fullmatch(r"note: the message has \d+ tokens; kept its last \d+ \(the prompt budget is 40 of the "
+                        r"model's 48-token context\)", notes[1]) and len(notes) == 2
