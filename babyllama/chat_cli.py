@@ -46,7 +46,6 @@ class ChatSession:
                  history_tokens: int | None = None, seed: int = 0, history_turns: int | None = None,
                  compile: bool = False):
         context = model.config.max_seq_len
-        sampling.check(context)
         if history_tokens is not None and not 1 <= history_tokens < context:
             raise UserError(f"--history-tokens {history_tokens}: must be between 1 and {context - 1} (the model's "
                             f"context, {context}, less one token for the reply)")
@@ -58,7 +57,8 @@ class ChatSession:
         self.rng = torch.Generator(device=model.lm_head.weight.device).manual_seed(seed)
 
     def prompt_ids(self, user: str) -> list[int]:
-        """Add the user's message and return the prompt for the reply (a message too long is forgotten again)."""
+        """Add the user's message and return the prompt for the reply (the message is forgotten again when the
+        system message leaves it no room)."""
         self.history.add_user(user)
         try:
             return self.history.prompt_ids()
@@ -152,7 +152,7 @@ def checkpoint_for(args: argparse.Namespace, paths: RunPaths, default_stages: Se
     raise UserError(f"no checkpoint in {tried}; train that stage first, or pass --stage / --ckpt")
 
 
-def load_session(args: argparse.Namespace, sampling: SamplingConfig, default_stages: Sequence[str]) -> ChatSession:
+def load_session(args: argparse.Namespace, default_stages: Sequence[str]) -> ChatSession:
     paths = RunPaths.of(args.name, dataclasses.replace(run_preset(args.name), out=args.out))
     checkpoint = checkpoint_for(args, paths, default_stages)
     device = pick_device(args.device)
@@ -160,6 +160,7 @@ def load_session(args: argparse.Namespace, sampling: SamplingConfig, default_sta
     model = load_model(checkpoint, device, decode_dtype(args.dtype, device), tokenizer=tok)
     model.mask_beyond(tok.vocab_size)
     system = None if args.system is None else valid_text(args.system, "--system")
+    sampling = sampling_from_args(args, model.config.max_seq_len)
     return ChatSession(model, tok, sampling, system, args.history_tokens, args.seed,
                        args.history_turns, args.compile)
 
@@ -169,8 +170,8 @@ def main(description: str = __doc__, default_stages: Sequence[str] = ("sft",), a
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_chat_flags(parser, default_stages)
     args = parser.parse_args(argv)
-    sampling = sampling_from_args(args)  # bad values are refused before the model is loaded
-    session = load_session(args, sampling, default_stages)
+    sampling_from_args(args)  # bad values are refused before the model is loaded
+    session = load_session(args, default_stages)
     show = sys.stderr if args.show_prompt else None
     if args.prompt is not None:
         session.reply(valid_text(args.prompt, "--prompt"), sys.stdout, show)

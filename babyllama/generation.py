@@ -224,7 +224,8 @@ def _cut_at_stop(row: list[int], stop_ids: Sequence[int]) -> list[int]:
 def add_sampling_flags(parser) -> None:
     """--max-new-tokens, --temperature, --top-k, --top-p, --repetition-penalty for the inference scripts."""
     d = SamplingConfig()
-    parser.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help=f"reply budget, at most the model's context (default: {d.max_new_tokens} or the context)")
     parser.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy")
     parser.add_argument("--top-k", type=int, default=d.top_k, help="0 = off")
     parser.add_argument("--top-p", type=float, default=d.top_p, help="1.0 = off")
@@ -254,9 +255,12 @@ def decode_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
-def sampling_from_args(args) -> SamplingConfig:
-    """The `add_sampling_flags` values, checked (all but the bound by the model's context) before any loading."""
-    cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                         top_p=args.top_p, repetition_penalty=args.repetition_penalty)
-    cfg.check()
+def sampling_from_args(args, context: int | None = None) -> SamplingConfig:
+    """The `add_sampling_flags` values, checked: without the model's `context` (before loading it) all but the bound
+    of --max-new-tokens, which with it defaults to at most the context."""
+    given, default = args.max_new_tokens, SamplingConfig.max_new_tokens
+    cfg = SamplingConfig(max_new_tokens=min(default, context or default) if given is None else given,
+                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                         repetition_penalty=args.repetition_penalty)
+    cfg.check(context)
     return cfg

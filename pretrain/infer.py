@@ -38,7 +38,7 @@ def main() -> None:
     add_runtime_flags(parser)
     add_sampling_flags(parser)
     args = parser.parse_args()
-    cfg = sampling_from_args(args)  # bad values are refused before the model is loaded
+    sampling_from_args(args)  # bad values are refused before the model is loaded
     run = run_preset(args.name)
     paths = RunPaths.of(args.name, replace(run, out=args.out or run.out))
     device = pick_device(args.device)
@@ -47,7 +47,7 @@ def main() -> None:
     model = load_model(checkpoint, device, decode_dtype(args.dtype, device), tokenizer=tok)
     model.mask_beyond(tok.vocab_size)
     context = model.config.max_seq_len
-    cfg.check(context)
+    cfg = sampling_from_args(args, context)
     gen = Generator(model, compile=args.compile)
     rng = torch.Generator(device=device).manual_seed(args.seed)
     prompts = [valid_text(args.prompt, "--prompt")] if args.prompt is not None else read_lines(sys.stdin, ">>> ")
