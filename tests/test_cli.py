@@ -3,6 +3,8 @@ UTF-8 is read with its undecodable bytes replaced, said once."""
 import argparse
 import io
 
+import pytest
+
 from babyllama import cli
 from babyllama.cli import add_dataclass_flags, apply_overrides
 from babyllama.runs import RunConfig, run_preset
@@ -38,3 +40,12 @@ def test_input_that_is_not_utf8_is_read_with_replacement_characters_said_once(ca
     assert capsys.readouterr().err.splitlines() == [
         "note: the input is not valid UTF-8; undecodable bytes were replaced by U+FFFD",
         "note: --prompt is not valid UTF-8; undecodable bytes were replaced by U+FFFD"]
+
+
+def test_an_interrupted_command_says_how_to_continue(capsys):
+    def interrupted():
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as e:
+        cli.main_guard(interrupted)
+    assert e.value.code == 130 and capsys.readouterr().err == "interrupted; resume with --resume\n"

@@ -68,6 +68,18 @@ def test_scores_match_a_plain_forward(tok):
         assert score == pytest.approx(expected, abs=1e-4)
 
 
+def test_a_context_longer_than_the_model_keeps_its_newest_tokens(tok):
+    """As a prompt does in every front end (generation.fit_context): the context's oldest tokens go."""
+    model = tiny_model(tok.vocab_size, max_seq_len=16)
+    item = {"context": "床前明月光，疑是地上霜。" * 10, "choices": ["低头思故乡。"], "answer": 0}
+    ans = tok.encode(item["choices"][0])
+    ids = ([tok.eos_id] + tok.encode(item["context"]) + ans)[-17:]
+    with torch.no_grad():
+        logp = model(torch.tensor([ids])).logits[0, :-1].log_softmax(-1)
+    expected = sum(logp[len(ids) - len(ans) - 1 + j, t].item() for j, t in enumerate(ans))
+    assert ev.choice_scores(model, tok, [item])[0][0] == pytest.approx(expected, abs=1e-4)
+
+
 class FavoursOneToken(nn.Module):
     """Logits that put almost all probability on one token id, whatever the input."""
 
