@@ -50,8 +50,8 @@ def main() -> None:
     cfg = sampling_from_args(args, context)
     gen = Generator(model, compile=args.compile)
     rng = torch.Generator(device=device).manual_seed(args.seed)
-    prompts = [valid_text(args.prompt, "--prompt")] if args.prompt is not None else read_lines(sys.stdin, ">>> ")
-    for prompt in filter(str.strip, prompts):
+    lines = (line for line in read_lines(sys.stdin, ">>> ") if line.strip())
+    for prompt in [valid_text(args.prompt, "--prompt")] if args.prompt is not None else lines:
         print(prompt, end="", flush=True)
         stream = tok.stream_decoder()
         ids, fitted = fit_context(tok.encode(prompt, bos=True), cfg, context)
