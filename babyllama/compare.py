@@ -159,8 +159,7 @@ def judge(diff: Difference, tolerance: dict | None) -> Judgement:
     envelope, drift = tolerance["reproduced"]["loss"], tolerance["drifted"]
     over = [(s, d) for s, d in zip(diff.steps, diff.abs_delta) if d > envelope_band(envelope, s)]
     metric_reproduced, metric_drifted = tolerance["reproduced"]["metrics"], drift["metrics"]
-    beyond_reproduced = [k for k, (a, b) in diff.metrics.items() if k in metric_reproduced
-                         and not abs(a - b) <= metric_reproduced[k]]
+    beyond_reproduced = _metrics_beyond(diff.metrics, metric_reproduced)
     if not over and not beyond_reproduced:
         return Judgement(REPRODUCED)
     reasons = []
@@ -169,8 +168,7 @@ def judge(diff: Difference, tolerance: dict | None) -> Judgement:
         reasons.append(f"|Δloss| {d:.2g} at step {s} beyond the reproduced band {envelope_band(envelope, s):.2g}")
     reasons += [f"{k} beyond its reproduced band ±{metric_reproduced[k]:.2g}" for k in beyond_reproduced]
     smoothed = [(s, d) for s, d in zip(diff.steps, diff.smoothed_delta) if d > drift["smoothed_loss"]]
-    beyond_drift = [k for k in beyond_reproduced if k in metric_drifted and not abs(diff.metrics[k][0] -
-                                                                                   diff.metrics[k][1]) <= metric_drifted[k]]
+    beyond_drift = _metrics_beyond(diff.metrics, metric_drifted)
     if not smoothed and not beyond_drift:
         return Judgement(DRIFTED, over[0][0] if over else None, reasons)
     first = None
@@ -180,6 +178,11 @@ def judge(diff: Difference, tolerance: dict | None) -> Judgement:
         first = _departure(diff, diff.steps.index(s), drift["smoothed_loss"])
     reasons += [f"{k} beyond another seed's band ±{metric_drifted[k]:.3g}" for k in beyond_drift]
     return Judgement(DIVERGED, first, reasons)
+
+
+def _metrics_beyond(metrics: dict[str, tuple[float, float]], bands: dict[str, float]) -> list[str]:
+    """The metrics (with a band) whose |yours - reference| is beyond it; NaN is beyond every band."""
+    return [k for k, (a, b) in metrics.items() if k in bands and not abs(a - b) <= bands[k]]
 
 
 def _departure(diff: Difference, crossing: int, band: float) -> int:

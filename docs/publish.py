@@ -157,6 +157,33 @@ def write_manifest(name: str, dest: Path, stages: list[str]) -> None:
     (dest / "README.md").write_text("\n".join(lines), encoding="utf-8")
 
 
+# the final metric each stage's table shows beside the loss curve
+HEADLINE = {"pretrain": "val_loss", "sft": "choice_acc", "reward": "val_accuracy", "dpo": "val_reward_accuracy",
+            "ppo": "heldout_score"}
+
+
+def measured_tables(tolerance: dict) -> list[str]:
+    """Markdown, one table per stage: each variant's difference from the reference, and the bands derived."""
+    lines = []
+    for stage, bands in tolerance["stages"].items():
+        metric = HEADLINE[stage]
+        lines += ["", f"**{stage}** (moving average over {bands['window']} steps)", "",
+                  f"| run | steps | max \\|Δloss\\| (step) | max smoothed \\|Δloss\\| | Δ last loss | \\|Δ {metric}\\| |",
+                  "|---|---|---|---|---|---|"]
+        for label, stages in tolerance["measured"].items():
+            m = stages.get(stage)
+            if m is None:
+                continue
+            delta = m["metrics"].get(metric)
+            lines.append(f"| {label} | {m['steps']} | {m['max_abs_delta_loss']:.2g} ({m['at_step']}) | "
+                         f"{m['max_smoothed_delta_loss']:.2g} | {m['final_loss_delta']:+.2g} | "
+                         f"{'—' if delta is None else f'{delta:.3g}'} |")
+        lines.append(f"| **band** | | reproduced: up to {bands['reproduced']['loss'][-1][1]:.2g} | drifted: "
+                     f"{bands['drifted']['smoothed_loss']:.2g} | | reproduced {bands['reproduced']['metrics'][metric]:.2g}, "
+                     f"drifted {bands['drifted']['metrics'][metric]:.2g} |")
+    return lines
+
+
 def copy_token_data(reference: Path, root: Path, name: str) -> None:
     for part in ("tokenizer", "data"):
         source, target = reference / "out" / name / part, root / "out" / name / part
@@ -208,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
         tolerance = derive_tolerance(dest, {k: v for k, v in found.items() if VARIANTS[k].kind == "machine"},
                                      {k: v for k, v in found.items() if VARIANTS[k].kind == "seed"})
         (dest / TOLERANCE).write_text(json.dumps(tolerance, indent=1) + "\n", encoding="utf-8")
-        print(json.dumps(tolerance["measured"], indent=1))
+        print("\n".join(measured_tables(tolerance)))
         print(f"wrote {dest / TOLERANCE}")
 
 
