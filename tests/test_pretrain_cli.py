@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -307,6 +308,24 @@ def test_diverging_run_stops_keeps_the_last_good_checkpoint_and_resumes_with_a_l
     assert resumed.returncode == 0, resumed.stderr
     assert "changed settings" not in resumed.stdout  # the step-12 checkpoint was saved with lr 0.001
     assert run.losses() == trained.losses()  # from the kept step 12 on, exactly the uninterrupted run
+
+
+def test_resume_applies_every_changed_schedule_setting_and_says_so(tmp_path, trained):
+    run = new_run(tmp_path, like=trained)
+    shutil.copytree(trained.out / "pretrain", run.out / "pretrain")
+    proc = run.pretrain("--resume", "--max-steps", "36", "--lr", "5e-4", "--weight-decay", "0.05", "--warmup-steps",
+                        "10", "--min-lr-ratio", "0.5", "--clip-grad-norm", "0.5", "--ckpt-every", "2",
+                        "--eval-every", "4")
+    assert proc.returncode == 0, proc.stderr
+    assert ("with changed settings, applied from here on: lr 0.001 -> 0.0005, min_lr_ratio 0.1 -> 0.5, "
+            "warmup_steps 30 -> 10, max_steps 30 -> 36, weight_decay 0.1 -> 0.05, clip_grad_norm 1.0 -> 0.5") in proc.stdout
+    rows = {r["step"]: r for r in map(json.loads, (run.out / "pretrain" / "log.jsonl").read_text().splitlines())}
+    progress = (31 - 10) / (36 - 10)  # the new cosine (warmup 10, 36 steps, floor 0.5) at step 31
+    assert rows[32]["lr"] == pytest.approx(5e-4 * (0.5 + 0.25 * (1 + math.cos(math.pi * progress))))
+    assert "val_loss" in rows[32] and "val_loss" not in rows[31]  # --eval-every 4
+    last = torch.load(run.out / "pretrain" / "step_00000036.pt", weights_only=False)
+    assert [g["weight_decay"] for g in last["optimizer"]["param_groups"]] == [0.05, 0.0]
+    assert (run.out / "pretrain" / "step_00000032.pt").exists()  # --ckpt-every 2
 
 
 def test_skipped_nonfinite_steps_are_counted_and_logged_as_null(tmp_path, trained):
