@@ -54,11 +54,27 @@ class StageLog:
 
     @property
     def metrics(self) -> dict[str, float]:
-        return (self.record or {}).get("metrics", {})
+        return comparable_metrics((self.record or {}).get("metrics", {}))
 
     @property
     def finished_steps(self) -> int | None:
         return (self.record or {}).get("steps")
+
+
+def comparable_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """A stage's final metrics as two runs can compare them. A reward-model score is defined only up to a constant
+    (the Bradley-Terry loss sees score differences), and each run scores with its own reward model: so a score
+    counts as its gain over the run's starting model (heldout_score -> heldout_score_gain = heldout_score -
+    heldout_before_score), and the starting model's own score not at all."""
+    out = {}
+    for name, value in metrics.items():
+        if "score" not in name:
+            out[name] = value
+            continue
+        before = name.replace("heldout_", "heldout_before_", 1)
+        if before != name and before in metrics:
+            out[f"{name}_gain"] = value - metrics[before]
+    return out
 
 
 def read_stage(run_dir: Path, stage: str) -> StageLog | None:

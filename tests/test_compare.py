@@ -77,6 +77,17 @@ def test_a_metric_beyond_its_band(reference):
     assert any("choice_acc beyond another seed's band" in r for r in judgement.reasons)
 
 
+def test_reward_model_scores_compare_as_gains_over_the_starting_model(tmp_path):
+    scores = {"heldout_before_score": 3.9, "heldout_score": 4.1, "heldout_kl": 0.5}
+    write_stage(tmp_path / "ref", "pretrain", BASE, scores)
+    shifted = {k: v + 2.0 if "score" in k else v for k, v in scores.items()}  # another reward model's offset
+    yours = write_stage(tmp_path / "yours", "pretrain", BASE, shifted).parent
+    [result], lines = compare.compare_runs(yours, tmp_path / "ref", TOLERANCE)
+    assert result.diff.metrics == {"heldout_score_gain": (pytest.approx(0.2), pytest.approx(0.2)),
+                                   "heldout_kl": (0.5, 0.5)}
+    assert any("heldout_score_gain" in line for line in lines)
+
+
 def test_shifted_curve_diverges_at_its_first_step_with_exit_code_1(reference, tmp_path):
     shifted = [v + (0.2 if s >= 40 else 0.0) for s, v in enumerate(BASE, 1)]
     write_stage(tmp_path / "out" / "baby", "pretrain", shifted, METRICS)
