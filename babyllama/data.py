@@ -53,7 +53,7 @@ from tqdm import tqdm
 
 from babyllama.corpus import resolve_files
 from babyllama.errors import UserError
-from babyllama.outdir import claim_out_dir, is_partial_write, write_atomic
+from babyllama.outdir import claim_out_dir, is_partial_write, locked, write_atomic
 
 FORMAT, VERSION = "babyllama-tokens", 1
 SPLITS = ("train", "val")
@@ -94,6 +94,14 @@ def prepare_token_bins(documents: Iterable[str], tokenizer: Any, out_dir: str | 
     if shard_tokens < 1:
         raise UserError(f"shard_tokens={shard_tokens}: must be at least 1")
     out = Path(out_dir)
+    with locked(out, "token data build"):  # another build (or a run reading it) must not meet half-written shards
+        return _prepare_token_bins(documents, tokenizer, out, val_fraction, seed, num_workers, shard_tokens, desc,
+                                   overwrite, corpus)
+
+
+def _prepare_token_bins(documents: Iterable[str], tokenizer: Any, out: Path, val_fraction: float, seed: int,
+                        num_workers: int | None, shard_tokens: int, desc: str, overwrite: bool,
+                        corpus: dict | None) -> dict:
     _claim_out_dir(out, overwrite)
     vocab_size, eos_id = int(tokenizer.vocab_size), int(tokenizer.eos_id)
     dtype = token_dtype(vocab_size)

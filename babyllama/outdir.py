@@ -27,14 +27,31 @@ _held_locks: dict[Path, int] = {}  # directory -> open descriptor holding its lo
 
 
 def hold_lock(directory: Path, what: str = "run") -> None:
-    """Lock `directory` for this process until it exits (flock on <directory>/.lock, which holds our PID): a second
-    run on the same directory stops with one line naming the holder. The kernel drops the lock when its process
-    dies, so a killed run's lock never needs cleaning up. At exit the lock file goes, and so do the directories
-    made for it if nothing else was written there (a refused run leaves no trace). Local filesystems only (flock
-    is unreliable on NFS)."""
-    directory = Path(directory).resolve()
+    """Lock `directory` for this process until it exits (flock on <directory>/.lock, which names `what` holds it and
+    its PID): a second run on the same directory stops with one line naming the holder. The kernel drops the lock
+    when its process dies, so a killed run's lock never needs cleaning up. At exit the lock file goes, and so do
+    the directories made for it if nothing else was written there (a refused run leaves no trace). Local
+    filesystems only (flock is unreliable on NFS)."""
+    taken = _acquire(Path(directory).resolve(), what)
+    if taken is not None:
+        atexit.register(_release, *taken)
+
+
+@contextlib.contextmanager
+def locked(directory: Path, what: str) -> Iterator[None]:
+    """`hold_lock` for the duration of a block (a library call that builds `directory`), unless this process
+    holds it already."""
+    taken = _acquire(Path(directory).resolve(), what)
+    try:
+        yield
+    finally:
+        if taken is not None:
+            _release(*taken)
+
+
+def _acquire(directory: Path, what: str) -> tuple[Path, int, list[Path]] | None:
     if fcntl is None or directory in _held_locks:
-        return
+        return None
     made = [p for p in (directory, *directory.parents) if not p.exists()]
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / LOCK_FILE
@@ -43,21 +60,22 @@ def hold_lock(directory: Path, what: str = "run") -> None:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.read(fd, 200).decode(errors="replace").strip() or "unknown"
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "run (PID unknown)"
             os.close(fd)
-            raise UserError(f"{directory} is in use by another {what} (PID {holder}); wait for it to finish, "
+            raise UserError(f"{directory} is in use by another {holder}; wait for it to finish, "
                             "or pass another --out") from None
         with contextlib.suppress(FileNotFoundError):
             if os.stat(path).st_ino == os.fstat(fd).st_ino:
                 break  # else its holder removed the file as we opened it: lock the new one
         os.close(fd)
     os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()} on {socket.gethostname()}".encode())
+    os.write(fd, f"{what} (PID {os.getpid()} on {socket.gethostname()})".encode())
     _held_locks[directory] = fd
-    atexit.register(_release_lock, path, fd, made)
+    return path, fd, made
 
 
-def _release_lock(path: Path, fd: int, made: list[Path]) -> None:
+def _release(path: Path, fd: int, made: list[Path]) -> None:
+    _held_locks.pop(path.parent, None)
     path.unlink(missing_ok=True)
     os.close(fd)
     for directory in made:  # innermost first; stops at the first that holds anything
@@ -87,7 +105,7 @@ def claim_out_dir(out: Path, overwrite: bool, what: str,
     Nothing is created or deleted here: a refused run leaves no trace, and which files to replace is the caller's."""
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a directory; choose another output directory")
-    entries = list(out.iterdir()) if out.exists() else []
+    entries = [p for p in out.iterdir() if p.name != LOCK_FILE] if out.exists() else []  # our own lock is no content
     if entries and not (overwrite or leftovers(entries)):
         raise UserError(f"{out} is not empty ({len(entries)} entries); pass --overwrite (overwrite=True) to replace "
                         f"its {what}, or choose another output directory")

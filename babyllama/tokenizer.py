@@ -80,7 +80,7 @@ from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 from tokenizers import decoders, normalizers, processors
 
 from babyllama.errors import UserError
-from babyllama.outdir import claim_out_dir
+from babyllama.outdir import claim_out_dir, locked
 
 UNK, BOS, EOS, PAD, IM_START, IM_END = "<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = (UNK, BOS, EOS, PAD, IM_START, IM_END)  # ids 0..5 in tokenizers trained here
@@ -107,33 +107,35 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path, 
 
     A non-empty `out_dir` is refused before training unless `overwrite` (data and checkpoints may have been built
     with the tokenizer there); the three tokenizer files are then replaced, anything else is left alone."""
-    claim_out_dir(Path(out_dir), overwrite, "tokenizer")
-    if vocab_size < N_META + 16:
-        raise UserError(f"vocab_size={vocab_size} is too small: {N_META} ids are special and byte tokens; "
-                        f"use at least {N_META + 16} (e.g. {DEFAULT_VOCAB_SIZE})")
-    sample = _sample_sentences(texts, max_train_chars, input_sentence_size, max_sentence_chars, seed)
-    n_chars = sum(map(len, sample))
-    if not n_chars:
-        raise UserError("no text to train the tokenizer on; check the corpus path and its text field")
-    if n_chars < CHARS_PER_VOCAB_ENTRY * vocab_size:
-        warnings.warn(f"{n_chars:,} characters of text for a {vocab_size:,}-token vocabulary: many pieces will be "
-                      f"rare; use about {CHARS_PER_VOCAB_ENTRY * vocab_size / 1e6:.1f}M characters or a smaller "
-                      "vocabulary", UserWarning, stacklevel=2)
-    sample, coverage = _limit_characters(sample, vocab_size - N_META, character_coverage, char_vocab_fraction)
-    model = io.BytesIO()
-    try:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=_drain(sample), model_writer=model, model_type="bpe", vocab_size=vocab_size,
-            character_coverage=coverage, byte_fallback=True, split_digits=True, allow_whitespace_only_pieces=True,
-            remove_extra_whitespaces=False, normalization_rule_name="identity", add_dummy_prefix=False,
-            unk_id=0, bos_id=1, eos_id=2, pad_id=3, unk_piece=UNK, bos_piece=BOS, eos_piece=EOS, pad_piece=PAD,
-            control_symbols=[IM_START, IM_END], input_sentence_size=0, max_sentence_length=4 * max_sentence_chars + 4,
-            num_threads=num_threads or os.cpu_count() or 1, minloglevel=0 if verbose else 2)
-    except RuntimeError as e:
-        raise _training_error(e, vocab_size, n_chars) from None
-    tok = Tokenizer._from_spm(model.getvalue(), Path(out_dir) / "tokenizer.model", {})
-    tok.save(out_dir)
-    return tok
+    with locked(Path(out_dir), "tokenizer build"):  # a second build into this directory is refused
+        claim_out_dir(Path(out_dir), overwrite, "tokenizer")
+        if vocab_size < N_META + 16:
+            raise UserError(f"vocab_size={vocab_size} is too small: {N_META} ids are special and byte tokens; "
+                            f"use at least {N_META + 16} (e.g. {DEFAULT_VOCAB_SIZE})")
+        sample = _sample_sentences(texts, max_train_chars, input_sentence_size, max_sentence_chars, seed)
+        n_chars = sum(map(len, sample))
+        if not n_chars:
+            raise UserError("no text to train the tokenizer on; check the corpus path and its text field")
+        if n_chars < CHARS_PER_VOCAB_ENTRY * vocab_size:
+            warnings.warn(f"{n_chars:,} characters of text for a {vocab_size:,}-token vocabulary: many pieces will be "
+                          f"rare; use about {CHARS_PER_VOCAB_ENTRY * vocab_size / 1e6:.1f}M characters or a smaller "
+                          "vocabulary", UserWarning, stacklevel=2)
+        sample, coverage = _limit_characters(sample, vocab_size - N_META, character_coverage, char_vocab_fraction)
+        model = io.BytesIO()
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=_drain(sample), model_writer=model, model_type="bpe", vocab_size=vocab_size,
+                character_coverage=coverage, byte_fallback=True, split_digits=True, allow_whitespace_only_pieces=True,
+                remove_extra_whitespaces=False, normalization_rule_name="identity", add_dummy_prefix=False,
+                unk_id=0, bos_id=1, eos_id=2, pad_id=3, unk_piece=UNK, bos_piece=BOS, eos_piece=EOS, pad_piece=PAD,
+                control_symbols=[IM_START, IM_END], input_sentence_size=0,
+                max_sentence_length=4 * max_sentence_chars + 4,
+                num_threads=num_threads or os.cpu_count() or 1, minloglevel=0 if verbose else 2)
+        except RuntimeError as e:
+            raise _training_error(e, vocab_size, n_chars) from None
+        tok = Tokenizer._from_spm(model.getvalue(), Path(out_dir) / "tokenizer.model", {})
+        tok.save(out_dir)
+        return tok
 
 
 def _sample_sentences(texts: Iterable[str], max_chars: int, max_sentences: int, max_len: int,

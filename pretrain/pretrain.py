@@ -31,7 +31,7 @@ from babyllama.distributed import main_rank_first, shutdown  # noqa: E402
 from babyllama.errors import UserError  # noqa: E402
 from babyllama.generation import Generator, SamplingConfig  # noqa: E402
 from babyllama.model import Llama  # noqa: E402
-from babyllama.outdir import write_atomic  # noqa: E402
+from babyllama.outdir import hold_lock, write_atomic  # noqa: E402
 from babyllama.runs import RunConfig, RunPaths, model_config_for  # noqa: E402
 from babyllama.stage import (compile_from_run, init_checkpoint, load_init_model, parse_stage_args,  # noqa: E402
                              record_stage, resume_if_asked, standard_callbacks)
@@ -109,6 +109,9 @@ def refuse_resume_without_checkpoint(resume: bool, ckpt_dir: Path) -> None:
 def main() -> None:
     args, run, paths, env = parse_stage_args(__doc__, "pretrain")
     refuse_resume_without_checkpoint(args.resume, paths.stage("pretrain"))
+    if env.is_main:  # what this run reads stays as it is while it runs (a data/prepare.py --overwrite is refused)
+        for directory in [paths.data] + ([] if run.tokenizer else [paths.tokenizer]):
+            hold_lock(directory, "pretraining run")
     corpus = corpus_record(run.corpus, run.corpus_format, run.corpus_field)
     tok = ensure_tokenizer(run, paths, corpus)
     cfg = model_config_for(run, tok.vocab_size)  # before tokenizing: a tokenizer too large for the preset fails now

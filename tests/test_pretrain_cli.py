@@ -367,6 +367,10 @@ def test_second_run_on_a_stage_is_refused_naming_the_holder_and_a_killed_runs_lo
     try:
         assert_user_error(run.pretrain(), f"is in use by another pretrain run (PID {first.pid} on ",
                           "wait for it to finish, or pass another --out")
+        prepare = [sys.executable, str(ROOT / "data" / "prepare.py"), "--input", str(run.corpus), "--tokenizer",
+                   str(run.out / "tokenizer"), "--out", str(run.out / "data"), "--overwrite"]
+        rebuild = subprocess.run(prepare, capture_output=True, text=True, env=ENV, timeout=120)
+        assert_user_error(rebuild, f"{run.out / 'data'} is in use by another pretraining run (PID {first.pid} on ")
     finally:
         first.kill()
         first.wait()
