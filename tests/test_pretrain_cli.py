@@ -281,22 +281,12 @@ def test_run_record_names_command_config_versions_and_final_metrics(untouched):
     assert set(record["metrics"]) == {"val_loss"} and 0 < record["metrics"]["val_loss"] < 10
 
 
-def test_stop_at_then_resume_is_the_uninterrupted_run(tmp_path, trained):
-    run = new_run(tmp_path, like=trained)
-    stopped = run.pretrain("--stop-at", "12")
-    assert stopped.returncode == 0, stopped.stderr
-    assert run.losses() == trained.losses()[:12]  # the schedule of --max-steps, not one that ends at 12
-    assert json.loads((run.out / "pretrain" / "run.json").read_text())["steps"] == 12
-    resumed = run.pretrain("--resume")
-    assert resumed.returncode == 0, resumed.stderr
-    assert run.losses() == trained.losses()
-    assert len(json.loads((run.out / "pretrain" / "run.json").read_text())["commands"]) == 2
-
-
 # ======================================================================= divergence, resume with new settings, flags
 def test_diverging_run_stops_keeps_the_last_good_checkpoint_and_resumes_with_a_lower_lr(tmp_path, trained):
     run = new_run(tmp_path, like=trained)
-    assert run.pretrain("--stop-at", "12").returncode == 0
+    assert run.pretrain("--stop-at", "12").returncode == 0  # a run in parts: the schedule of --max-steps, not 12
+    assert run.losses() == trained.losses()[:12]
+    assert json.loads((run.out / "pretrain" / "run.json").read_text())["steps"] == 12
     proc = run.pretrain("--resume", "--lr", "1000")  # a rescue gone wrong: NaN within a few steps
     assert_stopped(proc, "training diverged and stopped; the last good checkpoint is "
                    f"{run.out / 'pretrain' / 'step_00000012.pt'}: continue from it with --resume and a lower --lr")
@@ -308,6 +298,7 @@ def test_diverging_run_stops_keeps_the_last_good_checkpoint_and_resumes_with_a_l
     assert resumed.returncode == 0, resumed.stderr
     assert "changed settings" not in resumed.stdout  # the step-12 checkpoint was saved with lr 0.001
     assert run.losses() == trained.losses()  # from the kept step 12 on, exactly the uninterrupted run
+    assert len(json.loads((run.out / "pretrain" / "run.json").read_text())["commands"]) == 2  # the stopped one too
 
 
 def test_resume_applies_every_changed_schedule_setting_and_says_so(tmp_path, trained):
