@@ -158,7 +158,6 @@ def load_session(args: argparse.Namespace, default_stages: Sequence[str]) -> Cha
     device = pick_device(args.device)
     tok = Tokenizer.load(args.tokenizer or paths.tokenizer)
     model = load_model(checkpoint, device, decode_dtype(args.dtype, device), tokenizer=tok)
-    model.mask_beyond(tok.vocab_size)
     system = None if args.system is None else valid_text(args.system, "--system")
     sampling = sampling_from_args(args, model.config.max_seq_len)
     return ChatSession(model, tok, sampling, system, args.history_tokens, args.seed,

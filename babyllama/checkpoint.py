@@ -142,7 +142,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
 
     `strict=True` also refuses weights the model does not use (e.g. a reward model's value head), for stages
     that must start from a plain language model. `tokenizer`: refuse it unless it is the one the checkpoint was
-    trained with (and fits its vocabulary)."""
+    trained with (and fits its vocabulary); the ids past it are masked (`Llama.mask_beyond`: checkpoints from
+    before the padding was recorded, and imports, do not say so themselves)."""
     from babyllama.model import Llama  # local import: the model module does not need checkpoint code
 
     state = load_checkpoint(path)
@@ -164,6 +165,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     if strict and unexpected:
         raise UserError(f"{path}: checkpoint has {len(unexpected)} weights a language model does not use "
                         f"(e.g. {unexpected[0]}); is it a reward/value model? pass a pretrain or SFT checkpoint")
+    if tokenizer is not None:
+        model.mask_beyond(tokenizer.vocab_size)
     return model.to(device=device, dtype=dtype).eval()
 
 

@@ -29,11 +29,10 @@ from typing import Any
 from babyllama.callbacks import read_text_log
 from babyllama.cli import main_guard
 from babyllama.errors import UserError
-from babyllama.run_record import REPO_ROOT, RUN_RECORD, read_run_record
+from babyllama.run_record import RUN_RECORD, read_run_record
+from babyllama.runs import REPO_ROOT, STAGE_SCRIPTS
 
 STAGES = ("pretrain", "sft", "reward", "dpo", "ppo")
-STAGE_SCRIPTS = {"pretrain": "pretrain/pretrain.py", "sft": "sft/sft.py", "reward": "reward/reward.py",
-                 "dpo": "rlhf/dpo.py", "ppo": "rlhf/ppo.py"}
 PUBLISHED = REPO_ROOT / "docs" / "published"
 TOLERANCE = "tolerance.json"
 # Config fields that may differ without making it another run: where outputs go, how data is prepared, when

@@ -85,7 +85,7 @@ _B4T_GLOBAL = {"embeddings.word_embeddings.weight": "model.embed_tokens.weight",
 def export_hf(checkpoint: str | Path, tokenizer: str | Path, out_dir: str | Path) -> Path:
     """Write a transformers `LlamaForCausalLM` directory (see the module docstring) for a babyllama checkpoint."""
     tok = Tokenizer.load(tokenizer)
-    model, out = load_model(checkpoint, tokenizer=tok).mask_beyond(tok.vocab_size), Path(out_dir)
+    model, out = load_model(checkpoint, tokenizer=tok), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg, weights = unpadded(model)
     ids = dict(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)

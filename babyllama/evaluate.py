@@ -269,7 +269,7 @@ def evaluate(checkpoint: str | Path, tokenizer: str | Path, stage: str, device: 
              max_docs: int | None = None, max_items: int = 200, pairs: str | Path = PREF_VALID) -> dict[str, Any]:
     """All metrics that apply to `stage` for a checkpoint (file or stage directory); `pairs` for the reward stage."""
     tok, checkpoint = Tokenizer.load(tokenizer), resolve_checkpoint(checkpoint)
-    model = load_model(checkpoint, device, tokenizer=tok).mask_beyond(tok.vocab_size)
+    model = load_model(checkpoint, device, tokenizer=tok)
     metrics = lm_metrics(model, tok, max_docs, max_items)
     if stage != "pretrain":
         metrics.update(chat_metrics(model, tok, max_items))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -21,10 +22,10 @@ from typing import Any
 import torch
 
 from babyllama.outdir import write_atomic
+from babyllama.runs import REPO_ROOT
 from babyllama.trainer import Trainer
 
 RUN_RECORD = "run.json"
-REPO_ROOT = Path(__file__).resolve().parents[1]
 _ABSOLUTE_ROOT = str(REPO_ROOT) + os.sep
 # Stage scripts import this module at their start (through babyllama.stage): a run's wall time counts from here, so
 # it includes tokenizer and data preparation and the final evaluations, not only training.
@@ -62,8 +63,11 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+@functools.cache
 def git_state() -> dict[str, Any] | None:
-    """Commit of the code that ran and whether tracked files differed from it; None outside a git checkout."""
+    """Commit of the code that ran and whether tracked files differed from it; None outside a git checkout. Read
+    once per process: a stage asks when it starts (`stage.parse_stage_args`), so the record names the code that
+    ran even if the checkout changes meanwhile."""
     def git(*cmd: str) -> str:
         return subprocess.run(["git", *cmd], cwd=REPO_ROOT, capture_output=True, text=True, timeout=30,
                               check=True).stdout.strip()
@@ -71,10 +75,6 @@ def git_state() -> dict[str, Any] | None:
         return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
     except (OSError, subprocess.SubprocessError):
         return None
-
-
-# the code that ran: read when the stage starts, not when it ends (the checkout may change meanwhile)
-GIT_AT_START = git_state()
 
 
 def command_line(world_size: int) -> str:
@@ -118,7 +118,7 @@ def write_run_record(directory: Path, stage: str, args: argparse.Namespace, run:
         "steps": trainer.step,
         "wall_s": round(time.time() - PROCESS_STARTED + previous.get("wall_s", 0.0), 1),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "git": GIT_AT_START,
+        "git": git_state(),
         "software": software(),
         "machine": machine(env.device),
         "metrics": {k: float(v) for k, v in metrics.items()},

@@ -21,6 +21,9 @@ _CONFIG_FILES = ("config.json", "bert4torch_config.json")  # looked for in a --m
 _NO_AUTOCAST = ("fp32", "none", "no")
 _PRECISIONS = ("auto", "bf16", "fp16", *_NO_AUTOCAST)
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# the script of each training stage, as a user runs it from the repository root
+STAGE_SCRIPTS = {"pretrain": "pretrain/pretrain.py", "sft": "sft/sft.py", "reward": "reward/reward.py",
+                 "dpo": "rlhf/dpo.py", "ppo": "rlhf/ppo.py"}
 SHIPPED_CORPUS = [str(REPO_ROOT / "data" / "corpus" / "poetry_zh_train.jsonl"),
                   str(REPO_ROOT / "data" / "corpus" / "shakespeare_en_train.jsonl")]
 

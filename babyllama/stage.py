@@ -22,8 +22,9 @@ from babyllama.errors import UserError
 from babyllama.model import Llama
 from babyllama.optim import build_adamw, warmup_cosine
 from babyllama.outdir import hold_lock
-from babyllama.run_record import write_run_record
-from babyllama.runs import RunConfig, RunPaths, check_run, resolve_compile, resolve_precision, run_preset
+from babyllama.run_record import git_state, write_run_record
+from babyllama.runs import (STAGE_SCRIPTS, RunConfig, RunPaths, check_run, resolve_compile, resolve_precision,
+                            run_preset)
 from babyllama.tokenizer import Tokenizer
 from babyllama.trainer import Callback, LossFn, Trainer, causal_lm_loss
 
@@ -45,6 +46,7 @@ def parse_stage_args(description: str, stage: str,
         add_flags(parser)
     add_dataclass_flags(parser, RunConfig)
     args = parser.parse_args(argv)
+    git_state()  # the commit the run record names: the code as the run starts
     run = apply_overrides(run_preset(args.name, stage), args)
     check_run(run)
     if check is not None:
@@ -163,12 +165,8 @@ def init_checkpoint(explicit: str | None, paths: RunPaths, previous_stage: str) 
     found = directory if directory.is_file() else latest_checkpoint(directory)
     if found is None:
         raise UserError(f"no checkpoint in {directory}; run the {previous_stage} stage first "
-                        f"(e.g. python {previous_stage_script(previous_stage)} --name {paths.name}) or pass --init")
+                        f"(e.g. python {STAGE_SCRIPTS[previous_stage]} --name {paths.name}) or pass --init")
     return found
-
-
-def previous_stage_script(stage: str) -> str:
-    return {"pretrain": "pretrain/pretrain.py", "sft": "sft/sft.py", "reward": "reward/reward.py"}.get(stage, stage)
 
 
 def load_stage_tokenizer(run: RunConfig, paths: RunPaths) -> Tokenizer:

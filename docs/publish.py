@@ -38,9 +38,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from babyllama.checkpoint import list_checkpoints  # noqa: E402
 from babyllama.cli import main_guard  # noqa: E402
-from babyllama.compare import PUBLISHED, STAGE_SCRIPTS, STAGES, TOLERANCE, derive_tolerance  # noqa: E402
+from babyllama.compare import PUBLISHED, STAGES, TOLERANCE, derive_tolerance  # noqa: E402
 from babyllama.errors import UserError  # noqa: E402
-from babyllama.run_record import REPO_ROOT, RUN_RECORD, portable, read_run_record  # noqa: E402
+from babyllama.run_record import RUN_RECORD, portable, read_run_record  # noqa: E402
+from babyllama.runs import REPO_ROOT, STAGE_SCRIPTS  # noqa: E402
 
 DOCS = Path(__file__).resolve().parent
 EVENTS = "events.out.tfevents.*"

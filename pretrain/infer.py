@@ -45,7 +45,6 @@ def main() -> None:
     checkpoint = args.checkpoint or default_checkpoint(paths)
     tok = Tokenizer.load(args.tokenizer or paths.tokenizer)
     model = load_model(checkpoint, device, decode_dtype(args.dtype, device), tokenizer=tok)
-    model.mask_beyond(tok.vocab_size)
     context = model.config.max_seq_len
     cfg = sampling_from_args(args, context)
     gen = Generator(model, compile=args.compile)
