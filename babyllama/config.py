@@ -87,8 +87,8 @@ class ModelConfig:
         return self.n_layers * per_layer + emb + d
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token: 6 x matmul params + 12 L d T for attention (nanoGPT/PaLM convention,
-        the one behind the MFU numbers in ../shared/README.md)."""
+        """Training FLOPs per token: 6 x matmul params + 12 L d T for attention (the nanoGPT/PaLM convention,
+        which the MFU numbers of docs/performance.md use)."""
         d, kv = self.dim, self.n_kv_heads * self.head_dim
         per_layer = d * d * 2 + d * kv * 2 + 3 * d * self.ffn_dim
         matmul = self.n_layers * per_layer + self.vocab_size * d  # lm_head runs even when tied
@@ -101,7 +101,7 @@ _HF_KEYS = {
     "max_position_embeddings": "max_seq_len", "rope_theta": "rope_theta", "rms_norm_eps": "norm_eps",
     "tie_word_embeddings": "tie_embeddings", "initializer_range": "init_std",
 }
-# bert4torch names its keys like HF except the norm epsilon (see ../shared/README.md).
+# bert4torch names its keys like HF except the norm epsilon (`layer_norm_eps`, not `rms_norm_eps`).
 _B4T_KEYS = {**{k: v for k, v in _HF_KEYS.items() if k != "rms_norm_eps"}, "layer_norm_eps": "norm_eps"}
 _REQUIRED = ("vocab_size", "dim", "n_layers", "n_heads", "ffn_dim")
 

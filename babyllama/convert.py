@@ -63,8 +63,8 @@ CHAT_TEMPLATE = (
     "{% endif %}"
 )
 
-# bert4torch 0.6.2 builds a LLaMA only from these keys (see ../shared/README.md); `segment_vocab_size: 0` drops the
-# segment embedding it otherwise adds, whose forward then expects segment ids.
+# bert4torch 0.6.2 builds a LLaMA only from these keys (without them it silently builds a BERT-like decoder);
+# `segment_vocab_size: 0` drops the segment embedding it otherwise adds, whose forward then expects segment ids.
 _B4T_ARCH = dict(model="llama", layer_type="LLMLayer", attn_type="RopeAttention", pos_emb_type="rotary",
                  mlp_type="LlamaFeedForward", layer_norm_mode="rmsnorm", final_layernorm=True, use_bias=False,
                  rope_rank="updown", _attn_implementation="sdpa", hidden_act="silu", segment_vocab_size=0)
