@@ -84,10 +84,12 @@ def barrier() -> None:
 
 def shutdown() -> None:
     """Leave the process group together: a rank tearing down gloo while another still works (e.g. rank 0
-    writing samples) intermittently hung or aborted the job at exit."""
+    writing samples) intermittently hung or aborted the job at exit. After the barrier, gloo is left to the
+    process exit: its `destroy_process_group` itself hung now and then on the last rank out."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()
+        if dist.get_backend() == "nccl":
+            dist.destroy_process_group()
 
 
 def shard_model(model: torch.nn.Module) -> None:

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -452,7 +453,9 @@ def run_process_group(cmd: list[str], timeout: float, nodes: int = 1) -> tuple[i
         stderr = "".join(p.communicate(timeout=timeout)[1] for p in procs)
     except subprocess.TimeoutExpired:
         for p in procs:
-            os.killpg(p.pid, signal.SIGKILL)
+            # torchrun starts every rank in a session of its own, so the launcher's group does not hold them.
+            for process in [psutil.Process(p.pid), *psutil.Process(p.pid).children(recursive=True)]:
+                process.kill()
             p.communicate()
         raise
     return max(p.returncode for p in procs), stderr
