@@ -21,10 +21,10 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from babyllama.corpus import iter_documents  # noqa: E402
-from babyllama.data import prepare_token_bins  # noqa: E402
-from babyllama.runs import SHIPPED_CORPUS  # noqa: E402
-from babyllama.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
+from babyllama.data.corpus import iter_documents  # noqa: E402
+from babyllama.data.token_bins import prepare_token_bins  # noqa: E402
+from babyllama.shipped import TRAIN_CORPUS  # noqa: E402
+from babyllama.data.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
 from jsonl import emit  # noqa: E402  (bench/ is on sys.path as the script's folder)
 
 
@@ -51,7 +51,7 @@ def timed(fn) -> tuple[int, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--input", nargs="+", default=SHIPPED_CORPUS)
+    ap.add_argument("--input", nargs="+", default=[str(p) for p in TRAIN_CORPUS])
     ap.add_argument("--tokenizer", help="tokenizer path (default: train a 4096-token one on the input)")
     ap.add_argument("--repeat", type=int, default=3, help="read the input this many times (a bigger job)")
     ap.add_argument("--workers", default="1,2")

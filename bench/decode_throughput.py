@@ -21,10 +21,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from babyllama.config import ModelConfig, preset  # noqa: E402
-from babyllama.distributed import pick_device  # noqa: E402
-from babyllama.generation import Generator, SamplingConfig  # noqa: E402
-from babyllama.model import Llama  # noqa: E402
+from babyllama.model.config import ModelConfig, preset  # noqa: E402
+from babyllama.train.distributed import pick_device  # noqa: E402
+from babyllama.model.generate import Generator, SamplingConfig  # noqa: E402
+from babyllama.model.llama import Llama  # noqa: E402
 from jsonl import emit  # noqa: E402  (bench/ is on sys.path as the script's folder)
 
 

@@ -19,11 +19,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from babyllama.config import ModelConfig, preset  # noqa: E402
-from babyllama.distributed import DistEnv, pick_device  # noqa: E402
-from babyllama.model import Llama  # noqa: E402
-from babyllama.optim import build_adamw  # noqa: E402
-from babyllama.trainer import Trainer  # noqa: E402
+from babyllama.model.config import ModelConfig, preset  # noqa: E402
+from babyllama.train.distributed import DistEnv, pick_device  # noqa: E402
+from babyllama.model.llama import Llama  # noqa: E402
+from babyllama.train.optim import build_adamw  # noqa: E402
+from babyllama.train.trainer import Trainer  # noqa: E402
 from jsonl import emit  # noqa: E402  (bench/ is on sys.path as the script's folder)
 from train_throughput import random_batches  # noqa: E402
 

@@ -29,15 +29,15 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-import babyllama.loss as loss_module  # noqa: E402
-from babyllama.config import ModelConfig, preset  # noqa: E402
-from babyllama.convert import B4T_CONFIG, bert4torch_builder, bert4torch_config  # noqa: E402
-from babyllama.data import build_pretrain_loader, prepare_token_bins  # noqa: E402
-from babyllama.distributed import DistEnv, pick_device  # noqa: E402
-from babyllama.metrics import peak_flops  # noqa: E402
-from babyllama.model import Llama  # noqa: E402
-from babyllama.optim import build_adamw  # noqa: E402
-from babyllama.trainer import Callback, Trainer  # noqa: E402
+import babyllama.model.fused_cross_entropy as loss_module  # noqa: E402
+from babyllama.model.config import ModelConfig, preset  # noqa: E402
+from babyllama.convert.hf import B4T_CONFIG, bert4torch_builder, bert4torch_config  # noqa: E402
+from babyllama.data.token_bins import build_pretrain_loader, prepare_token_bins  # noqa: E402
+from babyllama.train.distributed import DistEnv, pick_device  # noqa: E402
+from babyllama.train.flops import peak_flops  # noqa: E402
+from babyllama.model.llama import Llama  # noqa: E402
+from babyllama.train.optim import build_adamw  # noqa: E402
+from babyllama.train.trainer import Callback, Trainer  # noqa: E402
 from jsonl import emit  # noqa: E402  (bench/ is on sys.path as the script's folder)
 
 
@@ -105,7 +105,7 @@ class Levers:
     checkpointing: bool = False
     fused_adamw: bool = True
     ddp: bool = False
-    loss_chunk_elements: int | None = None  # None = babyllama.loss.CHUNK_ELEMENTS
+    loss_chunk_elements: int | None = None  # None = babyllama.model.fused_cross_entropy.CHUNK_ELEMENTS
     attention: str | None = None  # an SDPA backend to prefer (e.g. "CUDNN_ATTENTION"); None = PyTorch's choice
     loader: bool = False  # batches through pretrain.py's token-bin loader instead of tensors already on the device
 

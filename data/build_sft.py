@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from babyllama import sft_data  # noqa: E402
+from babyllama.data.token_bins import sft  # noqa: E402
 from babyllama.cli import main_guard  # noqa: E402
 from babyllama.errors import UserError  # noqa: E402
 
@@ -54,7 +54,7 @@ def parse_args() -> argparse.Namespace:
 def load_records(path: Path) -> list[dict]:
     if not path.exists():
         raise UserError(f"{path} is missing: build the shipped corpus first (data/corpus/)")
-    from babyllama.corpus import iter_records
+    from babyllama.data.corpus import iter_records
     return list(iter_records(path))
 
 
@@ -121,7 +121,7 @@ SHAPES = [("with a system prompt", lambda e: e["messages"][0]["role"] == "system
 
 
 def token_report(args: argparse.Namespace, train: list[dict]) -> str:
-    from babyllama.tokenizer import Tokenizer
+    from babyllama.data.tokenizer import Tokenizer
     ds = sft_data.SFTDataset([e["messages"] for e in train], Tokenizer.load(args.tokenizer), args.max_len)
     n = sorted(ds.lengths)
     pad = {b: sft_data.padding_fraction(ds.lengths, args.batch_size, bucketed=b, seed=args.seed) for b in (True, False)}
@@ -175,7 +175,7 @@ Sources:
 - `self`: "who are you" questions and answers written for this project (name and author are options of the
   build script), repeated to weigh them up.
 - System prompts: {system_share:.0%} of the conversations (drawn with the seed, any source) start with one of a
-  few zh/en system prompts (`babyllama/sft_data.py` `system_prompts`); the rest have none.
+  few zh/en system prompts (`babyllama/data/sft.py` `system_prompts`); the rest have none.
 - `choice_eval.jsonl` uses the HELD-OUT corpus files only; nothing in it is trained on.
 
 ## chatterbot-corpus licence

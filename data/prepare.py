@@ -1,11 +1,11 @@
-"""Tokenize a corpus into pretraining shards (`train_*.bin`, `val_*.bin`, `meta.json`; see babyllama/data.py).
+"""Tokenize a corpus into pretraining shards (`train_*.bin`, `val_*.bin`, `meta.json`; see babyllama/data/token_bins.py).
 
     python data/prepare.py                                   # shipped training files -> out/baby/data
     python data/prepare.py --input data/corpus/*_train.jsonl my_texts/ --tokenizer out/tok8k --out out/tok8k_data
     python data/prepare.py --input c4/ --format c4 --tokenizer qwen3/tokenizer.json --out out/c4 --workers 8
 
 --input takes files, directories (every corpus file under them: mind held-out files) and globs, read in the
-order given; the formats are those of babyllama.corpus.iter_documents. Each document is followed by the
+order given; the formats are those of babyllama.data.corpus.iter_documents. Each document is followed by the
 tokenizer's end-of-sequence token; a `--val-fraction` share of documents (chosen with --seed) goes to val.
 An existing output directory is replaced only with --overwrite.
 """
@@ -19,9 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from babyllama.cli import main_guard  # noqa: E402
-from babyllama.corpus import FORMATS, iter_corpus  # noqa: E402
-from babyllama.data import corpus_record, prepare_token_bins  # noqa: E402
-from babyllama.tokenizer import Tokenizer  # noqa: E402
+from babyllama.data.corpus import FORMATS, iter_corpus  # noqa: E402
+from babyllama.data.token_bins import corpus_record, prepare_token_bins  # noqa: E402
+from babyllama.data.tokenizer import Tokenizer  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

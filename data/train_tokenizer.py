@@ -1,12 +1,12 @@
 """Train the byte-fallback BPE tokenizer (SentencePiece) on a corpus; writes tokenizer.model, tokenizer.json and
-tokenizer_config.json (see babyllama/tokenizer.py for the design and the fixed special-token ids).
+tokenizer_config.json (see babyllama/data/tokenizer.py for the design and the fixed special-token ids).
 
     python data/train_tokenizer.py          # shipped training files, 4096 tokens -> out/baby/tokenizer
     python data/train_tokenizer.py --input data/corpus/*_train.jsonl --vocab-size 8000 --out out/tok8k
     python data/train_tokenizer.py --input my_corpus/ --format jsonl --field content --vocab-size 64793 --out out/tok64k
 
 --input takes files, directories (every corpus file under them: mind held-out files) and globs; the formats are
-those of babyllama.corpus.iter_documents. A 64,793-token vocabulary wants ~20M characters of text (about 25 s and
+those of babyllama.data.corpus.iter_documents. A 64,793-token vocabulary wants ~20M characters of text (about 25 s and
 1.6 GB of RAM on 2 cores); larger corpora are sampled down to --max-train-chars. A non-empty --out (data and
 checkpoints may have been built with the tokenizer there) is replaced only with --overwrite.
 """
@@ -24,8 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from babyllama.cli import main_guard  # noqa: E402
-from babyllama.corpus import FORMATS, iter_corpus  # noqa: E402
-from babyllama.tokenizer import DEFAULT_VOCAB_SIZE, Tokenizer, train_tokenizer  # noqa: E402
+from babyllama.data.corpus import FORMATS, iter_corpus  # noqa: E402
+from babyllama.data.tokenizer import DEFAULT_VOCAB_SIZE, Tokenizer, train_tokenizer  # noqa: E402
 
 _HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 _LATIN = re.compile(r"[A-Za-z]")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from babyllama import convert  # noqa: E402
+from babyllama.convert.hf import hf  # noqa: E402
 from babyllama.cli import main_guard  # noqa: E402
 
 

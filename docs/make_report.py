@@ -4,7 +4,7 @@
     python docs/make_report.py --name baby                  # draw from the evaluations already in out/baby/eval
     python docs/make_report.py --name baby --root /tmp/x/out --runs /tmp/x/runs --dest /tmp/x/report
 
-With --evaluate, first runs `babyllama.evaluate` on the newest checkpoint of every stage (pretrain, sft, reward,
+With --evaluate, first runs `babyllama.eval.evaluate` on the newest checkpoint of every stage (pretrain, sft, reward,
 dpo, ppo) under <root>/<name>/, writing <root>/<name>/eval/<stage>.json (--max-docs/--max-items as there).
 For every stage found under <runs>/<name>/ (TensorBoard event files) or <root>/<name>/<stage>/log.jsonl, writes
 <dest>/<stage>.png: loss and validation loss, learning rate, tokens/s, gradient norm, and for the reward model,
@@ -28,9 +28,9 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from babyllama import evaluate as ev  # noqa: E402
-from babyllama.callbacks import Series, read_text_log  # noqa: E402
-from babyllama.checkpoint import latest_checkpoint  # noqa: E402
+from babyllama.eval import evaluate as ev  # noqa: E402
+from babyllama.train.callbacks import Series, read_text_log  # noqa: E402
+from babyllama.train.checkpoint import latest_checkpoint  # noqa: E402
 from babyllama.cli import main_guard  # noqa: E402
 from babyllama.errors import UserError  # noqa: E402
 
@@ -121,7 +121,7 @@ def _fmt(v: float) -> str:
 
 
 def evaluate_stages(out: Path, device: str, max_docs: int | None, max_items: int) -> None:
-    """`babyllama.evaluate` of the newest checkpoint of every stage in `out` (a run directory), results in
+    """`babyllama.eval.evaluate` of the newest checkpoint of every stage in `out` (a run directory), results in
     out/eval/<stage>.json."""
     stages = [s for s in STAGE_ORDER if latest_checkpoint(out / s) is not None]
     if not stages:

@@ -1,4 +1,4 @@
-"""Publish a reference run of the whole chain, and measure the tolerance `babyllama.compare` judges runs with.
+"""Publish a reference run of the whole chain, and measure the tolerance `babyllama.eval.compare` judges runs with.
 
     python docs/publish.py run --name baby          # the chain from scratch, evaluated -> docs/published/baby/
                                                     #   and docs/report/ (~25 min on 2 CPU cores)
@@ -7,7 +7,7 @@
 
 `run` works in <work>/reference (default work: out/_publish; it must not hold checkpoints yet) and runs exactly
 the commands a user runs (`python pretrain/pretrain.py --name baby`, then sft, reward, dpo, ppo), each with --out
-and --runs pointing into the work directory; then `babyllama.evaluate` on every stage and docs/make_report.py,
+and --runs pointing into the work directory; then `babyllama.eval.evaluate` on every stage and docs/make_report.py,
 and copies, per stage, log.jsonl, run.json (command, config, commit, versions, machine, wall time, final metrics),
 the TensorBoard event files and the evaluation JSON to docs/published/<name>/<stage>/. tolerance.json is kept
 (remeasure it with `variants` and `tolerance` when a change could move the curves differently, e.g. a new preset).
@@ -36,12 +36,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from babyllama.checkpoint import list_checkpoints  # noqa: E402
+from babyllama.train.checkpoint import list_checkpoints  # noqa: E402
 from babyllama.cli import main_guard  # noqa: E402
-from babyllama.compare import PUBLISHED, STAGES, TOLERANCE, derive_tolerance  # noqa: E402
+from babyllama.compare import STAGES, TOLERANCE, derive_tolerance  # noqa: E402
 from babyllama.errors import UserError  # noqa: E402
-from babyllama.run_record import RUN_RECORD, portable, read_run_record  # noqa: E402
-from babyllama.runs import REPO_ROOT, STAGE_SCRIPTS  # noqa: E402
+from babyllama.train.run_record import RUN_RECORD, portable, read_run_record  # noqa: E402
+from babyllama.shipped import PUBLISHED, REPO_ROOT, STAGE_SCRIPTS  # noqa: E402
 
 DOCS = Path(__file__).resolve().parent
 EVENTS = "events.out.tfevents.*"

@@ -20,23 +20,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from babyllama import callbacks as cb  # noqa: E402
-from babyllama.checkpoint import latest_checkpoint  # noqa: E402
+from babyllama.train import callbacks as cb  # noqa: E402
+from babyllama.train.checkpoint import latest_checkpoint  # noqa: E402
 from babyllama.cli import main_guard  # noqa: E402
-from babyllama.corpus import iter_corpus  # noqa: E402
-from babyllama.data import (TokenWindowDataset, build_pretrain_loader, check_corpus_matches,  # noqa: E402
+from babyllama.data.corpus import iter_corpus  # noqa: E402
+from babyllama.data.token_bins import (TokenWindowDataset, build_pretrain_loader, check_corpus_matches,  # noqa: E402
                             check_tokenizer_matches, corpus_differences, corpus_record, prepare_token_bins)
-from babyllama.checkpoint import load_model  # noqa: E402
-from babyllama.distributed import main_rank_first, shutdown  # noqa: E402
+from babyllama.train.checkpoint import load_model  # noqa: E402
+from babyllama.train.distributed import main_rank_first, shutdown  # noqa: E402
 from babyllama.errors import UserError  # noqa: E402
-from babyllama.generation import Generator, SamplingConfig  # noqa: E402
-from babyllama.model import Llama  # noqa: E402
-from babyllama.outdir import hold_lock, write_atomic  # noqa: E402
-from babyllama.runs import RunConfig, RunPaths, model_config_for  # noqa: E402
-from babyllama.stage import (compile_from_run, init_checkpoint, load_init_model, parse_stage_args,  # noqa: E402
+from babyllama.model.generate import Generator, SamplingConfig  # noqa: E402
+from babyllama.model.llama import Llama  # noqa: E402
+from babyllama.files import hold_lock, write_atomic  # noqa: E402
+from babyllama.train.run_config import RunConfig, RunPaths, model_config_for  # noqa: E402
+from babyllama.train.stage import (compile_from_run, init_checkpoint, load_init_model, parse_stage_args,  # noqa: E402
                              record_stage, resume_if_asked, standard_callbacks)
-from babyllama.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
-from babyllama.trainer import Trainer  # noqa: E402
+from babyllama.data.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
+from babyllama.train.trainer import Trainer  # noqa: E402
 
 
 def documents(run: RunConfig) -> Iterator[str]:

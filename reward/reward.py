@@ -7,11 +7,11 @@
     python reward/reward.py --name baby --init out/baby/pretrain     # when there is no SFT checkpoint yet
 
 Starts from the newest out/<name>/sft checkpoint (or --init) and the tokenizer pretraining wrote. The score is read
-at the last real token of prompt + reply + <|im_end|> (babyllama/reward_model.py); the loss is
+at the last real token of prompt + reply + <|im_end|> (babyllama/align/reward_model.py); the loss is
 -log sigmoid(score(chosen) - score(rejected)). Logs loss, accuracy (chosen scored higher) and margin for training
 and validation (val_*) to out/<name>/reward/log.jsonl and TensorBoard (runs/<name>/reward); prints held-out
 preference accuracy and mean margin before and after training. PPO and DPO read the result with
-`babyllama.reward_model.load_reward_model("out/<name>/reward")`.
+`babyllama.align.reward_model.load_reward_model("out/<name>/reward")`.
 """
 from __future__ import annotations
 
@@ -23,17 +23,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from babyllama import callbacks as cb  # noqa: E402
+from babyllama.train import callbacks as cb  # noqa: E402
 from babyllama.cli import check_ranges, main_guard  # noqa: E402
-from babyllama.distributed import shutdown  # noqa: E402
-from babyllama.preference import (PREFERENCE_RULES, add_preference_flags, evaluate_pairs,  # noqa: E402
+from babyllama.train.distributed import shutdown  # noqa: E402
+from babyllama.data.preference import (PREFERENCE_RULES, add_preference_flags, evaluate_pairs,  # noqa: E402
                                   preference_loaders)
-from babyllama.reward_model import RewardModel, mark_reward_checkpoint, pair_loss  # noqa: E402
-from babyllama.runs import model_config_for  # noqa: E402
-from babyllama.run_record import flatten  # noqa: E402
-from babyllama.stage import (compile_from_run, init_checkpoint, load_init_model, load_stage_tokenizer,  # noqa: E402
+from babyllama.align.reward_model import RewardModel, mark_reward_checkpoint, pair_loss  # noqa: E402
+from babyllama.train.run_config import model_config_for  # noqa: E402
+from babyllama.train.run_record import flatten  # noqa: E402
+from babyllama.train.stage import (compile_from_run, init_checkpoint, load_init_model, load_stage_tokenizer,  # noqa: E402
                              parse_stage_args, record_stage, resume_if_asked, standard_callbacks)
-from babyllama.trainer import Trainer  # noqa: E402
+from babyllama.train.trainer import Trainer  # noqa: E402
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:

@@ -10,10 +10,10 @@
 Starts from the newest out/<name>/sft checkpoint (or --init); the reference is the same weights, frozen. Logs the
 loss and the implicit rewards (reward_accuracy, chosen_reward, rejected_reward, reward_margin; val_* on
 --valid-data) to out/<name>/dpo/log.jsonl and TensorBoard (runs/<name>/dpo). At the end, prints for the SFT model
-and the DPO policy the held-out numbers rlhf/ppo.py prints (babyllama/rlhf_eval.py): on replies sampled with a
+and the DPO policy the held-out numbers rlhf/ppo.py prints (babyllama/eval/heldout.py): on replies sampled with a
 fixed seed, the reward-model score (when out/<name>/reward or --reward-model has a checkpoint) and the KL to the
 SFT model per reply; the score of greedy replies; held-out multiple-choice accuracy. Checkpoints in out/<name>/dpo
-load with `babyllama.checkpoint.load_model` like any language model.
+load with `babyllama.train.checkpoint.load_model` like any language model.
 """
 from __future__ import annotations
 
@@ -27,25 +27,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from babyllama import callbacks as cb  # noqa: E402
-from babyllama.checkpoint import latest_checkpoint  # noqa: E402
+from babyllama.train import callbacks as cb  # noqa: E402
+from babyllama.train.checkpoint import latest_checkpoint  # noqa: E402
 from babyllama.cli import check_ranges, main_guard  # noqa: E402
-from babyllama.distributed import shutdown  # noqa: E402
+from babyllama.train.distributed import shutdown  # noqa: E402
 from babyllama.errors import UserError  # noqa: E402
-from babyllama.dpo import DPOLoss, frozen_reference, precompute_reference_logps  # noqa: E402
-from babyllama.generation import SamplingConfig  # noqa: E402
-from babyllama.model import Llama  # noqa: E402
-from babyllama.ppo import PPOConfig  # noqa: E402
-from babyllama.preference import (PREFERENCE_RULES, add_preference_flags, evaluate_pairs,  # noqa: E402
+from babyllama.align.dpo import DPOLoss, frozen_reference, precompute_reference_logps  # noqa: E402
+from babyllama.model.generate import SamplingConfig  # noqa: E402
+from babyllama.model.llama import Llama  # noqa: E402
+from babyllama.align.ppo import PPOConfig  # noqa: E402
+from babyllama.data.preference import (PREFERENCE_RULES, add_preference_flags, evaluate_pairs,  # noqa: E402
                                   preference_loaders)
-from babyllama.reward_model import load_reward_model  # noqa: E402
-from babyllama.rlhf_eval import HELDOUT_RULES, HeldOut, add_heldout_flags, check_reply_budget, describe  # noqa: E402
-from babyllama.runs import RunPaths, model_config_for  # noqa: E402
-from babyllama.run_record import flatten  # noqa: E402
-from babyllama.stage import (compile_from_run, init_checkpoint, load_init_model, load_stage_tokenizer,  # noqa: E402
+from babyllama.align.reward_model import load_reward_model  # noqa: E402
+from babyllama.eval.heldout import HELDOUT_RULES, HeldOut, add_heldout_flags, check_reply_budget, describe  # noqa: E402
+from babyllama.train.run_config import RunPaths, model_config_for  # noqa: E402
+from babyllama.train.run_record import flatten  # noqa: E402
+from babyllama.train.stage import (compile_from_run, init_checkpoint, load_init_model, load_stage_tokenizer,  # noqa: E402
                              parse_stage_args, record_stage, resume_if_asked, standard_callbacks)
-from babyllama.tokenizer import Tokenizer  # noqa: E402
-from babyllama.trainer import Trainer  # noqa: E402
+from babyllama.data.tokenizer import Tokenizer  # noqa: E402
+from babyllama.train.trainer import Trainer  # noqa: E402
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
@@ -72,7 +72,7 @@ def check_flags(args: argparse.Namespace) -> None:
 
 
 class Report:
-    """Before/after numbers (`babyllama.rlhf_eval.HeldOut`); the reward model is loaded only while measuring."""
+    """Before/after numbers (`babyllama.eval.heldout.HeldOut`); the reward model is loaded only while measuring."""
 
     def __init__(self, args: argparse.Namespace, paths: RunPaths, tok: Tokenizer, max_seq_len: int, seed: int,
                  chunk_size: int, device: torch.device):

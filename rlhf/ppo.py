@@ -14,9 +14,9 @@ evaluation: --eval-prompts (default data/preference/prompts_heldout.jsonl, never
 items of data/sft/choice_eval.jsonl. Every step logs the rollout's mean reward-model `score`, its `kl` to the SFT
 model and `kl_coef`, and the update's `pg_loss`, `vf_loss`, `entropy`, `clipfrac`, `approx_kl`; every --eval-every
 steps `eval_score`/`eval_kl` on the held-out prompts (out/<name>/ppo/log.jsonl and TensorBoard runs/<name>/ppo).
-At the end it prints the held-out numbers before vs after PPO (babyllama/rlhf_eval.py, the same as rlhf/dpo.py):
+At the end it prints the held-out numbers before vs after PPO (babyllama/eval/heldout.py, the same as rlhf/dpo.py):
 reward-model score and KL to the SFT model of sampled replies, score of greedy replies, choice accuracy.
-The algorithm and its flags are described in babyllama/ppo.py and docs/rlhf-ppo.md.
+The algorithm and its flags are described in babyllama/align/ppo.py and docs/rlhf-ppo.md.
 """
 from __future__ import annotations
 
@@ -28,28 +28,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from babyllama import callbacks as cb  # noqa: E402
-from babyllama.chat import IM_END, special_id, stop_ids  # noqa: E402
-from babyllama.checkpoint import latest_checkpoint  # noqa: E402
+from babyllama.train import callbacks as cb  # noqa: E402
+from babyllama.data.chat_template import IM_END, special_id, stop_ids  # noqa: E402
+from babyllama.train.checkpoint import latest_checkpoint  # noqa: E402
 from babyllama.cli import add_dataclass_flags, apply_overrides, check_ranges, main_guard  # noqa: E402
-from babyllama.config import ModelConfig  # noqa: E402
-from babyllama.distributed import shutdown  # noqa: E402
+from babyllama.model.config import ModelConfig  # noqa: E402
+from babyllama.train.distributed import shutdown  # noqa: E402
 from babyllama.errors import UserError  # noqa: E402
-from babyllama.generation import SamplingConfig  # noqa: E402
-from babyllama.ppo import PolicyWithValue, PPOConfig, RolloutLoader, critic_from, frozen_copy, make_ppo_loss  # noqa: E402
-from babyllama.rlhf_eval import (HELDOUT_RULES, HeldOut, add_heldout_flags, check_reply_budget, describe,  # noqa: E402
+from babyllama.model.generate import SamplingConfig  # noqa: E402
+from babyllama.align.ppo import PolicyWithValue, PPOConfig, RolloutLoader, critic_from, frozen_copy, make_ppo_loss  # noqa: E402
+from babyllama.eval.heldout import (HELDOUT_RULES, HeldOut, add_heldout_flags, check_reply_budget, describe,  # noqa: E402
                                  fitting_prompts)
-from babyllama.reward_model import RewardModel, load_reward_model  # noqa: E402
-from babyllama.runs import REPO_ROOT, model_config_for  # noqa: E402
-from babyllama.run_record import flatten  # noqa: E402
-from babyllama.stage import (compile_from_run, init_checkpoint, load_init_model, load_stage_tokenizer,  # noqa: E402
+from babyllama.align.reward_model import RewardModel, load_reward_model  # noqa: E402
+from babyllama.shipped import PREFERENCE
+from babyllama.train.run_config import model_config_for  # noqa: E402
+from babyllama.train.run_record import flatten  # noqa: E402
+from babyllama.train.stage import (compile_from_run, init_checkpoint, load_init_model, load_stage_tokenizer,  # noqa: E402
                              parse_stage_args, record_stage, resume_if_asked, standard_callbacks)
-from babyllama.trainer import Trainer  # noqa: E402
+from babyllama.train.trainer import Trainer  # noqa: E402
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reward", default=None, help="reward checkpoint (file or dir); default out/<name>/reward")
-    parser.add_argument("--prompts", nargs="+", default=[str(REPO_ROOT / "data" / "preference" / "pref_train.jsonl")],
+    parser.add_argument("--prompts", nargs="+", default=[str(PREFERENCE / "pref_train.jsonl")],
                         help="training prompts: JSON lines with 'messages' or 'prompt'")
     add_heldout_flags(parser)
     parser.add_argument("--system", default=None, help="system prompt for prompts that have none (as in SFT)")

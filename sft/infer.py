@@ -5,7 +5,7 @@
     python sft/infer.py --stage pretrain                  # or dpo, ppo; --ckpt PATH for any checkpoint file
     printf 'Who are you?\nWho made you?\n' | python sft/infer.py --show-prompt
 
-All flags: python sft/infer.py --help (the chat itself lives in babyllama/chat_cli.py).
+All flags: python sft/infer.py --help (the chat itself lives in babyllama/chat/session.py).
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from babyllama.chat_cli import main  # noqa: E402
+from babyllama.chat.session import main  # noqa: E402
 from babyllama.cli import main_guard  # noqa: E402
 
 if __name__ == "__main__":

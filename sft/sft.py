@@ -8,8 +8,8 @@
 
 Starts from the newest out/<name>/pretrain checkpoint (or --init) and the tokenizer pretraining wrote; a
 checkpoint of another model config is refused. Every conversation is rendered with the ChatML template and only
-the assistant's replies are learned (see babyllama/chat.py). Logs training loss, `val_loss` on --valid-data and
-`choice_acc` (held-out multiple choice, see babyllama/choice_eval.py) to out/<name>/sft/log.jsonl and TensorBoard
+the assistant's replies are learned (see babyllama/data/chat_template.py). Logs training loss, `val_loss` on --valid-data and
+`choice_acc` (held-out multiple choice, see babyllama/eval/choice.py) to out/<name>/sft/log.jsonl and TensorBoard
 (runs/<name>/sft); prints validation loss, choice accuracy before and after SFT, and the padding share of batches.
 """
 from __future__ import annotations
@@ -23,28 +23,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from babyllama import callbacks as cb  # noqa: E402
-from babyllama.choice_eval import ChoiceAccuracy, load_choice_items  # noqa: E402
+from babyllama.train import callbacks as cb  # noqa: E402
+from babyllama.eval.choice import ChoiceAccuracy, load_choice_items  # noqa: E402
 from babyllama.cli import main_guard  # noqa: E402
-from babyllama.distributed import shutdown  # noqa: E402
+from babyllama.train.distributed import shutdown  # noqa: E402
 from babyllama.errors import UserError  # noqa: E402
-from babyllama.runs import REPO_ROOT, model_config_for  # noqa: E402
-from babyllama.sft_data import FORMATS, SFTDataset, build_sft_loader, padding_fraction, read_conversations  # noqa: E402
-from babyllama.run_record import flatten  # noqa: E402
-from babyllama.stage import (compile_from_run, init_checkpoint, load_init_model, load_stage_tokenizer,  # noqa: E402
+from babyllama.shipped import CHAT_CHOICES, SFT
+from babyllama.train.run_config import model_config_for  # noqa: E402
+from babyllama.data.sft import FORMATS, SFTDataset, build_sft_loader, padding_fraction, read_conversations  # noqa: E402
+from babyllama.train.run_record import flatten  # noqa: E402
+from babyllama.train.stage import (compile_from_run, init_checkpoint, load_init_model, load_stage_tokenizer,  # noqa: E402
                              parse_stage_args, record_stage, resume_if_asked, standard_callbacks)
-from babyllama.tokenizer import Tokenizer  # noqa: E402
-from babyllama.trainer import Trainer, causal_lm_loss  # noqa: E402
+from babyllama.data.tokenizer import Tokenizer  # noqa: E402
+from babyllama.train.trainer import Trainer, causal_lm_loss  # noqa: E402
 
-SHIPPED = REPO_ROOT / "data" / "sft"
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--train-data", default=str(SHIPPED / "sft_train.jsonl"),
+    parser.add_argument("--train-data", default=str(SFT / "sft_train.jsonl"),
                         help="conversations to learn (JSON lines or a JSON array, any --data-format)")
-    parser.add_argument("--valid-data", default=str(SHIPPED / "sft_valid.jsonl"), help="conversations for val_loss")
-    parser.add_argument("--choice-data", default=str(SHIPPED / "choice_eval.jsonl"),
-                        help="multiple-choice items for choice_acc (schema in babyllama/choice_eval.py); 'none' = skip")
+    parser.add_argument("--valid-data", default=str(SFT / "sft_valid.jsonl"), help="conversations for val_loss")
+    parser.add_argument("--choice-data", default=str(CHAT_CHOICES),
+                        help="multiple-choice items for choice_acc (schema in babyllama/eval/choice.py); 'none' = skip")
     parser.add_argument("--data-format", default="auto", choices=("auto", *FORMATS))
     parser.add_argument("--system", default=None, help="system prompt for conversations that have none")
 

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def other_tokenizer(tmp_path_factory) -> Path:
     """A 300-token tokenizer like the runs' but trained on other text: same size, other ids."""
-    from babyllama.tokenizer import train_tokenizer
+    from babyllama.data.tokenizer import train_tokenizer
 
     texts = [json.loads(line)["text"] for line in (ROOT / "data" / "corpus" / "shakespeare_en_heldout.jsonl").open()]
     out = tmp_path_factory.mktemp("other_tokenizer")

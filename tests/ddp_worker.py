@@ -16,12 +16,12 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
-from babyllama import callbacks as cb
-from babyllama.data import ResumableSampler
-from babyllama.distributed import init_distributed, shutdown
-from babyllama.model import Llama
-from babyllama.optim import build_adamw
-from babyllama.trainer import Trainer
+from babyllama.train import callbacks as cb
+from babyllama.data.token_bins import ResumableSampler
+from babyllama.train.distributed import init_distributed, shutdown
+from babyllama.model.llama import Llama
+from babyllama.train.optim import build_adamw
+from babyllama.train.trainer import Trainer
 from test_trainer import CFG, pattern_data
 
 prefix, mode = sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "ddp"

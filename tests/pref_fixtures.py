@@ -5,12 +5,12 @@ import random
 
 import torch
 
-from babyllama.config import ModelConfig
-from babyllama.model import Llama
-from babyllama.optim import build_adamw
-from babyllama.preference import PreferenceDataset, PreferencePair, build_preference_loader, evaluate_pairs
-from babyllama.reward_model import RewardModel, pair_loss
-from babyllama.trainer import Trainer
+from babyllama.model.config import ModelConfig
+from babyllama.model.llama import Llama
+from babyllama.train.optim import build_adamw
+from babyllama.data.preference import PreferenceDataset, PreferencePair, build_preference_loader, evaluate_pairs
+from babyllama.align.reward_model import RewardModel, pair_loss
+from babyllama.train.trainer import Trainer
 from test_chat import make_tokenizer  # noqa: F401  (re-exported for the test modules)
 
 GOOD = ["fine", "thanks", "hello", "helpful", "today", "doing"]

@@ -12,9 +12,9 @@ from types import SimpleNamespace
 
 import torch
 
-from babyllama import callbacks as cb
-from babyllama.checkpoint import atomic_save, save_checkpoint
-from babyllama.distributed import DistEnv
+from babyllama.train import callbacks as cb
+from babyllama.train.checkpoint import atomic_save, save_checkpoint
+from babyllama.train.distributed import DistEnv
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,7 +75,7 @@ def test_tensorboard_resume_purges_events_after_the_checkpoint(tmp_path):
 # the process dies inside torch.save, as under SIGKILL: no cleanup runs, the temp file stays
 KILLED_WRITE = """
 import os, sys
-from babyllama.checkpoint import save_checkpoint
+from babyllama.train.checkpoint import save_checkpoint
 
 class Kill:
     def __reduce__(self):

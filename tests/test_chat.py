@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from babyllama.chat import (IGNORE_INDEX, IM_END, IM_START, ChatHistory, NoSupervisedTokens, encode_chat,
+from babyllama.data.chat_template import (IGNORE_INDEX, IM_END, IM_START, ChatHistory, NoSupervisedTokens, encode_chat,
                             encode_text, render_prompt, render_text, stop_ids)
-from babyllama.checkpoint import atomic_save
-from babyllama.config import preset
+from babyllama.train.checkpoint import atomic_save
+from babyllama.model.config import preset
 from babyllama.errors import UserError
-from babyllama.model import Llama
+from babyllama.model.llama import Llama
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,7 +29,7 @@ SAMPLE_TEXT = [
 
 
 class CharTokenizer:
-    """Stand-in for babyllama.tokenizer.Tokenizer: one id per character, contract special ids.
+    """Stand-in for babyllama.data.tokenizer.Tokenizer: one id per character, contract special ids.
 
     Like a SentencePiece model with user-defined symbols, it turns the text "<|im_end|>" into the special id,
     which is what `encode_text` must prevent for message contents."""
@@ -62,9 +62,9 @@ class CharTokenizer:
 
 
 def make_tokenizer(tmp_dir):
-    """A small trained project tokenizer when babyllama/tokenizer.py exists, else the stand-in."""
+    """A small trained project tokenizer when babyllama/data/tokenizer.py exists, else the stand-in."""
     try:
-        from babyllama.tokenizer import train_tokenizer
+        from babyllama.data.tokenizer import train_tokenizer
     except ImportError:
         return CharTokenizer()
     rng = random.Random(0)  # varied pseudo-words, so BPE or unigram can fill the vocabulary

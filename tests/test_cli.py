@@ -7,7 +7,7 @@ import pytest
 
 from babyllama import cli
 from babyllama.cli import add_dataclass_flags, apply_overrides
-from babyllama.runs import RunConfig, run_preset
+from babyllama.train.run_config import RunConfig, run_preset
 
 
 def parse(*argv: str) -> RunConfig:

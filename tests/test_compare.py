@@ -1,4 +1,4 @@
-"""babyllama.compare: verdicts against measured bands, the tolerance derived from variant runs, one-line errors
+"""babyllama.eval.compare: verdicts against measured bands, the tolerance derived from variant runs, one-line errors
 for bad input, and the replay of the published baby pretraining run's first steps."""
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from babyllama import compare
+from babyllama.eval import compare
 from babyllama.errors import UserError
+from babyllama.shipped import STAGE_SCRIPTS
 
 ROOT = Path(__file__).resolve().parents[1]
 PUBLISHED = ROOT / "docs" / "published" / "baby"
@@ -182,7 +183,7 @@ def test_published_run_is_complete_and_self_consistent():
         record = json.loads((PUBLISHED / stage / "run.json").read_text())
         log = compare.read_stage(PUBLISHED, stage)
         assert record["steps"] == log.steps[-1] and record["metrics"] and record["git"]["commit"]
-        assert record["commands"][-1].startswith(f"python {compare.STAGE_SCRIPTS[stage]} --name baby")
+        assert record["commands"][-1].startswith(f"python {STAGE_SCRIPTS[stage]} --name baby")
         assert list(PUBLISHED.glob(f"{stage}/events.out.tfevents.*")) and (PUBLISHED / stage / "eval.json").is_file()
         assert stage in tolerance["stages"]
     results, _ = compare.compare_runs(PUBLISHED, PUBLISHED, tolerance["stages"])

@@ -14,15 +14,15 @@ import pytest
 import torch
 from tokenizers import pre_tokenizers
 
-from babyllama import convert
-from babyllama.chat import render_prompt
-from babyllama.checkpoint import atomic_save, load_model
-from babyllama.config import ModelConfig, preset
-from babyllama.corpus import iter_records
+from babyllama.convert.hf import hf
+from babyllama.data.chat_template import render_prompt
+from babyllama.train.checkpoint import atomic_save, load_model
+from babyllama.model.config import ModelConfig, preset
+from babyllama.data.corpus import iter_records
 from babyllama.errors import UserError
-from babyllama.generation import Generator, SamplingConfig
-from babyllama.model import Llama
-from babyllama.tokenizer import Tokenizer, train_tokenizer
+from babyllama.model.generate import Generator, SamplingConfig
+from babyllama.model.llama import Llama
+from babyllama.data.tokenizer import Tokenizer, train_tokenizer
 
 transformers = pytest.importorskip("transformers")
 ROOT = Path(__file__).resolve().parents[1]

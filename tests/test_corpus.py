@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from babyllama.corpus import iter_documents, iter_records
+from babyllama.data.corpus import iter_documents, iter_records
 from babyllama.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,7 +88,7 @@ def test_wikipedia_cn_json_array_auto_field(tmp_path):
 
 
 def test_json_array_streams_across_chunks(tmp_path, monkeypatch):
-    import babyllama.corpus as corpus
+    import babyllama.data.corpus as corpus
     monkeypatch.setattr(corpus, "_CHUNK", 7)  # elements straddle many buffer refills
     rows = [{"text": f"doc {i} " + "字" * i, "n": [1, {"k": "]"}]} for i in range(40)]
     p = tmp_path / "a.json"

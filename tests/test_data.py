@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-from babyllama.data import (IndexPermutation, ResumableSampler, TokenWindowDataset, build_pretrain_loader,
+from babyllama.data.token_bins import (IndexPermutation, ResumableSampler, TokenWindowDataset, build_pretrain_loader,
                             check_corpus_matches, check_tokenizer_matches, corpus_record, file_identity,
                             prepare_token_bins, read_meta)
-from babyllama.tokenizer import train_tokenizer
+from babyllama.data.tokenizer import train_tokenizer
 from babyllama.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]

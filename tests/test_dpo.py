@@ -4,11 +4,11 @@ import math
 import pytest
 import torch
 
-from babyllama.dpo import DPOLoss, dpo_loss, frozen_reference, pair_logps, precompute_reference_logps, sequence_logps
-from babyllama.model import Llama
-from babyllama.optim import build_adamw
-from babyllama.preference import collate_pairs, evaluate_pairs, pad_rows
-from babyllama.trainer import Trainer
+from babyllama.align.dpo import DPOLoss, dpo_loss, frozen_reference, pair_logps, precompute_reference_logps, sequence_logps
+from babyllama.model.llama import Llama
+from babyllama.train.optim import build_adamw
+from babyllama.data.preference import collate_pairs, evaluate_pairs, pad_rows
+from babyllama.train.trainer import Trainer
 from pref_fixtures import loaders, make_tokenizer, tiny_config
 
 

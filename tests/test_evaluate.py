@@ -10,14 +10,14 @@ import pytest
 import torch
 from torch import nn
 
-from babyllama import evaluate as ev
-from babyllama.checkpoint import atomic_save
-from babyllama.config import ModelConfig
-from babyllama.corpus import iter_records
+from babyllama.eval import evaluate as ev
+from babyllama.train.checkpoint import atomic_save
+from babyllama.model.config import ModelConfig
+from babyllama.data.corpus import iter_records
 from babyllama.errors import UserError
-from babyllama.model import Llama, Output
-from babyllama.reward_model import RewardModel, mark_reward_checkpoint
-from babyllama.tokenizer import Tokenizer, train_tokenizer
+from babyllama.model.llama import Llama, Output
+from babyllama.align.reward_model import RewardModel, mark_reward_checkpoint
+from babyllama.data.tokenizer import Tokenizer, train_tokenizer
 
 TEXTS = ["床前明月光，疑是地上霜。举头望明月，低头思故乡。" * 3, "To be, or not to be: that is the question.\n" * 4,
          "ab"]

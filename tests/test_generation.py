@@ -6,10 +6,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from babyllama.config import ModelConfig
+from babyllama.model.config import ModelConfig
 from babyllama.errors import UserError
-from babyllama.generation import Generator, SamplingConfig, apply_repetition_penalty, fit_context, sample_next
-from babyllama.model import Llama
+from babyllama.model.generate import Generator, SamplingConfig, apply_repetition_penalty, fit_context, sample_next
+from babyllama.model.llama import Llama
 
 GREEDY = SamplingConfig(max_new_tokens=12, temperature=0)
 

@@ -4,10 +4,10 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-import babyllama.loss as loss_mod
-from babyllama.config import ModelConfig, load_bert4torch_config, preset
+import babyllama.model.fused_cross_entropy as loss_mod
+from babyllama.model.config import ModelConfig, load_bert4torch_config, preset
 from babyllama.errors import UserError
-from babyllama.model import IGNORE_INDEX, Llama
+from babyllama.model.llama import IGNORE_INDEX, Llama
 
 
 def tiny_config(**kw) -> ModelConfig:

@@ -19,13 +19,13 @@ import pytest
 import torch
 import tokenizers
 
-from babyllama import convert
-from babyllama.checkpoint import load_checkpoint, load_model
-from babyllama.config import PRESETS, ModelConfig
-from babyllama.corpus import iter_records
-from babyllama.generation import Generator, SamplingConfig
-from babyllama.model import Llama
-from babyllama.tokenizer import IM_END, IM_START, Tokenizer, train_tokenizer
+from babyllama.convert.hf import hf
+from babyllama.train.checkpoint import load_checkpoint, load_model
+from babyllama.model.config import PRESETS, ModelConfig
+from babyllama.data.corpus import iter_records
+from babyllama.model.generate import Generator, SamplingConfig
+from babyllama.model.llama import Llama
+from babyllama.data.tokenizer import IM_END, IM_START, Tokenizer, train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "data" / "corpus"

@@ -8,17 +8,17 @@ import pytest
 import torch
 from torch import nn
 
-from babyllama.chat import IM_END, render_prompt, special_id, stop_ids
-from babyllama.checkpoint import latest_checkpoint, load_model
-from babyllama.config import ModelConfig
-from babyllama.distributed import DistEnv
-from babyllama.generation import Generator, SamplingConfig
-from babyllama.model import Llama
-from babyllama.reward_model import RewardModel
-from babyllama.ppo import (AdaptiveKLController, FixedKLController, PolicyWithValue, PPOConfig, Rollout,
+from babyllama.data.chat_template import IM_END, render_prompt, special_id, stop_ids
+from babyllama.train.checkpoint import latest_checkpoint, load_model
+from babyllama.model.config import ModelConfig
+from babyllama.train.distributed import DistEnv
+from babyllama.model.generate import Generator, SamplingConfig
+from babyllama.model.llama import Llama
+from babyllama.align.reward_model import RewardModel
+from babyllama.align.ppo import (AdaptiveKLController, FixedKLController, PolicyWithValue, PPOConfig, Rollout,
                            RolloutLoader, critic_from, evaluate_policy, experience, frozen_copy, gae, generate_rollout,
                            make_ppo_loss, masked_whiten, per_token_rewards, policy_loss, value_loss)
-from babyllama.trainer import Trainer
+from babyllama.train.trainer import Trainer
 from pref_fixtures import make_tokenizer, synthetic_pairs, train_reward_model
 
 

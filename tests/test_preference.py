@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from babyllama.chat import IM_END, render_prompt
-from babyllama.corpus import iter_records
+from babyllama.data.chat_template import IM_END, render_prompt
+from babyllama.data.corpus import iter_records
 from babyllama.errors import UserError
-from babyllama.preference import (REJECTIONS, PreferenceDataset, PreferencePair, build_preference_loader,
+from babyllama.data.preference import (REJECTIONS, PreferenceDataset, PreferencePair, build_preference_loader,
                                   collate_pairs, encode_side, poetry_pairs, prompts_of, read_pairs, read_prompts,
                                   records_to_pairs, shakespeare_pairs)
 from pref_fixtures import make_tokenizer, synthetic_pairs

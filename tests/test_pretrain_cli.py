@@ -21,10 +21,11 @@ import psutil
 import pytest
 import torch
 
-from babyllama import compare
-from babyllama.checkpoint import load_checkpoint
+from babyllama.eval import compare
+from babyllama.train.checkpoint import load_checkpoint
 from babyllama.errors import UserError
-from babyllama.outdir import LOCK_FILE
+from babyllama.files import LOCK_FILE
+from babyllama.shipped import PUBLISHED
 
 ROOT = Path(__file__).resolve().parents[1]
 PRETRAIN, INFER = str(ROOT / "pretrain" / "pretrain.py"), str(ROOT / "pretrain" / "infer.py")
@@ -342,7 +343,7 @@ def test_loss_spike_stops_the_run(tmp_path, trained):
     ("--min-lr-ratio", "2", "in [0, 1]"), ("--val-fraction", "1", "between 0 and 1"),
 ])
 def test_flags_out_of_range_are_refused_before_any_work(flag, value, message):
-    from babyllama.stage import parse_stage_args
+    from babyllama.train.stage import parse_stage_args
 
     with pytest.raises(UserError, match=re.escape(message)):
         parse_stage_args("", "pretrain", argv=[flag, value, "--out", "/nonexistent/never-created"])
@@ -411,8 +412,8 @@ def test_init_continues_from_given_weights_with_their_architecture(tmp_path, tra
 
 
 def test_model_flag_reads_hf_and_checkpoint_configs(tmp_path, trained):
-    from babyllama.config import ModelConfig
-    from babyllama.runs import RunConfig, model_config_for
+    from babyllama.model.config import ModelConfig
+    from babyllama.train.run_config import RunConfig, model_config_for
 
     cfg = ModelConfig.from_dict(torch.load(trained.out / "pretrain" / f"step_{STEPS:08d}.pt",
                                            weights_only=False)["model_config"])
@@ -422,8 +423,8 @@ def test_model_flag_reads_hf_and_checkpoint_configs(tmp_path, trained):
 
 
 def test_model_flag_reads_a_bert4torch_directory_and_refuses_bad_json(tmp_path):
-    from babyllama.config import preset
-    from babyllama.runs import RunConfig, model_config_for
+    from babyllama.model.config import preset
+    from babyllama.train.run_config import RunConfig, model_config_for
 
     cfg = preset("tiny", vocab_size=300)
     b4t = {"pos_emb_type": "rotary", "layer_norm_mode": "rmsnorm", "layer_norm_eps": cfg.norm_eps,
@@ -464,7 +465,7 @@ def run_process_group(cmd: list[str], timeout: float, nodes: int = 1) -> tuple[i
 @pytest.mark.parametrize("nodes", [1, 2])
 def test_two_gloo_processes_train_like_one_with_the_global_batch(tmp_path, trained, nodes):
     """2 processes on one node, or 2 nodes of one process (torchrun --nnodes 2, rendezvous on 127.0.0.1): the
-    same run as one process with the whole batch, by the weights and by `babyllama.compare` of the logs."""
+    same run as one process with the whole batch, by the weights and by `babyllama.eval.compare` of the logs."""
     windows = (json.loads((trained.out / "data" / "meta.json").read_text())["splits"]["train"]["tokens"]
                // (SEQ_LEN + 1))
     # The run crosses an epoch end where 2 ranks padded to 2 x ceil(windows / 2) samples would get one more
@@ -478,7 +479,7 @@ def test_two_gloo_processes_train_like_one_with_the_global_batch(tmp_path, train
     assert returncode == 0, stderr[-3000:]
     record = json.loads((run.out / "pretrain" / "run.json").read_text())
     assert record["world_size"] == 2 and f"--nnodes={nodes}" in record["commands"][0]
-    [result], _ = compare.compare_runs(run.out, trained.out, compare.load_tolerance(compare.PUBLISHED / "baby" /
+    [result], _ = compare.compare_runs(run.out, trained.out, compare.load_tolerance(PUBLISHED / "baby" /
                                                                                    compare.TOLERANCE))
     assert result.judgement.verdict == "reproduced" and result.diff.largest()[0] < 1e-4
     assert any("processes 1 -> 2 (global batch 4 -> 4)" in note for note in result.notes)

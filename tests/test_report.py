@@ -9,16 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from babyllama import callbacks as cb
-from babyllama.checkpoint import atomic_save
-from babyllama.config import ModelConfig
-from babyllama.corpus import iter_records
+from babyllama.train import callbacks as cb
+from babyllama.train.checkpoint import atomic_save
+from babyllama.model.config import ModelConfig
+from babyllama.data.corpus import iter_records
 from babyllama.errors import UserError
 from babyllama.evaluate import HELDOUT, write_results
-from babyllama.model import Llama
-from babyllama.reward_model import RewardModel, mark_reward_checkpoint
-from babyllama.tokenizer import train_tokenizer
-from babyllama.trainer import Trainer
+from babyllama.model.llama import Llama
+from babyllama.align.reward_model import RewardModel, mark_reward_checkpoint
+from babyllama.data.tokenizer import train_tokenizer
+from babyllama.train.trainer import Trainer
 
 _SCRIPT = Path(__file__).resolve().parents[1] / "docs" / "make_report.py"
 _spec = importlib.util.spec_from_file_location("make_report", _SCRIPT)

@@ -4,11 +4,11 @@ import math
 import pytest
 import torch
 
-from babyllama.config import ModelConfig
+from babyllama.model.config import ModelConfig
 from babyllama.errors import UserError
-from babyllama.model import Llama
-from babyllama.reward_model import RewardModel, bradley_terry_loss, load_reward_model, mark_reward_checkpoint
-from babyllama.trainer import Trainer
+from babyllama.model.llama import Llama
+from babyllama.align.reward_model import RewardModel, bradley_terry_loss, load_reward_model, mark_reward_checkpoint
+from babyllama.train.trainer import Trainer
 
 CFG = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=32)
 PAD = 3
@@ -69,8 +69,8 @@ def test_bradley_terry_hand_computed():
 
 
 def test_from_lm_keeps_backbone_and_checkpoint_roundtrip(tmp_path):
-    from babyllama.checkpoint import load_model
-    from babyllama.optim import build_adamw
+    from babyllama.train.checkpoint import load_model
+    from babyllama.train.optim import build_adamw
 
     torch.manual_seed(0)
     lm = Llama(CFG)

@@ -14,16 +14,16 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from babyllama.chat import render_prompt, stop_ids
-from babyllama.checkpoint import latest_checkpoint, load_model
-from babyllama.config import ModelConfig, preset
-from babyllama.distributed import DistEnv
+from babyllama.data.chat_template import render_prompt, stop_ids
+from babyllama.train.checkpoint import latest_checkpoint, load_model
+from babyllama.model.config import ModelConfig, preset
+from babyllama.train.distributed import DistEnv
 from babyllama.errors import UserError
-from babyllama.generation import Generator, SamplingConfig
-from babyllama.model import Llama
-from babyllama.ppo import PPOConfig
-from babyllama.reward_model import RewardModel, is_reward_checkpoint, load_reward_model, mark_reward_checkpoint
-from babyllama.trainer import Trainer
+from babyllama.model.generate import Generator, SamplingConfig
+from babyllama.model.llama import Llama
+from babyllama.align.ppo import PPOConfig
+from babyllama.align.reward_model import RewardModel, is_reward_checkpoint, load_reward_model, mark_reward_checkpoint
+from babyllama.train.trainer import Trainer
 from pref_fixtures import make_tokenizer, pair_records, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from babyllama.chat import IGNORE_INDEX, encode_chat
+from babyllama.data.chat_template import IGNORE_INDEX, encode_chat
 from babyllama.errors import UserError
-from babyllama.sft_data import (EN_FOLLOW_PLAY, EN_FOLLOW_WHO, EN_NEXT, ZH_AUTHOR, ZH_FOLLOW_AUTHOR, ZH_NEXT,
+from babyllama.data.sft import (EN_FOLLOW_PLAY, EN_FOLLOW_WHO, EN_NEXT, ZH_AUTHOR, ZH_FOLLOW_AUTHOR, ZH_NEXT,
                                 BucketBatchSampler, SFTDataset, build_choice_items, build_sft_loader, collate_sft,
                                 padding_fraction, poetry_dialogues, poetry_instructions, read_chatterbot,
                                 read_conversations, self_cognition, shakespeare_dialogues, shakespeare_instructions,
@@ -264,8 +264,8 @@ def test_sampler_reproducible_resumable_and_sharded():
 
 
 def test_loader_batches_feed_the_model(tok):
-    from babyllama.config import ModelConfig
-    from babyllama.model import Llama
+    from babyllama.model.config import ModelConfig
+    from babyllama.model.llama import Llama
     ds = SFTDataset(conversations(8), tok, max_len=64)
     vocab = max(int(ds[i][0].max()) for i in range(len(ds))) + 1
     torch.manual_seed(0)
@@ -308,7 +308,7 @@ def test_choice_items_en():
 
 # ---------------------------------------------------------------- build script
 def test_build_script_is_deterministic_and_readable(tmp_path, monkeypatch):
-    pytest.importorskip("babyllama.corpus")  # the script reads the corpus with corpus.iter_records
+    pytest.importorskip("babyllama.data.corpus")  # the script reads the corpus with corpus.iter_records
     corpus, bot = tmp_path / "corpus", tmp_path / "bot"
     for sub in (corpus, bot / "chinese", bot / "english"):
         sub.mkdir(parents=True)

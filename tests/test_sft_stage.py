@@ -12,17 +12,17 @@ import pytest
 import torch
 from torch import nn
 
-from babyllama.chat import IM_END, encode_text, render_prompt
-from babyllama.checkpoint import load_model, save_checkpoint
-from babyllama.choice_eval import ChoiceAccuracy, choice_accuracy, choice_scores, load_choice_items
-from babyllama.config import ModelConfig
+from babyllama.data.chat_template import IM_END, encode_text, render_prompt
+from babyllama.train.checkpoint import load_model, save_checkpoint
+from babyllama.eval.choice import ChoiceAccuracy, choice_accuracy, choice_scores, load_choice_items
+from babyllama.model.config import ModelConfig
 from babyllama.errors import UserError
-from babyllama.model import Llama, Output
-from babyllama.runs import RunConfig, model_config_for
-from babyllama.sft_data import SFTDataset, build_sft_loader
-from babyllama.stage import compile_from_run
-from babyllama.tokenizer import Tokenizer, train_tokenizer
-from babyllama.trainer import Callback, Trainer, causal_lm_loss
+from babyllama.model.llama import Llama, Output
+from babyllama.train.run_config import RunConfig, model_config_for
+from babyllama.data.sft import SFTDataset, build_sft_loader
+from babyllama.train.stage import compile_from_run
+from babyllama.data.tokenizer import Tokenizer, train_tokenizer
+from babyllama.train.trainer import Callback, Trainer, causal_lm_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}  # tiny models: threads only contend

@@ -9,13 +9,13 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from babyllama import callbacks as cb
-from babyllama.config import ModelConfig
-from babyllama.data import ResumableSampler
+from babyllama.train import callbacks as cb
+from babyllama.model.config import ModelConfig
+from babyllama.data.token_bins import ResumableSampler
 from babyllama.errors import UserError
-from babyllama.model import Llama
-from babyllama.optim import build_adamw, warmup_cosine
-from babyllama.trainer import Trainer
+from babyllama.model.llama import Llama
+from babyllama.train.optim import build_adamw, warmup_cosine
+from babyllama.train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=16)
@@ -141,8 +141,8 @@ class FakeClock:
 
 def test_throughput_covers_the_logging_window_without_callbacks(monkeypatch):
     clock, peak, flops_per_token = FakeClock(), 1e6, 5000.0
-    monkeypatch.setattr("babyllama.trainer.time", clock)
-    monkeypatch.setattr("babyllama.trainer.peak_flops", lambda device: peak)
+    monkeypatch.setattr("babyllama.train.trainer.time", clock)
+    monkeypatch.setattr("babyllama.train.trainer.peak_flops", lambda device: peak)
 
     def slow_loss(model, batch):  # step n takes n seconds
         clock.now += trainer.step + 1

@@ -11,7 +11,7 @@ give their policy and reward checkpoints their language-model backbone (`checkpo
 Hugging Face directory: `config.json` (LlamaForCausalLM), `model.safetensors` (fp32; `lm_head.weight` left out
 when tied, as transformers does), `generation_config.json` (stops at `</s>` and `<|im_end|>`), and the tokenizer
 (`tokenizer.json` for `PreTrainedTokenizerFast`/`AutoTokenizer`, `tokenizer.model`, and `tokenizer_config.json`
-with the special tokens and the ChatML `chat_template` of `babyllama.chat`). A `bert4torch_config.json` is added
+with the special tokens and the ChatML `chat_template` of `babyllama.data.chat_template`). A `bert4torch_config.json` is added
 too, so bert4torch's `build_transformer_model(config_path=..., checkpoint_path=".../model.safetensors")` loads
 the same directory (bert4torch maps HF names itself).
 
@@ -43,18 +43,18 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from babyllama.chat import IM_END, IM_START
-from babyllama.checkpoint import atomic_save, checkpoint_path, load_model
-from babyllama.config import ModelConfig, load_bert4torch_config
+from babyllama.data.chat_template import IM_END, IM_START
+from babyllama.train.checkpoint import atomic_save, checkpoint_path, load_model
+from babyllama.model.config import ModelConfig, load_bert4torch_config
 from babyllama.errors import UserError
-from babyllama.model import Llama
-from babyllama.tokenizer import Tokenizer
+from babyllama.model.llama import Llama
+from babyllama.data.tokenizer import Tokenizer
 
 HF_WEIGHTS = "model.safetensors"
 B4T_CONFIG = "bert4torch_config.json"  # the only name bert4torch's build_transformer_model reads
 B4T_WEIGHTS = "bert4torch_model.pt"
 
-# babyllama.chat's template in Jinja: `<s>` then `<|im_start|>{role}\n{content}<|im_end|>\n` per message.
+# babyllama.data.chat_template's template in Jinja: `<s>` then `<|im_start|>{role}\n{content}<|im_end|>\n` per message.
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
     f"{IM_START}{{{{ message['role'] }}}}\n{{{{ message['content'] }}}}{IM_END}\n"
@@ -145,7 +145,7 @@ def import_hf(src: str | Path, out_dir: str | Path, gguf_file: str | None = None
 
 
 def hf_model_config(hf: dict[str, Any], source: str) -> ModelConfig:
-    """`ModelConfig` of an HF config dict, refusing what `babyllama.model.Llama` does not implement."""
+    """`ModelConfig` of an HF config dict, refusing what `babyllama.model.llama.Llama` does not implement."""
     if hf.get("model_type") != "llama" and "LlamaForCausalLM" not in (hf.get("architectures") or []):
         raise UserError(f"{source}: model_type {hf.get('model_type')!r} is not a LLaMA; only LlamaForCausalLM "
                         "checkpoints import")

@@ -50,7 +50,7 @@ Special tokens and injection safety
 `encode(text)` never turns text into a special token: a user typing "<|im_end|>" gets the characters, not id 5.
 (SentencePiece control symbols are never matched in text; for HF tokenizers `encode_special_tokens` is set. HF
 *non-special* added tokens such as Qwen's `<think>` are still matched, as HF does.) `encode(..., allow_special=True)`
-parses special-token spellings into their ids, for trusted template text; `babyllama.chat` instead inserts the
+parses special-token spellings into their ids, for trusted template text; `babyllama.data.chat_template` instead inserts the
 ids itself (`token_to_id`). `decode(ids)` writes special tokens as their text; `skip_special=True` drops them.
 
 Streaming
@@ -80,7 +80,7 @@ from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 from tokenizers import decoders, normalizers, processors
 
 from babyllama.errors import UserError
-from babyllama.outdir import claim_out_dir, locked
+from babyllama.files import claim_out_dir, locked
 
 UNK, BOS, EOS, PAD, IM_START, IM_END = "<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = (UNK, BOS, EOS, PAD, IM_START, IM_END)  # ids 0..5 in tokenizers trained here

@@ -1,6 +1,6 @@
 """The record of a stage run, `run.json` beside its log.jsonl: what a published log needs to be reproduced
 (the exact command, every flag and config value, the git commit, software versions, the CPU/GPU and thread count,
-wall time) and the stage's final metrics, which `babyllama.compare` checks against a published run.
+wall time) and the stage's final metrics, which `babyllama.eval.compare` checks against a published run.
 
     write_run_record(paths.stage("sft"), "sft", args, run, trainer, {"val_loss": val, **choice})  # main rank, at the end
 """
@@ -21,13 +21,13 @@ from typing import Any
 
 import torch
 
-from babyllama.outdir import write_atomic
-from babyllama.runs import REPO_ROOT
-from babyllama.trainer import Trainer
+from babyllama.files import write_atomic
+from babyllama.shipped import REPO_ROOT
+from babyllama.train.trainer import Trainer
 
 RUN_RECORD = "run.json"
 _ABSOLUTE_ROOT = str(REPO_ROOT) + os.sep
-# Stage scripts import this module at their start (through babyllama.stage): a run's wall time counts from here, so
+# Stage scripts import this module at their start (through babyllama.train.stage): a run's wall time counts from here, so
 # it includes tokenizer and data preparation and the final evaluations, not only training.
 PROCESS_STARTED = time.time()
 

@@ -24,16 +24,16 @@ from typing import Iterable, Sequence, TextIO
 
 import torch
 
-from babyllama.chat import ChatHistory, stop_ids
-from babyllama.checkpoint import latest_checkpoint, load_model
-from babyllama.distributed import pick_device
+from babyllama.data.chat_template import ChatHistory, stop_ids
+from babyllama.train.checkpoint import latest_checkpoint, load_model
+from babyllama.train.distributed import pick_device
 from babyllama.errors import UserError
 from babyllama.cli import read_lines, valid_text
-from babyllama.generation import (Generator, SamplingConfig, add_runtime_flags, add_sampling_flags, decode_dtype,
+from babyllama.model.generate import (Generator, SamplingConfig, add_runtime_flags, add_sampling_flags, decode_dtype,
                                   prompt_budget, sampling_from_args, within_context)
-from babyllama.model import Llama
-from babyllama.runs import RunPaths, run_preset
-from babyllama.tokenizer import Tokenizer
+from babyllama.model.llama import Llama
+from babyllama.train.run_config import RunPaths, run_preset
+from babyllama.data.tokenizer import Tokenizer
 
 STAGES = ("sft", "dpo", "ppo", "pretrain")
 RESET, EXIT = "/reset", ("/exit", "/quit")

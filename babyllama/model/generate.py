@@ -16,7 +16,7 @@ from torch import Tensor
 
 from babyllama.cli import check_ranges
 from babyllama.errors import UserError
-from babyllama.model import Llama
+from babyllama.model.llama import Llama
 
 
 @dataclass

@@ -22,11 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from babyllama.checkpoint import load_checkpoint, trained_tokenizer
-from babyllama.config import ModelConfig
+from babyllama.train.checkpoint import load_checkpoint, trained_tokenizer
+from babyllama.model.config import ModelConfig
 from babyllama.errors import UserError
-from babyllama.model import Llama
-from babyllama.tokenizer import Tokenizer, check_tokenizer
+from babyllama.model.llama import Llama
+from babyllama.data.tokenizer import Tokenizer, check_tokenizer
 
 KIND = "reward"
 
@@ -87,7 +87,7 @@ def bradley_terry_loss(chosen_scores: Tensor, rejected_scores: Tensor) -> tuple[
 
 
 def pair_loss(model: nn.Module, batch: tuple[Tensor, ...]) -> tuple[Tensor, dict[str, Tensor]]:
-    """Trainer loss on `babyllama.preference` batches: score chosen and rejected in one forward, Bradley-Terry."""
+    """Trainer loss on `babyllama.data.preference` batches: score chosen and rejected in one forward, Bradley-Terry."""
     ids, mask = batch[0], batch[1]
     scores = model(ids.flatten(0, 1), mask.flatten(0, 1)).view(-1, 2)
     return bradley_terry_loss(scores[:, 0], scores[:, 1])

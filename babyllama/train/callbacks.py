@@ -7,10 +7,10 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable
 
-from babyllama.checkpoint import last_good_hint, remove_partial_writes
+from babyllama.train.checkpoint import last_good_hint, remove_partial_writes
 from babyllama.errors import UserError
-from babyllama.outdir import write_atomic
-from babyllama.trainer import Callback, Trainer
+from babyllama.files import write_atomic
+from babyllama.train.trainer import Callback, Trainer
 
 
 class Evaluator(Callback):

@@ -19,7 +19,7 @@ and a training sequence is `<s>` followed by the rendered messages, e.g.
 
 For generation the prompt ends with `<|im_start|>assistant\\n` and decoding stops at `<|im_end|>` (or `</s>`),
 see `stop_ids`. To format your own data, write one JSON object per line, `{"messages": [...]}` as above
-(or any format `babyllama.sft_data.read_conversations` reads); you never type the special tokens yourself.
+(or any format `babyllama.data.sft.read_conversations` reads); you never type the special tokens yourself.
 
 Tokenization
 ------------
@@ -33,7 +33,7 @@ Labels
 `encode_chat` returns `labels` aligned with `input_ids` (-100 = no loss): only the assistant's content tokens
 and the assistant's `<|im_end|>` are supervised, so the model learns to answer and to stop; `<s>`, system and
 user messages, role headers and the trailing newlines are not. Shift by one for next-token targets (the
-SFT collate in `babyllama.sft_data` does this).
+SFT collate in `babyllama.data.sft` does this).
 
 Truncation
 ----------

@@ -1,6 +1,6 @@
 """SFT data: readers for common instruction formats, builders from shipped material, dataset and batching.
 
-Readers (`read_conversations(path, fmt="auto")` -> list of message lists, see `babyllama.chat`); a file is JSON
+Readers (`read_conversations(path, fmt="auto")` -> list of message lists, see `babyllama.data.chat_template`); a file is JSON
 lines or one JSON array, and the format is told by the keys of the first record:
 
 | fmt | record |
@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from babyllama.chat import IGNORE_INDEX, Message, NoSupervisedTokens, check_messages, encode_chat
+from babyllama.data.chat_template import IGNORE_INDEX, Message, NoSupervisedTokens, check_messages, encode_chat
 from babyllama.errors import UserError, where
 
 FORMATS = ("openai", "sharegpt", "alpaca", "belle", "firefly")

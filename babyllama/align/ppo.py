@@ -44,10 +44,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from babyllama.cli import check_ranges
-from babyllama.distributed import all_reduce_mean
-from babyllama.generation import Generator, SamplingConfig
-from babyllama.model import Llama
-from babyllama.trainer import LossFn, Trainer
+from babyllama.train.distributed import all_reduce_mean
+from babyllama.model.generate import Generator, SamplingConfig
+from babyllama.model.llama import Llama
+from babyllama.train.trainer import LossFn, Trainer
 
 
 @dataclass
@@ -271,7 +271,7 @@ class Rollout:
 
     def reward_inputs(self, end_id: int) -> tuple[Tensor, Tensor]:
         """(input_ids, attention_mask), one column wider, of prompt + reply + `end_id` (`<|im_end|>`): the form the
-        reward model was trained on (`babyllama.preference.encode_side`). The stop token becomes `end_id`, and a
+        reward model was trained on (`babyllama.data.preference.encode_side`). The stop token becomes `end_id`, and a
         reply cut at max_new_tokens gets one appended (OpenRLHF likewise ends every sequence with EOS), so that
         it is not scored out of distribution; the policy's tokens and log-probs are unchanged."""
         ids, mask = F.pad(self.input_ids, (0, 1), value=end_id), F.pad(self.attention_mask, (0, 1))

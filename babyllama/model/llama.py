@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from babyllama.config import ModelConfig
-from babyllama.loss import fused_linear_cross_entropy, mask_padding
+from babyllama.model.config import ModelConfig
+from babyllama.model.fused_cross_entropy import fused_linear_cross_entropy, mask_padding
 
 IGNORE_INDEX = -100
 

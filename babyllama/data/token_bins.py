@@ -51,9 +51,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-from babyllama.corpus import resolve_files
+from babyllama.data.corpus import resolve_files
 from babyllama.errors import UserError
-from babyllama.outdir import claim_out_dir, is_partial_write, locked, write_atomic
+from babyllama.files import claim_out_dir, is_partial_write, locked, write_atomic
 
 FORMAT, VERSION = "babyllama-tokens", 1
 SPLITS = ("train", "val")
@@ -81,7 +81,7 @@ def prepare_token_bins(documents: Iterable[str], tokenizer: Any, out_dir: str | 
 
     `tokenizer` is duck-typed: `encode(str) -> list[int]`, `eos_id`, `vocab_size`. With `num_workers > 1`,
     documents are encoded in a process pool in chunks, results kept in corpus order. Workers get the tokenizer
-    by path (`type(tok).load(tok.path or tok.source)`, e.g. `babyllama.tokenizer.Tokenizer`) when it has
+    by path (`type(tok).load(tok.path or tok.source)`, e.g. `babyllama.data.tokenizer.Tokenizer`) when it has
     one, else the pickled object. Memory stays bounded: documents are streamed, at most `2 * num_workers`
     chunks are in flight, and shards are written incrementally (`*.tmp`, renamed when complete; meta.json last).
 

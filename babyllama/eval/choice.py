@@ -1,7 +1,7 @@
 """Multiple-choice evaluation by log-likelihood, and a callback that logs it during training.
 
 An item is `{"messages": [...], "choices": [str, ...], "answer": int, "lang"?: str}` (the schema of
-`data/sft/choice_eval.jsonl`, built by `babyllama.sft_data.build_choice_items`). The prompt is rendered with the
+`data/sft/choice_eval.jsonl`, built by `babyllama.data.sft.build_choice_items`). The prompt is rendered with the
 chat template up to the assistant header (`chat.render_prompt`), and each choice is scored as an assistant reply:
 its content tokens followed by `<|im_end|>`. The model picks the choice with the highest score.
 
@@ -24,11 +24,11 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from babyllama.callbacks import Evaluator
-from babyllama.chat import IM_END, check_messages, encode_text, render_prompt, special_id
+from babyllama.train.callbacks import Evaluator
+from babyllama.data.chat_template import IM_END, check_messages, encode_text, render_prompt, special_id
 from babyllama.errors import UserError
-from babyllama.sft_data import iter_json_records
-from babyllama.trainer import Trainer
+from babyllama.data.sft import iter_json_records
+from babyllama.train.trainer import Trainer
 
 PAD = 0  # pad id of scored rows; its positions are never read
 

@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from babyllama.model import Llama
-from babyllama.preference import PreferenceDataset, collate_pairs
-from babyllama.reward_model import padded_hidden
+from babyllama.model.llama import Llama
+from babyllama.data.preference import PreferenceDataset, collate_pairs
+from babyllama.align.reward_model import padded_hidden
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -48,7 +48,7 @@ def sequence_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, 
 
 
 def pair_logps(model: nn.Module, batch: tuple[Tensor, ...]) -> Tensor:
-    """(B, 2) log-probabilities of the chosen and rejected replies of a `babyllama.preference` batch."""
+    """(B, 2) log-probabilities of the chosen and rejected replies of a `babyllama.data.preference` batch."""
     ids, mask, response = (t.flatten(0, 1) for t in batch[:3])
     return sequence_logps(model, ids, mask, response).view(-1, 2)
 

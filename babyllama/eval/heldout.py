@@ -2,15 +2,15 @@
 compare. `HeldOut.measure(policy, ref, reward_model)` gives:
 
 - `score`, `kl`, `response_len` on replies sampled from the policy to the held-out prompts (a fixed seed, the
-  sampling temperature, at most max_new_tokens; `babyllama.ppo.evaluate_policy`): the reward model's mean score;
+  sampling temperature, at most max_new_tokens; `babyllama.align.ppo.evaluate_policy`): the reward model's mean score;
   KL(policy || ref) per reply, the exact KL between the two next-token distributions summed over the reply tokens
   (>= 0, 0 for the reference itself; at temperature 1 an unbiased estimate of the KL between the reply
   distributions); the mean reply length in tokens (the stop token included);
 - `greedy_score`: the reward model's mean score of the greedy replies (deterministic);
-- `choice_acc` (and per language): held-out multiple-choice accuracy (`babyllama.choice_eval`).
+- `choice_acc` (and per language): held-out multiple-choice accuracy (`babyllama.eval.choice`).
 
 Replies are scored as the reward model was trained: prompt + reply + `<|im_end|>`, also when a reply was cut at
-max_new_tokens (`babyllama.ppo.Rollout.reward_inputs`).
+max_new_tokens (`babyllama.align.ppo.Rollout.reward_inputs`).
 """
 from __future__ import annotations
 
@@ -22,27 +22,27 @@ from typing import Any, Callable, Sequence
 
 from torch import nn
 
-from babyllama.chat import IM_END, render_prompt, special_id, stop_ids
-from babyllama.choice_eval import choice_accuracy, load_choice_items
+from babyllama.data.chat_template import IM_END, render_prompt, special_id, stop_ids
+from babyllama.eval.choice import choice_accuracy, load_choice_items
 from babyllama.cli import Rule
 from babyllama.errors import UserError
-from babyllama.generation import SamplingConfig
-from babyllama.model import Llama
-from babyllama.ppo import evaluate_policy
-from babyllama.preference import read_prompts
-from babyllama.runs import REPO_ROOT
+from babyllama.model.generate import SamplingConfig
+from babyllama.model.llama import Llama
+from babyllama.align.ppo import evaluate_policy
+from babyllama.data.preference import read_prompts
+from babyllama.shipped import CHAT_CHOICES, HELDOUT_PROMPTS
 
 LABELS = {"score": "score", "kl": "KL to SFT (nats/reply)", "response_len": "reply tokens",
           "greedy_score": "greedy score"}
 
 
 def add_heldout_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--eval-prompts", default=str(REPO_ROOT / "data" / "preference" / "prompts_heldout.jsonl"),
+    parser.add_argument("--eval-prompts", default=str(HELDOUT_PROMPTS),
                         help="held-out prompts for the before/after score and KL ('none' = skip)")
     parser.add_argument("--eval-prompt-count", type=int, default=None,
                         help="use the first N held-out prompts that fit (default: all)")
-    parser.add_argument("--choice-data", default=str(REPO_ROOT / "data" / "sft" / "choice_eval.jsonl"),
-                        help="multiple-choice items for accuracy before/after (babyllama/choice_eval.py); 'none' = skip")
+    parser.add_argument("--choice-data", default=str(CHAT_CHOICES),
+                        help="multiple-choice items for accuracy before/after (babyllama/eval/choice.py); 'none' = skip")
     parser.add_argument("--eval-batch-size", type=int, default=32, help="prompts per batch when evaluating")
 
 

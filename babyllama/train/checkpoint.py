@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from babyllama.config import ModelConfig
+from babyllama.model.config import ModelConfig
 from babyllama.errors import UserError
-from babyllama.outdir import atomic_file, is_partial_write
-from babyllama.tokenizer import Tokenizer, check_tokenizer
+from babyllama.files import atomic_file, is_partial_write
+from babyllama.data.tokenizer import Tokenizer, check_tokenizer
 
 _STEP_FILE = r"step_(\d{8})\.pt"
 _NAME = re.compile(rf"^{_STEP_FILE}$")
@@ -144,7 +144,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     that must start from a plain language model. `tokenizer`: refuse it unless it is the one the checkpoint was
     trained with (and fits its vocabulary); the ids past it are masked (`Llama.mask_beyond`: checkpoints from
     before the padding was recorded, and imports, do not say so themselves)."""
-    from babyllama.model import Llama  # local import: the model module does not need checkpoint code
+    from babyllama.model.llama import Llama  # local import: the model module does not need checkpoint code
 
     state = load_checkpoint(path)
     if state.get("model_config") is None:

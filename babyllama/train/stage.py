@@ -13,20 +13,20 @@ import argparse
 from pathlib import Path
 from typing import Callable
 
-from babyllama import callbacks as cb
-from babyllama.checkpoint import check_model_config, latest_checkpoint, list_checkpoints, load_model
+from babyllama.train import callbacks as cb
+from babyllama.train.checkpoint import check_model_config, latest_checkpoint, list_checkpoints, load_model
 from babyllama.cli import add_dataclass_flags, apply_overrides
-from babyllama.config import ModelConfig
-from babyllama.distributed import DistEnv, init_distributed
+from babyllama.model.config import ModelConfig
+from babyllama.train.distributed import DistEnv, init_distributed
 from babyllama.errors import UserError
-from babyllama.model import Llama
-from babyllama.optim import build_adamw, warmup_cosine
-from babyllama.outdir import hold_lock
-from babyllama.run_record import git_state, write_run_record
-from babyllama.runs import (STAGE_SCRIPTS, RunConfig, RunPaths, check_run, resolve_compile, resolve_precision,
+from babyllama.model.llama import Llama
+from babyllama.train.optim import build_adamw, warmup_cosine
+from babyllama.files import hold_lock
+from babyllama.train.run_record import git_state, write_run_record
+from babyllama.train.run_config import (RunConfig, RunPaths, check_run, resolve_compile, resolve_precision,
                             run_preset)
-from babyllama.tokenizer import Tokenizer
-from babyllama.trainer import Callback, LossFn, Trainer, causal_lm_loss
+from babyllama.data.tokenizer import Tokenizer
+from babyllama.train.trainer import Callback, LossFn, Trainer, causal_lm_loss
 
 
 def parse_stage_args(description: str, stage: str,

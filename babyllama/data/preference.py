@@ -14,7 +14,7 @@ In `pairs`, a message-list reply must end with an assistant message; messages be
 In `hh`, each text is split at its last `Assistant:` turn: what precedes is the prompt (the same for both
 texts), what follows the reply. A record that does not fit raises `UserError` naming `path:line` and the field.
 
-Builders (`poetry_pairs`, `shakespeare_pairs`) template questions like the SFT set's (`babyllama.sft_data`):
+Builders (`poetry_pairs`, `shakespeare_pairs`) template questions like the SFT set's (`babyllama.data.sft`):
 chosen is the true answer, rejected one of `REJECTIONS` (recorded in the `rejection` field).
 
 Batching: a side of a pair is tokenized as `render_prompt(prompt)` + reply + `<|im_end|>`; with `max_len`
@@ -37,16 +37,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from babyllama.chat import IM_END, Message, check_messages, encode_text, render_prompt, special_id
+from babyllama.data.chat_template import IM_END, Message, check_messages, encode_text, render_prompt, special_id
 from babyllama.cli import Rule
-from babyllama.distributed import all_reduce_mean
+from babyllama.train.distributed import all_reduce_mean
 from babyllama.errors import UserError
-from babyllama.runs import REPO_ROOT
-from babyllama.sft_data import (EN_CONTINUE, EN_NEXT, EN_PLAY, EN_WHO, ZH_AUTHOR, ZH_NEXT, ZH_WRITE,
+from babyllama.shipped import PREFERENCE
+from babyllama.data.sft import (EN_CONTINUE, EN_NEXT, EN_PLAY, EN_WHO, ZH_AUTHOR, ZH_NEXT, ZH_WRITE,
                                 BucketBatchSampler, iter_json_records, next_line_pair, speaker_name, unique_lines)
 
 FORMATS = ("pairs", "hh")
-SHIPPED = REPO_ROOT / "data" / "preference"
 REJECTIONS = ("wrong_line", "wrong_author", "wrong_play", "shuffled", "truncated", "off_topic")
 
 
@@ -436,9 +435,9 @@ def evaluate_pairs(trainer: Any, loss_fn: Callable, loader: Iterable, max_batche
 
 # ======================================================================= stage plumbing (reward and DPO scripts)
 def add_preference_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--train-data", default=str(SHIPPED / "pref_train.jsonl"),
+    parser.add_argument("--train-data", default=str(PREFERENCE / "pref_train.jsonl"),
                         help="preference pairs to train on (JSON lines or a JSON array, see --pref-format)")
-    parser.add_argument("--valid-data", default=str(SHIPPED / "pref_valid.jsonl"), help="pairs for validation")
+    parser.add_argument("--valid-data", default=str(PREFERENCE / "pref_valid.jsonl"), help="pairs for validation")
     parser.add_argument("--pref-format", default="auto", choices=("auto", *FORMATS),
                         help="pairs: prompt/chosen/rejected; hh: Anthropic hh-rlhf texts")
     parser.add_argument("--system", default=None, help="system prompt for prompts that have none (as in SFT)")

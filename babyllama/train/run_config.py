@@ -13,28 +13,23 @@ from pathlib import Path
 import torch
 
 from babyllama.cli import check_ranges
-from babyllama.checkpoint import latest_checkpoint, load_checkpoint
-from babyllama.config import ModelConfig, load_bert4torch_config, padded_vocab, preset, read_json
+from babyllama.train.checkpoint import latest_checkpoint, load_checkpoint
+from babyllama.model.config import ModelConfig, load_bert4torch_config, padded_vocab, preset, read_json
 from babyllama.errors import UserError
+from babyllama.shipped import TRAIN_CORPUS
 
 _CONFIG_FILES = ("config.json", "bert4torch_config.json")  # looked for in a --model directory, in this order
 _NO_AUTOCAST = ("fp32", "none", "no")
 _PRECISIONS = ("auto", "bf16", "fp16", *_NO_AUTOCAST)
-REPO_ROOT = Path(__file__).resolve().parents[1]
-# the script of each training stage, as a user runs it from the repository root
-STAGE_SCRIPTS = {"pretrain": "pretrain/pretrain.py", "sft": "sft/sft.py", "reward": "reward/reward.py",
-                 "dpo": "rlhf/dpo.py", "ppo": "rlhf/ppo.py"}
-SHIPPED_CORPUS = [str(REPO_ROOT / "data" / "corpus" / "poetry_zh_train.jsonl"),
-                  str(REPO_ROOT / "data" / "corpus" / "shakespeare_en_train.jsonl")]
 
 
 @dataclass
 class RunConfig:
     """Everything a pretraining run needs; every field is also a command-line flag (`--batch-size 8`)."""
 
-    model: str = "baby"  # model preset in babyllama.config.PRESETS
+    model: str = "baby"  # model preset in babyllama.model.config.PRESETS
     init: str | None = None  # checkpoint (file or dir) a later stage starts from; None = previous stage's newest
-    corpus: list[str] = field(default_factory=lambda: list(SHIPPED_CORPUS))  # files, dirs or globs
+    corpus: list[str] = field(default_factory=lambda: [str(p) for p in TRAIN_CORPUS])  # files, dirs or globs
     corpus_format: str = "auto"
     corpus_field: str = "text"
     tokenizer: str | None = None  # existing tokenizer (.model / tokenizer.json / dir); None = train one

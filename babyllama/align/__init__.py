@@ -1,0 +1,1 @@
+"""Preference alignment after SFT: the reward model (`reward_model`), DPO (`dpo`) and PPO (`ppo`)."""

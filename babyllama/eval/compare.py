@@ -1,0 +1,452 @@
+"""Does your run reproduce a published one? Stage by stage: the training-loss curve step by step, the final
+validation loss and every stage metric, judged against tolerances measured on real runs.
+
+    python -m babyllama.compare --name baby                      # out/baby against docs/published/baby
+    python -m babyllama.compare --name baby --reference /other/out/baby     # against any other run
+    tensorboard --logdir_spec yours:runs/baby,published:docs/published/baby
+
+A run directory holds <stage>/log.jsonl (one line per step, written by the trainer) and <stage>/run.json (the
+command, config, machine and final metrics, written when the stage ends): out/<name> of a run and
+docs/published/<name> are both run directories.
+
+Verdict per stage, with the bands of the published tolerance.json (docs/reproducibility.md says how they were
+measured):
+  reproduced  every step's |Δloss| within the band measured between the same run on other machines (other CPU
+              kernels, thread counts, 1 vs 2 processes, 2 nodes), and every final metric within its band;
+  drifted     beyond that, but the smoothed loss curve and the metrics stay within what another --seed gives;
+  diverged    beyond what another seed gives: the first diverging step is named and the exit code is 1.
+A run with fewer steps than the reference is judged on the steps it has. Bad input exits 2 with one line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from babyllama.train.callbacks import read_text_log
+from babyllama.cli import main_guard
+from babyllama.errors import UserError
+from babyllama.train.run_record import RUN_RECORD, read_run_record
+from babyllama.shipped import PUBLISHED, STAGE_SCRIPTS
+
+STAGES = ("pretrain", "sft", "reward", "dpo", "ppo")
+TOLERANCE = "tolerance.json"
+# Config fields that may differ without making it another run: where outputs go, how data is prepared, when
+# checkpoints are kept, and --stop-at (a partial run is judged on the steps it has).
+_INCIDENTAL = {"out", "runs", "workers", "ckpt_every", "keep_checkpoints", "stop_at", "init", "tokenizer"}
+REPRODUCED, DRIFTED, DIVERGED, UNJUDGED = "reproduced", "drifted", "diverged", "unjudged"
+
+
+@dataclass
+class StageLog:
+    """What a run directory holds for one stage."""
+
+    stage: str
+    directory: Path
+    steps: list[int]
+    loss: list[float]
+    record: dict | None  # run.json; None when the stage has not finished (or ran before records were kept)
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return comparable_metrics((self.record or {}).get("metrics", {}))
+
+    @property
+    def finished_steps(self) -> int | None:
+        return (self.record or {}).get("steps")
+
+
+def comparable_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """A stage's final metrics as two runs can compare them. A reward-model score is defined only up to a constant
+    (the Bradley-Terry loss sees score differences), and each run scores with its own reward model: so a score
+    counts as its gain over the run's starting model (heldout_score -> heldout_score_gain = heldout_score -
+    heldout_before_score), and the starting model's own score not at all."""
+    out = {}
+    for name, value in metrics.items():
+        if "score" not in name:
+            out[name] = value
+            continue
+        before = name.replace("heldout_", "heldout_before_", 1)
+        if before != name and before in metrics:
+            out[f"{name}_gain"] = value - metrics[before]
+    return out
+
+
+def read_stage(run_dir: Path, stage: str) -> StageLog | None:
+    """The stage's loss curve and run record; None when the run has no log of that stage."""
+    directory = Path(run_dir) / stage
+    log = directory / "log.jsonl"
+    if not log.is_file():
+        return None
+    series = read_text_log(log)
+    if "loss" not in series:
+        raise UserError(f"{log}: no logged training loss (empty or not a log.jsonl); rerun the stage "
+                        f"(python {STAGE_SCRIPTS.get(stage, stage)} ...) or delete its directory")
+    record_path = directory / RUN_RECORD
+    record = read_run_record(record_path)
+    if record_path.exists() and record is None:
+        raise UserError(f"{record_path}: not the JSON a stage writes; delete it to compare the log alone")
+    steps, loss = series["loss"]
+    return StageLog(stage, directory, steps, loss, record)
+
+
+# ----------------------------------------------------------------------------------------------- differences
+def moving_average(values: list[float], window: int) -> list[float]:
+    """Trailing mean over the last `window` values (fewer at the start): the curve without batch-to-batch noise."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
+
+
+@dataclass
+class Difference:
+    """Yours minus the reference on the steps both logged."""
+
+    steps: list[int]
+    yours: list[float]
+    reference: list[float]
+    window: int
+    metrics: dict[str, tuple[float, float]] = field(default_factory=dict)  # name -> (yours, reference)
+
+    @property
+    def abs_delta(self) -> list[float]:
+        return [abs(a - b) for a, b in zip(self.yours, self.reference)]
+
+    @property
+    def smoothed_delta(self) -> list[float]:
+        return [abs(a - b) for a, b in zip(moving_average(self.yours, self.window),
+                                            moving_average(self.reference, self.window))]
+
+    def largest(self) -> tuple[float, int]:
+        """(max |Δloss|, the step where it occurs)."""
+        deltas = self.abs_delta
+        i = max(range(len(deltas)), key=deltas.__getitem__)
+        return deltas[i], self.steps[i]
+
+
+def default_window(steps: int) -> int:
+    """Moving-average window for a stage of `steps` steps: ~1/30 of the run, at least 5 steps."""
+    return max(5, steps // 30)
+
+
+def difference(yours: StageLog, reference: StageLog, window: int | None = None) -> Difference:
+    ref = dict(zip(reference.steps, reference.loss))
+    common = [(s, v) for s, v in zip(yours.steps, yours.loss) if s in ref]
+    if not common:
+        raise UserError(f"{yours.directory}/log.jsonl and {reference.directory}/log.jsonl share no logged step; "
+                        "compare runs with the same --log-every")
+    steps = [s for s, _ in common]
+    diff = Difference(steps, [v for _, v in common], [ref[s] for s in steps],
+                      window or default_window(len(reference.steps)))
+    if yours.finished_steps is not None and yours.finished_steps == reference.finished_steps:
+        diff.metrics = {k: (v, reference.metrics[k]) for k, v in yours.metrics.items() if k in reference.metrics}
+    return diff
+
+
+# ----------------------------------------------------------------------------------------------- tolerance
+def envelope_band(envelope: list[list[float]], step: int) -> float:
+    """The band at `step` of a [[from_step, band], ...] envelope (ascending; the last entry at or before it)."""
+    band = envelope[0][1]
+    for start, value in envelope:
+        if start > step:
+            break
+        band = value
+    return band
+
+
+@dataclass
+class Judgement:
+    verdict: str
+    first_step: int | None = None  # the first step beyond the band that decided the verdict
+    reasons: list[str] = field(default_factory=list)
+
+
+def judge(diff: Difference, tolerance: dict | None) -> Judgement:
+    """Reproduced / drifted / diverged against one stage's entry of tolerance.json (see the module doc)."""
+    if tolerance is None:
+        return Judgement(UNJUDGED, reasons=["no measured tolerance for this stage (pass --tolerance)"])
+    envelope, drift = tolerance["reproduced"]["loss"], tolerance["drifted"]
+    over = [(s, d) for s, d in zip(diff.steps, diff.abs_delta) if d > envelope_band(envelope, s)]
+    metric_reproduced, metric_drifted = tolerance["reproduced"]["metrics"], drift["metrics"]
+    beyond_reproduced = _metrics_beyond(diff.metrics, metric_reproduced)
+    if not over and not beyond_reproduced:
+        return Judgement(REPRODUCED)
+    reasons = []
+    if over:
+        s, d = over[0]
+        reasons.append(f"|Δloss| {d:.2g} at step {s} beyond the reproduced band {envelope_band(envelope, s):.2g}")
+    reasons += [f"{k} beyond its reproduced band ±{metric_reproduced[k]:.2g}" for k in beyond_reproduced]
+    smoothed = [(s, d) for s, d in zip(diff.steps, diff.smoothed_delta) if d > drift["smoothed_loss"]]
+    beyond_drift = _metrics_beyond(diff.metrics, metric_drifted)
+    if not smoothed and not beyond_drift:
+        return Judgement(DRIFTED, over[0][0] if over else None, reasons)
+    first = None
+    if smoothed:
+        s, d = smoothed[0]
+        reasons.append(f"smoothed |Δloss| {d:.3g} at step {s} beyond another seed's band {drift['smoothed_loss']:.3g}")
+        first = _departure(diff, diff.steps.index(s), drift["smoothed_loss"])
+    reasons += [f"{k} beyond another seed's band ±{metric_drifted[k]:.3g}" for k in beyond_drift]
+    return Judgement(DIVERGED, first, reasons)
+
+
+def _metrics_beyond(metrics: dict[str, tuple[float, float]], bands: dict[str, float]) -> list[str]:
+    """The metrics (with a band) whose |yours - reference| is beyond it; NaN is beyond every band."""
+    return [k for k, (a, b) in metrics.items() if k in bands and not abs(a - b) <= bands[k]]
+
+
+def _departure(diff: Difference, crossing: int, band: float) -> int:
+    """The step where a divergence starts: the smoothed curve crosses the band up to a window after the step
+    whose own |Δloss| first left it."""
+    deltas = diff.abs_delta
+    start = max(0, crossing - diff.window + 1)
+    return next((diff.steps[i] for i in range(start, crossing + 1) if deltas[i] > band), diff.steps[crossing])
+
+
+# How measured differences become bands (docs/reproducibility.md gives the measurements behind them).
+REPRODUCED_FACTOR = 3.0  # a band is 3x the largest difference measured between the same run on other machines
+DRIFT_FACTOR = 1.5  # ... and 1.5x what other seeds gave, for the drift band
+LOSS_FLOOR = 1e-4  # |Δloss| below this is agreement, whatever was measured (identical variants measure 0)
+METRIC_FLOOR = 1e-4  # the same for metrics, relative to the published value (at least 1e-4 absolute)
+
+
+def derive_tolerance(reference_dir: Path, machines: dict[str, Path], seeds: dict[str, Path]) -> dict:
+    """tolerance.json from measured runs of the reference's commands: `machines` the same command on other
+    machines (threads, CPU kernels, processes, nodes), `seeds` the same chain with another --seed. Stages a variant
+    did not run add nothing to that stage's bands."""
+    stages, measured = {}, {label: {} for label in [*machines, *seeds]}
+    for stage in STAGES:
+        reference = read_stage(reference_dir, stage)
+        if reference is None:
+            continue
+        window = default_window(len(reference.steps))
+        by_step: dict[int, float] = {}
+        metric_delta: dict[str, float] = {}
+        machine_smoothed, seed_smoothed, seed_metric = 0.0, 0.0, {}
+        for label, directory in [*machines.items(), *seeds.items()]:
+            run = read_stage(directory, stage)
+            if run is None:
+                continue
+            diff = difference(run, reference, window)
+            largest, at = diff.largest()
+            deltas = {k: abs(a - b) for k, (a, b) in diff.metrics.items()}
+            measured[label][stage] = {"steps": len(diff.steps), "max_abs_delta_loss": largest, "at_step": at,
+                                      "max_smoothed_delta_loss": max(diff.smoothed_delta),
+                                      "final_loss_delta": diff.yours[-1] - diff.reference[-1], "metrics": deltas}
+            if label in machines:
+                for s, d in zip(diff.steps, diff.abs_delta):
+                    by_step[s] = max(by_step.get(s, 0.0), d)
+                metric_delta = {k: max(metric_delta.get(k, 0.0), d) for k, d in {**metric_delta, **deltas}.items()}
+                machine_smoothed = max(machine_smoothed, max(diff.smoothed_delta))
+            else:
+                seed_smoothed = max(seed_smoothed, max(diff.smoothed_delta))
+                seed_metric = {k: max(seed_metric.get(k, 0.0), d) for k, d in {**seed_metric, **deltas}.items()}
+        envelope, running = [], 0.0
+        for s in sorted(by_step) or [reference.steps[0]]:
+            running = max(running, by_step.get(s, 0.0))
+            band = max(LOSS_FLOOR, REPRODUCED_FACTOR * running)
+            if not envelope or band > envelope[-1][1]:
+                envelope.append([s, band])
+        metric_bands = {k: max(METRIC_FLOOR * max(1.0, abs(v)), REPRODUCED_FACTOR * metric_delta.get(k, 0.0))
+                        for k, v in reference.metrics.items()}
+        stages[stage] = {
+            "window": window,
+            "reproduced": {"loss": envelope, "metrics": metric_bands},
+            # a run of the same command elsewhere is never judged beyond "drifted"
+            "drifted": {"smoothed_loss": max(DRIFT_FACTOR * seed_smoothed, REPRODUCED_FACTOR * machine_smoothed,
+                                             LOSS_FLOOR),
+                        "metrics": {k: max(DRIFT_FACTOR * seed_metric.get(k, 0.0), band)
+                                    for k, band in metric_bands.items()}},
+        }
+    return {"factors": {"reproduced": REPRODUCED_FACTOR, "drifted": DRIFT_FACTOR, "loss_floor": LOSS_FLOOR,
+                        "metric_floor": METRIC_FLOOR},
+            "machines": sorted(machines), "seeds": sorted(seeds), "stages": stages, "measured": measured}
+
+
+def load_tolerance(path: Path | None) -> dict:
+    """The stages' bands from a tolerance.json; {} when there is none (verdicts are then 'unjudged')."""
+    if path is None or not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))["stages"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        raise UserError(f"{path}: not a tolerance file (docs/publish.py tolerance writes them)") from None
+
+
+# ----------------------------------------------------------------------------------------------- checks
+def check_same_recipe(yours: StageLog, reference: StageLog) -> list[str]:
+    """Refuse another preset or tokenizer (one line); list the other config fields that differ."""
+    if yours.record is None or reference.record is None:
+        return []
+    a, b = yours.record.get("config", {}), reference.record.get("config", {})
+    where = yours.directory / RUN_RECORD
+    if a.get("model") != b.get("model"):
+        raise UserError(f"{where}: model preset '{a.get('model')}' but the reference ran '{b.get('model')}'; "
+                        "compare runs of the same preset (--name / --model)")
+    tok_a, tok_b = yours.record.get("tokenizer"), reference.record.get("tokenizer")
+    if tok_a and tok_b and tok_a != tok_b:
+        raise UserError(f"{where}: trained with another tokenizer (fingerprint {tok_a}, the reference's {tok_b}); "
+                        "train the tokenizer on the same --corpus with the same --vocab-size")
+    differ = [f"{k} {b.get(k)!r} -> {a.get(k)!r}" for k in sorted(set(a) | set(b))
+              if k not in _INCIDENTAL and a.get(k) != b.get(k)]
+    ws_a, ws_b = yours.record.get("world_size", 1), reference.record.get("world_size", 1)
+    if ws_a != ws_b:
+        differ.append(f"processes {ws_b} -> {ws_a} (global batch {b.get('batch_size', 0) * ws_b} -> "
+                      f"{a.get('batch_size', 0) * ws_a})")
+    return differ
+
+
+# ----------------------------------------------------------------------------------------------- report
+@dataclass
+class StageResult:
+    stage: str
+    judgement: Judgement
+    diff: Difference
+    notes: list[str]
+
+    def to_json(self) -> dict[str, Any]:
+        largest, at = self.diff.largest()
+        return {"stage": self.stage, "verdict": self.judgement.verdict, "first_step": self.judgement.first_step,
+                "reasons": self.judgement.reasons, "steps_compared": len(self.diff.steps),
+                "last_step": self.diff.steps[-1], "max_abs_delta_loss": largest, "at_step": at,
+                "metrics": {k: {"yours": a, "reference": b} for k, (a, b) in self.diff.metrics.items()},
+                "notes": self.notes}
+
+
+def compare_stage(yours: StageLog, reference: StageLog, tolerance: dict | None) -> StageResult:
+    notes = [f"config differs: {'; '.join(d)}" for d in [check_same_recipe(yours, reference)] if d]
+    diff = difference(yours, reference, (tolerance or {}).get("window"))
+    last, ref_last = yours.steps[-1], reference.steps[-1]
+    if last < ref_last:
+        notes.append(f"yours ends at step {last} of {ref_last}: judged on steps {diff.steps[0]}-{diff.steps[-1]} "
+                     f"(finish it with python {STAGE_SCRIPTS.get(yours.stage, '...')} --resume)")
+    elif last > ref_last:
+        notes.append(f"yours runs to step {last}, the reference to {ref_last}: judged on the common steps")
+    if yours.record is None:
+        notes.append(f"no {RUN_RECORD} (the stage did not finish, or ran before records were kept): "
+                     "final metrics not compared")
+    elif not diff.metrics and reference.metrics:
+        notes.append("final metrics not compared: the runs ended at different steps")
+    return StageResult(yours.stage, judge(diff, tolerance), diff, notes)
+
+
+def plot_overlay(result: StageResult, tolerance: dict | None, path: Path, labels: tuple[str, str]) -> None:
+    """Yours over the reference's loss curve, and |Δloss| per step against the reproduced band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    diff = result.diff
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True, height_ratios=(3, 2))
+    top.plot(diff.steps, diff.reference, label=labels[1], color="black", linewidth=1.6)
+    top.plot(diff.steps, diff.yours, label=labels[0], color="tab:orange", linewidth=0.9, linestyle="--")
+    top.set_ylabel("training loss")
+    top.legend()
+    top.set_title(f"{result.stage}: {result.judgement.verdict}")
+    floor = 1e-9  # exact agreement drawn at the bottom of the log scale
+    bottom.semilogy(diff.steps, [max(d, floor) for d in diff.abs_delta], label="|Δloss|", color="tab:orange",
+                    linewidth=0.8)
+    bottom.semilogy(diff.steps, [max(d, floor) for d in diff.smoothed_delta], label="smoothed |Δloss|",
+                    color="tab:red", linewidth=1.2)
+    if tolerance:
+        bottom.semilogy(diff.steps, [envelope_band(tolerance["reproduced"]["loss"], s) for s in diff.steps],
+                        label="reproduced band", color="tab:green", linestyle=":")
+        bottom.axhline(tolerance["drifted"]["smoothed_loss"], label="another seed (smoothed)", color="tab:gray",
+                       linestyle=":")
+    bottom.set_xlabel("step")
+    bottom.legend(fontsize=8)
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def format_result(result: StageResult) -> list[str]:
+    diff, j = result.diff, result.judgement
+    largest, at = diff.largest()
+    verdict = j.verdict + (f" (first at step {j.first_step})" if j.verdict == DIVERGED and j.first_step else "")
+    lines = [f"{result.stage}: {verdict}",
+             f"  steps compared {len(diff.steps)} ({diff.steps[0]}-{diff.steps[-1]}); largest |Δloss| {largest:.3g} "
+             f"at step {at}; last loss {diff.yours[-1]:.4f} vs {diff.reference[-1]:.4f}"]
+    for name, (a, b) in diff.metrics.items():
+        lines.append(f"  {name:<28} {a:>10.4f} vs {b:>10.4f}  (Δ {a - b:+.4g})")
+    lines += [f"  {reason}" for reason in j.reasons]
+    lines += [f"  note: {note}" for note in result.notes]
+    return lines
+
+
+def compare_runs(yours_dir: Path, reference_dir: Path, tolerance: dict, stages: list[str] | None = None,
+                 plots: Path | None = None, labels: tuple[str, str] = ("yours", "published")
+                 ) -> tuple[list[StageResult], list[str]]:
+    """Compare every stage the reference has (or `stages`); returns the results and the lines to print."""
+    if not reference_dir.is_dir():
+        raise UserError(f"{reference_dir}: no such run directory; pass --reference DIR (a run's out/<name>)")
+    if not yours_dir.is_dir():
+        raise UserError(f"{yours_dir}: no such run directory; train with --name first or pass --out")
+    wanted = stages or [s for s in STAGES if (reference_dir / s / "log.jsonl").is_file()]
+    results, lines = [], []
+    for stage in wanted:
+        reference = read_stage(reference_dir, stage)
+        if reference is None:
+            raise UserError(f"{reference_dir}/{stage}/log.jsonl: the reference has no {stage} stage")
+        yours = read_stage(yours_dir, stage)
+        if yours is None:
+            if stages:
+                raise UserError(f"{yours_dir}/{stage}/log.jsonl: no {stage} log in your run; run "
+                                f"python {STAGE_SCRIPTS.get(stage, stage)} first")
+            lines.append(f"{stage}: not run (no {yours_dir}/{stage}/log.jsonl)")
+            continue
+        result = compare_stage(yours, reference, tolerance.get(stage))
+        if plots is not None:
+            plot_overlay(result, tolerance.get(stage), plots / f"{stage}.png", labels)
+        results.append(result)
+        lines += format_result(result)
+    if not results:
+        raise UserError(f"{yours_dir}: none of the reference's stages ({', '.join(wanted)}) has a log; "
+                        f"run python {STAGE_SCRIPTS[wanted[0]] if wanted and wanted[0] in STAGE_SCRIPTS else ''} "
+                        "first")
+    return results, lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--name", default="baby", help="run preset and name: compares <out>/<name>")
+    ap.add_argument("--out", default="out", help="output root of your run (the stages' --out)")
+    ap.add_argument("--reference", default=None,
+                    help="run directory to compare with (default: the published docs/published/<name>)")
+    ap.add_argument("--tolerance", default=None,
+                    help="tolerance.json with the measured bands (default: docs/published/<name>/tolerance.json)")
+    ap.add_argument("--stages", nargs="+", choices=STAGES, help="only these stages (default: all the reference has)")
+    ap.add_argument("--plots", default=None, help="where the overlay PNGs go (default: <out>/<name>/compare)")
+    ap.add_argument("--json", default=None, help="also write the results as JSON to this file")
+    args = ap.parse_args(argv)
+    yours_dir = Path(args.out) / args.name
+    published = PUBLISHED / args.name
+    reference_dir = Path(args.reference) if args.reference else published
+    if args.reference is None and not published.is_dir():
+        raise UserError(f"no published run for '{args.name}' (docs/published/ has "
+                        f"{', '.join(sorted(p.name for p in PUBLISHED.glob('*/') if p.is_dir())) or 'none'}); "
+                        "pass --reference DIR")
+    tolerance = load_tolerance(Path(args.tolerance) if args.tolerance else published / TOLERANCE)
+    if args.tolerance and not tolerance:
+        raise UserError(f"--tolerance {args.tolerance}: no such file")
+    plots = Path(args.plots) if args.plots else yours_dir / "compare"
+    labels = ("yours", "published" if args.reference is None else "reference")
+    results, lines = compare_runs(yours_dir, reference_dir, tolerance, args.stages, plots, labels)
+    print(f"comparing {yours_dir} with {reference_dir}")
+    print("\n".join(lines))
+    print(f"overlay plots in {plots}")
+    if args.json:
+        Path(args.json).write_text(json.dumps([r.to_json() for r in results], indent=1) + "\n", encoding="utf-8")
+    return 1 if any(r.judgement.verdict == DIVERGED for r in results) else 0
+
+
+if __name__ == "__main__":
+    main_guard(lambda: sys.exit(main()))

