@@ -10,22 +10,20 @@ Prints one JSON object per system: documents/s, tokens/s, MB/s of text, peak ext
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 import tracemalloc
 from pathlib import Path
 
+import numpy as np
+
+from babyllama.data.corpus import iter_documents
+from babyllama.data.token_bins import prepare_token_bins
+from babyllama.shipped import TRAIN_CORPUS
+from babyllama.data.tokenizer import Tokenizer, train_tokenizer
+from jsonl import emit  # bench/ is on sys.path as the script's folder
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import numpy as np  # noqa: E402
-
-from babyllama.data.corpus import iter_documents  # noqa: E402
-from babyllama.data.token_bins import prepare_token_bins  # noqa: E402
-from babyllama.shipped import TRAIN_CORPUS  # noqa: E402
-from babyllama.data.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
-from jsonl import emit  # noqa: E402  (bench/ is on sys.path as the script's folder)
 
 
 def seed_style(docs: list[str], tok: Tokenizer, out: Path) -> int:

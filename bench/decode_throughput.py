@@ -13,19 +13,15 @@ path token for token (random weights make near-ties, so the comparison is also r
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from babyllama.model.config import ModelConfig, preset  # noqa: E402
-from babyllama.train.distributed import pick_device  # noqa: E402
-from babyllama.model.generate import Generator, SamplingConfig  # noqa: E402
-from babyllama.model.llama import Llama  # noqa: E402
-from jsonl import emit  # noqa: E402  (bench/ is on sys.path as the script's folder)
+from babyllama.model.config import ModelConfig, preset
+from babyllama.train.distributed import pick_device
+from babyllama.model.generate import Generator, SamplingConfig
+from babyllama.model.llama import Llama
+from jsonl import emit  # bench/ is on sys.path as the script's folder
 
 
 def _sync(device: torch.device) -> None:

@@ -10,22 +10,18 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 from collections import defaultdict
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+from torch.profiler import ProfilerActivity, profile
 
-import torch  # noqa: E402
-from torch.profiler import ProfilerActivity, profile  # noqa: E402
-
-from babyllama.model.config import ModelConfig, preset  # noqa: E402
-from babyllama.train.distributed import DistEnv, pick_device  # noqa: E402
-from babyllama.model.llama import Llama  # noqa: E402
-from babyllama.train.optim import build_adamw  # noqa: E402
-from babyllama.train.trainer import Trainer  # noqa: E402
-from jsonl import emit  # noqa: E402  (bench/ is on sys.path as the script's folder)
-from train_throughput import random_batches  # noqa: E402
+from babyllama.model.config import ModelConfig, preset
+from babyllama.train.distributed import DistEnv, pick_device
+from babyllama.model.llama import Llama
+from babyllama.train.optim import build_adamw
+from babyllama.train.trainer import Trainer
+from jsonl import emit  # bench/ is on sys.path as the script's folder
+from train_throughput import random_batches
 
 # First match wins; kernel names of cuBLAS/CUTLASS, FlashAttention/cuDNN/efficient attention, inductor, AdamW.
 GROUPS = [

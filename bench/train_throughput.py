@@ -17,28 +17,25 @@ import functools
 import importlib.util
 import json
 import os
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-import babyllama.model.fused_cross_entropy as loss_module  # noqa: E402
-from babyllama.model.config import ModelConfig, preset  # noqa: E402
-from babyllama.convert.hf import B4T_CONFIG, bert4torch_builder, bert4torch_config  # noqa: E402
-from babyllama.data.token_bins import build_pretrain_loader, prepare_token_bins  # noqa: E402
-from babyllama.train.distributed import DistEnv, pick_device  # noqa: E402
-from babyllama.train.flops import peak_flops  # noqa: E402
-from babyllama.model.llama import Llama  # noqa: E402
-from babyllama.train.optim import build_adamw  # noqa: E402
-from babyllama.train.trainer import Callback, Trainer  # noqa: E402
-from jsonl import emit  # noqa: E402  (bench/ is on sys.path as the script's folder)
+import babyllama.model.fused_cross_entropy as loss_module
+from babyllama.model.config import ModelConfig, preset
+from babyllama.convert.hf import B4T_CONFIG, bert4torch_builder, bert4torch_config
+from babyllama.data.token_bins import build_pretrain_loader, prepare_token_bins
+from babyllama.train.distributed import DistEnv, pick_device
+from babyllama.train.flops import peak_flops
+from babyllama.model.llama import Llama
+from babyllama.train.optim import build_adamw
+from babyllama.train.trainer import Callback, Trainer
+from jsonl import emit  # bench/ is on sys.path as the script's folder
 
 
 def random_batches(cfg: ModelConfig, batch: int, seq: int, device: torch.device, n: int = 4):

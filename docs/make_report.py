@@ -17,22 +17,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import matplotlib  # noqa: E402
+import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
 
-from babyllama.eval import evaluate as ev  # noqa: E402
-from babyllama.train.callbacks import Series, read_text_log  # noqa: E402
-from babyllama.train.checkpoint import latest_checkpoint  # noqa: E402
-from babyllama.cli import main_guard  # noqa: E402
-from babyllama.errors import UserError  # noqa: E402
+from babyllama.eval import evaluate as ev
+from babyllama.train.callbacks import Series, read_text_log
+from babyllama.train.checkpoint import latest_checkpoint
+from babyllama.cli import main_guard
+from babyllama.errors import UserError
 
 STAGE_ORDER = ("pretrain", "sft", "reward", "dpo", "ppo")
 # (panel title, metrics drawn in it); metric names as the trainer logs them

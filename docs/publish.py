@@ -34,14 +34,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from babyllama.train.checkpoint import list_checkpoints  # noqa: E402
-from babyllama.cli import main_guard  # noqa: E402
-from babyllama.compare import STAGES, TOLERANCE, derive_tolerance  # noqa: E402
-from babyllama.errors import UserError  # noqa: E402
-from babyllama.train.run_record import RUN_RECORD, portable, read_run_record  # noqa: E402
-from babyllama.shipped import PUBLISHED, REPO_ROOT, STAGE_SCRIPTS  # noqa: E402
+from babyllama.train.checkpoint import list_checkpoints
+from babyllama.cli import main_guard
+from babyllama.eval.compare import STAGES, TOLERANCE, derive_tolerance
+from babyllama.errors import UserError
+from babyllama.train.run_record import RUN_RECORD, portable, read_run_record
+from babyllama.shipped import PUBLISHED, REPO_ROOT, STAGE_SCRIPTS
 
 DOCS = Path(__file__).resolve().parent
 EVENTS = "events.out.tfevents.*"

@@ -14,18 +14,16 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from babyllama.train.checkpoint import latest_checkpoint, load_model  # noqa: E402
-from babyllama.cli import main_guard, read_lines, valid_text  # noqa: E402
-from babyllama.train.distributed import pick_device  # noqa: E402
-from babyllama.errors import UserError  # noqa: E402
-from babyllama.model.generate import (Generator, add_runtime_flags, add_sampling_flags, decode_dtype,  # noqa: E402
+from babyllama.train.checkpoint import latest_checkpoint, load_model
+from babyllama.cli import main_guard, read_lines, valid_text
+from babyllama.train.distributed import pick_device
+from babyllama.errors import UserError
+from babyllama.model.generate import (Generator, add_runtime_flags, add_sampling_flags, decode_dtype,
                                   fit_context, sampling_from_args)
-from babyllama.train.run_config import RunPaths, run_preset  # noqa: E402
-from babyllama.data.tokenizer import Tokenizer  # noqa: E402
+from babyllama.train.run_config import RunPaths, run_preset
+from babyllama.data.tokenizer import Tokenizer
 
 
 def main() -> None:

@@ -12,31 +12,28 @@ The tokenizer and the token bins are built on first use (rank 0; the others wait
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Iterator
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from babyllama.train import callbacks as cb  # noqa: E402
-from babyllama.train.checkpoint import latest_checkpoint  # noqa: E402
-from babyllama.cli import main_guard  # noqa: E402
-from babyllama.data.corpus import iter_corpus  # noqa: E402
-from babyllama.data.token_bins import (TokenWindowDataset, build_pretrain_loader, check_corpus_matches,  # noqa: E402
+from babyllama.train import callbacks as cb
+from babyllama.train.checkpoint import latest_checkpoint
+from babyllama.cli import main_guard
+from babyllama.data.corpus import iter_corpus
+from babyllama.data.token_bins import (TokenWindowDataset, build_pretrain_loader, check_corpus_matches,
                             check_tokenizer_matches, corpus_differences, corpus_record, prepare_token_bins)
-from babyllama.train.checkpoint import load_model  # noqa: E402
-from babyllama.train.distributed import main_rank_first, shutdown  # noqa: E402
-from babyllama.errors import UserError  # noqa: E402
-from babyllama.model.generate import Generator, SamplingConfig  # noqa: E402
-from babyllama.model.llama import Llama  # noqa: E402
-from babyllama.files import hold_lock, write_atomic  # noqa: E402
-from babyllama.train.run_config import RunConfig, RunPaths, model_config_for  # noqa: E402
-from babyllama.train.stage import (compile_from_run, init_checkpoint, load_init_model, parse_stage_args,  # noqa: E402
+from babyllama.train.checkpoint import load_model
+from babyllama.train.distributed import main_rank_first, shutdown
+from babyllama.errors import UserError
+from babyllama.model.generate import Generator, SamplingConfig
+from babyllama.model.llama import Llama
+from babyllama.files import hold_lock, write_atomic
+from babyllama.train.run_config import RunConfig, RunPaths, model_config_for
+from babyllama.train.stage import (compile_from_run, init_checkpoint, load_init_model, parse_stage_args,
                              record_stage, resume_if_asked, standard_callbacks)
-from babyllama.data.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
-from babyllama.train.trainer import Trainer  # noqa: E402
+from babyllama.data.tokenizer import Tokenizer, train_tokenizer
+from babyllama.train.trainer import Trainer
 
 
 def documents(run: RunConfig) -> Iterator[str]:

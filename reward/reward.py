@@ -16,24 +16,20 @@ preference accuracy and mean margin before and after training. PPO and DPO read 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from babyllama.train import callbacks as cb  # noqa: E402
-from babyllama.cli import check_ranges, main_guard  # noqa: E402
-from babyllama.train.distributed import shutdown  # noqa: E402
-from babyllama.data.preference import (PREFERENCE_RULES, add_preference_flags, evaluate_pairs,  # noqa: E402
+from babyllama.train import callbacks as cb
+from babyllama.cli import check_ranges, main_guard
+from babyllama.train.distributed import shutdown
+from babyllama.data.preference import (PREFERENCE_RULES, add_preference_flags, evaluate_pairs,
                                   preference_loaders)
-from babyllama.align.reward_model import RewardModel, mark_reward_checkpoint, pair_loss  # noqa: E402
-from babyllama.train.run_config import model_config_for  # noqa: E402
-from babyllama.train.run_record import flatten  # noqa: E402
-from babyllama.train.stage import (compile_from_run, init_checkpoint, load_init_model, load_stage_tokenizer,  # noqa: E402
+from babyllama.align.reward_model import RewardModel, mark_reward_checkpoint, pair_loss
+from babyllama.train.run_config import model_config_for
+from babyllama.train.run_record import flatten
+from babyllama.train.stage import (compile_from_run, init_checkpoint, load_init_model, load_stage_tokenizer,
                              parse_stage_args, record_stage, resume_if_asked, standard_callbacks)
-from babyllama.train.trainer import Trainer  # noqa: E402
+from babyllama.train.trainer import Trainer
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:

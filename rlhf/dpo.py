@@ -20,32 +20,29 @@ from __future__ import annotations
 import argparse
 import gc
 import math
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from babyllama.train import callbacks as cb  # noqa: E402
-from babyllama.train.checkpoint import latest_checkpoint  # noqa: E402
-from babyllama.cli import check_ranges, main_guard  # noqa: E402
-from babyllama.train.distributed import shutdown  # noqa: E402
-from babyllama.errors import UserError  # noqa: E402
-from babyllama.align.dpo import DPOLoss, frozen_reference, precompute_reference_logps  # noqa: E402
-from babyllama.model.generate import SamplingConfig  # noqa: E402
-from babyllama.model.llama import Llama  # noqa: E402
-from babyllama.align.ppo import PPOConfig  # noqa: E402
-from babyllama.data.preference import (PREFERENCE_RULES, add_preference_flags, evaluate_pairs,  # noqa: E402
+from babyllama.train import callbacks as cb
+from babyllama.train.checkpoint import latest_checkpoint
+from babyllama.cli import check_ranges, main_guard
+from babyllama.train.distributed import shutdown
+from babyllama.errors import UserError
+from babyllama.align.dpo import DPOLoss, frozen_reference, precompute_reference_logps
+from babyllama.model.generate import SamplingConfig
+from babyllama.model.llama import Llama
+from babyllama.align.ppo import PPOConfig
+from babyllama.data.preference import (PREFERENCE_RULES, add_preference_flags, evaluate_pairs,
                                   preference_loaders)
-from babyllama.align.reward_model import load_reward_model  # noqa: E402
-from babyllama.eval.heldout import HELDOUT_RULES, HeldOut, add_heldout_flags, check_reply_budget, describe  # noqa: E402
-from babyllama.train.run_config import RunPaths, model_config_for  # noqa: E402
-from babyllama.train.run_record import flatten  # noqa: E402
-from babyllama.train.stage import (compile_from_run, init_checkpoint, load_init_model, load_stage_tokenizer,  # noqa: E402
+from babyllama.align.reward_model import load_reward_model
+from babyllama.eval.heldout import HELDOUT_RULES, HeldOut, add_heldout_flags, check_reply_budget, describe
+from babyllama.train.run_config import RunPaths, model_config_for
+from babyllama.train.run_record import flatten
+from babyllama.train.stage import (compile_from_run, init_checkpoint, load_init_model, load_stage_tokenizer,
                              parse_stage_args, record_stage, resume_if_asked, standard_callbacks)
-from babyllama.data.tokenizer import Tokenizer  # noqa: E402
-from babyllama.train.trainer import Trainer  # noqa: E402
+from babyllama.data.tokenizer import Tokenizer
+from babyllama.train.trainer import Trainer
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:

@@ -8,13 +8,9 @@ All flags: python rlhf/infer.py --help (the chat itself lives in babyllama/chat/
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from babyllama.chat.session import main  # noqa: E402
-from babyllama.cli import main_guard  # noqa: E402
+from babyllama.chat.session import main
+from babyllama.cli import main_guard
 
 if __name__ == "__main__":
     main_guard(lambda: main(__doc__, default_stages=("ppo", "dpo")))

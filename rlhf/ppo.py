@@ -21,31 +21,28 @@ The algorithm and its flags are described in babyllama/align/ppo.py and docs/rlh
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from babyllama.train import callbacks as cb  # noqa: E402
-from babyllama.data.chat_template import IM_END, special_id, stop_ids  # noqa: E402
-from babyllama.train.checkpoint import latest_checkpoint  # noqa: E402
-from babyllama.cli import add_dataclass_flags, apply_overrides, check_ranges, main_guard  # noqa: E402
-from babyllama.model.config import ModelConfig  # noqa: E402
-from babyllama.train.distributed import shutdown  # noqa: E402
-from babyllama.errors import UserError  # noqa: E402
-from babyllama.model.generate import SamplingConfig  # noqa: E402
-from babyllama.align.ppo import PolicyWithValue, PPOConfig, RolloutLoader, critic_from, frozen_copy, make_ppo_loss  # noqa: E402
-from babyllama.eval.heldout import (HELDOUT_RULES, HeldOut, add_heldout_flags, check_reply_budget, describe,  # noqa: E402
+from babyllama.train import callbacks as cb
+from babyllama.data.chat_template import IM_END, special_id, stop_ids
+from babyllama.train.checkpoint import latest_checkpoint
+from babyllama.cli import add_dataclass_flags, apply_overrides, check_ranges, main_guard
+from babyllama.model.config import ModelConfig
+from babyllama.train.distributed import shutdown
+from babyllama.errors import UserError
+from babyllama.model.generate import SamplingConfig
+from babyllama.align.ppo import PolicyWithValue, PPOConfig, RolloutLoader, critic_from, frozen_copy, make_ppo_loss
+from babyllama.eval.heldout import (HELDOUT_RULES, HeldOut, add_heldout_flags, check_reply_budget, describe,
                                  fitting_prompts)
-from babyllama.align.reward_model import RewardModel, load_reward_model  # noqa: E402
+from babyllama.align.reward_model import RewardModel, load_reward_model
 from babyllama.shipped import PREFERENCE
-from babyllama.train.run_config import model_config_for  # noqa: E402
-from babyllama.train.run_record import flatten  # noqa: E402
-from babyllama.train.stage import (compile_from_run, init_checkpoint, load_init_model, load_stage_tokenizer,  # noqa: E402
+from babyllama.train.run_config import model_config_for
+from babyllama.train.run_record import flatten
+from babyllama.train.stage import (compile_from_run, init_checkpoint, load_init_model, load_stage_tokenizer,
                              parse_stage_args, record_stage, resume_if_asked, standard_callbacks)
-from babyllama.train.trainer import Trainer  # noqa: E402
+from babyllama.train.trainer import Trainer
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:

@@ -15,27 +15,23 @@ the assistant's replies are learned (see babyllama/data/chat_template.py). Logs 
 from __future__ import annotations
 
 import argparse
-import sys
 from itertools import islice
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from babyllama.train import callbacks as cb  # noqa: E402
-from babyllama.eval.choice import ChoiceAccuracy, load_choice_items  # noqa: E402
-from babyllama.cli import main_guard  # noqa: E402
-from babyllama.train.distributed import shutdown  # noqa: E402
-from babyllama.errors import UserError  # noqa: E402
+from babyllama.train import callbacks as cb
+from babyllama.eval.choice import ChoiceAccuracy, load_choice_items
+from babyllama.cli import main_guard
+from babyllama.train.distributed import shutdown
+from babyllama.errors import UserError
 from babyllama.shipped import CHAT_CHOICES, SFT
-from babyllama.train.run_config import model_config_for  # noqa: E402
-from babyllama.data.sft import FORMATS, SFTDataset, build_sft_loader, padding_fraction, read_conversations  # noqa: E402
-from babyllama.train.run_record import flatten  # noqa: E402
-from babyllama.train.stage import (compile_from_run, init_checkpoint, load_init_model, load_stage_tokenizer,  # noqa: E402
+from babyllama.train.run_config import model_config_for
+from babyllama.data.sft import FORMATS, SFTDataset, build_sft_loader, padding_fraction, read_conversations
+from babyllama.train.run_record import flatten
+from babyllama.train.stage import (compile_from_run, init_checkpoint, load_init_model, load_stage_tokenizer,
                              parse_stage_args, record_stage, resume_if_asked, standard_callbacks)
-from babyllama.data.tokenizer import Tokenizer  # noqa: E402
-from babyllama.train.trainer import Trainer, causal_lm_loss  # noqa: E402
+from babyllama.data.tokenizer import Tokenizer
+from babyllama.train.trainer import Trainer, causal_lm_loss
 
 
 

@@ -14,7 +14,8 @@ import pytest
 import torch
 from tokenizers import pre_tokenizers
 
-from babyllama.convert.hf import hf
+from babyllama.convert.bert4torch import B4T_CONFIG, B4T_WEIGHTS, bert4torch_builder, export_bert4torch, import_bert4torch
+from babyllama.convert.hf import HF_WEIGHTS, export_hf, hf_model_config, import_hf
 from babyllama.data.chat_template import render_prompt
 from babyllama.train.checkpoint import atomic_save, load_model
 from babyllama.model.config import ModelConfig, preset
@@ -75,7 +76,7 @@ def test_hf_export_loads_offline_with_same_logits_and_greedy_tokens(tmp_path, to
     torch.manual_seed(0)
     ours = Llama(tiny_config(400, tie)).eval()
     ckpt = save_stage_checkpoint(ours, tmp_path / "stage" / "step_00000007.pt", prefix)
-    out = convert.export_hf(ckpt.parent, tok_dir, tmp_path / "hf")
+    out = export_hf(ckpt.parent, tok_dir, tmp_path / "hf")
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
     assert type(hf).__name__ == "LlamaForCausalLM" and hf.dtype == torch.float32
     x = sample_ids(400)
@@ -94,7 +95,7 @@ def test_hf_export_loads_offline_with_same_logits_and_greedy_tokens(tmp_path, to
 def test_hf_tokenizer_matches_ours_and_renders_the_chat_template(tmp_path, tok_dir):
     torch.manual_seed(0)
     ckpt = save_stage_checkpoint(Llama(tiny_config(400, True)), tmp_path / "step_00000001.pt")
-    out = convert.export_hf(ckpt, tok_dir, tmp_path / "hf")
+    out = export_hf(ckpt, tok_dir, tmp_path / "hf")
     hf_tok = transformers.AutoTokenizer.from_pretrained(out, local_files_only=True)
     ours = Tokenizer.load(tok_dir)
     text = "床前明月光，疑是地上霜。\nTo be, or not to be: that is the question. 2024 ☃"
@@ -110,7 +111,7 @@ def test_reward_checkpoint_exports_its_language_model(tmp_path, tok_dir):
     torch.manual_seed(0)
     lm = Llama(tiny_config(400, True)).eval()
     ckpt = save_stage_checkpoint(lm, tmp_path / "step_00000001.pt", extra={"score.weight": torch.randn(1, 64)})
-    out = convert.export_hf(ckpt, tok_dir, tmp_path / "hf")
+    out = export_hf(ckpt, tok_dir, tmp_path / "hf")
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
     x = sample_ids(400)
     assert (logits(hf, x) - logits(lm, x)).abs().max().item() <= TOL
@@ -138,7 +139,7 @@ def require(module: str, requirements: str) -> None:
 def test_import_hf_reproduces_a_random_transformers_llama(tmp_path, tie):
     hf = random_hf_llama(320, tie)
     hf.save_pretrained(tmp_path / "hf")
-    path = convert.import_hf(tmp_path / "hf", tmp_path / "imported")
+    path = import_hf(tmp_path / "hf", tmp_path / "imported")
     assert path.name == "step_00000000.pt"
     ours = load_model(path.parent)  # what --init / load_model read
     assert ours.config.rope_theta == ROPE_THETA and ours.config.tie_embeddings == tie
@@ -206,7 +207,7 @@ def test_import_gguf_reproduces_the_model_it_was_written_from(tmp_path, tie):
     hf = random_hf_llama(len(GGUF_TOKENS), tie)
     (tmp_path / "src").mkdir()
     write_llama_gguf(hf, tmp_path / "src" / "tiny.gguf")
-    path = convert.import_hf(tmp_path / "src", tmp_path / "imported", gguf_file="tiny.gguf")
+    path = import_hf(tmp_path / "src", tmp_path / "imported", gguf_file="tiny.gguf")
     ours = load_model(path)
     assert (ours.config.n_kv_heads, ours.config.rope_theta, ours.config.tie_embeddings) == (2, ROPE_THETA, tie)
     x = sample_ids(len(GGUF_TOKENS))
@@ -214,7 +215,7 @@ def test_import_gguf_reproduces_the_model_it_was_written_from(tmp_path, tie):
     tok = Tokenizer.load(tmp_path / "imported" / "tokenizer")
     assert tok.encode(" the") == [GGUF_TOKENS.index("Ġthe")] and tok.decode(tok.encode("the 床")) == "the 床"
     with pytest.raises(UserError, match="GGUF file not found"):
-        convert.import_hf(tmp_path / "src", tmp_path / "again", gguf_file="missing.gguf")
+        import_hf(tmp_path / "src", tmp_path / "again", gguf_file="missing.gguf")
 
 
 def test_import_gguf_without_its_packages_says_what_to_install(tmp_path, monkeypatch):
@@ -222,14 +223,14 @@ def test_import_gguf_without_its_packages_says_what_to_install(tmp_path, monkeyp
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))
     with pytest.raises(UserError, match=r"needs gguf: pip install -r requirements-gguf.txt"):
-        convert.import_hf(tmp_path, tmp_path / "out", gguf_file="m.gguf")
+        import_hf(tmp_path, tmp_path / "out", gguf_file="m.gguf")
 
 
 def test_import_hf_brings_the_tokenizer_and_round_trips_export(tmp_path, tok_dir):
     torch.manual_seed(0)
     src = Llama(tiny_config(400, False)).eval()
-    convert.export_hf(save_stage_checkpoint(src, tmp_path / "a.pt"), tok_dir, tmp_path / "hf")
-    path = convert.import_hf(tmp_path / "hf", tmp_path / "imported")
+    export_hf(save_stage_checkpoint(src, tmp_path / "a.pt"), tok_dir, tmp_path / "hf")
+    path = import_hf(tmp_path / "hf", tmp_path / "imported")
     again = load_model(path)
     assert all(torch.equal(v, again.state_dict()[k]) for k, v in src.state_dict().items())
     text = "举头望明月"
@@ -244,7 +245,7 @@ def test_an_imported_hf_llama_fine_tunes_with_sft(tmp_path, tok_dir):
     hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**preset("tiny", tok.vocab_size).to_hf()))
     hf.save_pretrained(tmp_path / "hf")
     tok.save(tmp_path / "hf")
-    init = convert.import_hf(tmp_path / "hf", tmp_path / "imported")
+    init = import_hf(tmp_path / "hf", tmp_path / "imported")
     chats = tmp_path / "chats.jsonl"
     chats.write_text("".join(json.dumps({"messages": [{"role": "user", "content": m["content"]},
                                                       {"role": "assistant", "content": "疑是地上霜。"}]},
@@ -267,24 +268,24 @@ def test_import_refuses_what_it_cannot_represent(tmp_path):
     gpt2 = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}
     (tmp_path / "gpt" / "config.json").write_text(json.dumps(gpt2))
     with pytest.raises(UserError, match="not a LLaMA"):
-        convert.import_hf(tmp_path / "gpt", tmp_path / "out")
+        import_hf(tmp_path / "gpt", tmp_path / "out")
     scaled = {**tiny_config(300, True).to_hf(), "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}
     with pytest.raises(UserError, match="rope_type"):
-        convert.hf_model_config(scaled, "config.json")
+        hf_model_config(scaled, "config.json")
     torch.manual_seed(0)
-    convert.export_bert4torch(save_stage_checkpoint(Llama(tiny_config(300, True)), tmp_path / "c.pt"), tmp_path / "b")
-    (tmp_path / "b" / convert.B4T_WEIGHTS).unlink()
+    export_bert4torch(save_stage_checkpoint(Llama(tiny_config(300, True)), tmp_path / "c.pt"), tmp_path / "b")
+    (tmp_path / "b" / B4T_WEIGHTS).unlink()
     with pytest.raises(UserError, match="weights not found"):
-        convert.import_bert4torch(tmp_path / "b", tmp_path / "out")
+        import_bert4torch(tmp_path / "b", tmp_path / "out")
 
 
 def test_bert4torch_round_trip_is_exact(tmp_path):
     torch.manual_seed(0)
     src = Llama(tiny_config(300, False)).eval()
-    out = convert.export_bert4torch(save_stage_checkpoint(src, tmp_path / "a.pt"), tmp_path / "b4t")
-    config = json.loads((out / convert.B4T_CONFIG).read_text())
+    out = export_bert4torch(save_stage_checkpoint(src, tmp_path / "a.pt"), tmp_path / "b4t")
+    config = json.loads((out / B4T_CONFIG).read_text())
     assert config["layer_norm_eps"] == 1e-6 and config["num_key_value_heads"] == 2
-    back = load_model(convert.import_bert4torch(out, tmp_path / "back"))
+    back = load_model(import_bert4torch(out, tmp_path / "back"))
     assert all(torch.equal(v, back.state_dict()[k]) for k, v in src.state_dict().items())
 
 
@@ -292,7 +293,7 @@ def test_bert4torch_round_trip_is_exact(tmp_path):
 @pytest.fixture(scope="module")
 def bert4torch():
     require("bert4torch", "requirements-bert4torch.txt")
-    return convert.bert4torch_builder()
+    return bert4torch_builder()
 
 
 @pytest.mark.parametrize("tie,padded", [(True, False), (False, False), (True, True)])
@@ -302,10 +303,10 @@ def test_bert4torch_loads_our_export_with_same_logits(tmp_path, bert4torch, tie,
     torch.manual_seed(0)
     cfg = tiny_config(320, tie).for_tokenizer(300) if padded else tiny_config(300, tie)
     ours = Llama(cfg).eval()
-    out = convert.export_bert4torch(save_stage_checkpoint(ours, tmp_path / "a.pt"), tmp_path / "b4t")
-    assert json.loads((out / convert.B4T_CONFIG).read_text())["vocab_size"] == 300
-    theirs = bert4torch(config_path=str(out / convert.B4T_CONFIG))
-    theirs.load_state_dict(torch.load(out / convert.B4T_WEIGHTS), strict=True)
+    out = export_bert4torch(save_stage_checkpoint(ours, tmp_path / "a.pt"), tmp_path / "b4t")
+    assert json.loads((out / B4T_CONFIG).read_text())["vocab_size"] == 300
+    theirs = bert4torch(config_path=str(out / B4T_CONFIG))
+    theirs.load_state_dict(torch.load(out / B4T_WEIGHTS), strict=True)
     x = sample_ids(300)
     assert (logits_b4t(theirs, x) - logits(ours, x)[..., :300]).abs().max().item() <= TOL
 
@@ -313,8 +314,8 @@ def test_bert4torch_loads_our_export_with_same_logits(tmp_path, bert4torch, tie,
 def test_bert4torch_reads_the_hf_export_and_we_import_its_weights(tmp_path, bert4torch, tok_dir):
     torch.manual_seed(0)
     ours = Llama(tiny_config(400, True)).eval()
-    hf_dir = convert.export_hf(save_stage_checkpoint(ours, tmp_path / "a.pt"), tok_dir, tmp_path / "hf")
-    theirs = bert4torch(config_path=str(hf_dir / convert.B4T_CONFIG), checkpoint_path=str(hf_dir / convert.HF_WEIGHTS))
+    hf_dir = export_hf(save_stage_checkpoint(ours, tmp_path / "a.pt"), tok_dir, tmp_path / "hf")
+    theirs = bert4torch(config_path=str(hf_dir / B4T_CONFIG), checkpoint_path=str(hf_dir / HF_WEIGHTS))
     x = sample_ids(400)
     assert (logits_b4t(theirs, x) - logits(ours, x)).abs().max().item() <= TOL
     # a model bert4torch trained, saved with its own parameter names (torch4keras save_weights)
@@ -322,7 +323,7 @@ def test_bert4torch_reads_the_hf_export_and_we_import_its_weights(tmp_path, bert
         for p in theirs.parameters():
             p.add_(torch.randn_like(p) * 0.01)
     torch.save(theirs.state_dict(), hf_dir / "trained.pt")
-    back = load_model(convert.import_bert4torch(hf_dir, tmp_path / "back", weights=hf_dir / "trained.pt"))
+    back = load_model(import_bert4torch(hf_dir, tmp_path / "back", weights=hf_dir / "trained.pt"))
     assert (logits(back, x) - logits_b4t(theirs, x)).abs().max().item() <= TOL
 
 

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from babyllama.eval import evaluate as ev
+from data.builders import idiom_items
 from babyllama.train.checkpoint import atomic_save
 from babyllama.model.config import ModelConfig
 from babyllama.data.corpus import iter_records
@@ -123,7 +124,7 @@ def test_heldout_items_are_well_formed():
 def test_idiom_items_have_one_completing_choice():
     idioms = ["一丝不苟", "一丝不挂", "守株待兔", "画蛇添足", "亡羊补牢", "对牛弹琴", "井底之蛙", "刻舟求剑",
               "杯弓蛇影", "望梅止渴", "自相矛盾", "掩耳盗铃", "胸有成竹", "叶公好龙", "狐假虎威", "滥竽充数"]
-    items = ev.idiom_items(idioms, n=len(idioms))
+    items = idiom_items(idioms, n=len(idioms))
     assert items
     for it in items:
         completing = [c for c in it["choices"] if it["context"] + c in idioms]
@@ -134,7 +135,7 @@ def test_idiom_items_have_one_completing_choice():
 
 def test_idiom_items_from_fewer_than_twelve_endings():
     idioms = ["一丝不苟", "一丝不挂", "守株待兔", "画蛇添足", "亡羊补牢"]  # 5 distinct endings
-    items = ev.idiom_items(idioms, n=len(idioms))
+    items = idiom_items(idioms, n=len(idioms))
     assert items and all(len(it["choices"]) == 4 and it["context"] + it["choices"][it["answer"]] in idioms
                          for it in items)
 

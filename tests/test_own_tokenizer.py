@@ -19,7 +19,7 @@ import pytest
 import torch
 import tokenizers
 
-from babyllama.convert.hf import hf
+from babyllama.convert.hf import export_hf, import_hf
 from babyllama.train.checkpoint import load_checkpoint, load_model
 from babyllama.model.config import PRESETS, ModelConfig
 from babyllama.data.corpus import iter_records
@@ -130,7 +130,7 @@ def test_pretrain_infer_sft_export_reload(tokenizer, corpus, tmp_path, small_see
     capsys.readouterr()
 
     transformers = pytest.importorskip("transformers")
-    hf_dir = convert.export_hf(out / "0.2b" / "sft", tokenizer, tmp_path / "hf")
+    hf_dir = export_hf(out / "0.2b" / "sft", tokenizer, tmp_path / "hf")
     hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
     hf_tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
     assert hf.config.vocab_size == len(hf_tok) == tok.vocab_size  # the padding rows are not exported
@@ -139,7 +139,7 @@ def test_pretrain_infer_sft_export_reload(tokenizer, corpus, tmp_path, small_see
     with torch.no_grad():
         assert (hf(ids).logits - ours(ids).logits[..., :tok.vocab_size]).abs().max() <= 1e-4
     reply = hf.generate(ids, max_new_tokens=4, do_sample=False)[0, ids.shape[1]:]
-    assert isinstance(hf_tok.decode(reply), str) and convert.import_hf(hf_dir, tmp_path / "imported").is_file()
+    assert isinstance(hf_tok.decode(reply), str) and import_hf(hf_dir, tmp_path / "imported").is_file()
 
 
 def test_padding_ids_are_never_produced_nor_scored():

@@ -14,7 +14,7 @@ from babyllama.train.checkpoint import atomic_save
 from babyllama.model.config import ModelConfig
 from babyllama.data.corpus import iter_records
 from babyllama.errors import UserError
-from babyllama.evaluate import HELDOUT, write_results
+from babyllama.eval.evaluate import HELDOUT, write_results
 from babyllama.model.llama import Llama
 from babyllama.align.reward_model import RewardModel, mark_reward_checkpoint
 from babyllama.data.tokenizer import train_tokenizer

@@ -10,11 +10,11 @@ import torch
 
 from babyllama.data.chat_template import IGNORE_INDEX, encode_chat
 from babyllama.errors import UserError
-from babyllama.data.sft import (EN_FOLLOW_PLAY, EN_FOLLOW_WHO, EN_NEXT, ZH_AUTHOR, ZH_FOLLOW_AUTHOR, ZH_NEXT,
-                                BucketBatchSampler, SFTDataset, build_choice_items, build_sft_loader, collate_sft,
-                                padding_fraction, poetry_dialogues, poetry_instructions, read_chatterbot,
-                                read_conversations, self_cognition, shakespeare_dialogues, shakespeare_instructions,
-                                system_prompts)
+from babyllama.data.sft import (BucketBatchSampler, SFTDataset, build_sft_loader, collate_sft, padding_fraction,
+                                read_conversations)
+from data.builders import (EN_FOLLOW_PLAY, EN_FOLLOW_WHO, EN_NEXT, ZH_AUTHOR, ZH_FOLLOW_AUTHOR, ZH_NEXT,
+                           build_choice_items, poetry_dialogues, poetry_instructions, read_chatterbot, self_cognition,
+                           shakespeare_dialogues, shakespeare_instructions, system_prompts)
 from test_chat import make_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -318,6 +318,7 @@ def test_build_script_is_deterministic_and_readable(tmp_path, monkeypatch):
         rows = [{**r, "text": "\n".join(r["lines"])} for r in records]
         write_jsonl(corpus / f"{name}_train.jsonl", rows[:30])
         write_jsonl(corpus / f"{name}_heldout.jsonl", rows[30:])
+    monkeypatch.syspath_prepend(str(ROOT / "data"))  # where `python data/build_sft.py` finds data/builders.py
     script = runpy.run_path(str(ROOT / "data" / "build_sft.py"), run_name="build_sft")
     outputs = []
     for out in (tmp_path / "a", tmp_path / "b"):

