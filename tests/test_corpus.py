@@ -88,8 +88,8 @@ def test_wikipedia_cn_json_array_auto_field(tmp_path):
 
 
 def test_json_array_streams_across_chunks(tmp_path, monkeypatch):
-    import babyllama.data.corpus as corpus
-    monkeypatch.setattr(corpus, "_CHUNK", 7)  # elements straddle many buffer refills
+    import babyllama.data.jsonl as jsonl
+    monkeypatch.setattr(jsonl, "_CHUNK", 7)  # elements straddle many buffer refills
     rows = [{"text": f"doc {i} " + "字" * i, "n": [1, {"k": "]"}]} for i in range(40)]
     p = tmp_path / "a.json"
     p.write_text(json.dumps(rows, ensure_ascii=False, indent=2), encoding="utf-8")

@@ -26,20 +26,17 @@ a missing field (naming the keys that exist), an unsupported extension, text tha
 from __future__ import annotations
 
 import glob
-import gzip
-import json
 from itertools import chain
 from pathlib import Path
-from typing import IO, Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
-from babyllama.errors import UserError, where
+from babyllama.data.jsonl import decoding, json_objects, open_text
+from babyllama.errors import UserError
 
 FORMATS = ("auto", "txt", "jsonl", "json", "baidubaike", "wikipedia-cn", "c4", "parquet")
 _SUFFIX_FORMAT = {".txt": "txt", ".text": "txt", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json",
                   ".parquet": "parquet"}
 _FIELD_FALLBACKS = ("completion", "content")  # tried, in order, when the default `text` is absent
-_CHUNK = 1 << 20
-_MAX_JSON_ELEMENT = 256 << 20  # a JSON-array element larger than this is treated as malformed input
 
 
 # ======================================================================= public API
@@ -69,7 +66,7 @@ def iter_records(path: str | Path) -> Iterator[dict]:
     for file in resolve_files(path):
         if file_format(file) not in ("jsonl", "json"):
             raise UserError(f"{file}: expected a .jsonl file of records (the shipped corpus schema)")
-        for loc, record in _json_values(file):
+        for loc, record in json_objects(file):
             if "text" not in record:
                 raise UserError(f"{loc}: record has no 'text' (keys: {_keys(record)}); "
                                 "expected the shipped corpus schema (see data/corpus/README.md)")
@@ -132,34 +129,15 @@ def _iter_file(path: Path, fmt: str, field: str) -> Iterator[str]:
     return _json_documents(path, kind, field, auto=fmt == "auto")
 
 
-def _open_text(path: Path) -> IO[str]:
-    try:
-        if path.suffix.lower() == ".gz":
-            return gzip.open(path, "rt", encoding="utf-8-sig")
-        return open(path, encoding="utf-8-sig")  # tolerate a BOM
-    except OSError as e:
-        raise UserError(f"{path}: cannot read ({e.strerror or e})") from e
-
-
-def _decoding(path: Path, lines: Iterable[str]) -> Iterator[str]:
-    """Turn decoding failures in the middle of a stream into a UserError."""
-    try:
-        yield from lines
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text ({e.reason}); convert it to UTF-8") from e
-    except (OSError, EOFError) as e:  # truncated or corrupt .gz
-        raise UserError(f"{path}: cannot read ({e}); is the file complete?") from e
-
-
 # ======================================================================= txt
 def _txt_documents(path: Path) -> Iterator[str]:
     if not _has_blank_line(path):
-        with _open_text(path) as f:
-            yield from (line.strip() for line in _decoding(path, f) if line.strip())
+        with open_text(path) as f:
+            yield from (line.strip() for line in decoding(path, f) if line.strip())
         return
     block: list[str] = []
-    with _open_text(path) as f:
-        for line in _decoding(path, f):
+    with open_text(path) as f:
+        for line in decoding(path, f):
             if line.strip():
                 block.append(line.rstrip())
             elif block:
@@ -172,13 +150,13 @@ def _txt_documents(path: Path) -> Iterator[str]:
 def _has_blank_line(path: Path) -> bool:
     """A blank line separates documents; without one, each line is a document (one-document-per-line dumps).
     Stops at the first blank line, so blank-separated files cost nothing extra."""
-    with _open_text(path) as f:
-        return any(not line.strip() for line in _decoding(path, f))
+    with open_text(path) as f:
+        return any(not line.strip() for line in decoding(path, f))
 
 
 # ======================================================================= JSON
 def _json_documents(path: Path, kind: str, field: str, auto: bool) -> Iterator[str]:
-    values = _json_values(path)
+    values = json_objects(path)
     first = next(values, None)
     if first is None:
         return
@@ -191,85 +169,6 @@ def _json_documents(path: Path, kind: str, field: str, auto: bool) -> Iterator[s
         text = _baidubaike_text(record, loc) if kind == "baidubaike" else _field_text(record, field, loc)
         if text:
             yield text
-
-
-def _json_values(path: Path) -> Iterator[tuple[str, dict]]:
-    """(`path:line`, object) for each JSON line, or each element of a top-level JSON array."""
-    with _open_text(path) as f:
-        lines = _decoding(path, f)
-        head = next(lines, None)
-        lineno = 1
-        while head is not None and not head.strip():  # leading blank lines
-            head, lineno = next(lines, None), lineno + 1
-        if head is None:
-            return
-        head = head.lstrip()  # only spaces: it is the first line with text
-        if head.startswith("["):
-            values = _json_array(path, chain([head[1:]], lines), lineno)
-        else:
-            values = _json_lines(path, chain([head], lines), lineno)
-        for loc, value in values:
-            if not isinstance(value, dict):
-                raise UserError(f"{loc}: expected a JSON object, got {type(value).__name__}")
-            yield loc, value
-
-
-def _json_lines(path: Path, lines: Iterable[str], lineno: int) -> Iterator[tuple[str, Any]]:
-    for lineno, line in enumerate(lines, lineno):
-        if line.strip():
-            try:
-                yield where(path, lineno), json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{where(path, lineno)}: invalid JSON ({e.msg} at column {e.colno}); "
-                                "expected JSON lines (one object per line) or a JSON array") from e
-
-
-def _json_array(path: Path, lines: Iterable[str], line: int) -> Iterator[tuple[str, Any]]:
-    """Elements of a top-level JSON array (its `[` already consumed), decoded one by one from a sliding buffer,
-    never the whole file. `line` is the line number of buf[pos]."""
-    decoder, reader = json.JSONDecoder(), _chunks(lines)
-    buf, pos = "", 0
-    while True:
-        pos, line = _skip_separators(buf, pos, line)
-        if pos == len(buf):
-            buf, pos = next(reader, None), 0
-            if buf is None:
-                raise UserError(f"{where(path, line)}: JSON array is not closed with ']'; is the file complete?")
-            continue
-        if buf[pos] == "]":
-            return
-        try:
-            value, end = decoder.raw_decode(buf, pos)
-        except json.JSONDecodeError as e:  # an element cut by the buffer end, or malformed: read on to tell
-            more = next(reader, None)
-            if more is None or len(buf) - pos > _MAX_JSON_ELEMENT:
-                raise UserError(f"{where(path, line + buf.count(chr(10), pos, e.pos))}: invalid JSON ({e.msg}) "
-                                "in the JSON array") from e
-            buf, pos = buf[pos:] + more, 0
-            continue
-        yield where(path, line), value
-        line += buf.count("\n", pos, end)
-        pos = end
-
-
-def _chunks(lines: Iterable[str]) -> Iterator[str]:
-    buf: list[str] = []
-    size = 0
-    for line in lines:
-        buf.append(line)
-        size += len(line)
-        if size >= _CHUNK:
-            yield "".join(buf)
-            buf, size = [], 0
-    if buf:
-        yield "".join(buf)
-
-
-def _skip_separators(buf: str, pos: int, line: int) -> tuple[int, int]:
-    while pos < len(buf) and (buf[pos].isspace() or buf[pos] == ","):
-        line += buf[pos] == "\n"
-        pos += 1
-    return pos, line
 
 
 def _pick_field(keys: Iterable[str], field: str) -> str:

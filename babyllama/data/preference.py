@@ -40,7 +40,8 @@ from babyllama.cli import Rule
 from babyllama.train.distributed import all_reduce_mean
 from babyllama.errors import UserError
 from babyllama.shipped import PREFERENCE
-from babyllama.data.sft import (BucketBatchSampler, iter_json_records)
+from babyllama.data.jsonl import json_values
+from babyllama.data.sft import BucketBatchSampler
 
 FORMATS = ("pairs", "hh")
 REJECTIONS = ("wrong_line", "wrong_author", "wrong_play", "shuffled", "truncated", "off_topic")
@@ -59,7 +60,7 @@ def read_pairs(path: str | Path, fmt: str = "auto") -> list[PreferencePair]:
     if fmt not in ("auto", *FORMATS):
         raise UserError(f"unknown preference format {fmt!r}; choose one of {', '.join(FORMATS)} or 'auto'")
     out = []
-    for loc, record in iter_json_records(path):
+    for loc, record in json_values(path):
         if not isinstance(record, dict):
             raise UserError(f"{loc}: expected a JSON object with 'chosen' and 'rejected', got {type(record).__name__}")
         missing = [key for key in ("chosen", "rejected") if key not in record]
@@ -152,7 +153,7 @@ def read_prompts(path: str | Path) -> list[list[Message]]:
     """Prompts for generation: records with `messages` (a list) or `prompt` (a string or a list), each up to its
     last non-assistant message (trailing assistant replies are dropped: what the policy is asked to answer)."""
     out = []
-    for loc, record in iter_json_records(path):
+    for loc, record in json_values(path):
         key = "messages" if isinstance(record, dict) and "messages" in record else "prompt"
         value = record.get(key) if isinstance(record, dict) else None
         if value is None:

@@ -21,8 +21,6 @@ with causal attention needs no attention mask: real tokens never attend to the p
 """
 from __future__ import annotations
 
-import json
-import re
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -31,7 +29,8 @@ import torch
 from torch import Tensor
 
 from babyllama.data.chat_template import IGNORE_INDEX, Message, NoSupervisedTokens, check_messages, encode_chat
-from babyllama.errors import UserError, where
+from babyllama.data.jsonl import json_values
+from babyllama.errors import UserError
 
 FORMATS = ("openai", "sharegpt", "alpaca", "belle", "firefly")
 
@@ -42,7 +41,7 @@ def read_conversations(path: str | Path, fmt: str = "auto") -> list[list[Message
         raise UserError(f"unknown SFT format {fmt!r}; choose one of {', '.join(FORMATS)} or 'auto'")
     out: list[list[Message]] = []
     detected = fmt == "auto"
-    for loc, record in iter_json_records(path):
+    for loc, record in json_values(path):
         if not isinstance(record, dict):
             raise UserError(f"{loc}: expected a JSON object, got {type(record).__name__}")
         if fmt == "auto":
@@ -57,39 +56,6 @@ def read_conversations(path: str | Path, fmt: str = "auto") -> list[list[Message
     if not out:
         raise UserError(f"{path}: no records")
     return out
-
-
-def iter_json_records(path: str | Path) -> Iterator[tuple[str, Any]]:
-    """(`path:line`, value) for each JSON line, or for each element of a top-level JSON array."""
-    try:
-        text = Path(path).read_text(encoding="utf-8-sig")  # tolerate a BOM
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: cannot read ({e})") from e
-    if text.lstrip().startswith("["):
-        yield from _iter_json_array(text, path)
-        return
-    for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines(): U+2028 may sit inside strings
-        if line.strip():
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{where(path, lineno)}: invalid JSON ({e.msg})") from e
-            yield where(path, lineno), value
-
-
-def _iter_json_array(text: str, path: str | Path) -> Iterator[tuple[str, Any]]:
-    """Decode array elements one at a time so each one's line number is known."""
-    decoder, ws = json.JSONDecoder(), re.compile(r"[\s,]*")
-    pos = ws.match(text, text.index("[") + 1).end()
-    line, counted = 1, 0
-    while pos < len(text) and text[pos] != "]":
-        line, counted = line + text.count("\n", counted, pos), pos
-        try:
-            value, end = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{where(path, e.lineno)}: invalid JSON ({e.msg})") from e
-        yield where(path, line), value
-        pos = ws.match(text, end).end()
 
 
 def detect_format(record: dict, loc: str = "record") -> str:

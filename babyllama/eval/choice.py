@@ -27,7 +27,7 @@ from torch import nn
 from babyllama.train.callbacks import Evaluator
 from babyllama.data.chat_template import IM_END, check_messages, encode_text, render_prompt, special_id
 from babyllama.errors import UserError
-from babyllama.data.sft import iter_json_records
+from babyllama.data.jsonl import json_values
 from babyllama.train.trainer import Trainer
 
 PAD = 0  # pad id of scored rows; its positions are never read
@@ -35,7 +35,7 @@ PAD = 0  # pad id of scored rows; its positions are never read
 
 def load_choice_items(path: str | Path) -> list[dict]:
     """Validated items of a JSON-lines (or JSON array) file; errors name `path:line` and the field."""
-    items = [_check_item(record, loc) for loc, record in iter_json_records(path)]
+    items = [_check_item(record, loc) for loc, record in json_values(path)]
     if not items:
         raise UserError(f"{path}: no multiple-choice items")
     return items

@@ -40,7 +40,7 @@ from babyllama.cli import main_guard
 from babyllama.data.corpus import iter_records
 from babyllama.errors import UserError
 from babyllama.shipped import CHAT_CHOICES, HELDOUT, IDIOMS, PREF_VALID
-from babyllama.data.sft import iter_json_records
+from babyllama.data.jsonl import json_values
 from babyllama.data.tokenizer import Tokenizer
 
 LOGIT_BUDGET = 2 ** 26  # fp32 logits per forward (256 MB): bounds memory for large vocabularies
@@ -174,7 +174,7 @@ def last_word_items(records: Sequence[dict], seed: int = 0, min_context_chars: i
 def load_items(path: str | Path) -> list[Item]:
     """Cloze items from JSON lines, checked field by field."""
     items = []
-    for loc, record in iter_json_records(path):
+    for loc, record in json_values(path):
         record = record if isinstance(record, dict) else {}
         choices, answer = record.get("choices"), record.get("answer")
         if not isinstance(record.get("context"), str) or not isinstance(choices, list) or len(choices) < 2:
