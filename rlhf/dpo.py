@@ -29,7 +29,8 @@ from babyllama.train.checkpoint import latest_checkpoint
 from babyllama.cli import check_ranges, main_guard
 from babyllama.train.distributed import shutdown
 from babyllama.errors import UserError
-from babyllama.align.dpo import DPOLoss, frozen_reference, precompute_reference_logps
+from babyllama.model.llama import frozen, frozen_copy
+from babyllama.align.dpo import DPOLoss, precompute_reference_logps
 from babyllama.model.generate import SamplingConfig
 from babyllama.model.llama import Llama
 from babyllama.align.ppo import PPOConfig
@@ -98,7 +99,7 @@ def main() -> None:
 
     torch.manual_seed(run.seed)
     policy = load_init_model(init, cfg, tok).to(env.device).train()
-    reference = frozen_reference(policy)
+    reference = frozen_copy(policy)
     before = report.measure(reference, reference) if env.is_main else {}
     if args.precompute_ref:
         for loader in (train_loader, valid_loader):
@@ -121,7 +122,7 @@ def main() -> None:
     final = evaluate_pairs(trainer, loss, valid)
     if env.is_main:
         if reference is None:  # freed by --precompute-ref; reloaded for the KL
-            reference = load_init_model(init, cfg).to(env.device)
+            reference = frozen(load_init_model(init, cfg).to(env.device))
         after = report.measure(policy, reference)
         record_stage(args, run, paths, "dpo", trainer,
                      {**final, **flatten("heldout_before_", before), **flatten("heldout_", after)})

@@ -33,7 +33,8 @@ from babyllama.model.config import ModelConfig
 from babyllama.train.distributed import shutdown
 from babyllama.errors import UserError
 from babyllama.model.generate import SamplingConfig
-from babyllama.align.ppo import PolicyWithValue, PPOConfig, RolloutLoader, critic_from, frozen_copy, make_ppo_loss
+from babyllama.model.llama import frozen, frozen_copy
+from babyllama.align.ppo import PolicyWithValue, PPOConfig, RolloutLoader, critic_from, make_ppo_loss
 from babyllama.eval.heldout import (HELDOUT_RULES, HeldOut, add_heldout_flags, check_reply_budget, describe,
                                  fitting_prompts)
 from babyllama.align.reward_model import RewardModel, load_reward_model
@@ -91,7 +92,7 @@ def main() -> None:
     if args.reward and not Path(args.reward).exists():
         raise UserError(f"--reward {args.reward}: no such file or directory")
     reward_path = init_checkpoint(args.reward, paths, "reward")
-    reward = load_reward_model(reward_path, env.device, tokenizer=tok).requires_grad_(False)
+    reward = frozen(load_reward_model(reward_path, env.device, tokenizer=tok))
     check_sizes(ppo, cfg, reward)
     prompts = fitting_prompts(args.prompts, tok, ppo.max_prompt_len, args.system)
 

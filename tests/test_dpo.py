@@ -4,7 +4,9 @@ import math
 import pytest
 import torch
 
-from babyllama.align.dpo import DPOLoss, dpo_loss, frozen_reference, pair_logps, precompute_reference_logps, sequence_logps
+from babyllama.model.llama import frozen_copy
+from babyllama.align.dpo import DPOLoss, dpo_loss, pair_logps, precompute_reference_logps
+from babyllama.model.scoring import continuation_logprobs, sequence_logprobs
 from babyllama.model.llama import Llama
 from babyllama.train.optim import build_adamw
 from babyllama.data.preference import collate_pairs, evaluate_pairs, pad_rows
@@ -38,16 +40,19 @@ def test_dpo_loss_at_reference_is_log2():
     assert m["reward_accuracy"].item() == 0.0
 
 
-def test_sequence_logps_match_full_logits():
+def test_the_scorers_match_full_logits():
+    """DPO's batched response scores and evaluation's per-row continuation scores are the same numbers."""
     torch.manual_seed(0)
     model = Llama(tiny_config(50)).eval()
     rows = [(torch.randint(6, 50, (9,)).tolist(), 4), (torch.randint(6, 50, (6,)).tolist(), 2)]
     ids, mask, response = pad_rows(rows, pad_id=3)
-    got = sequence_logps(model, ids, mask, response)
+    got = sequence_logprobs(model, ids, mask, response)
     for i, (seq, prompt_len) in enumerate(rows):
         logp = model(torch.tensor([seq])).logits[0].log_softmax(-1)
         want = sum(logp[t - 1, seq[t]] for t in range(prompt_len, len(seq)))
         assert got[i].item() == pytest.approx(want.item(), rel=1e-5)
+    continued = continuation_logprobs(model, [(seq, len(seq) - prompt_len) for seq, prompt_len in rows], max_batch=1)
+    assert continued == pytest.approx(got.tolist(), rel=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +63,7 @@ def tok(tmp_path_factory):
 def test_precomputed_reference_gives_the_same_loss(tok):
     torch.manual_seed(0)
     policy = Llama(tiny_config(tok.vocab_size))
-    reference = frozen_reference(policy)
+    reference = frozen_copy(policy)
     with torch.no_grad():
         policy.lm_head.weight.mul_(1.1)  # policy != reference
     dataset = loaders(tok)[1].dataset
@@ -76,7 +81,7 @@ def test_tiny_dpo_run_raises_implicit_reward_accuracy(tok):
     train, valid = loaders(tok)
     torch.manual_seed(0)
     policy = Llama(tiny_config(tok.vocab_size))
-    loss = DPOLoss(frozen_reference(policy), beta=0.5)
+    loss = DPOLoss(frozen_copy(policy), beta=0.5)
     trainer = Trainer(policy)
     trainer.compile(loss=loss, optimizer=build_adamw(policy, 3e-3, 0.0))
     before = evaluate_pairs(trainer, loss, valid)

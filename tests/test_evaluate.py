@@ -59,7 +59,7 @@ def test_windows_predict_every_token_once():
 def test_scores_match_a_plain_forward(tok):
     model = tiny_model(tok.vocab_size)
     item = {"context": "举头望明月，", "choices": ["低头思故乡。", "To be"], "answer": 0}
-    scores = ev.choice_scores(model, tok, [item])[0]
+    scores = ev.cloze_scores(model, tok, [item])[0]
     for choice, score in zip(item["choices"], scores):
         ctx, ans = [tok.eos_id] + tok.encode(item["context"]), tok.encode(choice)
         ids = torch.tensor([ctx + ans])
@@ -78,7 +78,7 @@ def test_a_context_longer_than_the_model_keeps_its_newest_tokens(tok):
     with torch.no_grad():
         logp = model(torch.tensor([ids])).logits[0, :-1].log_softmax(-1)
     expected = sum(logp[len(ids) - len(ans) - 1 + j, t].item() for j, t in enumerate(ans))
-    assert ev.choice_scores(model, tok, [item])[0][0] == pytest.approx(expected, abs=1e-4)
+    assert ev.cloze_scores(model, tok, [item])[0][0] == pytest.approx(expected, abs=1e-4)
 
 
 class FavoursOneToken(nn.Module):

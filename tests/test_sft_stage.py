@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -82,6 +83,7 @@ class Bigram(nn.Module):
         super().__init__()
         self.table = nn.Embedding(vocab, vocab)
         nn.init.normal_(self.table.weight, std=3.0)
+        self.config = SimpleNamespace(vocab_size=vocab, max_seq_len=10**9)  # what the scorer reads of a model
 
     def forward(self, ids, return_logits=True):
         return Output(logits=self.table(ids))

@@ -15,7 +15,6 @@ the dataset (batches then carry them as a 4th tensor).
 """
 from __future__ import annotations
 
-import copy
 from typing import Iterator
 
 import numpy as np
@@ -23,34 +22,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from babyllama.model.llama import Llama
 from babyllama.data.preference import PreferenceDataset, collate_pairs
-from babyllama.align.reward_model import padded_hidden
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module inside torch.compile / DDP wrappers."""
-    while hasattr(model, "_orig_mod") or hasattr(model, "module"):
-        model = getattr(model, "_orig_mod", None) or model.module
-    return model
-
-
-def sequence_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor) -> Tensor:
-    """Summed log-probability of the response tokens of each row, (N,) float32.
-
-    Logits are computed for response positions only, so memory is (response tokens x vocab), not (N x T x vocab)."""
-    hidden = padded_hidden(model, input_ids, attention_mask)
-    scored = response_mask[:, 1:]  # the token at t+1 is predicted at t
-    logits = unwrap(model).head(hidden[:, :-1][scored])
-    token_logps = -F.cross_entropy(logits, input_ids[:, 1:][scored], reduction="none")
-    rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(scored)[scored]
-    return torch.zeros(input_ids.shape[0], device=input_ids.device).index_add(0, rows, token_logps)
+from babyllama.model.scoring import sequence_logprobs
 
 
 def pair_logps(model: nn.Module, batch: tuple[Tensor, ...]) -> Tensor:
     """(B, 2) log-probabilities of the chosen and rejected replies of a `babyllama.data.preference` batch."""
     ids, mask, response = (t.flatten(0, 1) for t in batch[:3])
-    return sequence_logps(model, ids, mask, response).view(-1, 2)
+    return sequence_logprobs(model, ids, mask, response).view(-1, 2)
 
 
 def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor,
@@ -84,13 +63,6 @@ class DPOLoss:
             with torch.no_grad():
                 ref = pair_logps(self.reference, batch)
         return dpo_loss(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1], self.beta, self.label_smoothing)
-
-
-def frozen_reference(model: Llama) -> Llama:
-    """A copy of `model` in eval mode with gradients off: the DPO reference."""
-    ref = copy.deepcopy(model).eval()
-    ref.requires_grad_(False)
-    return ref
 
 
 def _batches(dataset: PreferenceDataset, batch_size: int) -> Iterator[tuple[int, tuple[Tensor, ...]]]:

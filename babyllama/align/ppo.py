@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from babyllama.cli import check_ranges
 from babyllama.train.distributed import all_reduce_mean
 from babyllama.model.generate import Generator, SamplingConfig
+from babyllama.model.scoring import token_logprobs
 from babyllama.model.llama import Llama
 from babyllama.train.trainer import LossFn, Trainer
 
@@ -156,11 +157,6 @@ def entropy(logits: Tensor) -> Tensor:
     return -(logp.exp() * logp).sum(-1)
 
 
-def token_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
-    """log p(tokens) under logits: (B, T, V), (B, T) -> (B, T)."""
-    return logits.float().log_softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-
-
 def kl_divergence(logits: Tensor, ref_logits: Tensor) -> Tensor:
     """Exact KL(p || q) of each position's next-token distributions, (B, T, V) x 2 -> (B, T)."""
     logp, logq = logits.float().log_softmax(-1), ref_logits.float().log_softmax(-1)
@@ -237,14 +233,6 @@ def critic_from(model: Llama) -> Llama:
         critic.lm_head.weight.requires_grad_(False)
     p = model.lm_head.weight
     return critic.to(device=p.device, dtype=p.dtype).train()
-
-
-def frozen_copy(model: Llama) -> Llama:
-    """A reference model: same weights, no gradients, eval mode."""
-    ref = Llama(model.config)
-    ref.load_state_dict(model.state_dict())
-    p = model.lm_head.weight
-    return ref.to(device=p.device, dtype=p.dtype).eval().requires_grad_(False)
 
 
 # ======================================================================= rollouts

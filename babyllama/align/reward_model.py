@@ -26,27 +26,16 @@ from babyllama.train.checkpoint import load_checkpoint, trained_tokenizer
 from babyllama.model.config import ModelConfig
 from babyllama.errors import UserError
 from babyllama.model.llama import Llama
+from babyllama.model.scoring import padded_hidden
 from babyllama.data.tokenizer import Tokenizer, check_tokenizer
 
 KIND = "reward"
-
-
-def positions_from_mask(attention_mask: Tensor) -> Tensor:
-    """Position ids counted over real tokens (pads get 0): left padding then matches the unpadded sequence."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def last_token_index(attention_mask: Tensor) -> Tensor:
     """Index of the last real token of each row, for left, right (or no) padding."""
     T = attention_mask.shape[-1]
     return T - 1 - attention_mask.long().flip(-1).argmax(-1)
-
-
-def padded_hidden(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    """Final hidden states (B, T, dim) of a padded batch through `model` (a Llama, possibly DDP/compile-wrapped)."""
-    out = model(input_ids, attention_mask=attention_mask, position_ids=positions_from_mask(attention_mask),
-                return_logits=False, return_hidden=True)
-    return out.hidden
 
 
 class RewardModel(Llama):

@@ -52,14 +52,14 @@ from __future__ import annotations
 import re
 from typing import Any, Sequence
 
+from babyllama.data.tokenizer import BOS, EOS, IM_END, IM_START, PAD, UNK
 from babyllama.errors import UserError
+from babyllama.model.llama import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
-IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 DEFAULT_SYSTEM = "You are a helpful assistant."
 # Strings that some tokenizers turn into special ids when they occur in text; we never let them.
-_SPECIAL_TEXT = re.compile("|".join(re.escape(s) for s in (IM_START, IM_END, "<s>", "</s>", "<pad>", "<unk>")))
+_SPECIAL_TEXT = re.compile("|".join(re.escape(s) for s in (IM_START, IM_END, BOS, EOS, PAD, UNK)))
 
 Message = dict[str, str]
 Encoded = tuple[list[int], list[int]]  # (input_ids, labels)

@@ -27,10 +27,10 @@ from torch import nn
 from babyllama.train.callbacks import Evaluator
 from babyllama.data.chat_template import IM_END, check_messages, encode_text, render_prompt, special_id
 from babyllama.errors import UserError
+from babyllama.model.scoring import continuation_logprobs, unwrap
 from babyllama.data.jsonl import json_values
 from babyllama.train.trainer import Trainer
 
-PAD = 0  # pad id of scored rows; its positions are never read
 
 
 def load_choice_items(path: str | Path) -> list[dict]:
@@ -72,38 +72,16 @@ def _rows(items: Sequence[dict], tokenizer: Any, system: str | None, max_len: in
     return rows
 
 
-@torch.no_grad()
-def _score_rows(model: nn.Module, rows: Sequence[tuple[list[int], int]], batch_size: int,
-                device: torch.device) -> list[float]:
-    """Summed log-probability of the last `n` tokens of each row given the tokens before them."""
-    scores = [0.0] * len(rows)
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))  # similar lengths batch with little padding
-    for start in range(0, len(order), batch_size):
-        batch = order[start:start + batch_size]
-        width = max(len(rows[i][0]) for i in batch)
-        ids = torch.full((len(batch), width), PAD, dtype=torch.long)
-        for b, i in enumerate(batch):
-            ids[b, : len(rows[i][0])] = torch.tensor(rows[i][0])
-        ids = ids.to(device)  # right padding: causal attention never lets real tokens see the pads after them
-        logits = model(ids[:, :-1], return_logits=True).logits.float()
-        # log_softmax gathered at the targets, without a second (B, T, vocab) tensor
-        token_logp = logits.gather(-1, ids[:, 1:, None]).squeeze(-1) - logits.logsumexp(-1)
-        for b, i in enumerate(batch):
-            length, n = len(rows[i][0]), rows[i][1]
-            scores[i] = float(token_logp[b, length - 1 - n: length - 1].sum())
-    return scores
-
-
 def choice_scores(model: nn.Module, tokenizer: Any, items: Sequence[dict], batch_size: int = 64,
                   device: torch.device | str | None = None, system: str | None = None) -> list[list[float]]:
     """Per item, the summed log-probability of each choice as the assistant's reply (see the module docstring)."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    max_len = getattr(getattr(model, "config", None), "max_seq_len", None) or 10**9
+    max_len = unwrap(model).config.max_seq_len
     rows = _rows(items, tokenizer, system, max_len)
     was_training = model.training
     model.eval()
     try:
-        flat = _score_rows(model, rows, batch_size, device)
+        flat = continuation_logprobs(model, rows, batch_size)
     finally:
         model.train(was_training)
     out, pos = [], 0

@@ -39,37 +39,15 @@ from babyllama.train.checkpoint import latest_checkpoint, load_model
 from babyllama.cli import main_guard
 from babyllama.data.corpus import iter_records
 from babyllama.errors import UserError
+from babyllama.model.scoring import continuation_logprobs, row_logprobs
 from babyllama.shipped import CHAT_CHOICES, HELDOUT, IDIOMS, PREF_VALID
 from babyllama.data.jsonl import json_values
 from babyllama.data.tokenizer import Tokenizer
 
-LOGIT_BUDGET = 2 ** 26  # fp32 logits per forward (256 MB): bounds memory for large vocabularies
 Item = dict[str, Any]  # {"context": str, "choices": [str], "answer": int}
 
 
 # ======================================================================= scoring
-@torch.no_grad()
-def token_logprobs(model: nn.Module, rows: Sequence[Sequence[int]]) -> list[torch.Tensor]:
-    """For each row of ids, log p(row[t] | row[:t]) for t >= 1 (fp32, length len(row) - 1)."""
-    device = next(model.parameters()).device
-    vocab = model.config.vocab_size
-    out: list[torch.Tensor | None] = [None] * len(rows)
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # similar lengths share a batch
-    per_batch = max(1, LOGIT_BUDGET // (max(map(len, rows)) * vocab))
-    for start in range(0, len(order), per_batch):
-        batch = order[start:start + per_batch]
-        width = max(len(rows[i]) for i in batch)
-        ids = torch.zeros((len(batch), width), dtype=torch.long)  # right padding: causal attention ignores it
-        for b, i in enumerate(batch):
-            ids[b, :len(rows[i])] = torch.tensor(rows[i])
-        ids = ids.to(device)
-        logits = model(ids[:, :-1], return_logits=True).logits.float()
-        logp = (logits.gather(-1, ids[:, 1:, None]).squeeze(-1) - logits.logsumexp(-1)).cpu()
-        for b, i in enumerate(batch):
-            out[i] = logp[b, :len(rows[i]) - 1]
-    return out
-
-
 def document_ids(tokenizer: Tokenizer, text: str) -> list[int]:
     """`</s>` + the text's ids: a document as it starts in the pretraining stream (after the previous one's end)."""
     return [tokenizer.eos_id] + tokenizer.encode(text)
@@ -88,24 +66,23 @@ def text_metrics(model: nn.Module, tokenizer: Tokenizer, texts: Iterable[str]) -
         n_bytes += len(text.encode("utf-8"))
     if not n_bytes:
         raise UserError("no held-out text to evaluate on")
-    logps = token_logprobs(model, rows)
+    logps = row_logprobs(model, rows)
     nats, tokens = -sum(float(lp.double().sum()) for lp in logps), sum(len(lp) for lp in logps)
     loss = nats / tokens
     return {"loss": loss, "ppl": math.exp(loss), "bpb": nats / math.log(2) / n_bytes, "tokens": tokens,
             "bytes": n_bytes}
 
 
-def choice_scores(model: nn.Module, tokenizer: Tokenizer, items: Sequence[Item]) -> list[list[float]]:
+def cloze_scores(model: nn.Module, tokenizer: Tokenizer, items: Sequence[Item]) -> list[list[float]]:
     """Summed log-probability of each choice's tokens after the context's `document_ids`."""
     keep = model.config.max_seq_len + 1
-    rows, spans = [], []
+    rows = []
     for item in items:
         context = document_ids(tokenizer, item["context"])
         for choice in item["choices"]:
             ids = tokenizer.encode(choice)
-            rows.append((context + ids)[-keep:])  # a long context loses its oldest tokens
-            spans.append(min(len(ids), keep - 1))
-    flat = [float(lp[len(lp) - n:].sum()) for lp, n in zip(token_logprobs(model, rows), spans)]
+            rows.append(((context + ids)[-keep:], min(len(ids), keep - 1)))  # a long context loses its oldest tokens
+    flat = continuation_logprobs(model, rows)
     out, pos = [], 0
     for item in items:
         out.append(flat[pos:pos + len(item["choices"])])
@@ -114,10 +91,10 @@ def choice_scores(model: nn.Module, tokenizer: Tokenizer, items: Sequence[Item])
 
 
 def cloze_accuracy(model: nn.Module, tokenizer: Tokenizer, items: Sequence[Item]) -> float:
-    """Share of items whose answer has the highest score (`choice_scores`)."""
+    """Share of items whose answer has the highest score (`cloze_scores`)."""
     if not items:
         raise UserError("no multiple-choice items to score")
-    scores = choice_scores(model, tokenizer, items)
+    scores = cloze_scores(model, tokenizer, items)
     return sum(max(range(len(s)), key=s.__getitem__) == item["answer"] for s, item in zip(scores, items)) / len(items)
 
 

@@ -282,3 +282,17 @@ def _concat_into(out: Tensor | None, *parts: Tensor) -> Tensor:
     fits = (out is not None and out.shape == (rows, *parts[0].shape[1:]) and out.dtype == parts[0].dtype
             and out.device == parts[0].device and (torch.is_inference_mode_enabled() or not out.is_inference()))
     return torch.cat(parts, out=out) if fits else torch.cat(parts)
+
+
+def frozen(model: nn.Module) -> nn.Module:
+    """`model` itself in eval mode with gradients off: a reference or a reward model that is only read."""
+    return model.eval().requires_grad_(False)
+
+
+def frozen_copy(model: Llama) -> Llama:
+    """A frozen copy of `model` on its device and dtype (the DPO and PPO reference). Rebuilt from the config and
+    loaded rather than deep-copied, so no hooks, compile wrappers or fused decoding copies come along."""
+    copy = Llama(model.config)
+    copy.load_state_dict(model.state_dict())
+    p = model.lm_head.weight
+    return frozen(copy.to(device=p.device, dtype=p.dtype))
