@@ -27,6 +27,16 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
             parser.add_argument(flag, type=conv, default=None, help="(default: from the preset)")
 
 
+def add_flag(parser: argparse.ArgumentParser, flag: str, *old_spellings: str, **kwargs: Any) -> argparse.Action:
+    """`parser.add_argument(flag, **kwargs)` that also accepts earlier names of the same flag (`old_spellings`),
+    so commands written for them keep working; --help shows only `flag`."""
+    action = parser.add_argument(flag, **kwargs)
+    same = {k: v for k, v in kwargs.items() if k not in ("help", "default", "required", "dest")}
+    for old in old_spellings:
+        parser.add_argument(old, **same, dest=action.dest, help=argparse.SUPPRESS, default=argparse.SUPPRESS)
+    return action
+
+
 def apply_overrides(cfg: T, args: argparse.Namespace) -> T:
     """Replace the preset's fields by the flags the user gave."""
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cfg) if getattr(args, f.name, None) is not None}

@@ -1,10 +1,10 @@
 """Tokenize a corpus into pretraining shards (`train_*.bin`, `val_*.bin`, `meta.json`; see babyllama/data/token_bins.py).
 
     python data/prepare.py                                   # shipped training files -> out/baby/data
-    python data/prepare.py --input data/corpus/*_train.jsonl my_texts/ --tokenizer out/tok8k --out out/tok8k_data
-    python data/prepare.py --input c4/ --format c4 --tokenizer qwen3/tokenizer.json --out out/c4 --workers 8
+    python data/prepare.py --corpus data/corpus/*_train.jsonl my_texts/ --tokenizer out/tok8k --out out/tok8k_data
+    python data/prepare.py --corpus c4/ --corpus-format c4 --tokenizer qwen3/tokenizer.json --out out/c4 --workers 8
 
---input takes files, directories (every corpus file under them: mind held-out files) and globs, read in the
+--corpus takes files, directories (every corpus file under them: mind held-out files) and globs, read in the
 order given; the formats are those of babyllama.data.corpus.iter_documents. Each document is followed by the
 tokenizer's end-of-sequence token; a `--val-fraction` share of documents (chosen with --seed) goes to val.
 An existing output directory is replaced only with --overwrite.
@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from babyllama.cli import main_guard
+from babyllama.cli import add_flag, main_guard
 from babyllama.data.corpus import FORMATS, iter_corpus
 from babyllama.data.token_bins import corpus_record, prepare_token_bins
 from babyllama.data.tokenizer import Tokenizer
@@ -24,10 +24,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", nargs="+", default=[str(ROOT / "data" / "corpus" / "*_train.jsonl")],
+    add_flag(p, "--corpus", "--input", nargs="+", default=[str(ROOT / "data" / "corpus" / "*_train.jsonl")],
                    help="corpus files, directories or globs (default: the shipped training files)")
-    p.add_argument("--format", default="auto", choices=FORMATS, help="corpus format (default: by extension)")
-    p.add_argument("--field", default="text", help="JSON/parquet field holding the text (default: text)")
+    add_flag(p, "--corpus-format", "--format", default="auto", choices=FORMATS, help="corpus format (default: by extension)")
+    add_flag(p, "--corpus-field", "--field", default="text", help="JSON/parquet field holding the text (default: text)")
     p.add_argument("--tokenizer", type=Path, default=Path("out") / "baby" / "tokenizer",
                    help="tokenizer.model, tokenizer.json or their directory (default: out/baby/tokenizer)")
     p.add_argument("--out", type=Path, default=Path("out") / "baby" / "data",
@@ -43,9 +43,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     tok = Tokenizer.load(args.tokenizer)
-    prepare_token_bins(iter_corpus(args.input, args.format, args.field), tok, args.out, val_fraction=args.val_fraction,
+    prepare_token_bins(iter_corpus(args.corpus, args.corpus_format, args.corpus_field), tok, args.out, val_fraction=args.val_fraction,
                        seed=args.seed, num_workers=args.workers, shard_tokens=args.shard_tokens,
-                       overwrite=args.overwrite, corpus=corpus_record(args.input, args.format, args.field))
+                       overwrite=args.overwrite, corpus=corpus_record(args.corpus, args.corpus_format, args.corpus_field))
 
 
 if __name__ == "__main__":

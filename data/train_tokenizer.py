@@ -2,10 +2,10 @@
 tokenizer_config.json (see babyllama/data/tokenizer.py for the design and the fixed special-token ids).
 
     python data/train_tokenizer.py          # shipped training files, 4096 tokens -> out/baby/tokenizer
-    python data/train_tokenizer.py --input data/corpus/*_train.jsonl --vocab-size 8000 --out out/tok8k
-    python data/train_tokenizer.py --input my_corpus/ --format jsonl --field content --vocab-size 64793 --out out/tok64k
+    python data/train_tokenizer.py --corpus data/corpus/*_train.jsonl --vocab-size 8000 --out out/tok8k
+    python data/train_tokenizer.py --corpus my_corpus/ --corpus-format jsonl --corpus-field content --vocab-size 64793 --out out/tok64k
 
---input takes files, directories (every corpus file under them: mind held-out files) and globs; the formats are
+--corpus takes files, directories (every corpus file under them: mind held-out files) and globs; the formats are
 those of babyllama.data.corpus.iter_documents. A 64,793-token vocabulary wants ~20M characters of text (about 25 s and
 1.6 GB of RAM on 2 cores); larger corpora are sampled down to --max-train-chars. A non-empty --out (data and
 checkpoints may have been built with the tokenizer there) is replaced only with --overwrite.
@@ -20,7 +20,7 @@ import warnings
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from babyllama.cli import main_guard
+from babyllama.cli import add_flag, main_guard
 from babyllama.data.corpus import FORMATS, iter_corpus
 from babyllama.data.tokenizer import DEFAULT_VOCAB_SIZE, Tokenizer, train_tokenizer
 
@@ -58,10 +58,10 @@ def chars_per_token(tok: Tokenizer, docs: list[str]) -> float:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", nargs="+", default=[str(ROOT / "data" / "corpus" / "*_train.jsonl")],
+    add_flag(p, "--corpus", "--input", nargs="+", default=[str(ROOT / "data" / "corpus" / "*_train.jsonl")],
                    help="corpus files, directories or globs (default: the shipped training files)")
-    p.add_argument("--format", default="auto", choices=FORMATS, help="corpus format (default: by extension)")
-    p.add_argument("--field", default="text", help="JSON/parquet field holding the text (default: text)")
+    add_flag(p, "--corpus-format", "--format", default="auto", choices=FORMATS, help="corpus format (default: by extension)")
+    add_flag(p, "--corpus-field", "--field", default="text", help="JSON/parquet field holding the text (default: text)")
     p.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE,
                    help=f"total tokens incl. 6 special and 256 byte tokens (default: {DEFAULT_VOCAB_SIZE})")
     p.add_argument("--out", type=Path, default=Path("out") / "baby" / "tokenizer",
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     warnings.showwarning = lambda message, *_: print(f"warning: {message}", file=sys.stderr)  # one line, no source
     sample = LanguageSample()
     start = time.perf_counter()
-    tok = train_tokenizer(sample.tap(iter_corpus(args.input, args.format, args.field)), args.vocab_size, args.out,
+    tok = train_tokenizer(sample.tap(iter_corpus(args.corpus, args.corpus_format, args.corpus_field)), args.vocab_size, args.out,
                           character_coverage=args.character_coverage, max_train_chars=args.max_train_chars,
                           input_sentence_size=args.input_sentence_size, max_sentence_chars=args.max_sentence_chars,
                           num_threads=args.threads, seed=args.seed, verbose=args.verbose, overwrite=args.overwrite)

@@ -17,13 +17,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from babyllama.cli import main_guard
+from babyllama.cli import add_flag, main_guard
 from babyllama.convert.bert4torch import export_bert4torch, import_bert4torch
 from babyllama.convert.hf import export_hf, import_hf
 
 
 def run_checkpoint(args: argparse.Namespace) -> Path:
-    return Path(args.checkpoint) if args.checkpoint else Path(args.root) / args.name / args.stage
+    return Path(args.ckpt) if args.ckpt else Path(args.root) / args.name / args.stage
 
 
 def run_tokenizer(args: argparse.Namespace) -> Path:
@@ -34,7 +34,7 @@ def add_source_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", default="baby", help="run name: reads <root>/<name>/<stage>")
     p.add_argument("--stage", default="sft", help="pretrain, sft, reward, dpo, ppo")
     p.add_argument("--root", default="out", help="the runs' output root (the stages' --out)")
-    p.add_argument("--checkpoint", help="a checkpoint file or stage directory instead of --name/--stage")
+    add_flag(p, "--ckpt", "--checkpoint", help="a checkpoint file or stage directory instead of --name/--stage")
 
 
 def parser() -> argparse.ArgumentParser:

@@ -2,7 +2,7 @@
 
     python docs/make_report.py --name baby --evaluate       # evaluate every trained stage, then draw
     python docs/make_report.py --name baby                  # draw from the evaluations already in out/baby/eval
-    python docs/make_report.py --name baby --root /tmp/x/out --runs /tmp/x/runs --dest /tmp/x/report
+    python docs/make_report.py --name baby --out /tmp/x/out --runs /tmp/x/runs --dest /tmp/x/report
 
 With --evaluate, first runs `babyllama.eval.evaluate` on the newest checkpoint of every stage (pretrain, sft, reward,
 dpo, ppo) under <root>/<name>/, writing <root>/<name>/eval/<stage>.json (--max-docs/--max-items as there).
@@ -28,7 +28,7 @@ import torch
 from babyllama.eval import evaluate as ev
 from babyllama.train.callbacks import Series, read_text_log
 from babyllama.train.checkpoint import latest_checkpoint
-from babyllama.cli import main_guard
+from babyllama.cli import add_flag, main_guard
 from babyllama.errors import UserError
 
 STAGE_ORDER = ("pretrain", "sft", "reward", "dpo", "ppo")
@@ -122,7 +122,7 @@ def evaluate_stages(out: Path, device: str, max_docs: int | None, max_items: int
     out/eval/<stage>.json."""
     stages = [s for s in STAGE_ORDER if latest_checkpoint(out / s) is not None]
     if not stages:
-        raise UserError(f"--evaluate: no stage checkpoints under {out}; train a stage first (or pass --root)")
+        raise UserError(f"--evaluate: no stage checkpoints under {out}; train a stage first (or pass --out)")
     for stage in stages:
         result = ev.evaluate(out / stage, out / "tokenizer", stage, device, max_docs, max_items)
         print(f"evaluated {stage}: wrote {ev.write_results(result, out / 'eval')[0]}")
@@ -137,7 +137,7 @@ def make_report(name: str, root: Path, runs: Path, dest: Path, evaluated: bool =
     stages = find_stages(tb, out)
     if not stages:
         raise UserError(f"no training logs for run '{name}' under {tb} or {out}; train a stage first "
-                        "(or pass --root/--runs where the run wrote them)")
+                        "(or pass --out/--runs where the run wrote them)")
     dest.mkdir(parents=True, exist_ok=True)
     if command is None:
         command = f"python docs/make_report.py --name {name} --root {root} --runs {runs}"
@@ -159,7 +159,7 @@ def make_report(name: str, root: Path, runs: Path, dest: Path, evaluated: bool =
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--name", default="baby", help="run name")
-    ap.add_argument("--root", default="out", help="the runs' output root (the stages' --out)")
+    add_flag(ap, "--out", "--root", default="out", help="the runs' output root (the stages' --out)")
     ap.add_argument("--runs", default="runs", help="TensorBoard root (the stages' --runs)")
     ap.add_argument("--dest", default=str(Path(__file__).resolve().parent / "report"), help="report directory")
     ap.add_argument("--evaluate", action="store_true", help="first evaluate every stage that has a checkpoint")
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-docs", type=int, help="for --evaluate: held-out documents per language (default all)")
     ap.add_argument("--max-items", type=int, default=200, help="for --evaluate: items per multiple-choice task")
     args = ap.parse_args(argv)
-    root = Path(args.root)
+    root = Path(args.out)
     if args.evaluate:
         evaluate_stages(root / args.name, args.device, args.max_docs, args.max_items)
     print(f"wrote {make_report(args.name, root, Path(args.runs), Path(args.dest), args.evaluate)}")

@@ -2,7 +2,7 @@
 
     python pretrain/infer.py --prompt "床前明月光，"          # one continuation
     python pretrain/infer.py                                   # interactive: one prompt per line
-    python pretrain/infer.py --checkpoint out/baby/pretrain/step_00000600.pt --temperature 0 --max-new-tokens 100
+    python pretrain/infer.py --ckpt out/baby/pretrain/step_00000600.pt --temperature 0 --max-new-tokens 100
 
 A prompt longer than the model's context allows (minus --max-new-tokens, at least half of it) is continued from its
 newest tokens (said on stderr); the continuation stops at the end of the context.
@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from babyllama.train.checkpoint import latest_checkpoint, load_model
-from babyllama.cli import main_guard, read_lines, valid_text
+from babyllama.cli import add_flag, main_guard, read_lines, valid_text
 from babyllama.train.distributed import pick_device
 from babyllama.errors import UserError
 from babyllama.model.generate import (Generator, add_runtime_flags, add_sampling_flags, decode_dtype,
@@ -30,7 +30,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--name", default="baby", help="run preset whose out/<name>/ holds tokenizer and checkpoints")
     parser.add_argument("--out", help="output root the run was trained with (default: the preset's, out)")
-    parser.add_argument("--checkpoint", help="checkpoint file or directory (default: out/<name>/pretrain)")
+    add_flag(parser, "--ckpt", "--checkpoint", help="checkpoint file or directory (default: out/<name>/pretrain)")
     parser.add_argument("--tokenizer", help="tokenizer path (default: out/<name>/tokenizer)")
     parser.add_argument("--prompt", help="continue this text and exit; without it, read prompts from stdin")
     add_runtime_flags(parser)
@@ -40,7 +40,7 @@ def main() -> None:
     run = run_preset(args.name)
     paths = RunPaths.of(args.name, replace(run, out=args.out or run.out))
     device = pick_device(args.device)
-    checkpoint = args.checkpoint or default_checkpoint(paths)
+    checkpoint = args.ckpt or default_checkpoint(paths)
     tok = Tokenizer.load(args.tokenizer or paths.tokenizer)
     model = load_model(checkpoint, device, decode_dtype(args.dtype, device), tokenizer=tok)
     context = model.config.max_seq_len
@@ -62,7 +62,7 @@ def default_checkpoint(paths: RunPaths) -> Path:
     found = latest_checkpoint(paths.stage("pretrain"))
     if found is None:
         raise UserError(f"no checkpoint in {paths.stage('pretrain')}; train first (python pretrain/pretrain.py "
-                        f"--name {paths.name} --out {paths.out.parent}) or pass --checkpoint")
+                        f"--name {paths.name} --out {paths.out.parent}) or pass --ckpt")
     return found
 
 

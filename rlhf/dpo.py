@@ -26,7 +26,7 @@ import torch
 
 from babyllama.train import callbacks as cb
 from babyllama.train.checkpoint import latest_checkpoint
-from babyllama.cli import check_ranges, main_guard
+from babyllama.cli import add_flag, check_ranges, main_guard
 from babyllama.train.distributed import shutdown
 from babyllama.errors import UserError
 from babyllama.model.llama import frozen, frozen_copy
@@ -57,7 +57,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=PPOConfig.max_new_tokens, help="held-out reply budget")
     parser.add_argument("--max-prompt-len", type=int, default=PPOConfig.max_prompt_len,
                         help="longer held-out prompts are skipped")
-    parser.add_argument("--reward-model", default=None, help="reward checkpoint (default: out/<name>/reward if any)")
+    add_flag(parser, "--reward", "--reward-model", default=None, help="reward checkpoint (default: out/<name>/reward if any)")
 
 
 def check_flags(args: argparse.Namespace) -> None:
@@ -77,9 +77,9 @@ class Report:
         check_reply_budget(args.max_prompt_len, args.max_new_tokens, max_seq_len)
         sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=1.0, top_k=0, top_p=1.0)
         self.heldout = HeldOut(args, tok, sampling, args.max_prompt_len, seed, chunk_size)
-        rm = args.reward_model or paths.stage("reward")
+        rm = args.reward or paths.stage("reward")
         self.reward_path = rm if latest_checkpoint(rm) or Path(rm).is_file() else None
-        if args.reward_model and self.reward_path is None:
+        if args.reward and self.reward_path is None:
             raise UserError(f"--reward-model {rm}: no checkpoint there; train one with reward/reward.py")
         self.device = device
 

@@ -49,3 +49,15 @@ def test_an_interrupted_command_says_how_to_continue(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main_guard(interrupted)
     assert e.value.code == 130 and capsys.readouterr().err == "interrupted; resume with --resume\n"
+
+
+def test_add_flag_accepts_old_spellings_without_showing_them():
+    parser = argparse.ArgumentParser()
+    cli.add_flag(parser, "--out", "--root", default="out", help="output root")
+    cli.add_flag(parser, "--corpus", "--input", nargs="+", default=["a"])
+    assert parser.parse_args([]).out == "out" and parser.parse_args([]).corpus == ["a"]
+    args = parser.parse_args(["--root", "x", "--input", "f1", "f2"])
+    assert args.out == "x" and args.corpus == ["f1", "f2"]
+    assert parser.parse_args(["--out", "y"]).out == "y"
+    shown = parser.format_help()
+    assert "--out" in shown and "--corpus" in shown and "--root" not in shown and "--input" not in shown

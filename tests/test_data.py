@@ -416,7 +416,7 @@ def test_cli_end_to_end(tmp_path):
     assert sum(s["tokens"] for s in meta["splits"].values()) == sum(len(tok.encode(d)) + 1 for d in docs)
     decoded = split_docs(out, meta, "train", tok) + split_docs(out, meta, "val", tok)
     assert meta["splits"]["val"]["documents"] > 0 and sorted(decoded) == sorted(docs)
-    proc = subprocess.run([sys.executable, str(ROOT / "data" / "prepare.py"), "--input", *inputs, "--tokenizer",
+    proc = subprocess.run([sys.executable, str(ROOT / "data" / "prepare.py"), "--corpus", *inputs, "--tokenizer",
                            str(tmp_path / "tok"), "--out", str(out)], capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.startswith(f"error: {out} is not empty")
     assert "--overwrite" in proc.stderr

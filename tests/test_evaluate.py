@@ -158,7 +158,7 @@ def test_command_writes_json_and_markdown(tmp_path, tok, capsys):
     run = tmp_path / "out" / "demo"
     tok.save(run / "tokenizer")
     save_stage(run, "pretrain", tiny_model(tok.vocab_size), 42)
-    ev.main(["--name", "demo", "--stage", "pretrain", "--root", str(tmp_path / "out"), "--max-docs", "4",
+    ev.main(["--name", "demo", "--stage", "pretrain", "--out", str(tmp_path / "out"), "--max-docs", "4",
              "--max-items", "6"])
     result = json.loads((run / "eval" / "pretrain.json").read_text())
     assert result["step"] == 42 and result["stage"] == "pretrain"
@@ -176,7 +176,7 @@ def test_sft_stage_adds_chat_choice_accuracy(tmp_path, tok):
     run = tmp_path / "out" / "demo"
     tok.save(run / "tokenizer")
     save_stage(run, "sft", tiny_model(tok.vocab_size), 3)
-    ev.main(["--name", "demo", "--stage", "sft", "--root", str(tmp_path / "out"), "--max-docs", "2",
+    ev.main(["--name", "demo", "--stage", "sft", "--out", str(tmp_path / "out"), "--max-docs", "2",
              "--max-items", "4"])
     m = json.loads((run / "eval" / "sft.json").read_text())["metrics"]
     assert {"chat_choice_acc", "bpb"} <= set(m)

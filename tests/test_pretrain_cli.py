@@ -252,7 +252,7 @@ def test_infer_without_checkpoint(tmp_path):
     proc = subprocess.run([sys.executable, INFER, "--out", str(tmp_path / "out"), "--prompt", "To be"],
                           capture_output=True, text=True, env=ENV, timeout=120)
     assert_user_error(proc, f"no checkpoint in {tmp_path / 'out' / 'baby' / 'pretrain'}",
-                      "python pretrain/pretrain.py", "--checkpoint")
+                      "python pretrain/pretrain.py", "--ckpt")
 
 
 # ======================================================================= kill, then --resume
@@ -360,7 +360,7 @@ def test_second_run_on_a_stage_is_refused_naming_the_holder_and_a_killed_runs_lo
     try:
         assert_user_error(run.pretrain(), f"is in use by another pretrain run (PID {first.pid} on ",
                           "wait for it to finish, or pass another --out")
-        prepare = [sys.executable, str(ROOT / "data" / "prepare.py"), "--input", str(run.corpus), "--tokenizer",
+        prepare = [sys.executable, str(ROOT / "data" / "prepare.py"), "--corpus", str(run.corpus), "--tokenizer",
                    str(run.out / "tokenizer"), "--out", str(run.out / "data"), "--overwrite"]
         rebuild = subprocess.run(prepare, capture_output=True, text=True, env=ENV, timeout=120)
         assert_user_error(rebuild, f"{run.out / 'data'} is in use by another pretraining run (PID {first.pid} on ")

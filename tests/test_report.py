@@ -54,7 +54,7 @@ def run(tmp_path_factory):
 
 def test_report_writes_plots_and_tables(run, tmp_path):
     dest = tmp_path / "report"
-    make_report.main(["--name", "demo", "--root", str(run / "out"), "--runs", str(run / "runs"), "--dest", str(dest)])
+    make_report.main(["--name", "demo", "--out", str(run / "out"), "--runs", str(run / "runs"), "--dest", str(dest)])
     for stage in ("pretrain", "sft"):
         assert (dest / f"{stage}.png").read_bytes()[:8] == PNG_MAGIC
     readme = (dest / "README.md").read_text()
@@ -115,7 +115,7 @@ def test_evaluate_flag_evaluates_every_trained_stage_then_draws(tmp_path):
                      "extra": kind if stage == "reward" else {}}, out / stage / f"step_{step:08d}.pt")
         (out / stage / "log.jsonl").write_text(json.dumps({"step": step, "loss": 1.0, **extra}) + "\n")
     dest = tmp_path / "report"
-    make_report.main(["--name", "demo", "--root", str(tmp_path / "out"), "--runs", str(tmp_path / "runs"),
+    make_report.main(["--name", "demo", "--out", str(tmp_path / "out"), "--runs", str(tmp_path / "runs"),
                       "--dest", str(dest), "--evaluate", "--max-docs", "2", "--max-items", "4", "--device", "cpu"])
     assert sorted(p.stem for p in (out / "eval").glob("*.json")) == sorted(STAGE_LOGS)
     readme = (dest / "README.md").read_text()
@@ -128,4 +128,4 @@ def test_evaluate_flag_evaluates_every_trained_stage_then_draws(tmp_path):
     heights = {stage: png_height(dest / f"{stage}.png") for stage in STAGE_LOGS}
     assert heights["reward"] == heights["dpo"] == heights["ppo"] > heights["pretrain"]  # a third row of panels
     with pytest.raises(UserError, match="no stage checkpoints"):
-        make_report.main(["--name", "nope", "--root", str(tmp_path / "out"), "--evaluate"])
+        make_report.main(["--name", "nope", "--out", str(tmp_path / "out"), "--evaluate"])

@@ -267,7 +267,7 @@ def test_cli_trains_and_reports_per_language(corpus, tmp_path):
     data.mkdir()
     with open(data / "mix.jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in corpus[:3000])
-    cmd = [sys.executable, str(ROOT / "data" / "train_tokenizer.py"), "--input", str(data), "--vocab-size", "600",
+    cmd = [sys.executable, str(ROOT / "data" / "train_tokenizer.py"), "--corpus", str(data), "--vocab-size", "600",
            "--out", str(tmp_path / "out")]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr

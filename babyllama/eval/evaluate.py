@@ -3,7 +3,7 @@
     python -m babyllama.evaluate --name baby --stage pretrain
     python -m babyllama.evaluate --name baby --stage sft --max-docs 100      # quicker: fewer held-out documents
     python -m babyllama.evaluate --name baby --stage reward                  # + reward accuracy on pref_valid
-    python -m babyllama.evaluate --checkpoint imported/ --tokenizer imported/tokenizer --stage pretrain --name smol
+    python -m babyllama.evaluate --ckpt imported/ --tokenizer imported/tokenizer --stage pretrain --name smol
 
 Metrics (all on text no stage trains on):
 - Language modelling on `data/corpus/*_heldout.jsonl`, per language (zh poetry, en Shakespeare) and overall:
@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from babyllama.train.checkpoint import latest_checkpoint, load_model
-from babyllama.cli import main_guard
+from babyllama.cli import add_flag, main_guard
 from babyllama.data.corpus import iter_records
 from babyllama.errors import UserError
 from babyllama.model.scoring import continuation_logprobs, row_logprobs
@@ -228,7 +228,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     p = Path(path)
     found = latest_checkpoint(p) if p.is_dir() else p
     if found is None or not found.is_file():
-        raise UserError(f"{path}: no checkpoint (step_*.pt) here; train the stage first or pass --checkpoint")
+        raise UserError(f"{path}: no checkpoint (step_*.pt) here; train the stage first or pass --ckpt")
     return found
 
 
@@ -263,16 +263,16 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--name", default="baby", help="run name: reads <root>/<name>/<stage>, writes <root>/<name>/eval")
     ap.add_argument("--stage", default="pretrain", help="pretrain, sft, reward, dpo, ppo")
-    ap.add_argument("--root", default="out", help="the runs' output root (the stages' --out)")
-    ap.add_argument("--checkpoint", help="checkpoint file or directory instead of <root>/<name>/<stage>")
+    add_flag(ap, "--out", "--root", default="out", help="the runs' output root (the stages' --out)")
+    add_flag(ap, "--ckpt", "--checkpoint", help="checkpoint file or directory instead of <out>/<name>/<stage>")
     ap.add_argument("--tokenizer", help="tokenizer instead of <root>/<name>/tokenizer")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--max-docs", type=int, help="held-out documents per language for loss/bpb (default all)")
     ap.add_argument("--max-items", type=int, default=200, help="items per multiple-choice task")
     ap.add_argument("--pairs", default=str(PREF_VALID), help="preference pairs for the reward stage's reward_acc")
     args = ap.parse_args(argv)
-    run = Path(args.root) / args.name
-    result = evaluate(args.checkpoint or run / args.stage, args.tokenizer or run / "tokenizer", args.stage,
+    run = Path(args.out) / args.name
+    result = evaluate(args.ckpt or run / args.stage, args.tokenizer or run / "tokenizer", args.stage,
                       args.device, args.max_docs, args.max_items, args.pairs)
     paths = write_results(result, run / "eval")
     print(to_markdown(result) + f"\nwrote {paths[0]} and {paths[1]}")
