@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -22,14 +21,14 @@ from babyllama.train.distributed import pick_device
 from babyllama.errors import UserError
 from babyllama.model.generate import (Generator, add_runtime_flags, add_sampling_flags, decode_dtype,
                                   fit_context, sampling_from_args)
-from babyllama.train.run_config import RunPaths, run_preset
+from babyllama.train.run_config import RunPaths
 from babyllama.data.tokenizer import Tokenizer
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--name", default="baby", help="run preset whose out/<name>/ holds tokenizer and checkpoints")
-    parser.add_argument("--out", help="output root the run was trained with (default: the preset's, out)")
+    parser.add_argument("--name", default="baby", help="run name whose <out>/<name>/ holds tokenizer and checkpoints")
+    parser.add_argument("--out", default="out", help="output root the run was trained with")
     add_flag(parser, "--ckpt", "--checkpoint", help="checkpoint file or directory (default: out/<name>/pretrain)")
     parser.add_argument("--tokenizer", help="tokenizer path (default: out/<name>/tokenizer)")
     parser.add_argument("--prompt", help="continue this text and exit; without it, read prompts from stdin")
@@ -37,8 +36,7 @@ def main() -> None:
     add_sampling_flags(parser)
     args = parser.parse_args()
     sampling_from_args(args)  # bad values are refused before the model is loaded
-    run = run_preset(args.name)
-    paths = RunPaths.of(args.name, replace(run, out=args.out or run.out))
+    paths = RunPaths.of(args.name, args.out)
     device = pick_device(args.device)
     checkpoint = args.ckpt or default_checkpoint(paths)
     tok = Tokenizer.load(args.tokenizer or paths.tokenizer)

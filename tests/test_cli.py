@@ -1,13 +1,15 @@
 """Flags generated from the run config: unset flags keep the preset's value, given ones replace it; text that is not
-UTF-8 is read with its undecodable bytes replaced, said once."""
+UTF-8 is read with its undecodable bytes replaced, said once; presets merge by stage, the run name and the preset are separate."""
 import argparse
 import io
+from pathlib import Path
 
 import pytest
 
 from babyllama import cli
 from babyllama.cli import add_dataclass_flags, apply_overrides
-from babyllama.train.run_config import RunConfig, run_preset
+from babyllama.errors import UserError
+from babyllama.train.run_config import STAGE_OVERRIDES, RunConfig, RunPaths, preset_for, run_preset
 
 
 def parse(*argv: str) -> RunConfig:
@@ -61,3 +63,21 @@ def test_add_flag_accepts_old_spellings_without_showing_them():
     assert parser.parse_args(["--out", "y"]).out == "y"
     shown = parser.format_help()
     assert "--out" in shown and "--corpus" in shown and "--root" not in shown and "--input" not in shown
+
+
+def test_a_presets_stage_values_merge_over_the_shared_ones():
+    shared = STAGE_OVERRIDES["reward"]["*"]
+    small = run_preset("0.2b", "reward")
+    assert small.lr == 1e-5 and small.eval_batches == 50  # its own values
+    assert small.weight_decay == shared["weight_decay"] == 0.0 and small.batch_size == shared["batch_size"]  # merged
+    assert run_preset("baby", "reward").lr == shared["lr"]  # baby has no reward entry of its own
+    assert run_preset("1.1b", "ppo").min_lr_ratio == 1.0  # "*" applies to a preset without any entry
+    with pytest.raises(UserError, match=r"unknown preset 'nope'.*--preset"):
+        run_preset("nope")
+
+
+def test_run_name_and_preset_are_separate():
+    assert preset_for("baby", None) == "baby" and preset_for("0.2b", None) == "0.2b"
+    assert preset_for("my-run", None) == "baby" and preset_for("my-run", "1.1b") == "1.1b"
+    paths = RunPaths.of("my-run", "/tmp/o", "/tmp/r")
+    assert paths.stage("sft") == Path("/tmp/o/my-run/sft") and paths.tensorboard("sft") == Path("/tmp/r/my-run/sft")

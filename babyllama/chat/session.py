@@ -17,7 +17,6 @@ are dropped, and a message too long alone keeps its newest tokens (said on stder
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 from typing import Iterable, Sequence, TextIO
@@ -32,7 +31,7 @@ from babyllama.cli import read_lines, valid_text
 from babyllama.model.generate import (Generator, SamplingConfig, add_runtime_flags, add_sampling_flags, decode_dtype,
                                   prompt_budget, sampling_from_args, within_context)
 from babyllama.model.llama import Llama
-from babyllama.train.run_config import RunPaths, run_preset
+from babyllama.train.run_config import RunPaths
 from babyllama.data.tokenizer import Tokenizer
 
 STAGES = ("sft", "dpo", "ppo", "pretrain")
@@ -114,7 +113,7 @@ def chat_loop(session: ChatSession, lines: Iterable[str], out: TextIO, show_prom
 
 
 def add_chat_flags(parser: argparse.ArgumentParser, default_stages: Sequence[str]) -> None:
-    parser.add_argument("--name", default="baby", help="run preset whose out/<name>/ holds tokenizer and checkpoints")
+    parser.add_argument("--name", default="baby", help="run name whose <out>/<name>/ holds tokenizer and checkpoints")
     parser.add_argument("--out", default="out", help="output root of the training runs")
     parser.add_argument("--stage", choices=STAGES, default=None,
                         help=f"load the newest checkpoint of this stage (default: {' or '.join(default_stages)})")
@@ -153,7 +152,7 @@ def checkpoint_for(args: argparse.Namespace, paths: RunPaths, default_stages: Se
 
 
 def load_session(args: argparse.Namespace, default_stages: Sequence[str]) -> ChatSession:
-    paths = RunPaths.of(args.name, dataclasses.replace(run_preset(args.name), out=args.out))
+    paths = RunPaths.of(args.name, args.out)
     checkpoint = checkpoint_for(args, paths, default_stages)
     device = pick_device(args.device)
     tok = Tokenizer.load(args.tokenizer or paths.tokenizer)

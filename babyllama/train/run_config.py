@@ -74,7 +74,7 @@ RUN_PRESETS: dict[str, RunConfig] = {
 
 
 # Per-stage changes to a preset (stages after pretraining fine-tune: lower lr, fewer steps). Keyed by stage,
-# then by preset name ("*" = every preset).
+# then by preset name; a preset's entry is merged over the "*" entry (every preset).
 STAGE_OVERRIDES: dict[str, dict[str, dict]] = {
     "pretrain": {},
     "sft": {"*": dict(lr=3e-4, warmup_steps=20, max_steps=300, eval_every=50, ckpt_every=100),
@@ -84,17 +84,16 @@ STAGE_OVERRIDES: dict[str, dict[str, dict]] = {
     # batch_size counts preference pairs (two sequences each)
     "reward": {"*": dict(lr=1e-4, batch_size=8, warmup_steps=10, max_steps=150, eval_every=50, eval_batches=10,
                          ckpt_every=50, weight_decay=0.0),
-               "0.2b": dict(lr=1e-5, batch_size=8, grad_accum=4, warmup_steps=50, max_steps=2000, eval_every=200,
-                            ckpt_every=500, weight_decay=0.0)},
+               "0.2b": dict(lr=1e-5, grad_accum=4, warmup_steps=50, max_steps=2000, eval_every=200, eval_batches=50,
+                            ckpt_every=500)},
     "dpo": {"*": dict(lr=5e-5, batch_size=8, warmup_steps=10, max_steps=120, eval_every=40, eval_batches=10,
                       ckpt_every=40, weight_decay=0.0),
-            "0.2b": dict(lr=1e-6, batch_size=8, grad_accum=4, warmup_steps=50, max_steps=2000, eval_every=200,
-                         ckpt_every=500, weight_decay=0.0)},
+            "0.2b": dict(lr=1e-6, grad_accum=4, warmup_steps=50, max_steps=2000, eval_every=200, eval_batches=50,
+                         ckpt_every=500)},
     # batch_size = replies per PPO minibatch (one optimizer step); rollouts are --rollout-size prompts
     "ppo": {"*": dict(lr=2e-5, batch_size=8, warmup_steps=5, max_steps=80, eval_every=40, ckpt_every=40,
                       weight_decay=0.0, min_lr_ratio=1.0),
-            "0.2b": dict(lr=1e-6, batch_size=8, grad_accum=2, warmup_steps=20, max_steps=1000, eval_every=100,
-                         ckpt_every=200, weight_decay=0.0, min_lr_ratio=1.0)},
+            "0.2b": dict(lr=1e-6, grad_accum=2, warmup_steps=20, max_steps=1000, eval_every=100, ckpt_every=200)},
 }
 
 
@@ -121,10 +120,17 @@ def check_run(run: RunConfig) -> None:
 
 
 def run_preset(name: str, stage: str = "pretrain") -> RunConfig:
+    """Preset `name` for `stage`: the RunConfig defaults, the preset's values over them, then the stage's changes
+    for every preset ("*") and for this one, each over the one before."""
     if name not in RUN_PRESETS:
-        raise UserError(f"unknown --name '{name}'; choose one of {sorted(RUN_PRESETS)}")
+        raise UserError(f"unknown preset '{name}'; choose one of {sorted(RUN_PRESETS)} (--preset)")
     by_name = STAGE_OVERRIDES.get(stage, {})
-    return replace(RUN_PRESETS[name], **by_name.get(name, by_name.get("*", {})))
+    return replace(RUN_PRESETS[name], **{**by_name.get("*", {}), **by_name.get(name, {})})
+
+
+def preset_for(name: str, preset: str | None) -> str:
+    """The preset a run uses: --preset, else the run's --name when it names a preset, else `baby`."""
+    return preset or (name if name in RUN_PRESETS else "baby")
 
 
 @dataclass
@@ -134,8 +140,9 @@ class RunPaths:
     runs: Path
 
     @classmethod
-    def of(cls, name: str, run: RunConfig) -> "RunPaths":
-        return cls(name, Path(run.out) / name, Path(run.runs) / name)
+    def of(cls, name: str, out: str | Path = "out", runs: str | Path = "runs") -> "RunPaths":
+        """The paths of run `name` under the output root `out` (and TensorBoard root `runs`)."""
+        return cls(name, Path(out) / name, Path(runs) / name)
 
     @property
     def tokenizer(self) -> Path:

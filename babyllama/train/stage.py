@@ -24,7 +24,7 @@ from babyllama.model.llama import Llama
 from babyllama.train.optim import build_adamw, warmup_cosine
 from babyllama.files import hold_lock
 from babyllama.train.run_record import git_state, write_run_record
-from babyllama.train.run_config import (RunConfig, RunPaths, check_run, resolve_compile, resolve_precision,
+from babyllama.train.run_config import (RUN_PRESETS, preset_for, RunConfig, RunPaths, check_run, resolve_compile, resolve_precision,
                             run_preset)
 from babyllama.data.tokenizer import Tokenizer
 from babyllama.train.trainer import Callback, LossFn, Trainer, causal_lm_loss
@@ -40,7 +40,9 @@ def parse_stage_args(description: str, stage: str,
     Refuses to start over a stage directory that already has checkpoints unless --resume is given,
     so a finished run is never overwritten by accident."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--name", default="baby", help="run preset: baby, 0.2b, 1.1b")
+    parser.add_argument("--name", default="baby", help="run name: outputs go to <out>/<name> and <runs>/<name>")
+    parser.add_argument("--preset", choices=sorted(RUN_PRESETS),
+                        help="run preset (default: the --name when it is one of these, else baby)")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of this stage")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
     if add_flags is not None:
@@ -48,11 +50,11 @@ def parse_stage_args(description: str, stage: str,
     add_dataclass_flags(parser, RunConfig)
     args = parser.parse_args(argv)
     git_state()  # the commit the run record names: the code as the run starts
-    run = apply_overrides(run_preset(args.name, stage), args)
+    run = apply_overrides(run_preset(preset_for(args.name, args.preset), stage), args)
     check_run(run)
     if check is not None:
         check(args)
-    paths, env = RunPaths.of(args.name, run), init_distributed(args.device)
+    paths, env = RunPaths.of(args.name, run.out, run.runs), init_distributed(args.device)
     ckpt_dir = paths.stage(stage)
     if env.is_main:  # a second run on this stage's directory would interleave logs and replace checkpoints
         hold_lock(ckpt_dir, f"{stage} run")
