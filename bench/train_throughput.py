@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 import babyllama.model.fused_cross_entropy as loss_module
 from babyllama.model.config import ModelConfig, preset
-from babyllama.convert.hf import B4T_CONFIG, bert4torch_builder, bert4torch_config
+from babyllama.convert.bert4torch import B4T_CONFIG, bert4torch_builder, bert4torch_config
 from babyllama.data.token_bins import build_pretrain_loader, prepare_token_bins
 from babyllama.train.distributed import DistEnv, pick_device
 from babyllama.train.flops import peak_flops
