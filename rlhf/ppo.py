@@ -34,7 +34,8 @@ from babyllama.train.distributed import shutdown
 from babyllama.errors import UserError
 from babyllama.model.generate import SamplingConfig
 from babyllama.model.llama import frozen, frozen_copy
-from babyllama.align.ppo import PolicyWithValue, PPOConfig, RolloutLoader, critic_from, make_ppo_loss
+from babyllama.align.ppo import PolicyWithValue, PPOConfig, critic_from, make_ppo_loss
+from babyllama.align.ppo_rollout import RolloutLoader
 from babyllama.eval.heldout import (HELDOUT_RULES, HeldOut, add_heldout_flags, check_reply_budget, describe,
                                  fitting_prompts)
 from babyllama.align.reward_model import RewardModel, load_reward_model

@@ -17,7 +17,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 from babyllama.train import callbacks as cb
-from babyllama.data.token_bins import ResumableSampler
+from babyllama.data.sampler import ResumableSampler
 from babyllama.train.distributed import init_distributed, shutdown
 from babyllama.model.llama import Llama
 from babyllama.train.optim import build_adamw

@@ -16,9 +16,9 @@ from babyllama.model.generate import Generator, SamplingConfig
 from babyllama.model.llama import Llama
 from babyllama.model.llama import frozen_copy
 from babyllama.align.reward_model import RewardModel
-from babyllama.align.ppo import (AdaptiveKLController, FixedKLController, PolicyWithValue, PPOConfig, Rollout,
-                           RolloutLoader, critic_from, evaluate_policy, experience, gae, generate_rollout,
-                           make_ppo_loss, masked_whiten, per_token_rewards, policy_loss, value_loss)
+from babyllama.align.ppo import (AdaptiveKLController, FixedKLController, PolicyWithValue, PPOConfig, critic_from,
+                                 gae, make_ppo_loss, masked_whiten, per_token_rewards, policy_loss, value_loss)
+from babyllama.align.ppo_rollout import Rollout, RolloutLoader, evaluate_policy, experience, generate_rollout
 from babyllama.train.trainer import Trainer
 from pref_fixtures import make_tokenizer, synthetic_pairs, train_reward_model
 

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from babyllama.train import callbacks as cb
 from babyllama.model.config import ModelConfig
-from babyllama.data.token_bins import ResumableSampler
+from babyllama.data.sampler import ResumableSampler
 from babyllama.errors import UserError
 from babyllama.model.llama import Llama
 from babyllama.train.optim import build_adamw, warmup_cosine

@@ -2,7 +2,7 @@
 compare. `HeldOut.measure(policy, ref, reward_model)` gives:
 
 - `score`, `kl`, `response_len` on replies sampled from the policy to the held-out prompts (a fixed seed, the
-  sampling temperature, at most max_new_tokens; `babyllama.align.ppo.evaluate_policy`): the reward model's mean score;
+  sampling temperature, at most max_new_tokens; `babyllama.align.ppo_rollout.evaluate_policy`): the reward model's mean score;
   KL(policy || ref) per reply, the exact KL between the two next-token distributions summed over the reply tokens
   (>= 0, 0 for the reference itself; at temperature 1 an unbiased estimate of the KL between the reply
   distributions); the mean reply length in tokens (the stop token included);
@@ -10,7 +10,7 @@ compare. `HeldOut.measure(policy, ref, reward_model)` gives:
 - `choice_acc` (and per language): held-out multiple-choice accuracy (`babyllama.eval.choice`).
 
 Replies are scored as the reward model was trained: prompt + reply + `<|im_end|>`, also when a reply was cut at
-max_new_tokens (`babyllama.align.ppo.Rollout.reward_inputs`).
+max_new_tokens (`babyllama.align.ppo_rollout.Rollout.reward_inputs`).
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from babyllama.cli import Rule
 from babyllama.errors import UserError
 from babyllama.model.generate import SamplingConfig
 from babyllama.model.llama import Llama
-from babyllama.align.ppo import evaluate_policy
+from babyllama.align.ppo_rollout import evaluate_policy
 from babyllama.data.preference import read_prompts
 from babyllama.shipped import CHAT_CHOICES, HELDOUT_PROMPTS
 
