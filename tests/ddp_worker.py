@@ -42,20 +42,20 @@ def make_trainer(seed: int) -> tuple[Trainer, DataLoader]:
     trainer = Trainer(Llama(CFG), env)
     if fsdp:
         trainer.shard()
-    trainer.compile(optimizer=build_adamw(trainer.module, lr=3e-3), grad_accumulation_steps=accum)
+    trainer.compile(optimizer=build_adamw(trainer.network, lr=3e-3), grad_accumulation_steps=accum)
     sampler = ResumableSampler(len(data), seed=1, rank=env.rank, world_size=env.world_size)
     return trainer, DataLoader(data, batch_size=16 // env.world_size // accum, sampler=sampler)
 
 
 trainer, loader = make_trainer(0)
-if isinstance(trainer.model, DDP):
-    trainer.model.register_comm_hook(None, counting_allreduce)
+if isinstance(trainer.wrapped, DDP):
+    trainer.wrapped.register_comm_hook(None, counting_allreduce)
 if fsdp:
     trainer.fit(loader, max_steps=3, callbacks=[cb.Checkpoint(f"{prefix}_ckpt", every=3)])
     trainer, loader = make_trainer(1)  # different init: the weights must come from the checkpoint
     trainer.resume(f"{prefix}_ckpt")
 trainer.fit(loader, max_steps=5)
-state = trainer.state_dict()["model"] if fsdp else trainer.module.state_dict()
+state = trainer.state_dict()["model"] if fsdp else trainer.network.state_dict()
 if env.is_main or not fsdp:
     torch.save(state, f"{prefix}_rank{env.rank}.pt")
 if env.is_main and mode == "ddp-accum":

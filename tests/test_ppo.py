@@ -199,7 +199,7 @@ def test_tiny_ppo_run_raises_reward_model_score_with_bounded_kl(tok, tmp_path):
 
     cfg = PPOConfig(rollout_size=16, ppo_epochs=2, max_new_tokens=8, kl_coef=0.2, kl_target=1.0, kl_horizon=100)
     trainer = Trainer(PolicyWithValue(policy), DistEnv())
-    trainer.compile(loss=make_ppo_loss(cfg), optimizer=torch.optim.Adam(trainer.module.parameters(), lr=1e-2))
+    trainer.compile(loss=make_ppo_loss(cfg), optimizer=torch.optim.Adam(trainer.network.parameters(), lr=1e-2))
     loader = RolloutLoader(trainer, ref, reward, train_prompts, cfg, batch_size=8, stop_ids=stops,
                            pad_id=tok.pad_id, end_id=end, seed=0)
     logged = []

@@ -165,7 +165,7 @@ def trained(tok, tmp_path_factory):
     ckpt_dir = tmp_path_factory.mktemp("sft")
     trainer.save_checkpoint(str(ckpt_dir))
     return {"before": before, "after": evaluator.compute(trainer), "logs": logs.rows, "ckpt": ckpt_dir,
-            "model": trainer.module}
+            "model": trainer.network}
 
 
 def test_sft_raises_held_out_choice_accuracy(trained):

@@ -32,7 +32,7 @@ def pattern_data(n: int, seed: int = 0) -> TensorDataset:
 def make_trainer(batch: int = 8, accum: int = 1, steps: int = 40, seed: int = 0, torch_compile: bool = False):
     torch.manual_seed(seed)
     trainer = Trainer(Llama(CFG))
-    opt = build_adamw(trainer.module, lr=3e-3)
+    opt = build_adamw(trainer.network, lr=3e-3)
     trainer.compile(optimizer=opt, scheduler=warmup_cosine(opt, 5, steps), grad_accumulation_steps=accum,
                     torch_compile=torch_compile)
     data = pattern_data(256)
@@ -65,7 +65,7 @@ def test_compiled_training_follows_the_eager_loss_curve():
         rec = Recorder()
         trainer.fit(loader, epochs=5, max_steps=30, callbacks=[rec])
         curves.append(rec.losses)
-        weights.append(torch.cat([p.detach().flatten() for p in trainer.module.parameters()]))
+        weights.append(torch.cat([p.detach().flatten() for p in trainer.network.parameters()]))
     assert len(curves[1]) == 30 and max(abs(a - b) for a, b in zip(*curves)) < 1e-4
     assert curves[1][-1] < curves[1][0] - 0.5  # it learned
     assert (weights[0] - weights[1]).abs().max() < 1e-3
@@ -102,7 +102,7 @@ def test_grad_accumulation_matches_big_batch():
     small, loader_small = make_trainer(batch=8, accum=2)
     big.fit(loader_big, max_steps=3)
     small.fit(loader_small, max_steps=3)
-    for (n, p), q in zip(big.module.named_parameters(), small.module.parameters()):
+    for (n, p), q in zip(big.network.named_parameters(), small.network.parameters()):
         assert torch.allclose(p, q, atol=1e-5), n
 
 
@@ -112,7 +112,7 @@ def test_checkpoint_keeps_newest_and_refuses_other_config(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("step_*.pt")) == ["step_00000004.pt", "step_00000006.pt"]
     assert not list(tmp_path.glob("*.tmp"))
     other = Trainer(Llama(ModelConfig(**{**CFG.to_dict(), "n_layers": 3})))
-    other.compile(optimizer=build_adamw(other.module, 1e-3))
+    other.compile(optimizer=build_adamw(other.network, 1e-3))
     with pytest.raises(UserError, match="n_layers: checkpoint 2 vs now 3"):
         other.resume(str(tmp_path))
 
@@ -162,7 +162,7 @@ def test_throughput_covers_the_logging_window_without_callbacks(monkeypatch):
 
     torch.manual_seed(0)
     trainer = Trainer(Llama(CFG))
-    trainer.compile(loss=slow_loss, optimizer=build_adamw(trainer.module, lr=3e-3), log_every=3,
+    trainer.compile(loss=slow_loss, optimizer=build_adamw(trainer.network, lr=3e-3), log_every=3,
                     flops_per_token=flops_per_token)
     logged = Logged()
     trainer.fit(DataLoader(pattern_data(64), batch_size=8), max_steps=6, callbacks=[Slow(), logged])

@@ -165,7 +165,7 @@ class RolloutLoader:
 
     def collect(self) -> dict[str, Any]:
         """A new rollout as a batch dict; updates the KL coefficient from its KL."""
-        state, model = self.trainer.extra_state, self.trainer.module
+        state, model = self.trainer.extra_state, self.trainer.network
         self.kl_ctl.value = state.get("kl_coef", self.kl_ctl.value)
         model.eval()
         with self.trainer.autocast():  # the precision the loss runs in, so that old and new log-probs agree

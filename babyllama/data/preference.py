@@ -256,7 +256,7 @@ def build_preference_loader(dataset: PreferenceDataset, batch_size: int, seed: i
 def evaluate_pairs(trainer: Any, loss_fn: Callable, loader: Iterable, max_batches: int | None = None,
                    prefix: str = "val_") -> dict[str, float]:
     """Mean loss and metrics of a pair loss (`loss_fn(model, batch) -> (loss, metrics)`) over a loader."""
-    model, device = trainer.module, trainer.env.device
+    model, device = trainer.network, trainer.env.device
     model.eval()
     sums: dict[str, Tensor] = defaultdict(lambda: torch.zeros((), device=device))
     n = 0

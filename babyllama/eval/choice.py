@@ -114,6 +114,6 @@ class ChoiceAccuracy(Evaluator):
 
     def compute(self, trainer: Trainer) -> dict[str, float]:
         with trainer.autocast():
-            self.last = choice_accuracy(trainer.module, self.tokenizer, self.items, self.batch_size,
+            self.last = choice_accuracy(trainer.network, self.tokenizer, self.items, self.batch_size,
                                         trainer.env.device, self.system)
         return self.last

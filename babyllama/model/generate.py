@@ -264,3 +264,21 @@ def sampling_from_args(args, context: int | None = None) -> SamplingConfig:
                          repetition_penalty=args.repetition_penalty)
     cfg.check(context)
     return cfg
+
+
+@torch.no_grad()
+def reference_generate(model: Llama, prompt: Sequence[int], cfg: SamplingConfig, stop_ids: Sequence[int] = (),
+                       generator: torch.Generator | None = None) -> list[int]:
+    """The plain decoding loop that `Generator` must agree with, token for token: the whole sequence goes through
+    the model for every new token (no KV cache, no padding, no pipelining). Quadratic in the length; for reading
+    and for tests."""
+    ids = list(prompt)
+    for _ in range(cfg.max_new_tokens):
+        logits = model(torch.tensor([ids], device=model.lm_head.weight.device)).logits[:, -1].float()
+        seen = torch.zeros_like(logits, dtype=torch.bool)
+        seen[0, ids] = True
+        token = int(sample_next(apply_repetition_penalty(logits, seen, cfg.repetition_penalty), cfg, generator))
+        if token in stop_ids:
+            break
+        ids.append(token)
+    return ids[len(prompt):]

@@ -71,7 +71,7 @@ def compile_from_run(trainer: Trainer, run: RunConfig, loss: LossFn = causal_lm_
     device = trainer.env.device
     if run.fsdp:
         trainer.shard()
-    optimizer = build_adamw(trainer.module, run.lr, run.weight_decay)
+    optimizer = build_adamw(trainer.network, run.lr, run.weight_decay)
     trainer.compile(loss=loss, optimizer=optimizer,
                     scheduler=warmup_cosine(optimizer, run.warmup_steps, run.max_steps, run.min_lr_ratio),
                     clip_grad_norm=run.clip_grad_norm, mixed_precision=resolve_precision(run.mixed_precision, device),

@@ -45,7 +45,7 @@ class Callback:
 class Trainer:
     def __init__(self, model: nn.Module, env: DistEnv | None = None, model_config: ModelConfig | None = None):
         self.env = env or DistEnv()
-        self.module = model.to(self.env.device)
+        self.network = model.to(self.env.device)  # what is trained, unwrapped: parameters, state, evaluation
         self.fsdp = False
         self.model_config = model_config or getattr(model, "config", None)
         self.step = 0  # optimizer steps done
@@ -58,7 +58,7 @@ class Trainer:
         """FSDP2: shard parameters, gradients and optimizer state over the ranks instead of replicating them (DDP),
         for configs that do not fit one GPU. Call before building the optimizer; a no-op in a single process."""
         if self.env.distributed and not self.fsdp:
-            shard_model(self.module)
+            shard_model(self.network)
             self.fsdp = True
 
     # ---- compile ----
@@ -82,11 +82,11 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.env.device.type, enabled=self.amp_dtype == torch.float16)
         self.flops_per_token = flops_per_token
         self.peak_flops = peak_flops(self.env.device)
-        model: nn.Module = self.module
+        model: nn.Module = self.network
         if (self.env.distributed if ddp is None else ddp) and not self.fsdp:
             ids = [self.env.device.index] if self.env.device.type == "cuda" else None
             model = DDP(model, device_ids=ids)
-        self.model = torch.compile(model) if torch_compile else model
+        self.wrapped = torch.compile(model) if torch_compile else model  # what a training step calls
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.amp_dtype is None:
@@ -101,7 +101,7 @@ class Trainer:
         resumable = hasattr(sampler, "load_state_dict")
         for cb in callbacks:
             cb.on_train_begin(self)
-        self.module.train()
+        self.network.train()
         self._window_tokens, self._window_start = 0, time.perf_counter()  # throughput since the last logged step
         while self.epoch < epochs and not self._done(max_steps):
             if resumable:  # start of an epoch, or mid-epoch after --resume
@@ -152,7 +152,7 @@ class Trainer:
                 return None
             batch = _to_device(batch, self.env.device)
             with self._grad_sync(micro == self.accum - 1), self.autocast():
-                out = self.loss_fn(self.model, batch)
+                out = self.loss_fn(self.wrapped, batch)
                 loss, extra = out if isinstance(out, tuple) else (out, {})
                 self.scaler.scale(loss / self.accum).backward()
             total_loss += loss.detach() / self.accum
@@ -166,7 +166,7 @@ class Trainer:
         if self.clip_grad_norm or skip:
             self.scaler.unscale_(self.optimizer)
             # the norm of the all-reduced gradients: every rank takes the same decision below
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.clip_grad_norm or math.inf)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.clip_grad_norm or math.inf)
             grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm
         if skip and not bool(torch.isfinite(grad_norm)):
             self.extra_state["skipped_steps"] = self.extra_state.get("skipped_steps", 0) + 1
@@ -182,9 +182,9 @@ class Trainer:
     def _grad_sync(self, sync: bool) -> contextlib.AbstractContextManager:
         """Skip the gradient all-reduce / reduce-scatter on all but the last micro-batch of an accumulation."""
         if self.fsdp:
-            self.module.set_requires_gradient_sync(sync)
+            self.network.set_requires_gradient_sync(sync)
             return contextlib.nullcontext()
-        wrapper = getattr(self.model, "_orig_mod", self.model)
+        wrapper = getattr(self.wrapped, "_orig_mod", self.wrapped)
         return wrapper.no_sync() if isinstance(wrapper, DDP) and not sync else contextlib.nullcontext()
 
     def _logs(self, stats: dict[str, Any]) -> dict[str, float]:
@@ -204,24 +204,24 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, loader: Iterable, loss: LossFn | None = None, max_batches: int | None = None) -> float:
         """Mean loss over (up to `max_batches` of) `loader`, averaged over ranks."""
-        self.module.eval()
+        self.network.eval()
         total, n = torch.zeros((), device=self.env.device), 0
         for i, batch in enumerate(loader):
             if max_batches is not None and i >= max_batches:
                 break
             with self.autocast():
-                out = (loss or self.loss_fn)(self.module, _to_device(batch, self.env.device))
+                out = (loss or self.loss_fn)(self.network, _to_device(batch, self.env.device))
             total += (out[0] if isinstance(out, tuple) else out).float()
             n += 1
-        self.module.train()
+        self.network.train()
         return float(all_reduce_mean(total / max(n, 1)))
 
     # ---- checkpoints ----
     def state_dict(self) -> dict[str, Any]:
         """Full (unsharded) state; under FSDP a collective that every rank must call."""
-        model_state, optim_state = self.module.state_dict(), self.optimizer.state_dict()
+        model_state, optim_state = self.network.state_dict(), self.optimizer.state_dict()
         if self.fsdp:
-            model_state, optim_state = full_state_dicts(self.module, self.optimizer)
+            model_state, optim_state = full_state_dicts(self.network, self.optimizer)
         return {
             "model": model_state,
             "optimizer": optim_state,
@@ -236,7 +236,7 @@ class Trainer:
     def weights_finite(self) -> bool:
         """No NaN/inf in any parameter, on any rank (under FSDP each rank checks its shards)."""
         ok = all(bool(torch.isfinite(p.to_local() if isinstance(p, DTensor) else p).all())
-                 for p in self.module.parameters())
+                 for p in self.network.parameters())
         return float(all_reduce_mean(torch.tensor(float(ok), device=self.env.device))) == 1.0
 
     def save_checkpoint(self, directory: str, keep: int | None = None) -> None:
@@ -257,9 +257,9 @@ class Trainer:
         if self.model_config is not None:
             check_model_config(state, self.model_config, path)
         if self.fsdp:
-            load_full_state_dicts(self.module, self.optimizer, state["model"], state["optimizer"])
+            load_full_state_dicts(self.network, self.optimizer, state["model"], state["optimizer"])
         else:
-            self.module.load_state_dict(state["model"])
+            self.network.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
