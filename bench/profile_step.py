@@ -67,7 +67,7 @@ def main() -> None:
         cfg = preset(args.config)
     torch.manual_seed(0)
     trainer = Trainer(Llama(cfg), DistEnv(device=device))
-    trainer.compile(optimizer=build_adamw(trainer.module, lr=3e-4), mixed_precision="bf16", torch_compile=cuda,
+    trainer.compile(optimizer=build_adamw(trainer.network, lr=3e-4), mixed_precision="bf16", torch_compile=cuda,
                     log_every=10**9)
     batches = random_batches(cfg, args.batch, args.seq, device)
     trainer.fit(batches, max_steps=args.steps)  # warm-up: compilation, allocator, cuBLAS heuristics

@@ -126,7 +126,7 @@ def bench_ours(cfg: ModelConfig, args, device: torch.device, levers: Levers) -> 
         model = Llama(cfg)
         model.chunked_loss, model.gradient_checkpointing = levers.chunked_loss, levers.checkpointing
         trainer = Trainer(model, DistEnv(device=device))
-        opt = build_adamw(trainer.module, lr=3e-4)
+        opt = build_adamw(trainer.network, lr=3e-4)
         if not levers.fused_adamw:
             opt = torch.optim.AdamW(opt.param_groups, lr=3e-4, betas=(0.9, 0.95), fused=False, foreach=False)
         trainer.compile(optimizer=opt, clip_grad_norm=1.0, mixed_precision="bf16", torch_compile=levers.compile,

@@ -18,7 +18,7 @@ import torch
 from babyllama.train import callbacks as cb
 from babyllama.train.checkpoint import latest_checkpoint
 from babyllama.cli import main_guard
-from babyllama.data.run_data import ensure_token_bins, ensure_tokenizer
+from babyllama.train.run_data import ensure_token_bins, ensure_tokenizer
 from babyllama.data.token_bins import (TokenWindowDataset, build_pretrain_loader, corpus_record)
 from babyllama.train.checkpoint import load_model
 from babyllama.train.distributed import shutdown
@@ -63,7 +63,7 @@ def main() -> None:
                                tokenizer=tok)
     resume_if_asked(trainer, args, paths.stage("pretrain"))
     if env.is_main:
-        print(f"model {run.model}: {trainer.module.num_params() / 1e6:.1f}M params, {env.world_size} process(es) "
+        print(f"model {run.model}: {trainer.network.num_params() / 1e6:.1f}M params, {env.world_size} process(es) "
               f"on {env.device}, {run.max_steps} steps of {run.batch_size * run.grad_accum * env.world_size} "
               f"x {cfg.max_seq_len} tokens")
     evaluator = cb.Evaluator(val_loader, every=run.eval_every, max_batches=run.eval_batches)

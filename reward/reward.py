@@ -22,8 +22,7 @@ import torch
 from babyllama.train import callbacks as cb
 from babyllama.cli import check_ranges, main_guard
 from babyllama.train.distributed import shutdown
-from babyllama.data.preference import (PREFERENCE_RULES, add_preference_flags, evaluate_pairs,
-                                  preference_loaders)
+from babyllama.align.pairs import PREFERENCE_RULES, add_preference_flags, evaluate_pairs, preference_loaders
 from babyllama.align.reward_model import RewardModel, mark_reward_checkpoint, pair_loss
 from babyllama.train.run_config import model_config_for
 from babyllama.train.run_record import flatten

@@ -34,8 +34,7 @@ from babyllama.align.dpo import DPOLoss, precompute_reference_logps
 from babyllama.model.generate import SamplingConfig
 from babyllama.model.llama import Llama
 from babyllama.align.ppo import PPOConfig
-from babyllama.data.preference import (PREFERENCE_RULES, add_preference_flags, evaluate_pairs,
-                                  preference_loaders)
+from babyllama.align.pairs import PREFERENCE_RULES, add_preference_flags, evaluate_pairs, preference_loaders
 from babyllama.align.reward_model import load_reward_model
 from babyllama.eval.heldout import HELDOUT_RULES, HeldOut, add_heldout_flags, check_reply_budget, describe
 from babyllama.train.run_config import RunPaths, model_config_for

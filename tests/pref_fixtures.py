@@ -5,10 +5,11 @@ import random
 
 import torch
 
-from babyllama.model.config import ModelConfig
+from tiny import tiny_config
 from babyllama.model.llama import Llama
 from babyllama.train.optim import build_adamw
-from babyllama.data.preference import PreferenceDataset, PreferencePair, build_preference_loader, evaluate_pairs
+from babyllama.align.pairs import evaluate_pairs
+from babyllama.data.preference import PreferenceDataset, PreferencePair, build_preference_loader
 from babyllama.align.reward_model import RewardModel, pair_loss
 from babyllama.train.trainer import Trainer
 from test_chat import make_tokenizer  # noqa: F401  (re-exported for the test modules)
@@ -27,10 +28,6 @@ def synthetic_pairs(n: int, seed: int) -> list[PreferencePair]:
         pairs.append(PreferencePair(prompt, " ".join(rng.choices(GOOD, k=k)), " ".join(rng.choices(BAD, k=k))))
     return pairs
 
-
-def tiny_config(vocab_size: int) -> ModelConfig:
-    return ModelConfig(vocab_size=vocab_size, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,
-                       max_seq_len=64)
 
 
 def loaders(tok, batch_size: int = 8):

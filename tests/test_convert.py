@@ -51,8 +51,7 @@ def tok_dir(tmp_path_factory):
 
 def tiny_config(vocab_size: int, tie: bool) -> ModelConfig:
     # init_std 0.1: logits far apart, so greedy argmax is not decided by fp32 rounding
-    return ModelConfig(vocab_size=vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=160,
-                       max_seq_len=64, rope_theta=50000.0, norm_eps=1e-6, tie_embeddings=tie, init_std=0.1)
+    return tiny_config(vocab_size, dim=64, ffn_dim=160, rope_theta=50000.0, norm_eps=1e-6, tie_embeddings=tie, init_std=0.1)
 
 
 def save_stage_checkpoint(model: Llama, path: Path, prefix: str = "", extra: dict | None = None) -> Path:

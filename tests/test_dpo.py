@@ -9,9 +9,11 @@ from babyllama.align.dpo import DPOLoss, dpo_loss, pair_logps, precompute_refere
 from babyllama.model.scoring import continuation_logprobs, sequence_logprobs
 from babyllama.model.llama import Llama
 from babyllama.train.optim import build_adamw
-from babyllama.data.preference import collate_pairs, evaluate_pairs, pad_rows
+from babyllama.align.pairs import evaluate_pairs
+from babyllama.data.preference import collate_pairs, pad_rows
 from babyllama.train.trainer import Trainer
-from pref_fixtures import loaders, make_tokenizer, tiny_config
+from pref_fixtures import loaders, make_tokenizer
+from tiny import tiny_config
 
 
 def logsig(x):

@@ -13,12 +13,12 @@ from torch import nn
 from babyllama.eval import evaluate as ev
 from data.builders import idiom_items
 from babyllama.train.checkpoint import atomic_save
-from babyllama.model.config import ModelConfig
 from babyllama.data.corpus import iter_records
 from babyllama.errors import UserError
 from babyllama.model.llama import Llama, Output
 from babyllama.align.reward_model import RewardModel, mark_reward_checkpoint
 from babyllama.data.tokenizer import Tokenizer, train_tokenizer
+from tiny import tiny_config
 
 TEXTS = ["床前明月光，疑是地上霜。举头望明月，低头思故乡。" * 3, "To be, or not to be: that is the question.\n" * 4,
          "ab"]
@@ -33,7 +33,7 @@ def tok(tmp_path_factory) -> Tokenizer:
 
 def tiny_model(vocab: int, max_seq_len: int = 64) -> Llama:
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=vocab, dim=32, n_layers=1, n_heads=4, ffn_dim=64, max_seq_len=max_seq_len)
+    cfg = tiny_config(vocab, n_layers=1, n_kv_heads=None, max_seq_len=max_seq_len)
     return Llama(cfg).eval()
 
 
@@ -86,7 +86,7 @@ class FavoursOneToken(nn.Module):
 
     def __init__(self, vocab: int, favoured: int):
         super().__init__()
-        self.config = ModelConfig(vocab_size=vocab, dim=8, n_layers=1, n_heads=1, ffn_dim=8, max_seq_len=64)
+        self.config = tiny_config(vocab, dim=8, n_layers=1, n_heads=1, n_kv_heads=None, ffn_dim=8)
         self.bias = nn.Parameter(torch.zeros(vocab))
         self.bias.data[favoured] = 20.0
 

@@ -6,19 +6,18 @@ from dataclasses import replace
 import pytest
 import torch
 
-from babyllama.model.config import ModelConfig
 from babyllama.errors import UserError
 from babyllama.model.generate import (Generator, SamplingConfig, apply_repetition_penalty, fit_context,
                                       reference_generate, sample_next)
 from babyllama.model.llama import Llama
+from tiny import tiny_config
 
 GREEDY = SamplingConfig(max_new_tokens=12, temperature=0)
 
 
 def tiny_model() -> Llama:
     torch.manual_seed(0)
-    return Llama(ModelConfig(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,
-                             max_seq_len=64)).eval()
+    return Llama(tiny_config(97)).eval()
 
 
 def greedy_by_recompute(model: Llama, prompt: list[int], n: int) -> list[int]:

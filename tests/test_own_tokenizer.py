@@ -26,6 +26,7 @@ from babyllama.data.corpus import iter_records
 from babyllama.model.generate import Generator, SamplingConfig
 from babyllama.model.llama import Llama
 from babyllama.data.tokenizer import IM_END, IM_START, Tokenizer, train_tokenizer
+from tiny import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "data" / "corpus"
@@ -146,11 +147,10 @@ def test_padding_ids_are_never_produced_nor_scored():
     """The padding rows are given the largest logits: masked, they still get no probability anywhere."""
     torch.manual_seed(0)
     n = 50
-    padded = Llama(ModelConfig(vocab_size=64, dim=32, n_layers=1, n_heads=4, ffn_dim=64, max_seq_len=32,
-                               tie_embeddings=False, tokenizer_vocab_size=n)).eval()
+    padded = Llama(tiny_config(64, n_layers=1, n_kv_heads=None, max_seq_len=32, tie_embeddings=False, tokenizer_vocab_size=n)).eval()
     with torch.no_grad():
         padded.lm_head.weight[n:] = padded.lm_head.weight[:n].sum(0) * 100
-    exact = Llama(ModelConfig(vocab_size=n, dim=32, n_layers=1, n_heads=4, ffn_dim=64, max_seq_len=32)).eval()
+    exact = Llama(tiny_config(n, n_layers=1, n_kv_heads=None, max_seq_len=32)).eval()
     exact.load_state_dict({k: v[:n] if "lm_head" in k or "embed" in k else v
                            for k, v in padded.state_dict().items()})
     ids = torch.randint(0, n, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -164,7 +164,7 @@ def test_padding_ids_are_never_produced_nor_scored():
                                                                       top_k=0, top_p=1.0))
         assert max(max(row) for row in out) < n
     # a checkpoint that does not record its tokenizer's size (written before it was kept) is masked when loaded
-    legacy = Llama(ModelConfig(vocab_size=64, dim=32, n_layers=1, n_heads=4, ffn_dim=64, max_seq_len=32))
+    legacy = Llama(tiny_config(64, n_layers=1, n_kv_heads=None, max_seq_len=32))
     legacy.load_state_dict(padded.state_dict())
     with torch.no_grad():
         assert torch.equal(legacy.mask_beyond(n)(ids).logits, logits)

@@ -10,7 +10,6 @@ from torch import nn
 
 from babyllama.data.chat_template import IM_END, render_prompt, special_id, stop_ids
 from babyllama.train.checkpoint import latest_checkpoint, load_model
-from babyllama.model.config import ModelConfig
 from babyllama.train.distributed import DistEnv
 from babyllama.model.generate import Generator, SamplingConfig
 from babyllama.model.llama import Llama
@@ -20,6 +19,7 @@ from babyllama.align.ppo import (AdaptiveKLController, FixedKLController, Policy
                                  gae, make_ppo_loss, masked_whiten, per_token_rewards, policy_loss, value_loss)
 from babyllama.align.ppo_rollout import Rollout, RolloutLoader, evaluate_policy, experience, generate_rollout
 from babyllama.train.trainer import Trainer
+from tiny import tiny_config
 from pref_fixtures import make_tokenizer, synthetic_pairs, train_reward_model
 
 
@@ -101,8 +101,7 @@ def tok(tmp_path_factory):
 
 def tiny_policy(vocab: int, seed: int = 0) -> Llama:
     torch.manual_seed(seed)
-    return Llama(ModelConfig(vocab_size=vocab, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,
-                             max_seq_len=128))
+    return Llama(tiny_config(vocab, max_seq_len=128))
 
 
 def pair_prompts(tok, n: int, seed: int) -> list[list[int]]:

@@ -11,7 +11,6 @@ import torch
 
 from babyllama.train import callbacks as cb
 from babyllama.train.checkpoint import atomic_save
-from babyllama.model.config import ModelConfig
 from babyllama.data.corpus import iter_records
 from babyllama.errors import UserError
 from babyllama.eval.evaluate import HELDOUT, write_results
@@ -19,6 +18,7 @@ from babyllama.model.llama import Llama
 from babyllama.align.reward_model import RewardModel, mark_reward_checkpoint
 from babyllama.data.tokenizer import train_tokenizer
 from babyllama.train.trainer import Trainer
+from tiny import tiny_config
 
 _SCRIPT = Path(__file__).resolve().parents[1] / "docs" / "make_report.py"
 _spec = importlib.util.spec_from_file_location("make_report", _SCRIPT)
@@ -31,7 +31,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def tiny_run(out: Path, runs: Path, stage: str, steps: int) -> None:
     """`steps` optimizer steps of a tiny model with the stages' loggers and a validation every 3 steps."""
     torch.manual_seed(0)
-    model = Llama(ModelConfig(vocab_size=50, dim=16, n_layers=1, n_heads=2, ffn_dim=32, max_seq_len=16))
+    model = Llama(tiny_config(50, dim=16, n_layers=1, n_heads=2, n_kv_heads=None, ffn_dim=32, max_seq_len=16))
     batches = [tuple(torch.randint(0, 50, (2, 2, 8)).unbind(0)) for _ in range(steps)]
     trainer = Trainer(model)
     trainer.compile(optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3))
@@ -105,7 +105,7 @@ def test_evaluate_flag_evaluates_every_trained_stage_then_draws(tmp_path):
     with pytest.warns(UserWarning):  # few characters per vocabulary entry: expected for a test tokenizer
         tok = train_tokenizer(texts, 300, out / "tokenizer")
     torch.manual_seed(0)
-    lm = Llama(ModelConfig(vocab_size=tok.vocab_size, dim=16, n_layers=1, n_heads=2, ffn_dim=32, max_seq_len=32))
+    lm = Llama(tiny_config(tok.vocab_size, dim=16, n_layers=1, n_heads=2, n_kv_heads=None, ffn_dim=32, max_seq_len=32))
     kind: dict = {}
     mark_reward_checkpoint(kind)
     weights = {"pretrain": lm.state_dict(), "reward": RewardModel.from_lm(lm).state_dict(), "dpo": lm.state_dict(),

@@ -4,13 +4,13 @@ import math
 import pytest
 import torch
 
-from babyllama.model.config import ModelConfig
 from babyllama.errors import UserError
 from babyllama.model.llama import Llama
 from babyllama.align.reward_model import RewardModel, bradley_terry_loss, load_reward_model, mark_reward_checkpoint
 from babyllama.train.trainer import Trainer
+from tiny import tiny_config
 
-CFG = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=32)
+CFG = tiny_config(64, max_seq_len=32)
 PAD = 3
 
 

@@ -16,7 +16,7 @@ import torch
 
 from babyllama.data.chat_template import render_prompt, stop_ids
 from babyllama.train.checkpoint import latest_checkpoint, load_model
-from babyllama.model.config import ModelConfig, preset
+from babyllama.model.config import preset
 from babyllama.train.distributed import DistEnv
 from babyllama.errors import UserError
 from babyllama.model.generate import Generator, SamplingConfig
@@ -24,6 +24,7 @@ from babyllama.model.llama import Llama
 from babyllama.align.ppo import PPOConfig
 from babyllama.align.reward_model import RewardModel, is_reward_checkpoint, load_reward_model, mark_reward_checkpoint
 from babyllama.train.trainer import Trainer
+from tiny import tiny_config
 from pref_fixtures import make_tokenizer, pair_records, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -164,7 +165,7 @@ def test_ppo_script_trains_logs_resumes_and_writes_a_chat_checkpoint(chain, tmp_
 
 def test_ppo_script_refuses_replies_longer_than_the_model():
     script = load_script("ppo")
-    cfg = ModelConfig(vocab_size=300, dim=32, n_layers=1, n_heads=4, ffn_dim=64, max_seq_len=64)
+    cfg = tiny_config(300, n_layers=1, n_kv_heads=None)
     reward = RewardModel(cfg)
     script.check_sizes(PPOConfig(max_prompt_len=40, max_new_tokens=24), cfg, reward)
     with pytest.raises(UserError, match="exceeds the model's max_seq_len 64"):

@@ -12,6 +12,7 @@ from babyllama.data.chat_template import IGNORE_INDEX, encode_chat
 from babyllama.errors import UserError
 from babyllama.data.sft import (BucketBatchSampler, SFTDataset, build_sft_loader, collate_sft, padding_fraction,
                                 read_conversations)
+from tiny import tiny_config
 from data.builders import (EN_FOLLOW_PLAY, EN_FOLLOW_WHO, EN_NEXT, ZH_AUTHOR, ZH_FOLLOW_AUTHOR, ZH_NEXT,
                            build_choice_items, poetry_dialogues, poetry_instructions, read_chatterbot, self_cognition,
                            shakespeare_dialogues, shakespeare_instructions, system_prompts)
@@ -264,13 +265,11 @@ def test_sampler_reproducible_resumable_and_sharded():
 
 
 def test_loader_batches_feed_the_model(tok):
-    from babyllama.model.config import ModelConfig
     from babyllama.model.llama import Llama
     ds = SFTDataset(conversations(8), tok, max_len=64)
     vocab = max(int(ds[i][0].max()) for i in range(len(ds))) + 1
     torch.manual_seed(0)
-    model = Llama(ModelConfig(vocab_size=vocab, dim=32, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=64,
-                              max_seq_len=64))
+    model = Llama(tiny_config(vocab, n_layers=1))
     x, y = next(iter(build_sft_loader(ds, 4)))
     assert torch.isfinite(model(x, y).loss)
 

@@ -16,7 +16,6 @@ from torch import nn
 from babyllama.data.chat_template import IM_END, encode_text, render_prompt
 from babyllama.train.checkpoint import load_model, save_checkpoint
 from babyllama.eval.choice import ChoiceAccuracy, choice_accuracy, choice_scores, load_choice_items
-from babyllama.model.config import ModelConfig
 from babyllama.errors import UserError
 from babyllama.model.llama import Llama, Output
 from babyllama.train.run_config import RunConfig, model_config_for
@@ -24,6 +23,7 @@ from babyllama.data.sft import SFTDataset, build_sft_loader
 from babyllama.train.stage import compile_from_run
 from babyllama.data.tokenizer import Tokenizer, train_tokenizer
 from babyllama.train.trainer import Callback, Trainer, causal_lm_loss
+from tiny import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}  # tiny models: threads only contend
@@ -124,7 +124,7 @@ def test_load_choice_items_names_line_and_field(tmp_path):
 
 
 def test_strict_load_refuses_extra_weights(tmp_path):
-    cfg = ModelConfig(vocab_size=64, dim=32, n_layers=1, n_heads=4, ffn_dim=64, max_seq_len=16)
+    cfg = tiny_config(64, n_layers=1, n_kv_heads=None, max_seq_len=16)
     state = {"model": {**Llama(cfg).state_dict(), "value_head.weight": torch.zeros(1, 32)},
              "model_config": cfg.to_dict()}
     path = save_checkpoint(tmp_path, 1, state)
@@ -146,8 +146,7 @@ class Logs(Callback):
 def trained(tok, tmp_path_factory):
     """A dim-64 model fine-tuned on the animal task with the SFT stage's own pieces; its checkpoint on disk."""
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=tok.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128,
-                      max_seq_len=128, tie_embeddings=True)
+    cfg = tiny_config(tok.vocab_size, dim=64, ffn_dim=128, max_seq_len=128, tie_embeddings=True)
     data = SFTDataset(conversations(), tok, max_len=cfg.max_seq_len + 1)
     run = RunConfig(lr=3e-3, warmup_steps=5, max_steps=200, weight_decay=0.0, mixed_precision="fp32",
                     torch_compile="off")
@@ -311,7 +310,7 @@ def test_validation_batches_refuse_fewer_batches_than_ranks(tok, tmp_path):
 
 def test_sft_cli_refuses_checkpoint_of_another_config(workspace, tok, tok_dir, tmp_path):
     root, data_flags = workspace
-    other = ModelConfig(vocab_size=tok.vocab_size, dim=64, n_layers=2, n_heads=4, ffn_dim=128, max_seq_len=64)
+    other = tiny_config(tok.vocab_size, dim=64, n_kv_heads=None, ffn_dim=128)
     ckpt = save_checkpoint(tmp_path, 7, {"model": Llama(other).state_dict(), "model_config": other.to_dict()})
     out = sft_cli(root, *data_flags, "--init", str(ckpt), "--tokenizer", str(tok_dir), "--out", str(tmp_path))
     assert out.returncode == 2

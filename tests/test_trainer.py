@@ -16,9 +16,10 @@ from babyllama.errors import UserError
 from babyllama.model.llama import Llama
 from babyllama.train.optim import build_adamw, warmup_cosine
 from babyllama.train.trainer import Trainer
+from tiny import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
-CFG = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=16)
+CFG = tiny_config(64, max_seq_len=16)
 
 
 def pattern_data(n: int, seed: int = 0) -> TensorDataset:
