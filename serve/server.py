@@ -85,7 +85,7 @@ def main() -> None:
         print(f"warning: listening on {args.host} without an API key: anyone who can reach it can use it "
               "(set --api-key or BABYLLAMA_API_KEY)", file=sys.stderr)
     settings = Settings(api_key=api_key, max_tokens=args.max_tokens, max_body_bytes=args.max_body_bytes,
-                        cors_origins=args.cors_origin, loopback_only=loopback)
+                        cors_origins=args.cors_origin, loopback_only=loopback, default_model=args.stage)
     app = create_app(registry, Batcher(args.max_batch, args.max_waiting), settings)
     shown = f"[{args.host}]" if ":" in args.host else args.host
     print(f"serving {', '.join(registry.available())} of {paths.out} at http://{shown}:{args.port}/ "

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -22,17 +23,20 @@ from test_chat import make_tokenizer
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def tiny_run(out: Path, context: int = 64, ending: bool = True) -> Path:
-    """out/baby/{tokenizer,pretrain,sft[,dpo]}: random tiny models (seeded) on a trained 512-token tokenizer.
+def tiny_run(out: Path, context: int = 512, ending: bool = True) -> Path:
+    """out/baby/{tokenizer,pretrain,sft[,dpo]}: random tiny models (seeded, untied head) on a trained 512-token
+    tokenizer.
 
     With `ending`, the dpo stage is a model that always answers `<|im_end|>` at once (every token's hidden state
     gets a large constant component that only that row of the head reads), for the model-ended replies."""
     run = out / "baby"
-    tok = make_tokenizer(run / "tokenizer")
+    with warnings.catch_warnings():  # "little text for the vocabulary": enough for these tests
+        warnings.simplefilter("ignore")
+        tok = make_tokenizer(run / "tokenizer")
     for seed, stage in enumerate(("pretrain", "sft", "dpo") if ending else ("pretrain", "sft")):
         torch.manual_seed(seed)
-        tied = stage != "dpo"  # the tiny preset ties the head to the embedding; the ending model needs its own
-        model = Llama(preset("tiny", vocab_size=tok.vocab_size, max_seq_len=context, tie_embeddings=tied))
+        # untied: a tied random model's greedy reply repeats its last prompt token ("\n" of the header) forever
+        model = Llama(preset("tiny", vocab_size=tok.vocab_size, max_seq_len=context, tie_embeddings=False))
         if stage == "dpo":
             with torch.no_grad():
                 model.model.embed_tokens.weight[:, 0] = 100.0

@@ -42,6 +42,9 @@ from babyllama.serve.protocol import (ApiError, ChatRequest, CompletionRequest, 
 
 STATIC = Path(__file__).resolve().parent / "static"
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+# The browser itself refuses anything the page would load or send elsewhere, and inline scripts.
+PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
+                "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
 DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
 
 
@@ -52,6 +55,7 @@ class Settings:
     max_body_bytes: int = 1 << 20
     cors_origins: list[str] = field(default_factory=list)
     loopback_only: bool = True  # refuse Host headers that do not name this machine
+    default_model: str = "sft"  # the stage the chat page picks first
 
 
 def create_app(registry: ModelRegistry, batcher: Batcher, settings: Settings) -> FastAPI:
@@ -71,7 +75,8 @@ def create_app(registry: ModelRegistry, batcher: Batcher, settings: Settings) ->
 
     @api.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "loaded": handler.loaded(), **batcher.load()}
+        return {"status": "ok", "default_model": settings.default_model, "loaded": handler.loaded(),
+                **batcher.load()}
 
     @api.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -98,7 +103,7 @@ def create_app(registry: ModelRegistry, batcher: Batcher, settings: Settings) ->
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
-        return FileResponse(STATIC / "index.html")
+        return FileResponse(STATIC / "index.html", headers=PAGE_HEADERS)
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app

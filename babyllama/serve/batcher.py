@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import traceback
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -31,7 +32,7 @@ Event = tuple
 
 
 class Busy(Exception):
-    """Every decoding row is taken and the waiting line is full."""
+    """Every row is taken and `max_waiting` requests already wait for one."""
 
 
 @dataclass
@@ -154,11 +155,21 @@ class Batcher:
         with self._cond:
             if self._closed:
                 raise Busy("the server is shutting down")
-            if len(self._waiting) >= self.max_waiting:
+            queued = self._live_rows + sum(j.params.n for j in self._waiting)
+            if queued + job.params.n > self.max_rows and self._beyond_rows() >= self.max_waiting:
                 raise Busy(f"{self._live_rows} rows are being decoded and {len(self._waiting)} requests wait (the "
                            f"server's limits: --max-batch {self.max_rows}, --max-waiting {self.max_waiting})")
             self._waiting.append(job)
             self._cond.notify()
+
+    def _beyond_rows(self) -> int:
+        """Waiting jobs that will not get a row when the worker next admits: those count against max_waiting (a
+        burst that fits in free rows is not refused just because the worker has not taken it yet)."""
+        used, beyond = self._live_rows, 0
+        for job in self._waiting:
+            used += job.params.n
+            beyond += used > self.max_rows
+        return beyond
 
     def load(self) -> dict[str, int]:
         """Rows being decoded and requests waiting, with the counters."""
@@ -192,6 +203,7 @@ class Batcher:
                 try:
                     rows = self._decode(served, rows)
                 except Exception as e:  # noqa: BLE001 (a failing batch must not stop the server)
+                    traceback.print_exc()  # the operator's log; the clients get one line
                     for job in {r.job for r in rows}:
                         job.emit(("error", f"decoding failed: {type(e).__name__}: {e}"))
                     self._retire(rows)
