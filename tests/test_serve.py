@@ -16,7 +16,6 @@ import time
 import httpx
 import openai
 import pytest
-import torch
 from openai import OpenAI
 
 from babyllama.chat import render_prompt
