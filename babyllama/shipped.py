@@ -8,6 +8,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # the script of each training stage, as a user runs it from the repository root
 STAGE_SCRIPTS = {"pretrain": "pretrain/pretrain.py", "sft": "sft/sft.py", "reward": "reward/reward.py",
                  "dpo": "rlhf/dpo.py", "ppo": "rlhf/ppo.py"}
+SERVE_SCRIPT = REPO_ROOT / "serve" / "server.py"
 
 CORPUS = REPO_ROOT / "data" / "corpus"
 TRAIN_CORPUS = [CORPUS / "poetry_zh_train.jsonl", CORPUS / "shakespeare_en_train.jsonl"]

@@ -10,7 +10,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from babyllama.eval import compare
 from babyllama.train.checkpoint import load_checkpoint
 from babyllama.errors import UserError
 from babyllama.files import LOCK_FILE
+from babyllama.serve.process import free_port
 from babyllama.shipped import PUBLISHED
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -438,12 +438,6 @@ def test_model_flag_reads_a_bert4torch_directory_and_refuses_bad_json(tmp_path):
 
 
 # ======================================================================= DDP
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_process_group(cmd: list[str], timeout: float, nodes: int = 1) -> tuple[int, str]:
     """(exit code, stderr) of `cmd` in its own session (`nodes` copies of it at once, `{node}` in it replaced by
     each one's rank); on timeout the whole group is killed, so that a hung rank does not outlive the test (killing

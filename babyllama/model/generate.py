@@ -19,6 +19,9 @@ from babyllama.errors import UserError
 from babyllama.model.llama import Llama
 
 
+Sampler = Callable[[Tensor], Tensor]  # (B, V) logits -> (B,) next tokens
+
+
 @dataclass
 class SamplingConfig:
     max_new_tokens: int = 256
@@ -138,7 +141,8 @@ class Generator:
         return ids, pad_mask, pad_len, cache_len
 
     def _decode(self, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, stop_ids: Sequence[int],
-                generator: torch.Generator | None) -> Iterator[tuple[Tensor, "_HostCopy"]]:
+                generator: torch.Generator | None,
+                sample: Sampler | None = None) -> Iterator[tuple[Tensor, "_HostCopy"]]:
         """Yield (next tokens on the device, their host copy) step by step; see `generate_batch`.
 
         The decode step for token t+1 is queued before the host waits for token t (through a host copy queued
@@ -158,7 +162,8 @@ class Generator:
         end = min(T + cfg.max_new_tokens, cache_len + 1)  # token t is written to cache slot t, if it is fed back
         for pos in range(T, end):
             logits = apply_repetition_penalty(logits.float(), seen, cfg.repetition_penalty)
-            nxt = torch.where(done, stops[0].clamp(min=0), sample_next(logits, cfg, generator))
+            picked = sample(logits) if sample is not None else sample_next(logits, cfg, generator)
+            nxt = torch.where(done, stops[0].clamp(min=0), picked)
             done |= torch.isin(nxt, stops)
             seen.scatter_(1, nxt[:, None], True)
             host = _HostCopy(torch.cat([nxt, done.all()[None].long()]))
@@ -171,10 +176,12 @@ class Generator:
 
     @torch.inference_mode()
     def generate_batch(self, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, stop_ids: Sequence[int] = (),
-                       generator: torch.Generator | None = None) -> Iterator[Tensor]:
+                       generator: torch.Generator | None = None, sample: Sampler | None = None) -> Iterator[Tensor]:
         """Yield the next token of every row (a device tensor), step by step, until all rows stopped or the budget
-        is spent. Rows that already stopped keep yielding their stop token; callers cut at the first stop id."""
-        for nxt, _ in self._decode(prompts, cfg, stop_ids, generator):
+        is spent. Rows that already stopped keep yielding their stop token; callers cut at the first stop id.
+        `sample` replaces `sample_next(logits, cfg, generator)` (e.g. per-row settings and seeds, as the server's
+        batches need); a row it gives a stop id is done."""
+        for nxt, _ in self._decode(prompts, cfg, stop_ids, generator, sample):
             yield nxt
 
     @torch.inference_mode()
