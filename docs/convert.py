@@ -6,6 +6,7 @@
     python docs/convert.py import-hf hf_dir --out imported/
     python docs/convert.py import-hf smollm2_dir --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf --out imported/
     python docs/convert.py export-bert4torch --name baby --stage pretrain --out b4t_dir
+    python docs/convert.py export-gguf --name baby --stage sft --out baby-sft.gguf --dtype q8_0
     python docs/convert.py import-bert4torch b4t_dir --out imported/
 
 Exports take the newest checkpoint of out/<name>/<stage> (or --checkpoint) and the run's tokenizer
@@ -20,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from babyllama import convert  # noqa: E402
+from babyllama import convert, gguf_export  # noqa: E402
 from babyllama.cli import main_guard  # noqa: E402
 
 
@@ -47,6 +48,13 @@ def parser() -> argparse.ArgumentParser:
     hf_out.add_argument("--tokenizer", help="tokenizer dir/file (default <root>/<name>/tokenizer)")
     b4t_out = sub.add_parser("export-bert4torch", help="checkpoint -> bert4torch_config.json + bert4torch_model.pt")
     add_source_flags(b4t_out)
+    gguf_out = sub.add_parser("export-gguf", help="checkpoint -> one GGUF file for llama.cpp/ollama (+ Modelfile)")
+    add_source_flags(gguf_out)
+    gguf_out.add_argument("--tokenizer", help="tokenizer dir/file (default <root>/<name>/tokenizer)")
+    gguf_out.add_argument("--dtype", choices=list(gguf_export.DTYPES), default="f32",
+                          help="weight type: f32 (exact), f16, q8_0 (8-bit, about 1/4 of f32)")
+    gguf_out.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    gguf_out.add_argument("--out", required=True, help="the .gguf file to write (<stem>.Modelfile goes beside it)")
     hf_in = sub.add_parser("import-hf", help="HF LLaMA directory (or GGUF file in it) -> babyllama checkpoint")
     hf_in.add_argument("src", help="directory written by save_pretrained (or holding --gguf-file)")
     hf_in.add_argument("--gguf-file", help="GGUF file name inside src (needs pip install -r requirements-gguf.txt)")
@@ -62,6 +70,9 @@ def main() -> None:
     args = parser().parse_args()
     if args.command == "export-hf":
         done = convert.export_hf(run_checkpoint(args), run_tokenizer(args), args.out)
+    elif args.command == "export-gguf":
+        done = gguf_export.export_gguf(run_checkpoint(args), run_tokenizer(args), args.out, args.dtype,
+                                       args.overwrite, name=f"{args.name}-{args.stage}" if not args.checkpoint else None)
     elif args.command == "export-bert4torch":
         done = convert.export_bert4torch(run_checkpoint(args), args.out)
     elif args.command == "import-hf":
