@@ -79,7 +79,7 @@ def export_gguf(checkpoint: str | Path, tokenizer: str | Path, out: str | Path, 
     model = load_model(checkpoint, tokenizer=tok)  # refuses a checkpoint trained with another tokenizer
     cfg, weights = unpadded(model)
     writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
-    _add_model_metadata(writer, cfg, name or out.stem, DTYPES[dtype][0])
+    add_llama_metadata(writer, cfg, name or out.stem, DTYPES[dtype][0])
     _add_vocab(writer, tok, proto)
     _add_tensors(writer, cfg, weights, DTYPES[dtype][1])
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -121,7 +121,8 @@ def sentencepiece_proto(tok: Tokenizer) -> sp_pb2.ModelProto:
     return proto
 
 
-def _add_model_metadata(w: gguf.GGUFWriter, cfg: ModelConfig, name: str, file_type: gguf.LlamaFileType) -> None:
+def add_llama_metadata(w: gguf.GGUFWriter, cfg: ModelConfig, name: str, file_type: gguf.LlamaFileType) -> None:
+    """The `general.*` and `llama.*` keys llama.cpp builds the model from (sizes, context, RoPE, norm eps)."""
     w.add_name(name)
     w.add_type(gguf.GGUFType.MODEL)
     w.add_file_type(file_type)

@@ -165,18 +165,10 @@ def write_llama_gguf(hf, path: Path) -> None:
 
     cfg = hf.config
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
+    from babyllama.gguf_export import add_llama_metadata  # the llama.* keys, as checked by llama.cpp itself
+
     w = gguf.GGUFWriter(str(path), "llama")
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
-    w.add_rope_freq_base(ROPE_THETA)
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_vocab_size(cfg.vocab_size)
-    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    add_llama_metadata(w, convert.hf_model_config(cfg.to_dict(), "random"), "tiny", gguf.LlamaFileType.ALL_F32)
     w.add_tokenizer_model("gpt2")
     w.add_token_list(GGUF_TOKENS)
     w.add_token_merges(GGUF_MERGES)

@@ -14,7 +14,8 @@ import torch
 
 from babyllama.chat import render_prompt, stop_ids
 from babyllama.chat_cli import ChatSession
-from babyllama.checkpoint import atomic_save
+from babyllama import convert
+from babyllama.checkpoint import atomic_save, load_model
 from babyllama.errors import UserError
 from babyllama.generation import Generator, SamplingConfig
 from babyllama.gguf_export import export_gguf, modelfile_path, to_interleaved_rope
@@ -131,6 +132,20 @@ def test_file_metadata_vocab_and_modelfile(exported):
     modelfile = modelfile_path(files[True, "q8_0"]).read_text(encoding="utf-8")
     assert modelfile.startswith(f"FROM ./{files[True, 'q8_0'].name}\n")
     assert 'PARAMETER stop "<|im_end|>"' in modelfile and "PARAMETER num_ctx 64" in modelfile
+
+
+def test_transformers_reads_the_export_back_to_the_same_model(tmp_path, exported):
+    """A second, independent reader of the weights: transformers' GGUF loader undoes llama.cpp's q/k permutation
+    and gives back our logits. (Its tokenizer is not compared: transformers 5 ignores the file's add_space_prefix
+    = false and prepends "▁" to every text; llama.cpp, the consumer, honours it, see the tokenization test.)"""
+    require("accelerate", "requirements-gguf.txt")
+    files, models, tok = exported
+    for tie in (True, False):
+        path = files[tie, "f32"]
+        convert.import_hf(path.parent, tmp_path / f"back{tie}", gguf_file=path.name)
+        back = load_model(tmp_path / f"back{tie}")
+        ids = tok.encode(TOKENIZER_TEXTS[2], bos=True)
+        assert np.abs(our_logits(back, ids) - our_logits(models[tie], ids)).max() <= 1e-4
 
 
 # ======================================================================= checked by llama.cpp
