@@ -7,10 +7,13 @@ For each export (f32, f16, q8_0) and each prompt (raw text for any stage, chat p
 model's context, end tokens not honoured), and at that point our top-2 logit margin (small = a near-tie that any
 rounding flips). Then `loss`/`bpb` on the first --docs held-out documents per language, scored exactly as
 `babyllama.evaluate` does (`</s>` + text, windows of the context), from llama.cpp's logits and from ours.
+Chat stages: `same_reply` compares llama-cpp-python's `create_chat_completion` (the file's own template, greedy,
+stops at <|im_end|>) with our chat session's greedy reply (`sft/infer.py --temperature 0`) to each question.
 """
 from __future__ import annotations
 
 import argparse
+import io
 import math
 import sys
 import tempfile
@@ -22,6 +25,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from babyllama.chat import render_prompt  # noqa: E402
+from babyllama.chat_cli import ChatSession  # noqa: E402
+from babyllama.generation import SamplingConfig  # noqa: E402
 from babyllama.corpus import iter_records  # noqa: E402
 from babyllama.evaluate import HELDOUT, document_ids, token_logprobs, windows  # noqa: E402
 from gguf_decode import export_all, llama_cpp_greedy, llama_cpp_model, load_run, our_greedy, source_flags  # noqa: E402
@@ -88,6 +93,14 @@ def main() -> None:
                       "our_margin_there": margin_at(model, p + ours[name][:k]) if k < len(ours[name]) else None},
                      args.out)
             lm_row(f"llama.cpp-{dtype}", llama_cpp_logprobs(llm, rows))
+            for question in CHATS if args.stage != "pretrain" else []:
+                ours_reply = ChatSession(model, tok, SamplingConfig(max_new_tokens=context, temperature=0)).reply(
+                    question, io.StringIO())
+                done = llm.create_chat_completion([{"role": "user", "content": question}], temperature=0.0,
+                                                  max_tokens=context)
+                theirs_reply = done["choices"][0]["message"]["content"]
+                emit({"stage": args.stage, "system": f"llama.cpp-{dtype}", "kind": "chat", "prompt": question,
+                      "same_reply": theirs_reply == ours_reply, "reply": theirs_reply}, args.out)
 
 
 if __name__ == "__main__":

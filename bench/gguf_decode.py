@@ -4,14 +4,21 @@ compiled, same checkpoint, same prompt, same number of greedy tokens, same threa
     python bench/gguf_decode.py --root out --name baby --stage sft --out bench/results/<date>_cpu_gguf_decode.jsonl
 
 Each call generates --new-tokens greedy tokens after the prompt (prompt processing included, end tokens not
-honoured, so every system does the same work); tokens/s = new tokens / seconds per call, mean of --repeats calls
-after one untimed call (compilation, llama.cpp's first allocation). `same_tokens_as_eager`: share of the generated
+honoured, so every system does the same work). After one untimed call each (compilation, llama.cpp's first
+allocation: `first_call_s`), the systems take turns for --repeats rounds, so that load from other processes falls
+on all of them alike; tokens/s = new tokens / the median seconds of a call. Both torch and llama.cpp use OpenMP,
+and a decode step is hundreds of tiny parallel regions, so how idle OpenMP threads wait decides the numbers more
+than anything else: the script sets OMP_WAIT_POLICY=ACTIVE (spin, unless set otherwise), the fastest and the
+steadiest setting for both sides on the 2-core dev machine (PASSIVE: threads sleep between regions, llama.cpp
+3-14x slower and noisy; unset: one runtime's spinning threads starved the other's, ours 10x slower). `same_tokens_as_eager`: share of the generated
 tokens equal to our eager path's. llama.cpp runs through llama-cpp-python (`pip install -r requirements-gguf.txt`)
 with its default context settings (f16 KV cache), as a user of the file gets it.
 """
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
 import sys
 import tempfile
 import time
@@ -19,6 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")  # read when an OpenMP runtime loads: before torch and llama_cpp
 
 import torch  # noqa: E402
 
@@ -74,14 +82,10 @@ def our_greedy(model: Llama, prompt: list[int], n: int, compile: bool = False) -
     return lambda: gen.generate([prompt], greedy)[0]
 
 
-def timed(fn: Callable[[], list[int]], repeats: int) -> tuple[list[int], float, float]:
-    """(output, seconds per call, seconds of the first call)."""
+def seconds(fn: Callable[[], list[int]]) -> tuple[list[int], float]:
     t0 = time.perf_counter()
-    fn()
-    t1 = time.perf_counter()
-    for _ in range(repeats):
-        out = fn()
-    return out, (time.perf_counter() - t1) / repeats, t1 - t0
+    out = fn()
+    return out, time.perf_counter() - t0
 
 
 def main() -> None:
@@ -104,15 +108,21 @@ def main() -> None:
         for dtype, path in files.items():
             llm = llama_cpp_model(path, context, args.threads)
             systems[f"llama.cpp-{dtype}"] = lambda llm=llm: llama_cpp_greedy(llm, prompt, args.new_tokens)
-        reference = None
-        for system, fn in systems.items():
-            tokens, seconds, first = timed(fn, args.repeats)
-            reference = reference or tokens
-            same = sum(a == b for a, b in zip(tokens, reference)) / args.new_tokens
-            emit({"system": system, "stage": args.stage, "batch": 1, "threads": args.threads,
-                  "prompt_tokens": len(prompt), "new_tokens": args.new_tokens,
-                  "tokens_per_s": round(args.new_tokens / seconds, 1), "same_tokens_as_eager": round(same, 4),
-                  "first_call_s": round(first, 2)}, args.out)
+        first = {system: seconds(fn)[1] for system, fn in systems.items()}
+        runs: dict[str, list[float]] = {system: [] for system in systems}
+        tokens: dict[str, list[int]] = {}
+        for _ in range(args.repeats):
+            for system, fn in systems.items():
+                tokens[system], took = seconds(fn)
+                runs[system].append(took)
+    reference = tokens["babyllama-eager"]
+    for system, took in runs.items():
+        same = sum(a == b for a, b in zip(tokens[system], reference)) / args.new_tokens
+        emit({"system": system, "stage": args.stage, "batch": 1, "threads": args.threads,
+              "prompt_tokens": len(prompt), "new_tokens": args.new_tokens,
+              "tokens_per_s": round(args.new_tokens / statistics.median(took), 1),
+              "same_tokens_as_eager": round(same, 4), "first_call_s": round(first[system], 2),
+              "omp_wait_policy": os.environ["OMP_WAIT_POLICY"]}, args.out)
 
 
 if __name__ == "__main__":
