@@ -16,13 +16,17 @@ and config, no optimizer state) and, when the source has one, the tokenizer to <
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from babyllama import convert, gguf_export  # noqa: E402
+from babyllama import convert  # noqa: E402
 from babyllama.cli import main_guard  # noqa: E402
+from babyllama.errors import UserError  # noqa: E402
+
+GGUF_DTYPES = ("f32", "f16", "q8_0")  # babyllama.gguf_export.DTYPES; that module needs the optional `gguf` package
 
 
 def run_checkpoint(args: argparse.Namespace) -> Path:
@@ -51,7 +55,7 @@ def parser() -> argparse.ArgumentParser:
     gguf_out = sub.add_parser("export-gguf", help="checkpoint -> one GGUF file for llama.cpp/ollama (+ Modelfile)")
     add_source_flags(gguf_out)
     gguf_out.add_argument("--tokenizer", help="tokenizer dir/file (default <root>/<name>/tokenizer)")
-    gguf_out.add_argument("--dtype", choices=list(gguf_export.DTYPES), default="f32",
+    gguf_out.add_argument("--dtype", choices=GGUF_DTYPES, default="f32",
                           help="weight type: f32 (exact), f16, q8_0 (8-bit, about 1/4 of f32)")
     gguf_out.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     gguf_out.add_argument("--out", required=True, help="the .gguf file to write (<stem>.Modelfile goes beside it)")
@@ -71,6 +75,11 @@ def main() -> None:
     if args.command == "export-hf":
         done = convert.export_hf(run_checkpoint(args), run_tokenizer(args), args.out)
     elif args.command == "export-gguf":
+        if importlib.util.find_spec("gguf") is None:
+            raise UserError("export-gguf needs the gguf package (llama.cpp's gguf-py): pip install -r "
+                            "requirements-gguf.txt")
+        from babyllama import gguf_export
+
         done = gguf_export.export_gguf(run_checkpoint(args), run_tokenizer(args), args.out, args.dtype,
                                        args.overwrite, name=f"{args.name}-{args.stage}" if not args.checkpoint else None)
     elif args.command == "export-bert4torch":
