@@ -6,6 +6,7 @@
     python docs/convert.py import-hf hf_dir --out imported/
     python docs/convert.py import-hf smollm2_dir --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf --out imported/
     python docs/convert.py export-bert4torch --name baby --stage pretrain --out b4t_dir
+    python docs/convert.py export-gguf --name baby --stage sft --out baby-sft.gguf --dtype q8_0
     python docs/convert.py import-bert4torch b4t_dir --out imported/
 
 Exports take the newest checkpoint of out/<name>/<stage> (or --checkpoint) and the run's tokenizer
@@ -15,11 +16,15 @@ and config, no optimizer state) and, when the source has one, the tokenizer to <
 from __future__ import annotations
 
 import argparse
+import importlib.util
 from pathlib import Path
 
 from babyllama.cli import add_flag, main_guard
 from babyllama.convert.bert4torch import export_bert4torch, import_bert4torch
 from babyllama.convert.hf import export_hf, import_hf
+from babyllama.errors import UserError
+
+GGUF_DTYPES = ("f32", "f16", "q8_0")  # babyllama.convert.gguf.DTYPES; that module needs the optional `gguf` package
 
 
 def run_checkpoint(args: argparse.Namespace) -> Path:
@@ -45,6 +50,13 @@ def parser() -> argparse.ArgumentParser:
     hf_out.add_argument("--tokenizer", help="tokenizer dir/file (default <root>/<name>/tokenizer)")
     b4t_out = sub.add_parser("export-bert4torch", help="checkpoint -> bert4torch_config.json + bert4torch_model.pt")
     add_source_flags(b4t_out)
+    gguf_out = sub.add_parser("export-gguf", help="checkpoint -> one GGUF file for llama.cpp/ollama (+ Modelfile)")
+    add_source_flags(gguf_out)
+    gguf_out.add_argument("--tokenizer", help="tokenizer dir/file (default <root>/<name>/tokenizer)")
+    gguf_out.add_argument("--dtype", choices=GGUF_DTYPES, default="f32",
+                          help="weight type: f32 (exact), f16, q8_0 (8-bit, about 1/4 of f32)")
+    gguf_out.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    gguf_out.add_argument("--out", required=True, help="the .gguf file to write (<stem>.Modelfile goes beside it)")
     hf_in = sub.add_parser("import-hf", help="HF LLaMA directory (or GGUF file in it) -> babyllama checkpoint")
     hf_in.add_argument("src", help="directory written by save_pretrained (or holding --gguf-file)")
     hf_in.add_argument("--gguf-file", help="GGUF file name inside src (needs pip install -r requirements-gguf.txt)")
@@ -60,6 +72,14 @@ def main() -> None:
     args = parser().parse_args()
     if args.command == "export-hf":
         done = export_hf(run_checkpoint(args), run_tokenizer(args), args.out)
+    elif args.command == "export-gguf":
+        if importlib.util.find_spec("gguf") is None:
+            raise UserError("export-gguf needs the gguf package (llama.cpp's gguf-py): pip install -r "
+                            "requirements-gguf.txt")
+        from babyllama.convert.gguf import export_gguf
+
+        done = export_gguf(run_checkpoint(args), run_tokenizer(args), args.out, args.dtype, args.overwrite,
+                           name=f"{args.name}-{args.stage}" if not args.ckpt else None)
     elif args.command == "export-bert4torch":
         done = export_bert4torch(run_checkpoint(args), args.out)
     elif args.command == "import-hf":

@@ -24,6 +24,7 @@ from babyllama.errors import UserError
 from babyllama.model.generate import Generator, SamplingConfig
 from babyllama.model.llama import Llama
 from babyllama.data.tokenizer import Tokenizer, train_tokenizer
+from tiny import tiny_config
 
 transformers = pytest.importorskip("transformers")
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,9 +50,11 @@ def tok_dir(tmp_path_factory):
     return out
 
 
-def tiny_config(vocab_size: int, tie: bool) -> ModelConfig:
-    # init_std 0.1: logits far apart, so greedy argmax is not decided by fp32 rounding
-    return tiny_config(vocab_size, dim=64, ffn_dim=160, rope_theta=50000.0, norm_eps=1e-6, tie_embeddings=tie, init_std=0.1)
+def convert_config(vocab_size: int, tie: bool) -> ModelConfig:
+    """The tiny config with the fields a converter maps set away from their defaults (rope theta, norm eps).
+    init_std 0.1: logits far apart, so greedy argmax is not decided by fp32 rounding."""
+    return tiny_config(vocab_size, dim=64, ffn_dim=160, rope_theta=50000.0, norm_eps=1e-6, tie_embeddings=tie,
+                       init_std=0.1)
 
 
 def save_stage_checkpoint(model: Llama, path: Path, prefix: str = "", extra: dict | None = None) -> Path:
@@ -73,7 +76,7 @@ def sample_ids(vocab: int, seed: int = 0) -> torch.Tensor:
 @pytest.mark.parametrize("tie,prefix", [(True, ""), (False, "policy.")])
 def test_hf_export_loads_offline_with_same_logits_and_greedy_tokens(tmp_path, tok_dir, tie, prefix):
     torch.manual_seed(0)
-    ours = Llama(tiny_config(400, tie)).eval()
+    ours = Llama(convert_config(400, tie)).eval()
     ckpt = save_stage_checkpoint(ours, tmp_path / "stage" / "step_00000007.pt", prefix)
     out = export_hf(ckpt.parent, tok_dir, tmp_path / "hf")
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
@@ -93,7 +96,7 @@ def test_hf_export_loads_offline_with_same_logits_and_greedy_tokens(tmp_path, to
 
 def test_hf_tokenizer_matches_ours_and_renders_the_chat_template(tmp_path, tok_dir):
     torch.manual_seed(0)
-    ckpt = save_stage_checkpoint(Llama(tiny_config(400, True)), tmp_path / "step_00000001.pt")
+    ckpt = save_stage_checkpoint(Llama(convert_config(400, True)), tmp_path / "step_00000001.pt")
     out = export_hf(ckpt, tok_dir, tmp_path / "hf")
     hf_tok = transformers.AutoTokenizer.from_pretrained(out, local_files_only=True)
     ours = Tokenizer.load(tok_dir)
@@ -108,7 +111,7 @@ def test_hf_tokenizer_matches_ours_and_renders_the_chat_template(tmp_path, tok_d
 
 def test_reward_checkpoint_exports_its_language_model(tmp_path, tok_dir):
     torch.manual_seed(0)
-    lm = Llama(tiny_config(400, True)).eval()
+    lm = Llama(convert_config(400, True)).eval()
     ckpt = save_stage_checkpoint(lm, tmp_path / "step_00000001.pt", extra={"score.weight": torch.randn(1, 64)})
     out = export_hf(ckpt, tok_dir, tmp_path / "hf")
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
@@ -165,18 +168,10 @@ def write_llama_gguf(hf, path: Path) -> None:
 
     cfg = hf.config
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
+    from babyllama.convert.gguf import add_llama_metadata  # the llama.* keys, as checked by llama.cpp itself
+
     w = gguf.GGUFWriter(str(path), "llama")
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
-    w.add_rope_freq_base(ROPE_THETA)
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_vocab_size(cfg.vocab_size)
-    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    add_llama_metadata(w, hf_model_config(cfg.to_dict(), "random"), "tiny", gguf.LlamaFileType.ALL_F32)
     w.add_tokenizer_model("gpt2")
     w.add_token_list(GGUF_TOKENS)
     w.add_token_merges(GGUF_MERGES)
@@ -227,7 +222,7 @@ def test_import_gguf_without_its_packages_says_what_to_install(tmp_path, monkeyp
 
 def test_import_hf_brings_the_tokenizer_and_round_trips_export(tmp_path, tok_dir):
     torch.manual_seed(0)
-    src = Llama(tiny_config(400, False)).eval()
+    src = Llama(convert_config(400, False)).eval()
     export_hf(save_stage_checkpoint(src, tmp_path / "a.pt"), tok_dir, tmp_path / "hf")
     path = import_hf(tmp_path / "hf", tmp_path / "imported")
     again = load_model(path)
@@ -268,11 +263,11 @@ def test_import_refuses_what_it_cannot_represent(tmp_path):
     (tmp_path / "gpt" / "config.json").write_text(json.dumps(gpt2))
     with pytest.raises(UserError, match="not a LLaMA"):
         import_hf(tmp_path / "gpt", tmp_path / "out")
-    scaled = {**tiny_config(300, True).to_hf(), "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}
+    scaled = {**convert_config(300, True).to_hf(), "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}
     with pytest.raises(UserError, match="rope_type"):
         hf_model_config(scaled, "config.json")
     torch.manual_seed(0)
-    export_bert4torch(save_stage_checkpoint(Llama(tiny_config(300, True)), tmp_path / "c.pt"), tmp_path / "b")
+    export_bert4torch(save_stage_checkpoint(Llama(convert_config(300, True)), tmp_path / "c.pt"), tmp_path / "b")
     (tmp_path / "b" / B4T_WEIGHTS).unlink()
     with pytest.raises(UserError, match="weights not found"):
         import_bert4torch(tmp_path / "b", tmp_path / "out")
@@ -280,7 +275,7 @@ def test_import_refuses_what_it_cannot_represent(tmp_path):
 
 def test_bert4torch_round_trip_is_exact(tmp_path):
     torch.manual_seed(0)
-    src = Llama(tiny_config(300, False)).eval()
+    src = Llama(convert_config(300, False)).eval()
     out = export_bert4torch(save_stage_checkpoint(src, tmp_path / "a.pt"), tmp_path / "b4t")
     config = json.loads((out / B4T_CONFIG).read_text())
     assert config["layer_norm_eps"] == 1e-6 and config["num_key_value_heads"] == 2
@@ -300,7 +295,7 @@ def test_bert4torch_loads_our_export_with_same_logits(tmp_path, bert4torch, tie,
     """padded: an embedding of 320 rows for a 300-token tokenizer (a seed-scale preset's padding) is exported as
     the tokenizer's 300 rows, which bert4torch builds and loads strictly."""
     torch.manual_seed(0)
-    cfg = tiny_config(320, tie).for_tokenizer(300) if padded else tiny_config(300, tie)
+    cfg = convert_config(320, tie).for_tokenizer(300) if padded else convert_config(300, tie)
     ours = Llama(cfg).eval()
     out = export_bert4torch(save_stage_checkpoint(ours, tmp_path / "a.pt"), tmp_path / "b4t")
     assert json.loads((out / B4T_CONFIG).read_text())["vocab_size"] == 300
@@ -312,7 +307,7 @@ def test_bert4torch_loads_our_export_with_same_logits(tmp_path, bert4torch, tie,
 
 def test_bert4torch_reads_the_hf_export_and_we_import_its_weights(tmp_path, bert4torch, tok_dir):
     torch.manual_seed(0)
-    ours = Llama(tiny_config(400, True)).eval()
+    ours = Llama(convert_config(400, True)).eval()
     hf_dir = export_hf(save_stage_checkpoint(ours, tmp_path / "a.pt"), tok_dir, tmp_path / "hf")
     theirs = bert4torch(config_path=str(hf_dir / B4T_CONFIG), checkpoint_path=str(hf_dir / HF_WEIGHTS))
     x = sample_ids(400)

@@ -291,6 +291,11 @@ class Tokenizer:
         """Special/control tokens, text -> id (never produced from text unless `allow_special=True`)."""
         return dict(self._special)
 
+    @property
+    def sentencepiece_model(self) -> bytes | None:
+        """The serialized SentencePiece model (what exports such as GGUF read), None for a Hugging Face tokenizer."""
+        return getattr(self._backend, "data", None)
+
     @functools.cached_property
     def fingerprint(self) -> str:
         """Hash of the id -> token table and the bos/eos/pad ids: what a model trained on these ids depends on.
