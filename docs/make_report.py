@@ -9,7 +9,8 @@ dpo, ppo) under <root>/<name>/, writing <root>/<name>/eval/<stage>.json (--max-d
 For every stage found under <runs>/<name>/ (TensorBoard event files) or <root>/<name>/<stage>/log.jsonl, writes
 <dest>/<stage>.png: loss and validation loss, learning rate, tokens/s, gradient norm, and for the reward model,
 DPO and PPO two more panels of what they log (pair accuracy and margin; implicit-reward accuracy and margin;
-reward-model score and KL to the reference). TensorBoard is read when present (it drops the steps a resumed run
+reward-model score and KL to the reference; for pretraining, validation bits per byte with PPMd's and xz's on the
+same held-out split as flat lines: `babyllama/compressor_baseline.py`). TensorBoard is read when present (it drops the steps a resumed run
 redid), else log.jsonl (the last value logged for a step wins). Then <dest>/README.md: a summary per stage, the
 plots, and the table of <root>/<name>/eval/<stage>.json.
 """
@@ -31,6 +32,7 @@ import torch  # noqa: E402
 from babyllama import evaluate as ev  # noqa: E402
 from babyllama.callbacks import Series, read_text_log  # noqa: E402
 from babyllama.checkpoint import latest_checkpoint  # noqa: E402
+from babyllama.compressor_baseline import describe  # noqa: E402
 from babyllama.cli import main_guard  # noqa: E402
 from babyllama.errors import UserError  # noqa: E402
 
@@ -40,6 +42,7 @@ PANELS = (("loss", ("loss", "val_loss")), ("learning rate", ("lr",)), ("tokens/s
           ("gradient norm", ("grad_norm",)))
 # what the preference stages log besides the loss (training and val_/eval_ values), one more row of panels
 STAGE_PANELS = {
+    "pretrain": (("validation bits per byte", ("val_bpb", "val_bpb_ppmd", "val_bpb_xz")),),  # compressors: flat
     "reward": (("pair accuracy", ("accuracy", "val_accuracy")), ("score margin", ("margin", "val_margin"))),
     "dpo": (("implicit reward accuracy", ("reward_accuracy", "val_reward_accuracy")),
             ("implicit reward margin", ("reward_margin", "val_reward_margin"))),
@@ -73,8 +76,10 @@ def find_stages(runs: Path, out: Path) -> list[str]:
 
 def plot_stage(stage: str, series: Series, path: Path) -> None:
     panels = PANELS + STAGE_PANELS.get(stage, ())
-    rows = len(panels) // 2
+    rows = (len(panels) + 1) // 2
     fig, axes = plt.subplots(rows, 2, figsize=(10, 3.25 * rows))
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
     for ax, (title, names) in zip(axes.flat, panels):
         drawn = [n for n in names if n in series]
         for n in drawn:
@@ -113,6 +118,9 @@ def eval_table(eval_dir: Path, stages: list[str]) -> list[str]:
     for m in metrics:
         cells = [results[s]["metrics"].get(m) for s in order]
         lines.append(f"| {m} | " + " | ".join("—" if v is None else _fmt(v) for v in cells) + " |")
+    baseline = next((results[s]["baseline"] for s in order if "sets" in results[s].get("baseline", {})), None)
+    if baseline:  # what the *_bpb_ppmd / *_bpb_xz / *_margin_* rows are
+        lines += ["", "`*_bpb_ppmd`, `*_bpb_xz`: " + describe(baseline)]
     return lines
 
 
@@ -127,7 +135,7 @@ def evaluate_stages(out: Path, device: str, max_docs: int | None, max_items: int
     if not stages:
         raise UserError(f"--evaluate: no stage checkpoints under {out}; train a stage first (or pass --root)")
     for stage in stages:
-        result = ev.evaluate(out / stage, out / "tokenizer", stage, device, max_docs, max_items)
+        result = ev.evaluate(out / stage, out / "tokenizer", stage, device, max_docs, max_items, run_dir=out)
         print(f"evaluated {stage}: wrote {ev.write_results(result, out / 'eval')[0]}")
 
 

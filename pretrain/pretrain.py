@@ -23,6 +23,7 @@ import torch  # noqa: E402
 from babyllama import callbacks as cb  # noqa: E402
 from babyllama.checkpoint import latest_checkpoint  # noqa: E402
 from babyllama.cli import main_guard  # noqa: E402
+from babyllama.compressor_baseline import CompressorReference, RunCorpus  # noqa: E402
 from babyllama.corpus import iter_corpus  # noqa: E402
 from babyllama.data import (TokenWindowDataset, build_pretrain_loader, check_corpus_matches,  # noqa: E402
                             check_tokenizer_matches, corpus_differences, corpus_record, prepare_token_bins)
@@ -134,8 +135,12 @@ def main() -> None:
               f"on {env.device}, {run.max_steps} steps of {run.batch_size * run.grad_accum * env.world_size} "
               f"x {cfg.max_seq_len} tokens")
     evaluator = cb.Evaluator(val_loader, every=run.eval_every, max_batches=run.eval_batches)
+    # val_bpb beside val_loss, and PPMd / xz on the same held-out split as flat lines once the run is done
+    reference = CompressorReference(RunCorpus.of_config(run, paths.data), paths.out, paths.tensorboard("pretrain"),
+                                    run.eval_every, run.max_steps)
     trainer.fit(train_loader, epochs=10**9, max_steps=run.max_steps,
-                callbacks=standard_callbacks(run, paths, "pretrain", [evaluator]))
+                callbacks=standard_callbacks(run, paths, "pretrain", [evaluator, reference]))
+    reference.write_lines(trainer)
     val = trainer.evaluate(val_loader, max_batches=run.eval_batches)  # on every rank: it all-reduces
     record_stage(args, run, paths, "pretrain", trainer, {"val_loss": val})
     if env.is_main:
