@@ -42,12 +42,13 @@ PANELS = (("loss", ("loss", "val_loss")), ("learning rate", ("lr",)), ("tokens/s
           ("gradient norm", ("grad_norm",)))
 # what the preference stages log besides the loss (training and val_/eval_ values), one more row of panels
 STAGE_PANELS = {
-    "pretrain": (("validation bits per byte", ("val_bpb", "val_bpb_ppmd", "val_bpb_xz")),),  # compressors: flat
     "reward": (("pair accuracy", ("accuracy", "val_accuracy")), ("score margin", ("margin", "val_margin"))),
     "dpo": (("implicit reward accuracy", ("reward_accuracy", "val_reward_accuracy")),
             ("implicit reward margin", ("reward_margin", "val_reward_margin"))),
     "ppo": (("reward-model score", ("score", "eval_score")), ("KL to reference", ("kl", "eval_kl"))),
 }
+# drawn when logged (pretraining since the compressor baseline): PPMd's and xz's are flat reference lines
+BPB_PANEL = ("validation bits per byte", ("val_bpb", "val_bpb_ppmd", "val_bpb_xz"))
 
 
 def read_tensorboard(log_dir: Path) -> Series:
@@ -75,7 +76,7 @@ def find_stages(runs: Path, out: Path) -> list[str]:
 
 
 def plot_stage(stage: str, series: Series, path: Path) -> None:
-    panels = PANELS + STAGE_PANELS.get(stage, ())
+    panels = PANELS + STAGE_PANELS.get(stage, ()) + ((BPB_PANEL,) if "val_bpb" in series else ())
     rows = (len(panels) + 1) // 2
     fig, axes = plt.subplots(rows, 2, figsize=(10, 3.25 * rows))
     for ax in axes.flat[len(panels):]:
