@@ -1,8 +1,8 @@
 """Classical-compressor baseline: what a bits-per-byte number is worth next to PPMd and xz given the same text.
 
-    python -m babyllama.compressor_baseline --name my                 # the run's own held-out split: model vs PPMd vs xz
-    python -m babyllama.compressor_baseline --name my --heldout my/test.jsonl   # held-out text of your choosing
-    python -m babyllama.evaluate --name baby --stage pretrain         # prints them beside each language's bpb too
+    python -m babyllama.compressor_baseline --name my          # model vs PPMd vs xz on the run's held-out split
+    python -m babyllama.compressor_baseline --name my --heldout my/test.jsonl      # on held-out text of yours
+    python -m babyllama.evaluate --name baby --stage pretrain  # beside each language's bpb too
 
 A compressor that has seen the training text is the honest reference for a small language model: its held-out
 bits per byte are (size of compress(train + held-out) - size of compress(train)) x 8 / held-out bytes.
@@ -10,8 +10,8 @@ bits per byte are (size of compress(train + held-out) - size of compress(train))
   put in the train split (reproduced from the corpus, `--seed` and `--val-fraction` of `pretrain/run.json`, and
   checked against the split's document counts in `data/meta.json`), joined with newlines.
 - `held-out` is the evaluated documents joined with newlines; the bytes divided by are the documents' UTF-8 bytes
-  only, exactly the bytes the model's `bpb` is over (so the compressor pays for the newlines between documents,
-  the model is not charged for document boundaries: a small handicap to the compressor).
+  only, exactly the bytes the model's `bpb` is over (the compressor also pays for the newlines between
+  documents, the model is not charged for document boundaries; measured negligible in docs/baseline.md).
 - PPMd: PyPI `pyppmd`, variant I (PPMd8, as in zip), order 8, 256 MiB of model memory. xz: Python's `lzma`,
   preset 9 | extreme (`xz -9e`, 64 MiB dictionary).
 
@@ -124,9 +124,13 @@ class RunCorpus:
             raise UserError(f"{run_dir / 'pretrain' / 'run.json'}: no record of the pretraining run (it writes one "
                             "when it finishes); the compressor baseline needs the run's --corpus")
         config = record["config"]
-        rc = cls([_find(p) for p in config["corpus"]], config.get("corpus_format", "auto"),
-                 config.get("corpus_field", "text"), int(config["seed"]), float(config["val_fraction"]),
-                 read_meta(run_dir / "data"))
+        try:
+            rc = cls([_find(str(p)) for p in config["corpus"]], config.get("corpus_format", "auto"),
+                     config.get("corpus_field", "text"), int(config["seed"]), float(config["val_fraction"]),
+                     read_meta(run_dir / "data"))
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"{run_dir / 'pretrain' / 'run.json'}: its config lacks a usable corpus, seed or "
+                            f"val_fraction ({type(e).__name__}: {e})") from None
         rc.check_identity(run_dir / "data")
         return rc
 
@@ -261,8 +265,11 @@ def run_baseline(run_dir: str | Path, heldout: dict[str, Sequence[str]] | None =
     sets = heldout if heldout is not None else {"val": sample.heldout}
     result = {"key": key, "corpus": [str(p) for p in rc.paths], **compressor_bpb(sample.train, sets),
               "train": sample.info, "settings": {"ppmd": PPMD, "xz": "preset 9 | extreme", "sep": SEP}}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, (json.dumps(result, indent=1) + "\n").encode("utf-8"))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, (json.dumps(result, indent=1) + "\n").encode("utf-8"))
+    except OSError as e:  # a read-only or full run directory: the result stands, only the cache is lost
+        print(f"note: compressor baseline not cached in {path.parent} ({e.strerror or e})")
     return {**result, "cached": False}
 
 
@@ -331,7 +338,7 @@ class CompressorReference(Callback):
             return
         try:
             baseline = run_baseline(self.run_dir, rc=self.rc)
-        except UserError as e:
+        except (UserError, OSError) as e:  # the trained model is saved already; this only loses the lines
             print(f"note: no compressor baseline: {e}")
             return
         from torch.utils.tensorboard import SummaryWriter

@@ -9,9 +9,9 @@ dpo, ppo) under <root>/<name>/, writing <root>/<name>/eval/<stage>.json (--max-d
 For every stage found under <runs>/<name>/ (TensorBoard event files) or <root>/<name>/<stage>/log.jsonl, writes
 <dest>/<stage>.png: loss and validation loss, learning rate, tokens/s, gradient norm, and for the reward model,
 DPO and PPO two more panels of what they log (pair accuracy and margin; implicit-reward accuracy and margin;
-reward-model score and KL to the reference; for pretraining, validation bits per byte with PPMd's and xz's on the
-same held-out split as flat lines: `babyllama/compressor_baseline.py`). TensorBoard is read when present (it drops the steps a resumed run
-redid), else log.jsonl (the last value logged for a step wins). Then <dest>/README.md: a summary per stage, the
+reward-model score and KL to the reference; for a pretraining run that logs `val_bpb`, validation bits per byte
+with PPMd's and xz's on the same held-out split as flat lines: `babyllama/compressor_baseline.py`). TensorBoard
+is read when present (it drops the steps a resumed run redid), else log.jsonl (the last value logged for a step wins). Then <dest>/README.md: a summary per stage, the
 plots, and the table of <root>/<name>/eval/<stage>.json.
 """
 from __future__ import annotations
