@@ -190,4 +190,15 @@ def test_val_bpb_follows_val_loss(run_dir):
     assert logs["val_bpb"] == pytest.approx(2.0 * tokens / meta["input"]["bytes"] / math.log(2))
     ref.write_lines(_Trainer())  # step 0 of 20: the run did not finish, nothing is drawn
     assert not (run_dir / "tb").exists()
+    done = _Trainer()
+    done.step = 20
+    ref.write_lines(done)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tb"))
+    acc.Reload()
+    val = cb.run_baseline(run_dir, rc=rc)["sets"]["val"]
+    for c in cb.COMPRESSORS:  # a flat line from the first validation step to the last step
+        points = [(e.step, e.value) for e in acc.Scalars(f"val/val_bpb_{c}")]
+        assert points == [(10, pytest.approx(val[f"{c}_bpb"])), (20, pytest.approx(val[f"{c}_bpb"]))]
 
