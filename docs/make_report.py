@@ -9,8 +9,9 @@ dpo, ppo) under <root>/<name>/, writing <root>/<name>/eval/<stage>.json (--max-d
 For every stage found under <runs>/<name>/ (TensorBoard event files) or <root>/<name>/<stage>/log.jsonl, writes
 <dest>/<stage>.png: loss and validation loss, learning rate, tokens/s, gradient norm, and for the reward model,
 DPO and PPO two more panels of what they log (pair accuracy and margin; implicit-reward accuracy and margin;
-reward-model score and KL to the reference). TensorBoard is read when present (it drops the steps a resumed run
-redid), else log.jsonl (the last value logged for a step wins). Then <dest>/README.md: a summary per stage, the
+reward-model score and KL to the reference; for a pretraining run that logs `val_bpb`, validation bits per byte
+with PPMd's and xz's on the same held-out split as flat lines: `babyllama/eval/compressors.py`). TensorBoard
+is read when present (it drops the steps a resumed run redid), else log.jsonl (the last value logged for a step wins). Then <dest>/README.md: a summary per stage, the
 plots, and the table of <root>/<name>/eval/<stage>.json.
 """
 from __future__ import annotations
@@ -29,6 +30,7 @@ from babyllama.eval import evaluate as ev
 from babyllama.train.callbacks import Series, read_text_log
 from babyllama.train.checkpoint import latest_checkpoint
 from babyllama.cli import add_flag, main_guard
+from babyllama.eval.compressors import describe
 from babyllama.errors import UserError
 
 STAGE_ORDER = ("pretrain", "sft", "reward", "dpo", "ppo")
@@ -42,6 +44,8 @@ STAGE_PANELS = {
             ("implicit reward margin", ("reward_margin", "val_reward_margin"))),
     "ppo": (("reward-model score", ("score", "eval_score")), ("KL to reference", ("kl", "eval_kl"))),
 }
+# drawn when logged (pretraining since the compressor baseline): PPMd's and xz's are flat reference lines
+BPB_PANEL = ("validation bits per byte", ("val_bpb", "val_bpb_ppmd", "val_bpb_xz"))
 
 
 def read_tensorboard(log_dir: Path) -> Series:
@@ -69,9 +73,11 @@ def find_stages(runs: Path, out: Path) -> list[str]:
 
 
 def plot_stage(stage: str, series: Series, path: Path) -> None:
-    panels = PANELS + STAGE_PANELS.get(stage, ())
-    rows = len(panels) // 2
+    panels = PANELS + STAGE_PANELS.get(stage, ()) + ((BPB_PANEL,) if "val_bpb" in series else ())
+    rows = (len(panels) + 1) // 2
     fig, axes = plt.subplots(rows, 2, figsize=(10, 3.25 * rows))
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
     for ax, (title, names) in zip(axes.flat, panels):
         drawn = [n for n in names if n in series]
         for n in drawn:
@@ -110,6 +116,9 @@ def eval_table(eval_dir: Path, stages: list[str]) -> list[str]:
     for m in metrics:
         cells = [results[s]["metrics"].get(m) for s in order]
         lines.append(f"| {m} | " + " | ".join("—" if v is None else _fmt(v) for v in cells) + " |")
+    baseline = next((results[s]["baseline"] for s in order if "sets" in results[s].get("baseline", {})), None)
+    if baseline:  # what the *_bpb_ppmd / *_bpb_xz / *_margin_* rows are
+        lines += ["", "`*_bpb_ppmd`, `*_bpb_xz`: " + describe(baseline)]
     return lines
 
 
@@ -124,7 +133,7 @@ def evaluate_stages(out: Path, device: str, max_docs: int | None, max_items: int
     if not stages:
         raise UserError(f"--evaluate: no stage checkpoints under {out}; train a stage first (or pass --out)")
     for stage in stages:
-        result = ev.evaluate(out / stage, out / "tokenizer", stage, device, max_docs, max_items)
+        result = ev.evaluate(out / stage, out / "tokenizer", stage, device, max_docs, max_items, run_dir=out)
         print(f"evaluated {stage}: wrote {ev.write_results(result, out / 'eval')[0]}")
 
 

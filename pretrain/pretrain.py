@@ -18,6 +18,7 @@ import torch
 from babyllama.train import callbacks as cb
 from babyllama.train.checkpoint import latest_checkpoint
 from babyllama.cli import main_guard
+from babyllama.eval.compressors import CompressorReference, RunCorpus
 from babyllama.train.run_data import ensure_token_bins, ensure_tokenizer
 from babyllama.data.token_bins import (TokenWindowDataset, build_pretrain_loader, corpus_record)
 from babyllama.train.checkpoint import load_model
@@ -67,8 +68,12 @@ def main() -> None:
               f"on {env.device}, {run.max_steps} steps of {run.batch_size * run.grad_accum * env.world_size} "
               f"x {cfg.max_seq_len} tokens")
     evaluator = cb.Evaluator(val_loader, every=run.eval_every, max_batches=run.eval_batches)
+    # val_bpb beside val_loss, and PPMd / xz on the same held-out split as flat lines once the run is done
+    reference = CompressorReference(RunCorpus.of_config(run, paths.data), paths.out, paths.tensorboard("pretrain"),
+                                    run.eval_every, run.max_steps)
     trainer.fit(train_loader, epochs=10**9, max_steps=run.max_steps,
-                callbacks=standard_callbacks(run, paths, "pretrain", [evaluator]))
+                callbacks=standard_callbacks(run, paths, "pretrain", [evaluator, reference]))
+    reference.write_lines(trainer)
     val = trainer.evaluate(val_loader, max_batches=run.eval_batches)  # on every rank: it all-reduces
     record_stage(args, run, paths, "pretrain", trainer, {"val_loss": val})
     if env.is_main:

