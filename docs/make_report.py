@@ -24,7 +24,6 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
-import torch
 
 from babyllama.eval import evaluate as ev
 from babyllama.train.callbacks import Series, read_text_log
@@ -32,6 +31,7 @@ from babyllama.train.checkpoint import latest_checkpoint
 from babyllama.cli import add_flag, main_guard
 from babyllama.eval.compressors import describe
 from babyllama.errors import UserError
+from babyllama.train.distributed import pick_device
 
 STAGE_ORDER = ("pretrain", "sft", "reward", "dpo", "ppo")
 # (panel title, metrics drawn in it); metric names as the trainer logs them
@@ -172,13 +172,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--runs", default="runs", help="TensorBoard root (the stages' --runs)")
     ap.add_argument("--dest", default=str(Path(__file__).resolve().parent / "report"), help="report directory")
     ap.add_argument("--evaluate", action="store_true", help="first evaluate every stage that has a checkpoint")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="for --evaluate")
+    ap.add_argument("--device", default="auto", help="for --evaluate: auto (MPS, else CUDA, else CPU), cpu, cuda, mps")
     ap.add_argument("--max-docs", type=int, help="for --evaluate: held-out documents per language (default all)")
     ap.add_argument("--max-items", type=int, default=200, help="for --evaluate: items per multiple-choice task")
     args = ap.parse_args(argv)
     root = Path(args.out)
     if args.evaluate:
-        evaluate_stages(root / args.name, args.device, args.max_docs, args.max_items)
+        evaluate_stages(root / args.name, pick_device(args.device), args.max_docs, args.max_items)
     print(f"wrote {make_report(args.name, root, Path(args.runs), Path(args.dest), args.evaluate)}")
 
 

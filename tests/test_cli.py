@@ -5,11 +5,13 @@ import io
 from pathlib import Path
 
 import pytest
+import torch
 
 from babyllama import cli
 from babyllama.cli import add_dataclass_flags, apply_overrides
 from babyllama.errors import UserError
-from babyllama.train.run_config import STAGE_OVERRIDES, RunConfig, RunPaths, preset_for, run_preset
+from babyllama.train.run_config import (STAGE_OVERRIDES, RunConfig, RunPaths, preset_for, resolve_compile,
+                                        resolve_precision, run_preset)
 
 
 def parse(*argv: str) -> RunConfig:
@@ -81,3 +83,24 @@ def test_run_name_and_preset_are_separate():
     assert preset_for("my-run", None) == "baby" and preset_for("my-run", "1.1b") == "1.1b"
     paths = RunPaths.of("my-run", "/tmp/o", "/tmp/r")
     assert paths.stage("sft") == Path("/tmp/o/my-run/sft") and paths.tensorboard("sft") == Path("/tmp/r/my-run/sft")
+
+
+def test_device_auto_prefers_mps_then_cuda_then_cpu_and_a_missing_device_is_one_line(monkeypatch):
+    from babyllama.train import distributed
+
+    for mps, cuda, want in ((True, False, "mps"), (False, True, "cuda"), (False, False, "cpu")):
+        monkeypatch.setattr(distributed, "mps_available", lambda mps=mps: mps)
+        monkeypatch.setattr(distributed.torch.cuda, "is_available", lambda cuda=cuda: cuda)
+        assert distributed.pick_device("auto").type == want
+    with pytest.raises(UserError, match="--device mps: MPS needs Apple silicon"):
+        distributed.pick_device("mps")
+    with pytest.raises(UserError, match="--device cuda: this machine has no CUDA GPU"):
+        distributed.pick_device("cuda")
+    with pytest.raises(UserError, match="--device tpu: choose one of auto, cpu, cuda, mps"):
+        distributed.pick_device("tpu")
+    monkeypatch.setattr(distributed, "mps_available", lambda: True)
+    monkeypatch.setattr(distributed.os, "environ", {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"})
+    with pytest.raises(UserError, match="torchrun with several processes is not supported on MPS"):
+        distributed.init_distributed("auto")
+    assert resolve_compile("auto", torch.device("mps")) is False
+    assert resolve_precision("auto", torch.device("mps")) is None

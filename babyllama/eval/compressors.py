@@ -20,7 +20,7 @@ of UTF-8 text (estimated from `data/meta.json`'s input bytes), the compressors g
 (k = ceil(estimate / budget), counted in corpus order) until the budget is full. The run's held-out split is read
 up to `--max-heldout-kb` (256 KiB): its first documents in corpus order. Both are reported with the numbers.
 
-A result is computed once and cached in `<root>/<name>/eval/baseline/<key>.json`, the key a hash of the corpus
+A result is computed once and cached in `<out>/<name>/eval/baseline/<key>.json`, the key a hash of the corpus
 identity (`corpus_record`: each file's name, size and a hash of its ends), the split, the held-out text, the
 sampling budgets and the compressor settings. Pretraining also writes the baseline on its validation split to
 TensorBoard as flat lines beside `val_bpb` (`CompressorReference`).
@@ -39,10 +39,11 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from babyllama.cli import main_guard
+from babyllama.cli import add_flag, main_guard
 from babyllama.data.corpus import iter_corpus
 from babyllama.data.token_bins import corpus_differences, corpus_record, read_meta
 from babyllama.errors import UserError
+from babyllama.train.distributed import pick_device
 from babyllama.files import write_atomic
 from babyllama.train.run_record import read_run_record
 from babyllama.shipped import REPO_ROOT
@@ -391,23 +392,21 @@ def _first_bytes(docs: Iterable[str], max_bytes: int) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import torch
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--name", default="baby", help="run name: reads <root>/<name>")
-    ap.add_argument("--root", default="out", help="the runs' output root (the stages' --out)")
-    ap.add_argument("--stage", default="pretrain", help="whose newest checkpoint is compared (default pretrain)")
+    ap.add_argument("--name", default="baby", help="run name: reads <out>/<name>")
+    add_flag(ap, "--out", "--root", default="out", help="the runs' output root (the stages' --out)")
     ap.add_argument("--heldout", nargs="+", default=[], help="held-out files instead of the run's held-out split "
                     "(read with the run's --corpus-format and --corpus-field)")
     ap.add_argument("--max-train-mb", type=float, default=MAX_TRAIN_BYTES / 2**20,
                     help="MiB of training text given to the compressors; more is sampled (every k-th document)")
     ap.add_argument("--max-heldout-kb", type=float, default=MAX_HELDOUT_BYTES / 2**10,
                     help="KiB of held-out text compared (its first documents)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default="auto", help="auto (MPS, else CUDA, else CPU), cpu, cuda, mps")
     args = ap.parse_args(argv)
     if args.max_train_mb <= 0 or args.max_heldout_kb <= 0:
         raise UserError("--max-train-mb and --max-heldout-kb must be positive")
-    lines = compare_run(Path(args.root) / args.name, args.stage, args.heldout, args.device,
+    lines = compare_run(Path(args.out) / args.name, args.stage, args.heldout, pick_device(args.device),
                         int(args.max_train_mb * 2**20), int(args.max_heldout_kb * 2**10))
     print("\n".join(lines))
 

@@ -42,6 +42,7 @@ from babyllama.train.checkpoint import latest_checkpoint, load_model
 from babyllama.cli import add_flag, main_guard
 from babyllama.data.corpus import iter_records
 from babyllama.errors import UserError
+from babyllama.train.distributed import pick_device
 from babyllama.model.scoring import continuation_logprobs, row_logprobs
 from babyllama.shipped import CHAT_CHOICES, HELDOUT, IDIOMS, PREF_VALID
 from babyllama.data.jsonl import json_values
@@ -307,7 +308,7 @@ def main(argv: list[str] | None = None) -> None:
     add_flag(ap, "--out", "--root", default="out", help="the runs' output root (the stages' --out)")
     add_flag(ap, "--ckpt", "--checkpoint", help="checkpoint file or directory instead of <out>/<name>/<stage>")
     ap.add_argument("--tokenizer", help="tokenizer instead of <root>/<name>/tokenizer")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default="auto", help="auto (MPS, else CUDA, else CPU), cpu, cuda, mps")
     ap.add_argument("--max-docs", type=int, help="held-out documents per language for loss/bpb (default all)")
     ap.add_argument("--max-items", type=int, default=200, help="items per multiple-choice task")
     ap.add_argument("--pairs", default=str(PREF_VALID), help="preference pairs for the reward stage's reward_acc")
@@ -316,7 +317,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     run = Path(args.out) / args.name
     result = evaluate(args.ckpt or run / args.stage, args.tokenizer or run / "tokenizer", args.stage,
-                      args.device, args.max_docs, args.max_items, args.pairs, None if args.no_baseline else run)
+                      pick_device(args.device), args.max_docs, args.max_items, args.pairs, None if args.no_baseline else run)
     paths = write_results(result, run / "eval")
     print(to_markdown(result) + f"\nwrote {paths[0]} and {paths[1]}")
 

@@ -241,7 +241,7 @@ def add_sampling_flags(parser) -> None:
 
 def add_runtime_flags(parser) -> None:
     """--device, --dtype, --compile, --seed for the inference scripts."""
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", default="auto", help="auto (MPS, else CUDA, else CPU), cpu, cuda, mps")
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default="auto",
                         help="weights and KV cache (default: bf16 on a GPU that supports it, else fp32)")
     parser.add_argument("--compile", action="store_true",

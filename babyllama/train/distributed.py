@@ -30,10 +30,26 @@ class DistEnv:
         return self.world_size > 1
 
 
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def mps_available() -> bool:
+    """Apple silicon's GPU through Metal (macOS 12.3+, an arm64 build of torch)."""
+    return torch.backends.mps.is_available()
+
+
 def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
-    """'auto' = this rank's GPU when CUDA is available, else CPU."""
+    """'auto' = Apple silicon's GPU (MPS) where there is one, else this rank's CUDA GPU, else the CPU; a device
+    this machine does not have is a one-line error rather than a failure at the first tensor."""
+    kind = name.split(":")[0]
+    if kind not in DEVICES:
+        raise UserError(f"--device {name}: choose one of {', '.join(DEVICES)}")
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
+        name = "mps" if mps_available() else "cuda" if torch.cuda.is_available() else "cpu"
+    elif kind == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: this machine has no CUDA GPU (or torch is a CPU build); use --device cpu")
+    elif kind == "mps" and not mps_available():
+        raise UserError(f"--device {name}: MPS needs Apple silicon with macOS 12.3+ and an arm64 torch; use --device cpu")
     if name == "cuda":
         return torch.device("cuda", local_rank)
     return torch.device(name)
@@ -46,6 +62,9 @@ def init_distributed(device: str = "auto") -> DistEnv:
     dev = pick_device(device, local)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
+    if world > 1 and dev.type == "mps":
+        raise UserError("torchrun with several processes is not supported on MPS (no process-group backend for "
+                        "it); run one process, or --device cpu")
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
     return DistEnv(rank=rank, local_rank=local, world_size=world, device=dev)

@@ -206,8 +206,9 @@ def resolve_precision(run_value: str, device: torch.device) -> str | None:
         return None if value in _NO_AUTOCAST else value
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return None  # CPU autocast is slower than fp32 for these sizes
+    return None  # CPU: fp32 (see docs/performance.md); MPS: fp32, the only precision verified there (none was)
 
 
 def resolve_compile(run_value: str, device: torch.device) -> bool:
+    """--torch-compile: `auto` compiles on CUDA only (on MPS inductor's Metal backend is experimental)."""
     return device.type == "cuda" if run_value == "auto" else run_value.lower() in ("1", "true", "yes", "on")

@@ -44,7 +44,7 @@ def parse_stage_args(description: str, stage: str,
     parser.add_argument("--preset", choices=sorted(RUN_PRESETS),
                         help="run preset (default: the --name when it is one of these, else baby)")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of this stage")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    parser.add_argument("--device", default="auto", help="auto (MPS, else CUDA, else CPU), cpu, cuda, mps")
     if add_flags is not None:
         add_flags(parser)
     add_dataclass_flags(parser, RunConfig)
