@@ -15,7 +15,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-import builders as preference  # data/ is on sys.path as the script's folder
+import builders  # data/ is on sys.path as the script's folder
 
 from babyllama.cli import main_guard
 from babyllama.data.corpus import iter_records
@@ -37,7 +37,7 @@ def parse_args() -> argparse.Namespace:
 def build(corpus: Path, split: str, seed: int, per_task: int) -> list[dict]:
     zh = list(iter_records(corpus / f"poetry_zh_{split}.jsonl"))
     en = list(iter_records(corpus / f"shakespeare_en_{split}.jsonl"))
-    return preference.poetry_pairs(zh, seed, per_task) + preference.shakespeare_pairs(en, seed, per_task)
+    return builders.poetry_pairs(zh, seed, per_task) + builders.shakespeare_pairs(en, seed, per_task)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -57,7 +57,7 @@ def main() -> None:
     args = parse_args()
     train = build(args.corpus_dir, "train", args.seed, args.train_per_task)
     valid = build(args.corpus_dir, "heldout", args.seed, args.valid_per_task)
-    prompts = preference.prompts_of(build(args.corpus_dir, "heldout", args.seed + 1, None), args.prompts_per_task,
+    prompts = builders.prompts_of(build(args.corpus_dir, "heldout", args.seed + 1, None), args.prompts_per_task,
                                     args.seed)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl(args.out_dir / "pref_train.jsonl", train)

@@ -20,7 +20,7 @@ import random
 from collections import Counter
 from pathlib import Path
 
-import builders as sft_data  # data/ is on sys.path as the script's folder
+import builders  # data/ is on sys.path as the script's folder
 from babyllama.data.sft import SFTDataset, padding_fraction
 
 from babyllama.cli import main_guard
@@ -63,21 +63,21 @@ def tagged(convs: list, source: str, lang: str) -> list[dict]:
 
 
 def build_examples(args: argparse.Namespace) -> list[dict]:
-    bot = args.chatterbot_dir or sft_data.chatterbot_dir()
+    bot = args.chatterbot_dir or builders.chatterbot_dir()
     poems = load_records(args.corpus_dir / "poetry_zh_train.jsonl")
     speeches = load_records(args.corpus_dir / "shakespeare_en_train.jsonl")
-    self_set = sft_data.self_cognition(args.name, args.author)
+    self_set = builders.self_cognition(args.name, args.author)
     examples = (
-        tagged(sft_data.read_chatterbot(bot / "chinese"), "chatterbot", "zh")
-        + tagged(sft_data.read_chatterbot(bot / "english"), "chatterbot", "en")
-        + tagged(sft_data.poetry_instructions(poems, args.seed, args.poetry_per_task), "poetry", "zh")
-        + tagged(sft_data.poetry_dialogues(poems, args.seed, args.dialogues), "poetry_dialogue", "zh")
-        + tagged(sft_data.shakespeare_instructions(speeches, args.seed, args.shakespeare_per_task), "shakespeare", "en")
-        + tagged(sft_data.shakespeare_dialogues(speeches, args.seed, args.dialogues), "shakespeare_dialogue", "en")
+        tagged(builders.read_chatterbot(bot / "chinese"), "chatterbot", "zh")
+        + tagged(builders.read_chatterbot(bot / "english"), "chatterbot", "en")
+        + tagged(builders.poetry_instructions(poems, args.seed, args.poetry_per_task), "poetry", "zh")
+        + tagged(builders.poetry_dialogues(poems, args.seed, args.dialogues), "poetry_dialogue", "zh")
+        + tagged(builders.shakespeare_instructions(speeches, args.seed, args.shakespeare_per_task), "shakespeare", "en")
+        + tagged(builders.shakespeare_dialogues(speeches, args.seed, args.dialogues), "shakespeare_dialogue", "en")
         + tagged(self_set["zh"] * args.self_repeat, "self", "zh")
         + tagged(self_set["en"] * args.self_repeat, "self", "en"))
     rng = random.Random(args.seed)
-    add_system_prompts(examples, sft_data.system_prompts(args.name, args.author), args.system_share, rng)
+    add_system_prompts(examples, builders.system_prompts(args.name, args.author), args.system_share, rng)
     rng.shuffle(examples)
     return examples
 
@@ -95,7 +95,7 @@ def build_choices(args: argparse.Namespace) -> list[dict]:
     items = []
     for lang, name in (("zh", "poetry_zh_heldout.jsonl"), ("en", "shakespeare_en_heldout.jsonl")):
         records = load_records(args.corpus_dir / name)
-        items += [{"lang": lang, **it} for it in sft_data.build_choice_items(records, lang, args.seed,
+        items += [{"lang": lang, **it} for it in builders.build_choice_items(records, lang, args.seed,
                                                                              args.choice_items)]
     return items
 

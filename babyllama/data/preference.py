@@ -244,5 +244,5 @@ class PreferenceLoader:
 
 def build_preference_loader(dataset: PreferenceDataset, batch_size: int, seed: int = 0, shuffle: bool = True,
                             rank: int = 0, world_size: int = 1) -> PreferenceLoader:
-    """Length-bucketed, seeded, rank-sharded, resumable batches of pairs (`sft_data.BucketBatchSampler`)."""
+    """Length-bucketed, seeded, rank-sharded, resumable batches of pairs (`babyllama.data.sft.BucketBatchSampler`)."""
     return PreferenceLoader(dataset, BucketBatchSampler(dataset.lengths, batch_size, seed, shuffle, rank, world_size))
