@@ -2,6 +2,7 @@
 
     python rlhf/dpo.py --name baby                          # shipped data/preference/, CPU minutes
     python rlhf/dpo.py --name baby --beta 0.2 --label-smoothing 0.1
+    python rlhf/dpo.py --name baby --loss ipo --beta 0.5        # IPO: a fixed target margin 1 / (2 beta)
     python rlhf/dpo.py --name baby --precompute-ref         # score pairs with the reference once; 1 model resident
     torchrun --nproc_per_node=2 rlhf/dpo.py --name baby
     python rlhf/dpo.py --name baby --resume                 # continue from the newest DPO checkpoint
@@ -30,7 +31,7 @@ from babyllama.cli import add_flag, check_ranges, main_guard
 from babyllama.train.distributed import shutdown
 from babyllama.errors import UserError
 from babyllama.model.llama import frozen, frozen_copy
-from babyllama.align.dpo import DPOLoss, precompute_reference_logps
+from babyllama.align.dpo import LOSS_TYPES, DPOLoss, precompute_reference_logps
 from babyllama.model.generate import SamplingConfig
 from babyllama.model.llama import Llama
 from babyllama.align.ppo import PPOConfig
@@ -49,6 +50,8 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     add_preference_flags(parser)
     parser.add_argument("--beta", type=float, default=0.1, help="DPO temperature: smaller lets the policy move further")
     parser.add_argument("--label-smoothing", type=float, default=0.0, help="assumed share of flipped labels (cDPO)")
+    parser.add_argument("--loss", default="sigmoid", choices=LOSS_TYPES,
+                        help="sigmoid: DPO; ipo: squared distance of the log-ratio margin to 1 / (2 beta)")
     parser.add_argument("--precompute-ref", action="store_true",
                         help="score all pairs with the reference before training, then free it (1 model copy)")
     add_heldout_flags(parser)
@@ -66,6 +69,8 @@ def check_flags(args: argparse.Namespace) -> None:
         ("label_smoothing", lambda v: 0 <= v < 0.5, "in [0, 0.5) (the share of pairs assumed flipped)"),
         ("max_new_tokens", lambda v: v >= 1, "at least 1"), ("max_prompt_len", lambda v: v >= 1, "at least 1"),
         *PREFERENCE_RULES, *HELDOUT_RULES))
+    if args.loss == "ipo" and args.label_smoothing:
+        raise UserError(f"--label-smoothing {args.label_smoothing}: applies to --loss sigmoid only; drop it for ipo")
 
 
 class Report:
@@ -105,11 +110,12 @@ def main() -> None:
             precompute_reference_logps(reference, loader.dataset, run.batch_size, env.device)
         reference = None
         gc.collect()
-    loss = DPOLoss(reference, args.beta, args.label_smoothing)
+    loss = DPOLoss(reference, args.beta, args.label_smoothing, args.loss)
     trainer = compile_from_run(Trainer(policy, env), run, loss=loss, tokenizer=tok)
     resume_if_asked(trainer, args, paths.stage("dpo"))
     if env.is_main:
-        print(f"init {init}; {len(train_loader.dataset)} train / {len(valid_loader.dataset)} valid pairs; beta "
+        print(f"init {init}; {len(train_loader.dataset)} train / {len(valid_loader.dataset)} valid pairs; "
+              f"{args.loss} loss, beta "
               f"{args.beta}, label smoothing {args.label_smoothing}; reference "
               f"{'precomputed' if reference is None else 'resident'}; {run.max_steps} steps of "
               f"{run.batch_size * run.grad_accum * env.world_size} pairs on {env.world_size} x {env.device}")

@@ -35,6 +35,37 @@ def test_dpo_loss_hand_computed(beta, eps):
     assert m["reward_margin"].item() == pytest.approx(0.0, abs=1e-7)
 
 
+@pytest.mark.parametrize("beta,target_losses", [(0.25, [0.0, 16.0]), (0.5, [1.0, 9.0]), (0.1, [9.0, 49.0])])
+def test_ipo_loss_hand_computed(beta, target_losses):
+    pc, pr = torch.tensor([-10.0, -12.0]), torch.tensor([-14.0, -11.0])
+    rc, rr = torch.tensor([-11.0, -12.0]), torch.tensor([-13.0, -13.0])
+    loss, m = dpo_loss(pc, pr, rc, rr, beta, loss_type="ipo")
+    # log-ratio margins +2 and -2 against the target 1 / (2 beta) (2, 1, 5): squared distances, mean over pairs
+    assert loss.item() == pytest.approx(sum(target_losses) / 2, rel=1e-6)
+    assert m["reward_accuracy"].item() == pytest.approx(0.5)  # the implicit rewards are the sigmoid loss's
+    assert m["chosen_reward"].item() == pytest.approx(beta / 2)
+
+
+def test_ipo_pulls_back_a_margin_past_its_target_where_sigmoid_keeps_pushing():
+    """A pair ranked right by more than 1 / (2 beta): IPO's gradient lowers the chosen reply's log-prob (back to
+    the target), the sigmoid loss's still raises it."""
+    zero = torch.tensor([0.0])
+    grads = {}
+    for loss_type in ("ipo", "sigmoid"):
+        chosen = torch.tensor([4.0], requires_grad=True)  # log-ratio margin 4 > 1 / (2 * 0.5) = 1
+        dpo_loss(chosen, zero, zero, zero, beta=0.5, loss_type=loss_type)[0].backward()
+        grads[loss_type] = chosen.grad.item()
+    assert grads["ipo"] == pytest.approx(2 * (4 - 1))  # d/dm (m - 1)^2 at m = 4
+    assert grads["sigmoid"] < 0
+
+
+def test_loss_type_and_label_smoothing_are_checked():
+    with pytest.raises(ValueError, match="loss_type must be one of"):
+        DPOLoss(None, loss_type="hinge")
+    with pytest.raises(ValueError, match="sigmoid loss only"):
+        DPOLoss(None, label_smoothing=0.1, loss_type="ipo")
+
+
 def test_dpo_loss_at_reference_is_log2():
     x = torch.tensor([-3.0, -5.0])
     loss, m = dpo_loss(x, x - 1, x, x - 1, beta=0.3)

@@ -179,6 +179,7 @@ def test_ppo_script_refuses_replies_longer_than_the_model():
     ("dpo", ["--label-smoothing", "0.5"], "--label-smoothing 0.5: must be in [0, 0.5)"),
     ("dpo", ["--train-data", "nowhere.jsonl"], "--train-data nowhere.jsonl: must be an existing file"),
     ("dpo", ["--eval-prompt-count", "0"], "--eval-prompt-count 0: must be at least 1"),
+    ("dpo", ["--loss", "ipo", "--label-smoothing", "0.1"], "--label-smoothing 0.1: applies to --loss sigmoid only"),
     ("ppo", ["--gamma", "2"], "--gamma 2.0: must be in [0, 1]"),
     ("ppo", ["--temperature", "nan"], "--temperature nan: must be a positive number"),
     ("ppo", ["--kl-coef", "-1"], "--kl-coef -1.0: must be 0 or a positive number"),
