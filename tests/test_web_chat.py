@@ -20,7 +20,7 @@ from docs.serve_screenshot import ask, browser_missing, chromium_driver
 @pytest.fixture(scope="module")
 def url(tmp_path_factory):
     out = tmp_path_factory.mktemp("web") / "out"
-    tiny_run(out, context=1024)  # room for a reply long enough to be stopped midway
+    tiny_run(out, context=8192)  # room for a reply long enough (seconds) to be stopped midway on a fast CPU
     with server(out) as u:
         yield u
 
@@ -67,7 +67,7 @@ def test_chat_page(page, url):
     assert second == greedy(url, history, 12) != greedy(url, history[2:], 12)
 
     # a long reply: it streams in, Stop ends it and the server gives its row back
-    set_field(page, "max-tokens", "1000")
+    set_field(page, "max-tokens", "8000")
     page.find_element(By.ID, "input").send_keys("Tell me everything.\n")
     reply = lambda: page.find_elements(By.CSS_SELECTOR, ".msg.assistant .content")[-1].text  # noqa: E731
     WebDriverWait(page, 30, poll_frequency=0.02).until(lambda _: len(reply()) > 0)
@@ -86,11 +86,11 @@ def test_chat_page(page, url):
     assert httpx.get(f"{url}/health").json()["decoding"] == 0
 
     # an error reply is shown in words
-    set_field(page, "max-tokens", "5000")
+    set_field(page, "max-tokens", "9000")
     page.find_element(By.ID, "input").send_keys("again\n")
     error = page.find_element(By.ID, "error")
     WebDriverWait(page, 10).until(lambda _: error.is_displayed())
-    assert "error 400 invalid_value: 'max_tokens' is 5000, above this server's limit of 1024 tokens" in error.text
+    assert "error 400 invalid_value: 'max_tokens' is 9000, above this server's limit of 8192 tokens" in error.text
 
     page.find_element(By.ID, "new-chat").click()
     assert page.find_elements(By.CSS_SELECTOR, ".msg") == [] and not error.is_displayed()

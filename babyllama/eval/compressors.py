@@ -396,6 +396,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--name", default="baby", help="run name: reads <out>/<name>")
     add_flag(ap, "--out", "--root", default="out", help="the runs' output root (the stages' --out)")
+    ap.add_argument("--stage", default="pretrain", help="whose newest checkpoint is compared (default pretrain)")
     ap.add_argument("--heldout", nargs="+", default=[], help="held-out files instead of the run's held-out split "
                     "(read with the run's --corpus-format and --corpus-field)")
     ap.add_argument("--max-train-mb", type=float, default=MAX_TRAIN_BYTES / 2**20,
