@@ -303,11 +303,11 @@ def write_results(result: dict[str, Any], out_dir: str | Path) -> tuple[Path, Pa
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--name", default="baby", help="run name: reads <root>/<name>/<stage>, writes <root>/<name>/eval")
+    ap.add_argument("--name", default="baby", help="run name: reads <out>/<name>/<stage>, writes <out>/<name>/eval")
     ap.add_argument("--stage", default="pretrain", help="pretrain, sft, reward, dpo, ppo")
     add_flag(ap, "--out", "--root", default="out", help="the runs' output root (the stages' --out)")
     add_flag(ap, "--ckpt", "--checkpoint", help="checkpoint file or directory instead of <out>/<name>/<stage>")
-    ap.add_argument("--tokenizer", help="tokenizer instead of <root>/<name>/tokenizer")
+    ap.add_argument("--tokenizer", help="tokenizer instead of <out>/<name>/tokenizer")
     ap.add_argument("--device", default="auto", help="auto (MPS, else CUDA, else CPU), cpu, cuda, mps")
     ap.add_argument("--max-docs", type=int, help="held-out documents per language for loss/bpb (default all)")
     ap.add_argument("--max-items", type=int, default=200, help="items per multiple-choice task")
