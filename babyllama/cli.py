@@ -27,6 +27,14 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
             parser.add_argument(flag, type=conv, default=None, help="(default: from the preset)")
 
 
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def add_device_flag(parser: argparse.ArgumentParser, purpose: str = "") -> None:
+    """--device, resolved by `train.distributed.pick_device`; `purpose` prefixes the help ("for --evaluate: ")."""
+    parser.add_argument("--device", default="auto", help=f"{purpose}auto (MPS, else CUDA, else CPU), cpu, cuda, mps")
+
+
 def add_flag(parser: argparse.ArgumentParser, flag: str, *old_spellings: str, **kwargs: Any) -> argparse.Action:
     """`parser.add_argument(flag, **kwargs)` that also accepts earlier names of the same flag (`old_spellings`),
     so commands written for them keep working; --help shows only `flag`."""

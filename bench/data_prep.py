@@ -16,12 +16,12 @@ import tracemalloc
 from pathlib import Path
 
 import numpy as np
+from jsonl import emit  # bench/ is on sys.path as the script's folder
 
 from babyllama.data.corpus import iter_documents
 from babyllama.data.token_bins import prepare_token_bins
-from babyllama.shipped import TRAIN_CORPUS
 from babyllama.data.tokenizer import Tokenizer, train_tokenizer
-from jsonl import emit  # bench/ is on sys.path as the script's folder
+from babyllama.shipped import TRAIN_CORPUS
 
 ROOT = Path(__file__).resolve().parents[1]
 

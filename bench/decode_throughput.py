@@ -16,12 +16,12 @@ import argparse
 import time
 
 import torch
+from jsonl import emit  # bench/ is on sys.path as the script's folder
 
 from babyllama.model.config import ModelConfig, preset
-from babyllama.train.distributed import pick_device
 from babyllama.model.generate import Generator, SamplingConfig
 from babyllama.model.llama import Llama
-from jsonl import emit  # bench/ is on sys.path as the script's folder
+from babyllama.train.distributed import pick_device
 
 
 def _sync(device: torch.device) -> None:

@@ -20,16 +20,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from babyllama.data.chat_template import render_prompt
-from babyllama.chat.session import ChatSession
-from babyllama.model.generate import SamplingConfig
-from babyllama.data.corpus import iter_records
-from babyllama.eval.evaluate import document_ids, windows
-from babyllama.model.scoring import row_logprobs
-from babyllama.shipped import HELDOUT
 from gguf_decode import export_all, llama_cpp_greedy, llama_cpp_model, load_run, our_greedy, source_flags
 from jsonl import emit
+
+from babyllama.chat.session import ChatSession
+from babyllama.data.chat_template import render_prompt
+from babyllama.data.corpus import iter_records
+from babyllama.eval.evaluate import document_ids, windows
+from babyllama.model.generate import SamplingConfig
+from babyllama.model.scoring import row_logprobs
+from babyllama.shipped import HELDOUT
 
 TEXTS = ["床前明月光，", "白日依山尽，", "To be, or not to be", "ROMEO:\nBut, soft! what light", "李白 and Shakespeare"]
 CHATS = ["床前明月光的下一句是什么？", "写一首关于春天的诗", "Who wrote Hamlet?", "你是谁？"]

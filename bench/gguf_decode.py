@@ -29,13 +29,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")  # read when an OpenMP runtime loads: before torch and llama_cpp
 
 import torch
-
-from babyllama.train.checkpoint import load_model
-from babyllama.model.generate import Generator, SamplingConfig
-from babyllama.convert.gguf import DTYPES, export_gguf
-from babyllama.model.llama import Llama
-from babyllama.data.tokenizer import Tokenizer
 from jsonl import emit  # bench/ is on sys.path as the script's folder
+
+from babyllama.convert.gguf import DTYPES, export_gguf
+from babyllama.data.tokenizer import Tokenizer
+from babyllama.model.generate import Generator, SamplingConfig
+from babyllama.model.llama import Llama
+from babyllama.train.checkpoint import load_model
 
 PROMPT = "床前明月光，疑是地上霜。举头望明月，低头思故乡。To be, or not to be, that is the question: whether 'tis"
 

@@ -13,15 +13,15 @@ import re
 from collections import defaultdict
 
 import torch
+from jsonl import emit  # bench/ is on sys.path as the script's folder
 from torch.profiler import ProfilerActivity, profile
+from train_throughput import random_batches
 
 from babyllama.model.config import ModelConfig, preset
-from babyllama.train.distributed import DistEnv, pick_device
 from babyllama.model.llama import Llama
+from babyllama.train.distributed import DistEnv, pick_device
 from babyllama.train.optim import build_adamw
 from babyllama.train.trainer import Trainer
-from jsonl import emit  # bench/ is on sys.path as the script's folder
-from train_throughput import random_batches
 
 # First match wins; kernel names of cuBLAS/CUTLASS, FlashAttention/cuDNN/efficient attention, inductor, AdamW.
 GROUPS = [

@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 import httpx
+from jsonl import emit  # bench/ is on sys.path as the script's folder
 
 from babyllama.serve.process import serve_in_background as server
-from jsonl import emit  # bench/ is on sys.path as the script's folder
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -25,17 +25,17 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from jsonl import emit  # bench/ is on sys.path as the script's folder
 
 import babyllama.model.fused_cross_entropy as loss_module
-from babyllama.model.config import ModelConfig, preset
 from babyllama.convert.bert4torch import B4T_CONFIG, bert4torch_builder, bert4torch_config
 from babyllama.data.token_bins import build_pretrain_loader, prepare_token_bins
+from babyllama.model.config import ModelConfig, preset
+from babyllama.model.llama import Llama
 from babyllama.train.distributed import DistEnv, pick_device
 from babyllama.train.flops import peak_flops
-from babyllama.model.llama import Llama
 from babyllama.train.optim import build_adamw
 from babyllama.train.trainer import Callback, Trainer
-from jsonl import emit  # bench/ is on sys.path as the script's folder
 
 
 def random_batches(cfg: ModelConfig, batch: int, seq: int, device: torch.device, n: int = 4):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 
 from builders import build_idiom_file  # data/ is on sys.path as the script's folder
+
 from babyllama.cli import main_guard
 from babyllama.shipped import IDIOMS
 

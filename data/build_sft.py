@@ -21,9 +21,9 @@ from collections import Counter
 from pathlib import Path
 
 import builders  # data/ is on sys.path as the script's folder
-from babyllama.data.sft import SFTDataset, padding_fraction
 
 from babyllama.cli import main_guard
+from babyllama.data.sft import SFTDataset, padding_fraction
 from babyllama.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -28,7 +28,6 @@ EN_PLAY = "Which play is this line from? \"{line}\""
 EN_NEXT = "Which line follows \"{line}\"?"
 
 
-
 # ======================================================================= SFT tasks and dialogues
 def chat(user: str, assistant: str) -> list[Message]:
     return [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
@@ -455,7 +454,6 @@ def records_to_pairs(records: Iterable[Record]) -> list[PreferencePair]:
     return [PreferencePair([{"role": "user", "content": r["prompt"]}], r["chosen"], r["rejected"]) for r in records]
 
 
-
 # ======================================================================= idiom cloze items
 def idiom_items(idioms: Sequence[str], n: int, seed: int = 0) -> list[Item]:
     """Four-character idioms: the first two characters, and four endings none of which but the answer makes an
@@ -483,5 +481,3 @@ def build_idiom_file(path: str | Path, n: int = 400, seed: int = 0) -> Path:
     path.write_text("".join(json.dumps(it, ensure_ascii=False) + "\n" for it in idiom_items(idioms, n, seed)),
                     encoding="utf-8")
     return path
-
-

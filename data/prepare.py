@@ -14,20 +14,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from babyllama.cli import add_flag, main_guard
-from babyllama.data.corpus import FORMATS, iter_corpus
+from babyllama.cli import main_guard
+from babyllama.data.corpus import add_corpus_flags, iter_corpus
 from babyllama.data.token_bins import corpus_record, prepare_token_bins
 from babyllama.data.tokenizer import Tokenizer
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_flag(p, "--corpus", "--input", nargs="+", default=[str(ROOT / "data" / "corpus" / "*_train.jsonl")],
-                   help="corpus files, directories or globs (default: the shipped training files)")
-    add_flag(p, "--corpus-format", "--format", default="auto", choices=FORMATS, help="corpus format (default: by extension)")
-    add_flag(p, "--corpus-field", "--field", default="text", help="JSON/parquet field holding the text (default: text)")
+    add_corpus_flags(p)
     p.add_argument("--tokenizer", type=Path, default=Path("out") / "baby" / "tokenizer",
                    help="tokenizer.model, tokenizer.json or their directory (default: out/baby/tokenizer)")
     p.add_argument("--out", type=Path, default=Path("out") / "baby" / "data",
@@ -43,9 +38,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     tok = Tokenizer.load(args.tokenizer)
-    prepare_token_bins(iter_corpus(args.corpus, args.corpus_format, args.corpus_field), tok, args.out, val_fraction=args.val_fraction,
-                       seed=args.seed, num_workers=args.workers, shard_tokens=args.shard_tokens,
-                       overwrite=args.overwrite, corpus=corpus_record(args.corpus, args.corpus_format, args.corpus_field))
+    corpus = (args.corpus, args.corpus_format, args.corpus_field)
+    prepare_token_bins(iter_corpus(*corpus), tok, args.out, val_fraction=args.val_fraction, seed=args.seed,
+                       num_workers=args.workers, shard_tokens=args.shard_tokens, overwrite=args.overwrite,
+                       corpus=corpus_record(*corpus))
 
 
 if __name__ == "__main__":

@@ -20,11 +20,10 @@ import warnings
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from babyllama.cli import add_flag, main_guard
-from babyllama.data.corpus import FORMATS, iter_corpus
+from babyllama.cli import main_guard
+from babyllama.data.corpus import add_corpus_flags, iter_corpus
 from babyllama.data.tokenizer import DEFAULT_VOCAB_SIZE, Tokenizer, train_tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
 
 _HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 _LATIN = re.compile(r"[A-Za-z]")
@@ -58,10 +57,7 @@ def chars_per_token(tok: Tokenizer, docs: list[str]) -> float:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_flag(p, "--corpus", "--input", nargs="+", default=[str(ROOT / "data" / "corpus" / "*_train.jsonl")],
-                   help="corpus files, directories or globs (default: the shipped training files)")
-    add_flag(p, "--corpus-format", "--format", default="auto", choices=FORMATS, help="corpus format (default: by extension)")
-    add_flag(p, "--corpus-field", "--field", default="text", help="JSON/parquet field holding the text (default: text)")
+    add_corpus_flags(p)
     p.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE,
                    help=f"total tokens incl. 6 special and 256 byte tokens (default: {DEFAULT_VOCAB_SIZE})")
     p.add_argument("--out", type=Path, default=Path("out") / "baby" / "tokenizer",
@@ -84,7 +80,8 @@ def main(argv: list[str] | None = None) -> None:
     warnings.showwarning = lambda message, *_: print(f"warning: {message}", file=sys.stderr)  # one line, no source
     sample = LanguageSample()
     start = time.perf_counter()
-    tok = train_tokenizer(sample.tap(iter_corpus(args.corpus, args.corpus_format, args.corpus_field)), args.vocab_size, args.out,
+    documents = iter_corpus(args.corpus, args.corpus_format, args.corpus_field)
+    tok = train_tokenizer(sample.tap(documents), args.vocab_size, args.out,
                           character_coverage=args.character_coverage, max_train_chars=args.max_train_chars,
                           input_sentence_size=args.input_sentence_size, max_sentence_chars=args.max_sentence_chars,
                           num_threads=args.threads, seed=args.seed, verbose=args.verbose, overwrite=args.overwrite)

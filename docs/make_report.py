@@ -25,12 +25,12 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 
+from babyllama.cli import add_device_flag, add_flag, main_guard
+from babyllama.errors import UserError
 from babyllama.eval import evaluate as ev
+from babyllama.eval.compressors import describe
 from babyllama.train.callbacks import Series, read_text_log
 from babyllama.train.checkpoint import latest_checkpoint
-from babyllama.cli import add_flag, main_guard
-from babyllama.eval.compressors import describe
-from babyllama.errors import UserError
 from babyllama.train.distributed import pick_device
 
 STAGE_ORDER = ("pretrain", "sft", "reward", "dpo", "ppo")
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--runs", default="runs", help="TensorBoard root (the stages' --runs)")
     ap.add_argument("--dest", default=str(Path(__file__).resolve().parent / "report"), help="report directory")
     ap.add_argument("--evaluate", action="store_true", help="first evaluate every stage that has a checkpoint")
-    ap.add_argument("--device", default="auto", help="for --evaluate: auto (MPS, else CUDA, else CPU), cpu, cuda, mps")
+    add_device_flag(ap, "for --evaluate: ")
     ap.add_argument("--max-docs", type=int, help="for --evaluate: held-out documents per language (default all)")
     ap.add_argument("--max-items", type=int, default=200, help="for --evaluate: items per multiple-choice task")
     args = ap.parse_args(argv)

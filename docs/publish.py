@@ -34,12 +34,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from babyllama.train.checkpoint import list_checkpoints
 from babyllama.cli import main_guard
-from babyllama.eval.compare import STAGES, TOLERANCE, derive_tolerance
 from babyllama.errors import UserError
-from babyllama.train.run_record import RUN_RECORD, portable, read_run_record
+from babyllama.eval.compare import STAGES, TOLERANCE, derive_tolerance
 from babyllama.shipped import PUBLISHED, REPO_ROOT, STAGE_SCRIPTS
+from babyllama.train.checkpoint import list_checkpoints
+from babyllama.train.run_record import RUN_RECORD, portable, read_run_record
 
 DOCS = Path(__file__).resolve().parent
 EVENTS = "events.out.tfevents.*"

@@ -15,22 +15,21 @@ from pathlib import Path
 
 import torch
 
-from babyllama.train import callbacks as cb
-from babyllama.train.checkpoint import latest_checkpoint
 from babyllama.cli import main_guard
-from babyllama.eval.compressors import CompressorReference, RunCorpus
-from babyllama.train.run_data import ensure_token_bins, ensure_tokenizer
-from babyllama.data.token_bins import (TokenWindowDataset, build_pretrain_loader, corpus_record)
-from babyllama.train.checkpoint import load_model
-from babyllama.train.distributed import shutdown
+from babyllama.data.token_bins import TokenWindowDataset, build_pretrain_loader, corpus_record
+from babyllama.data.tokenizer import Tokenizer
 from babyllama.errors import UserError
+from babyllama.eval.compressors import CompressorReference, RunCorpus
+from babyllama.files import hold_lock
 from babyllama.model.generate import Generator, SamplingConfig
 from babyllama.model.llama import Llama
-from babyllama.files import hold_lock
+from babyllama.train import callbacks as cb
+from babyllama.train.checkpoint import latest_checkpoint, load_model
+from babyllama.train.distributed import shutdown
 from babyllama.train.run_config import model_config_for
-from babyllama.train.stage import (compile_from_run, init_checkpoint, load_init_model, parse_stage_args,
-                             record_stage, resume_if_asked, standard_callbacks)
-from babyllama.data.tokenizer import Tokenizer
+from babyllama.train.run_data import ensure_token_bins, ensure_tokenizer
+from babyllama.train.stage import (compile_from_run, init_checkpoint, load_init_model, parse_stage_args, record_stage,
+                                   resume_if_asked, standard_callbacks)
 from babyllama.train.trainer import Trainer
 
 

@@ -19,15 +19,15 @@ import argparse
 
 import torch
 
-from babyllama.train import callbacks as cb
-from babyllama.cli import check_ranges, main_guard
-from babyllama.train.distributed import shutdown
 from babyllama.align.pairs import PREFERENCE_RULES, add_preference_flags, evaluate_pairs, preference_loaders
 from babyllama.align.reward_model import RewardModel, mark_reward_checkpoint, pair_loss
+from babyllama.cli import check_ranges, main_guard
+from babyllama.train import callbacks as cb
+from babyllama.train.distributed import shutdown
 from babyllama.train.run_config import model_config_for
 from babyllama.train.run_record import flatten
 from babyllama.train.stage import (compile_from_run, init_checkpoint, load_init_model, load_stage_tokenizer,
-                             parse_stage_args, record_stage, resume_if_asked, standard_callbacks)
+                                   parse_stage_args, record_stage, resume_if_asked, standard_callbacks)
 from babyllama.train.trainer import Trainer
 
 

@@ -25,24 +25,23 @@ from pathlib import Path
 
 import torch
 
+from babyllama.align.dpo import LOSS_TYPES, DPOLoss, precompute_reference_logps
+from babyllama.align.pairs import PREFERENCE_RULES, add_preference_flags, evaluate_pairs, preference_loaders
+from babyllama.align.ppo import PPOConfig
+from babyllama.align.reward_model import load_reward_model
+from babyllama.cli import add_flag, check_ranges, main_guard
+from babyllama.data.tokenizer import Tokenizer
+from babyllama.errors import UserError
+from babyllama.eval.heldout import HELDOUT_RULES, HeldOut, add_heldout_flags, check_reply_budget, describe
+from babyllama.model.generate import SamplingConfig
+from babyllama.model.llama import Llama, frozen, frozen_copy
 from babyllama.train import callbacks as cb
 from babyllama.train.checkpoint import latest_checkpoint
-from babyllama.cli import add_flag, check_ranges, main_guard
 from babyllama.train.distributed import shutdown
-from babyllama.errors import UserError
-from babyllama.model.llama import frozen, frozen_copy
-from babyllama.align.dpo import LOSS_TYPES, DPOLoss, precompute_reference_logps
-from babyllama.model.generate import SamplingConfig
-from babyllama.model.llama import Llama
-from babyllama.align.ppo import PPOConfig
-from babyllama.align.pairs import PREFERENCE_RULES, add_preference_flags, evaluate_pairs, preference_loaders
-from babyllama.align.reward_model import load_reward_model
-from babyllama.eval.heldout import HELDOUT_RULES, HeldOut, add_heldout_flags, check_reply_budget, describe
 from babyllama.train.run_config import RunPaths, model_config_for
 from babyllama.train.run_record import flatten
 from babyllama.train.stage import (compile_from_run, init_checkpoint, load_init_model, load_stage_tokenizer,
-                             parse_stage_args, record_stage, resume_if_asked, standard_callbacks)
-from babyllama.data.tokenizer import Tokenizer
+                                   parse_stage_args, record_stage, resume_if_asked, standard_callbacks)
 from babyllama.train.trainer import Trainer
 
 
@@ -59,7 +58,8 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=PPOConfig.max_new_tokens, help="held-out reply budget")
     parser.add_argument("--max-prompt-len", type=int, default=PPOConfig.max_prompt_len,
                         help="longer held-out prompts are skipped")
-    add_flag(parser, "--reward", "--reward-model", default=None, help="reward checkpoint (default: out/<name>/reward if any)")
+    add_flag(parser, "--reward", "--reward-model", default=None,
+             help="reward checkpoint (default: out/<name>/reward if any)")
 
 
 def check_flags(args: argparse.Namespace) -> None:

@@ -8,7 +8,6 @@ All flags: python rlhf/infer.py --help (the chat itself lives in babyllama/chat/
 """
 from __future__ import annotations
 
-
 from babyllama.chat.session import main
 from babyllama.cli import main_guard
 

@@ -25,25 +25,25 @@ from pathlib import Path
 
 import torch
 
-from babyllama.train import callbacks as cb
-from babyllama.data.chat_template import IM_END, special_id, stop_ids
-from babyllama.train.checkpoint import latest_checkpoint
-from babyllama.cli import add_dataclass_flags, apply_overrides, check_ranges, main_guard
-from babyllama.model.config import ModelConfig
-from babyllama.train.distributed import shutdown
-from babyllama.errors import UserError
-from babyllama.model.generate import SamplingConfig
-from babyllama.model.llama import frozen, frozen_copy
 from babyllama.align.ppo import PolicyWithValue, PPOConfig, critic_from, make_ppo_loss
 from babyllama.align.ppo_rollout import RolloutLoader
-from babyllama.eval.heldout import (HELDOUT_RULES, HeldOut, add_heldout_flags, check_reply_budget, describe,
-                                 fitting_prompts)
 from babyllama.align.reward_model import RewardModel, load_reward_model
+from babyllama.cli import add_dataclass_flags, apply_overrides, check_ranges, main_guard
+from babyllama.data.chat_template import IM_END, special_id, stop_ids
+from babyllama.errors import UserError
+from babyllama.eval.heldout import (HELDOUT_RULES, HeldOut, add_heldout_flags, check_reply_budget, describe,
+                                    fitting_prompts)
+from babyllama.model.config import ModelConfig
+from babyllama.model.generate import SamplingConfig
+from babyllama.model.llama import frozen, frozen_copy
 from babyllama.shipped import PREFERENCE
+from babyllama.train import callbacks as cb
+from babyllama.train.checkpoint import latest_checkpoint
+from babyllama.train.distributed import shutdown
 from babyllama.train.run_config import model_config_for
 from babyllama.train.run_record import flatten
 from babyllama.train.stage import (compile_from_run, init_checkpoint, load_init_model, load_stage_tokenizer,
-                             parse_stage_args, record_stage, resume_if_asked, standard_callbacks)
+                                   parse_stage_args, record_stage, resume_if_asked, standard_callbacks)
 from babyllama.train.trainer import Trainer
 
 

@@ -21,13 +21,13 @@ import ipaddress
 import sys
 
 from babyllama.chat.session import positive_int
-from babyllama.cli import main_guard
-from babyllama.train.distributed import pick_device
+from babyllama.cli import add_device_flag, main_guard
+from babyllama.data.tokenizer import Tokenizer
 from babyllama.errors import UserError
 from babyllama.model.generate import decode_dtype
-from babyllama.train.run_config import RunPaths
 from babyllama.serve.models import SERVED_STAGES, ModelRegistry
-from babyllama.data.tokenizer import Tokenizer
+from babyllama.train.distributed import pick_device
+from babyllama.train.run_config import RunPaths
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=positive_int, default=None,
                         help="largest max_tokens a request may ask for (default: the model's context)")
     parser.add_argument("--max-body-bytes", type=positive_int, default=1 << 20, help="larger request bodies get 413")
-    parser.add_argument("--device", default="auto", help="auto (MPS, else CUDA, else CPU), cpu, cuda, mps")
+    add_device_flag(parser)
     parser.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                         help="weights and KV cache (default: bf16 on a GPU that supports it, else fp32)")
     return parser.parse_args(argv)

@@ -9,7 +9,6 @@ All flags: python sft/infer.py --help (the chat itself lives in babyllama/chat/s
 """
 from __future__ import annotations
 
-
 from babyllama.chat.session import main
 from babyllama.cli import main_guard
 

@@ -19,20 +19,19 @@ from itertools import islice
 
 import torch
 
-from babyllama.train import callbacks as cb
-from babyllama.eval.choice import ChoiceAccuracy, load_choice_items
 from babyllama.cli import main_guard
-from babyllama.train.distributed import shutdown
-from babyllama.errors import UserError
-from babyllama.shipped import CHAT_CHOICES, SFT
-from babyllama.train.run_config import model_config_for
 from babyllama.data.sft import FORMATS, SFTDataset, build_sft_loader, padding_fraction, read_conversations
+from babyllama.data.tokenizer import Tokenizer
+from babyllama.errors import UserError
+from babyllama.eval.choice import ChoiceAccuracy, load_choice_items
+from babyllama.shipped import CHAT_CHOICES, SFT
+from babyllama.train import callbacks as cb
+from babyllama.train.distributed import shutdown
+from babyllama.train.run_config import model_config_for
 from babyllama.train.run_record import flatten
 from babyllama.train.stage import (compile_from_run, init_checkpoint, load_init_model, load_stage_tokenizer,
-                             parse_stage_args, record_stage, resume_if_asked, standard_callbacks)
-from babyllama.data.tokenizer import Tokenizer
+                                   parse_stage_args, record_stage, resume_if_asked, standard_callbacks)
 from babyllama.train.trainer import Trainer, causal_lm_loss
-
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:

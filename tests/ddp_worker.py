@@ -12,17 +12,17 @@ import os
 import sys
 
 import torch
+from test_trainer import CFG, pattern_data
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
-from babyllama.train import callbacks as cb
 from babyllama.data.sampler import ResumableSampler
-from babyllama.train.distributed import init_distributed, shutdown
 from babyllama.model.llama import Llama
+from babyllama.train import callbacks as cb
+from babyllama.train.distributed import init_distributed, shutdown
 from babyllama.train.optim import build_adamw
 from babyllama.train.trainer import Trainer
-from test_trainer import CFG, pattern_data
 
 prefix, mode = sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "ddp"
 env = init_distributed("cpu")

@@ -4,15 +4,15 @@ import json
 import random
 
 import torch
-
+from test_chat import make_tokenizer  # noqa: F401  (re-exported for the test modules)
 from tiny import tiny_config
+
+from babyllama.align.pairs import evaluate_pairs
+from babyllama.align.reward_model import RewardModel, pair_loss
+from babyllama.data.preference import PreferenceDataset, PreferencePair, build_preference_loader
 from babyllama.model.llama import Llama
 from babyllama.train.optim import build_adamw
-from babyllama.align.pairs import evaluate_pairs
-from babyllama.data.preference import PreferenceDataset, PreferencePair, build_preference_loader
-from babyllama.align.reward_model import RewardModel, pair_loss
 from babyllama.train.trainer import Trainer
-from test_chat import make_tokenizer  # noqa: F401  (re-exported for the test modules)
 
 GOOD = ["fine", "thanks", "hello", "helpful", "today", "doing"]
 BAD = ["question", "not", "be", "that", "or", "is"]
@@ -27,7 +27,6 @@ def synthetic_pairs(n: int, seed: int) -> list[PreferencePair]:
         k = rng.randint(2, 5)
         pairs.append(PreferencePair(prompt, " ".join(rng.choices(GOOD, k=k)), " ".join(rng.choices(BAD, k=k))))
     return pairs
-
 
 
 def loaders(tok, batch_size: int = 8):

@@ -6,12 +6,13 @@ import warnings
 from pathlib import Path
 
 import torch
+from test_chat import make_tokenizer
 
-from babyllama.train.checkpoint import atomic_save
 from babyllama.model.config import preset
 from babyllama.model.llama import Llama
 from babyllama.serve.process import serve_in_background as server  # noqa: F401  (the tests' name for it)
-from test_chat import make_tokenizer
+from babyllama.train.checkpoint import atomic_save
+
 
 def tiny_run(out: Path, context: int = 512, ending: bool = True) -> Path:
     """out/baby/{tokenizer,pretrain,sft[,dpo]}: random tiny models (seeded, untied head) on a trained 512-token

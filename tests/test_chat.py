@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from babyllama.data.chat_template import (IGNORE_INDEX, IM_END, IM_START, ChatHistory, NoSupervisedTokens, encode_chat,
-                            encode_text, render_prompt, render_text, stop_ids)
-from babyllama.train.checkpoint import atomic_save
-from babyllama.model.config import preset
+                                          encode_text, render_prompt, render_text, stop_ids)
 from babyllama.errors import UserError
+from babyllama.model.config import preset
 from babyllama.model.llama import Llama
+from babyllama.train.checkpoint import atomic_save
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from babyllama.eval import compare
 from babyllama.errors import UserError
+from babyllama.eval import compare
 from babyllama.shipped import STAGE_SCRIPTS
 
 ROOT = Path(__file__).resolve().parents[1]

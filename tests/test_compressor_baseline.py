@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from babyllama.data.token_bins import corpus_record, prepare_token_bins
+from babyllama.data.tokenizer import Tokenizer, train_tokenizer
+from babyllama.errors import UserError
 from babyllama.eval import compressors as cb
 from babyllama.eval import evaluate as ev
-from babyllama.train.checkpoint import atomic_save
 from babyllama.model.config import ModelConfig
-from babyllama.data.token_bins import corpus_record, prepare_token_bins
-from babyllama.errors import UserError
 from babyllama.model.llama import Llama
-from babyllama.data.tokenizer import Tokenizer, train_tokenizer
+from babyllama.train.checkpoint import atomic_save
 
 WORDS = "the king and queen of a far land rode to sea 明月 春风 江水 故乡".split()
 
@@ -201,4 +201,3 @@ def test_val_bpb_follows_val_loss(run_dir):
     for c in cb.COMPRESSORS:  # a flat line from the first validation step to the last step
         points = [(e.step, e.value) for e in acc.Scalars(f"val/val_bpb_{c}")]
         assert points == [(10, pytest.approx(val[f"{c}_bpb"])), (20, pytest.approx(val[f"{c}_bpb"]))]
-

@@ -12,19 +12,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny import tiny_config
 from tokenizers import pre_tokenizers
 
-from babyllama.convert.bert4torch import B4T_CONFIG, B4T_WEIGHTS, bert4torch_builder, export_bert4torch, import_bert4torch
+from babyllama.convert.bert4torch import (B4T_CONFIG, B4T_WEIGHTS, bert4torch_builder, export_bert4torch,
+                                          import_bert4torch)
 from babyllama.convert.hf import HF_WEIGHTS, export_hf, hf_model_config, import_hf
 from babyllama.data.chat_template import render_prompt
-from babyllama.train.checkpoint import atomic_save, load_model
-from babyllama.model.config import ModelConfig, preset
 from babyllama.data.corpus import iter_records
+from babyllama.data.tokenizer import Tokenizer, train_tokenizer
 from babyllama.errors import UserError
+from babyllama.model.config import ModelConfig, preset
 from babyllama.model.generate import Generator, SamplingConfig
 from babyllama.model.llama import Llama
-from babyllama.data.tokenizer import Tokenizer, train_tokenizer
-from tiny import tiny_config
+from babyllama.train.checkpoint import atomic_save, load_model
 
 transformers = pytest.importorskip("transformers")
 ROOT = Path(__file__).resolve().parents[1]

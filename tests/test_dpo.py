@@ -3,17 +3,16 @@ import math
 
 import pytest
 import torch
-
-from babyllama.model.llama import frozen_copy
-from babyllama.align.dpo import DPOLoss, dpo_loss, pair_logps, precompute_reference_logps
-from babyllama.model.scoring import continuation_logprobs, sequence_logprobs
-from babyllama.model.llama import Llama
-from babyllama.train.optim import build_adamw
-from babyllama.align.pairs import evaluate_pairs
-from babyllama.data.preference import collate_pairs, pad_rows
-from babyllama.train.trainer import Trainer
 from pref_fixtures import loaders, make_tokenizer
 from tiny import tiny_config
+
+from babyllama.align.dpo import DPOLoss, dpo_loss, pair_logps, precompute_reference_logps
+from babyllama.align.pairs import evaluate_pairs
+from babyllama.data.preference import collate_pairs, pad_rows
+from babyllama.model.llama import Llama, frozen_copy
+from babyllama.model.scoring import continuation_logprobs, sequence_logprobs
+from babyllama.train.optim import build_adamw
+from babyllama.train.trainer import Trainer
 
 
 def logsig(x):

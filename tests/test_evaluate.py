@@ -8,17 +8,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import tiny_config
 from torch import nn
 
-from babyllama.eval import evaluate as ev
-from data.builders import idiom_items
-from babyllama.train.checkpoint import atomic_save
-from babyllama.data.corpus import iter_records
-from babyllama.errors import UserError
-from babyllama.model.llama import Llama, Output
 from babyllama.align.reward_model import RewardModel, mark_reward_checkpoint
+from babyllama.data.corpus import iter_records
 from babyllama.data.tokenizer import Tokenizer, train_tokenizer
-from tiny import tiny_config
+from babyllama.errors import UserError
+from babyllama.eval import evaluate as ev
+from babyllama.model.llama import Llama, Output
+from babyllama.train.checkpoint import atomic_save
+from data.builders import idiom_items
 
 TEXTS = ["床前明月光，疑是地上霜。举头望明月，低头思故乡。" * 3, "To be, or not to be: that is the question.\n" * 4,
          "ab"]

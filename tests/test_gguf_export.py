@@ -20,17 +20,17 @@ if importlib.util.find_spec("gguf") is None:  # the optional extra: skipped with
     pytest.skip("gguf is not installed: pip install -r requirements-gguf.txt", allow_module_level=True)
 
 import gguf  # noqa: E402
+from test_convert import convert_config, require, tok_dir  # noqa: E402,F401  (tok_dir: the 400-token zh+en tokenizer)
 
+from babyllama.chat.session import ChatSession  # noqa: E402
+from babyllama.convert.gguf import export_gguf, modelfile_path, to_interleaved_rope  # noqa: E402
 from babyllama.convert.hf import import_hf  # noqa: E402
 from babyllama.data.chat_template import render_prompt, stop_ids  # noqa: E402
-from babyllama.chat.session import ChatSession  # noqa: E402
-from babyllama.train.checkpoint import atomic_save, load_model  # noqa: E402
+from babyllama.data.tokenizer import Tokenizer  # noqa: E402
 from babyllama.errors import UserError  # noqa: E402
 from babyllama.model.generate import Generator, SamplingConfig  # noqa: E402
-from babyllama.convert.gguf import export_gguf, modelfile_path, to_interleaved_rope  # noqa: E402
 from babyllama.model.llama import Llama, apply_rope, rope_cos_sin  # noqa: E402
-from babyllama.data.tokenizer import Tokenizer  # noqa: E402
-from test_convert import convert_config, require, tok_dir  # noqa: E402,F401  (tok_dir: the 400-token zh+en tokenizer)
+from babyllama.train.checkpoint import atomic_save, load_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER_TEXTS = [

@@ -5,8 +5,8 @@ import torch.nn.functional as F
 import transformers
 
 import babyllama.model.fused_cross_entropy as loss_mod
-from babyllama.model.config import ModelConfig, load_bert4torch_config, preset
 from babyllama.errors import UserError
+from babyllama.model.config import ModelConfig, load_bert4torch_config, preset
 from babyllama.model.llama import IGNORE_INDEX, Llama
 
 

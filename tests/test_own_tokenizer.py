@@ -16,17 +16,17 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import torch
 import tokenizers
+import torch
+from tiny import tiny_config
 
 from babyllama.convert.hf import export_hf, import_hf
-from babyllama.train.checkpoint import load_checkpoint, load_model
-from babyllama.model.config import PRESETS, ModelConfig
 from babyllama.data.corpus import iter_records
+from babyllama.data.tokenizer import IM_END, IM_START, Tokenizer, train_tokenizer
+from babyllama.model.config import PRESETS, ModelConfig
 from babyllama.model.generate import Generator, SamplingConfig
 from babyllama.model.llama import Llama
-from babyllama.data.tokenizer import IM_END, IM_START, Tokenizer, train_tokenizer
-from tiny import tiny_config
+from babyllama.train.checkpoint import load_checkpoint, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "data" / "corpus"
@@ -147,7 +147,8 @@ def test_padding_ids_are_never_produced_nor_scored():
     """The padding rows are given the largest logits: masked, they still get no probability anywhere."""
     torch.manual_seed(0)
     n = 50
-    padded = Llama(tiny_config(64, n_layers=1, n_kv_heads=None, max_seq_len=32, tie_embeddings=False, tokenizer_vocab_size=n)).eval()
+    padded = Llama(tiny_config(64, n_layers=1, n_kv_heads=None, max_seq_len=32, tie_embeddings=False,
+                               tokenizer_vocab_size=n)).eval()
     with torch.no_grad():
         padded.lm_head.weight[n:] = padded.lm_head.weight[:n].sum(0) * 100
     exact = Llama(tiny_config(n, n_layers=1, n_kv_heads=None, max_seq_len=32)).eval()

@@ -6,21 +6,20 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from pref_fixtures import make_tokenizer, synthetic_pairs, train_reward_model
+from tiny import tiny_config
 from torch import nn
 
+from babyllama.align.ppo import (AdaptiveKLController, FixedKLController, PolicyWithValue, PPOConfig, critic_from, gae,
+                                 make_ppo_loss, masked_whiten, per_token_rewards, policy_loss, value_loss)
+from babyllama.align.ppo_rollout import Rollout, RolloutLoader, evaluate_policy, experience, generate_rollout
+from babyllama.align.reward_model import RewardModel
 from babyllama.data.chat_template import IM_END, render_prompt, special_id, stop_ids
+from babyllama.model.generate import Generator, SamplingConfig
+from babyllama.model.llama import Llama, frozen_copy
 from babyllama.train.checkpoint import latest_checkpoint, load_model
 from babyllama.train.distributed import DistEnv
-from babyllama.model.generate import Generator, SamplingConfig
-from babyllama.model.llama import Llama
-from babyllama.model.llama import frozen_copy
-from babyllama.align.reward_model import RewardModel
-from babyllama.align.ppo import (AdaptiveKLController, FixedKLController, PolicyWithValue, PPOConfig, critic_from,
-                                 gae, make_ppo_loss, masked_whiten, per_token_rewards, policy_loss, value_loss)
-from babyllama.align.ppo_rollout import Rollout, RolloutLoader, evaluate_policy, experience, generate_rollout
 from babyllama.train.trainer import Trainer
-from tiny import tiny_config
-from pref_fixtures import make_tokenizer, synthetic_pairs, train_reward_model
 
 
 def test_gae_hand_computed():

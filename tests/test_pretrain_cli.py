@@ -20,12 +20,12 @@ import psutil
 import pytest
 import torch
 
-from babyllama.eval import compare
-from babyllama.train.checkpoint import load_checkpoint
 from babyllama.errors import UserError
+from babyllama.eval import compare
 from babyllama.files import LOCK_FILE
 from babyllama.serve.process import free_port
 from babyllama.shipped import PUBLISHED
+from babyllama.train.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 PRETRAIN, INFER = str(ROOT / "pretrain" / "pretrain.py"), str(ROOT / "pretrain" / "infer.py")

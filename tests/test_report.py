@@ -8,17 +8,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import tiny_config
 
-from babyllama.train import callbacks as cb
-from babyllama.train.checkpoint import atomic_save
+from babyllama.align.reward_model import RewardModel, mark_reward_checkpoint
 from babyllama.data.corpus import iter_records
+from babyllama.data.tokenizer import train_tokenizer
 from babyllama.errors import UserError
 from babyllama.eval.evaluate import HELDOUT, write_results
 from babyllama.model.llama import Llama
-from babyllama.align.reward_model import RewardModel, mark_reward_checkpoint
-from babyllama.data.tokenizer import train_tokenizer
+from babyllama.train import callbacks as cb
+from babyllama.train.checkpoint import atomic_save
 from babyllama.train.trainer import Trainer
-from tiny import tiny_config
 
 _SCRIPT = Path(__file__).resolve().parents[1] / "docs" / "make_report.py"
 _spec = importlib.util.spec_from_file_location("make_report", _SCRIPT)

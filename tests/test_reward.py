@@ -3,12 +3,12 @@ import math
 
 import pytest
 import torch
+from tiny import tiny_config
 
+from babyllama.align.reward_model import RewardModel, bradley_terry_loss, load_reward_model, mark_reward_checkpoint
 from babyllama.errors import UserError
 from babyllama.model.llama import Llama
-from babyllama.align.reward_model import RewardModel, bradley_terry_loss, load_reward_model, mark_reward_checkpoint
 from babyllama.train.trainer import Trainer
-from tiny import tiny_config
 
 CFG = tiny_config(64, max_seq_len=32)
 PAD = 3

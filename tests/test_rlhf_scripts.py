@@ -13,19 +13,19 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from pref_fixtures import make_tokenizer, pair_records, write_jsonl
+from tiny import tiny_config
 
-from babyllama.data.chat_template import render_prompt, stop_ids
-from babyllama.train.checkpoint import latest_checkpoint, load_model
-from babyllama.model.config import preset
-from babyllama.train.distributed import DistEnv
-from babyllama.errors import UserError
-from babyllama.model.generate import Generator, SamplingConfig
-from babyllama.model.llama import Llama
 from babyllama.align.ppo import PPOConfig
 from babyllama.align.reward_model import RewardModel, is_reward_checkpoint, load_reward_model, mark_reward_checkpoint
+from babyllama.data.chat_template import render_prompt, stop_ids
+from babyllama.errors import UserError
+from babyllama.model.config import preset
+from babyllama.model.generate import Generator, SamplingConfig
+from babyllama.model.llama import Llama
+from babyllama.train.checkpoint import latest_checkpoint, load_model
+from babyllama.train.distributed import DistEnv
 from babyllama.train.trainer import Trainer
-from tiny import tiny_config
-from pref_fixtures import make_tokenizer, pair_records, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models: threads only contend

@@ -17,13 +17,13 @@ import httpx
 import openai
 import pytest
 from openai import OpenAI
+from serve_fixtures import server, tiny_run
 
 from babyllama.data.chat_template import render_prompt
-from babyllama.train.checkpoint import load_model
-from babyllama.model.generate import Generator, SamplingConfig
 from babyllama.data.tokenizer import Tokenizer
+from babyllama.model.generate import Generator, SamplingConfig
 from babyllama.shipped import REPO_ROOT as ROOT
-from serve_fixtures import server, tiny_run
+from babyllama.train.checkpoint import load_model
 
 ROWS, WAITING = 12, 2
 

@@ -11,19 +11,19 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from tiny import tiny_config
 from torch import nn
 
 from babyllama.data.chat_template import IM_END, encode_text, render_prompt
-from babyllama.train.checkpoint import load_model, save_checkpoint
-from babyllama.eval.choice import ChoiceAccuracy, choice_accuracy, choice_scores, load_choice_items
-from babyllama.errors import UserError
-from babyllama.model.llama import Llama, Output
-from babyllama.train.run_config import RunConfig, model_config_for
 from babyllama.data.sft import SFTDataset, build_sft_loader
-from babyllama.train.stage import compile_from_run
 from babyllama.data.tokenizer import Tokenizer, train_tokenizer
+from babyllama.errors import UserError
+from babyllama.eval.choice import ChoiceAccuracy, choice_accuracy, choice_scores, load_choice_items
+from babyllama.model.llama import Llama, Output
+from babyllama.train.checkpoint import load_model, save_checkpoint
+from babyllama.train.run_config import RunConfig, model_config_for
+from babyllama.train.stage import compile_from_run
 from babyllama.train.trainer import Callback, Trainer, causal_lm_loss
-from tiny import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}  # tiny models: threads only contend

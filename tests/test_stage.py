@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_pretrain_cli import BATCH, Run, assert_user_error, digests, new_run
 
 from babyllama.data.tokenizer import Tokenizer
-from test_pretrain_cli import BATCH, Run, assert_user_error, digests, new_run
 
 CHECKPOINT = "step_00000002.pt"
 

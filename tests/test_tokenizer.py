@@ -13,8 +13,8 @@ import pytest
 import sentencepiece as spm
 import tokenizers
 
+from babyllama.data.tokenizer import IM_END, IM_START, SPECIAL_TOKENS, Tokenizer, _chunks, train_tokenizer
 from babyllama.errors import UserError
-from babyllama.data.tokenizer import (IM_END, IM_START, SPECIAL_TOKENS, Tokenizer, _chunks, train_tokenizer)
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMON_ZH = ("不人一山风无日春花有中来云上月二天其三时何水归年江相自夜白秋长生十雨君见如知得行诗心去为事清寒处明空是未"

@@ -7,16 +7,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import tiny_config
 from torch.utils.data import DataLoader, TensorDataset
 
-from babyllama.train import callbacks as cb
-from babyllama.model.config import ModelConfig
 from babyllama.data.sampler import ResumableSampler
 from babyllama.errors import UserError
+from babyllama.model.config import ModelConfig
 from babyllama.model.llama import Llama
+from babyllama.train import callbacks as cb
 from babyllama.train.optim import build_adamw, warmup_cosine
 from babyllama.train.trainer import Trainer
-from tiny import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = tiny_config(64, max_seq_len=16)
@@ -129,7 +129,6 @@ def test_loggers_write_text_and_tensorboard(tmp_path):
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
 
 
-
 class FakeClock:
     """`time` for the trainer module: moves only when the test says (a loss call, a slow callback)."""
 
@@ -171,6 +170,7 @@ def test_throughput_covers_the_logging_window_without_callbacks(monkeypatch):
     assert [row["tokens_per_s"] for row in logged.rows] == [tokens / (1 + 2 + 3), tokens / (4 + 5 + 6)]
     for row in logged.rows:
         assert row["mfu"] == pytest.approx(flops_per_token * row["tokens_per_s"] / peak, rel=1e-12)
+
 
 def run_worker(prefix: Path, *args: str, procs: int = 1, port: int = 29517) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}

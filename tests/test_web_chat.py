@@ -11,7 +11,6 @@ import time
 
 import httpx
 import pytest
-
 from serve_fixtures import server, tiny_run
 
 from docs.serve_screenshot import ask, browser_missing, chromium_driver

@@ -44,8 +44,8 @@ import torch
 from torch import Tensor, nn
 
 from babyllama.cli import check_ranges
-from babyllama.model.scoring import token_logprobs
 from babyllama.model.llama import Llama
+from babyllama.model.scoring import token_logprobs
 from babyllama.train.trainer import LossFn
 
 

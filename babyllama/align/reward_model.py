@@ -22,12 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from babyllama.train.checkpoint import load_checkpoint, trained_tokenizer
-from babyllama.model.config import ModelConfig
+from babyllama.data.tokenizer import Tokenizer, check_tokenizer
 from babyllama.errors import UserError
+from babyllama.model.config import ModelConfig
 from babyllama.model.llama import Llama
 from babyllama.model.scoring import padded_hidden
-from babyllama.data.tokenizer import Tokenizer, check_tokenizer
+from babyllama.train.checkpoint import load_checkpoint, trained_tokenizer
 
 KIND = "reward"
 

@@ -23,18 +23,18 @@ from typing import Iterable, Sequence, TextIO
 
 import torch
 
+from babyllama.cli import read_lines, valid_text
 from babyllama.data.chat_template import ChatHistory, stop_ids
+from babyllama.data.tokenizer import Tokenizer
+from babyllama.errors import UserError
+from babyllama.model.generate import (Generator, SamplingConfig, add_runtime_flags, add_sampling_flags, decode_dtype,
+                                      prompt_budget, sampling_from_args, within_context)
+from babyllama.model.llama import Llama
 from babyllama.train.checkpoint import latest_checkpoint, load_model
 from babyllama.train.distributed import pick_device
-from babyllama.errors import UserError
-from babyllama.cli import read_lines, valid_text
-from babyllama.model.generate import (Generator, SamplingConfig, add_runtime_flags, add_sampling_flags, decode_dtype,
-                                  prompt_budget, sampling_from_args, within_context)
-from babyllama.model.llama import Llama
 from babyllama.train.run_config import RunPaths
-from babyllama.data.tokenizer import Tokenizer
 
-STAGES = ("sft", "dpo", "ppo", "pretrain")
+STAGES = ("pretrain", "sft", "dpo", "ppo")  # the stages whose checkpoint is a language model that writes replies
 RESET, EXIT = "/reset", ("/exit", "/quit")
 
 

@@ -3,7 +3,6 @@ names mapped both ways; see `babyllama.convert.hf`'s docstring for the directory
 from __future__ import annotations
 
 import importlib.machinery
-import importlib.util
 import sys
 import types
 from pathlib import Path
@@ -12,10 +11,10 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file
 
-from babyllama.train.checkpoint import load_model
-from babyllama.model.config import ModelConfig, load_bert4torch_config
-from babyllama.errors import UserError
 from babyllama.convert.weights import load_weights, save_imported, unpadded, write_json
+from babyllama.errors import UserError
+from babyllama.model.config import ModelConfig, load_bert4torch_config
+from babyllama.train.checkpoint import load_model
 
 B4T_CONFIG = "bert4torch_config.json"  # the only name bert4torch's build_transformer_model reads
 B4T_WEIGHTS = "bert4torch_model.pt"

@@ -34,14 +34,14 @@ import gguf
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 from torch import Tensor
 
-from babyllama.data.chat_template import IM_END, IM_START
-from babyllama.train.checkpoint import load_model
-from babyllama.model.config import ModelConfig
 from babyllama.convert.hf import CHAT_TEMPLATE
 from babyllama.convert.weights import unpadded
-from babyllama.errors import UserError
-from babyllama.model.generate import SamplingConfig
+from babyllama.data.chat_template import IM_END, IM_START
 from babyllama.data.tokenizer import Tokenizer
+from babyllama.errors import UserError
+from babyllama.model.config import ModelConfig
+from babyllama.model.generate import SamplingConfig
+from babyllama.train.checkpoint import load_model
 
 DTypeName = Literal["f32", "f16", "q8_0"]
 DTYPES: dict[str, tuple[gguf.LlamaFileType, gguf.GGMLQuantizationType]] = {
@@ -209,4 +209,3 @@ def ollama_modelfile(gguf_file: Path, context: int, stops: list[str], sampling: 
         f"PARAMETER repeat_penalty {s.repetition_penalty}",
         "",
     ])
-

@@ -29,7 +29,6 @@ Padded vocabularies: exports cut the embedding and lm_head to the tokenizer's id
 """
 from __future__ import annotations
 
-import importlib.machinery
 import importlib.util
 import json
 import tempfile
@@ -40,13 +39,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from babyllama.data.chat_template import IM_END, IM_START
-from babyllama.train.checkpoint import load_model
-from babyllama.model.config import ModelConfig
-from babyllama.errors import UserError
-from babyllama.data.tokenizer import Tokenizer
 from babyllama.convert.bert4torch import B4T_CONFIG, bert4torch_config
-from babyllama.convert.weights import load_weights, read_json_file, save_imported, unpadded, write_json
+from babyllama.convert.weights import load_weights, save_imported, unpadded, write_json
+from babyllama.data.chat_template import IM_END, IM_START
+from babyllama.data.tokenizer import Tokenizer
+from babyllama.errors import UserError
+from babyllama.model.config import ModelConfig, read_json
+from babyllama.train.checkpoint import load_model
 
 HF_WEIGHTS = "model.safetensors"
 
@@ -101,7 +100,10 @@ def import_hf(src: str | Path, out_dir: str | Path, gguf_file: str | None = None
         hf_config, weights, tok = _read_gguf(src, gguf_file)
         cfg = hf_model_config(hf_config, str(src / gguf_file))
     else:
-        cfg = hf_model_config(read_json_file(src / "config.json"), str(src / "config.json"))
+        config = src / "config.json"
+        if not config.is_file():
+            raise UserError(f"{config}: not found; pass a directory written by save_pretrained")
+        cfg = hf_model_config(read_json(config), str(config))
         weights, tok = _read_hf_weights(src), Tokenizer.load(src) if _has_tokenizer(src) else None
     model = load_weights(cfg, weights, str(src))
     if tok is not None:  # e.g. an HF model padded past its tokenizer: the checkpoint masks the rest

@@ -9,10 +9,11 @@ from typing import Any, Iterable
 
 from torch import Tensor
 
-from babyllama.train.checkpoint import atomic_save, checkpoint_path
-from babyllama.model.config import ModelConfig
 from babyllama.errors import UserError
+from babyllama.model.config import ModelConfig
 from babyllama.model.llama import Llama
+from babyllama.train.checkpoint import atomic_save, checkpoint_path
+
 
 def unpadded(model: Llama) -> tuple[ModelConfig, dict[str, Tensor]]:
     """The config and weights an export writes: the embedding and lm_head cut to the tokenizer's ids. Training
@@ -56,15 +57,6 @@ def save_imported(model: Llama, out_dir: str | Path, source: str) -> Path:
 def few(names: Iterable[str], n: int = 3) -> str:
     names = list(names)
     return "none" if not names else ", ".join(names[:n]) + (f" (+{len(names) - n} more)" if len(names) > n else "")
-
-
-def read_json_file(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise UserError(f"{path}: not found; pass a directory written by save_pretrained")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
 
 
 def write_json(path: Path, obj: dict[str, Any]) -> None:

@@ -25,13 +25,16 @@ a missing field (naming the keys that exist), an unsupported extension, text tha
 """
 from __future__ import annotations
 
+import argparse
 import glob
 from itertools import chain
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from babyllama.cli import add_flag
 from babyllama.data.jsonl import decoding, json_objects, open_text
 from babyllama.errors import UserError
+from babyllama.shipped import CORPUS
 
 FORMATS = ("auto", "txt", "jsonl", "json", "baidubaike", "wikipedia-cn", "c4", "parquet")
 _SUFFIX_FORMAT = {".txt": "txt", ".text": "txt", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json",
@@ -52,6 +55,17 @@ def iter_documents(path: str | Path, fmt: str = "auto", field: str = "text") -> 
     if not found:
         raise UserError(f"{path}: no documents (empty files or empty `{field}` values); "
                         "check the path and --corpus-field")
+
+
+def add_corpus_flags(parser: argparse.ArgumentParser) -> None:
+    """--corpus / --corpus-format / --corpus-field of the data scripts (the stages get them from `RunConfig`);
+    the earlier spellings --input / --format / --field still work."""
+    add_flag(parser, "--corpus", "--input", nargs="+", default=[str(CORPUS / "*_train.jsonl")],
+             help="corpus files, directories or globs (default: the shipped training files)")
+    add_flag(parser, "--corpus-format", "--format", default="auto", choices=FORMATS,
+             help="corpus format (default: by extension)")
+    add_flag(parser, "--corpus-field", "--field", default="text",
+             help="JSON/parquet field holding the text (default: text)")
 
 
 def iter_corpus(paths: Iterable[str | Path], fmt: str = "auto", field: str = "text") -> Iterator[str]:

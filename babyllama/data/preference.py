@@ -34,9 +34,9 @@ import torch
 from torch import Tensor
 
 from babyllama.data.chat_template import IM_END, Message, check_messages, encode_text, render_prompt, special_id
-from babyllama.errors import UserError
 from babyllama.data.jsonl import json_values
 from babyllama.data.sft import BucketBatchSampler
+from babyllama.errors import UserError
 
 FORMATS = ("pairs", "hh")
 REJECTIONS = ("wrong_line", "wrong_author", "wrong_play", "shuffled", "truncated", "off_topic")

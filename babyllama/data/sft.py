@@ -34,6 +34,7 @@ from babyllama.errors import UserError
 
 FORMATS = ("openai", "sharegpt", "alpaca", "belle", "firefly")
 
+
 # ======================================================================= readers
 def read_conversations(path: str | Path, fmt: str = "auto") -> list[list[Message]]:
     """All conversations in a JSON-lines or JSON-array file of `fmt` (or auto-detected) records."""

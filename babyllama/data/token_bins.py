@@ -543,4 +543,3 @@ def build_pretrain_loader(bin_dir: str | Path, split: str, seq_len: int, batch_s
                         pin_memory=pin_memory, persistent_workers=num_workers > 0, drop_last=drop_last)
     loader.tokens_per_batch = batch_size * seq_len
     return loader
-

@@ -24,13 +24,12 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from babyllama.train.callbacks import Evaluator
 from babyllama.data.chat_template import IM_END, check_messages, encode_text, render_prompt, special_id
+from babyllama.data.jsonl import json_values
 from babyllama.errors import UserError
 from babyllama.model.scoring import continuation_logprobs, unwrap
-from babyllama.data.jsonl import json_values
+from babyllama.train.callbacks import Evaluator
 from babyllama.train.trainer import Trainer
-
 
 
 def load_choice_items(path: str | Path) -> list[dict]:

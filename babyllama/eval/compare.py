@@ -26,11 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from babyllama.train.callbacks import read_text_log
 from babyllama.cli import main_guard
 from babyllama.errors import UserError
-from babyllama.train.run_record import RUN_RECORD, read_run_record
 from babyllama.shipped import PUBLISHED, STAGE_SCRIPTS
+from babyllama.train.callbacks import read_text_log
+from babyllama.train.run_record import RUN_RECORD, read_run_record
 
 STAGES = ("pretrain", "sft", "reward", "dpo", "ppo")
 TOLERANCE = "tolerance.json"

@@ -39,14 +39,14 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from babyllama.cli import add_flag, main_guard
+from babyllama.cli import add_device_flag, add_flag, main_guard
 from babyllama.data.corpus import iter_corpus
 from babyllama.data.token_bins import corpus_differences, corpus_record, read_meta
 from babyllama.errors import UserError
-from babyllama.train.distributed import pick_device
 from babyllama.files import write_atomic
-from babyllama.train.run_record import read_run_record
 from babyllama.shipped import REPO_ROOT
+from babyllama.train.distributed import pick_device
+from babyllama.train.run_record import read_run_record
 from babyllama.train.trainer import Callback, Trainer
 
 PPMD = {"max_order": 8, "mem_size": 256 << 20, "variant": "I"}
@@ -359,9 +359,9 @@ def compare_run(run_dir: Path, stage: str, heldout_files: Sequence[str], device:
                 max_heldout_bytes: int) -> list[str]:
     """Markdown lines: the newest checkpoint of `stage` against the compressors, on the run's held-out split or on
     `heldout_files` (read like the run's corpus, up to `max_heldout_bytes`)."""
-    from babyllama.train.checkpoint import load_model
-    from babyllama.eval.evaluate import resolve_checkpoint, text_metrics
     from babyllama.data.tokenizer import Tokenizer
+    from babyllama.eval.evaluate import resolve_checkpoint, text_metrics
+    from babyllama.train.checkpoint import load_model
 
     rc = RunCorpus.of_run(run_dir)
     if heldout_files:
@@ -392,7 +392,6 @@ def _first_bytes(docs: Iterable[str], max_bytes: int) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--name", default="baby", help="run name: reads <out>/<name>")
     add_flag(ap, "--out", "--root", default="out", help="the runs' output root (the stages' --out)")
@@ -403,7 +402,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="MiB of training text given to the compressors; more is sampled (every k-th document)")
     ap.add_argument("--max-heldout-kb", type=float, default=MAX_HELDOUT_BYTES / 2**10,
                     help="KiB of held-out text compared (its first documents)")
-    ap.add_argument("--device", default="auto", help="auto (MPS, else CUDA, else CPU), cpu, cuda, mps")
+    add_device_flag(ap)
     args = ap.parse_args(argv)
     if args.max_train_mb <= 0 or args.max_heldout_kb <= 0:
         raise UserError("--max-train-mb and --max-heldout-kb must be positive")

@@ -38,15 +38,15 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
-from babyllama.train.checkpoint import latest_checkpoint, load_model
-from babyllama.cli import add_flag, main_guard
+from babyllama.cli import add_device_flag, add_flag, main_guard
 from babyllama.data.corpus import iter_records
-from babyllama.errors import UserError
-from babyllama.train.distributed import pick_device
-from babyllama.model.scoring import continuation_logprobs, row_logprobs
-from babyllama.shipped import CHAT_CHOICES, HELDOUT, IDIOMS, PREF_VALID
 from babyllama.data.jsonl import json_values
 from babyllama.data.tokenizer import Tokenizer
+from babyllama.errors import UserError
+from babyllama.model.scoring import continuation_logprobs, row_logprobs
+from babyllama.shipped import CHAT_CHOICES, HELDOUT, IDIOMS, PREF_VALID
+from babyllama.train.checkpoint import latest_checkpoint, load_model
+from babyllama.train.distributed import pick_device
 
 Item = dict[str, Any]  # {"context": str, "choices": [str], "answer": int}
 
@@ -198,8 +198,8 @@ def reward_metrics(checkpoint: Path, tokenizer: Tokenizer, device: str,
                    pairs: str | Path = PREF_VALID) -> dict[str, float]:
     """`reward_acc` (share of pairs whose chosen reply scores higher), mean `reward_margin` (chosen - rejected
     score) and `reward_pairs` over a preference file."""
-    from babyllama.data.preference import PreferenceDataset, build_preference_loader, read_pairs
     from babyllama.align.reward_model import load_reward_model, pair_loss
+    from babyllama.data.preference import PreferenceDataset, build_preference_loader, read_pairs
 
     model = load_reward_model(checkpoint, device)
     data = PreferenceDataset(read_pairs(pairs), tokenizer, model.config.max_seq_len)
@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> None:
     add_flag(ap, "--out", "--root", default="out", help="the runs' output root (the stages' --out)")
     add_flag(ap, "--ckpt", "--checkpoint", help="checkpoint file or directory instead of <out>/<name>/<stage>")
     ap.add_argument("--tokenizer", help="tokenizer instead of <out>/<name>/tokenizer")
-    ap.add_argument("--device", default="auto", help="auto (MPS, else CUDA, else CPU), cpu, cuda, mps")
+    add_device_flag(ap)
     ap.add_argument("--max-docs", type=int, help="held-out documents per language for loss/bpb (default all)")
     ap.add_argument("--max-items", type=int, default=200, help="items per multiple-choice task")
     ap.add_argument("--pairs", default=str(PREF_VALID), help="preference pairs for the reward stage's reward_acc")
@@ -317,7 +317,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     run = Path(args.out) / args.name
     result = evaluate(args.ckpt or run / args.stage, args.tokenizer or run / "tokenizer", args.stage,
-                      pick_device(args.device), args.max_docs, args.max_items, args.pairs, None if args.no_baseline else run)
+                      pick_device(args.device), args.max_docs, args.max_items, args.pairs,
+                      None if args.no_baseline else run)
     paths = write_results(result, run / "eval")
     print(to_markdown(result) + f"\nwrote {paths[0]} and {paths[1]}")
 

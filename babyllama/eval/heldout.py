@@ -22,14 +22,14 @@ from typing import Any, Callable, Sequence
 
 from torch import nn
 
-from babyllama.data.chat_template import IM_END, render_prompt, special_id, stop_ids
-from babyllama.eval.choice import choice_accuracy, load_choice_items
+from babyllama.align.ppo_rollout import evaluate_policy
 from babyllama.cli import Rule
+from babyllama.data.chat_template import IM_END, render_prompt, special_id, stop_ids
+from babyllama.data.preference import read_prompts
 from babyllama.errors import UserError
+from babyllama.eval.choice import choice_accuracy, load_choice_items
 from babyllama.model.generate import SamplingConfig
 from babyllama.model.llama import Llama
-from babyllama.align.ppo_rollout import evaluate_policy
-from babyllama.data.preference import read_prompts
 from babyllama.shipped import CHAT_CHOICES, HELDOUT_PROMPTS
 
 LABELS = {"score": "score", "kl": "KL to SFT (nats/reply)", "response_len": "reply tokens",

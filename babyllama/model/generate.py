@@ -14,10 +14,9 @@ from typing import Callable, Iterator, Sequence, TextIO
 import torch
 from torch import Tensor
 
-from babyllama.cli import check_ranges
+from babyllama.cli import add_device_flag, check_ranges
 from babyllama.errors import UserError
 from babyllama.model.llama import Llama
-
 
 Sampler = Callable[[Tensor], Tensor]  # (B, V) logits -> (B,) next tokens
 
@@ -241,7 +240,7 @@ def add_sampling_flags(parser) -> None:
 
 def add_runtime_flags(parser) -> None:
     """--device, --dtype, --compile, --seed for the inference scripts."""
-    parser.add_argument("--device", default="auto", help="auto (MPS, else CUDA, else CPU), cpu, cuda, mps")
+    add_device_flag(parser)
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default="auto",
                         help="weights and KV cache (default: bf16 on a GPU that supports it, else fp32)")
     parser.add_argument("--compile", action="store_true",

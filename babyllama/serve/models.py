@@ -7,14 +7,15 @@ from pathlib import Path
 
 import torch
 
+from babyllama.chat.session import STAGES
 from babyllama.data.chat_template import stop_ids
-from babyllama.train.checkpoint import latest_checkpoint, load_model
+from babyllama.data.tokenizer import Tokenizer
 from babyllama.model.generate import Generator
 from babyllama.model.llama import Llama
+from babyllama.train.checkpoint import latest_checkpoint, load_model
 from babyllama.train.run_config import RunPaths
-from babyllama.data.tokenizer import Tokenizer
 
-SERVED_STAGES = ("pretrain", "sft", "dpo", "ppo")  # language models; the reward model scores, it does not write
+SERVED_STAGES = STAGES  # the reward model scores, it does not write
 
 
 @dataclass

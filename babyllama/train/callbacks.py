@@ -7,9 +7,9 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable
 
-from babyllama.train.checkpoint import last_good_hint, remove_partial_writes
 from babyllama.errors import UserError
 from babyllama.files import write_atomic
+from babyllama.train.checkpoint import last_good_hint, remove_partial_writes
 from babyllama.train.trainer import Callback, Trainer
 
 

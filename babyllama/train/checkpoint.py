@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from babyllama.model.config import ModelConfig
+from babyllama.data.tokenizer import Tokenizer, check_tokenizer
 from babyllama.errors import UserError
 from babyllama.files import atomic_file, is_partial_write
-from babyllama.data.tokenizer import Tokenizer, check_tokenizer
+from babyllama.model.config import ModelConfig
 
 _STEP_FILE = r"step_(\d{8})\.pt"
 _NAME = re.compile(rf"^{_STEP_FILE}$")

@@ -11,6 +11,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.fsdp import fully_shard
 
+from babyllama.cli import DEVICES
 from babyllama.errors import UserError
 
 
@@ -30,9 +31,6 @@ class DistEnv:
         return self.world_size > 1
 
 
-DEVICES = ("auto", "cpu", "cuda", "mps")
-
-
 def mps_available() -> bool:
     """Apple silicon's GPU through Metal (macOS 12.3+, an arm64 build of torch)."""
     return torch.backends.mps.is_available()
@@ -49,7 +47,8 @@ def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     elif kind == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name}: this machine has no CUDA GPU (or torch is a CPU build); use --device cpu")
     elif kind == "mps" and not mps_available():
-        raise UserError(f"--device {name}: MPS needs Apple silicon with macOS 12.3+ and an arm64 torch; use --device cpu")
+        raise UserError(f"--device {name}: MPS needs Apple silicon with macOS 12.3+ and an arm64 torch; "
+                        "use --device cpu")
     if name == "cuda":
         return torch.device("cuda", local_rank)
     return torch.device(name)

@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 
 from babyllama.cli import check_ranges
-from babyllama.train.checkpoint import latest_checkpoint, load_checkpoint
-from babyllama.model.config import ModelConfig, load_bert4torch_config, padded_vocab, preset, read_json
 from babyllama.errors import UserError
+from babyllama.model.config import ModelConfig, load_bert4torch_config, padded_vocab, preset, read_json
 from babyllama.shipped import TRAIN_CORPUS
+from babyllama.train.checkpoint import latest_checkpoint, load_checkpoint
 
 _CONFIG_FILES = ("config.json", "bert4torch_config.json")  # looked for in a --model directory, in this order
 _NO_AUTOCAST = ("fp32", "none", "no")

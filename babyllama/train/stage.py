@@ -13,20 +13,20 @@ import argparse
 from pathlib import Path
 from typing import Callable
 
+from babyllama.cli import add_dataclass_flags, add_device_flag, apply_overrides
+from babyllama.data.tokenizer import Tokenizer
+from babyllama.errors import UserError
+from babyllama.files import hold_lock
+from babyllama.model.config import ModelConfig
+from babyllama.model.llama import Llama
+from babyllama.shipped import STAGE_SCRIPTS
 from babyllama.train import callbacks as cb
 from babyllama.train.checkpoint import check_model_config, latest_checkpoint, list_checkpoints, load_model
-from babyllama.cli import add_dataclass_flags, apply_overrides
-from babyllama.model.config import ModelConfig
 from babyllama.train.distributed import DistEnv, init_distributed
-from babyllama.errors import UserError
-from babyllama.shipped import STAGE_SCRIPTS
-from babyllama.model.llama import Llama
 from babyllama.train.optim import build_adamw, warmup_cosine
-from babyllama.files import hold_lock
+from babyllama.train.run_config import (RUN_PRESETS, RunConfig, RunPaths, check_run, preset_for, resolve_compile,
+                                        resolve_precision, run_preset)
 from babyllama.train.run_record import git_state, write_run_record
-from babyllama.train.run_config import (RUN_PRESETS, preset_for, RunConfig, RunPaths, check_run, resolve_compile, resolve_precision,
-                            run_preset)
-from babyllama.data.tokenizer import Tokenizer
 from babyllama.train.trainer import Callback, LossFn, Trainer, causal_lm_loss
 
 
@@ -44,7 +44,7 @@ def parse_stage_args(description: str, stage: str,
     parser.add_argument("--preset", choices=sorted(RUN_PRESETS),
                         help="run preset (default: the --name when it is one of these, else baby)")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of this stage")
-    parser.add_argument("--device", default="auto", help="auto (MPS, else CUDA, else CPU), cpu, cuda, mps")
+    add_device_flag(parser)
     if add_flags is not None:
         add_flags(parser)
     add_dataclass_flags(parser, RunConfig)

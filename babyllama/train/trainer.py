@@ -17,11 +17,11 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from babyllama.train.checkpoint import (check_model_config, last_good_hint, load_checkpoint, rng_state, save_checkpoint,
-                                  set_rng_state)
-from babyllama.model.config import ModelConfig
-from babyllama.train.distributed import DistEnv, all_reduce_mean, full_state_dicts, load_full_state_dicts, shard_model
 from babyllama.errors import UserError
+from babyllama.model.config import ModelConfig
+from babyllama.train.checkpoint import (check_model_config, last_good_hint, load_checkpoint, rng_state, save_checkpoint,
+                                        set_rng_state)
+from babyllama.train.distributed import DistEnv, all_reduce_mean, full_state_dicts, load_full_state_dicts, shard_model
 from babyllama.train.flops import peak_flops
 
 LossFn = Callable[[nn.Module, Any], "Tensor | tuple[Tensor, dict[str, Tensor]]"]
