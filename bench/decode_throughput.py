@@ -19,7 +19,7 @@ import torch
 from jsonl import emit  # bench/ is on sys.path as the script's folder
 
 from babyllama.model.config import ModelConfig, preset
-from babyllama.model.generate import Generator, SamplingConfig
+from babyllama.model.generate import Generator, SamplingConfig, decode_dtype
 from babyllama.model.llama import Llama
 from babyllama.train.distributed import pick_device
 
@@ -73,6 +73,8 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--systems", default="ours-eager,ours-compiled,hf,hf-static")
+    ap.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                    help="weights and KV cache, as sft/infer.py's --dtype (auto: what it picks on this device)")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out", help="append results as JSON lines to this file")
     args = ap.parse_args()
@@ -84,7 +86,7 @@ def main() -> None:
         cfg = preset(args.config, vocab_size=args.vocab_size)
     torch.manual_seed(0)
     base = Llama(cfg).to(device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = decode_dtype(args.dtype, device)
     model = Llama(cfg).to(device=device, dtype=dtype).eval()
     model.load_state_dict(base.state_dict())
     systems = {

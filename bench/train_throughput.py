@@ -35,6 +35,7 @@ from babyllama.model.llama import Llama
 from babyllama.train.distributed import DistEnv, pick_device
 from babyllama.train.flops import peak_flops
 from babyllama.train.optim import build_adamw
+from babyllama.train.run_config import CPU_COMPILE_MIN_STEPS, resolve_compile, resolve_precision
 from babyllama.train.trainer import Callback, Trainer
 
 
@@ -105,6 +106,7 @@ class Levers:
     loss_chunk_elements: int | None = None  # None = babyllama.model.fused_cross_entropy.CHUNK_ELEMENTS
     attention: str | None = None  # an SDPA backend to prefer (e.g. "CUDNN_ATTENTION"); None = PyTorch's choice
     loader: bool = False  # batches through pretrain.py's token-bin loader instead of tensors already on the device
+    precision: str | None = "bf16"  # autocast dtype name; None = fp32
 
 
 def bench_ours(cfg: ModelConfig, args, device: torch.device, levers: Levers) -> dict:
@@ -129,7 +131,7 @@ def bench_ours(cfg: ModelConfig, args, device: torch.device, levers: Levers) -> 
         opt = build_adamw(trainer.network, lr=3e-4)
         if not levers.fused_adamw:
             opt = torch.optim.AdamW(opt.param_groups, lr=3e-4, betas=(0.9, 0.95), fused=False, foreach=False)
-        trainer.compile(optimizer=opt, clip_grad_norm=1.0, mixed_precision="bf16", torch_compile=levers.compile,
+        trainer.compile(optimizer=opt, clip_grad_norm=1.0, mixed_precision=levers.precision, torch_compile=levers.compile,
                         grad_accumulation_steps=args.accum, log_every=args.warmup + args.steps, ddp=levers.ddp)
         timer = StepTimer(args.warmup, device)
         trainer.fit(batches, max_steps=args.warmup + args.steps, callbacks=[timer])
@@ -203,13 +205,15 @@ def single_rank_group(device: torch.device) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="0.2b")
+    ap.add_argument("--vocab", type=int, default=4096, help="for presets sized by their tokenizer (baby)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--accum", type=int, default=1)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--systems", default="ours,hf,bert4torch",
-                    help="comma list of: ours, ours-loader (through pretrain.py's token-bin loader), ours-eager, "
+                    help="comma list of: ours (the precision and compile `auto` picks here), ours-loader (through "
+                         "pretrain.py's token-bin loader), ours-eager, ours-eager-fp32, ours-compiled-fp32, "
                          "ours-ddp, hf, bert4torch (skipped when not installed)")
     ap.add_argument("--levers", action="store_true", help="measure each speed lever of our trainer")
     ap.add_argument("--smoke", action="store_true", help="tiny config on CPU, 2 steps: checks the script runs")
@@ -222,13 +226,19 @@ def main() -> None:
         cfg = ModelConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, ffn_dim=128, max_seq_len=64)
         args.batch, args.seq, args.steps, args.warmup, args.config = 2, 64, 2, 1, "smoke"
     else:
-        cfg = preset(args.config)
+        cfg = preset(args.config, vocab_size=args.vocab)
     gpu = device.type == "cuda"
+    # "ours": what pretrain.py's --mixed-precision auto / --torch-compile auto choose here for a long run
+    # (--smoke checks the script, not inductor: no compile there)
+    auto = dict(compile=resolve_compile("auto", device, CPU_COMPILE_MIN_STEPS) and not args.smoke,
+                precision=resolve_precision("auto", device))
     runs = {
-        "ours": lambda: bench_ours(cfg, args, device, Levers(compile=gpu)),
-        "ours-loader": lambda: bench_ours(cfg, args, device, Levers(compile=gpu, loader=True)),
-        "ours-eager": lambda: bench_ours(cfg, args, device, Levers(compile=False)),
-        "ours-ddp": lambda: bench_ours(cfg, args, device, Levers(compile=gpu, ddp=True)),
+        "ours": lambda: bench_ours(cfg, args, device, Levers(**auto)),
+        "ours-loader": lambda: bench_ours(cfg, args, device, Levers(**auto, loader=True)),
+        "ours-eager": lambda: bench_ours(cfg, args, device, Levers(compile=False, precision=auto["precision"])),
+        "ours-ddp": lambda: bench_ours(cfg, args, device, Levers(**auto, ddp=True)),
+        "ours-eager-fp32": lambda: bench_ours(cfg, args, device, Levers(compile=False, precision=None)),
+        "ours-compiled-fp32": lambda: bench_ours(cfg, args, device, Levers(compile=True, precision=None)),
         "hf": lambda: bench_hf(cfg, args, device),
         "bert4torch": lambda: bench_bert4torch(cfg, args, device),
     }

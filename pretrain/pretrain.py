@@ -65,7 +65,7 @@ def main() -> None:
     if env.is_main:
         print(f"model {run.model}: {trainer.network.num_params() / 1e6:.1f}M params, {env.world_size} process(es) "
               f"on {env.device}, {run.max_steps} steps of {run.batch_size * run.grad_accum * env.world_size} "
-              f"x {cfg.max_seq_len} tokens")
+              f"x {cfg.max_seq_len} tokens, {trainer.precision}{', torch.compile' if trainer.compiled else ''}")
     evaluator = cb.Evaluator(val_loader, every=run.eval_every, max_batches=run.eval_batches)
     # val_bpb beside val_loss, and PPMd / xz on the same held-out split as flat lines once the run is done
     reference = CompressorReference(RunCorpus.of_config(run, paths.data), paths.out, paths.tensorboard("pretrain"),

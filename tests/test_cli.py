@@ -85,6 +85,26 @@ def test_run_name_and_preset_are_separate():
     assert paths.stage("sft") == Path("/tmp/o/my-run/sft") and paths.tensorboard("sft") == Path("/tmp/r/my-run/sft")
 
 
+def test_cpu_auto_picks_bf16_only_with_native_bf16_and_compiles_long_runs(monkeypatch):
+    from babyllama import hardware
+    from babyllama.train import run_config
+
+    cpu = torch.device("cpu")
+    for bf16, amx, capability, want in ((True, False, "AVX512", "bf16"), (False, True, "AVX512", "bf16"),
+                                        (False, False, "AVX512", None), (True, False, "AVX2", None),
+                                        (False, False, "DEFAULT", None)):  # AVX2: torch's kernels would emulate it
+        monkeypatch.setattr(run_config.torch.cpu, "_is_avx512_bf16_supported", lambda bf16=bf16: bf16)
+        monkeypatch.setattr(run_config.torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
+        monkeypatch.setattr(run_config.torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+        assert resolve_precision("auto", cpu) == want
+        assert resolve_precision("fp32", cpu) is None and resolve_precision("bf16", cpu) == "bf16"
+    assert resolve_compile("auto", cpu, run_config.CPU_COMPILE_MIN_STEPS) is True
+    assert resolve_compile("auto", cpu, run_config.CPU_COMPILE_MIN_STEPS - 1) is False
+    assert resolve_compile("off", cpu, 10**6) is False and resolve_compile("on", cpu, 1) is True
+    monkeypatch.setattr(hardware.shutil, "which", lambda name: None)  # inductor needs a C++ compiler on a CPU
+    assert resolve_compile("auto", cpu, 10**6) is False
+
+
 def test_device_auto_prefers_mps_then_cuda_then_cpu_and_a_missing_device_is_one_line(monkeypatch):
     from babyllama.train import distributed
 
@@ -102,5 +122,5 @@ def test_device_auto_prefers_mps_then_cuda_then_cpu_and_a_missing_device_is_one_
     monkeypatch.setattr(distributed.os, "environ", {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"})
     with pytest.raises(UserError, match="torchrun with several processes is not supported on MPS"):
         distributed.init_distributed("auto")
-    assert resolve_compile("auto", torch.device("mps")) is False
+    assert resolve_compile("auto", torch.device("mps"), 10**6) is False
     assert resolve_precision("auto", torch.device("mps")) is None

@@ -116,6 +116,19 @@ def test_other_config_fields_are_named(reference):
     assert any("lr 0.001 -> 0.002" in n for n in result.notes)
 
 
+def test_other_numerics_are_named(reference):
+    """--mixed-precision auto picks fp32 on a CPU without native bf16: the notes say so beside the verdict."""
+    record = json.loads((reference / "pretrain" / "run.json").read_text())
+    (reference / "pretrain" / "run.json").write_text(json.dumps({**record, "numerics": {"precision": "bf16",
+                                                                                         "compiled": True}}))
+    yours = write_stage(reference.parent / "yours", "pretrain", BASE, METRICS)
+    record = json.loads((yours / "run.json").read_text())
+    (yours / "run.json").write_text(json.dumps({**record, "numerics": {"precision": "fp32", "compiled": True}}))
+    [result], _ = compare.compare_runs(yours.parent, reference, TOLERANCE)
+    assert any("precision 'bf16' -> 'fp32' (what auto chose on each machine)" in n for n in result.notes)
+    assert not any("compiled" in n for n in result.notes)
+
+
 # ======================================================================= bad input: one line
 @pytest.mark.parametrize("make,message", [
     (lambda d: write_stage(d, "pretrain", BASE, METRICS, config={"model": "0.2b"}),

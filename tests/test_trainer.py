@@ -30,12 +30,13 @@ def pattern_data(n: int, seed: int = 0) -> TensorDataset:
     return TensorDataset(seq[:, :-1], seq[:, 1:])
 
 
-def make_trainer(batch: int = 8, accum: int = 1, steps: int = 40, seed: int = 0, torch_compile: bool = False):
+def make_trainer(batch: int = 8, accum: int = 1, steps: int = 40, seed: int = 0, torch_compile: bool = False,
+                 precision: str | None = None):
     torch.manual_seed(seed)
     trainer = Trainer(Llama(CFG))
     opt = build_adamw(trainer.network, lr=3e-3)
     trainer.compile(optimizer=opt, scheduler=warmup_cosine(opt, 5, steps), grad_accumulation_steps=accum,
-                    torch_compile=torch_compile)
+                    torch_compile=torch_compile, mixed_precision=precision)
     data = pattern_data(256)
     loader = DataLoader(data, batch_size=batch, sampler=ResumableSampler(len(data), seed=1))
     return trainer, loader
@@ -83,6 +84,24 @@ def test_resume_continues_exactly(tmp_path):
     rec2 = Recorder()
     resumed.fit(loader2, epochs=5, max_steps=30, callbacks=[rec2])
     assert rec2.losses == rec.losses[12:]
+
+
+def test_compiled_bf16_training_is_deterministic_and_resumes_exactly(tmp_path):
+    """What --mixed-precision auto / --torch-compile auto pick on a CPU with native bf16: the same losses, bit for
+    bit, run after run on one machine (published logs are compared against such runs), and after a resume."""
+    curves = []
+    for _ in range(2):
+        trainer, loader = make_trainer(accum=2, steps=20, torch_compile=True, precision="bf16")
+        rec = Recorder()
+        trainer.fit(loader, epochs=5, max_steps=20, callbacks=[rec, cb.Checkpoint(tmp_path / str(len(curves)),
+                                                                                    every=8, keep=0)])
+        curves.append(rec.losses)
+    assert curves[0] == curves[1] and curves[0][-1] < curves[0][0] - 0.5
+    resumed, loader = make_trainer(accum=2, steps=20, seed=123, torch_compile=True, precision="bf16")
+    resumed.resume(str(tmp_path / "0" / "step_00000008.pt"))
+    rec = Recorder()
+    resumed.fit(loader, epochs=5, max_steps=20, callbacks=[rec])
+    assert rec.losses == curves[0][8:]
 
 
 def test_resume_across_epoch_boundary(tmp_path):

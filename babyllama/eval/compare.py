@@ -293,6 +293,9 @@ def check_same_recipe(yours: StageLog, reference: StageLog) -> list[str]:
                         "train the tokenizer on the same --corpus with the same --vocab-size")
     differ = [f"{k} {b.get(k)!r} -> {a.get(k)!r}" for k in sorted(set(a) | set(b))
               if k not in _INCIDENTAL and a.get(k) != b.get(k)]
+    num_a, num_b = yours.record.get("numerics"), reference.record.get("numerics")
+    differ += [f"{k} {num_b[k]!r} -> {num_a[k]!r} (what auto chose on each machine)"
+               for k in sorted(num_a or {}) if num_a and num_b and num_a[k] != num_b.get(k)]
     ws_a, ws_b = yours.record.get("world_size", 1), reference.record.get("world_size", 1)
     if ws_a != ws_b:
         differ.append(f"processes {ws_b} -> {ws_a} (global batch {b.get('batch_size', 0) * ws_b} -> "

@@ -14,6 +14,7 @@ import torch
 
 from babyllama.cli import check_ranges
 from babyllama.errors import UserError
+from babyllama.hardware import cpu_has_native_bf16, cxx_compiler
 from babyllama.model.config import ModelConfig, load_bert4torch_config, padded_vocab, preset, read_json
 from babyllama.shipped import TRAIN_CORPUS
 from babyllama.train.checkpoint import latest_checkpoint, load_checkpoint
@@ -47,8 +48,8 @@ class RunConfig:
     clip_grad_norm: float = 1.0
     on_nonfinite: str = "stop"  # a NaN/inf loss or gradient: "stop" (naming the last good checkpoint) or "skip" the step
     loss_spike_factor: float = 0.0  # stop when a loss exceeds this x the recent mean (0 = off)
-    mixed_precision: str = "auto"  # auto = bf16 on GPUs that support it, else fp32
-    torch_compile: str = "auto"  # auto = on for CUDA
+    mixed_precision: str = "auto"  # auto = bf16 on GPUs and CPUs that have it natively, else fp16 (GPU) / fp32
+    torch_compile: str = "auto"  # auto = on for CUDA, and on CPU for runs long enough to pay for it
     eval_every: int = 100
     eval_batches: int = 20
     ckpt_every: int = 200
@@ -200,7 +201,9 @@ def config_at(path: Path) -> ModelConfig:
 
 def resolve_precision(run_value: str, device: torch.device) -> str | None:
     """The trainer's autocast dtype name (None = fp32) for --mixed-precision; a typo is a UserError here, not a
-    ValueError from the trainer."""
+    ValueError from the trainer. auto: bf16 on GPUs that have it (else fp16) and on CPUs with native bf16
+    (1.9x fp32 eager on the 2-core AVX-512 BF16 dev machine, docs/performance.md); fp32 on other CPUs and on MPS,
+    the only precision verified there (none was)."""
     value = run_value.lower()
     if value not in _PRECISIONS:
         raise UserError(f"--mixed-precision {run_value!r}: choose auto, bf16, fp16 or fp32 (none)")
@@ -208,9 +211,21 @@ def resolve_precision(run_value: str, device: torch.device) -> str | None:
         return None if value in _NO_AUTOCAST else value
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return None  # CPU: fp32 (see docs/performance.md); MPS: fp32, the only precision verified there (none was)
+    return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else None
 
 
-def resolve_compile(run_value: str, device: torch.device) -> bool:
-    """--torch-compile: `auto` compiles on CUDA only (on MPS inductor's Metal backend is experimental)."""
-    return device.type == "cuda" if run_value == "auto" else run_value.lower() in ("1", "true", "yes", "on")
+# torch.compile on a CPU costs tens of seconds once (docs/performance.md) and saves about a quarter of each step of
+# the baby preset: shorter runs (the later stages' tens of steps, tests) do not earn it back.
+CPU_COMPILE_MIN_STEPS = 200
+
+
+def resolve_compile(run_value: str, device: torch.device, steps: int | None = None) -> bool:
+    """--torch-compile: `auto` compiles on CUDA, and on a CPU for a run of at least CPU_COMPILE_MIN_STEPS `steps`
+    when a C++ compiler is there for inductor; MPS never (inductor's Metal backend is experimental). `steps` is the
+    run's length, not what is left of it after a resume, so a resumed run keeps its numerics."""
+    if run_value != "auto":
+        return run_value.lower() in ("1", "true", "yes", "on")
+    if device.type == "cpu":
+        return steps is not None and steps >= CPU_COMPILE_MIN_STEPS and cxx_compiler() is not None
+    return device.type == "cuda"
+

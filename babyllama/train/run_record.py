@@ -121,6 +121,8 @@ def write_run_record(directory: Path, stage: str, args: argparse.Namespace, run:
         "git": git_state(),
         "software": software(),
         "machine": machine(env.device),
+        # what --mixed-precision / --torch-compile `auto` chose on this machine: the numbers depend on it
+        "numerics": {"precision": trainer.precision, "compiled": trainer.compiled},
         "metrics": {k: float(v) for k, v in metrics.items()},
     }
     write_atomic(path, (json.dumps(record, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))

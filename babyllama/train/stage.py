@@ -75,7 +75,8 @@ def compile_from_run(trainer: Trainer, run: RunConfig, loss: LossFn = causal_lm_
     trainer.compile(loss=loss, optimizer=optimizer,
                     scheduler=warmup_cosine(optimizer, run.warmup_steps, run.max_steps, run.min_lr_ratio),
                     clip_grad_norm=run.clip_grad_norm, mixed_precision=resolve_precision(run.mixed_precision, device),
-                    grad_accumulation_steps=run.grad_accum, torch_compile=resolve_compile(run.torch_compile, device),
+                    grad_accumulation_steps=run.grad_accum,
+                    torch_compile=resolve_compile(run.torch_compile, device, run.max_steps),
                     log_every=run.log_every, flops_per_token=flops_per_token, skip_nonfinite=run.on_nonfinite == "skip")
     trainer.extra_state["schedule"] = {k: getattr(run, k) for k in _SCHEDULE_FLAGS}
     trainer.extra_state["data_order"] = {"seed": run.seed, "batch_size": run.batch_size, "grad_accum": run.grad_accum,

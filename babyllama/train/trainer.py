@@ -79,6 +79,8 @@ class Trainer:
         self.clip_grad_norm, self.accum, self.log_every = clip_grad_norm, grad_accumulation_steps, log_every
         self.skip_nonfinite = skip_nonfinite
         self.amp_dtype = _AUTOCAST[mixed_precision]
+        self.precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.amp_dtype, "fp32")
+        self.compiled = torch_compile
         self.scaler = torch.amp.GradScaler(self.env.device.type, enabled=self.amp_dtype == torch.float16)
         self.flops_per_token = flops_per_token
         self.peak_flops = peak_flops(self.env.device)

@@ -1,0 +1,112 @@
+"""Pretraining recipes for the `baby` preset, measured: held-out bits per byte against CPU minutes.
+
+    python bench/recipe_sweep.py --work /tmp/sweep --out bench/results/sweep.jsonl           # every recipe
+    python bench/recipe_sweep.py --work /tmp/sweep --recipes base,lr2e-3                     # some of them
+    python bench/recipe_sweep.py --smoke                                                      # CI keeps it working
+
+Each recipe is pretrain/pretrain.py with some flags (and, for another model shape, an HF config.json it writes
+as --model), run one after another in this process's machine, all on one tokenizer and one set of token bins (the
+first recipe builds them, the others copy them), then `python -m babyllama.evaluate --stage pretrain` on the
+shipped held-out files. Prints one JSON object per recipe: pretraining wall seconds (its run.json), validation
+loss, held-out bpb per language and the PPMd margin, and a table at the end. Runs of one recipe are kept in
+<work>/out/<recipe> (a finished recipe is not run again).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from jsonl import emit  # bench/ is on sys.path as the script's folder
+
+from babyllama.model.config import preset
+from babyllama.shipped import REPO_ROOT, STAGE_SCRIPTS
+from babyllama.train.run_config import RunConfig
+from babyllama.train.run_record import RUN_RECORD
+
+# name -> (pretrain.py flags, changes to the baby model's shape or None)
+RECIPES: dict[str, tuple[list[str], dict | None]] = {
+    "base": ([], None),  # the preset as it is
+    "480-lr1e-3": (["--max-steps", "480"], None),
+    "480-lr2e-3": (["--max-steps", "480", "--lr", "2e-3"], None),
+    "480-lr3e-3": (["--max-steps", "480", "--lr", "3e-3"], None),
+    "480-lr2e-3-seq512": (["--max-steps", "480", "--lr", "2e-3", "--seq-len", "512", "--batch-size", "8"], None),
+    "960-b8-lr2e-3": (["--max-steps", "960", "--lr", "2e-3", "--batch-size", "8", "--warmup-steps", "60"], None),
+    "320-wide-lr2e-3": (["--max-steps", "320", "--lr", "2e-3"], dict(dim=320, n_heads=10, n_kv_heads=5, ffn_dim=864)),
+    "1000-lr2e-3": (["--max-steps", "1000", "--lr", "2e-3"], None),
+    "1500-lr2e-3": (["--max-steps", "1500", "--lr", "2e-3"], None),
+    "1500-wide-lr2e-3": (["--max-steps", "1500", "--lr", "2e-3"], dict(dim=384, n_layers=6, n_heads=8, n_kv_heads=4,
+                                                                     ffn_dim=1024)),
+}
+
+
+def run(cmd: list[str], log: Path) -> None:
+    with log.open("w") as f:
+        done = subprocess.run(cmd, cwd=REPO_ROOT, stdout=f, stderr=subprocess.STDOUT)
+    if done.returncode:
+        sys.exit(f"{' '.join(cmd)} failed (exit {done.returncode}); see {log}")
+
+
+def measure(recipe: str, work: Path, smoke: bool) -> dict:
+    flags, shape = RECIPES[recipe]
+    out = work / "out"
+    run_dir = out / recipe
+    result = run_dir / "eval" / "pretrain.json"
+    if not (run_dir / "pretrain" / RUN_RECORD).exists():  # a finished pretraining run is kept
+        shutil.rmtree(run_dir / "pretrain", ignore_errors=True)
+        prepared = next((d for d in sorted(out.glob("*")) if (d / "data" / "meta.json").exists()), None)
+        if prepared is not None and prepared != run_dir:  # one tokenizer and one set of token bins for all
+            for part in ("tokenizer", "data"):
+                if not (run_dir / part).exists():
+                    shutil.copytree(prepared / part, run_dir / part)
+        cmd = [sys.executable, str(STAGE_SCRIPTS["pretrain"]), "--name", recipe, "--preset", "baby", "--out", str(out),
+               "--runs", str(work / "runs"), *flags]
+        if shape:
+            config = work / f"{recipe}.json"
+            # the recipes share the preset's tokenizer size (the sweep does not vary it)
+            config.write_text(json.dumps(preset("baby", vocab_size=RunConfig().vocab_size, **shape).to_hf()))
+            cmd += ["--model", str(config)]
+        if smoke:
+            cmd += ["--max-steps", "4", "--eval-every", "2", "--ckpt-every", "4", "--seq-len", "32"]
+        run(cmd, work / f"{recipe}.log")
+    if not result.exists():
+        evaluate = [sys.executable, "-m", "babyllama.evaluate", "--name", recipe, "--stage", "pretrain", "--out",
+                    str(out)] + (["--max-docs", "4", "--max-items", "4"] if smoke else [])
+        run(evaluate, work / f"{recipe}.eval.log")
+    record = json.loads((run_dir / "pretrain" / RUN_RECORD).read_text())
+    evaluation = json.loads(result.read_text())
+    metrics = evaluation["metrics"]
+    return {"recipe": recipe, "flags": " ".join(flags), "shape": shape, "params": evaluation["params"],
+            "steps": record["steps"], "pretrain_s": record["wall_s"], "val_loss": round(record["metrics"]["val_loss"], 4),
+            "numerics": record.get("numerics"),
+            **{k: round(metrics[k], 4) for k in ("bpb", "zh_bpb", "en_bpb", "zh_margin_pct", "en_margin_pct")}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", default="out/_sweep", help="where the runs go")
+    ap.add_argument("--recipes", default=",".join(RECIPES), help=f"comma list of: {', '.join(RECIPES)}")
+    ap.add_argument("--out", help="append results as JSON lines to this file")
+    ap.add_argument("--smoke", action="store_true", help="4 steps of two recipes: checks the script runs")
+    args = ap.parse_args()
+    names = ["base", "320-wide-lr2e-3"] if args.smoke else args.recipes.split(",")
+    unknown = [n for n in names if n not in RECIPES]
+    if unknown:
+        sys.exit(f"--recipes: unknown {', '.join(unknown)}; choose from {', '.join(RECIPES)}")
+    rows = []
+    for name in names:
+        row = measure(name, Path(args.work), args.smoke)
+        emit(row, args.out)
+        rows.append(row)
+    print("\n| recipe | steps | pretrain s | val loss | bpb | zh bpb | en bpb | zh vs PPMd | en vs PPMd |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['recipe']} | {r['steps']} | {r['pretrain_s']:.0f} | {r['val_loss']:.4f} | {r['bpb']:.4f} | "
+              f"{r['zh_bpb']:.4f} | {r['en_bpb']:.4f} | {r['zh_margin_pct']:+.1f}% | {r['en_margin_pct']:+.1f}% |")
+
+
+if __name__ == "__main__":
+    main()
