@@ -81,7 +81,7 @@ def main() -> None:
     device = pick_device("cpu" if args.smoke else "auto")
     if args.smoke:
         cfg = ModelConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, ffn_dim=128, max_seq_len=128)
-        args.new_tokens, args.repeats = 16, 1
+        args.new_tokens, args.repeats, args.dtype = 16, 1, "fp32"  # fp32: HF and ours agree token for token
     else:
         cfg = preset(args.config, vocab_size=args.vocab_size)
     torch.manual_seed(0)

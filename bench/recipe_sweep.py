@@ -1,15 +1,15 @@
 """Pretraining recipes for the `baby` preset, measured: held-out bits per byte against CPU minutes.
 
     python bench/recipe_sweep.py --work /tmp/sweep --out bench/results/sweep.jsonl           # every recipe
-    python bench/recipe_sweep.py --work /tmp/sweep --recipes base,lr2e-3                     # some of them
+    python bench/recipe_sweep.py --work /tmp/sweep --recipes base,480-lr1e-3                    # some of them
     python bench/recipe_sweep.py --smoke                                                      # CI keeps it working
 
 Each recipe is pretrain/pretrain.py with some flags (and, for another model shape, an HF config.json it writes
-as --model), run one after another in this process's machine, all on one tokenizer and one set of token bins (the
-first recipe builds them, the others copy them), then `python -m babyllama.evaluate --stage pretrain` on the
-shipped held-out files. Prints one JSON object per recipe: pretraining wall seconds (its run.json), validation
-loss, held-out bpb per language and the PPMd margin, and a table at the end. Runs of one recipe are kept in
-<work>/out/<recipe> (a finished recipe is not run again).
+as --model), run one after another, all on one tokenizer and one set of token bins (the first recipe builds them,
+the others copy them; a recipe with its own --vocab-size trains its own), then `python -m babyllama.evaluate
+--stage pretrain` on the shipped held-out files. Prints one JSON object per recipe: pretraining wall seconds (its
+run.json), validation loss, held-out bpb per language and the margin over PPMd, and a table at the end. Runs are
+kept in <work>/out/<recipe>; a finished recipe is not run again. Time it on a quiet machine.
 """
 from __future__ import annotations
 
@@ -30,16 +30,15 @@ from babyllama.train.run_record import RUN_RECORD
 # name -> (pretrain.py flags, changes to the baby model's shape or None)
 RECIPES: dict[str, tuple[list[str], dict | None]] = {
     "base": ([], None),  # the preset as it is
-    "480-lr1e-3": (["--max-steps", "480"], None),
     "480-lr2e-3": (["--max-steps", "480", "--lr", "2e-3"], None),
-    "480-lr3e-3": (["--max-steps", "480", "--lr", "3e-3"], None),
-    "480-lr2e-3-seq512": (["--max-steps", "480", "--lr", "2e-3", "--seq-len", "512", "--batch-size", "8"], None),
-    "960-b8-lr2e-3": (["--max-steps", "960", "--lr", "2e-3", "--batch-size", "8", "--warmup-steps", "60"], None),
-    "320-wide-lr2e-3": (["--max-steps", "320", "--lr", "2e-3"], dict(dim=320, n_heads=10, n_kv_heads=5, ffn_dim=864)),
-    "1000-lr2e-3": (["--max-steps", "1000", "--lr", "2e-3"], None),
-    "1500-lr2e-3": (["--max-steps", "1500", "--lr", "2e-3"], None),
-    "1500-wide-lr2e-3": (["--max-steps", "1500", "--lr", "2e-3"], dict(dim=384, n_layers=6, n_heads=8, n_kv_heads=4,
-                                                                     ffn_dim=1024)),
+    "480-lr1e-3": (["--max-steps", "480"], None),
+    "480-lr6e-4": (["--max-steps", "480", "--lr", "6e-4"], None),
+    "960-b8": (["--max-steps", "960", "--batch-size", "8", "--warmup-steps", "60"], None),
+    "480-seq512": (["--max-steps", "480", "--seq-len", "512", "--batch-size", "8"], None),
+    "320-wide": (["--max-steps", "320"], dict(dim=320, n_heads=10, n_kv_heads=5, ffn_dim=864)),
+    "480-v8192": (["--max-steps", "480", "--vocab-size", "8192"], None),  # trains its own tokenizer
+    "1000": (["--max-steps", "1000"], None),
+    "1500": (["--max-steps", "1500"], None),
 }
 
 
@@ -58,7 +57,7 @@ def measure(recipe: str, work: Path, smoke: bool) -> dict:
     if not (run_dir / "pretrain" / RUN_RECORD).exists():  # a finished pretraining run is kept
         shutil.rmtree(run_dir / "pretrain", ignore_errors=True)
         prepared = next((d for d in sorted(out.glob("*")) if (d / "data" / "meta.json").exists()), None)
-        if prepared is not None and prepared != run_dir:  # one tokenizer and one set of token bins for all
+        if prepared is not None and prepared != run_dir and "--vocab-size" not in flags:  # one tokenizer for all
             for part in ("tokenizer", "data"):
                 if not (run_dir / part).exists():
                     shutil.copytree(prepared / part, run_dir / part)
@@ -70,7 +69,8 @@ def measure(recipe: str, work: Path, smoke: bool) -> dict:
             config.write_text(json.dumps(preset("baby", vocab_size=RunConfig().vocab_size, **shape).to_hf()))
             cmd += ["--model", str(config)]
         if smoke:
-            cmd += ["--max-steps", "4", "--eval-every", "2", "--ckpt-every", "4", "--seq-len", "32"]
+            cmd += ["--max-steps", "4", "--eval-every", "2", "--ckpt-every", "4", "--seq-len", "32",
+                    "--vocab-size", "512"]
         run(cmd, work / f"{recipe}.log")
     if not result.exists():
         evaluate = [sys.executable, "-m", "babyllama.evaluate", "--name", recipe, "--stage", "pretrain", "--out",
@@ -80,8 +80,8 @@ def measure(recipe: str, work: Path, smoke: bool) -> dict:
     evaluation = json.loads(result.read_text())
     metrics = evaluation["metrics"]
     return {"recipe": recipe, "flags": " ".join(flags), "shape": shape, "params": evaluation["params"],
-            "steps": record["steps"], "pretrain_s": record["wall_s"], "val_loss": round(record["metrics"]["val_loss"], 4),
-            "numerics": record.get("numerics"),
+            "steps": record["steps"], "pretrain_s": record["wall_s"], "numerics": record.get("numerics"),
+            "val_loss": round(record["metrics"]["val_loss"], 4),
             **{k: round(metrics[k], 4) for k in ("bpb", "zh_bpb", "en_bpb", "zh_margin_pct", "en_margin_pct")}}
 
 
@@ -92,7 +92,7 @@ def main() -> None:
     ap.add_argument("--out", help="append results as JSON lines to this file")
     ap.add_argument("--smoke", action="store_true", help="4 steps of two recipes: checks the script runs")
     args = ap.parse_args()
-    names = ["base", "320-wide-lr2e-3"] if args.smoke else args.recipes.split(",")
+    names = ["base", "320-wide"] if args.smoke else args.recipes.split(",")
     unknown = [n for n in names if n not in RECIPES]
     if unknown:
         sys.exit(f"--recipes: unknown {', '.join(unknown)}; choose from {', '.join(RECIPES)}")

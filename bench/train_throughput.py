@@ -227,7 +227,6 @@ def main() -> None:
         args.batch, args.seq, args.steps, args.warmup, args.config = 2, 64, 2, 1, "smoke"
     else:
         cfg = preset(args.config, vocab_size=args.vocab)
-    gpu = device.type == "cuda"
     # "ours": what pretrain.py's --mixed-precision auto / --torch-compile auto choose here for a long run
     # (--smoke checks the script, not inductor: no compile there)
     auto = dict(compile=resolve_compile("auto", device, CPU_COMPILE_MIN_STEPS) and not args.smoke,

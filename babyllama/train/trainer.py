@@ -88,6 +88,11 @@ class Trainer:
         if (self.env.distributed if ddp is None else ddp) and not self.fsdp:
             ids = [self.env.device.index] if self.env.device.type == "cuda" else None
             model = DDP(model, device_ids=ids)
+        if torch_compile and self.env.device.type == "cpu":
+            # inductor's CPU code adds up the embedding's gradient with atomic adds, in an order that changes from
+            # run to run; in deterministic mode it calls aten's ordered kernel instead (published logs rely on
+            # bit-identical reruns). Process-wide, as the flag is.
+            torch.use_deterministic_algorithms(True, warn_only=True)
         self.wrapped = torch.compile(model) if torch_compile else model  # what a training step calls
 
     def autocast(self) -> contextlib.AbstractContextManager:
