@@ -60,7 +60,7 @@ def main() -> None:
     # --init continues pretraining from given weights (e.g. an imported HF model, with --model set to it)
     model = load_init_model(init_checkpoint(run.init, paths, "pretrain"), cfg, tok) if run.init else Llama(cfg)
     trainer = compile_from_run(Trainer(model, env), run, flops_per_token=cfg.flops_per_token(cfg.max_seq_len),
-                               tokenizer=tok)
+                               tokenizer=tok, fixed_shapes=True)
     resume_if_asked(trainer, args, paths.stage("pretrain"))
     if env.is_main:
         print(f"model {run.model}: {trainer.network.num_params() / 1e6:.1f}M params, {env.world_size} process(es) "

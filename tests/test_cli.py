@@ -95,11 +95,12 @@ def test_cpu_auto_picks_bf16_only_with_native_bf16_and_compiles_long_runs(monkey
         monkeypatch.setattr(run_config.torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
         assert resolve_precision("auto", cpu) == want
         assert resolve_precision("fp32", cpu) is None and resolve_precision("bf16", cpu) == "bf16"
-    assert resolve_compile("auto", cpu, run_config.CPU_COMPILE_MIN_STEPS) is True
-    assert resolve_compile("auto", cpu, run_config.CPU_COMPILE_MIN_STEPS - 1) is False
-    assert resolve_compile("off", cpu, 10**6) is False and resolve_compile("on", cpu, 1) is True
+    assert resolve_compile("auto", cpu, run_config.CPU_COMPILE_MIN_STEPS, fixed_shapes=True) is True
+    assert resolve_compile("auto", cpu, run_config.CPU_COMPILE_MIN_STEPS - 1, fixed_shapes=True) is False
+    assert resolve_compile("auto", cpu, 10**6, fixed_shapes=False) is False  # padded batches recompile
+    assert resolve_compile("off", cpu, 10**6, True) is False and resolve_compile("on", cpu, 1) is True
     monkeypatch.setattr(hardware.shutil, "which", lambda name: None)  # inductor needs a C++ compiler on a CPU
-    assert resolve_compile("auto", cpu, 10**6) is False
+    assert resolve_compile("auto", cpu, 10**6, fixed_shapes=True) is False
 
 
 def test_device_auto_prefers_mps_then_cuda_then_cpu_and_a_missing_device_is_one_line(monkeypatch):

@@ -64,10 +64,13 @@ def parse_stage_args(description: str, stage: str,
 
 
 def compile_from_run(trainer: Trainer, run: RunConfig, loss: LossFn = causal_lm_loss,
-                     flops_per_token: float | None = None, tokenizer: Tokenizer | None = None) -> Trainer:
+                     flops_per_token: float | None = None, tokenizer: Tokenizer | None = None,
+                     fixed_shapes: bool = False) -> Trainer:
     """AdamW (decay groups, fused where available) + warmup/cosine + clipping + precision/compile from the run;
     with --fsdp under torchrun the model is sharded first (the optimizer must see the sharded parameters).
-    `tokenizer`: recorded in every checkpoint (its fingerprint), so later stages and inference can refuse another."""
+    `tokenizer`: recorded in every checkpoint (its fingerprint), so later stages and inference can refuse another.
+    `fixed_shapes`: every batch has the same shape (pretraining's windows), which `--torch-compile auto` needs on a
+    CPU (padded batches of varying length recompile there for minutes)."""
     device = trainer.env.device
     if run.fsdp:
         trainer.shard()
@@ -76,7 +79,7 @@ def compile_from_run(trainer: Trainer, run: RunConfig, loss: LossFn = causal_lm_
                     scheduler=warmup_cosine(optimizer, run.warmup_steps, run.max_steps, run.min_lr_ratio),
                     clip_grad_norm=run.clip_grad_norm, mixed_precision=resolve_precision(run.mixed_precision, device),
                     grad_accumulation_steps=run.grad_accum,
-                    torch_compile=resolve_compile(run.torch_compile, device, run.max_steps),
+                    torch_compile=resolve_compile(run.torch_compile, device, run.max_steps, fixed_shapes),
                     log_every=run.log_every, flops_per_token=flops_per_token, skip_nonfinite=run.on_nonfinite == "skip")
     trainer.extra_state["schedule"] = {k: getattr(run, k) for k in _SCHEDULE_FLAGS}
     trainer.extra_state["data_order"] = {"seed": run.seed, "batch_size": run.batch_size, "grad_accum": run.grad_accum,
