@@ -34,6 +34,8 @@ RECIPES: dict[str, tuple[list[str], dict | None]] = {
     "480-lr1e-3": (["--max-steps", "480"], None),
     "480-lr6e-4": (["--max-steps", "480", "--lr", "6e-4"], None),
     "960-b8": (["--max-steps", "960", "--batch-size", "8", "--warmup-steps", "60"], None),
+    "1920-b4": (["--max-steps", "1920", "--batch-size", "4", "--warmup-steps", "120"], None),
+    "1200-b8": (["--max-steps", "1200", "--batch-size", "8", "--warmup-steps", "60"], None),
     "480-seq512": (["--max-steps", "480", "--seq-len", "512", "--batch-size", "8"], None),
     "320-wide": (["--max-steps", "320"], dict(dim=320, n_heads=10, n_kv_heads=5, ffn_dim=864)),
     "480-v8192": (["--max-steps", "480", "--vocab-size", "8192"], None),  # trains its own tokenizer

@@ -39,6 +39,7 @@ from babyllama.errors import UserError
 from babyllama.eval.compare import STAGES, TOLERANCE, derive_tolerance
 from babyllama.shipped import PUBLISHED, REPO_ROOT, STAGE_SCRIPTS
 from babyllama.train.checkpoint import list_checkpoints
+from babyllama.train.run_config import RUN_PRESETS
 from babyllama.train.run_record import RUN_RECORD, portable, read_run_record
 
 DOCS = Path(__file__).resolve().parent
@@ -58,13 +59,14 @@ class Variant:
     kind: str = "machine"  # "machine": the same run elsewhere; "seed": the same recipe with other randomness
 
 
+HALF_BATCH = ("--batch-size", str(RUN_PRESETS["baby"].batch_size // 2))  # 2 processes, the same global batch
 VARIANTS = {
     "rerun": Variant(stages=("pretrain",)),
     "threads1": Variant(env={"OMP_NUM_THREADS": "1"}, stages=("pretrain",)),
     "avx2": Variant(env={"ATEN_CPU_CAPABILITY": "avx2"}),
-    "2proc": Variant(processes=2, flags=("--batch-size", "8"), stages=("pretrain",)),
+    "2proc": Variant(processes=2, flags=HALF_BATCH, stages=("pretrain",)),
     # one thread per process, as torchrun sets it for several processes per node (with one per node it does not)
-    "2node": Variant(nodes=2, env={"OMP_NUM_THREADS": "1"}, flags=("--batch-size", "8"), stages=("pretrain",)),
+    "2node": Variant(nodes=2, env={"OMP_NUM_THREADS": "1"}, flags=HALF_BATCH, stages=("pretrain",)),
     "seed1338": Variant(flags=("--seed", "1338"), seed_of_data=True, kind="seed"),
     "seed1339": Variant(flags=("--seed", "1339"), seed_of_data=True, kind="seed"),
 }
