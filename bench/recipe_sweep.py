@@ -1,7 +1,7 @@
 """Pretraining recipes for the `baby` preset, measured: held-out bits per byte against CPU minutes.
 
     python bench/recipe_sweep.py --work /tmp/sweep --out bench/results/sweep.jsonl           # every recipe
-    python bench/recipe_sweep.py --work /tmp/sweep --recipes base,480-lr1e-3                    # some of them
+    python bench/recipe_sweep.py --work /tmp/sweep --recipes 8x1200,8x2400                    # some of them
     python bench/recipe_sweep.py --smoke                                                      # CI keeps it working
 
 Each recipe is pretrain/pretrain.py with some flags (and, for another model shape, an HF config.json it writes
@@ -29,18 +29,15 @@ from babyllama.train.run_record import RUN_RECORD
 
 # name -> (pretrain.py flags, changes to the baby model's shape or None)
 RECIPES: dict[str, tuple[list[str], dict | None]] = {
-    "base": ([], None),  # the preset as it is
-    "480-lr2e-3": (["--max-steps", "480", "--lr", "2e-3"], None),
-    "480-lr1e-3": (["--max-steps", "480"], None),
-    "480-lr6e-4": (["--max-steps", "480", "--lr", "6e-4"], None),
-    "960-b8": (["--max-steps", "960", "--batch-size", "8", "--warmup-steps", "60"], None),
-    "1920-b4": (["--max-steps", "1920", "--batch-size", "4", "--warmup-steps", "120"], None),
-    "1200-b8": (["--max-steps", "1200", "--batch-size", "8", "--warmup-steps", "60"], None),
-    "480-seq512": (["--max-steps", "480", "--seq-len", "512", "--batch-size", "8"], None),
-    "320-wide": (["--max-steps", "320"], dict(dim=320, n_heads=10, n_kv_heads=5, ffn_dim=864)),
-    "480-v8192": (["--max-steps", "480", "--vocab-size", "8192"], None),  # trains its own tokenizer
-    "1000": (["--max-steps", "1000"], None),
-    "1500": (["--max-steps", "1500"], None),
+    "16x600": (["--batch-size", "16", "--max-steps", "600", "--warmup-steps", "30"], None),  # the recipe before
+    "16x480-lr2e-3": (["--batch-size", "16", "--max-steps", "480", "--warmup-steps", "30", "--lr", "2e-3"], None),
+    "16x480": (["--batch-size", "16", "--max-steps", "480", "--warmup-steps", "30"], None),
+    "16x480-lr6e-4": (["--batch-size", "16", "--max-steps", "480", "--warmup-steps", "30", "--lr", "6e-4"], None),
+    "8x960": (["--max-steps", "960"], None),
+    "4x1920": (["--batch-size", "4", "--max-steps", "1920", "--warmup-steps", "120"], None),
+    "8x1200": ([], None),  # the preset as it is
+    "8x2400": (["--max-steps", "2400", "--warmup-steps", "120"], None),
+    "8x1200-320x5": ([], dict(dim=320, n_layers=5, n_heads=10, n_kv_heads=5, ffn_dim=864)),
 }
 
 
@@ -94,7 +91,7 @@ def main() -> None:
     ap.add_argument("--out", help="append results as JSON lines to this file")
     ap.add_argument("--smoke", action="store_true", help="4 steps of two recipes: checks the script runs")
     args = ap.parse_args()
-    names = ["base", "320-wide"] if args.smoke else args.recipes.split(",")
+    names = ["8x1200", "8x1200-320x5"] if args.smoke else args.recipes.split(",")
     unknown = [n for n in names if n not in RECIPES]
     if unknown:
         sys.exit(f"--recipes: unknown {', '.join(unknown)}; choose from {', '.join(RECIPES)}")

@@ -43,6 +43,22 @@ def test_kv_cache_decoding_equals_full_recompute():
     assert (torch.cat(steps, 1) - full).abs().max() < 1e-5
 
 
+def test_kv_cache_under_bf16_autocast_decodes_like_a_full_forward():
+    """fp32 weights sampled under autocast (PPO's rollouts on a bf16 CPU or GPU): the cache takes the autocast
+    dtype, and cached decoding agrees with a full forward in that precision."""
+    torch.manual_seed(0)
+    m = Llama(tiny_config()).eval()
+    x = torch.randint(0, 300, (2, 12))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        full = m(x).logits.float()
+        m.setup_cache(batch=2, max_len=16)
+        assert m.model.layers[0].self_attn.cache.k.dtype == torch.bfloat16
+        steps = [m(x[:, :6], input_pos=torch.arange(6)).logits]
+        steps += [m(x[:, i:i + 1], input_pos=torch.tensor([i])).logits for i in range(6, 12)]
+        m.clear_cache()
+    assert (torch.cat(steps, 1).float() - full).abs().max() < 0.1  # bf16 rounding, not a wrong cache
+
+
 def test_fused_projections_decode_the_same_and_never_train():
     """Decoding with the fused q|k|v and gate|up copies gives the separate weights' logits; the copies stay out
     of the state dict, follow the weights when refreshed, and a training forward ignores them even when stale."""

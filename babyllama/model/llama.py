@@ -245,8 +245,12 @@ class Llama(nn.Module):
         return mask
 
     def setup_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> None:
-        """Allocate static KV caches; every forward then reads/writes them at `input_pos`."""
+        """Allocate static KV caches; every forward then reads/writes them at `input_pos`. Their dtype: `dtype`, else
+        the autocast dtype when decoding under autocast (PPO samples in the precision it trains in), else the
+        weights'."""
         p = self.lm_head.weight
+        if dtype is None and torch.is_autocast_enabled(p.device.type):
+            dtype = torch.get_autocast_dtype(p.device.type)
         self._ensure_rope(max_len)
         for layer in self.model.layers:
             attn = layer.self_attn
