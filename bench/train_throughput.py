@@ -230,7 +230,7 @@ def main() -> None:
     # "ours": what pretrain.py's --mixed-precision auto / --torch-compile auto choose here for a long run
     # (--smoke checks the script, not inductor: no compile there)
     auto = dict(compile=resolve_compile("auto", device, CPU_COMPILE_MIN_STEPS, fixed_shapes=True) and not args.smoke,
-                precision=resolve_precision("auto", device))
+                precision=resolve_precision("auto", device, fixed_shapes=True))
     runs = {
         "ours": lambda: bench_ours(cfg, args, device, Levers(**auto)),
         "ours-loader": lambda: bench_ours(cfg, args, device, Levers(**auto, loader=True)),

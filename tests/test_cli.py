@@ -93,7 +93,8 @@ def test_cpu_auto_picks_bf16_only_with_native_bf16_and_compiles_long_runs(monkey
     for bf16, amx, want in ((True, False, "bf16"), (False, True, "bf16"), (False, False, None)):
         monkeypatch.setattr(run_config.torch.cpu, "_is_avx512_bf16_supported", lambda bf16=bf16: bf16)
         monkeypatch.setattr(run_config.torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
-        assert resolve_precision("auto", cpu) == want
+        assert resolve_precision("auto", cpu, fixed_shapes=True) == want
+        assert resolve_precision("auto", cpu, fixed_shapes=False) is None  # padded later stages: fp32 is faster
         assert resolve_precision("fp32", cpu) is None and resolve_precision("bf16", cpu) == "bf16"
     assert resolve_compile("auto", cpu, run_config.CPU_COMPILE_MIN_STEPS, fixed_shapes=True) is True
     assert resolve_compile("auto", cpu, run_config.CPU_COMPILE_MIN_STEPS - 1, fixed_shapes=True) is False

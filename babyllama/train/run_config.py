@@ -200,11 +200,12 @@ def config_at(path: Path) -> ModelConfig:
     return ModelConfig.from_dict(state["model_config"], str(found))
 
 
-def resolve_precision(run_value: str, device: torch.device) -> str | None:
+def resolve_precision(run_value: str, device: torch.device, fixed_shapes: bool = False) -> str | None:
     """The trainer's autocast dtype name (None = fp32) for --mixed-precision; a typo is a UserError here, not a
-    ValueError from the trainer. auto: bf16 on GPUs that have it (else fp16) and on CPUs with native bf16
-    (1.9x fp32 eager on the 2-core AVX-512 BF16 dev machine, docs/performance.md); fp32 on other CPUs and on MPS,
-    the only precision verified there (none was)."""
+    ValueError from the trainer. auto: bf16 on GPUs that have it (else fp16); on a CPU with native bf16, bf16 for
+    runs whose batches all have one shape (`fixed_shapes`: pretraining, 1.9x fp32 eager on the 2-core AVX-512 BF16
+    dev machine) and fp32 for the later stages' small padded batches, where autocast's casts cost more than bf16
+    saves (docs/performance.md); fp32 on other CPUs and on MPS, the only precision verified there (none was)."""
     value = run_value.lower()
     if value not in _PRECISIONS:
         raise UserError(f"--mixed-precision {run_value!r}: choose auto, bf16, fp16 or fp32 (none)")
@@ -212,7 +213,7 @@ def resolve_precision(run_value: str, device: torch.device) -> str | None:
         return None if value in _NO_AUTOCAST else value
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else None
+    return "bf16" if device.type == "cpu" and fixed_shapes and cpu_has_native_bf16() else None
 
 
 # torch.compile on a CPU costs tens of seconds once (docs/performance.md) and saves about a quarter of each step of

@@ -69,15 +69,16 @@ def compile_from_run(trainer: Trainer, run: RunConfig, loss: LossFn = causal_lm_
     """AdamW (decay groups, fused where available) + warmup/cosine + clipping + precision/compile from the run;
     with --fsdp under torchrun the model is sharded first (the optimizer must see the sharded parameters).
     `tokenizer`: recorded in every checkpoint (its fingerprint), so later stages and inference can refuse another.
-    `fixed_shapes`: every batch has the same shape (pretraining's windows), which `--torch-compile auto` needs on a
-    CPU (padded batches of varying length recompile there for minutes)."""
+    `fixed_shapes`: every batch has the same shape (pretraining's windows): on a CPU `auto` then picks bf16 and
+    compile where they pay (padded batches of varying length recompile for minutes, and are too small for bf16)."""
     device = trainer.env.device
     if run.fsdp:
         trainer.shard()
     optimizer = build_adamw(trainer.network, run.lr, run.weight_decay)
     trainer.compile(loss=loss, optimizer=optimizer,
                     scheduler=warmup_cosine(optimizer, run.warmup_steps, run.max_steps, run.min_lr_ratio),
-                    clip_grad_norm=run.clip_grad_norm, mixed_precision=resolve_precision(run.mixed_precision, device),
+                    clip_grad_norm=run.clip_grad_norm,
+                    mixed_precision=resolve_precision(run.mixed_precision, device, fixed_shapes),
                     grad_accumulation_steps=run.grad_accum,
                     torch_compile=resolve_compile(run.torch_compile, device, run.max_steps, fixed_shapes),
                     log_every=run.log_every, flops_per_token=flops_per_token, skip_nonfinite=run.on_nonfinite == "skip")
