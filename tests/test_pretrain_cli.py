@@ -31,9 +31,11 @@ ROOT = Path(__file__).resolve().parents[1]
 PRETRAIN, INFER = str(ROOT / "pretrain" / "pretrain.py"), str(ROOT / "pretrain" / "infer.py")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 STEPS, BATCH, SEQ_LEN = 30, 4, 31
+# fp32: the exact claims below (2 processes = 1 by the weights, resumes) are made in fp32; bf16 + compile, what
+# `auto` picks for pretraining on a bf16 CPU, is held to them in test_trainer.py and test_compare.py's replay
 TINY = ["--model", "tiny", "--vocab-size", "300", "--seq-len", str(SEQ_LEN), "--batch-size", str(BATCH),
-        "--max-steps", str(STEPS), "--eval-every", "10", "--eval-batches", "2", "--ckpt-every", "3",
-        "--workers", "1", "--device", "cpu"]
+        "--max-steps", str(STEPS), "--warmup-steps", "30", "--eval-every", "10", "--eval-batches", "2",
+        "--ckpt-every", "3", "--workers", "1", "--device", "cpu", "--mixed-precision", "fp32"]
 
 
 @dataclass
