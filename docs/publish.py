@@ -63,7 +63,9 @@ HALF_BATCH = ("--batch-size", str(RUN_PRESETS["baby"].batch_size // 2))  # 2 pro
 VARIANTS = {
     "rerun": Variant(stages=("pretrain",)),
     "threads1": Variant(env={"OMP_NUM_THREADS": "1"}, stages=("pretrain",)),
-    "avx2": Variant(env={"ATEN_CPU_CAPABILITY": "avx2"}),
+    # eager: with ATEN_CPU_CAPABILITY=avx2, inductor's bf16 code for the baby model crashes (SIGSEGV at the first
+    # step, torch 2.13.0+cpu)
+    "avx2": Variant(env={"ATEN_CPU_CAPABILITY": "avx2"}, flags=("--torch-compile", "off")),
     "2proc": Variant(processes=2, flags=HALF_BATCH, stages=("pretrain",)),
     # one thread per process, as torchrun sets it for several processes per node (with one per node it does not)
     "2node": Variant(nodes=2, env={"OMP_NUM_THREADS": "1"}, flags=HALF_BATCH, stages=("pretrain",)),
