@@ -131,7 +131,8 @@ def bench_ours(cfg: ModelConfig, args, device: torch.device, levers: Levers) -> 
         opt = build_adamw(trainer.network, lr=3e-4)
         if not levers.fused_adamw:
             opt = torch.optim.AdamW(opt.param_groups, lr=3e-4, betas=(0.9, 0.95), fused=False, foreach=False)
-        trainer.compile(optimizer=opt, clip_grad_norm=1.0, mixed_precision=levers.precision, torch_compile=levers.compile,
+        trainer.compile(optimizer=opt, clip_grad_norm=1.0, mixed_precision=levers.precision,
+                        torch_compile=levers.compile,
                         grad_accumulation_steps=args.accum, log_every=args.warmup + args.steps, ddp=levers.ddp)
         timer = StepTimer(args.warmup, device)
         trainer.fit(batches, max_steps=args.warmup + args.steps, callbacks=[timer])

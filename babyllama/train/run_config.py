@@ -48,7 +48,7 @@ class RunConfig:
     clip_grad_norm: float = 1.0
     on_nonfinite: str = "stop"  # a NaN/inf loss or gradient: "stop" (naming the last good checkpoint) or "skip" the step
     loss_spike_factor: float = 0.0  # stop when a loss exceeds this x the recent mean (0 = off)
-    mixed_precision: str = "auto"  # auto = bf16 on GPUs and CPUs that have it natively, else fp16 (GPU) / fp32
+    mixed_precision: str = "auto"  # auto = bf16 on GPUs that have it (else fp16); on CPUs with it, for pretraining
     torch_compile: str = "auto"  # auto = on for CUDA; on a CPU for pretraining runs long enough to pay for it
     eval_every: int = 100
     eval_batches: int = 20
@@ -221,7 +221,8 @@ def resolve_precision(run_value: str, device: torch.device, fixed_shapes: bool =
 CPU_COMPILE_MIN_STEPS = 200
 
 
-def resolve_compile(run_value: str, device: torch.device, steps: int | None = None, fixed_shapes: bool = False) -> bool:
+def resolve_compile(run_value: str, device: torch.device, steps: int | None = None,
+                    fixed_shapes: bool = False) -> bool:
     """--torch-compile: `auto` compiles on CUDA, and on a CPU for a run of at least CPU_COMPILE_MIN_STEPS `steps`
     whose batches all have one shape (`fixed_shapes`: SFT's padded batches of varying length took 7.7 s a step
     compiled vs 1.1 eager, recompiling) when a C++ compiler is there for inductor; MPS never (inductor's Metal
@@ -232,4 +233,3 @@ def resolve_compile(run_value: str, device: torch.device, steps: int | None = No
     if device.type == "cpu":
         return fixed_shapes and (steps or 0) >= CPU_COMPILE_MIN_STEPS and cxx_compiler() is not None
     return device.type == "cuda"
-
