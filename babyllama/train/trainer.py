@@ -79,7 +79,6 @@ class Trainer:
         self.clip_grad_norm, self.accum, self.log_every = clip_grad_norm, grad_accumulation_steps, log_every
         self.skip_nonfinite = skip_nonfinite
         self.amp_dtype = _AUTOCAST[mixed_precision]
-        self.precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.amp_dtype, "fp32")
         self.compiled = torch_compile
         self.scaler = torch.amp.GradScaler(self.env.device.type, enabled=self.amp_dtype == torch.float16)
         self.flops_per_token = flops_per_token
@@ -94,6 +93,11 @@ class Trainer:
             # bit-identical reruns). Process-wide, as the flag is.
             torch.use_deterministic_algorithms(True, warn_only=True)
         self.wrapped = torch.compile(model) if torch_compile else model  # what a training step calls
+
+    @property
+    def precision(self) -> str:
+        """The name of the dtype the steps compute in: bf16, fp16 or fp32 (no autocast)."""
+        return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.amp_dtype, "fp32")
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.amp_dtype is None:
