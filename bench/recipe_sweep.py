@@ -37,7 +37,13 @@ RECIPES: dict[str, tuple[list[str], dict | None]] = {
     "4x1920": (["--batch-size", "4", "--max-steps", "1920", "--warmup-steps", "120"], None),
     "8x1200": ([], None),  # the preset as it is
     "8x2400": (["--max-steps", "2400", "--warmup-steps", "120"], None),
-    "8x1200-320x5": ([], dict(dim=320, n_layers=5, n_heads=10, n_kv_heads=5, ffn_dim=864)),
+    "8x1200-320x5": ([], dict(dim=320, n_layers=5, n_heads=10, n_kv_heads=5, ffn_dim=864)),  # a bigger model
+    "8x1200-v2048": (["--vocab-size", "2048"], None),  # vocabulary: shorter tokens, more of them per byte
+    "8x1200-v8192": (["--vocab-size", "8192"], None),
+    "16x1200-s128": (["--batch-size", "16", "--seq-len", "128"], None),  # context, at the same tokens per step
+    "32x1200-s64": (["--batch-size", "32", "--seq-len", "64"], None),
+    "4x1200-s512": (["--batch-size", "4", "--seq-len", "512"], None),
+    "8x1200-min0": (["--min-lr-ratio", "0"], None),  # schedule: cosine down to 0 instead of 10%
 }
 
 
@@ -76,10 +82,15 @@ def measure(recipe: str, work: Path, smoke: bool) -> dict:
                     str(out)] + (["--max-docs", "4", "--max-items", "4"] if smoke else [])
         run(evaluate, work / f"{recipe}.eval.log")
     record = json.loads((run_dir / "pretrain" / RUN_RECORD).read_text())
+    config = record["config"]
+    seq_len = config["seq_len"] or preset("baby", vocab_size=config["vocab_size"]).max_seq_len
+    train_tokens = json.loads((run_dir / "data" / "meta.json").read_text())["splits"]["train"]["tokens"]
     evaluation = json.loads(result.read_text())
     metrics = evaluation["metrics"]
+    tokens = record["steps"] * config["batch_size"] * config["grad_accum"] * record["world_size"] * seq_len
     return {"recipe": recipe, "flags": " ".join(flags), "shape": shape, "params": evaluation["params"],
-            "steps": record["steps"], "pretrain_s": record["wall_s"], "numerics": record.get("numerics"),
+            "steps": record["steps"], "epochs": round(tokens / train_tokens, 2), "pretrain_s": record["wall_s"],
+            "numerics": record.get("numerics"),
             "val_loss": round(record["metrics"]["val_loss"], 4),
             **{k: round(metrics[k], 4) for k in ("bpb", "zh_bpb", "en_bpb", "zh_margin_pct", "en_margin_pct")}}
 
@@ -100,11 +111,12 @@ def main() -> None:
         row = measure(name, Path(args.work), args.smoke)
         emit(row, args.out)
         rows.append(row)
-    print("\n| recipe | steps | pretrain s | val loss | bpb | zh bpb | en bpb | zh vs PPMd | en vs PPMd |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| recipe | steps | epochs | pretrain s | val loss | bpb | zh bpb | en bpb | zh vs PPMd | en vs PPMd |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['recipe']} | {r['steps']} | {r['pretrain_s']:.0f} | {r['val_loss']:.4f} | {r['bpb']:.4f} | "
-              f"{r['zh_bpb']:.4f} | {r['en_bpb']:.4f} | {r['zh_margin_pct']:+.1f}% | {r['en_margin_pct']:+.1f}% |")
+        print(f"| {r['recipe']} | {r['steps']} | {r['epochs']} | {r['pretrain_s']:.0f} | {r['val_loss']:.4f} | "
+              f"{r['bpb']:.4f} | {r['zh_bpb']:.4f} | {r['en_bpb']:.4f} | {r['zh_margin_pct']:+.1f}% | "
+              f"{r['en_margin_pct']:+.1f}% |")
 
 
 if __name__ == "__main__":
