@@ -62,6 +62,15 @@ def test_top_k_and_top_p_filters():
     assert set(p) <= {0, 1}
 
 
+def test_top_k_keeps_exactly_k_of_tied_logits_the_lowest_ids_first():
+    logits = torch.tensor([[1.0, 3.0, 3.0, 3.0, 0.5]])  # bf16 decoding makes such ties common
+    g = torch.Generator().manual_seed(0)
+    k1 = {int(sample_next(logits, SamplingConfig(temperature=1.0, top_k=1, top_p=1.0), g)) for _ in range(30)}
+    assert k1 == {int(logits.argmax())} == {1}  # top_k=1 agrees with greedy
+    k2 = {int(sample_next(logits, SamplingConfig(temperature=1.0, top_k=2, top_p=1.0), g)) for _ in range(60)}
+    assert k2 == {1, 2}
+
+
 def test_repetition_penalty():
     logits = torch.tensor([[2.0, -2.0, 1.0]])
     seen = torch.tensor([[True, True, False]])

@@ -31,11 +31,13 @@ ROOT = Path(__file__).resolve().parents[1]
 PRETRAIN, INFER = str(ROOT / "pretrain" / "pretrain.py"), str(ROOT / "pretrain" / "infer.py")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 STEPS, BATCH, SEQ_LEN = 30, 4, 31
-# fp32: the exact claims below (2 processes = 1 by the weights, resumes) are made in fp32; bf16 + compile, what
-# `auto` picks for pretraining on a bf16 CPU, is held to them in test_trainer.py and test_compare.py's replay
+# fp32 eager: the exact claims below (2 processes = 1 by the weights, resumes) are made in fp32; bf16 + compile,
+# what `auto` picks for pretraining on a bf16 CPU, is held to them in test_trainer.py and test_compare.py's replay.
+# Eager also spares the runs of >= 200 steps (the lock test's) a minute of compiling.
 TINY = ["--model", "tiny", "--vocab-size", "300", "--seq-len", str(SEQ_LEN), "--batch-size", str(BATCH),
         "--max-steps", str(STEPS), "--warmup-steps", "30", "--eval-every", "10", "--eval-batches", "2",
-        "--ckpt-every", "3", "--workers", "1", "--device", "cpu", "--mixed-precision", "fp32"]
+        "--ckpt-every", "3", "--workers", "1", "--device", "cpu", "--mixed-precision", "fp32",
+        "--torch-compile", "off"]
 
 
 @dataclass
@@ -357,8 +359,10 @@ def test_second_run_on_a_stage_is_refused_naming_the_holder_and_a_killed_runs_lo
     first = subprocess.Popen(run.args("--max-steps", "100000"), stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, env=ENV)
     deadline = time.monotonic() + 120
-    while not (lock.exists() and lock.read_text().startswith(str(first.pid))) and time.monotonic() < deadline:
+    holder = f"(PID {first.pid} on "
+    while not (lock.exists() and holder in lock.read_text()) and time.monotonic() < deadline:
         time.sleep(0.05)
+    assert holder in lock.read_text(), "the first run never took the lock"
     try:
         assert_user_error(run.pretrain(), f"is in use by another pretrain run (PID {first.pid} on ",
                           "wait for it to finish, or pass another --out")

@@ -64,6 +64,13 @@ _PREPARE_HINT = ("rerun data/prepare.py (with --overwrite), or delete the direct
 
 
 # ======================================================================= preparation
+def val_draws(seed: int, val_fraction: float) -> Callable[[int], np.ndarray]:
+    """The train/val split rule: one uniform draw per document, in corpus order, from a generator seeded with
+    `seed`; a document is val when its draw is below `val_fraction`. Returns: n -> the next n documents' flags."""
+    rng = np.random.default_rng(seed)
+    return lambda n: rng.random(n) < val_fraction
+
+
 def token_dtype(vocab_size: int) -> str:
     """The on-disk dtype name for a vocabulary: uint16 up to 65,535 tokens, else uint32."""
     return "uint16" if vocab_size <= 65_535 else "uint32"
@@ -106,12 +113,12 @@ def _prepare_token_bins(documents: Iterable[str], tokenizer: Any, out: Path, val
     dtype = token_dtype(vocab_size)
     workers = num_workers if num_workers is not None else min(4, os.cpu_count() or 1)
     splits = _Splits(out, _DTYPES[dtype], shard_tokens, rescue_val=val_fraction > 0)
-    rng = np.random.default_rng(seed)
+    is_val = val_draws(seed, val_fraction)
     start, n_docs, n_bytes = time.perf_counter(), 0, 0
     try:
         with tqdm(desc=desc, unit="doc", unit_scale=True, disable=None) as bar:
             for tokens, lengths, chunk_bytes in _encode_all(documents, tokenizer, dtype, workers):
-                splits.add(tokens, lengths, rng.random(len(lengths)) < val_fraction)
+                splits.add(tokens, lengths, is_val(len(lengths)))
                 n_docs, n_bytes = n_docs + len(lengths), n_bytes + chunk_bytes
                 bar.update(len(lengths))
         splits.close()

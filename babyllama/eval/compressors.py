@@ -37,11 +37,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
-import numpy as np
-
 from babyllama.cli import add_device_flag, add_flag, main_guard
 from babyllama.data.corpus import iter_corpus
-from babyllama.data.token_bins import corpus_differences, corpus_record, read_meta
+from babyllama.data.token_bins import corpus_differences, corpus_record, read_meta, val_draws
 from babyllama.errors import UserError
 from babyllama.files import write_atomic
 from babyllama.shipped import REPO_ROOT
@@ -157,11 +155,11 @@ class RunCorpus:
     def split(self) -> Iterator[tuple[bool, str]]:
         """(is_val, document) in corpus order, as `prepare_token_bins` split them: one seeded uniform draw per
         document, val when below val_fraction; a split that leaves val empty moves the last document there."""
-        rng = np.random.default_rng(self.seed)
+        is_val = val_draws(self.seed, self.val_fraction)
         held: str | None = None  # the last training document, yielded once the next arrives
         any_val = False
         for doc in iter_corpus(self.paths, self.fmt, self.field):
-            if rng.random() < self.val_fraction:
+            if is_val(1)[0]:
                 any_val = True
                 yield True, doc
                 continue

@@ -81,14 +81,16 @@ def sample_next(logits: Tensor, cfg: SamplingConfig, generator: torch.Generator 
     if cfg.temperature <= 0:
         return logits.argmax(-1)
     logits = logits / cfg.temperature
-    if cfg.top_k > 0:
-        kth = torch.topk(logits, min(cfg.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if cfg.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) > cfg.top_p  # keep the smallest prefix reaching top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    if cfg.top_k > 0 or cfg.top_p < 1.0:
+        # a stable sort ranks tied logits by token id, so top_k keeps exactly k tokens (top_k=1 is greedy's choice)
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True, stable=True)
+        if cfg.top_k > 0:
+            sorted_logits[:, cfg.top_k:] = float("-inf")
+        if cfg.top_p < 1.0:
+            probs = sorted_logits.softmax(-1)
+            drop = probs.cumsum(-1) - probs > cfg.top_p  # keep the smallest prefix reaching top_p
+            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
