@@ -5,11 +5,12 @@
     python bench/recipe_sweep.py --smoke                                                      # CI keeps it working
 
 Each recipe is pretrain/pretrain.py with some flags (and, for another model shape, an HF config.json it writes
-as --model), run one after another, all on one tokenizer and one set of token bins (the first recipe builds them,
-the others copy them; a recipe with its own --vocab-size trains its own), then `python -m babyllama.evaluate
---stage pretrain` on the shipped held-out files. Prints one JSON object per recipe: pretraining wall seconds (its
-run.json), validation loss, held-out bpb per language and the margin over PPMd, and a table at the end. Runs are
-kept in <work>/out/<recipe>; a finished recipe is not run again. Time it on a quiet machine.
+as --model), run one after another, all on one tokenizer and one set of token bins: the first recipe builds them,
+the others copy them together with its cached compressor results (a recipe with its own --vocab-size trains its
+own). Then `python -m babyllama.evaluate --stage pretrain` on the shipped held-out files. Prints one JSON object
+per recipe: pretraining wall seconds (its run.json), passes over the training tokens, validation loss, held-out
+bpb per language and the margin over PPMd, and a table at the end. Runs are kept in <work>/out/<recipe>; a
+finished recipe is not run again. Time it alone on a quiet machine.
 """
 from __future__ import annotations
 
@@ -63,8 +64,9 @@ def measure(recipe: str, work: Path, smoke: bool) -> dict:
         shutil.rmtree(run_dir / "pretrain", ignore_errors=True)
         prepared = next((d for d in sorted(out.glob("*")) if (d / "data" / "meta.json").exists()), None)
         if prepared is not None and prepared != run_dir and "--vocab-size" not in flags:  # one tokenizer for all
-            for part in ("tokenizer", "data"):
-                if not (run_dir / part).exists():
+            # eval/baseline: the compressors' results, cached per corpus and split, which these runs share
+            for part in ("tokenizer", "data", "eval/baseline"):
+                if (prepared / part).exists() and not (run_dir / part).exists():
                     shutil.copytree(prepared / part, run_dir / part)
         cmd = [sys.executable, str(STAGE_SCRIPTS["pretrain"]), "--name", recipe, "--preset", "baby", "--out", str(out),
                "--runs", str(work / "runs"), *flags]

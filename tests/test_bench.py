@@ -35,11 +35,14 @@ def test_decode_smoke_greedy_tokens_match_hf():
 
 def test_recipe_sweep_smoke_trains_evaluates_and_reuses_the_data(tmp_path):
     rows = run_bench("recipe_sweep.py", "--work", str(tmp_path))
-    assert [r["recipe"] for r in rows] == ["8x1200", "8x1200-320x5"] and [r["steps"] for r in rows] == [4, 4]
+    names = [r["recipe"] for r in rows]
+    assert names == ["8x1200", "8x1200-320x5"] and [r["steps"] for r in rows] == [4, 4]
     assert rows[1]["params"] > rows[0]["params"]  # the wider shape was trained
     assert all(r["bpb"] > 0 and r["zh_bpb"] > 0 and r["en_bpb"] > 0 for r in rows)
     assert (tmp_path / "out" / "8x1200-320x5" / "data" / "meta.json").read_bytes() == \
         (tmp_path / "out" / "8x1200" / "data" / "meta.json").read_bytes()
+    cached = [sorted(p.name for p in (tmp_path / "out" / r / "eval" / "baseline").iterdir()) for r in names]
+    assert cached[0] and cached[0] == cached[1]  # the second recipe reused the first one's compressor results
 
 
 def test_profile_smoke_groups_the_step_time(tmp_path):
