@@ -189,6 +189,14 @@ def next_line_pair(lines: Sequence[str], counts: Counter, rng: random.Random,
     return lines[i], lines[i + 1]
 
 
+def next_line_pairs(lines: Sequence[str], counts: Counter, rng: random.Random, min_chars: int,
+                    k: int) -> list[tuple[str, str]]:
+    """Up to `k` distinct (line, next line) pairs of a record, each as `next_line_pair` picks one."""
+    options = [i for i in range(len(lines) - 1)
+               if counts[lines[i]] == 1 and len(lines[i]) >= min_chars and len(lines[i + 1]) >= min_chars]
+    return [(lines[i], lines[i + 1]) for i in sorted(rng.sample(options, min(k, len(options))))]
+
+
 def _cap(tasks: list[list[list[Message]]], max_per_task: int | None, rng: random.Random) -> list[list[Message]]:
     """Keep at most `max_per_task` examples of each task (a seeded sample, in the original order)."""
     out = []
@@ -247,9 +255,10 @@ def self_cognition(name: str = "BabyLlama", author: str = "babyllama") -> dict[s
 
 
 # ======================================================================= held-out multiple choice
-def build_choice_items(records: Iterable[dict], lang: str, seed: int = 0,
-                       max_items: int | None = None) -> list[dict]:
-    """4-way "which line comes next" items from HELD-OUT records (poems for `zh`, speeches for `en`).
+def build_choice_items(records: Iterable[dict], lang: str, seed: int = 0, max_items: int | None = None,
+                       per_record: int = 1) -> list[dict]:
+    """4-way "which line comes next" items from HELD-OUT records (poems for `zh`, speeches for `en`), up to
+    `per_record` from each record (different lines of it).
 
     Each item is `{"messages": [user prompt], "choices": [4 str], "answer": int}`: the true next line and
     three lines of similar length from other records. Answer positions are balanced over 0..3."""
@@ -267,11 +276,17 @@ def build_choice_items(records: Iterable[dict], lang: str, seed: int = 0,
     rng.shuffle(order)
     items = []
     for k in order:
-        pair = next_line_pair(records[k]["lines"], counts, rng, min_chars)
-        distractors = pair and _distractors(by_len, k, pair[1], rng)
-        if distractors:
-            items.append((pair[0], pair[1], distractors))
+        if per_record == 1:  # the draws of the original 1-per-record set, kept so that it rebuilds identically
+            pair = next_line_pair(records[k]["lines"], counts, rng, min_chars)
+            pairs = [pair] if pair else []
+        else:
+            pairs = next_line_pairs(records[k]["lines"], counts, rng, min_chars, per_record)
+        for line, truth in pairs:
+            distractors = _distractors(by_len, k, truth, rng)
+            if distractors:
+                items.append((line, truth, distractors))
         if max_items is not None and len(items) >= max_items:
+            items = items[:max_items]
             break
     answers = [i % 4 for i in range(len(items))]
     rng.shuffle(answers)

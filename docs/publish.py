@@ -37,7 +37,7 @@ from pathlib import Path
 from babyllama.cli import main_guard
 from babyllama.errors import UserError
 from babyllama.eval.compare import STAGES, TOLERANCE, derive_tolerance
-from babyllama.shipped import PUBLISHED, REPO_ROOT, STAGE_SCRIPTS
+from babyllama.shipped import PUBLISHED, REPO_ROOT, STAGE_SCRIPTS, TRAIN_CORPUS
 from babyllama.train.checkpoint import list_checkpoints
 from babyllama.train.run_config import RUN_PRESETS
 from babyllama.train.run_record import RUN_RECORD, portable, read_run_record
@@ -54,12 +54,25 @@ class Variant:
     processes: int = 1  # torchrun processes per node
     nodes: int = 1
     flags: tuple[str, ...] = ()
+    pretrain_flags: tuple[str, ...] = ()  # flags for the pretraining command only
     stages: tuple[str, ...] = STAGES
     seed_of_data: bool = False  # copy the reference's tokenizer and token data (a --seed also splits the data)
-    kind: str = "machine"  # "machine": the same run elsewhere; "seed": the same recipe with other randomness
+    # "machine": the same run elsewhere; "seed": the same recipe with other randomness; "changed": another recipe
+    # (what compare must call diverged)
+    kind: str = "machine"
+    family: str = "bf16"  # the numerics family whose reference it is compared with (FAMILIES)
+    corpus_fraction: float = 1.0  # < 1: train on the shipped corpus less every 1/(1 - fraction)-th document
+    planted_bug: str | None = None  # python run before the stage script (a deliberate model bug)
 
 
+# The numerics a user's CPU gets from `--mixed-precision auto` (docs/reproducibility.md): bf16 + compile where the
+# CPU has native bf16 (AVX-512 BF16 / AMX), fp32 + compile elsewhere (AVX2-only x86, ARM). Each has a published
+# reference; the fp32 one is made here with AVX2 kernels and pretraining forced to fp32, as such a CPU runs it.
+FP32 = ("--mixed-precision", "fp32")
+FAMILIES = {"bf16": Variant(), "fp32": Variant(env={"ATEN_CPU_CAPABILITY": "avx2"}, pretrain_flags=FP32)}
 HALF_BATCH = ("--batch-size", str(RUN_PRESETS["baby"].batch_size // 2))  # 2 processes, the same global batch
+BABY = RUN_PRESETS["baby"]
+NO_ROPE = "import babyllama.model.llama as m; m.apply_rope = lambda x, cos, sin: x"
 VARIANTS = {
     "rerun": Variant(stages=("pretrain",)),
     "threads1": Variant(env={"OMP_NUM_THREADS": "1"}, stages=("pretrain",)),
@@ -69,8 +82,19 @@ VARIANTS = {
     "2proc": Variant(processes=2, flags=HALF_BATCH, stages=("pretrain",)),
     # one thread per process, as torchrun sets it for several processes per node (with one per node it does not)
     "2node": Variant(nodes=2, env={"OMP_NUM_THREADS": "1"}, flags=HALF_BATCH, stages=("pretrain",)),
-    "seed1338": Variant(flags=("--seed", "1338"), seed_of_data=True, kind="seed"),
-    "seed1339": Variant(flags=("--seed", "1339"), seed_of_data=True, kind="seed"),
+    # the fp32 family's command on this machine's AVX-512 kernels (its reference ran AVX2 kernels)
+    "fp32-avx512": Variant(pretrain_flags=FP32, family="fp32"),
+    **{f"seed{seed}": Variant(flags=("--seed", str(seed)), seed_of_data=True, kind="seed")
+       for seed in (1338, 1339, 1340, 1341)},
+    # another seed in the fp32 family, held back from the bands: a false-alarm check of that family
+    "fp32-seed1342": Variant(env={"ATEN_CPU_CAPABILITY": "avx2"}, pretrain_flags=FP32, flags=("--seed", "1342"),
+                             seed_of_data=True, kind="heldout", family="fp32"),
+    # recipes compare must tell apart from the published one
+    "lr2x": Variant(pretrain_flags=("--lr", str(2 * BABY.lr)), stages=("pretrain",), kind="changed"),
+    "half-steps": Variant(pretrain_flags=("--max-steps", str(BABY.max_steps // 2)), stages=("pretrain",),
+                          kind="changed"),
+    "corpus80": Variant(corpus_fraction=0.8, stages=("pretrain",), kind="changed"),
+    "no-rope": Variant(planted_bug=NO_ROPE, stages=("pretrain",), kind="changed"),
 }
 
 
@@ -83,7 +107,14 @@ def free_port() -> int:
 def run_stage(stage: str, name: str, root: Path, variant: Variant) -> float:
     """One stage's command in root/{out,runs}; its output goes to root/<stage>.txt. Returns the wall seconds."""
     script = [STAGE_SCRIPTS[stage], "--name", name, "--out", str(root / "out"), "--runs", str(root / "runs"),
-              *variant.flags]
+              *variant.flags, *(variant.pretrain_flags if stage == "pretrain" else ())]
+    if stage == "pretrain" and variant.corpus_fraction < 1:
+        # the shipped tokenizer (the reference's), so that only the training text differs
+        script += ["--tokenizer", str(root.parent / "reference" / "out" / name / "tokenizer"),
+                   "--corpus", *map(str, thinned_corpus(root, variant.corpus_fraction))]
+    if variant.planted_bug:
+        script = ["-c", f"{variant.planted_bug}; import runpy, sys; sys.argv = sys.argv[1:]; "
+                  "runpy.run_path(sys.argv[0], run_name='__main__')", *script]
     if variant.processes * variant.nodes == 1:
         commands = [[sys.executable, *script]]
     else:
@@ -101,6 +132,19 @@ def run_stage(stage: str, name: str, root: Path, variant: Variant) -> float:
     if any(codes):
         raise UserError(f"{root.name}/{stage} failed (exit {max(codes)}); its output is in {log}")
     return time.time() - start
+
+
+def thinned_corpus(root: Path, keep: float) -> list[Path]:
+    """The shipped training files without every n-th document (n = 1 / (1 - keep)), written under root."""
+    every = round(1 / (1 - keep))
+    out = []
+    for source in TRAIN_CORPUS:
+        lines = source.read_text(encoding="utf-8").splitlines(keepends=True)
+        target = root / "corpus" / source.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text("".join(line for i, line in enumerate(lines) if (i + 1) % every), encoding="utf-8")
+        out.append(target)
+    return out
 
 
 def run_chain(name: str, root: Path, variant: Variant, stages: tuple[str, ...]) -> None:
