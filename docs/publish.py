@@ -36,7 +36,7 @@ from pathlib import Path
 
 from babyllama.cli import main_guard
 from babyllama.errors import UserError
-from babyllama.eval.compare import STAGES, TOLERANCE, derive_tolerance
+from babyllama.eval.compare import STAGES, TOLERANCE, derive_tolerance, family_dir
 from babyllama.shipped import PUBLISHED, REPO_ROOT, STAGE_SCRIPTS, TRAIN_CORPUS
 from babyllama.train.checkpoint import list_checkpoints
 from babyllama.train.run_config import RUN_PRESETS
@@ -251,20 +251,26 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--from", dest="source", help="collect: the run directory (<out>/<name>)")
     ap.add_argument("--runs", help="collect: its TensorBoard directory (<runs>/<name>)")
     ap.add_argument("--device", default="cpu", help="run: device for the evaluation")
+    ap.add_argument("--family", default="bf16", choices=sorted(FAMILIES),
+                    help="run: which numerics family's reference to make (bf16 is docs/published/<name> itself)")
     args = ap.parse_args(argv)
     work, dest = Path(args.work).resolve(), PUBLISHED / args.name
     stages = tuple(args.stages or STAGES)
     if args.command == "run":
         import make_report  # docs/make_report.py, beside this script
 
-        root = work / "reference"
-        run_chain(args.name, root, Variant(), stages)
+        family = FAMILIES[args.family]
+        root = work / ("reference" if args.family == "bf16" else f"reference-{args.family}")
+        if family.seed_of_data or args.family != "bf16":  # the same seed splits the same data: reuse it
+            copy_token_data(work / "reference", root, args.name)
+        run_chain(args.name, root, family, stages)
         out, runs = root / "out", root / "runs"
         make_report.evaluate_stages(out / args.name, args.device, None, 200)
-        report = make_report.make_report(args.name, out, runs, DOCS / "report", evaluated=True,
-                                         command=f"python docs/publish.py run --name {args.name}")
-        print(f"wrote {report}")
-        collect(args.name, out / args.name, runs / args.name, dest)
+        if args.family == "bf16":
+            report = make_report.make_report(args.name, out, runs, DOCS / "report", evaluated=True,
+                                             command=f"python docs/publish.py run --name {args.name}")
+            print(f"wrote {report}")
+        collect(args.name, out / args.name, runs / args.name, family_dir(dest, args.family))
     elif args.command == "collect":
         if not args.source:
             raise UserError("collect: pass --from <out>/<name> (and --runs <runs>/<name> for the event files)")

@@ -38,6 +38,14 @@ TOLERANCE = "tolerance.json"
 # checkpoints are kept, and --stop-at (a partial run is judged on the steps it has).
 _INCIDENTAL = {"out", "runs", "workers", "ckpt_every", "keep_checkpoints", "stop_at", "init", "tokenizer"}
 REPRODUCED, DRIFTED, DIVERGED, UNJUDGED = "reproduced", "drifted", "diverged", "unjudged"
+# Numerics families with a published reference each: what `--mixed-precision auto` pretrains in on a CPU with
+# native bf16 (bf16 + compile) and on any other (fp32 + compile). The later stages run fp32 in both.
+FAMILIES = ("bf16", "fp32")
+
+
+def family_dir(published: Path, family: str) -> Path:
+    """Where a family's reference lives: the bf16 one is docs/published/<name> itself, the others a subfolder."""
+    return published if family == FAMILIES[0] else published / family
 
 
 @dataclass
