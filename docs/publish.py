@@ -36,7 +36,8 @@ from pathlib import Path
 
 from babyllama.cli import main_guard
 from babyllama.errors import UserError
-from babyllama.eval.compare import STAGES, TOLERANCE, derive_tolerance, family_dir
+from babyllama.eval.compare import (DIVERGED, DRIFTED, FAMILIES as NUMERICS, REPRODUCED, STAGES, TOLERANCE,
+                                    clopper_pearson_upper, compare_runs, derive_tolerance, family_dir)
 from babyllama.shipped import PUBLISHED, REPO_ROOT, STAGE_SCRIPTS, TRAIN_CORPUS
 from babyllama.train.checkpoint import list_checkpoints
 from babyllama.train.run_config import RUN_PRESETS
@@ -225,9 +226,62 @@ def measured_tables(tolerance: dict) -> list[str]:
             lines.append(f"| {label} | {m['steps']} | {m['max_abs_delta_loss']:.2g} ({m['at_step']}) | "
                          f"{m['max_smoothed_delta_loss']:.2g} | {m['final_loss_delta']:+.2g} | "
                          f"{'—' if delta is None else f'{delta:.3g}'} |")
+        drift = [band for _, band in bands["drifted"]["smoothed_loss"]]
         lines.append(f"| **band** | | reproduced: up to {bands['reproduced']['loss'][-1][1]:.2g} | drifted: "
-                     f"{bands['drifted']['smoothed_loss']:.2g} | | reproduced {bands['reproduced']['metrics'][metric]:.2g}, "
+                     f"{min(drift):.2g}–{max(drift):.2g} | | reproduced {bands['reproduced']['metrics'][metric]:.2g}, "
                      f"drifted {bands['drifted']['metrics'][metric]:.2g} |")
+    return lines
+
+
+def bands_from(found: dict[str, Path], leave_out: str | None = None
+               ) -> tuple[dict[str, tuple[str, Path]], dict[str, Path]]:
+    """(machines, seeds) arguments of derive_tolerance from the variant runs found, without `leave_out`."""
+    machines = {k: (VARIANTS[k].family, v) for k, v in found.items() if VARIANTS[k].kind == "machine" and k != leave_out}
+    seeds = {k: v for k, v in found.items() if VARIANTS[k].kind == "seed" and k != leave_out}
+    return machines, seeds
+
+
+def checks(references: dict[str, Path], found: dict[str, Path]) -> dict:
+    """Every variant judged by compare against its family's reference, as a user's run would be: a machine or seed
+    run with bands derived WITHOUT it (leave one out, so that no run judges itself), the held-out and changed
+    recipes with the full bands."""
+    out = {}
+    for label, run in found.items():
+        variant = VARIANTS[label]
+        in_bands = variant.kind in ("machine", "seed")
+        tolerance = derive_tolerance(references, *bands_from(found, label if in_bands else None))["stages"]
+        reference = references.get(variant.family)
+        if reference is None:
+            continue
+        stages = [s for s in STAGES if (run / s / "log.jsonl").is_file() and (reference / s).is_dir()]
+        results, _ = compare_runs(run, reference, tolerance, stages, plots=None)
+        out[label] = {"kind": variant.kind, "family": variant.family,
+                      "stages": {r.stage: {"verdict": r.judgement.verdict, "first_step": r.judgement.first_step,
+                                           "reasons": r.judgement.reasons} for r in results}}
+    return out
+
+
+def check_table(checks: dict) -> list[str]:
+    """Markdown: each variant's verdict per stage, then the false-alarm count over the faithful runs."""
+    lines = ["| run | kind | family | " + " | ".join(STAGES) + " |", "|---" * (3 + len(STAGES)) + "|"]
+    counts = {REPRODUCED: 0, DRIFTED: 0, DIVERGED: 0}
+    for label, check in checks.items():
+        cells = []
+        for stage in STAGES:
+            c = check["stages"].get(stage)
+            if c is None:
+                cells.append("—")
+                continue
+            if check["kind"] != "changed":
+                counts[c["verdict"]] = counts.get(c["verdict"], 0) + 1
+            cells.append(f"**diverged** (step {c['first_step']})" if c["verdict"] == DIVERGED and c["first_step"]
+                         else c["verdict"])
+        lines.append(f"| {label} | {check['kind']} | {check['family']} | " + " | ".join(cells) + " |")
+    n = sum(counts.values())
+    if n:
+        lines += ["", f"Faithful runs, {n} stage verdicts: {counts[REPRODUCED]} reproduced, {counts[DRIFTED]} "
+                  f"drifted, {counts[DIVERGED]} diverged (false-alarm rate per stage {counts[DIVERGED] / n:.1%}, "
+                  f"95% upper bound {clopper_pearson_upper(counts[DIVERGED], n):.1%})."]
     return lines
 
 
@@ -285,12 +339,12 @@ def main(argv: list[str] | None = None) -> None:
         found = {label: work / label / "out" / args.name for label in VARIANTS if (work / label / "out").is_dir()}
         if not found:
             raise UserError(f"{work}: no variant runs; run `python docs/publish.py variants --name {args.name}` first")
-        tolerance = derive_tolerance(dest, {k: v for k, v in found.items() if VARIANTS[k].kind == "machine"},
-                                     {k: v for k, v in found.items() if VARIANTS[k].kind == "seed"})
+        references = {f: family_dir(dest, f) for f in NUMERICS if (family_dir(dest, f) / "pretrain").is_dir()}
+        tolerance = derive_tolerance(references, *bands_from(found))
+        tolerance["checks"] = checks(references, found)
         (dest / TOLERANCE).write_text(json.dumps(tolerance, indent=1) + "\n", encoding="utf-8")
-        print("\n".join(measured_tables(tolerance)))
+        print("\n".join(measured_tables(tolerance) + [""] + check_table(tolerance["checks"])))
         print(f"wrote {dest / TOLERANCE}")
-
 
 if __name__ == "__main__":
     main_guard(main)

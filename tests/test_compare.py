@@ -3,7 +3,9 @@ for bad input, and the replay of the published baby pretraining run's first step
 from __future__ import annotations
 
 import json
+import math
 import os
+import statistics
 import shutil
 import subprocess
 import sys
@@ -25,7 +27,7 @@ METRICS = {"val_loss": 4.5, "choice_acc": 0.3}
 TOLERANCE = {"pretrain": {"window": 5,
                           "reproduced": {"loss": [[1, 1e-4], [30, 0.01]], "metrics": {"val_loss": 0.003,
                                                                                       "choice_acc": 1e-4}},
-                          "drifted": {"smoothed_loss": 0.05, "metrics": {"val_loss": 0.05, "choice_acc": 0.05}}}}
+                          "drifted": {"smoothed_loss": [[1, 0.05]], "metrics": {"val_loss": 0.05, "choice_acc": 0.05}}}}
 
 
 def write_stage(run_dir: Path, stage: str, losses: list[float], metrics: dict | None = None,
@@ -75,7 +77,7 @@ def test_a_metric_beyond_its_band(reference):
     assert judge(reference, BASE, {**METRICS, "choice_acc": 0.32}).judgement.verdict == "drifted"
     judgement = judge(reference, BASE, {**METRICS, "choice_acc": 0.5}).judgement
     assert judgement.verdict == "diverged" and judgement.first_step is None
-    assert any("choice_acc beyond another seed's band" in r for r in judgement.reasons)
+    assert any("choice_acc beyond the band of other seeds" in r for r in judgement.reasons)
 
 
 def test_reward_model_scores_compare_as_gains_over_the_starting_model(tmp_path):
@@ -170,23 +172,44 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path):
 # ======================================================================= tolerance from variant runs
 def test_tolerance_bands_come_from_the_measured_variants(reference, tmp_path):
     machine = [v + (1e-6 if s < 20 else 2e-3 * (-1) ** s) for s, v in enumerate(BASE, 1)]
-    seed = [v + 0.03 + 0.1 * (-1) ** s for s, v in enumerate(BASE, 1)]
     write_stage(tmp_path / "m", "pretrain", machine, {"val_loss": 4.501, "choice_acc": 0.3})
-    write_stage(tmp_path / "s", "pretrain", seed, {"val_loss": 4.52, "choice_acc": 0.28})
-    tol = compare.derive_tolerance(reference, {"m": tmp_path / "m"}, {"s": tmp_path / "s"})
+    offsets = {"s1": 0.03, "s2": -0.02, "s3": 0.01, "s4": -0.03}  # four other seeds: the curve moved as a whole
+    accuracy = {"s1": 0.28, "s2": 0.31, "s3": 0.29, "s4": 0.30}
+    for label, offset in offsets.items():
+        write_stage(tmp_path / label, "pretrain", [v + offset for v in BASE],
+                    {"val_loss": 4.5 + offset, "choice_acc": accuracy[label]})
+    tol = compare.derive_tolerance({"bf16": reference}, {"m": ("bf16", tmp_path / "m")},
+                                   {k: tmp_path / k for k in offsets})
     bands = tol["stages"]["pretrain"]
+    assert bands["runs"] == 5
     assert bands["reproduced"]["loss"][0] == [1, compare.LOSS_FLOOR]  # 3 x 1e-6 is below the floor
     assert bands["reproduced"]["loss"][-1] == [20, pytest.approx(3 * 2e-3)]  # widens where the variant moved
     assert bands["reproduced"]["metrics"]["val_loss"] == pytest.approx(3 * 1e-3)
-    assert bands["drifted"]["metrics"]["val_loss"] == pytest.approx(1.5 * 0.02)
-    assert bands["drifted"]["metrics"]["choice_acc"] == pytest.approx(1.5 * 0.02)
-    assert bands["drifted"]["smoothed_loss"] > 1.5 * 0.03  # the seed's offset, smoothed
+    # drifted: Z x sqrt(2) x the spread of the five runs (the reference and the seeds)
+    values = [4.5] + [4.5 + o for o in offsets.values()]
+    sd = statistics.stdev(values)
+    assert bands["drifted"]["metrics"]["val_loss"] == pytest.approx(compare.Z * math.sqrt(2) * sd)
+    assert all(band == pytest.approx(compare.Z * math.sqrt(2) * sd) for _, band in bands["drifted"]["smoothed_loss"])
+    # an accuracy's spread is at least its binomial sampling error over the shipped items
+    n = compare.accuracy_counts()["choice_acc"]
+    assert bands["drifted"]["metric_sd"]["choice_acc"] == pytest.approx(
+        max(statistics.stdev([0.3, *accuracy.values()]), math.sqrt(0.3 * 0.7 / n)))
     assert tol["measured"]["m"]["pretrain"]["max_abs_delta_loss"] == pytest.approx(2e-3)
-    # the variants themselves: the machine run reproduces, the other seed drifts
-    assert compare.judge(compare.difference(compare.read_stage(tmp_path / "m", "pretrain"),
-                                            compare.read_stage(reference, "pretrain"), 5), bands).verdict == "reproduced"
-    assert compare.judge(compare.difference(compare.read_stage(tmp_path / "s", "pretrain"),
-                                            compare.read_stage(reference, "pretrain"), 5), bands).verdict == "drifted"
+    # the runs themselves: the machine run reproduces, another seed drifts, a shift of 6 sd diverges
+    run = {label: compare.read_stage(tmp_path / label, "pretrain") for label in ("m", "s1")}
+    ref = compare.read_stage(reference, "pretrain")
+    assert compare.judge(compare.difference(run["m"], ref, 5), bands).verdict == "reproduced"
+    assert compare.judge(compare.difference(run["s1"], ref, 5), bands).verdict == "drifted"
+    shifted = write_stage(tmp_path / "x", "pretrain", [v + 6 * math.sqrt(2) * sd for v in BASE], METRICS)
+    judgement = compare.judge(compare.difference(compare.read_stage(shifted.parent, "pretrain"), ref, 5), bands)
+    assert judgement.verdict == "diverged" and judgement.first_step == 1
+
+
+def test_accuracy_intervals():
+    lo, hi = compare.wilson_interval(0.3, 1000)
+    assert lo == pytest.approx(0.2724, abs=1e-3) and hi == pytest.approx(0.3291, abs=1e-3)
+    assert compare.wilson_interval(0.0, 50)[0] == 0.0 and compare.wilson_interval(1.0, 50)[1] == 1.0
+    assert compare.binomial_sd(0.27, 376) == pytest.approx(0.0229, abs=1e-4)
 
 
 # ======================================================================= the published run

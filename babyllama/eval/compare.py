@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +30,7 @@ from typing import Any
 
 from babyllama.cli import main_guard
 from babyllama.errors import UserError
+from babyllama.hardware import cpu_has_native_bf16
 from babyllama.shipped import PUBLISHED, STAGE_SCRIPTS
 from babyllama.train.callbacks import read_text_log
 from babyllama.train.run_record import RUN_RECORD, read_run_record
@@ -41,6 +44,16 @@ REPRODUCED, DRIFTED, DIVERGED, UNJUDGED = "reproduced", "drifted", "diverged", "
 # Numerics families with a published reference each: what `--mixed-precision auto` pretrains in on a CPU with
 # native bf16 (bf16 + compile) and on any other (fp32 + compile). The later stages run fp32 in both.
 FAMILIES = ("bf16", "fp32")
+
+
+def numerics_family(run_dir: Path) -> tuple[str, str]:
+    """(the family of a run, why): from the numerics its pretraining recorded, else what auto picks on this CPU."""
+    numerics = (read_run_record(Path(run_dir) / "pretrain" / RUN_RECORD) or {}).get("numerics") or {}
+    if numerics.get("precision"):
+        family = FAMILIES[0] if numerics["precision"] == "bf16" else FAMILIES[1]
+        return family, f"your pretraining ran {numerics['precision']}"
+    family = FAMILIES[0] if cpu_has_native_bf16() else FAMILIES[1]
+    return family, "no pretraining run.json: the numerics --mixed-precision auto picks on this CPU"
 
 
 def family_dir(published: Path, family: str) -> Path:
@@ -189,16 +202,18 @@ def judge(diff: Difference, tolerance: dict | None) -> Judgement:
         s, d = over[0]
         reasons.append(f"|Δloss| {d:.2g} at step {s} beyond the reproduced band {envelope_band(envelope, s):.2g}")
     reasons += [f"{k} beyond its reproduced band ±{metric_reproduced[k]:.2g}" for k in beyond_reproduced]
-    smoothed = [(s, d) for s, d in zip(diff.steps, diff.smoothed_delta) if d > drift["smoothed_loss"]]
+    smoothed = [(s, d) for s, d in zip(diff.steps, diff.smoothed_delta)
+                if d > envelope_band(drift["smoothed_loss"], s)]
     beyond_drift = _metrics_beyond(diff.metrics, metric_drifted)
     if not smoothed and not beyond_drift:
         return Judgement(DRIFTED, over[0][0] if over else None, reasons)
     first = None
     if smoothed:
         s, d = smoothed[0]
-        reasons.append(f"smoothed |Δloss| {d:.3g} at step {s} beyond another seed's band {drift['smoothed_loss']:.3g}")
-        first = _departure(diff, diff.steps.index(s), drift["smoothed_loss"])
-    reasons += [f"{k} beyond another seed's band ±{metric_drifted[k]:.3g}" for k in beyond_drift]
+        band = envelope_band(drift["smoothed_loss"], s)
+        reasons.append(f"smoothed |Δloss| {d:.3g} at step {s} beyond the band of other seeds {band:.3g}")
+        first = _departure(diff, diff.steps.index(s), band)
+    reasons += [f"{k} beyond the band of other seeds ±{metric_drifted[k]:.3g}" for k in beyond_drift]
     return Judgement(DIVERGED, first, reasons)
 
 
@@ -217,42 +232,116 @@ def _departure(diff: Difference, crossing: int, band: float) -> int:
 
 # How measured differences become bands (docs/reproducibility.md gives the measurements behind them).
 REPRODUCED_FACTOR = 3.0  # a band is 3x the largest difference measured between the same run on other machines
-DRIFT_FACTOR = 1.5  # ... and 1.5x what other seeds gave, for the drift band
 LOSS_FLOOR = 1e-4  # |Δloss| below this is agreement, whatever was measured (identical variants measure 0)
 METRIC_FLOOR = 1e-4  # the same for metrics, relative to the published value (at least 1e-4 absolute)
+# The drifted band is Z standard deviations of the difference between two faithful runs (sqrt(2) x one run's
+# spread). Designed false-alarm rate: a faithful chain is called diverged at most FALSE_ALARM of the time. A chain
+# makes about 250 checks (5 stages x ~30 independent windows of the loss curve and up to ~20 final metrics); for
+# normal errors with a known spread, P(|x| > 4.5 sd) = 6.8e-6 per check, 0.17% per chain. The spread is estimated
+# from 5 seeds, so the real rate is higher: docs/reproducibility.md measures it on held-back runs.
+Z = 4.5
+FALSE_ALARM = 0.01
+POOL_WINDOWS = 4  # a step's seed spread is pooled over this many moving-average windows around it
 
 
-def derive_tolerance(reference_dir: Path, machines: dict[str, Path], seeds: dict[str, Path]) -> dict:
-    """tolerance.json from measured runs of the reference's commands: `machines` the same command on other
-    machines (threads, CPU kernels, processes, nodes), `seeds` the same chain with another --seed. Stages a variant
-    did not run add nothing to that stage's bands."""
+def accuracy_counts() -> dict[str, int]:
+    """n of every accuracy a stage reports, from the shipped evaluation files each is measured on: the choice items
+    (overall and per language) and the preference pairs of the reward and DPO validation accuracy. Prefixed names
+    (before_, heldout_, heldout_before_) are measured on the same items."""
+    from babyllama.data.jsonl import json_values
+    from babyllama.shipped import CHAT_CHOICES, PREF_VALID
+
+    langs = [record.get("lang") for _, record in json_values(CHAT_CHOICES)]
+    base = {"choice_acc": len(langs), **{f"choice_acc_{lang}": langs.count(lang) for lang in set(langs) if lang},
+            "val_accuracy": sum(1 for _ in json_values(PREF_VALID))}
+    base["val_reward_accuracy"] = base["val_accuracy"]
+    return {prefix + k: n for k, n in base.items() for prefix in ("", "before_", "heldout_", "heldout_before_")}
+
+
+def binomial_sd(p: float, n: int) -> float:
+    """Standard error of an accuracy p over n items."""
+    return math.sqrt(max(p * (1 - p), 0.25 / n) / n)
+
+
+def wilson_interval(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% (Wilson score) interval of an accuracy p measured on n items."""
+    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def clopper_pearson_upper(k: int, n: int, level: float = 0.95) -> float:
+    """One-sided upper confidence bound of a rate seen k times in n trials (exact, binomial)."""
+    def tail(p: float) -> float:  # P(X <= k) for X ~ Binomial(n, p)
+        return sum(math.comb(n, i) * p ** i * (1 - p) ** (n - i) for i in range(k + 1))
+    lo, hi = k / n, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if tail(mid) > 1 - level else (lo, mid)
+    return hi
+
+
+def seed_spread(curves: list[list[float]], pool: int) -> list[float]:
+    """Per step, the standard deviation across runs of the same recipe (one value per run and step, equal lengths),
+    pooled (root mean square) over `pool` steps around it: a steadier estimate than 5 values give alone."""
+    n, k = len(curves[0]), len(curves)
+    variance = [statistics.variance([c[i] for c in curves]) if k > 1 else 0.0 for i in range(n)]
+    prefix = [0.0]
+    for v in variance:
+        prefix.append(prefix[-1] + v)
+    half = pool // 2
+    return [math.sqrt((prefix[min(n, i + half + 1)] - prefix[max(0, i - half)]) / (min(n, i + half + 1) - max(0, i - half)))
+            for i in range(n)]
+
+
+def _envelope(steps: list[int], bands: list[float], block: int) -> list[list[float]]:
+    """A [[from_step, band], ...] envelope holding, per block of steps, the widest band in it."""
+    return [[steps[i], max(bands[i:i + block])] for i in range(0, len(steps), block)]
+
+
+def derive_tolerance(references: dict[str, Path], machines: dict[str, tuple[str, Path]],
+                     seeds: dict[str, Path]) -> dict:
+    """tolerance.json from measured runs: `references` the published run of each numerics family, `machines` the
+    same command elsewhere (label -> (family, run dir): CPU kernels, threads, processes), `seeds` the first family's
+    chain with another --seed. Stages a run did not make add nothing to that stage's bands.
+
+    reproduced: every step's |Δloss| within REPRODUCED_FACTOR x the largest any machine run showed up to that step,
+    every metric within that factor of the machine runs' largest difference.
+    drifted: the smoothed loss curve within Z x sqrt(2) x the seeds' spread at that step (pooled over neighbouring
+    steps), every metric within Z x sqrt(2) x its spread: the seeds', or its sampling error (binomial, an accuracy
+    over n items) when that is larger; never tighter than the reproduced band."""
+    primary = references[FAMILIES[0]]
+    counts = accuracy_counts()
     stages, measured = {}, {label: {} for label in [*machines, *seeds]}
     for stage in STAGES:
-        reference = read_stage(reference_dir, stage)
+        reference = read_stage(primary, stage)
         if reference is None:
             continue
         window = default_window(len(reference.steps))
         by_step: dict[int, float] = {}
         metric_delta: dict[str, float] = {}
-        machine_smoothed, seed_smoothed, seed_metric = 0.0, 0.0, {}
-        for label, directory in [*machines.items(), *seeds.items()]:
-            run = read_stage(directory, stage)
-            if run is None:
+        machine_smoothed: dict[int, float] = {}
+        runs = [(label, family, directory) for label, (family, directory) in machines.items()]
+        runs += [(label, FAMILIES[0], directory) for label, directory in seeds.items()]
+        curves, finals = [moving_average(reference.loss, window)], {k: [v] for k, v in reference.metrics.items()}
+        for label, family, directory in runs:
+            run, ref = read_stage(directory, stage), read_stage(references[family], stage)
+            if run is None or ref is None:
                 continue
-            diff = difference(run, reference, window)
+            diff = difference(run, ref, window)
             largest, at = diff.largest()
             deltas = {k: abs(a - b) for k, (a, b) in diff.metrics.items()}
             measured[label][stage] = {"steps": len(diff.steps), "max_abs_delta_loss": largest, "at_step": at,
                                       "max_smoothed_delta_loss": max(diff.smoothed_delta),
                                       "final_loss_delta": diff.yours[-1] - diff.reference[-1], "metrics": deltas}
             if label in machines:
-                for s, d in zip(diff.steps, diff.abs_delta):
+                for s, d, sd in zip(diff.steps, diff.abs_delta, diff.smoothed_delta):
                     by_step[s] = max(by_step.get(s, 0.0), d)
+                    machine_smoothed[s] = max(machine_smoothed.get(s, 0.0), sd)
                 metric_delta = {k: max(metric_delta.get(k, 0.0), d) for k, d in {**metric_delta, **deltas}.items()}
-                machine_smoothed = max(machine_smoothed, max(diff.smoothed_delta))
-            else:
-                seed_smoothed = max(seed_smoothed, max(diff.smoothed_delta))
-                seed_metric = {k: max(seed_metric.get(k, 0.0), d) for k, d in {**seed_metric, **deltas}.items()}
+            elif diff.steps == reference.steps:
+                curves.append(moving_average(run.loss, window))
+                for k, v in run.metrics.items():
+                    finals.setdefault(k, []).append(v)
         envelope, running = [], 0.0
         for s in sorted(by_step) or [reference.steps[0]]:
             running = max(running, by_step.get(s, 0.0))
@@ -261,18 +350,28 @@ def derive_tolerance(reference_dir: Path, machines: dict[str, Path], seeds: dict
                 envelope.append([s, band])
         metric_bands = {k: max(METRIC_FLOOR * max(1.0, abs(v)), REPRODUCED_FACTOR * metric_delta.get(k, 0.0))
                         for k, v in reference.metrics.items()}
+        spread = seed_spread(curves, POOL_WINDOWS * window)
+        curve_band = [max(Z * math.sqrt(2) * sd, REPRODUCED_FACTOR * machine_smoothed.get(s, 0.0), LOSS_FLOOR)
+                      for s, sd in zip(reference.steps, spread)]
+        metric_sd = {}
+        for k, values in finals.items():
+            seeds_sd = statistics.stdev(values) if len(values) > 1 else 0.0
+            sampling = binomial_sd(reference.metrics[k], counts[k]) if k in counts else 0.0
+            metric_sd[k] = max(seeds_sd, sampling)
         stages[stage] = {
             "window": window,
+            "runs": len(curves),
             "reproduced": {"loss": envelope, "metrics": metric_bands},
             # a run of the same command elsewhere is never judged beyond "drifted"
-            "drifted": {"smoothed_loss": max(DRIFT_FACTOR * seed_smoothed, REPRODUCED_FACTOR * machine_smoothed,
-                                             LOSS_FLOOR),
-                        "metrics": {k: max(DRIFT_FACTOR * seed_metric.get(k, 0.0), band)
-                                    for k, band in metric_bands.items()}},
+            "drifted": {"smoothed_loss": _envelope(reference.steps, curve_band, window),
+                        "metrics": {k: max(Z * math.sqrt(2) * metric_sd.get(k, 0.0), band)
+                                    for k, band in metric_bands.items()},
+                        "metric_sd": metric_sd},
         }
-    return {"factors": {"reproduced": REPRODUCED_FACTOR, "drifted": DRIFT_FACTOR, "loss_floor": LOSS_FLOOR,
-                        "metric_floor": METRIC_FLOOR},
-            "machines": sorted(machines), "seeds": sorted(seeds), "stages": stages, "measured": measured}
+    return {"design": {"z": Z, "false_alarm": FALSE_ALARM, "reproduced_factor": REPRODUCED_FACTOR,
+                       "loss_floor": LOSS_FLOOR, "metric_floor": METRIC_FLOOR, "pool_windows": POOL_WINDOWS},
+            "machines": {label: family for label, (family, _) in sorted(machines.items())}, "seeds": sorted(seeds),
+            "stages": stages, "measured": measured}
 
 
 def load_tolerance(path: Path | None) -> dict:
@@ -318,6 +417,7 @@ class StageResult:
     judgement: Judgement
     diff: Difference
     notes: list[str]
+    tolerance: dict | None = None
 
     def to_json(self) -> dict[str, Any]:
         largest, at = self.diff.largest()
@@ -342,7 +442,7 @@ def compare_stage(yours: StageLog, reference: StageLog, tolerance: dict | None) 
                      "final metrics not compared")
     elif not diff.metrics and reference.metrics:
         notes.append("final metrics not compared: the runs ended at different steps")
-    return StageResult(yours.stage, judge(diff, tolerance), diff, notes)
+    return StageResult(yours.stage, judge(diff, tolerance), diff, notes, tolerance)
 
 
 def plot_overlay(result: StageResult, tolerance: dict | None, path: Path, labels: tuple[str, str]) -> None:
@@ -367,8 +467,8 @@ def plot_overlay(result: StageResult, tolerance: dict | None, path: Path, labels
     if tolerance:
         bottom.semilogy(diff.steps, [envelope_band(tolerance["reproduced"]["loss"], s) for s in diff.steps],
                         label="reproduced band", color="tab:green", linestyle=":")
-        bottom.axhline(tolerance["drifted"]["smoothed_loss"], label="another seed (smoothed)", color="tab:gray",
-                       linestyle=":")
+        bottom.semilogy(diff.steps, [envelope_band(tolerance["drifted"]["smoothed_loss"], s) for s in diff.steps],
+                        label="same-recipe band (smoothed)", color="tab:gray", linestyle=":")
     bottom.set_xlabel("step")
     bottom.legend(fontsize=8)
     for ax in (top, bottom):
@@ -379,6 +479,17 @@ def plot_overlay(result: StageResult, tolerance: dict | None, path: Path, labels
     plt.close(fig)
 
 
+def format_metric(name: str, yours: float, reference: float, counts: dict[str, int], band: float | None) -> str:
+    """One metric line: both values; for an accuracy its n and 95% interval; the difference and its band."""
+    line = f"  {name:<28} {yours:>10.4f} vs {reference:>10.4f}  (Δ {yours - reference:+.4g}"
+    if band is not None:
+        line += f", same-recipe band ±{band:.3g}"
+    if name in counts:
+        (lo, hi), (rlo, rhi) = wilson_interval(yours, counts[name]), wilson_interval(reference, counts[name])
+        line += f"; n {counts[name]}, 95% [{lo:.3f}, {hi:.3f}] vs [{rlo:.3f}, {rhi:.3f}]"
+    return line + ")"
+
+
 def format_result(result: StageResult) -> list[str]:
     diff, j = result.diff, result.judgement
     largest, at = diff.largest()
@@ -386,8 +497,9 @@ def format_result(result: StageResult) -> list[str]:
     lines = [f"{result.stage}: {verdict}",
              f"  steps compared {len(diff.steps)} ({diff.steps[0]}-{diff.steps[-1]}); largest |Δloss| {largest:.3g} "
              f"at step {at}; last loss {diff.yours[-1]:.4f} vs {diff.reference[-1]:.4f}"]
-    for name, (a, b) in diff.metrics.items():
-        lines.append(f"  {name:<28} {a:>10.4f} vs {b:>10.4f}  (Δ {a - b:+.4g})")
+    bands = ((result.tolerance or {}).get("drifted") or {}).get("metrics", {})
+    counts = accuracy_counts() if diff.metrics else {}
+    lines += [format_metric(name, a, b, counts, bands.get(name)) for name, (a, b) in diff.metrics.items()]
     lines += [f"  {reason}" for reason in j.reasons]
     lines += [f"  note: {note}" for note in result.notes]
     return lines
@@ -437,10 +549,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stages", nargs="+", choices=STAGES, help="only these stages (default: all the reference has)")
     ap.add_argument("--plots", default=None, help="where the overlay PNGs go (default: <out>/<name>/compare)")
     ap.add_argument("--json", default=None, help="also write the results as JSON to this file")
+    ap.add_argument("--family", choices=FAMILIES, default=None,
+                    help="which published reference (default: the numerics your pretraining ran in)")
     args = ap.parse_args(argv)
     yours_dir = Path(args.out) / args.name
     published = PUBLISHED / args.name
-    reference_dir = Path(args.reference) if args.reference else published
+    family, why = (args.family, "--family") if args.family else numerics_family(yours_dir)
+    reference_dir = Path(args.reference) if args.reference else family_dir(published, family)
     if args.reference is None and not published.is_dir():
         raise UserError(f"no published run for '{args.name}' (docs/published/ has "
                         f"{', '.join(sorted(p.name for p in PUBLISHED.glob('*/') if p.is_dir())) or 'none'}); "
@@ -451,7 +566,8 @@ def main(argv: list[str] | None = None) -> int:
     plots = Path(args.plots) if args.plots else yours_dir / "compare"
     labels = ("yours", "published" if args.reference is None else "reference")
     results, lines = compare_runs(yours_dir, reference_dir, tolerance, args.stages, plots, labels)
-    print(f"comparing {yours_dir} with {reference_dir}")
+    print(f"comparing {yours_dir} with {reference_dir}" +
+          ("" if args.reference else f" (the {family} family's reference: {why})"))
     print("\n".join(lines))
     print(f"overlay plots in {plots}")
     if args.json:
