@@ -571,7 +571,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(lines))
     print(f"overlay plots in {plots}")
     if args.json:
-        Path(args.json).write_text(json.dumps([r.to_json() for r in results], indent=1) + "\n", encoding="utf-8")
+        rows = [{**r.to_json(), "reference": str(reference_dir), "family": family} for r in results]
+        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
     return 1 if any(r.judgement.verdict == DIVERGED for r in results) else 0
 
 
