@@ -28,6 +28,7 @@ import json
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -285,6 +286,33 @@ def check_table(checks: dict) -> list[str]:
     return lines
 
 
+# Student's t, 97.5% quantile, by degrees of freedom: the 95% interval of a mean over a few seeds
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def seed_table(reference: Path, seeds: dict[str, Path]) -> list[str]:
+    """Markdown: every stage's final metrics and their gains over the stage's starting model, as the mean over the
+    reference and the seed runs with a 95% interval (t over runs): what the recipe does, beyond one run's luck."""
+    runs = [reference, *seeds.values()]
+    lines = ["| stage | metric | runs | mean | 95% interval | published run |", "|---|---|---|---|---|---|"]
+    for stage in STAGES:
+        records = [read_run_record(r / stage / RUN_RECORD) for r in runs]
+        records = [r["metrics"] for r in records if r]
+        if not records:
+            continue
+        gains = [(k, k.replace("before_", "", 1)) for k in records[0] if "before_" in k]
+        rows = [(k, [m[k] for m in records if k in m]) for k in records[0] if "before_" not in k]
+        rows += [(f"{after} − {before}", [m[after] - m[before] for m in records if after in m and before in m])
+                 for before, after in gains if after in records[0] and not before.endswith("_kl")]
+        for name, values in rows:
+            mean = statistics.fmean(values)
+            half = T975.get(len(values) - 1, 1.96) * statistics.stdev(values) / len(values) ** 0.5 \
+                if len(values) > 1 else float("nan")
+            lines.append(f"| {stage} | {name} | {len(values)} | {mean:.4g} | [{mean - half:.4g}, {mean + half:.4g}] "
+                         f"| {values[0]:.4g} |")
+    return lines
+
+
 def copy_token_data(reference: Path, root: Path, name: str) -> None:
     for part in ("tokenizer", "data"):
         source, target = reference / "out" / name / part, root / "out" / name / part
@@ -343,7 +371,9 @@ def main(argv: list[str] | None = None) -> None:
         tolerance = derive_tolerance(references, *bands_from(found))
         tolerance["checks"] = checks(references, found)
         (dest / TOLERANCE).write_text(json.dumps(tolerance, indent=1) + "\n", encoding="utf-8")
-        print("\n".join(measured_tables(tolerance) + [""] + check_table(tolerance["checks"])))
+        seeds = bands_from(found)[1]
+        print("\n".join(measured_tables(tolerance) + [""] + check_table(tolerance["checks"]) + [""] +
+                        seed_table(references[NUMERICS[0]], seeds)))
         print(f"wrote {dest / TOLERANCE}")
 
 if __name__ == "__main__":
