@@ -32,12 +32,14 @@ TOLERANCE = {"pretrain": {"window": 5,
 
 
 def write_stage(run_dir: Path, stage: str, losses: list[float], metrics: dict | None = None,
-                config: dict | None = None, tokenizer: str = "abc", steps: int | None = None) -> Path:
-    """A stage directory as the trainer leaves it: log.jsonl (one line per step) and, when `metrics` is given,
-    run.json."""
+                config: dict | None = None, tokenizer: str = "abc", steps: int | None = None,
+                val: dict[int, float] | None = None) -> Path:
+    """A stage directory as the trainer leaves it: log.jsonl (one line per step; `val`: the periodic validation
+    loss by step) and, when `metrics` is given, run.json."""
     directory = run_dir / stage
     directory.mkdir(parents=True, exist_ok=True)
-    rows = [{"time": 0.0, "epoch": 0, "loss": v, "lr": 1e-3, "step": s} for s, v in enumerate(losses, 1)]
+    rows = [{"time": 0.0, "epoch": 0, "loss": v, "lr": 1e-3, "step": s,
+             **({"val_loss": val[s]} if val and s in val else {})} for s, v in enumerate(losses, 1)]
     (directory / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     if metrics is not None:
         record = {"stage": stage, "config": {"model": "baby", "lr": 1e-3, "batch_size": 16, **(config or {})},
@@ -79,6 +81,21 @@ def test_a_metric_beyond_its_band(reference):
     judgement = judge(reference, BASE, {**METRICS, "choice_acc": 0.5}).judgement
     assert judgement.verdict == "diverged" and judgement.first_step is None
     assert any("choice_acc beyond the band of other seeds" in r for r in judgement.reasons)
+
+
+def test_validation_loss_beyond_its_band_diverges_at_its_step(tmp_path):
+    val = {20: 5.0, 40: 4.5, 60: 4.2}
+    reference = write_stage(tmp_path / "ref", "pretrain", BASE, METRICS, val=val).parent
+    tolerance = {"pretrain": {**TOLERANCE["pretrain"],
+                              "drifted": {**TOLERANCE["pretrain"]["drifted"], "val_loss": [[20, 0.1], [40, 0.02]]}}}
+    judged = {}
+    for label, shift in (("same", 0.015), ("off", 0.03)):
+        yours = write_stage(tmp_path / label, "pretrain", BASE, METRICS, val={20: 5.0, 40: 4.5 + shift, 60: 4.2})
+        [result], _ = compare.compare_runs(yours.parent, reference, tolerance)
+        judged[label] = result.judgement
+    assert judged["same"].verdict == "reproduced"  # the validation curve only decides between drifted and diverged
+    assert (judged["off"].verdict, judged["off"].first_step) == ("diverged", 40)
+    assert any("val_loss |Δ| 0.03 at step 40" in r for r in judged["off"].reasons)
 
 
 def test_reward_model_scores_compare_as_gains_over_the_starting_model(tmp_path):

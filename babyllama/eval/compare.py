@@ -36,6 +36,9 @@ from babyllama.train.callbacks import read_text_log
 from babyllama.train.run_record import RUN_RECORD, read_run_record
 
 STAGES = ("pretrain", "sft", "reward", "dpo", "ppo")
+# The periodic validation loss: the same held-out batches in every run, so a far sharper check of the recipe than
+# the training loss of other batches (seeds) is.
+VAL_CURVE = "val_loss"
 TOLERANCE = "tolerance.json"
 # Config fields that may differ without making it another run: where outputs go, how data is prepared, when
 # checkpoints are kept, and --stop-at (a partial run is judged on the steps it has).
@@ -70,6 +73,7 @@ class StageLog:
     steps: list[int]
     loss: list[float]
     record: dict | None  # run.json; None when the stage has not finished (or ran before records were kept)
+    val: dict[int, float] = field(default_factory=dict)  # the periodic validation loss by step, when logged
 
     @property
     def metrics(self) -> dict[str, float]:
@@ -111,7 +115,7 @@ def read_stage(run_dir: Path, stage: str) -> StageLog | None:
     if record_path.exists() and record is None:
         raise UserError(f"{record_path}: not the JSON a stage writes; delete it to compare the log alone")
     steps, loss = series["loss"]
-    return StageLog(stage, directory, steps, loss, record)
+    return StageLog(stage, directory, steps, loss, record, dict(zip(*series.get(VAL_CURVE, ([], [])))))
 
 
 # ----------------------------------------------------------------------------------------------- differences
@@ -133,6 +137,7 @@ class Difference:
     reference: list[float]
     window: int
     metrics: dict[str, tuple[float, float]] = field(default_factory=dict)  # name -> (yours, reference)
+    val: list[tuple[int, float, float]] = field(default_factory=list)  # (step, yours, reference) validation loss
 
     @property
     def abs_delta(self) -> list[float]:
@@ -164,6 +169,7 @@ def difference(yours: StageLog, reference: StageLog, window: int | None = None) 
     steps = [s for s, _ in common]
     diff = Difference(steps, [v for _, v in common], [ref[s] for s in steps],
                       window or default_window(len(reference.steps)))
+    diff.val = [(s, v, reference.val[s]) for s, v in sorted(yours.val.items()) if s in reference.val]
     if yours.finished_steps is not None and yours.finished_steps == reference.finished_steps:
         diff.metrics = {k: (v, reference.metrics[k]) for k, v in yours.metrics.items() if k in reference.metrics}
     return diff
@@ -205,14 +211,22 @@ def judge(diff: Difference, tolerance: dict | None) -> Judgement:
     smoothed = [(s, d) for s, d in zip(diff.steps, diff.smoothed_delta)
                 if d > envelope_band(drift["smoothed_loss"], s)]
     beyond_drift = _metrics_beyond(diff.metrics, metric_drifted)
-    if not smoothed and not beyond_drift:
+    val_band = drift.get(VAL_CURVE)
+    val_over = [(s, abs(a - b)) for s, a, b in diff.val if val_band and not abs(a - b) <= envelope_band(val_band, s)]
+    if not smoothed and not beyond_drift and not val_over:
         return Judgement(DRIFTED, over[0][0] if over else None, reasons)
-    first = None
+    firsts = []
     if smoothed:
         s, d = smoothed[0]
         band = envelope_band(drift["smoothed_loss"], s)
         reasons.append(f"smoothed |Δloss| {d:.3g} at step {s} beyond the band of other seeds {band:.3g}")
-        first = _departure(diff, diff.steps.index(s), band)
+        firsts.append(_departure(diff, diff.steps.index(s), band))
+    if val_over:
+        s, d = val_over[0]
+        reasons.append(f"{VAL_CURVE} |Δ| {d:.3g} at step {s} beyond the band of other seeds "
+                       f"{envelope_band(val_band, s):.3g}")
+        firsts.append(s)
+    first = min(firsts) if firsts else None
     reasons += [f"{k} beyond the band of other seeds ±{metric_drifted[k]:.3g}" for k in beyond_drift]
     return Judgement(DIVERGED, first, reasons)
 
@@ -323,6 +337,8 @@ def derive_tolerance(references: dict[str, Path], machines: dict[str, tuple[str,
         runs = [(label, family, directory) for label, (family, directory) in machines.items()]
         runs += [(label, FAMILIES[0], directory) for label, directory in seeds.items()]
         curves, finals = [moving_average(reference.loss, window)], {k: [v] for k, v in reference.metrics.items()}
+        val_steps = sorted(reference.val)
+        val_curves, machine_val = [[reference.val[s] for s in val_steps]], {}
         for label, family, directory in runs:
             run, ref = read_stage(directory, stage), read_stage(references[family], stage)
             if run is None or ref is None:
@@ -338,8 +354,12 @@ def derive_tolerance(references: dict[str, Path], machines: dict[str, tuple[str,
                     by_step[s] = max(by_step.get(s, 0.0), d)
                     machine_smoothed[s] = max(machine_smoothed.get(s, 0.0), sd)
                 metric_delta = {k: max(metric_delta.get(k, 0.0), d) for k, d in {**metric_delta, **deltas}.items()}
+                for s, a, b in diff.val:
+                    machine_val[s] = max(machine_val.get(s, 0.0), abs(a - b))
             elif diff.steps == reference.steps:
                 curves.append(moving_average(run.loss, window))
+                if all(s in run.val for s in val_steps):
+                    val_curves.append([run.val[s] for s in val_steps])
                 for k, v in run.metrics.items():
                     finals.setdefault(k, []).append(v)
         envelope, running = [], 0.0
@@ -358,6 +378,11 @@ def derive_tolerance(references: dict[str, Path], machines: dict[str, tuple[str,
             seeds_sd = statistics.stdev(values) if len(values) > 1 else 0.0
             sampling = binomial_sd(reference.metrics[k], counts[k]) if k in counts else 0.0
             metric_sd[k] = max(seeds_sd, sampling)
+        drifted = {}
+        if val_steps:  # pooled over 3 evaluations: each with its neighbours
+            val_band = [max(Z * math.sqrt(2) * sd, REPRODUCED_FACTOR * machine_val.get(s, 0.0), LOSS_FLOOR)
+                        for s, sd in zip(val_steps, seed_spread(val_curves, 3))]
+            drifted[VAL_CURVE] = [[s, band] for s, band in zip(val_steps, val_band)]
         stages[stage] = {
             "window": window,
             "runs": len(curves),
@@ -366,7 +391,7 @@ def derive_tolerance(references: dict[str, Path], machines: dict[str, tuple[str,
             "drifted": {"smoothed_loss": _envelope(reference.steps, curve_band, window),
                         "metrics": {k: max(Z * math.sqrt(2) * metric_sd.get(k, 0.0), band)
                                     for k, band in metric_bands.items()},
-                        "metric_sd": metric_sd},
+                        "metric_sd": metric_sd, **drifted},
         }
     return {"design": {"z": Z, "false_alarm": FALSE_ALARM, "reproduced_factor": REPRODUCED_FACTOR,
                        "loss_floor": LOSS_FLOOR, "metric_floor": METRIC_FLOOR, "pool_windows": POOL_WINDOWS},
