@@ -201,7 +201,9 @@ def judge(diff: Difference, tolerance: dict | None) -> Judgement:
     over = [(s, d) for s, d in zip(diff.steps, diff.abs_delta) if d > envelope_band(envelope, s)]
     metric_reproduced, metric_drifted = tolerance["reproduced"]["metrics"], drift["metrics"]
     beyond_reproduced = _metrics_beyond(diff.metrics, metric_reproduced)
-    if not over and not beyond_reproduced:
+    val_band = drift.get(VAL_CURVE)
+    val_over = [(s, abs(a - b)) for s, a, b in diff.val if val_band and not abs(a - b) <= envelope_band(val_band, s)]
+    if not over and not beyond_reproduced and not val_over:
         return Judgement(REPRODUCED)
     reasons = []
     if over:
@@ -211,8 +213,6 @@ def judge(diff: Difference, tolerance: dict | None) -> Judgement:
     smoothed = [(s, d) for s, d in zip(diff.steps, diff.smoothed_delta)
                 if d > envelope_band(drift["smoothed_loss"], s)]
     beyond_drift = _metrics_beyond(diff.metrics, metric_drifted)
-    val_band = drift.get(VAL_CURVE)
-    val_over = [(s, abs(a - b)) for s, a, b in diff.val if val_band and not abs(a - b) <= envelope_band(val_band, s)]
     if not smoothed and not beyond_drift and not val_over:
         return Judgement(DRIFTED, over[0][0] if over else None, reasons)
     firsts = []
