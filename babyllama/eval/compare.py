@@ -423,9 +423,11 @@ def check_same_recipe(yours: StageLog, reference: StageLog) -> list[str]:
     if tok_a and tok_b and tok_a != tok_b:
         raise UserError(f"{where}: trained with another tokenizer (fingerprint {tok_a}, the reference's {tok_b}); "
                         "train the tokenizer on the same --corpus with the same --vocab-size")
-    differ = [f"{k} {b.get(k)!r} -> {a.get(k)!r}" for k in sorted(set(a) | set(b))
-              if k not in _INCIDENTAL and a.get(k) != b.get(k)]
     num_a, num_b = yours.record.get("numerics"), reference.record.get("numerics")
+    # what auto chose is what counts: --mixed-precision fp32 on one machine is auto on a CPU without native bf16
+    requested = {"mixed_precision", "torch_compile"} if num_a and num_b else set()
+    differ = [f"{k} {b.get(k)!r} -> {a.get(k)!r}" for k in sorted(set(a) | set(b))
+              if k not in _INCIDENTAL | requested and a.get(k) != b.get(k)]
     differ += [f"{k} {num_b[k]!r} -> {num_a[k]!r} (what auto chose on each machine)"
                for k in sorted(num_a or {}) if num_a and num_b and num_a[k] != num_b.get(k)]
     ws_a, ws_b = yours.record.get("world_size", 1), reference.record.get("world_size", 1)
