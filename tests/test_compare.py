@@ -228,6 +228,8 @@ def test_accuracy_intervals():
     assert lo == pytest.approx(0.2724, abs=1e-3) and hi == pytest.approx(0.3291, abs=1e-3)
     assert compare.wilson_interval(0.0, 50)[0] == 0.0 and compare.wilson_interval(1.0, 50)[1] == 1.0
     assert compare.binomial_sd(0.27, 376) == pytest.approx(0.0229, abs=1e-4)
+    assert compare.clopper_pearson_upper(0, 30) == pytest.approx(1 - 0.05 ** (1 / 30))  # the "rule of three"
+    assert compare.clopper_pearson_upper(2, 30) == pytest.approx(0.1953, abs=1e-3)
 
 
 # ======================================================================= the published run
@@ -287,3 +289,44 @@ def test_replay_of_the_published_pretraining_run(tmp_path, family):
     envelope = compare.load_tolerance(PUBLISHED / compare.TOLERANCE)["pretrain"]["reproduced"]["loss"]
     assert result["max_abs_delta_loss"] <= compare.envelope_band(envelope, result["at_step"])
     shutil.rmtree(tmp_path / "out")
+
+
+# ======================================================================= docs/publish.py: the measured checks
+@pytest.fixture
+def publish():
+    sys.path.insert(0, str(ROOT / "docs"))
+    try:
+        import publish
+        yield publish
+    finally:
+        sys.path.remove(str(ROOT / "docs"))
+
+
+def test_checks_judge_every_variant_leaving_it_out_of_its_own_bands(reference, tmp_path, publish):
+    """Seed runs are judged with bands derived without them; a changed recipe with the full bands."""
+    offsets = {"seed1338": 0.03, "seed1339": -0.02, "seed1340": 0.01, "seed1341": -0.03, "lr2x": 0.5}
+    found = {}
+    for label, offset in offsets.items():
+        write_stage(tmp_path / label, "pretrain", [v + offset for v in BASE],
+                    {"val_loss": 4.5 + offset, "choice_acc": 0.3})
+        found[label] = tmp_path / label
+    machine = [v + (1e-6 if s < 20 else 2e-3 * (-1) ** s) for s, v in enumerate(BASE, 1)]
+    found["fp32-avx512"] = write_stage(tmp_path / "m", "pretrain", machine, METRICS).parent
+    fp32 = write_stage(tmp_path / "ref32", "pretrain", BASE, METRICS).parent
+    checks = publish.checks({"bf16": reference, "fp32": fp32}, found)
+    verdicts = {label: c["stages"]["pretrain"]["verdict"] for label, c in checks.items()}
+    assert verdicts["lr2x"] == "diverged" and checks["lr2x"]["stages"]["pretrain"]["first_step"] == 1
+    assert all(verdicts[f"seed{s}"] == "drifted" for s in (1338, 1339, 1340, 1341))
+    # left out of the machine bands, the machine run has only the floor: beyond it from step 20
+    assert verdicts["fp32-avx512"] == "drifted" and checks["fp32-avx512"]["family"] == "fp32"
+    table = publish.check_table(checks)
+    assert "| lr2x | changed | bf16 | **diverged** (step 1) |" in table[2 + list(checks).index("lr2x")]
+    assert table[-1].startswith("Faithful runs, 5 stage verdicts: 0 reproduced, 5 drifted, 0 diverged")
+
+
+def test_thinned_corpus_leaves_out_every_fifth_document(tmp_path, publish):
+    files = publish.thinned_corpus(tmp_path, 0.8)
+    for source, thinned in zip(publish.TRAIN_CORPUS, files):
+        lines = source.read_text(encoding="utf-8").splitlines()
+        kept = thinned.read_text(encoding="utf-8").splitlines()
+        assert kept == [line for i, line in enumerate(lines, 1) if i % 5] and len(kept) < 0.81 * len(lines)
