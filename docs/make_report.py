@@ -114,19 +114,15 @@ def eval_table(eval_dir: Path, stages: list[str]) -> list[str]:
     lines = ["| metric | " + " | ".join(f"{s} (step {results[s].get('step')})" for s in order) + " |",
              "|---|" + "---|" * len(order)]
     for m in metrics:
-        cells = [results[s]["metrics"].get(m) for s in order]
-        lines.append(f"| {m} | " + " | ".join("—" if v is None else _fmt(v) for v in cells) + " |")
+        cells = ["—" if m not in results[s]["metrics"] else ev.metric_cell(m, results[s]["metrics"]) for s in order]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
     baseline = next((results[s]["baseline"] for s in order if "sets" in results[s].get("baseline", {})), None)
     if baseline:  # what the *_bpb_ppmd / *_bpb_xz / *_margin_* rows are
         lines += ["", "`*_bpb_ppmd`, `*_bpb_xz`: " + describe(baseline)]
     return lines
 
 
-def _fmt(v: float) -> str:
-    return str(v) if isinstance(v, int) else f"{v:.4f}"
-
-
-def evaluate_stages(out: Path, device: str, max_docs: int | None, max_items: int) -> None:
+def evaluate_stages(out: Path, device: str, max_docs: int | None, max_items: int | None) -> None:
     """`babyllama.eval.evaluate` of the newest checkpoint of every stage in `out` (a run directory), results in
     out/eval/<stage>.json."""
     stages = [s for s in STAGE_ORDER if latest_checkpoint(out / s) is not None]
@@ -174,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--evaluate", action="store_true", help="first evaluate every stage that has a checkpoint")
     add_device_flag(ap, "for --evaluate: ")
     ap.add_argument("--max-docs", type=int, help="for --evaluate: held-out documents per language (default all)")
-    ap.add_argument("--max-items", type=int, default=200, help="for --evaluate: items per multiple-choice task")
+    ap.add_argument("--max-items", type=int, help="for --evaluate: items per multiple-choice task (default all)")
     args = ap.parse_args(argv)
     root = Path(args.out)
     if args.evaluate:

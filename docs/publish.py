@@ -28,7 +28,6 @@ import json
 import os
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import time
@@ -38,7 +37,8 @@ from pathlib import Path
 from babyllama.cli import main_guard
 from babyllama.errors import UserError
 from babyllama.eval.compare import (DIVERGED, DRIFTED, FAMILIES as NUMERICS, REPRODUCED, STAGES, TOLERANCE,
-                                    clopper_pearson_upper, compare_runs, derive_tolerance, family_dir)
+                                    compare_runs, derive_tolerance, family_dir)
+from babyllama.eval.stats import clopper_pearson_upper, mean_interval
 from babyllama.shipped import PUBLISHED, REPO_ROOT, STAGE_SCRIPTS, TRAIN_CORPUS
 from babyllama.train.checkpoint import list_checkpoints
 from babyllama.train.run_config import RUN_PRESETS
@@ -286,10 +286,6 @@ def check_table(checks: dict) -> list[str]:
     return lines
 
 
-# Student's t, 97.5% quantile, by degrees of freedom: the 95% interval of a mean over a few seeds
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
-
-
 def seed_table(reference: Path, seeds: dict[str, Path]) -> list[str]:
     """Markdown: every stage's final metrics and their gains over the stage's starting model, as the mean over the
     reference and the seed runs with a 95% interval (t over runs): what the recipe does, beyond one run's luck."""
@@ -305,11 +301,8 @@ def seed_table(reference: Path, seeds: dict[str, Path]) -> list[str]:
         rows += [(f"{after} − {before}", [m[after] - m[before] for m in records if after in m and before in m])
                  for before, after in gains if after in records[0] and not before.endswith("_kl")]
         for name, values in rows:
-            mean = statistics.fmean(values)
-            half = T975.get(len(values) - 1, 1.96) * statistics.stdev(values) / len(values) ** 0.5 \
-                if len(values) > 1 else float("nan")
-            lines.append(f"| {stage} | {name} | {len(values)} | {mean:.4g} | [{mean - half:.4g}, {mean + half:.4g}] "
-                         f"| {values[0]:.4g} |")
+            mean, low, high = mean_interval(values)
+            lines.append(f"| {stage} | {name} | {len(values)} | {mean:.4g} | [{low:.4g}, {high:.4g}] | {values[0]:.4g} |")
     return lines
 
 
@@ -347,7 +340,7 @@ def main(argv: list[str] | None = None) -> None:
             copy_token_data(work / "reference", root, args.name)
         run_chain(args.name, root, family, stages)
         out, runs = root / "out", root / "runs"
-        make_report.evaluate_stages(out / args.name, args.device, None, 200)
+        make_report.evaluate_stages(out / args.name, args.device, None, None)
         if args.family == "bf16":
             report = make_report.make_report(args.name, out, runs, DOCS / "report", evaluated=True,
                                              command=f"python docs/publish.py run --name {args.name}")

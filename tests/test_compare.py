@@ -15,7 +15,7 @@ import pytest
 
 from babyllama.errors import UserError
 from babyllama.hardware import cpu_has_native_bf16
-from babyllama.eval import compare
+from babyllama.eval import compare, stats
 from babyllama.shipped import STAGE_SCRIPTS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -224,12 +224,12 @@ def test_tolerance_bands_come_from_the_measured_variants(reference, tmp_path):
 
 
 def test_accuracy_intervals():
-    lo, hi = compare.wilson_interval(0.3, 1000)
+    lo, hi = stats.wilson_interval(0.3, 1000)
     assert lo == pytest.approx(0.2724, abs=1e-3) and hi == pytest.approx(0.3291, abs=1e-3)
-    assert compare.wilson_interval(0.0, 50)[0] == 0.0 and compare.wilson_interval(1.0, 50)[1] == 1.0
-    assert compare.binomial_sd(0.27, 376) == pytest.approx(0.0229, abs=1e-4)
-    assert compare.clopper_pearson_upper(0, 30) == pytest.approx(1 - 0.05 ** (1 / 30))  # the "rule of three"
-    assert compare.clopper_pearson_upper(2, 30) == pytest.approx(0.1953, abs=1e-3)
+    assert stats.wilson_interval(0.0, 50)[0] == 0.0 and stats.wilson_interval(1.0, 50)[1] == 1.0
+    assert stats.binomial_sd(0.27, 376) == pytest.approx(0.0229, abs=1e-4)
+    assert stats.clopper_pearson_upper(0, 30) == pytest.approx(1 - 0.05 ** (1 / 30))  # the "rule of three"
+    assert stats.clopper_pearson_upper(2, 30) == pytest.approx(0.1953, abs=1e-3)
 
 
 # ======================================================================= the published run

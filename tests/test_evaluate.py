@@ -15,7 +15,7 @@ from babyllama.align.reward_model import RewardModel, mark_reward_checkpoint
 from babyllama.data.corpus import iter_records
 from babyllama.data.tokenizer import Tokenizer, train_tokenizer
 from babyllama.errors import UserError
-from babyllama.eval import evaluate as ev
+from babyllama.eval import evaluate as ev, stats
 from babyllama.model.llama import Llama, Output
 from babyllama.train.checkpoint import atomic_save
 from data.builders import idiom_items
@@ -180,8 +180,13 @@ def test_sft_stage_adds_chat_choice_accuracy(tmp_path, tok):
              "--max-items", "4"])
     m = json.loads((run / "eval" / "sft.json").read_text())["metrics"]
     assert {"chat_choice_acc", "bpb"} <= set(m)
-    assert all(0 <= v <= 1 for k, v in m.items() if k.startswith("chat_"))
+    assert all(0 <= v <= 1 for k, v in m.items() if k.startswith("chat_choice_acc"))
+    assert m["chat_choice_items"] == 4 == sum(v for k, v in m.items() if k.startswith("chat_choice_items_"))
     assert not any(k.startswith("reward_") for k in m)
+    # the Markdown shows every accuracy with its 95% interval over the items
+    low, high = stats.wilson_interval(m["chat_choice_acc"], 4)
+    assert f"| chat_choice_acc | {m['chat_choice_acc']:.4f} [{low:.3f}, {high:.3f}] |" in \
+        (run / "eval" / "sft.md").read_text()
 
 
 def write_pairs(path: Path, sides: list[tuple[str, str]]) -> Path:

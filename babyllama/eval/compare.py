@@ -30,6 +30,7 @@ from typing import Any
 
 from babyllama.cli import main_guard
 from babyllama.errors import UserError
+from babyllama.eval.stats import binomial_sd, wilson_interval
 from babyllama.hardware import cpu_has_native_bf16
 from babyllama.shipped import PUBLISHED, STAGE_SCRIPTS
 from babyllama.train.callbacks import read_text_log
@@ -270,28 +271,6 @@ def accuracy_counts() -> dict[str, int]:
             "val_accuracy": sum(1 for _ in json_values(PREF_VALID))}
     base["val_reward_accuracy"] = base["val_accuracy"]
     return {prefix + k: n for k, n in base.items() for prefix in ("", "before_", "heldout_", "heldout_before_")}
-
-
-def binomial_sd(p: float, n: int) -> float:
-    """Standard error of an accuracy p over n items."""
-    return math.sqrt(max(p * (1 - p), 0.25 / n) / n)
-
-
-def wilson_interval(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% (Wilson score) interval of an accuracy p measured on n items."""
-    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def clopper_pearson_upper(k: int, n: int, level: float = 0.95) -> float:
-    """One-sided upper confidence bound of a rate seen k times in n trials (exact, binomial)."""
-    def tail(p: float) -> float:  # P(X <= k) for X ~ Binomial(n, p)
-        return sum(math.comb(n, i) * p ** i * (1 - p) ** (n - i) for i in range(k + 1))
-    lo, hi = k / n, 1.0
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if tail(mid) > 1 - level else (lo, mid)
-    return hi
 
 
 def seed_spread(curves: list[list[float]], pool: int) -> list[float]:

@@ -31,7 +31,7 @@ import json
 import math
 import random
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -43,6 +43,7 @@ from babyllama.data.corpus import iter_records
 from babyllama.data.jsonl import json_values
 from babyllama.data.tokenizer import Tokenizer
 from babyllama.errors import UserError
+from babyllama.eval.stats import wilson_interval
 from babyllama.model.scoring import continuation_logprobs, row_logprobs
 from babyllama.shipped import CHAT_CHOICES, HELDOUT, IDIOMS, PREF_VALID
 from babyllama.train.checkpoint import latest_checkpoint, load_model
@@ -167,7 +168,8 @@ def load_items(path: str | Path) -> list[Item]:
 
 
 # ======================================================================= a stage's evaluation
-def lm_metrics(model: nn.Module, tokenizer: Tokenizer, max_docs: int | None, max_items: int) -> dict[str, float]:
+def lm_metrics(model: nn.Module, tokenizer: Tokenizer, max_docs: int | None,
+               max_items: int | None) -> dict[str, float]:
     """Held-out loss/ppl/bpb per language and overall, and the three raw-text cloze accuracies."""
     records = {lang: list(iter_records(path)) for lang, path in HELDOUT.items()}
     metrics: dict[str, float] = {}
@@ -186,12 +188,15 @@ def lm_metrics(model: nn.Module, tokenizer: Tokenizer, max_docs: int | None, max
     return metrics
 
 
-def chat_metrics(model: nn.Module, tokenizer: Tokenizer, max_items: int) -> dict[str, float]:
+def chat_metrics(model: nn.Module, tokenizer: Tokenizer, max_items: int | None) -> dict[str, float]:
     from babyllama.eval.choice import choice_accuracy, load_choice_items  # the SFT helpers' chat-template scorer
 
     items = load_choice_items(CHAT_CHOICES)
-    items = random.Random(0).sample(items, min(max_items, len(items)))  # both languages when capped
-    return {f"chat_{k}": v for k, v in choice_accuracy(model, tokenizer, items).items()}
+    if max_items is not None:
+        items = random.Random(0).sample(items, min(max_items, len(items)))  # both languages when capped
+    counts = Counter(item["lang"] for item in items if item["lang"])
+    return {**{f"chat_{k}": v for k, v in choice_accuracy(model, tokenizer, items).items()},
+            "chat_choice_items": len(items), **{f"chat_choice_items_{k}": n for k, n in sorted(counts.items())}}
 
 
 def reward_metrics(checkpoint: Path, tokenizer: Tokenizer, device: str,
@@ -235,7 +240,7 @@ def compressor_comparison(run_dir: str | Path, max_docs: int | None, metrics: di
 
 
 def evaluate(checkpoint: str | Path, tokenizer: str | Path, stage: str, device: str = "cpu",
-             max_docs: int | None = None, max_items: int = 200, pairs: str | Path = PREF_VALID,
+             max_docs: int | None = None, max_items: int | None = None, pairs: str | Path = PREF_VALID,
              run_dir: str | Path | None = None) -> dict[str, Any]:
     """All metrics that apply to `stage` for a checkpoint (file or stage directory); `pairs` for the reward stage;
     `run_dir`: also the compressor baseline given that run's training corpus (`compressor_comparison`)."""
@@ -268,8 +273,9 @@ def checkpoint_step(path: Path) -> int | None:
 def to_markdown(result: dict[str, Any]) -> str:
     lines = [f"# {result['stage']} (step {result['step']}, {result['params'] / 1e6:.2f}M params)", "",
              f"checkpoint: `{result['checkpoint']}`", "", "| metric | value |", "|---|---|"]
-    lines += [f"| {k} | {_fmt(v)} |" for k, v in result["metrics"].items()]
-    lines += ["", "bpb: bits per UTF-8 byte of held-out text; `*_acc`: 4-way multiple choice (chance 0.25)."]
+    lines += [f"| {k} | {metric_cell(k, result['metrics'])} |" for k in result["metrics"]]
+    lines += ["", "bpb: bits per UTF-8 byte of held-out text; `*_acc`: 4-way multiple choice (chance 0.25), with its "
+              "95% interval over the n items (`*_items`, `reward_pairs`)."]
     return "\n".join(lines + baseline_lines(result)) + "\n"
 
 
@@ -287,8 +293,17 @@ def baseline_lines(result: dict[str, Any]) -> list[str]:
             *comparison_lines({s: m[f"{s}_bpb"] for s in baseline["sets"] if f"{s}_bpb" in m}, baseline)]
 
 
-def _fmt(v: float) -> str:
-    return str(v) if isinstance(v, int) else f"{v:.4f}"
+def metric_cell(name: str, metrics: dict[str, float]) -> str:
+    """A metric as a table shows it: an accuracy with its 95% interval over the items it was measured on."""
+    v = metrics[name]
+    if isinstance(v, int):
+        return str(v)
+    n = next((metrics[k] for k in (name.replace("_acc", "_items", 1), name.replace("_acc", "_pairs", 1))
+              if "_acc" in name and k in metrics), None)
+    if not n:
+        return f"{v:.4f}"
+    low, high = wilson_interval(v, int(n))
+    return f"{v:.4f} [{low:.3f}, {high:.3f}]"
 
 
 def write_results(result: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
@@ -310,7 +325,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tokenizer", help="tokenizer instead of <out>/<name>/tokenizer")
     add_device_flag(ap)
     ap.add_argument("--max-docs", type=int, help="held-out documents per language for loss/bpb (default all)")
-    ap.add_argument("--max-items", type=int, default=200, help="items per multiple-choice task")
+    ap.add_argument("--max-items", type=int, help="items per multiple-choice task (default all)")
     ap.add_argument("--pairs", default=str(PREF_VALID), help="preference pairs for the reward stage's reward_acc")
     ap.add_argument("--no-baseline", action="store_true", help="skip the PPMd / xz baseline (computed once per "
                     "corpus, then cached in <out>/<name>/eval/baseline)")
