@@ -65,6 +65,8 @@ class Variant:
     family: str = "bf16"  # the numerics family whose reference it is compared with (FAMILIES)
     corpus_fraction: float = 1.0  # < 1: train on the shipped corpus less every 1/(1 - fraction)-th document
     planted_bug: str | None = None  # python run before the stage script (a deliberate model bug)
+    # a run made on a machine this one cannot stand in for: its logs are taken from this commit's published run
+    from_commit: str | None = None
 
 
 # The numerics a user's CPU gets from `--mixed-precision auto` (docs/reproducibility.md): bf16 + compile where the
@@ -84,6 +86,9 @@ VARIANTS = {
     "2proc": Variant(processes=2, flags=HALF_BATCH, stages=("pretrain",)),
     # one thread per process, as torchrun sets it for several processes per node (with one per node it does not)
     "2node": Variant(nodes=2, env={"OMP_NUM_THREADS": "1"}, flags=HALF_BATCH, stages=("pretrain",)),
+    # the published bf16 pretraining of 2026-12-02, made on an AMD EPYC (AVX-512 BF16, no AMX); the reference since
+    # 2026-12-06 ran on an Intel Xeon whose oneDNN uses AMX for bf16 matrix products: differs from step 1
+    "epyc": Variant(stages=("pretrain",), from_commit="e1610e1"),
     # the fp32 family's command on this machine's AVX-512 kernels (its reference ran AVX2 kernels)
     "fp32-avx512": Variant(pretrain_flags=FP32, family="fp32"),
     **{f"seed{seed}": Variant(flags=("--seed", str(seed)), seed_of_data=True, kind="seed")
@@ -152,6 +157,15 @@ def thinned_corpus(root: Path, keep: float) -> list[Path]:
 def run_chain(name: str, root: Path, variant: Variant, stages: tuple[str, ...]) -> None:
     root.mkdir(parents=True, exist_ok=True)
     for stage in stages:
+        if variant.from_commit:  # another machine's run: its published log and record, from git
+            target = root / "out" / name / stage
+            target.mkdir(parents=True, exist_ok=True)
+            for part in ("log.jsonl", RUN_RECORD):
+                source = f"{variant.from_commit}:{(PUBLISHED / name / stage / part).relative_to(REPO_ROOT)}"
+                (target / part).write_bytes(subprocess.run(["git", "show", source], cwd=REPO_ROOT, check=True,
+                                                           capture_output=True).stdout)
+            print(f"{root.name}/{stage}: taken from {variant.from_commit}")
+            continue
         if read_run_record(root / "out" / name / stage / RUN_RECORD) is not None:
             print(f"{root.name}/{stage}: done before, kept")
             continue
