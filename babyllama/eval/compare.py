@@ -9,12 +9,16 @@ A run directory holds <stage>/log.jsonl (one line per step, written by the train
 command, config, machine and final metrics, written when the stage ends): out/<name> of a run and
 docs/published/<name> are both run directories.
 
-Verdict per stage, with the bands of the published tolerance.json (docs/reproducibility.md says how they were
-measured):
-  reproduced  every step's |Δloss| within the band measured between the same run on other machines (other CPU
-              kernels, thread counts, 1 vs 2 processes, 2 nodes), and every final metric within its band;
-  drifted     beyond that, but the smoothed loss curve and the metrics stay within what another --seed gives;
-  diverged    beyond what another seed gives: the first diverging step is named and the exit code is 1.
+Your run is compared with the published reference of its numerics family: bf16 + compile where the CPU has native
+bf16 (docs/published/<name>), fp32 + compile elsewhere (docs/published/<name>/fp32); run.json says which your
+pretraining ran (--family overrides). Verdict per stage, with the bands of the published tolerance.json
+(docs/reproducibility.md says how they were measured and how often they are wrong):
+  reproduced  every step's |Δloss| within the band measured between the same command on other machines (other
+              CPU kernels, 1 vs 2 processes), and every final metric within its band;
+  drifted     beyond that, but the smoothed loss curve, the periodic validation loss and every final metric are
+              within 4.5 standard deviations of the difference between two runs of the same recipe (the spread of
+              5 seeds, and for an accuracy at least its binomial sampling error);
+  diverged    beyond that: another recipe, data or code. The first diverging step is named and the exit code is 1.
 A run with fewer steps than the reference is judged on the steps it has. Bad input exits 2 with one line.
 """
 from __future__ import annotations
