@@ -226,3 +226,17 @@ def test_fsdp_two_process_with_resume_matches_single_process(tmp_path, single):
         assert torch.allclose(sharded[k], single[k], atol=1e-5), k
     checkpoint = torch.load(next((tmp_path / "fsdp_ckpt").glob("step_*.pt")), weights_only=False)
     assert checkpoint["step"] == 3 and checkpoint["model"].keys() == single.keys()
+
+
+def test_a_run_under_aten_cpu_capability_compiles_into_its_own_inductor_cache(tmp_path):
+    """torch 2.13's inductor cache does not key on ATEN_CPU_CAPABILITY: graphs compiled for AVX2 (8-float loops),
+    reused by a default AVX-512 run (16-float vectors), wrote past their buffers and aborted it. A run with the
+    variable set compiles into a cache of its own."""
+    script = ("import torch; from babyllama.hardware import separate_inductor_cache; separate_inductor_cache(); "
+              "print(torch.compile(lambda x: (x * x).sum(-1))(torch.ones(64, 32)).sum().item())")
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**env, "TMPDIR": str(tmp_path), "ATEN_CPU_CAPABILITY": "avx2"})
+    assert proc.returncode == 0 and proc.stdout.strip() == "2048.0", proc.stderr[-2000:]
+    graphs = [d.parent.name for d in tmp_path.glob("torchinductor_*/fxgraph")]  # (headers may stay shared)
+    assert len(graphs) == 1 and graphs[0].endswith("-avx2")

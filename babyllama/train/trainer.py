@@ -18,6 +18,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from babyllama.errors import UserError
+from babyllama.hardware import separate_inductor_cache
 from babyllama.model.config import ModelConfig
 from babyllama.train.checkpoint import (check_model_config, last_good_hint, load_checkpoint, rng_state, save_checkpoint,
                                         set_rng_state)
@@ -92,6 +93,7 @@ class Trainer:
             # run to run; in deterministic mode it calls aten's ordered kernel instead (published logs rely on
             # bit-identical reruns). Process-wide, as the flag is.
             torch.use_deterministic_algorithms(True, warn_only=True)
+            separate_inductor_cache()
         self.wrapped = torch.compile(model) if torch_compile else model  # what a training step calls
 
     @property
