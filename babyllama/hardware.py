@@ -11,8 +11,12 @@ import torch
 def cpu_has_native_bf16() -> bool:
     """x86 CPUs with AVX-512 BF16 or AMX instructions, as PyTorch detects them (cpuinfo): there oneDNN's bf16 matrix
     products run at ~2.7x fp32; elsewhere bf16 is converted in software and is slower than fp32."""
-    return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or
-                getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+    return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()) or cpu_has_amx()
+
+
+def cpu_has_amx() -> bool:
+    """Intel CPUs with AMX tiles (Sapphire Rapids and later), as PyTorch detects them."""
+    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 
 
 def cxx_compiler() -> str | None:

@@ -31,7 +31,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")  # read when an OpenMP runtim
 import torch
 from jsonl import emit  # bench/ is on sys.path as the script's folder
 
-from babyllama.convert.gguf import DTYPES, export_gguf
+from babyllama.convert.gguf import DTYPES, export_gguf, open_in_llama_cpp
 from babyllama.data.tokenizer import Tokenizer
 from babyllama.model.generate import Generator, SamplingConfig
 from babyllama.model.llama import Llama
@@ -60,10 +60,7 @@ def export_all(root: str, name: str, stage: str, tok_dir: Path, tmp: Path) -> di
 
 
 def llama_cpp_model(path: Path, context: int, threads: int, **kw):
-    import llama_cpp
-
-    return llama_cpp.Llama(model_path=str(path), n_ctx=context, n_threads=threads, n_threads_batch=threads,
-                           verbose=False, **kw)
+    return open_in_llama_cpp(path, n_ctx=context, n_threads=threads, n_threads_batch=threads, verbose=False, **kw)
 
 
 def llama_cpp_greedy(llm, prompt: list[int], n: int) -> list[int]:

@@ -23,7 +23,7 @@ import gguf  # noqa: E402
 from test_convert import convert_config, require, tok_dir  # noqa: E402,F401  (tok_dir: the 400-token zh+en tokenizer)
 
 from babyllama.chat.session import ChatSession  # noqa: E402
-from babyllama.convert.gguf import export_gguf, modelfile_path, to_interleaved_rope  # noqa: E402
+from babyllama.convert.gguf import export_gguf, modelfile_path, open_in_llama_cpp, to_interleaved_rope  # noqa: E402
 from babyllama.convert.hf import import_hf  # noqa: E402
 from babyllama.data.chat_template import render_prompt, stop_ids  # noqa: E402
 from babyllama.data.tokenizer import Tokenizer  # noqa: E402
@@ -80,8 +80,9 @@ def exported(tmp_path_factory, tok_dir):  # noqa: F811
 def load(path: Path, **kw):
     """The file in llama.cpp; logits of every position are kept (`llama_cpp_logits`). One thread: no OpenMP team
     of llama.cpp's waits beside torch's on the 2 cores (see docs/performance.md on OpenMP wait policies)."""
-    return llama_cpp().Llama(model_path=str(path), n_ctx=CONTEXT, n_threads=1, verbose=False,
-                             logits_all=not kw.get("vocab_only"), **kw)
+    llama_cpp()  # installed, or skip (fail under CI=true)
+    return open_in_llama_cpp(path, n_ctx=CONTEXT, n_threads=1, verbose=False, logits_all=not kw.get("vocab_only"),
+                             **kw)
 
 
 def llama_cpp_logits(llm, ids: list[int]) -> np.ndarray:

@@ -39,6 +39,7 @@ from babyllama.convert.weights import unpadded
 from babyllama.data.chat_template import IM_END, IM_START
 from babyllama.data.tokenizer import Tokenizer
 from babyllama.errors import UserError
+from babyllama.hardware import cpu_has_amx
 from babyllama.model.config import ModelConfig
 from babyllama.model.generate import SamplingConfig
 from babyllama.train.checkpoint import load_model
@@ -97,6 +98,30 @@ def export_gguf(checkpoint: str | Path, tokenizer: str | Path, out: str | Path, 
     stops = [tok.id_to_token(i) for i in dict.fromkeys((tok.token_to_id(IM_END), tok.eos_id)) if i is not None]
     modelfile.write_text(ollama_modelfile(out, cfg.max_seq_len, stops), encoding="utf-8")
     return out
+
+
+def open_in_llama_cpp(path: str | Path, **kwargs):
+    """The file in llama.cpp itself (llama-cpp-python's `Llama`, `kwargs` its options), the consumer every export is
+    checked against. On a CPU with AMX, llama.cpp's extra buffer types (weights repacked for AMX) are turned off:
+    decoding a q8_0 file with them crashed (segfault in its AMX matrix product; llama-cpp-python 0.3.36 built with
+    -march=native on an Intel Xeon with AMX, 2026-12-06), a known llama.cpp bug (ggml-org/llama.cpp#20824)."""
+    import llama_cpp
+
+    if not cpu_has_amx():
+        return llama_cpp.Llama(model_path=str(path), **kwargs)
+    low = llama_cpp.llama_cpp  # Llama() takes its model parameters from here, with no option for this field
+    default = low.llama_model_default_params
+
+    def without_extra_buffers():
+        params = default()
+        params.use_extra_bufts = False
+        return params
+
+    low.llama_model_default_params = without_extra_buffers
+    try:
+        return llama_cpp.Llama(model_path=str(path), **kwargs)
+    finally:
+        low.llama_model_default_params = default
 
 
 def modelfile_path(out: Path) -> Path:
