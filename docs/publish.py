@@ -174,7 +174,7 @@ def run_chain(name: str, root: Path, variant: Variant, stages: tuple[str, ...]) 
         print(f"{root.name}/{stage}: {run_stage(stage, name, root, variant):.0f} s", flush=True)
 
 
-def collect(name: str, out: Path, runs: Path, dest: Path) -> None:
+def collect(name: str, out: Path, runs: Path, dest: Path, family: str = "bf16") -> None:
     """Copy every stage's log, record, event files and evaluation from a run into `dest` (replacing them)."""
     stages = [s for s in STAGES if (out / s / RUN_RECORD).is_file()]
     if not stages:
@@ -192,17 +192,19 @@ def collect(name: str, out: Path, runs: Path, dest: Path) -> None:
         if evaluation.is_file():  # its checkpoint path written relative to the repository, like the run records
             result = portable(json.loads(evaluation.read_text(encoding="utf-8")))
             (target / "eval.json").write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n", "utf-8")
-    write_manifest(name, dest, stages)
+    write_manifest(name, dest, stages, family)
     print(f"published {', '.join(stages)} -> {dest}")
 
 
-def write_manifest(name: str, dest: Path, stages: list[str]) -> None:
+def write_manifest(name: str, dest: Path, stages: list[str], family: str = "bf16") -> None:
     """dest/README.md: per stage the command, steps, wall time and final metrics, and where the run was made."""
     records = {s: read_run_record(dest / s / RUN_RECORD) for s in stages}
     first = records[stages[0]]
     git, machine, software = first.get("git") or {}, first["machine"], first["software"]
     lines = [f"# Published run: `{name}`", "",
-             f"Made by `python docs/publish.py run --name {name}`; do not edit by hand. Compare yours with "
+             f"Made by `python docs/publish.py run --name {name}"
+             f"{'' if family == 'bf16' else f' --family {family}'}`: the {family} numerics family's reference; do not "
+             f"edit by hand. Compare yours with "
              f"`python -m babyllama.compare --name {name}`; see docs/reproducibility.md.", "",
              f"Commit `{git.get('commit', 'unknown')}`{' (with local changes)' if git.get('dirty') else ''}; "
              f"{machine['cpu']}, {machine['cpu_count']} cores, {machine['torch_threads']} torch threads, "
@@ -341,7 +343,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--runs", help="collect: its TensorBoard directory (<runs>/<name>)")
     ap.add_argument("--device", default="cpu", help="run: device for the evaluation")
     ap.add_argument("--family", default="bf16", choices=sorted(FAMILIES),
-                    help="run: which numerics family's reference to make (bf16 is docs/published/<name> itself)")
+                    help="run / collect: which numerics family's reference (bf16 is docs/published/<name> itself)")
     args = ap.parse_args(argv)
     work, dest = Path(args.work).resolve(), PUBLISHED / args.name
     stages = tuple(args.stages or STAGES)
@@ -359,11 +361,12 @@ def main(argv: list[str] | None = None) -> None:
             report = make_report.make_report(args.name, out, runs, DOCS / "report", evaluated=True,
                                              command=f"python docs/publish.py run --name {args.name}")
             print(f"wrote {report}")
-        collect(args.name, out / args.name, runs / args.name, family_dir(dest, args.family))
+        collect(args.name, out / args.name, runs / args.name, family_dir(dest, args.family), args.family)
     elif args.command == "collect":
         if not args.source:
             raise UserError("collect: pass --from <out>/<name> (and --runs <runs>/<name> for the event files)")
-        collect(args.name, Path(args.source), Path(args.runs or "/nonexistent"), dest)
+        collect(args.name, Path(args.source), Path(args.runs or "/nonexistent"), family_dir(dest, args.family),
+                args.family)
     elif args.command == "variants":
         for label in args.only or VARIANTS:
             variant = VARIANTS[label]
