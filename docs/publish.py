@@ -271,6 +271,8 @@ def checks(references: dict[str, Path], found: dict[str, Path]) -> dict:
         if reference is None:
             continue
         stages = [s for s in STAGES if (run / s / "log.jsonl").is_file() and (reference / s).is_dir()]
+        if not stages:  # not run yet
+            continue
         results, _ = compare_runs(run, reference, tolerance, stages, plots=None)
         out[label] = {"kind": variant.kind, "family": variant.family,
                       "stages": {r.stage: {"verdict": r.judgement.verdict, "first_step": r.judgement.first_step,

@@ -215,8 +215,9 @@ def judge(diff: Difference, tolerance: dict | None) -> Judgement:
         s, d = over[0]
         reasons.append(f"|Δloss| {d:.2g} at step {s} beyond the reproduced band {envelope_band(envelope, s):.2g}")
     reasons += [f"{k} beyond its reproduced band ±{metric_reproduced[k]:.2g}" for k in beyond_reproduced]
-    smoothed = [(s, d) for s, d in zip(diff.steps, diff.smoothed_delta)
-                if d > envelope_band(drift["smoothed_loss"], s)]
+    # from the first full window on: before it the "moving average" is of a few steps, as noisy as they are
+    smoothed = [(s, d) for i, (s, d) in enumerate(zip(diff.steps, diff.smoothed_delta))
+                if i >= diff.window - 1 and d > envelope_band(drift["smoothed_loss"], s)]
     beyond_drift = _metrics_beyond(diff.metrics, metric_drifted)
     if not smoothed and not beyond_drift and not val_over:
         return Judgement(DRIFTED, over[0][0] if over else None, reasons)
@@ -304,8 +305,9 @@ def derive_tolerance(references: dict[str, Path], machines: dict[str, tuple[str,
     reproduced: every step's |Δloss| within REPRODUCED_FACTOR x the largest any machine run showed up to that step,
     every metric within that factor of the machine runs' largest difference.
     drifted: the smoothed loss curve within Z x sqrt(2) x the seeds' spread at that step (pooled over neighbouring
-    steps), every metric within Z x sqrt(2) x its spread: the seeds', or its sampling error (binomial, an accuracy
-    over n items) when that is larger; never tighter than the reproduced band."""
+    steps), every metric within Z x sqrt(2) x its spread: over every finished run of the recipe (the references,
+    seeds and machine runs: on other arithmetic a run ends as another draw), or its sampling error (binomial, an
+    accuracy over n items) when that is larger; never tighter than the reproduced band."""
     primary = references[FAMILIES[0]]
     counts = accuracy_counts()
     stages, measured = {}, {label: {} for label in [*machines, *seeds]}
@@ -320,6 +322,11 @@ def derive_tolerance(references: dict[str, Path], machines: dict[str, tuple[str,
         runs = [(label, family, directory) for label, (family, directory) in machines.items()]
         runs += [(label, FAMILIES[0], directory) for label, directory in seeds.items()]
         curves, finals = [moving_average(reference.loss, window)], {k: [v] for k, v in reference.metrics.items()}
+        for family, directory in references.items():  # the other families' references: more draws of the metrics
+            other = read_stage(directory, stage) if family != FAMILIES[0] else None
+            if other is not None and other.finished_steps == reference.finished_steps:
+                for k, v in other.metrics.items():
+                    finals.setdefault(k, []).append(v)
         val_steps = sorted(reference.val)
         val_curves, machine_val = [[reference.val[s] for s in val_steps]], {}
         for label, family, directory in runs:
@@ -343,6 +350,7 @@ def derive_tolerance(references: dict[str, Path], machines: dict[str, tuple[str,
                 curves.append(moving_average(run.loss, window))
                 if all(s in run.val for s in val_steps):
                     val_curves.append([run.val[s] for s in val_steps])
+            if run.finished_steps == reference.finished_steps:  # a finished run of the recipe, machine or seed
                 for k, v in run.metrics.items():
                     finals.setdefault(k, []).append(v)
         envelope, running = [], 0.0
