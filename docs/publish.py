@@ -36,7 +36,7 @@ from pathlib import Path
 
 from babyllama.cli import main_guard
 from babyllama.errors import UserError
-from babyllama.eval.compare import (DIVERGED, DRIFTED, FAMILIES as NUMERICS, REPRODUCED, STAGES, TOLERANCE,
+from babyllama.eval.compare import (DATA_RECORD, DIVERGED, DRIFTED, FAMILIES as NUMERICS, REPRODUCED, STAGES, TOLERANCE,
                                     compare_runs, derive_tolerance, family_dir)
 from babyllama.eval.stats import clopper_pearson_upper, mean_interval
 from babyllama.shipped import PUBLISHED, REPO_ROOT, STAGE_SCRIPTS, TRAIN_CORPUS
@@ -186,6 +186,11 @@ def collect(name: str, out: Path, runs: Path, dest: Path, family: str = "bf16") 
         target.mkdir(parents=True)
         for part in ("log.jsonl", RUN_RECORD):
             shutil.copy2(out / stage / part, target / part)
+        meta = out / "data" / "meta.json"
+        if stage == "pretrain" and meta.is_file():  # what the token data was made from, for compare's data check
+            record = json.loads(meta.read_text(encoding="utf-8"))
+            record = {k: record[k] for k in ("seed", "val_fraction", "corpus", "input", "splits")}
+            (target / DATA_RECORD).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
         for events in sorted((runs / stage).glob(EVENTS)):
             shutil.copy2(events, target / events.name)
         evaluation = out / "eval" / f"{stage}.json"

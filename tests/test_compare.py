@@ -331,3 +331,26 @@ def test_thinned_corpus_leaves_out_every_fifth_document(tmp_path, publish):
         lines = source.read_text(encoding="utf-8").splitlines()
         kept = thinned.read_text(encoding="utf-8").splitlines()
         assert kept == [line for i, line in enumerate(lines, 1) if i % 5] and len(kept) < 0.81 * len(lines)
+
+
+def test_pretraining_on_other_text_diverges_at_step_1(reference, tmp_path):
+    """A corpus with documents left out moves the curves less than another seed does; the record of the text the
+    token data was made from tells it at once (data/meta.json of a run, pretrain/data.json of a published one)."""
+    files = [{"name": "poetry_zh_train.jsonl", "bytes": 2375205, "ends_sha256": "48e3e63685e9de20"}]
+    text = {"corpus": {"files": files, "format": "auto", "field": "text"}, "input": {"documents": 11762}}
+    (reference / "pretrain" / compare.DATA_RECORD).write_text(json.dumps(text))
+    for label, edit in (("same", {}), ("thinned", {"bytes": 1900164, "ends_sha256": "0123456789abcdef"})):
+        run = write_stage(tmp_path / label, "pretrain", BASE, METRICS).parent
+        (run / "data").mkdir()
+        meta = {**text, "corpus": {**text["corpus"], "files": [{**files[0], **edit}]},
+                "input": {"documents": 11762 if not edit else 9410}}
+        (run / "data" / "meta.json").write_text(json.dumps(meta))
+        [result], _ = compare.compare_runs(run, reference, TOLERANCE)
+        if not edit:
+            assert result.judgement.verdict == "reproduced"
+            continue
+        assert (result.judgement.verdict, result.judgement.first_step) == ("diverged", 1)
+        assert result.judgement.reasons[0] == (
+            "trained on other text: file 1 of 1: poetry_zh_train.jsonl (2,375,205 bytes, ends 48e3e63685e9de20) in "
+            "the reference vs poetry_zh_train.jsonl (1,900,164 bytes, ends 0123456789abcdef); 11,762 documents in "
+            "the reference vs 9,410")

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from babyllama.cli import main_guard
+from babyllama.data.token_bins import corpus_differences
 from babyllama.errors import UserError
 from babyllama.eval.stats import binomial_sd, wilson_interval
 from babyllama.hardware import cpu_has_native_bf16
@@ -44,6 +45,7 @@ STAGES = ("pretrain", "sft", "reward", "dpo", "ppo")
 # The periodic validation loss: the same held-out batches in every run, so a far sharper check of the recipe than
 # the training loss of other batches (seeds) is.
 VAL_CURVE = "val_loss"
+DATA_RECORD = "data.json"  # beside a published pretraining log: what its token data was made from
 TOLERANCE = "tolerance.json"
 # Config fields that may differ without making it another run: where outputs go, how data is prepared, when
 # checkpoints are kept, and --stop-at (a partial run is judged on the steps it has).
@@ -79,6 +81,7 @@ class StageLog:
     loss: list[float]
     record: dict | None  # run.json; None when the stage has not finished (or ran before records were kept)
     val: dict[int, float] = field(default_factory=dict)  # the periodic validation loss by step, when logged
+    text: dict | None = None  # pretraining: the corpus record its token data was made from (`training_text`)
 
     @property
     def metrics(self) -> dict[str, float]:
@@ -120,7 +123,23 @@ def read_stage(run_dir: Path, stage: str) -> StageLog | None:
     if record_path.exists() and record is None:
         raise UserError(f"{record_path}: not the JSON a stage writes; delete it to compare the log alone")
     steps, loss = series["loss"]
-    return StageLog(stage, directory, steps, loss, record, dict(zip(*series.get(VAL_CURVE, ([], [])))))
+    return StageLog(stage, directory, steps, loss, record, dict(zip(*series.get(VAL_CURVE, ([], [])))),
+                    training_text(directory) if stage == "pretrain" else None)
+
+
+def training_text(stage_dir: Path) -> dict | None:
+    """What a pretraining run's token data was made from: the corpus record of its meta.json (each file's name,
+    size and a hash of its ends) and the documents read. A run directory has it in data/meta.json, a published
+    run in pretrain/data.json (docs/publish.py copies it). None when neither is there."""
+    for path in (stage_dir / DATA_RECORD, stage_dir.parent / "data" / "meta.json"):
+        if path.is_file():
+            try:
+                meta = json.loads(path.read_text(encoding="utf-8"))
+                return {"corpus": meta["corpus"], "documents": meta["input"]["documents"]}
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+                raise UserError(f"{path}: not the token data record pretraining writes; delete it to compare "
+                                "without the data check") from None
+    return None
 
 
 # ----------------------------------------------------------------------------------------------- differences
@@ -460,7 +479,22 @@ def compare_stage(yours: StageLog, reference: StageLog, tolerance: dict | None) 
                      "final metrics not compared")
     elif not diff.metrics and reference.metrics:
         notes.append("final metrics not compared: the runs ended at different steps")
-    return StageResult(yours.stage, judge(diff, tolerance), diff, notes, tolerance)
+    judgement = judge(diff, tolerance)
+    other_text = text_differences(yours, reference)
+    if other_text:  # another training text is another recipe, whatever the curves could show
+        judgement = Judgement(DIVERGED, diff.steps[0], [f"trained on other text: {'; '.join(other_text)}",
+                                                       *judgement.reasons])
+    return StageResult(yours.stage, judgement, diff, notes, tolerance)
+
+
+def text_differences(yours: StageLog, reference: StageLog) -> list[str]:
+    """How the text a pretraining run was made from differs from the reference's (empty when either is unknown)."""
+    if yours.text is None or reference.text is None:
+        return []
+    differ = corpus_differences(reference.text["corpus"], yours.text["corpus"])
+    if reference.text["documents"] != yours.text["documents"]:
+        differ.append(f"{reference.text['documents']:,} documents vs now {yours.text['documents']:,}")
+    return [d.replace(" vs now ", " in the reference vs ") for d in differ]
 
 
 def plot_overlay(result: StageResult, tolerance: dict | None, path: Path, labels: tuple[str, str]) -> None:
