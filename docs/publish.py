@@ -324,7 +324,7 @@ def seed_table(reference: Path, seeds: dict[str, Path]) -> list[str]:
         rows += [(f"{after} − {before}", [m[after] - m[before] for m in records if after in m and before in m])
                  for before, after in gains if after in records[0] and not before.endswith("_kl")]
         for name, values in rows:
-            mean, low, high = mean_interval(values)
+            mean, low, high = (0.0 if abs(v) < 1e-12 else v for v in mean_interval(values))  # float noise
             lines.append(f"| {stage} | {name} | {len(values)} | {mean:.4g} | [{low:.4g}, {high:.4g}] | {values[0]:.4g} |")
     return lines
 
