@@ -250,7 +250,8 @@ def measured_tables(tolerance: dict) -> list[str]:
                          f"{'—' if delta is None else f'{delta:.3g}'} |")
         drift = [band for _, band in bands["drifted"]["smoothed_loss"]]
         lines.append(f"| **band** | | reproduced: up to {bands['reproduced']['loss'][-1][1]:.2g} | drifted: "
-                     f"{min(drift):.2g}–{max(drift):.2g} | | reproduced {bands['reproduced']['metrics'][metric]:.2g}, "
+                     f"{min(drift):.2g}–{max(drift):.2g} | | "
+                     f"reproduced {bands['reproduced']['metrics'][metric]:.2g}, "
                      f"drifted {bands['drifted']['metrics'][metric]:.2g} |")
     return lines
 
@@ -258,7 +259,8 @@ def measured_tables(tolerance: dict) -> list[str]:
 def bands_from(found: dict[str, Path], leave_out: str | None = None
                ) -> tuple[dict[str, tuple[str, Path]], dict[str, Path]]:
     """(machines, seeds) arguments of derive_tolerance from the variant runs found, without `leave_out`."""
-    machines = {k: (VARIANTS[k].family, v) for k, v in found.items() if VARIANTS[k].kind == "machine" and k != leave_out}
+    machines = {k: (VARIANTS[k].family, v) for k, v in found.items()
+                if VARIANTS[k].kind == "machine" and k != leave_out}
     seeds = {k: v for k, v in found.items() if VARIANTS[k].kind == "seed" and k != leave_out}
     return machines, seeds
 
@@ -325,7 +327,8 @@ def seed_table(reference: Path, seeds: dict[str, Path]) -> list[str]:
                  for before, after in gains if after in records[0] and not before.endswith("_kl")]
         for name, values in rows:
             mean, low, high = (0.0 if abs(v) < 1e-12 else v for v in mean_interval(values))  # float noise
-            lines.append(f"| {stage} | {name} | {len(values)} | {mean:.4g} | [{low:.4g}, {high:.4g}] | {values[0]:.4g} |")
+            lines.append(f"| {stage} | {name} | {len(values)} | {mean:.4g} | [{low:.4g}, {high:.4g}] "
+                         f"| {values[0]:.4g} |")
     return lines
 
 

@@ -305,9 +305,11 @@ def seed_spread(curves: list[list[float]], pool: int) -> list[float]:
     prefix = [0.0]
     for v in variance:
         prefix.append(prefix[-1] + v)
-    half = pool // 2
-    return [math.sqrt((prefix[min(n, i + half + 1)] - prefix[max(0, i - half)]) / (min(n, i + half + 1) - max(0, i - half)))
-            for i in range(n)]
+    half, out = pool // 2, []
+    for i in range(n):
+        lo, hi = max(0, i - half), min(n, i + half + 1)
+        out.append(math.sqrt((prefix[hi] - prefix[lo]) / (hi - lo)))
+    return out
 
 
 def _envelope(steps: list[int], bands: list[float], block: int) -> list[list[float]]:
