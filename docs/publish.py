@@ -89,6 +89,9 @@ VARIANTS = {
     # the published bf16 pretraining of 2026-12-02, made on an AMD EPYC (AVX-512 BF16, no AMX); the reference since
     # 2026-12-06 ran on an Intel Xeon whose oneDNN uses AMX for bf16 matrix products: differs from step 1
     "epyc": Variant(stages=("pretrain",), from_commit="e1610e1"),
+    # the fp32 family on a machine without a C++ compiler for inductor: `auto` then pretrains eager
+    "fp32-eager": Variant(env={"ATEN_CPU_CAPABILITY": "avx2"}, pretrain_flags=(*FP32, "--torch-compile", "off"),
+                          stages=("pretrain",), family="fp32"),
     # the fp32 family's command on this machine's AVX-512 kernels (its reference ran AVX2 kernels)
     "fp32-avx512": Variant(pretrain_flags=FP32, family="fp32"),
     **{f"seed{seed}": Variant(flags=("--seed", str(seed)), seed_of_data=True, kind="seed")
