@@ -35,4 +35,3 @@ def separate_inductor_cache() -> None:
         from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = f"{default_cache_dir()}-{capability.lower()}"
-

@@ -178,11 +178,16 @@ def shakespeare_instructions(records: Iterable[dict], seed: int = 0, max_per_tas
     return _cap([cont, who, play, nxt], max_per_task, rng)
 
 
+def _pair_options(lines: Sequence[str], counts: Counter, min_chars: int) -> list[int]:
+    """Where a (line, next line) pair may start: an unambiguous first line, both lines long enough."""
+    return [i for i in range(len(lines) - 1)
+            if counts[lines[i]] == 1 and len(lines[i]) >= min_chars and len(lines[i + 1]) >= min_chars]
+
+
 def next_line_pair(lines: Sequence[str], counts: Counter, rng: random.Random,
                    min_chars: int) -> tuple[str, str] | None:
     """A random (line, next line) of a record, with an unambiguous first line and both long enough."""
-    options = [i for i in range(len(lines) - 1)
-               if counts[lines[i]] == 1 and len(lines[i]) >= min_chars and len(lines[i + 1]) >= min_chars]
+    options = _pair_options(lines, counts, min_chars)
     if not options:
         return None
     i = rng.choice(options)
@@ -192,8 +197,7 @@ def next_line_pair(lines: Sequence[str], counts: Counter, rng: random.Random,
 def next_line_pairs(lines: Sequence[str], counts: Counter, rng: random.Random, min_chars: int,
                     k: int) -> list[tuple[str, str]]:
     """Up to `k` distinct (line, next line) pairs of a record, each as `next_line_pair` picks one."""
-    options = [i for i in range(len(lines) - 1)
-               if counts[lines[i]] == 1 and len(lines[i]) >= min_chars and len(lines[i + 1]) >= min_chars]
+    options = _pair_options(lines, counts, min_chars)
     return [(lines[i], lines[i + 1]) for i in sorted(rng.sample(options, min(k, len(options))))]
 
 

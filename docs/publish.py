@@ -36,7 +36,7 @@ from pathlib import Path
 
 from babyllama.cli import main_guard
 from babyllama.errors import UserError
-from babyllama.eval.compare import (DATA_RECORD, DIVERGED, DRIFTED, FAMILIES as NUMERICS, REPRODUCED, STAGES, TOLERANCE,
+from babyllama.eval.compare import (DATA_RECORD, DIVERGED, DRIFTED, FAMILIES, REPRODUCED, STAGES, TOLERANCE,
                                     compare_runs, derive_tolerance, family_dir)
 from babyllama.eval.stats import clopper_pearson_upper, mean_interval
 from babyllama.shipped import PUBLISHED, REPO_ROOT, STAGE_SCRIPTS, TRAIN_CORPUS
@@ -73,7 +73,8 @@ class Variant:
 # CPU has native bf16 (AVX-512 BF16 / AMX), fp32 + compile elsewhere (AVX2-only x86, ARM). Each has a published
 # reference; the fp32 one is made here with AVX2 kernels and pretraining forced to fp32, as such a CPU runs it.
 FP32 = ("--mixed-precision", "fp32")
-FAMILIES = {"bf16": Variant(), "fp32": Variant(env={"ATEN_CPU_CAPABILITY": "avx2"}, pretrain_flags=FP32)}
+AVX2 = {"ATEN_CPU_CAPABILITY": "avx2"}
+FAMILY_RUNS = {"bf16": Variant(), "fp32": Variant(env=AVX2, pretrain_flags=FP32)}
 HALF_BATCH = ("--batch-size", str(RUN_PRESETS["baby"].batch_size // 2))  # 2 processes, the same global batch
 BABY = RUN_PRESETS["baby"]
 NO_ROPE = "import babyllama.model.llama as m; m.apply_rope = lambda x, cos, sin: x"
@@ -82,7 +83,7 @@ VARIANTS = {
     "threads1": Variant(env={"OMP_NUM_THREADS": "1"}, stages=("pretrain",)),
     # eager: with ATEN_CPU_CAPABILITY=avx2, inductor's bf16 code for the baby model crashes (SIGSEGV at the first
     # step, torch 2.13.0+cpu)
-    "avx2": Variant(env={"ATEN_CPU_CAPABILITY": "avx2"}, flags=("--torch-compile", "off")),
+    "avx2": Variant(env=AVX2, flags=("--torch-compile", "off")),
     "2proc": Variant(processes=2, flags=HALF_BATCH, stages=("pretrain",)),
     # one thread per process, as torchrun sets it for several processes per node (with one per node it does not)
     "2node": Variant(nodes=2, env={"OMP_NUM_THREADS": "1"}, flags=HALF_BATCH, stages=("pretrain",)),
@@ -90,14 +91,14 @@ VARIANTS = {
     # 2026-12-06 ran on an Intel Xeon whose oneDNN uses AMX for bf16 matrix products: differs from step 1
     "epyc": Variant(stages=("pretrain",), from_commit="e1610e1"),
     # the fp32 family on a machine without a C++ compiler for inductor: `auto` then pretrains eager
-    "fp32-eager": Variant(env={"ATEN_CPU_CAPABILITY": "avx2"}, pretrain_flags=(*FP32, "--torch-compile", "off"),
+    "fp32-eager": Variant(env=AVX2, pretrain_flags=(*FP32, "--torch-compile", "off"),
                           stages=("pretrain",), family="fp32"),
     # the fp32 family's command on this machine's AVX-512 kernels (its reference ran AVX2 kernels)
     "fp32-avx512": Variant(pretrain_flags=FP32, family="fp32"),
     **{f"seed{seed}": Variant(flags=("--seed", str(seed)), seed_of_data=True, kind="seed")
        for seed in (1338, 1339, 1340, 1341)},
     # another seed in the fp32 family, held back from the bands: a false-alarm check of that family
-    "fp32-seed1342": Variant(env={"ATEN_CPU_CAPABILITY": "avx2"}, pretrain_flags=FP32, flags=("--seed", "1342"),
+    "fp32-seed1342": Variant(env=AVX2, pretrain_flags=FP32, flags=("--seed", "1342"),
                              seed_of_data=True, kind="heldout", family="fp32"),
     # recipes compare must tell apart from the published one
     "lr2x": Variant(pretrain_flags=("--lr", str(2 * BABY.lr)), stages=("pretrain",), kind="changed"),
@@ -355,7 +356,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--from", dest="source", help="collect: the run directory (<out>/<name>)")
     ap.add_argument("--runs", help="collect: its TensorBoard directory (<runs>/<name>)")
     ap.add_argument("--device", default="cpu", help="run: device for the evaluation")
-    ap.add_argument("--family", default="bf16", choices=sorted(FAMILIES),
+    ap.add_argument("--family", default="bf16", choices=FAMILIES,
                     help="run / collect: which numerics family's reference (bf16 is docs/published/<name> itself)")
     args = ap.parse_args(argv)
     work, dest = Path(args.work).resolve(), PUBLISHED / args.name
@@ -363,9 +364,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "run":
         import make_report  # docs/make_report.py, beside this script
 
-        family = FAMILIES[args.family]
+        family = FAMILY_RUNS[args.family]
         root = work / ("reference" if args.family == "bf16" else f"reference-{args.family}")
-        if family.seed_of_data or args.family != "bf16":  # the same seed splits the same data: reuse it
+        if args.family != "bf16":  # the same seed splits the same data: reuse the bf16 reference's
             copy_token_data(work / "reference", root, args.name)
         run_chain(args.name, root, family, stages)
         out, runs = root / "out", root / "runs"
@@ -390,13 +391,13 @@ def main(argv: list[str] | None = None) -> None:
         found = {label: work / label / "out" / args.name for label in VARIANTS if (work / label / "out").is_dir()}
         if not found:
             raise UserError(f"{work}: no variant runs; run `python docs/publish.py variants --name {args.name}` first")
-        references = {f: family_dir(dest, f) for f in NUMERICS if (family_dir(dest, f) / "pretrain").is_dir()}
+        references = {f: family_dir(dest, f) for f in FAMILIES if (family_dir(dest, f) / "pretrain").is_dir()}
         tolerance = derive_tolerance(references, *bands_from(found))
         tolerance["checks"] = checks(references, found)
         (dest / TOLERANCE).write_text(json.dumps(tolerance, indent=1) + "\n", encoding="utf-8")
         seeds = bands_from(found)[1]
         print("\n".join(measured_tables(tolerance) + [""] + check_table(tolerance["checks"]) + [""] +
-                        seed_table(references[NUMERICS[0]], seeds)))
+                        seed_table(references[FAMILIES[0]], seeds)))
         print(f"wrote {dest / TOLERANCE}")
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ A run with fewer steps than the reference is judged on the steps it has. Bad inp
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import statistics
@@ -283,6 +284,7 @@ FALSE_ALARM = 0.01
 POOL_WINDOWS = 4  # a step's seed spread is pooled over this many moving-average windows around it
 
 
+@functools.cache  # the shipped files: read once per process, not per stage and per derived tolerance
 def accuracy_counts() -> dict[str, int]:
     """n of every accuracy a stage reports, from the shipped evaluation files each is measured on: the choice items
     (overall and per language) and the preference pairs of the reward and DPO validation accuracy. Prefixed names
@@ -342,16 +344,16 @@ def derive_tolerance(references: dict[str, Path], machines: dict[str, tuple[str,
         machine_smoothed: dict[int, float] = {}
         runs = [(label, family, directory) for label, (family, directory) in machines.items()]
         runs += [(label, FAMILIES[0], directory) for label, directory in seeds.items()]
+        refs = {family: read_stage(directory, stage) for family, directory in references.items()}
         curves, finals = [moving_average(reference.loss, window)], {k: [v] for k, v in reference.metrics.items()}
-        for family, directory in references.items():  # the other families' references: more draws of the metrics
-            other = read_stage(directory, stage) if family != FAMILIES[0] else None
-            if other is not None and other.finished_steps == reference.finished_steps:
+        for family, other in refs.items():  # the other families' references: more draws of the metrics
+            if family != FAMILIES[0] and other is not None and other.finished_steps == reference.finished_steps:
                 for k, v in other.metrics.items():
                     finals.setdefault(k, []).append(v)
         val_steps = sorted(reference.val)
         val_curves, machine_val = [[reference.val[s] for s in val_steps]], {}
         for label, family, directory in runs:
-            run, ref = read_stage(directory, stage), read_stage(references[family], stage)
+            run, ref = read_stage(directory, stage), refs[family]
             if run is None or ref is None:
                 continue
             diff = difference(run, ref, window)
