@@ -183,13 +183,23 @@ def collect(name: str, out: Path, runs: Path, dest: Path, family: str = "bf16") 
     stages = [s for s in STAGES if (out / s / RUN_RECORD).is_file()]
     if not stages:
         raise UserError(f"{out}: no finished stage (no <stage>/{RUN_RECORD}); run the chain first")
+    # a run made outside the repository (--work elsewhere) names its directory <run> in what is published: paths
+    # inside the repository are already written relative to it (`portable`)
+    root = str(out.resolve().parents[1])
+    outside = not out.resolve().is_relative_to(REPO_ROOT)
+
+    def published(value: object) -> object:
+        value = portable(value)
+        return json.loads(json.dumps(value).replace(root, "<run>")) if outside else value
+
     for stage in stages:
         target = dest / stage
         if target.exists():
             shutil.rmtree(target)
         target.mkdir(parents=True)
-        for part in ("log.jsonl", RUN_RECORD):
-            shutil.copy2(out / stage / part, target / part)
+        shutil.copy2(out / stage / "log.jsonl", target / "log.jsonl")
+        record = published(json.loads((out / stage / RUN_RECORD).read_text(encoding="utf-8")))
+        (target / RUN_RECORD).write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n", "utf-8")
         meta = out / "data" / "meta.json"
         if stage == "pretrain" and meta.is_file():  # what the token data was made from, for compare's data check
             record = json.loads(meta.read_text(encoding="utf-8"))
@@ -198,8 +208,8 @@ def collect(name: str, out: Path, runs: Path, dest: Path, family: str = "bf16") 
         for events in sorted((runs / stage).glob(EVENTS)):
             shutil.copy2(events, target / events.name)
         evaluation = out / "eval" / f"{stage}.json"
-        if evaluation.is_file():  # its checkpoint path written relative to the repository, like the run records
-            result = portable(json.loads(evaluation.read_text(encoding="utf-8")))
+        if evaluation.is_file():  # its checkpoint path written like the run record's
+            result = published(json.loads(evaluation.read_text(encoding="utf-8")))
             (target / "eval.json").write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n", "utf-8")
     write_manifest(name, dest, stages, family)
     print(f"published {', '.join(stages)} -> {dest}")

@@ -354,3 +354,20 @@ def test_pretraining_on_other_text_diverges_at_step_1(reference, tmp_path):
             "trained on other text: file 1 of 1: poetry_zh_train.jsonl (2,375,205 bytes, ends 48e3e63685e9de20) in "
             "the reference vs poetry_zh_train.jsonl (1,900,164 bytes, ends 0123456789abcdef); 11,762 documents in "
             "the reference vs 9,410")
+
+
+def test_collect_publishes_a_run_made_outside_the_repository_without_its_path(tmp_path, publish):
+    out = tmp_path / "work" / "reference" / "out" / "baby"
+    write_stage(out, "pretrain", BASE, METRICS, config={"out": str(tmp_path / "work" / "reference" / "out")})
+    record_path = out / "pretrain" / "run.json"
+    record = json.loads(record_path.read_text())
+    record.update(commands=[f"python pretrain/pretrain.py --name baby --out {tmp_path}/work/reference/out"],
+                  machine={"cpu": "x", "cpu_count": 2, "torch_threads": 2, "cpu_capability": "AVX512",
+                           "device": "cpu"}, software={}, wall_s=1.0)
+    record_path.write_text(json.dumps(record))
+    publish.collect("baby", out, tmp_path / "runs", tmp_path / "dest")
+    published = (tmp_path / "dest" / "pretrain" / "run.json").read_text()
+    assert str(tmp_path) not in published and str(tmp_path) not in (tmp_path / "dest" / "README.md").read_text()
+    published = json.loads(published)
+    assert published["commands"] == ["python pretrain/pretrain.py --name baby --out <run>/out"]
+    assert published["config"]["out"] == "<run>/out" and published["metrics"] == METRICS
