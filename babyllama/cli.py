@@ -14,17 +14,53 @@ from babyllama.errors import UserError
 T = TypeVar("T")
 
 
-def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One `--field-name` flag per dataclass field; unset flags stay None so the preset's value wins."""
-    for f in dataclasses.fields(cls):
-        flag, kind = "--" + f.name.replace("_", "-"), str(f.type)
+def set_program(words: list[str]) -> None:
+    """Name the running job as typed (`["babyllama", "sft"]`): argparse's usage lines take it from sys.argv[0], and
+    the run record writes it as the command (`train.run_record.command_line`)."""
+    sys.argv[0] = " ".join(words)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The docstring as written, and each flag's default after its help (when it has one worth showing)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "%(default)" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: {_shown(action.default)})"
+
+
+def _shown(value: Any) -> str:
+    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value).replace("%", "%%")
+
+
+def add_dataclass_flags(parser: argparse.ArgumentParser, defaults: Any) -> None:
+    """One `--field-name` flag per field of the dataclass instance `defaults`, in an argument group per class that
+    declares fields (titled by its docstring's first line), each help ending with the value the run will take.
+    Unset flags stay None, so `apply_overrides` knows what was given; a bool flag alone means true."""
+    owners: dict[str, type] = {}
+    for cls in type(defaults).__mro__[::-1]:  # the most basic class that declares a field owns it
+        for name in vars(cls).get("__annotations__", {}):
+            owners.setdefault(name, cls)
+    groups: dict[type, Any] = {}
+    for f in dataclasses.fields(defaults):
+        owner = owners.get(f.name, type(defaults))
+        if owner not in groups:
+            title = " ".join((owner.__doc__ or owner.__name__).split()).split(". ")[0].rstrip(".")
+            groups[owner] = parser.add_argument_group(title)
+        # the help is declared once, by the owner; a stage's config only changes the default
+        declared = getattr(owner, "__dataclass_fields__", {}).get(f.name, f)
+        flag, kind, value = "--" + f.name.replace("_", "-"), str(f.type), getattr(defaults, f.name)
+        shown = f" (default: {_shown(value)})" if value is not None else ""
+        spec: dict[str, Any] = dict(default=None, help=declared.metadata.get("help", "") + shown)
         if kind.startswith("list"):
-            parser.add_argument(flag, nargs="+", default=None, help="(default: from the preset)")
+            spec["nargs"] = "+"
+        elif kind == "bool":
+            spec.update(type=_parse_bool, nargs="?", const=True)
         else:
             # a plain `str` field keeps "none" as a value (--mixed-precision none); `str | None` fields read it as None
-            conv = str if kind == "str" else {"int": int, "float": float, "bool": _parse_bool}.get(
-                kind.split(" ")[0], _str_or_none)
-            parser.add_argument(flag, type=conv, default=None, help="(default: from the preset)")
+            spec["type"] = str if kind == "str" else {"int": int, "float": float}.get(kind.split(" ")[0], _str_or_none)
+        add_flag(groups[owner], flag, *declared.metadata.get("aliases", ()), **spec)
 
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -113,21 +149,31 @@ def _close_progress_bars() -> None:
             bar.close()
 
 
+def _refused_write_line(e: Exception) -> str | None:
+    """One line for a write refused for space, quota or file size (ENOSPC, EDQUOT, EFBIG), the OSError raised as
+    is or kept as the context of another (torch.save's RuntimeError); None for any other error."""
+    from babyllama.files import refused_write, refused_write_line
+
+    refused = refused_write(e)
+    return refused_write_line(refused) if refused is not None else None
+
+
 def main_guard(main: Callable[[], Any]) -> None:
-    """Run `main`; a UserError prints `error: ...` and exits 2 (no traceback for bad input)."""
+    """Run `main`; a UserError, or a write refused for space, quota or file size, prints `error: ...` and exits 2
+    (no traceback for bad input or a full disk)."""
     try:
         main()
     except UserError as e:
         _close_progress_bars()  # a run stopped mid-training: the error gets a line of its own
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except OSError as e:
-        if e.errno != errno.ENOSPC:
-            raise
-        _close_progress_bars()
-        print(f"error: no space left on the device of {e.filename or 'the output'}; free some space or pass "
-              "another --out, then run again (a stage continues with --resume)", file=sys.stderr)
-        sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted; resume with --resume", file=sys.stderr)
         sys.exit(130)
+    except Exception as e:
+        line = _refused_write_line(e)
+        if line is None:
+            raise
+        _close_progress_bars()
+        print(f"error: {line}", file=sys.stderr)
+        sys.exit(2)

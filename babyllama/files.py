@@ -85,16 +85,45 @@ def _release(path: Path, fd: int, made: list[Path]) -> None:
             break
 
 
+# a write the filesystem refused: what happened (where: the directory written to), and what makes room
+_REFUSED_WRITES = {errno.ENOSPC: ("no space left on the device of", "free some space (older runs, checkpoints)"),
+                   errno.EFBIG: ("file size limit (ulimit -f) exceeded in", "raise the limit (ulimit -f unlimited)")}
+if hasattr(errno, "EDQUOT"):  # not on Windows
+    _REFUSED_WRITES[errno.EDQUOT] = ("disk quota exceeded on the device of",
+                                     "free some of your quota (or have it raised)")
+
+
+def refused_write(error: BaseException | None) -> OSError | None:
+    """The OSError of a write refused for space, quota or file size (ENOSPC, EDQUOT, EFBIG): `error` itself or one
+    it was raised from or while handling (torch.save raises a RuntimeError while handling it); else None."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError) and error.errno in _REFUSED_WRITES:
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def refused_write_line(error: OSError, path: Path | None = None) -> str:
+    """`refused_write`'s error as one line: what happened, to which file (the error's, else `path`), what to do."""
+    what, fix = _REFUSED_WRITES[error.errno]
+    file = Path(os.fsdecode(error.filename)) if error.filename else path
+    where = f"{file.parent} while writing {file.name}" if file else "the output"
+    return (f"{what} {where}; {fix} or write elsewhere (another --out or --dest), then run again (a training stage "
+            "continues with --resume)")
+
+
 def raise_if_disk_full(path: Path, error: BaseException) -> None:
-    """A write that failed for want of space as one line: torch.save reports a full disk only as "file write
-    failed" from C++, so its free space decides."""
-    full = isinstance(error, OSError) and error.errno == errno.ENOSPC
-    if not full and isinstance(error, RuntimeError) and "write" in str(error):
+    """A write to `path` refused for space, quota or file size as one line (a UserError). torch.save keeps the
+    OSError only as the context of its "file write failed"; without one, under 1 MiB free decides."""
+    refused = refused_write(error)
+    if refused is None and isinstance(error, RuntimeError) and "write" in str(error):
         with contextlib.suppress(OSError):
-            full = shutil.disk_usage(path.parent).free < 1 << 20
-    if full:
-        raise UserError(f"no space left on the device of {path.parent} while writing {path.name}; free some space "
-                        "(older runs, checkpoints) or pass another --out, then continue with --resume") from None
+            if shutil.disk_usage(path.parent).free < 1 << 20:
+                refused = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    if refused is not None:
+        raise UserError(refused_write_line(refused, path)) from None
 
 
 def claim_out_dir(out: Path, overwrite: bool, what: str,

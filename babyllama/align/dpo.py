@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from babyllama.data.preference import PreferenceDataset, collate_pairs
 from babyllama.model.scoring import sequence_logprobs
+from babyllama.train.run_config import DPO_LOSSES
 
 
 def pair_logps(model: nn.Module, batch: tuple[Tensor, ...]) -> Tensor:
@@ -42,7 +43,6 @@ def pair_logps(model: nn.Module, batch: tuple[Tensor, ...]) -> Tensor:
     return sequence_logprobs(model, ids, mask, response).view(-1, 2)
 
 
-LOSS_TYPES = ("sigmoid", "ipo")
 
 
 def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor,
@@ -57,7 +57,7 @@ def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor,
     elif loss_type == "sigmoid":
         losses = -(1 - label_smoothing) * F.logsigmoid(margin) - label_smoothing * F.logsigmoid(-margin)
     else:
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+        raise ValueError(f"loss_type must be one of {DPO_LOSSES}, got {loss_type!r}")
     metrics = {"reward_accuracy": (margin > 0).float().mean(), "chosen_reward": chosen_rewards.mean(),
                "rejected_reward": rejected_rewards.mean(), "reward_margin": margin.mean()}
     return losses.mean(), {k: v.detach() for k, v in metrics.items()}
@@ -71,8 +71,8 @@ class DPOLoss:
                  loss_type: str = "sigmoid"):
         if not 0.0 <= label_smoothing < 0.5:
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
-        if loss_type not in LOSS_TYPES:
-            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+        if loss_type not in DPO_LOSSES:
+            raise ValueError(f"loss_type must be one of {DPO_LOSSES}, got {loss_type!r}")
         if loss_type == "ipo" and label_smoothing:
             raise ValueError("label_smoothing applies to the sigmoid loss only, not to IPO")
         self.reference, self.beta, self.label_smoothing, self.loss_type = reference, beta, label_smoothing, loss_type

@@ -1,44 +1,27 @@
-"""What the reward-model and DPO stages share: their preference-data flags and loaders, and the held-out
-evaluation of a pair loss."""
+"""What the reward-model and DPO stages share: their preference-data loaders and the held-out evaluation of a
+pair loss."""
 from __future__ import annotations
 
-import argparse
 from collections import defaultdict
-from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor
 
-from babyllama.cli import Rule
-from babyllama.data.preference import FORMATS, PreferenceDataset, PreferenceLoader, build_preference_loader, read_pairs
-from babyllama.shipped import PREFERENCE
+from babyllama.data.preference import PreferenceDataset, PreferenceLoader, build_preference_loader, read_pairs
 from babyllama.train.distributed import all_reduce_mean
+from babyllama.train.run_config import PreferenceData
 
 
-def add_preference_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--train-data", default=str(PREFERENCE / "pref_train.jsonl"),
-                        help="preference pairs to train on (JSON lines or a JSON array, see --pref-format)")
-    parser.add_argument("--valid-data", default=str(PREFERENCE / "pref_valid.jsonl"), help="pairs for validation")
-    parser.add_argument("--pref-format", default="auto", choices=("auto", *FORMATS),
-                        help="pairs: prompt/chosen/rejected; hh: Anthropic hh-rlhf texts")
-    parser.add_argument("--system", default=None, help="system prompt for prompts that have none (as in SFT)")
-
-
-PREFERENCE_RULES: tuple[Rule, ...] = (  # of `add_preference_flags`, for `cli.check_ranges`
-    ("train_data", lambda v: Path(v).is_file(), "an existing file"),
-    ("valid_data", lambda v: Path(v).is_file(), "an existing file"))
-
-
-def preference_loaders(args: argparse.Namespace, tokenizer: Any, max_len: int, batch_size: int, seed: int,
+def preference_loaders(data: PreferenceData, tokenizer: Any, max_len: int, batch_size: int, seed: int,
                        rank: int = 0, world_size: int = 1) -> tuple[PreferenceLoader, PreferenceLoader]:
-    """(shuffled training loader, fixed-order validation loader) from the `add_preference_flags` flags."""
+    """(shuffled training loader, fixed-order validation loader) of the run's preference data settings."""
     def dataset(path: str) -> PreferenceDataset:
-        return PreferenceDataset(read_pairs(path, args.pref_format), tokenizer, max_len, args.system)
+        return PreferenceDataset(read_pairs(path, data.pref_format), tokenizer, max_len, data.system)
 
     shard = dict(batch_size=batch_size, seed=seed, rank=rank, world_size=world_size)
-    return (build_preference_loader(dataset(args.train_data), **shard),
-            build_preference_loader(dataset(args.valid_data), shuffle=False, **shard))
+    return (build_preference_loader(dataset(data.train_data), **shard),
+            build_preference_loader(dataset(data.valid_data), shuffle=False, **shard))
 
 
 def evaluate_pairs(trainer: Any, loss_fn: Callable, loader: Iterable, max_batches: int | None = None,

@@ -18,11 +18,11 @@ One PPO iteration
 
 Steps 1-2 (and the held-out evaluation) live in `babyllama.align.ppo_rollout`; 3-5 and the model here.
 
-Fitting it into the Trainer: `RolloutLoader` is the "data loader" (it yields PPO minibatches and makes a new rollout
-when the current one is used up) and `make_ppo_loss(cfg)` is the loss, so `Trainer.fit` does the optimisation,
-logging and checkpoints like in every other stage. The KL coefficient and the prompt cursor live in
-`trainer.extra_state`, so they are saved in checkpoints and `--resume` continues with them (a resumed run starts
-with a fresh rollout).
+Fitting it into the Trainer: `Rollouts` is a callback that makes a new rollout (steps 1-3 and 5) before the trainer
+draws a batch from a used-up one, `Rollouts.loader` the "data loader" that serves its minibatches (step 4's passes),
+and `make_ppo_loss(cfg)` the loss, so `Trainer.fit` does the optimisation, logging and checkpoints like in every
+other stage. The KL coefficient and the prompt cursor live in `trainer.extra_state`, so they are saved in checkpoints
+and `--resume` continues with them (a resumed run starts with a fresh rollout).
 
 Memory: resident are the policy (its backbone also carries the value head, so actor and critic share one copy),
 the frozen reference and the frozen reward model: three backbones, plus AdamW state for the policy only. A separate
@@ -46,41 +46,8 @@ from torch import Tensor, nn
 from babyllama.cli import check_ranges
 from babyllama.model.llama import Llama
 from babyllama.model.scoring import token_logprobs
+from babyllama.train.run_config import PPOConfig  # noqa: F401 (PPO's settings, used below and by its users)
 from babyllama.train.trainer import LossFn
-
-
-@dataclass
-class PPOConfig:
-    """PPO hyper-parameters; every field is also a flag of rlhf/ppo.py (`--kl-coef 0.1`)."""
-
-    rollout_size: int = 16  # prompts per rollout (the minibatch is the run's --batch-size)
-    ppo_epochs: int = 2  # passes over each rollout
-    max_new_tokens: int = 48  # response budget
-    max_prompt_len: int = 96  # longer prompts are skipped
-    temperature: float = 1.0  # rollout sampling temperature
-    kl_coef: float = 0.05  # initial coefficient of the per-token KL penalty
-    kl_target: float = 6.0  # adaptive controller's target KL per sequence (nats); 0 = fixed coefficient
-    kl_horizon: int = 10000  # adaptive controller's horizon (in samples)
-    gamma: float = 1.0
-    lam: float = 0.95  # GAE lambda
-    clip_eps: float = 0.2  # policy ratio clip
-    value_clip: float = 0.2  # value prediction clip around the rollout's values
-    vf_coef: float = 0.1
-    ent_coef: float = 0.0
-
-    def check(self) -> None:
-        """One line naming the first flag out of its range."""
-        check_ranges(self, (
-            ("rollout_size", lambda v: v >= 1, "at least 1"), ("ppo_epochs", lambda v: v >= 1, "at least 1"),
-            ("max_new_tokens", lambda v: v >= 1, "at least 1"), ("max_prompt_len", lambda v: v >= 1, "at least 1"),
-            ("temperature", lambda v: 0 < v < math.inf, "a positive number (rollouts are sampled)"),
-            ("kl_coef", lambda v: 0 <= v < math.inf, "0 or a positive number"),
-            ("kl_target", lambda v: 0 <= v < math.inf, "0 (a fixed coefficient) or a positive number"),
-            ("kl_horizon", lambda v: v >= 1, "at least 1"), ("gamma", lambda v: 0 <= v <= 1, "in [0, 1]"),
-            ("lam", lambda v: 0 <= v <= 1, "in [0, 1]"), ("clip_eps", lambda v: 0 < v < math.inf, "a positive number"),
-            ("value_clip", lambda v: 0 < v < math.inf, "a positive number"),
-            ("vf_coef", lambda v: 0 <= v < math.inf, "0 or a positive number"),
-            ("ent_coef", lambda v: 0 <= v < math.inf, "0 or a positive number")))
 
 
 # ======================================================================= math

@@ -1,8 +1,10 @@
 """PPO's experience: sample a rollout with the policy, score it (policy and reference log-probs, values, the
-reward model's score, KL-penalised rewards, GAE advantages), serve it as minibatches (`RolloutLoader`, the stage's
-data loader), and the sampled held-out evaluation. The iteration as a whole: `babyllama.align.ppo`'s docstring."""
+reward model's score, KL-penalised rewards, GAE advantages), make one whenever training needs it (`Rollouts`, a
+trainer callback), serve it as minibatches (`RolloutLoader`, the stage's data loader), and the sampled held-out
+evaluation. The iteration as a whole: `babyllama.align.ppo`'s docstring."""
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, fields, replace
 from typing import Any, Callable, Iterator, Sequence
@@ -17,7 +19,7 @@ from babyllama.model.generate import Generator, SamplingConfig
 from babyllama.model.llama import Llama
 from babyllama.model.scoring import token_logprobs
 from babyllama.train.distributed import all_reduce_mean
-from babyllama.train.trainer import Trainer
+from babyllama.train.trainer import Callback, Trainer
 
 
 @dataclass
@@ -130,30 +132,59 @@ def minibatches(batch: dict[str, Any], size: int) -> Iterator[dict[str, Any]]:
         yield {k: v[idx] if isinstance(v, Tensor) else v for k, v in batch.items()}
 
 
-# ======================================================================= the loader
+# ======================================================================= the loader and the rollouts
 class RolloutLoader:
-    """Iterable of PPO minibatches for `Trainer.fit`: makes a rollout from the next `rollout_size` prompts,
-    yields `ppo_epochs` shuffled passes over it in minibatches of `batch_size`, then makes the next rollout.
+    """PPO's "data loader" for `Trainer.fit`: `ppo_epochs` shuffled passes over the current rollout in minibatches of
+    `batch_size`, then the same over the next rollout, forever (bound the run with `fit(max_steps=...)`). It only
+    serves batches: `Rollouts`, a callback, `put`s a new rollout in before a batch is drawn from a used-up one."""
 
-    Never ends; bound the run with `fit(max_steps=...)`. The KL coefficient and the prompt cursor are kept in
-    `trainer.extra_state` (read at every rollout), so a resumed trainer continues with them."""
+    def __init__(self, ppo_epochs: int, batch_size: int):
+        self.ppo_epochs, self.batch_size = ppo_epochs, batch_size
+        self.rollout: dict[str, Any] = {}
+        self.left = 0  # minibatches of `rollout` still to be served
 
-    def __init__(self, trainer: Trainer, ref: Llama, reward_model: nn.Module, prompts: Sequence[Sequence[int]],
-                 cfg: PPOConfig, batch_size: int, stop_ids: Sequence[int], pad_id: int, end_id: int, seed: int = 0):
+    def put(self, rollout: dict[str, Any]) -> None:
+        self.rollout = rollout
+        self.left = self.ppo_epochs * math.ceil(len(rollout["input_ids"]) / self.batch_size)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        while True:
+            if not self.left:
+                raise RuntimeError("RolloutLoader has no rollout to serve: pass its Rollouts to fit's callbacks")
+            rollout = self.rollout
+            for _ in range(self.ppo_epochs):
+                for minibatch in minibatches(rollout, self.batch_size):
+                    self.left -= 1
+                    yield minibatch
+
+
+class Rollouts(Callback):
+    """Makes PPO's experience during `Trainer.fit(rollouts.loader, callbacks=[rollouts, ...])`: before the trainer
+    draws a batch from a used-up rollout, samples replies to the next `rollout_size` prompts with the policy (in eval
+    mode), scores them (`experience`), puts the result in `loader` and updates the KL coefficient from its KL.
+
+    The KL coefficient and the prompt cursor are kept in `trainer.extra_state` (read at every rollout), so a resumed
+    trainer continues with them (and with a fresh rollout)."""
+
+    def __init__(self, ref: Llama, reward_model: nn.Module, prompts: Sequence[Sequence[int]], cfg: PPOConfig,
+                 batch_size: int, stop_ids: Sequence[int], pad_id: int, end_id: int, seed: int = 0):
         if not prompts:
-            raise ValueError("RolloutLoader needs at least one prompt")
-        self.trainer, self.ref, self.reward_model = trainer, ref, reward_model
+            raise ValueError("Rollouts needs at least one prompt")
+        self.ref, self.reward_model = ref, reward_model
         self.prompts, self.cfg, self.batch_size = list(prompts), cfg, batch_size
         self.stop_ids, self.pad_id, self.end_id, self.seed = list(stop_ids), pad_id, end_id, seed
+        self.loader = RolloutLoader(cfg.ppo_epochs, batch_size)
         self.kl_ctl = kl_controller(cfg)
         self.sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=0,
                                        top_p=1.0)
         self._pass, self._shuffled = -1, []
 
-    def next_prompts(self) -> list[Sequence[int]]:
-        """The next rollout_size prompts of a seeded shuffle per pass over the prompts."""
-        cursor = self.trainer.extra_state.get("prompt_cursor", 0)
-        self.trainer.extra_state["prompt_cursor"] = cursor + self.cfg.rollout_size
+    def on_batch_begin(self, trainer: Trainer) -> None:
+        if not self.loader.left:
+            self.loader.put(self.collect(trainer))
+
+    def prompts_at(self, cursor: int) -> list[Sequence[int]]:
+        """`rollout_size` prompts from position `cursor` of a seeded shuffle per pass over the prompts."""
         return [self.prompts[self._order(i // len(self.prompts))[i % len(self.prompts)]]
                 for i in range(cursor, cursor + self.cfg.rollout_size)]
 
@@ -163,27 +194,24 @@ class RolloutLoader:
             random.Random(self.seed + pass_index).shuffle(self._shuffled)
         return self._shuffled
 
-    def collect(self) -> dict[str, Any]:
-        """A new rollout as a batch dict; updates the KL coefficient from its KL."""
-        state, model = self.trainer.extra_state, self.trainer.network
+    def collect(self, trainer: Trainer) -> dict[str, Any]:
+        """A new rollout as a batch dict (its statistics under "stats", logged with the steps that train on it);
+        advances the prompt cursor and updates the KL coefficient from the rollout's KL."""
+        state, model = trainer.extra_state, trainer.network
         self.kl_ctl.value = state.get("kl_coef", self.kl_ctl.value)
+        cursor = state.get("prompt_cursor", 0)
+        state["prompt_cursor"] = cursor + self.cfg.rollout_size
         model.eval()
-        with self.trainer.autocast():  # the precision the loss runs in, so that old and new log-probs agree
-            roll = generate_rollout(model.policy, self.next_prompts(), self.sampling, self.stop_ids, self.pad_id)
+        with trainer.autocast():  # the precision the loss runs in, so that old and new log-probs agree
+            roll = generate_rollout(model.policy, self.prompts_at(cursor), self.sampling, self.stop_ids, self.pad_id)
             batch, stats = experience(model, self.ref, self.reward_model, roll, self.kl_ctl.value, self.cfg,
                                       self.end_id, self.batch_size)
         model.train()
         # every rank must update the coefficient with the same KL, or their coefficients drift apart
         kl = float(all_reduce_mean(torch.tensor(stats["kl"], device=roll.input_ids.device)))
-        self.kl_ctl.update(kl, len(roll.input_ids) * self.trainer.env.world_size)
+        self.kl_ctl.update(kl, len(roll.input_ids) * trainer.env.world_size)
         state["kl_coef"] = self.kl_ctl.value
         return {**batch, "stats": stats}
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        while True:
-            batch = self.collect()
-            for _ in range(self.cfg.ppo_epochs):
-                yield from minibatches(batch, self.batch_size)
 
 
 # ======================================================================= evaluation

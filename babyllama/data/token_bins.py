@@ -33,6 +33,7 @@ memory is O(shards), not O(samples).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import multiprocessing as mp
@@ -52,7 +53,7 @@ from tqdm import tqdm
 from babyllama.data.corpus import resolve_files
 from babyllama.data.sampler import ResumableSampler
 from babyllama.errors import UserError
-from babyllama.files import claim_out_dir, is_partial_write, locked, write_atomic
+from babyllama.files import atomic_file, claim_out_dir, is_partial_write, locked
 
 FORMAT, VERSION = "babyllama-tokens", 1
 SPLITS = ("train", "val")
@@ -89,10 +90,12 @@ def prepare_token_bins(documents: Iterable[str], tokenizer: Any, out_dir: str | 
     documents are encoded in a process pool in chunks, results kept in corpus order. Workers get the tokenizer
     by path (`type(tok).load(tok.path or tok.source)`, e.g. `babyllama.data.tokenizer.Tokenizer`) when it has
     one, else the pickled object. Memory stays bounded: documents are streamed, at most `2 * num_workers`
-    chunks are in flight, and shards are written incrementally (`*.tmp`, renamed when complete; meta.json last).
+    chunks are in flight, and shards are written incrementally (`*.tmp`, renamed once all are complete;
+    meta.json last).
 
     An existing `out_dir` holding anything but the leftovers of an interrupted preparation (shards without
-    meta.json) is refused unless `overwrite=True`, which deletes this format's files there (and only those).
+    meta.json) is refused unless `overwrite=True`, which deletes this format's files there (and only those)
+    once the new ones are complete: a failed preparation leaves the old data whole.
     `corpus` (a `corpus_record` of where `documents` come from) is stored in meta.json as is.
     """
     if not 0 <= val_fraction < 1:
@@ -108,7 +111,7 @@ def prepare_token_bins(documents: Iterable[str], tokenizer: Any, out_dir: str | 
 def _prepare_token_bins(documents: Iterable[str], tokenizer: Any, out: Path, val_fraction: float, seed: int,
                         num_workers: int | None, shard_tokens: int, desc: str, overwrite: bool,
                         corpus: dict | None) -> dict:
-    _claim_out_dir(out, overwrite)
+    old = _claim_out_dir(out, overwrite)
     vocab_size, eos_id = int(tokenizer.vocab_size), int(tokenizer.eos_id)
     dtype = token_dtype(vocab_size)
     workers = num_workers if num_workers is not None else min(4, os.cpu_count() or 1)
@@ -122,26 +125,35 @@ def _prepare_token_bins(documents: Iterable[str], tokenizer: Any, out: Path, val
                 n_docs, n_bytes = n_docs + len(lengths), n_bytes + chunk_bytes
                 bar.update(len(lengths))
         splits.close()
+        if n_docs == 0:
+            raise UserError(f"no documents to tokenize for {out}; check the input paths and --field")
+        meta = {"format": FORMAT, "version": VERSION, "dtype": dtype, "vocab_size": vocab_size, "eos_id": eos_id,
+                "tokenizer": _tokenizer_identity(tokenizer), "seed": seed, "val_fraction": val_fraction,
+                "corpus": corpus, "input": {"documents": n_docs, "bytes": n_bytes}, "splits": splits.summary()}
+        with atomic_file(out / "meta.json") as f:
+            f.write((json.dumps(meta, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+            f.flush()  # a full disk refuses it here, before the old data goes
+            for p in sorted(old, key=lambda p: p.name != "meta.json"):  # meta.json first: marked incomplete at once
+                p.unlink()
+            splits.commit()
     except BaseException:
-        splits.discard()  # leave no half-written dataset behind (meta.json is never written)
+        splits.discard()  # leave no half-written dataset behind
         raise
-    if n_docs == 0:
-        raise UserError(f"no documents to tokenize for {out}; check the input paths and --field")
-    meta = {"format": FORMAT, "version": VERSION, "dtype": dtype, "vocab_size": vocab_size, "eos_id": eos_id,
-            "tokenizer": _tokenizer_identity(tokenizer), "seed": seed, "val_fraction": val_fraction,
-            "corpus": corpus, "input": {"documents": n_docs, "bytes": n_bytes}, "splits": splits.summary()}
-    write_atomic(out / "meta.json", (json.dumps(meta, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
     _report(meta, time.perf_counter() - start, out)
     return meta
 
 
-def _claim_out_dir(out: Path, overwrite: bool) -> None:
+def _claim_out_dir(out: Path, overwrite: bool) -> list[Path]:
+    """Our files in `out` that the new data replaces. Complete data (meta.json) stays whole until the new data is
+    (a failed preparation loses nothing); an interrupted preparation's leftovers go now, and so does any temp file."""
     entries = claim_out_dir(out, overwrite, "token data", leftovers=_interrupted)
     out.mkdir(parents=True, exist_ok=True)
-    meta = out / "meta.json"
     ours = [p for p in entries if _is_ours(p)]
-    for p in sorted(ours, key=lambda p: p != meta):  # meta.json first: the directory is marked incomplete at once
-        p.unlink()
+    complete = out / "meta.json" in ours
+    for p in ours:
+        if not complete or p.name.endswith(".tmp"):
+            p.unlink()
+    return [p for p in ours if p.exists()]
 
 
 def _interrupted(entries: list[Path]) -> bool:
@@ -254,8 +266,8 @@ def _encode_all(documents: Iterable[str], tokenizer: Any, dtype: str,
 
 # ---- writing
 class _ShardWriter:
-    """Streams one split into `{split}_NNNNN.bin` shards of `shard_tokens` tokens; a shard is written as `*.tmp`,
-    fsynced and renamed when full (or at `close`)."""
+    """Streams one split into `{split}_NNNNN.bin` shards of `shard_tokens` tokens; a shard is written as `*.tmp`
+    and fsynced when full (or at `close`), and `commit` renames them all once every shard of the data is complete."""
 
     def __init__(self, out: Path, split: str, dtype: np.dtype, shard_tokens: int):
         self.out, self.split, self.dtype, self.shard_tokens = out, split, dtype, shard_tokens
@@ -266,26 +278,34 @@ class _ShardWriter:
 
     def write(self, tokens: np.ndarray, documents: int) -> None:
         self.documents += documents
-        while len(tokens):
-            if self._file is None:
-                self._file = open(self._path().with_name(self._path().name + ".tmp"), "wb")
-            take = min(len(tokens), self.shard_tokens - self._tokens)
-            self._file.write(memoryview(np.ascontiguousarray(tokens[:take])))
-            self._tokens += take
-            tokens = tokens[take:]
-            if self._tokens == self.shard_tokens:
-                self._finish_shard()
+        with self._naming_errors():
+            while len(tokens):
+                if self._file is None:
+                    self._file = open(_tmp(self._path()), "wb")
+                take = min(len(tokens), self.shard_tokens - self._tokens)
+                self._file.write(memoryview(np.ascontiguousarray(tokens[:take])))
+                self._tokens += take
+                tokens = tokens[take:]
+                if self._tokens == self.shard_tokens:
+                    self._finish_shard()
 
     def close(self) -> None:
         if self._file is not None:
-            self._finish_shard()
+            with self._naming_errors():
+                self._finish_shard()
+
+    def commit(self) -> None:
+        for shard in self.shards:
+            os.replace(_tmp(self.out / shard["file"]), self.out / shard["file"])
 
     def discard(self) -> None:
+        """Remove the temp files (the renamed ones, if any, are what an interrupted preparation leaves)."""
         if self._file is not None:
-            self._file.close()
-            self._path().with_name(self._path().name + ".tmp").unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # closing flushes the buffer: refused again on a full disk
+                self._file.close()
+            _tmp(self._path()).unlink(missing_ok=True)
         for shard in self.shards:
-            (self.out / shard["file"]).unlink(missing_ok=True)
+            _tmp(self.out / shard["file"]).unlink(missing_ok=True)
 
     def summary(self) -> dict:
         return {"documents": self.documents, "tokens": sum(s["tokens"] for s in self.shards), "shards": self.shards}
@@ -297,10 +317,22 @@ class _ShardWriter:
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
-        final = self._path()
-        os.replace(final.with_name(final.name + ".tmp"), final)
-        self.shards.append({"file": final.name, "tokens": self._tokens, "bytes": self._tokens * self.dtype.itemsize})
+        self.shards.append({"file": self._path().name, "tokens": self._tokens,
+                            "bytes": self._tokens * self.dtype.itemsize})
         self._file, self._tokens = None, 0
+
+    @contextlib.contextmanager
+    def _naming_errors(self) -> Iterator[None]:
+        """file.write and fsync name no file, but a refused write's one line (cli.main_guard) should."""
+        try:
+            yield
+        except OSError as e:
+            e.filename = e.filename or str(self._path())
+            raise
+
+
+def _tmp(path: Path) -> Path:
+    return path.with_name(path.name + ".tmp")
 
 
 class _Splits:
@@ -332,6 +364,10 @@ class _Splits:
         self._release()
         for w in self.writers.values():
             w.close()
+
+    def commit(self) -> None:
+        for w in self.writers.values():
+            w.commit()
 
     def discard(self) -> None:
         for w in self.writers.values():

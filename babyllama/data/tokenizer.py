@@ -69,6 +69,8 @@ import json
 import os
 import random
 import re
+import shutil
+import tempfile
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -80,13 +82,16 @@ from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 from tokenizers import decoders, normalizers, processors
 
 from babyllama.errors import UserError
-from babyllama.files import claim_out_dir, locked
+from babyllama.files import claim_out_dir, fsync_dir, locked
 
 UNK, BOS, EOS, PAD, IM_START, IM_END = "<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = (UNK, BOS, EOS, PAD, IM_START, IM_END)  # ids 0..5 in tokenizers trained here
 N_META = len(SPECIAL_TOKENS) + 256  # special + byte pieces: the part of the vocabulary that is not learned
 CHARS_PER_VOCAB_ENTRY = 300  # corpus characters per token below which the vocabulary is mostly rare pieces
 DEFAULT_VOCAB_SIZE = 4096
+# what `Tokenizer.save` writes, in the order it puts them in place: tokenizer.model, which `load` prefers and
+# pretraining takes as the mark of a trained tokenizer, last
+_SAVED = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model")
 
 # Names tried, in order, when neither tokenizer_config.json nor the model says which token plays a role.
 _ROLE_NAMES = {
@@ -355,18 +360,34 @@ class Tokenizer:
 
     # ---- saving
     def save(self, out_dir: str | Path) -> None:
-        """Write tokenizer.model (SentencePiece only), tokenizer.json and tokenizer_config.json to `out_dir`."""
+        """Write tokenizer.model (SentencePiece only), tokenizer.json and tokenizer_config.json to `out_dir`, all or
+        none: they are written into a temp directory there, then renamed into place (a failed write, e.g. a full
+        disk, leaves the files already there as they were)."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        self._backend.save(out)
-        config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
-                  "bos_token": self.id_to_token(self._bos), "eos_token": self.id_to_token(self._eos),
-                  "pad_token": self.id_to_token(self._pad),
-                  "unk_token": self.id_to_token(self._unk) if self._unk is not None else None,
-                  "additional_special_tokens": [t for t, i in self._special.items()
-                                                if i not in (self._bos, self._eos, self._pad, self._unk)]}
-        (out / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False, indent=2) + "\n",
-                                                   encoding="utf-8")
+        tmp = Path(tempfile.mkdtemp(dir=out, prefix=".tokenizer.", suffix=".tmp"))
+        try:
+            self._backend.save(tmp)
+            config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+                      "bos_token": self.id_to_token(self._bos), "eos_token": self.id_to_token(self._eos),
+                      "pad_token": self.id_to_token(self._pad),
+                      "unk_token": self.id_to_token(self._unk) if self._unk is not None else None,
+                      "additional_special_tokens": [t for t, i in self._special.items()
+                                                    if i not in (self._bos, self._eos, self._pad, self._unk)]}
+            (tmp / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False, indent=2) + "\n",
+                                                       encoding="utf-8")
+        except BaseException as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, OSError):  # name the file meant, not the temp one (a write names none)
+                e.filename = str(out / Path(e.filename).name) if e.filename else str(out)
+            raise
+        for name in _SAVED:
+            if (tmp / name).exists():
+                os.replace(tmp / name, out / name)
+            else:  # a stale file of another tokenizer (`load(out)` prefers tokenizer.model)
+                (out / name).unlink(missing_ok=True)
+        tmp.rmdir()
+        fsync_dir(out)
 
     def __repr__(self) -> str:
         return f"Tokenizer({self._backend.kind}, vocab_size={self.vocab_size}, source={str(self.source)!r})"
@@ -456,7 +477,7 @@ class _SentencePiece:
             warnings.warn(f"{out}: only tokenizer.model written; tokenizer.json needs a SentencePiece BPE model "
                           "without normalization rules or remove_extra_whitespaces", UserWarning, stacklevel=3)
         else:
-            hf.save(str(out / "tokenizer.json"))
+            _save_hf(hf, out / "tokenizer.json")
 
 
 class _HuggingFace:
@@ -496,8 +517,19 @@ class _HuggingFace:
         return self.hf.decode(ids, skip_special_tokens=False)
 
     def save(self, out: Path) -> None:
-        self.hf.save(str(out / "tokenizer.json"))  # encode_special_tokens is not saved: files keep HF's default
-        (out / "tokenizer.model").unlink(missing_ok=True)  # `load(out)` would prefer a stale one
+        _save_hf(self.hf, out / "tokenizer.json")  # encode_special_tokens is not saved: files keep HF's default
+
+
+def _save_hf(hf: tokenizers.Tokenizer, path: Path) -> None:
+    """`hf.save`, whose I/O errors are a bare Exception "... (os error N)", raising them as the OSError they are
+    (a full disk or a file size limit is then one line, see cli.main_guard)."""
+    try:
+        hf.save(str(path))
+    except Exception as e:
+        code = re.search(r"\(os error (\d+)\)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from e
 
 
 def _hf_from_spm(proto: sp_pb2.ModelProto) -> tokenizers.Tokenizer | None:

@@ -40,9 +40,12 @@ from typing import Any, Iterable, Iterator, Sequence
 from babyllama.cli import add_device_flag, add_flag, main_guard
 from babyllama.data.corpus import iter_corpus
 from babyllama.data.token_bins import corpus_differences, corpus_record, read_meta, val_draws
+from babyllama.data.tokenizer import Tokenizer
 from babyllama.errors import UserError
+from babyllama.eval.bpb import text_metrics
 from babyllama.files import write_atomic
 from babyllama.shipped import REPO_ROOT
+from babyllama.train.checkpoint import load_model, resolve_checkpoint
 from babyllama.train.distributed import pick_device
 from babyllama.train.run_record import read_run_record
 from babyllama.train.trainer import Callback, Trainer
@@ -144,7 +147,7 @@ class RunCorpus:
 
     @classmethod
     def of_config(cls, run: Any, data_dir: Path) -> "RunCorpus":
-        """From a `RunConfig` (a pretraining run in progress) and its prepared token data."""
+        """From a `PretrainConfig` (a pretraining run in progress) and its prepared token data."""
         return cls(list(run.corpus), run.corpus_format, run.corpus_field, run.seed, run.val_fraction,
                    read_meta(data_dir))
 
@@ -357,10 +360,6 @@ def compare_run(run_dir: Path, stage: str, heldout_files: Sequence[str], device:
                 max_heldout_bytes: int) -> list[str]:
     """Markdown lines: the newest checkpoint of `stage` against the compressors, on the run's held-out split or on
     `heldout_files` (read like the run's corpus, up to `max_heldout_bytes`)."""
-    from babyllama.data.tokenizer import Tokenizer
-    from babyllama.eval.evaluate import resolve_checkpoint, text_metrics
-    from babyllama.train.checkpoint import load_model
-
     rc = RunCorpus.of_run(run_dir)
     if heldout_files:
         docs = _first_bytes(iter_corpus(heldout_files, rc.fmt, rc.field), max_heldout_bytes)

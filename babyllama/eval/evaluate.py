@@ -33,7 +33,7 @@ import random
 import re
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -43,41 +43,18 @@ from babyllama.data.corpus import iter_records
 from babyllama.data.jsonl import json_values
 from babyllama.data.tokenizer import Tokenizer
 from babyllama.errors import UserError
+from babyllama.eval import compressors as cb
+from babyllama.eval.bpb import document_ids, text_metrics, windows  # noqa: F401 (windows: used by bench/)
 from babyllama.eval.stats import wilson_interval
-from babyllama.model.scoring import continuation_logprobs, row_logprobs
+from babyllama.model.scoring import continuation_logprobs
 from babyllama.shipped import CHAT_CHOICES, HELDOUT, IDIOMS, PREF_VALID
-from babyllama.train.checkpoint import latest_checkpoint, load_model
+from babyllama.train.checkpoint import load_model, resolve_checkpoint
 from babyllama.train.distributed import pick_device
 
 Item = dict[str, Any]  # {"context": str, "choices": [str], "answer": int}
 
 
 # ======================================================================= scoring
-def document_ids(tokenizer: Tokenizer, text: str) -> list[int]:
-    """`</s>` + the text's ids: a document as it starts in the pretraining stream (after the previous one's end)."""
-    return [tokenizer.eos_id] + tokenizer.encode(text)
-
-
-def windows(ids: Sequence[int], max_len: int) -> list[list[int]]:
-    """Rows of at most max_len + 1 ids overlapping by one, so every id after the first is predicted once."""
-    return [list(ids[s:s + max_len + 1]) for s in range(0, max(1, len(ids) - 1), max_len)]
-
-
-def text_metrics(model: nn.Module, tokenizer: Tokenizer, texts: Iterable[str]) -> dict[str, float]:
-    """`loss`, `ppl`, `bpb` of `texts` plus the `tokens` and `bytes` they were computed over."""
-    rows, n_bytes = [], 0
-    for text in texts:
-        rows += windows(document_ids(tokenizer, text), model.config.max_seq_len)
-        n_bytes += len(text.encode("utf-8"))
-    if not n_bytes:
-        raise UserError("no held-out text to evaluate on")
-    logps = row_logprobs(model, rows)
-    nats, tokens = -sum(float(lp.double().sum()) for lp in logps), sum(len(lp) for lp in logps)
-    loss = nats / tokens
-    return {"loss": loss, "ppl": math.exp(loss), "bpb": nats / math.log(2) / n_bytes, "tokens": tokens,
-            "bytes": n_bytes}
-
-
 def cloze_scores(model: nn.Module, tokenizer: Tokenizer, items: Sequence[Item]) -> list[list[float]]:
     """Summed log-probability of each choice's tokens after the context's `document_ids`."""
     keep = model.config.max_seq_len + 1
@@ -222,8 +199,6 @@ def compressor_comparison(run_dir: str | Path, max_docs: int | None, metrics: di
     """PPMd's and xz's bpb on the same held-out texts, given the training text of the run in `run_dir`
     (`babyllama.eval.compressors`, cached), put into `metrics` after each language's `bpb` with the model's
     margin over the best; returns the baseline, or {"skipped": why} (no pretraining record, another corpus)."""
-    from babyllama.eval import compressors as cb
-
     texts = {lang: [r["text"] for r in iter_records(path)][:max_docs] for lang, path in HELDOUT.items()}
     try:
         baseline = cb.run_baseline(run_dir, texts)
@@ -256,15 +231,6 @@ def evaluate(checkpoint: str | Path, tokenizer: str | Path, stage: str, device: 
             "params": model.num_params(), "metrics": metrics, **({"baseline": baseline} if baseline else {})}
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """The checkpoint file: `path` itself, or the newest step_*.pt in a stage directory."""
-    p = Path(path)
-    found = latest_checkpoint(p) if p.is_dir() else p
-    if found is None or not found.is_file():
-        raise UserError(f"{path}: no checkpoint (step_*.pt) here; train the stage first or pass --ckpt")
-    return found
-
-
 def checkpoint_step(path: Path) -> int | None:
     m = re.fullmatch(r"step_(\d+)\.pt", path.name)
     return int(m.group(1)) if m else None
@@ -286,11 +252,9 @@ def baseline_lines(result: dict[str, Any]) -> list[str]:
         return []
     if "skipped" in baseline:
         return ["", f"No compressor baseline: {baseline['skipped']}"]
-    from babyllama.eval.compressors import comparison_lines
-
     m = result["metrics"]
     return ["", "## Against classical compressors", "",
-            *comparison_lines({s: m[f"{s}_bpb"] for s in baseline["sets"] if f"{s}_bpb" in m}, baseline)]
+            *cb.comparison_lines({s: m[f"{s}_bpb"] for s in baseline["sets"] if f"{s}_bpb" in m}, baseline)]
 
 
 def metric_cell(name: str, metrics: dict[str, float]) -> str:

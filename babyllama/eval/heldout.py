@@ -1,4 +1,4 @@
-"""Held-out evaluation of a policy, shared by the RLHF stages (rlhf/ppo.py, rlhf/dpo.py) so that their numbers
+"""Held-out evaluation of a policy, shared by the RLHF stages (babyllama ppo, babyllama dpo) so that their numbers
 compare. `HeldOut.measure(policy, ref, reward_model)` gives:
 
 - `score`, `kl`, `response_len` on replies sampled from the policy to the held-out prompts (a fixed seed, the
@@ -14,43 +14,23 @@ max_new_tokens (`babyllama.align.ppo_rollout.Rollout.reward_inputs`).
 """
 from __future__ import annotations
 
-import argparse
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from torch import nn
 
 from babyllama.align.ppo_rollout import evaluate_policy
-from babyllama.cli import Rule
 from babyllama.data.chat_template import IM_END, render_prompt, special_id, stop_ids
 from babyllama.data.preference import read_prompts
 from babyllama.errors import UserError
 from babyllama.eval.choice import choice_accuracy, load_choice_items
 from babyllama.model.generate import SamplingConfig
 from babyllama.model.llama import Llama
-from babyllama.shipped import CHAT_CHOICES, HELDOUT_PROMPTS
+from babyllama.train.run_config import HeldOutEvaluation
 
 LABELS = {"score": "score", "kl": "KL to SFT (nats/reply)", "response_len": "reply tokens",
           "greedy_score": "greedy score"}
-
-
-def add_heldout_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--eval-prompts", default=str(HELDOUT_PROMPTS),
-                        help="held-out prompts for the before/after score and KL ('none' = skip)")
-    parser.add_argument("--eval-prompt-count", type=int, default=None,
-                        help="use the first N held-out prompts that fit (default: all)")
-    parser.add_argument("--choice-data", default=str(CHAT_CHOICES),
-                        help="multiple-choice items for accuracy before/after (babyllama/eval/choice.py); 'none' = skip")
-    parser.add_argument("--eval-batch-size", type=int, default=32, help="prompts per batch when evaluating")
-
-
-HELDOUT_RULES: tuple[Rule, ...] = (  # of `add_heldout_flags`, for `cli.check_ranges`
-    ("eval_prompts", lambda v: v.lower() == "none" or Path(v).is_file(), "an existing file or none"),
-    ("eval_prompt_count", lambda v: v is None or v >= 1, "at least 1"),
-    ("choice_data", lambda v: v.lower() == "none" or Path(v).is_file(), "an existing file or none"),
-    ("eval_batch_size", lambda v: v >= 1, "at least 1"))
 
 
 def check_reply_budget(max_prompt_len: int, max_new_tokens: int, max_seq_len: int) -> None:
@@ -75,18 +55,18 @@ def fitting_prompts(paths: Sequence[str], tokenizer: Any, max_len: int, system: 
 class HeldOut:
     """The before/after numbers of an RLHF stage (see the module docstring) on fixed prompts and choice items."""
 
-    def __init__(self, args: argparse.Namespace, tokenizer: Any, sampling: SamplingConfig, max_prompt_len: int,
+    def __init__(self, settings: HeldOutEvaluation, tokenizer: Any, sampling: SamplingConfig, max_prompt_len: int,
                  seed: int, chunk_size: int | None = None,
                  precision: Callable[[], AbstractContextManager] = nullcontext):
-        """`args`: the `add_heldout_flags` flags and `--system`; `chunk_size`: see `evaluate_policy`; `precision`:
+        """`settings`: the stage's held-out evaluation settings (and its `system` prompt); `chunk_size`: see `evaluate_policy`; `precision`:
         e.g. `trainer.autocast`, to evaluate in the precision the policy trains in."""
         self.tok, self.sampling, self.seed, self.chunk_size = tokenizer, sampling, seed, chunk_size
         self.precision = precision
-        self.system, self.batch_size = args.system, args.eval_batch_size
-        off = args.eval_prompts.lower() == "none"
-        self.prompts = [] if off else fitting_prompts([args.eval_prompts], tokenizer, max_prompt_len,
-                                                      args.system)[: args.eval_prompt_count]
-        self.items = None if args.choice_data.lower() == "none" else load_choice_items(args.choice_data)
+        self.system, self.batch_size = settings.system, settings.eval_batch_size
+        off = settings.eval_prompts.lower() == "none"
+        self.prompts = [] if off else fitting_prompts([settings.eval_prompts], tokenizer, max_prompt_len,
+                                                      settings.system)[: settings.eval_prompt_count]
+        self.items = None if settings.choice_data.lower() == "none" else load_choice_items(settings.choice_data)
 
     def sampled(self, policy: Llama, ref: Llama | None, reward_model: nn.Module | None,
                 sampling: SamplingConfig | None = None) -> dict[str, float]:

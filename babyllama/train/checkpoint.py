@@ -41,6 +41,15 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The checkpoint file: `path` itself, or the newest step_*.pt in a stage directory."""
+    p = Path(path)
+    found = latest_checkpoint(p) if p.is_dir() else p
+    if found is None or not found.is_file():
+        raise UserError(f"{path}: no checkpoint (step_*.pt) here; train the stage first or pass --ckpt")
+    return found
+
+
 def last_good_hint(directory: str | Path) -> str:
     """What to do after a diverged run: the newest checkpoint (only finite weights are ever saved) and how to
     continue from it."""

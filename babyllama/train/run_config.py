@@ -1,4 +1,12 @@
-"""Run presets (`--name`) and the on-disk layout every stage shares.
+"""Every training stage's settings, and the on-disk layout every stage shares.
+
+The settings story: each stage has one dataclass here (PretrainConfig, SFTConfig, RewardConfig, DPOConfig,
+PPOConfig). Its fields are the stage's flags (`lr` is `--lr`), its defaults are the `baby` preset's values for
+that stage, and its PRESETS table lists what the larger presets (0.2b, 1.1b) change. A run takes the stage's
+defaults, then its preset's changes (--preset, or the --name when it names a preset), then the flags given;
+`--help` shows the value each flag will take and `--print-config` the resolved settings with where each came from.
+A flag of another stage is an error naming that stage. Groups that several stages share (the optimizer and loop
+of TrainConfig, the preference data, the held-out evaluation) are dataclasses the stage configs inherit.
 
 out/<name>/tokenizer    tokenizer.model + tokenizer.json
 out/<name>/data         pretraining .bin shards + meta.json
@@ -7,134 +15,341 @@ runs/<name>/<stage>     TensorBoard event files
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 
-from babyllama.cli import check_ranges
+from babyllama.cli import Rule, check_ranges
+from babyllama.data.corpus import FORMATS as CORPUS_FORMATS
+from babyllama.data.preference import FORMATS as PREFERENCE_FORMATS
+from babyllama.data.sft import FORMATS as SFT_FORMATS
 from babyllama.errors import UserError
 from babyllama.hardware import cpu_has_native_bf16, cxx_compiler
 from babyllama.model.config import ModelConfig, load_bert4torch_config, padded_vocab, preset, read_json
-from babyllama.shipped import TRAIN_CORPUS
+from babyllama.shipped import CHAT_CHOICES, HELDOUT_PROMPTS, PREFERENCE, SFT, TRAIN_CORPUS
 from babyllama.train.checkpoint import latest_checkpoint, load_checkpoint
 
 _CONFIG_FILES = ("config.json", "bert4torch_config.json")  # looked for in a --model directory, in this order
 _NO_AUTOCAST = ("fp32", "none", "no")
 _PRECISIONS = ("auto", "bf16", "fp16", *_NO_AUTOCAST)
+PRESETS = ("baby", "0.2b", "1.1b")  # --preset; baby is every stage's defaults
+DPO_LOSSES = ("sigmoid", "ipo")
 
 
-@dataclass
-class RunConfig:
-    """Everything a pretraining run needs; every field is also a command-line flag (`--batch-size 8`)."""
+def setting(default: Any, help: str, **kw: Any) -> Any:
+    """A config field with its --help text; a list default is copied per instance."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
 
-    model: str = "baby"  # model preset in babyllama.model.config.PRESETS
-    init: str | None = None  # checkpoint (file or dir) a later stage starts from; None = previous stage's newest
-    corpus: list[str] = field(default_factory=lambda: [str(p) for p in TRAIN_CORPUS])  # files, dirs or globs
-    corpus_format: str = "auto"
-    corpus_field: str = "text"
-    tokenizer: str | None = None  # existing tokenizer (.model / tokenizer.json / dir); None = train one
-    vocab_size: int = 4096  # when training the tokenizer
-    seq_len: int | None = None  # None = the model preset's max_seq_len
-    batch_size: int = 16  # per rank, per micro-batch
-    grad_accum: int = 1
-    fsdp: bool = False  # under torchrun: shard params/grads/optimizer state (FSDP2) instead of replicating (DDP)
+
+def _existing_file(v: str) -> bool:
+    return Path(v).is_file()
+
+
+def _file_or_none(v: str) -> bool:
+    return v.lower() == "none" or Path(v).is_file()
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """The optimizer, schedule, loop and outputs of every training stage. The fields without a default here
+    are set by each stage's config: they are what differs between stages."""
+
+    batch_size: int = setting(None, "sequences (for reward and DPO: preference pairs) per rank and micro-batch")
+    lr: float = setting(None, "peak learning rate (after warmup; cosine decay to --min-lr-ratio of it)")
+    min_lr_ratio: float = setting(None, "the learning rate at the last step, as a share of --lr")
+    warmup_steps: int = setting(None, "linear warmup steps")
+    max_steps: int = setting(None, "optimizer steps of the run (the schedule's length)")
+    weight_decay: float = setting(None, "AdamW weight decay (not on norms and biases)")
+    eval_every: int = setting(None, "evaluate every this many steps")
+    eval_batches: int = setting(None, "batches per periodic evaluation")
+    ckpt_every: int = setting(None, "checkpoint every this many steps (and at the end)")
+    model: str = setting("baby", "model preset (babyllama.model.config.PRESETS), or the path of a checkpoint or "
+                                 "config.json whose architecture to use")
+    init: str | None = setting(None, "checkpoint (file or directory) to start from; later stages default to the "
+                                     "previous stage's newest")
+    tokenizer: str | None = setting(None, "an existing tokenizer (.model, tokenizer.json or their directory); "
+                                          "default: the run's own, out/<name>/tokenizer")
+    seq_len: int | None = setting(None, "context length; default: the model preset's max_seq_len")
+    grad_accum: int = setting(1, "micro-batches per optimizer step")
+    fsdp: bool = setting(False, "under torchrun: shard parameters, gradients and optimizer state (FSDP2) "
+                                "instead of replicating them (DDP)")
+    stop_at: int | None = setting(None, "end this invocation after this step; the schedule still runs to "
+                                        "--max-steps (continue with --resume)")
+    clip_grad_norm: float = setting(1.0, "clip the gradient norm to this (0 = off)")
+    on_nonfinite: str = setting("stop", "a NaN/inf loss or gradient: stop (naming the last good checkpoint) or "
+                                        "skip the step")
+    loss_spike_factor: float = setting(0.0, "stop when a loss exceeds this times the recent mean (0 = off)")
+    mixed_precision: str = setting("auto", "auto, bf16, fp16 or fp32: auto = bf16 on GPUs that have it (else "
+                                           "fp16), and on CPUs with native bf16 for pretraining; else fp32")
+    torch_compile: str = setting("auto", "auto, on or off: auto = on for CUDA, and on a CPU for pretraining runs "
+                                         "long enough to pay for it")
+    keep_checkpoints: int = setting(3, "checkpoints kept (0 = all)")
+    log_every: int = setting(1, "log the training loss every this many steps")
+    seed: int = setting(1337, "seed of the initialisation and the data order")
+    out: str = setting("out", "output root: checkpoints and logs go to <out>/<name>/<stage>")
+    runs: str = setting("runs", "TensorBoard root: <runs>/<name>/<stage>")
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}  # preset -> the fields it changes (each stage's own)
+    RULES: ClassVar[tuple[Rule, ...]] = (  # (field, test, what it must be): checked before any work starts
+        ("batch_size", lambda v: v >= 1, "at least 1"), ("grad_accum", lambda v: v >= 1, "at least 1"),
+        ("lr", lambda v: 0 < v < math.inf, "a positive number"), ("min_lr_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),
+        ("warmup_steps", lambda v: v >= 0, "0 or more"), ("max_steps", lambda v: v >= 1, "at least 1"),
+        ("stop_at", lambda v: v is None or v >= 1, "at least 1"), ("weight_decay", lambda v: v >= 0, "0 or more"),
+        ("clip_grad_norm", lambda v: v >= 0, "0 (off) or more"),
+        ("on_nonfinite", lambda v: v in ("stop", "skip"), "stop or skip"),
+        ("loss_spike_factor", lambda v: v == 0 or v > 1, "0 (off) or above 1"),
+        ("eval_every", lambda v: v >= 1, "at least 1"), ("eval_batches", lambda v: v >= 1, "at least 1"),
+        ("ckpt_every", lambda v: v >= 1, "at least 1"), ("keep_checkpoints", lambda v: v >= 0, "0 (keep all) or more"),
+        ("log_every", lambda v: v >= 1, "at least 1"), ("seq_len", lambda v: v is None or v >= 2, "at least 2"))
+
+    @classmethod
+    def for_preset(cls, name: str = "baby") -> "TrainConfig":
+        """This stage's settings for preset `name`: its defaults with the preset's changes."""
+        if name not in PRESETS:
+            raise UserError(f"unknown preset '{name}'; choose one of {', '.join(PRESETS)} (--preset)")
+        return replace(cls(), **cls.PRESETS.get(name, {}))
+
+    def check(self) -> None:
+        """One line naming the first flag out of range (the rules of every group this config inherits)."""
+        for group in type(self).__mro__:
+            check_ranges(self, vars(group).get("RULES", ()))
+
+
+@dataclass(kw_only=True)
+class PretrainConfig(TrainConfig):
+    """babyllama pretrain. Minutes on 2 CPU cores with the shipped corpus: batch 8 x 1200 steps gave the best
+    held-out bits per byte of the sweep in docs/baseline.md for the time 16 x 600 takes (2.329 vs 2.376; batch 4
+    and lr 6e-4 / 2e-3 were worse)."""
+
+    batch_size: int = 8
     lr: float = 1e-3
     min_lr_ratio: float = 0.1
-    warmup_steps: int = 30
-    max_steps: int = 600
-    stop_at: int | None = None  # end this invocation after this step; the schedule still runs to max_steps
+    warmup_steps: int = 60
+    max_steps: int = 1200
     weight_decay: float = 0.1
-    clip_grad_norm: float = 1.0
-    on_nonfinite: str = "stop"  # a NaN/inf loss or gradient: "stop" (naming the last good checkpoint) or "skip" the step
-    loss_spike_factor: float = 0.0  # stop when a loss exceeds this x the recent mean (0 = off)
-    mixed_precision: str = "auto"  # auto = bf16 on GPUs that have it (else fp16); on CPUs with it, for pretraining
-    torch_compile: str = "auto"  # auto = on for CUDA; on a CPU for pretraining runs long enough to pay for it
     eval_every: int = 100
     eval_batches: int = 20
     ckpt_every: int = 200
-    keep_checkpoints: int = 3
-    log_every: int = 1
-    val_fraction: float = 0.02
-    workers: int = 2  # data preparation processes
-    seed: int = 1337
-    out: str = "out"
-    runs: str = "runs"
+    corpus: list[str] = setting([str(p) for p in TRAIN_CORPUS],
+                                "corpus files, directories or globs (default: the shipped training files)")
+    corpus_format: str = setting("auto", f"corpus format: {', '.join(CORPUS_FORMATS)} (auto: by extension)")
+    corpus_field: str = setting("text", "JSON/parquet field holding the text")
+    vocab_size: int = setting(4096, "tokenizer size, when the run trains its tokenizer")
+    val_fraction: float = setting(0.02, "share of documents held out for validation")
+    workers: int = setting(2, "data preparation processes")
+
+    # The seed's 0.2B and 1.1B: bring your own corpus (--corpus) and tokenizer (--tokenizer, any size: the model's
+    # vocabulary follows it, padded to a multiple of 64; ChatGLM2's 64,793 gives the seed's model).
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        "0.2b": dict(model="0.2b", vocab_size=64793, batch_size=16, grad_accum=4, lr=3e-4, warmup_steps=1000,
+                     max_steps=100_000, eval_every=1000, eval_batches=50, ckpt_every=2000, log_every=10),
+        "1.1b": dict(model="1.1b", vocab_size=64793, grad_accum=8, lr=2e-4, warmup_steps=2000, max_steps=200_000,
+                     eval_every=1000, eval_batches=50, ckpt_every=2000, log_every=10)}
+    RULES: ClassVar[tuple[Rule, ...]] = (
+        ("corpus_format", lambda v: v in CORPUS_FORMATS, f"one of {', '.join(CORPUS_FORMATS)}"),
+        ("val_fraction", lambda v: 0 < v < 1, "between 0 and 1"), ("workers", lambda v: v >= 1, "at least 1"),
+        ("vocab_size", lambda v: v >= 16, "at least 16"))
 
 
-RUN_PRESETS: dict[str, RunConfig] = {
-    # Minutes on 2 CPU cores with the shipped corpus. Batch 8 x 1200 steps: the best held-out bits per byte of the
-    # sweep in docs/baseline.md for the time 16 x 600 takes (2.329 vs 2.376; batch 4 and lr 6e-4 / 2e-3 were worse).
-    "baby": RunConfig(batch_size=8, warmup_steps=60, max_steps=1200),
-    # The seed's 0.2B: bring your own corpus (--corpus) and tokenizer (--tokenizer, any size: the model's vocabulary
-    # follows it, padded to a multiple of 64; ChatGLM2's 64,793 gives the seed's model; see model_config_for).
-    "0.2b": RunConfig(model="0.2b", vocab_size=64793, batch_size=16, grad_accum=4, lr=3e-4, warmup_steps=1000,
-                      max_steps=100_000, eval_every=1000, eval_batches=50, ckpt_every=2000, log_every=10),
-    "1.1b": RunConfig(model="1.1b", vocab_size=64793, batch_size=8, grad_accum=8, lr=2e-4, warmup_steps=2000,
-                      max_steps=200_000, eval_every=1000, eval_batches=50, ckpt_every=2000, log_every=10),
-}
+@dataclass(kw_only=True)
+class SFTConfig(TrainConfig):
+    """babyllama sft: about 0.9 epoch of the shipped 10.8k conversations; choice_acc (~10 s on 2 cores) every
+    100 steps."""
+
+    batch_size: int = 16
+    lr: float = 5e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 30
+    max_steps: int = 600
+    weight_decay: float = 0.1
+    eval_every: int = 100
+    eval_batches: int = 20
+    ckpt_every: int = 200
+    train_data: str = setting(str(SFT / "sft_train.jsonl"),
+                              "conversations to learn (JSON lines or a JSON array, any --data-format)")
+    valid_data: str = setting(str(SFT / "sft_valid.jsonl"), "conversations for val_loss")
+    choice_data: str = setting(str(CHAT_CHOICES), "multiple-choice items for choice_acc (schema in "
+                                                  "babyllama/eval/choice.py); none = skip")
+    data_format: str = setting("auto", f"conversation format: auto, {', '.join(SFT_FORMATS)}")
+    system: str | None = setting(None, "system prompt for conversations that have none")
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        "0.2b": dict(model="0.2b", grad_accum=4, lr=2e-5, warmup_steps=100, max_steps=5000, eval_every=500,
+                     eval_batches=50, ckpt_every=1000, log_every=10),
+        "1.1b": dict(model="1.1b", batch_size=8, grad_accum=8, lr=3e-4, warmup_steps=20, max_steps=300, eval_every=50,
+                     eval_batches=50, ckpt_every=100, log_every=10)}
+    RULES: ClassVar[tuple[Rule, ...]] = (
+        ("train_data", _existing_file, "an existing file"), ("valid_data", _existing_file, "an existing file"),
+        ("choice_data", _file_or_none, "an existing file or none"),
+        ("data_format", lambda v: v in ("auto", *SFT_FORMATS), f"one of auto, {', '.join(SFT_FORMATS)}"))
 
 
-# Per-stage changes to a preset (stages after pretraining fine-tune: lower lr, fewer steps). Keyed by stage,
-# then by preset name; a preset's entry is merged over the "*" entry (every preset).
-STAGE_OVERRIDES: dict[str, dict[str, dict]] = {
-    "pretrain": {},
-    "sft": {"*": dict(lr=3e-4, warmup_steps=20, max_steps=300, eval_every=50, ckpt_every=100),
-            # ~0.9 epoch of the shipped 10.8k conversations; choice_acc (~10 s on 2 cores) every 100 steps
-            "baby": dict(lr=5e-4, batch_size=16, warmup_steps=30, max_steps=600, eval_every=100, ckpt_every=200),
-            "0.2b": dict(lr=2e-5, warmup_steps=100, max_steps=5000, eval_every=500, ckpt_every=1000)},
-    # batch_size counts preference pairs (two sequences each)
-    "reward": {"*": dict(lr=1e-4, batch_size=8, warmup_steps=10, max_steps=150, eval_every=50, eval_batches=10,
-                         ckpt_every=50, weight_decay=0.0),
-               "0.2b": dict(lr=1e-5, grad_accum=4, warmup_steps=50, max_steps=2000, eval_every=200, eval_batches=50,
-                            ckpt_every=500)},
-    # lr and steps measured on the baby chain (docs/rlhf.md "DPO and PPO side by side"): 120 steps at 5e-5 drift
-    # 15 nats/reply from SFT and lower the reward model's score; 40 at 3e-5 raise it at PPO's KL
-    "dpo": {"*": dict(lr=3e-5, batch_size=8, warmup_steps=10, max_steps=40, eval_every=20, eval_batches=10,
-                      ckpt_every=20, weight_decay=0.0),
-            "0.2b": dict(lr=1e-6, grad_accum=4, warmup_steps=50, max_steps=2000, eval_every=200, eval_batches=50,
-                         ckpt_every=500)},
-    # batch_size = replies per PPO minibatch (one optimizer step); rollouts are --rollout-size prompts
-    "ppo": {"*": dict(lr=2e-5, batch_size=8, warmup_steps=5, max_steps=80, eval_every=40, ckpt_every=40,
-                      weight_decay=0.0, min_lr_ratio=1.0),
-            "0.2b": dict(lr=1e-6, grad_accum=2, warmup_steps=20, max_steps=1000, eval_every=100, ckpt_every=200)},
-}
+@dataclass(kw_only=True)
+class PreferenceData:
+    """The preference pairs the reward model and DPO learn from."""
+
+    train_data: str = setting(str(PREFERENCE / "pref_train.jsonl"),
+                              "preference pairs to train on (JSON lines or a JSON array, see --pref-format)")
+    valid_data: str = setting(str(PREFERENCE / "pref_valid.jsonl"), "pairs for validation")
+    pref_format: str = setting("auto", "pairs: prompt/chosen/rejected; hh: Anthropic hh-rlhf texts; auto: either")
+    system: str | None = setting(None, "system prompt for prompts that have none (as in SFT)")
+
+    RULES: ClassVar[tuple[Rule, ...]] = (
+        ("train_data", _existing_file, "an existing file"), ("valid_data", _existing_file, "an existing file"),
+        ("pref_format", lambda v: v in ("auto", *PREFERENCE_FORMATS), f"one of auto, {', '.join(PREFERENCE_FORMATS)}"))
 
 
-# (field, test, what it must be): checked before any work starts, so a typo costs nothing
-_RULES = (
-    ("batch_size", lambda v: v >= 1, "at least 1"), ("grad_accum", lambda v: v >= 1, "at least 1"),
-    ("lr", lambda v: 0 < v < float("inf"), "a positive number"), ("min_lr_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),
-    ("warmup_steps", lambda v: v >= 0, "0 or more"), ("max_steps", lambda v: v >= 1, "at least 1"),
-    ("stop_at", lambda v: v is None or v >= 1, "at least 1"), ("weight_decay", lambda v: v >= 0, "0 or more"),
-    ("clip_grad_norm", lambda v: v >= 0, "0 (off) or more"), ("on_nonfinite", lambda v: v in ("stop", "skip"),
-                                                               "stop or skip"),
-    ("loss_spike_factor", lambda v: v == 0 or v > 1, "0 (off) or above 1"),
-    ("eval_every", lambda v: v >= 1, "at least 1"), ("eval_batches", lambda v: v >= 1, "at least 1"),
-    ("ckpt_every", lambda v: v >= 1, "at least 1"), ("keep_checkpoints", lambda v: v >= 0, "0 (keep all) or more"),
-    ("log_every", lambda v: v >= 1, "at least 1"), ("seq_len", lambda v: v is None or v >= 2, "at least 2"),
-    ("val_fraction", lambda v: 0 < v < 1, "between 0 and 1"), ("workers", lambda v: v >= 1, "at least 1"),
-    ("vocab_size", lambda v: v >= 16, "at least 16"),
-)
+@dataclass(kw_only=True)
+class HeldOutEvaluation:
+    """The before/after numbers of DPO and PPO (babyllama/eval/heldout.py)."""
+
+    eval_prompts: str = setting(str(HELDOUT_PROMPTS), "held-out prompts for the before/after score and KL (none = "
+                                                      "skip)")
+    eval_prompt_count: int | None = setting(None, "use the first N held-out prompts that fit (default: all)")
+    choice_data: str = setting(str(CHAT_CHOICES), "multiple-choice items for accuracy before/after "
+                                                  "(babyllama/eval/choice.py); none = skip")
+    eval_batch_size: int = setting(32, "prompts per batch when evaluating")
+    reward: str | None = setting(None, "reward-model checkpoint (file or directory); default: out/<name>/reward",
+                                 aliases=("--reward-model",))
+
+    RULES: ClassVar[tuple[Rule, ...]] = (
+        ("eval_prompts", _file_or_none, "an existing file or none"),
+        ("eval_prompt_count", lambda v: v is None or v >= 1, "at least 1"),
+        ("choice_data", _file_or_none, "an existing file or none"),
+        ("eval_batch_size", lambda v: v >= 1, "at least 1"))
 
 
-def check_run(run: RunConfig) -> None:
-    """One line naming the first flag out of range."""
-    check_ranges(run, _RULES)
+@dataclass(kw_only=True)
+class RewardConfig(PreferenceData, TrainConfig):
+    """babyllama reward: a scalar head on the SFT model, Bradley-Terry loss on the shipped pairs."""
+
+    batch_size: int = 8
+    lr: float = 1e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 10
+    max_steps: int = 150
+    weight_decay: float = 0.0
+    eval_every: int = 50
+    eval_batches: int = 10
+    ckpt_every: int = 50
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        "0.2b": dict(model="0.2b", grad_accum=4, lr=1e-5, warmup_steps=50, max_steps=2000, eval_every=200,
+                     eval_batches=50, ckpt_every=500, log_every=10),
+        "1.1b": dict(model="1.1b", grad_accum=8, log_every=10)}
 
 
-def run_preset(name: str, stage: str = "pretrain") -> RunConfig:
-    """Preset `name` for `stage`: the RunConfig defaults, the preset's values over them, then the stage's changes
-    for every preset ("*") and for this one, each over the one before."""
-    if name not in RUN_PRESETS:
-        raise UserError(f"unknown preset '{name}'; choose one of {sorted(RUN_PRESETS)} (--preset)")
-    by_name = STAGE_OVERRIDES.get(stage, {})
-    return replace(RUN_PRESETS[name], **{**by_name.get("*", {}), **by_name.get(name, {})})
+@dataclass(kw_only=True)
+class DPOConfig(HeldOutEvaluation, PreferenceData, TrainConfig):
+    """babyllama dpo. lr and steps measured on the baby chain (docs/rlhf.md "DPO and PPO side by side"): 120
+    steps at 5e-5 drift 15 nats/reply from SFT and lower the reward model's score; 40 at 3e-5 raise it at PPO's KL."""
+
+    batch_size: int = 8
+    lr: float = 3e-5
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 10
+    max_steps: int = 40
+    weight_decay: float = 0.0
+    eval_every: int = 20
+    eval_batches: int = 10
+    ckpt_every: int = 20
+    beta: float = setting(0.1, "DPO temperature: smaller lets the policy move further")
+    label_smoothing: float = setting(0.0, "assumed share of flipped labels (cDPO; --loss sigmoid only)")
+    loss: str = setting("sigmoid", "sigmoid: DPO; ipo: squared distance of the log-ratio margin to 1 / (2 beta)")
+    precompute_ref: bool = setting(False, "score all pairs with the reference before training, then free it (one "
+                                          "model copy resident)")
+    # the held-out replies are sampled as PPO samples its rollouts: temperature 1, these budgets
+    max_new_tokens: int = setting(48, "held-out reply budget (tokens)")
+    max_prompt_len: int = setting(96, "longer held-out prompts are skipped")
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        "0.2b": dict(model="0.2b", grad_accum=4, lr=1e-6, warmup_steps=50, max_steps=2000, eval_every=200,
+                     eval_batches=50, ckpt_every=500, log_every=10),
+        "1.1b": dict(model="1.1b", grad_accum=8, log_every=10)}
+    RULES: ClassVar[tuple[Rule, ...]] = (
+        ("beta", lambda v: 0 < v < math.inf, "a positive number"),
+        ("label_smoothing", lambda v: 0 <= v < 0.5, "in [0, 0.5) (the share of pairs assumed flipped)"),
+        ("loss", lambda v: v in DPO_LOSSES, f"one of {', '.join(DPO_LOSSES)}"),
+        ("max_new_tokens", lambda v: v >= 1, "at least 1"), ("max_prompt_len", lambda v: v >= 1, "at least 1"))
+
+    def check(self) -> None:
+        super().check()
+        if self.loss == "ipo" and self.label_smoothing:
+            raise UserError(f"--label-smoothing {self.label_smoothing}: applies to --loss sigmoid only; drop it for "
+                            "ipo")
+
+
+@dataclass(kw_only=True)
+class PPOConfig(HeldOutEvaluation, TrainConfig):
+    """babyllama ppo (the algorithm: babyllama/align/ppo.py, docs/rlhf-ppo.md). --batch-size is the replies per PPO
+    minibatch (one optimizer step); a rollout is --rollout-size prompts."""
+
+    batch_size: int = 8
+    lr: float = 2e-5
+    min_lr_ratio: float = 1.0
+    warmup_steps: int = 5
+    max_steps: int = 80
+    weight_decay: float = 0.0
+    eval_every: int = 40
+    eval_batches: int = 20
+    ckpt_every: int = 40
+    prompts: list[str] = setting([str(PREFERENCE / "pref_train.jsonl")],
+                                 "training prompts: JSON lines with 'messages' or 'prompt' (default: the reward "
+                                 "model's training questions)")
+    system: str | None = setting(None, "system prompt for prompts that have none (as in SFT)")
+    separate_value: bool = setting(False, "a critic with its own backbone (initialised from the reward model) "
+                                          "instead of a value head on the policy's: one more model copy")
+    rollout_size: int = setting(16, "prompts per rollout (the minibatch is --batch-size)")
+    ppo_epochs: int = setting(2, "passes over each rollout")
+    max_new_tokens: int = setting(48, "reply budget (tokens)")
+    max_prompt_len: int = setting(96, "longer prompts are skipped")
+    temperature: float = setting(1.0, "rollout sampling temperature")
+    kl_coef: float = setting(0.05, "initial coefficient of the per-token KL penalty")
+    kl_target: float = setting(6.0, "adaptive controller's target KL per reply (nats); 0 = a fixed coefficient")
+    kl_horizon: int = setting(10000, "adaptive controller's horizon (in replies)")
+    gamma: float = setting(1.0, "discount")
+    lam: float = setting(0.95, "GAE lambda")
+    clip_eps: float = setting(0.2, "policy ratio clip")
+    value_clip: float = setting(0.2, "value prediction clip around the rollout's values")
+    vf_coef: float = setting(0.1, "value loss coefficient")
+    ent_coef: float = setting(0.0, "entropy bonus coefficient")
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        "0.2b": dict(model="0.2b", grad_accum=2, lr=1e-6, warmup_steps=20, max_steps=1000, eval_every=100,
+                     eval_batches=50, ckpt_every=200, log_every=10),
+        "1.1b": dict(model="1.1b", grad_accum=8, eval_batches=50, log_every=10)}
+    RULES: ClassVar[tuple[Rule, ...]] = (
+        ("prompts", lambda v: all(Path(p).is_file() for p in v), "existing files"),
+        ("rollout_size", lambda v: v >= 1, "at least 1"), ("ppo_epochs", lambda v: v >= 1, "at least 1"),
+        ("max_new_tokens", lambda v: v >= 1, "at least 1"), ("max_prompt_len", lambda v: v >= 1, "at least 1"),
+        ("temperature", lambda v: 0 < v < math.inf, "a positive number (rollouts are sampled)"),
+        ("kl_coef", lambda v: 0 <= v < math.inf, "0 or a positive number"),
+        ("kl_target", lambda v: 0 <= v < math.inf, "0 (a fixed coefficient) or a positive number"),
+        ("kl_horizon", lambda v: v >= 1, "at least 1"), ("gamma", lambda v: 0 <= v <= 1, "in [0, 1]"),
+        ("lam", lambda v: 0 <= v <= 1, "in [0, 1]"), ("clip_eps", lambda v: 0 < v < math.inf, "a positive number"),
+        ("value_clip", lambda v: 0 < v < math.inf, "a positive number"),
+        ("vf_coef", lambda v: 0 <= v < math.inf, "0 or a positive number"),
+        ("ent_coef", lambda v: 0 <= v < math.inf, "0 or a positive number"))
+
+
+STAGE_CONFIGS: dict[str, type[TrainConfig]] = {"pretrain": PretrainConfig, "sft": SFTConfig, "reward": RewardConfig,
+                                               "dpo": DPOConfig, "ppo": PPOConfig}
+
+
+def stage_config(stage: str, preset_name: str = "baby") -> TrainConfig:
+    """`stage`'s settings for preset `preset_name` (defaults, then the preset's changes)."""
+    return STAGE_CONFIGS[stage].for_preset(preset_name)
 
 
 def preset_for(name: str, preset: str | None) -> str:
     """The preset a run uses: --preset, else the run's --name when it names a preset, else `baby`."""
-    return preset or (name if name in RUN_PRESETS else "baby")
+    return preset or (name if name in PRESETS else "baby")
 
 
 @dataclass
@@ -163,7 +378,7 @@ class RunPaths:
         return self.runs / stage
 
 
-def model_config_for(run: RunConfig, vocab_size: int) -> ModelConfig:
+def model_config_for(run: TrainConfig, vocab_size: int) -> ModelConfig:
     """The preset named by --model, or the architecture stored at that path (a babyllama checkpoint or its
     directory, an HF config.json or its directory, a bert4torch_config.json): e.g. an imported HF model.
 

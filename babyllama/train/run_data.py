@@ -19,10 +19,10 @@ from babyllama.data.tokenizer import Tokenizer, train_tokenizer
 from babyllama.errors import UserError
 from babyllama.files import write_atomic
 from babyllama.train.distributed import main_rank_first
-from babyllama.train.run_config import RunConfig, RunPaths
+from babyllama.train.run_config import PretrainConfig, RunPaths
 
 
-def documents(run: RunConfig) -> Iterator[str]:
+def documents(run: PretrainConfig) -> Iterator[str]:
     return iter_corpus(run.corpus, run.corpus_format, run.corpus_field)
 
 
@@ -30,7 +30,7 @@ def documents(run: RunConfig) -> Iterator[str]:
 TOKENIZER_CORPUS = "corpus.json"
 
 
-def ensure_tokenizer(run: RunConfig, paths: RunPaths, corpus: dict) -> Tokenizer:
+def ensure_tokenizer(run: PretrainConfig, paths: RunPaths, corpus: dict) -> Tokenizer:
     if run.tokenizer:
         return Tokenizer.load(run.tokenizer)  # its own vocabulary: --vocab-size is for training one
 
@@ -64,7 +64,7 @@ def check_tokenizer_corpus(tok: Tokenizer, record_path: Path, corpus: dict, redo
                         f"{redo}")
 
 
-def ensure_token_bins(run: RunConfig, paths: RunPaths, tok: Tokenizer, corpus: dict) -> None:
+def ensure_token_bins(run: PretrainConfig, paths: RunPaths, tok: Tokenizer, corpus: dict) -> None:
     def prepare() -> None:
         if not (paths.data / "meta.json").exists():
             print(f"tokenizing {run.corpus} -> {paths.data}")
@@ -76,7 +76,7 @@ def ensure_token_bins(run: RunConfig, paths: RunPaths, tok: Tokenizer, corpus: d
     check_tokenizer_matches(paths.data, tok)
 
 
-def rebuild_hint(run: RunConfig, paths: RunPaths) -> str:
+def rebuild_hint(run: PretrainConfig, paths: RunPaths) -> str:
     """What to do when kept tokenizer/data do not fit this run: the tokenizer of out/<name> was trained on the same
     corpus as the data, so both go (a --tokenizer given by the user is not ours to delete)."""
     ours = f"{paths.tokenizer} and {paths.data}" if not run.tokenizer else str(paths.data)

@@ -80,10 +80,14 @@ def git_state() -> dict[str, Any] | None:
 def command_line(world_size: int) -> str:
     """This process's command as a user types it from the repository root (torchrun shown when it launched us)."""
     argv = [portable(a) for a in sys.argv]
-    launcher = ["python"]
+    command = argv[0].startswith("babyllama ")  # the `babyllama` command (`cli.set_program`), not a script
+    if command:
+        argv = argv[0].split() + argv[1:]
+    launcher = [] if command else ["python"]
     if world_size > 1:
         nodes = int(os.environ.get("WORLD_SIZE", world_size)) // int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-        launcher = ["torchrun", f"--nnodes={nodes}", f"--nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', 1)}"]
+        launcher = ["torchrun", f"--nnodes={nodes}", f"--nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', 1)}",
+                    *(["-m"] if command else [])]
     return shlex.join(launcher + argv)
 
 

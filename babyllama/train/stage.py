@@ -1,7 +1,7 @@
 """What every training stage script (pretrain, sft, reward, dpo, ppo) shares, so the scripts stay
 config -> data -> model -> compile -> fit(callbacks) and no stage copies another's plumbing.
 
-    args, run, paths, env = parse_stage_args(__doc__, "sft", add_flags)
+    args, run, paths, env = parse_stage_args(__doc__, "sft", argv)
     trainer = Trainer(model, env)
     compile_from_run(trainer, run, loss=my_loss)
     resume_if_asked(trainer, args, paths.stage("sft"))
@@ -10,50 +10,57 @@ config -> data -> model -> compile -> fit(callbacks) and no stage copies another
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
-from typing import Callable
 
-from babyllama.cli import add_dataclass_flags, add_device_flag, apply_overrides
+from babyllama.cli import HelpFormatter, add_dataclass_flags, add_device_flag, apply_overrides
 from babyllama.data.tokenizer import Tokenizer
 from babyllama.errors import UserError
 from babyllama.files import hold_lock
 from babyllama.model.config import ModelConfig
 from babyllama.model.llama import Llama
-from babyllama.shipped import STAGE_SCRIPTS
 from babyllama.train import callbacks as cb
 from babyllama.train.checkpoint import check_model_config, latest_checkpoint, list_checkpoints, load_model
 from babyllama.train.distributed import DistEnv, init_distributed
 from babyllama.train.optim import build_adamw, warmup_cosine
-from babyllama.train.run_config import (RUN_PRESETS, RunConfig, RunPaths, check_run, preset_for, resolve_compile,
-                                        resolve_precision, run_preset)
-from babyllama.train.run_record import git_state, write_run_record
+from babyllama.train.run_config import (PRESETS, STAGE_CONFIGS, RunPaths, TrainConfig, preset_for, resolve_compile,
+                                        resolve_precision)
+from babyllama.train.run_record import git_state, portable, write_run_record
 from babyllama.train.trainer import Callback, LossFn, Trainer, causal_lm_loss
 
 
-def parse_stage_args(description: str, stage: str,
-                     add_flags: Callable[[argparse.ArgumentParser], None] | None = None,
-                     argv: list[str] | None = None, check: Callable[[argparse.Namespace], None] | None = None,
-                     ) -> tuple[argparse.Namespace, RunConfig, RunPaths, DistEnv]:
-    """Flags common to all stages (--name, --resume, --device, every RunConfig field) plus the stage's own
-    (`add_flags`), all checked (the stage's by `check`) before any work.
+def parse_stage_args(description: str, stage: str, argv: list[str] | None = None,
+                     ) -> tuple[argparse.Namespace, TrainConfig, RunPaths, DistEnv]:
+    """The run's settings (`run_config.STAGE_CONFIGS[stage]`: the stage's defaults, its preset's changes, the flags
+    given), checked before any work, and --name, --preset, --resume, --device, --print-config.
 
-    Refuses to start over a stage directory that already has checkpoints unless --resume is given,
-    so a finished run is never overwritten by accident."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    --print-config prints the settings with where each came from and exits. Refuses to start over a stage directory
+    that already has checkpoints unless --resume is given, so a finished run is never overwritten by accident."""
+    config = STAGE_CONFIGS[stage]
+    early = argparse.ArgumentParser(add_help=False)  # the preset decides the defaults --help shows
+    early.add_argument("--name", default="baby")
+    early.add_argument("--preset")
+    known = early.parse_known_args(argv)[0]
+    chosen = preset_for(known.name, known.preset)
+    defaults = config.for_preset(chosen if chosen in PRESETS else "baby")  # a wrong --preset: argparse says so below
+    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     parser.add_argument("--name", default="baby", help="run name: outputs go to <out>/<name> and <runs>/<name>")
-    parser.add_argument("--preset", choices=sorted(RUN_PRESETS),
-                        help="run preset (default: the --name when it is one of these, else baby)")
+    parser.add_argument("--preset", choices=PRESETS, help="run preset (default: the --name when it is one of these, "
+                                                          "else baby)")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of this stage")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved settings and where each came from, then exit")
     add_device_flag(parser)
-    if add_flags is not None:
-        add_flags(parser)
-    add_dataclass_flags(parser, RunConfig)
-    args = parser.parse_args(argv)
+    add_dataclass_flags(parser, defaults)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        raise UserError(foreign_flag_message(unknown, stage, parser.prog))
+    run = apply_overrides(defaults, args)
+    run.check()
+    if args.print_config:
+        print(describe_config(run, args, stage, chosen))
+        raise SystemExit(0)
     git_state()  # the commit the run record names: the code as the run starts
-    run = apply_overrides(run_preset(preset_for(args.name, args.preset), stage), args)
-    check_run(run)
-    if check is not None:
-        check(args)
     paths, env = RunPaths.of(args.name, run.out, run.runs), init_distributed(args.device)
     ckpt_dir = paths.stage(stage)
     if env.is_main:  # a second run on this stage's directory would interleave logs and replace checkpoints
@@ -63,7 +70,36 @@ def parse_stage_args(description: str, stage: str,
     return args, run, paths, env
 
 
-def compile_from_run(trainer: Trainer, run: RunConfig, loss: LossFn = causal_lm_loss,
+def foreign_flag_message(unknown: list[str], stage: str, prog: str) -> str:
+    """One line for the first argument the stage does not take: a flag of other stages is named as theirs (it
+    would change nothing here), anything else as unknown."""
+    flag = next((a.split("=", 1)[0] for a in unknown if a.startswith("--")), unknown[0])
+    users = [s for s, cls in STAGE_CONFIGS.items()
+             if flag.startswith("--") and flag[2:].replace("-", "_") in {f.name for f in dataclasses.fields(cls)}]
+    if users:
+        return (f"{flag} is a setting of {' and '.join(users)}; {stage} does not use it (its settings: {prog} "
+                "--help)")
+    return f"unrecognized argument {flag}; {prog} --help lists the flags"
+
+
+def describe_config(run: TrainConfig, args: argparse.Namespace, stage: str, preset: str) -> str:
+    """The settings of the run, one per line, with where each value came from: the stage's default, the preset,
+    or a flag."""
+    changed = type(run).PRESETS.get(preset, {})
+    lines = [f"# {stage} settings ({type(run).__name__} in babyllama/train/run_config.py): run {args.name}, "
+             f"preset {preset}, device {args.device}{', resuming' if args.resume else ''}"]
+    width = max(len(f.name) for f in dataclasses.fields(run)) + 2
+    for f in dataclasses.fields(run):
+        value = getattr(run, f.name)
+        source = ("--" + f.name.replace("_", "-") if getattr(args, f.name, None) is not None
+                  else f"preset {preset}" if f.name in changed else "default")
+        value = portable(value)  # shipped files relative to the repository, as the run record keeps them
+        shown = " ".join(map(str, value)) if isinstance(value, list) else str(value)
+        lines.append(f"{'--' + f.name.replace('_', '-'):<{width + 2}} {shown:<24} {source}")
+    return "\n".join(lines)
+
+
+def compile_from_run(trainer: Trainer, run: TrainConfig, loss: LossFn = causal_lm_loss,
                      flops_per_token: float | None = None, tokenizer: Tokenizer | None = None,
                      fixed_shapes: bool = False) -> Trainer:
     """AdamW (decay groups, fused where available) + warmup/cosine + clipping + precision/compile from the run;
@@ -147,7 +183,7 @@ def _check_data_order(saved: dict | None, now: dict, source: Path) -> None:
                         f"value{'s' if len(changed) > 1 else ''} or start a new run with --out")
 
 
-def standard_callbacks(run: RunConfig, paths: RunPaths, stage: str,
+def standard_callbacks(run: TrainConfig, paths: RunPaths, stage: str,
                        evaluators: list[Callback] = ()) -> list[Callback]:
     """The divergence guard, evaluators (their metrics join the step's logs), then progress, text log, TensorBoard,
     checkpoints (and --stop-at's stop, after the step is logged and saved)."""
@@ -159,7 +195,7 @@ def standard_callbacks(run: RunConfig, paths: RunPaths, stage: str,
             *stop]
 
 
-def record_stage(args: argparse.Namespace, run: RunConfig, paths: RunPaths, stage: str, trainer: Trainer,
+def record_stage(args: argparse.Namespace, run: TrainConfig, paths: RunPaths, stage: str, trainer: Trainer,
                  metrics: dict[str, float]) -> None:
     """Write the stage's run.json (command, config, versions, machine, wall time, final metrics) on the main rank:
     what `python -m babyllama.compare` checks against a published run."""
@@ -173,16 +209,16 @@ def init_checkpoint(explicit: str | None, paths: RunPaths, previous_stage: str) 
     found = directory if directory.is_file() else latest_checkpoint(directory)
     if found is None:
         raise UserError(f"no checkpoint in {directory}; run the {previous_stage} stage first "
-                        f"(e.g. python {STAGE_SCRIPTS[previous_stage]} --name {paths.name}) or pass --init")
+                        f"(babyllama {previous_stage} --name {paths.name}) or pass --init")
     return found
 
 
-def load_stage_tokenizer(run: RunConfig, paths: RunPaths) -> Tokenizer:
+def load_stage_tokenizer(run: TrainConfig, paths: RunPaths) -> Tokenizer:
     """--tokenizer if given, else the one pretraining wrote to out/<name>/tokenizer."""
     path = Path(run.tokenizer) if run.tokenizer else paths.tokenizer
     if not path.exists():
         raise UserError(f"no tokenizer at {path}; run the pretrain stage first "
-                        f"(python pretrain/pretrain.py --name {paths.name}) or pass --tokenizer")
+                        f"(babyllama pretrain --name {paths.name}) or pass --tokenizer")
     return Tokenizer.load(path)
 
 

@@ -38,6 +38,7 @@ class Callback:
     """Hooks called on every rank; loggers act on the main rank only (`trainer.env.is_main`)."""
 
     def on_train_begin(self, trainer: "Trainer") -> None: ...
+    def on_batch_begin(self, trainer: "Trainer") -> None: ...  # before each (micro-)batch is drawn from the loader
     def on_step_end(self, trainer: "Trainer", logs: dict[str, float]) -> None: ...
     def on_epoch_end(self, trainer: "Trainer", epoch: int) -> None: ...
     def on_train_end(self, trainer: "Trainer") -> None: ...
@@ -135,7 +136,7 @@ class Trainer:
                    callbacks: Sequence[Callback]) -> None:
         steps_here = 0
         while not self._done(max_steps) and (steps_per_epoch is None or steps_here < steps_per_epoch):
-            stats = self._train_step(batches)
+            stats = self._train_step(batches, callbacks)
             if stats is None:  # epoch exhausted; a partial accumulation is dropped (like drop_last)
                 self.optimizer.zero_grad(set_to_none=True)
                 return
@@ -155,11 +156,13 @@ class Trainer:
             else:
                 self._window_start += time.perf_counter() - callbacks_start
 
-    def _train_step(self, batches: Any) -> dict[str, Any] | None:
+    def _train_step(self, batches: Any, callbacks: Sequence[Callback]) -> dict[str, Any] | None:
         total_loss = torch.zeros((), device=self.env.device)
         metrics: dict[str, Tensor] = {}
         tokens = 0
         for micro in range(self.accum):
+            for cb in callbacks:
+                cb.on_batch_begin(self)  # e.g. PPO's next rollout (align.ppo_rollout.Rollouts)
             batch = next(batches, None)
             if batch is None:
                 return None

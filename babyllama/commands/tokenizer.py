@@ -90,6 +90,3 @@ def main(argv: list[str] | None = None) -> None:
         if docs:
             print(f"{lang}: {chars_per_token(tok, docs):.2f} characters/token (on {len(docs):,} training documents)")
 
-
-if __name__ == "__main__":
-    main_guard(main)

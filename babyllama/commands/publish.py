@@ -409,6 +409,3 @@ def main(argv: list[str] | None = None) -> None:
         print("\n".join(measured_tables(tolerance) + [""] + check_table(tolerance["checks"]) + [""] +
                         seed_table(references[FAMILIES[0]], seeds)))
         print(f"wrote {dest / TOLERANCE}")
-
-if __name__ == "__main__":
-    main_guard(main)

@@ -20,7 +20,7 @@ import random
 from collections import Counter
 from pathlib import Path
 
-import builders  # data/ is on sys.path as the script's folder
+from babyllama.build import builders
 
 from babyllama.cli import main_guard
 from babyllama.data.sft import SFTDataset, padding_fraction
@@ -29,7 +29,7 @@ from babyllama.errors import UserError
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--corpus-dir", type=Path, default=ROOT / "data" / "corpus")
     p.add_argument("--chatterbot-dir", type=Path, default=None,
@@ -53,7 +53,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--tokenizer", default=None, help="report token lengths and padding with this tokenizer")
     p.add_argument("--max-len", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=16)
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
 def load_records(path: Path) -> list[dict]:
@@ -136,8 +136,8 @@ def token_report(args: argparse.Namespace, train: list[dict]) -> str:
             f"padding at batch {args.batch_size}: bucketed {pad[True]:.1%}, random {pad[False]:.1%}")
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     examples = build_examples(args)
     valid, train = examples[: args.valid_size], examples[args.valid_size:]
     choices = build_choices(args)
@@ -208,6 +208,3 @@ CAUSED AND ON ANY THEORY OF LIABILITY, WHETHER IN CONTRACT, STRICT LIABILITY, OR
 OTHERWISE) ARISING IN ANY WAY OUT OF THE USE OF THIS SOFTWARE, EVEN IF ADVISED OF THE POSSIBILITY OF SUCH
 DAMAGE.
 """
-
-if __name__ == "__main__":
-    main_guard(main)

@@ -517,6 +517,3 @@ def main(argv: list[str] | None = None) -> None:
                         f"choose from {', '.join(SOURCES)}")
     build_full(args.out or ROOT / "data" / "cache" / "corpus", args.downloads, sources)
 
-
-if __name__ == "__main__":
-    main_guard(main)

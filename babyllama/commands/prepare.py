@@ -43,6 +43,3 @@ def main(argv: list[str] | None = None) -> None:
                        num_workers=args.workers, shard_tokens=args.shard_tokens, overwrite=args.overwrite,
                        corpus=corpus_record(*corpus))
 
-
-if __name__ == "__main__":
-    main_guard(main)

@@ -50,7 +50,7 @@ def ask(driver, text: str, timeout: float = 120) -> str:
     return driver.find_elements(By.CSS_SELECTOR, ".msg.assistant .content")[-1].text
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     from babyllama.serve.process import serve_in_background as server
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -58,7 +58,7 @@ def main() -> None:
     parser.add_argument("--name", default="baby")
     parser.add_argument("--png", default=str(ROOT / "docs" / "serve_chat.png"))
     parser.add_argument("--questions", nargs="+", default=["床前明月光，疑是地上霜。下一句是什么？", "这首诗的作者是谁？"])
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if browser_missing():
         sys.exit(f"error: {browser_missing()}")
     from selenium.webdriver.common.by import By
@@ -78,6 +78,3 @@ def main() -> None:
             driver.quit()
     print(f"wrote {args.png}")
 
-
-if __name__ == "__main__":
-    main()

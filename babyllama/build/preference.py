@@ -15,7 +15,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-import builders  # data/ is on sys.path as the script's folder
+from babyllama.build import builders
 
 from babyllama.cli import main_guard
 from babyllama.data.corpus import iter_records
@@ -23,7 +23,7 @@ from babyllama.data.corpus import iter_records
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--corpus-dir", type=Path, default=ROOT / "data" / "corpus")
     p.add_argument("--out-dir", type=Path, default=ROOT / "data" / "preference")
@@ -31,7 +31,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--train-per-task", type=int, default=800, help="training pairs per task (3 zh, 4 en)")
     p.add_argument("--valid-per-task", type=int, default=60, help="validation pairs per task")
     p.add_argument("--prompts-per-task", type=int, default=15, help="held-out prompts per task")
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
 def build(corpus: Path, split: str, seed: int, per_task: int) -> list[dict]:
@@ -53,8 +53,8 @@ def counts_table(train: list[dict], valid: list[dict]) -> str:
                       f"| all | all | all | {len(train)} | {len(valid)} |"])
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     train = build(args.corpus_dir, "train", args.seed, args.train_per_task)
     valid = build(args.corpus_dir, "heldout", args.seed, args.valid_per_task)
     prompts = builders.prompts_of(build(args.corpus_dir, "heldout", args.seed + 1, None), args.prompts_per_task,
@@ -106,6 +106,3 @@ files only, so nothing evaluated here is trained on by any stage. The text keeps
 CC BY 2.5, Open Knowledge Foundation, credited in case that applies to its transcriptions). The templates and
 the pairing are this project's.
 """
-
-if __name__ == "__main__":
-    main_guard(main)

@@ -177,6 +177,3 @@ def main(argv: list[str] | None = None) -> None:
         evaluate_stages(root / args.name, pick_device(args.device), args.max_docs, args.max_items)
     print(f"wrote {make_report(args.name, root, Path(args.runs), Path(args.dest), args.evaluate)}")
 
-
-if __name__ == "__main__":
-    main_guard(main)

@@ -7,20 +7,17 @@ from __future__ import annotations
 
 import argparse
 
-from builders import build_idiom_file  # data/ is on sys.path as the script's folder
+from babyllama.build.builders import build_idiom_file
 
 from babyllama.cli import main_guard
 from babyllama.shipped import IDIOMS
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(IDIOMS), help="where to write the items")
     ap.add_argument("--n", type=int, default=400, help="idioms to sample (items with too few endings are skipped)")
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     print(f"wrote {build_idiom_file(args.out, args.n, args.seed)}")
 
-
-if __name__ == "__main__":
-    main_guard(main)

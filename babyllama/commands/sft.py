@@ -1,0 +1,103 @@
+"""Supervised fine-tuning: pretrain checkpoint -> chat data (assistant-only loss) -> compile -> fit(callbacks).
+
+    python sft/sft.py --name baby                      # shipped data/sft/, CPU minutes
+    torchrun --nproc_per_node=2 sft/sft.py --name baby
+    python sft/sft.py --name baby --resume             # continue from the newest SFT checkpoint
+    python sft/sft.py --name baby --train-data my_train.json --valid-data my_valid.json --data-format alpaca
+    python sft/sft.py --name baby --init out/baby/pretrain/step_00000400.pt --system "You are a poet."
+
+Starts from the newest out/<name>/pretrain checkpoint (or --init) and the tokenizer pretraining wrote; a
+checkpoint of another model config is refused. Every conversation is rendered with the ChatML template and only
+the assistant's replies are learned (see babyllama/data/chat_template.py). Logs training loss, `val_loss` on --valid-data and
+`choice_acc` (held-out multiple choice, see babyllama/eval/choice.py) to out/<name>/sft/log.jsonl and TensorBoard
+(runs/<name>/sft); prints validation loss, choice accuracy before and after SFT, and the padding share of batches.
+"""
+from __future__ import annotations
+
+from itertools import islice
+
+import torch
+
+from babyllama.cli import main_guard
+from babyllama.data.sft import SFTDataset, build_sft_loader, padding_fraction, read_conversations
+from babyllama.data.tokenizer import Tokenizer
+from babyllama.errors import UserError
+from babyllama.eval.choice import ChoiceAccuracy, load_choice_items
+from babyllama.train import callbacks as cb
+from babyllama.train.distributed import shutdown
+from babyllama.train.run_config import SFTConfig, model_config_for
+from babyllama.train.run_record import flatten
+from babyllama.train.stage import (compile_from_run, init_checkpoint, load_init_model, load_stage_tokenizer,
+                                   parse_stage_args, record_stage, resume_if_asked, standard_callbacks)
+from babyllama.train.trainer import Trainer, causal_lm_loss
+
+
+def load_dataset(path: str, fmt: str, tok: Tokenizer, max_len: int, system: str | None) -> SFTDataset:
+    return SFTDataset(read_conversations(path, fmt), tok, max_len, system, source=path)
+
+
+def validation_batches(valid: SFTDataset, path: str, max_batches: int, batch_size: int, seed: int, rank: int,
+                       world_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The first `max_batches` batches of `valid`, fixed so every evaluation sees the same ones. None at all would
+    log a val_loss of 0, so that is an error."""
+    batches = list(islice(build_sft_loader(valid, batch_size, seed, False, rank, world_size), max_batches))
+    if not batches:
+        raise UserError(f"--valid-data {path}: no validation batch ({len(valid)} conversations in batches of "
+                        f"{batch_size} for {world_size} ranks, --eval-batches {max_batches}); add conversations, "
+                        f"lower --batch-size or raise --eval-batches")
+    return batches
+
+
+def choice_evaluator(run: SFTConfig, tok: Tokenizer) -> ChoiceAccuracy | None:
+    if run.choice_data.lower() == "none":
+        return None
+    return ChoiceAccuracy(load_choice_items(run.choice_data), tok, run.eval_every, system=run.system)
+
+
+def describe(acc: dict[str, float]) -> str:
+    langs = ", ".join(f"{k.removeprefix('choice_acc_')} {v:.1%}" for k, v in acc.items() if k != "choice_acc")
+    return f"{acc['choice_acc']:.1%}" + (f" ({langs})" if langs else "")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, run, paths, env = parse_stage_args(__doc__, "sft", argv)
+    tok = load_stage_tokenizer(run, paths)
+    cfg = model_config_for(run, tok.vocab_size)
+    init = init_checkpoint(run.init, paths, "pretrain")
+    model = load_init_model(init, cfg, tok)
+    max_len = cfg.max_seq_len + 1  # a batch row is a sample minus its last token
+    train = load_dataset(run.train_data, run.data_format, tok, max_len, run.system)
+    valid = load_dataset(run.valid_data, run.data_format, tok, max_len, run.system)
+    loader_args = dict(batch_size=run.batch_size, seed=run.seed, rank=env.rank, world_size=env.world_size)
+    train_loader = build_sft_loader(train, **loader_args)
+    val_batches = validation_batches(valid, run.valid_data, run.eval_batches, **loader_args)
+    choice = choice_evaluator(run, tok)
+
+    torch.manual_seed(run.seed)
+    mean_len = sum(train.lengths) / len(train)
+    trainer = compile_from_run(Trainer(model, env), run, loss=causal_lm_loss,
+                               flops_per_token=cfg.flops_per_token(int(mean_len)), tokenizer=tok)
+    before = choice.compute(trainer) if choice else None
+    resume_if_asked(trainer, args, paths.stage("sft"))
+    if env.is_main:
+        pad = padding_fraction(train.lengths, run.batch_size, seed=run.seed)
+        print(f"init {init}; {len(train)} train / {len(valid)} valid conversations ({train.dropped} dropped: no "
+              f"answer within {max_len} tokens), {train.supervised_tokens():,} supervised tokens, mean length "
+              f"{mean_len:.0f}; padding {pad:.1%} of batch positions; {run.max_steps} steps of "
+              f"{run.batch_size * run.grad_accum * env.world_size} conversations on {env.world_size} x {env.device}")
+        if choice:
+            print(f"choice accuracy before SFT: {describe(before)}")
+    evaluators = [cb.Evaluator(val_batches, every=run.eval_every, max_batches=None), *([choice] if choice else [])]
+    trainer.fit(train_loader, epochs=10**9, max_steps=run.max_steps,
+                callbacks=standard_callbacks(run, paths, "sft", evaluators))
+    val = trainer.evaluate(val_batches)
+    after = choice.compute(trainer) if choice else None
+    record_stage(args, run, paths, "sft", trainer,
+                 {"val_loss": val, **flatten("before_", before or {}), **(after or {})})
+    if env.is_main:
+        print(f"final SFT validation loss {val:.4f}")
+        if choice:
+            print(f"choice accuracy on {len(choice.items)} held-out items: before SFT {describe(before)}, "
+                  f"after SFT {describe(after)}")
+    shutdown()
+
