@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import errno
 import re
 import sys
 from typing import Any, Callable, Iterator, Sequence, TextIO, TypeVar

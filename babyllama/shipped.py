@@ -1,14 +1,10 @@
-"""Where the repository keeps what it ships: the stage scripts, the corpus, the fine-tuning and evaluation sets,
+"""Where the repository keeps what it ships: the corpus, the fine-tuning and evaluation sets,
 the published reference run. Named once here; a library module that reads shipped data imports the path."""
 from __future__ import annotations
 
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# the script of each training stage, as a user runs it from the repository root
-STAGE_SCRIPTS = {"pretrain": "pretrain/pretrain.py", "sft": "sft/sft.py", "reward": "reward/reward.py",
-                 "dpo": "rlhf/dpo.py", "ppo": "rlhf/ppo.py"}
-SERVE_SCRIPT = REPO_ROOT / "serve" / "server.py"
 
 CORPUS = REPO_ROOT / "data" / "corpus"
 TRAIN_CORPUS = [CORPUS / "poetry_zh_train.jsonl", CORPUS / "shakespeare_en_train.jsonl"]

@@ -2,7 +2,6 @@
 chunked scoring; a tiny PPO run that raises a trained reward model's score on held-out prompts with bounded KL;
 PPO checkpoints load as language models. The rlhf/ppo.py script: tests/test_rlhf_scripts.py."""
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,14 +11,15 @@ from torch import nn
 
 from babyllama.align.ppo import (AdaptiveKLController, FixedKLController, PolicyWithValue, PPOConfig, critic_from, gae,
                                  make_ppo_loss, masked_whiten, per_token_rewards, policy_loss, value_loss)
-from babyllama.align.ppo_rollout import Rollout, RolloutLoader, evaluate_policy, experience, generate_rollout
+from babyllama.align.ppo_rollout import (Rollout, RolloutLoader, Rollouts, evaluate_policy, experience,
+                                         generate_rollout)
 from babyllama.align.reward_model import RewardModel
 from babyllama.data.chat_template import IM_END, render_prompt, special_id, stop_ids
 from babyllama.model.generate import Generator, SamplingConfig
 from babyllama.model.llama import Llama, frozen_copy
 from babyllama.train.checkpoint import latest_checkpoint, load_model
 from babyllama.train.distributed import DistEnv
-from babyllama.train.trainer import Trainer
+from babyllama.train.trainer import Callback, Trainer
 
 
 def test_gae_hand_computed():
@@ -169,18 +169,29 @@ def test_prompt_order_covers_every_prompt_per_pass_and_survives_resume():
     prompts = [[1, i] for i in range(5)]
     cfg = PPOConfig(rollout_size=3)
 
-    def loader(state):
-        return RolloutLoader(SimpleNamespace(extra_state=state), None, None, prompts, cfg, 2, [2], 3, 5, seed=7)
+    def rollouts():
+        return Rollouts(None, None, prompts, cfg, 2, [2], 3, 5, seed=7)
 
-    state = {}
-    one = loader(state)
-    straight = [p for _ in range(4) for p in one.next_prompts()]
+    one = rollouts()
+    straight = [p for cursor in range(0, 12, 3) for p in one.prompts_at(cursor)]
     assert sorted(straight[:5]) == prompts and sorted(straight[5:10]) == prompts and straight[:5] != straight[5:10]
-    resumed_state = {}
-    first = loader(resumed_state).next_prompts()
-    again = loader(resumed_state)  # a new loader (as after --resume) continues at the saved cursor
-    assert first + [p for _ in range(3) for p in again.next_prompts()] == straight
-    assert state["prompt_cursor"] == 12
+    first = rollouts().prompts_at(0)
+    again = rollouts()  # a new one (as after --resume) continues at the saved cursor
+    assert first + [p for cursor in range(3, 12, 3) for p in again.prompts_at(cursor)] == straight
+
+
+def test_rollout_loader_serves_ppo_epochs_of_minibatches_per_rollout():
+    loader = RolloutLoader(ppo_epochs=2, batch_size=2)
+    batches = iter(loader)
+    with pytest.raises(RuntimeError, match="no rollout"):  # the rollouts are put in by `Rollouts`, not made here
+        next(batches)
+    batches = iter(loader)
+    loader.put({"input_ids": torch.arange(5)[:, None], "prompt_len": 1})
+    served = [next(batches) for _ in range(6)]  # 2 passes x 3 minibatches of at most 2 of the 5 rows
+    assert loader.left == 0 and [len(b["input_ids"]) for b in served] == [2, 2, 1] * 2
+    assert sorted(torch.cat([b["input_ids"] for b in served[3:]]).flatten().tolist()) == list(range(5))
+    loader.put({"input_ids": torch.arange(10, 13)[:, None], "prompt_len": 1})
+    assert next(batches)["input_ids"].min() >= 10 and loader.left == 3
 
 
 def test_tiny_ppo_run_raises_reward_model_score_with_bounded_kl(tok, tmp_path):
@@ -198,16 +209,14 @@ def test_tiny_ppo_run_raises_reward_model_score_with_bounded_kl(tok, tmp_path):
     cfg = PPOConfig(rollout_size=16, ppo_epochs=2, max_new_tokens=8, kl_coef=0.2, kl_target=1.0, kl_horizon=100)
     trainer = Trainer(PolicyWithValue(policy), DistEnv())
     trainer.compile(loss=make_ppo_loss(cfg), optimizer=torch.optim.Adam(trainer.network.parameters(), lr=1e-2))
-    loader = RolloutLoader(trainer, ref, reward, train_prompts, cfg, batch_size=8, stop_ids=stops,
-                           pad_id=tok.pad_id, end_id=end, seed=0)
+    rollouts = Rollouts(ref, reward, train_prompts, cfg, batch_size=8, stop_ids=stops, pad_id=tok.pad_id, end_id=end,
+                        seed=0)
     logged = []
 
-    class Keep:
-        def on_train_begin(self, t): ...
+    class Keep(Callback):
         def on_step_end(self, t, logs): logged.append(logs)
-        def on_train_end(self, t): ...
 
-    trainer.fit(loader, max_steps=48, callbacks=[Keep()])
+    trainer.fit(rollouts.loader, max_steps=48, callbacks=[rollouts, Keep()])
     after = evaluate_policy(policy, ref, reward, heldout, sampling, stops, tok.pad_id, end, seed=0)
 
     assert before["kl"] == pytest.approx(0.0, abs=1e-5)

@@ -1,6 +1,7 @@
 """The chat page in a real headless Chromium (selenium) against a server process: the stage picker is filled from
 /v1/models, a reply streams in and equals the API's greedy reply, the second turn sends the history, Stop cancels
-the request (the server frees the row), an error reply is shown, New chat clears.
+the request (the server frees the row), an error reply is shown, New chat clears; loading the page logs no console
+error.
 
 Needs the Debian packages chromium and chromium-driver: skipped without them, failed under CI=true (`.ci/run`
 installs them)."""
@@ -45,6 +46,20 @@ def set_field(page, field: str, value: str) -> None:
 
     page.find_element(By.ID, field).clear()
     page.find_element(By.ID, field).send_keys(value)
+
+
+def test_page_loads_without_console_errors(page, url):
+    """Nothing the page asks for fails (a missing favicon was a 404 on every load) and no script error is logged.
+    Chromium's driver keeps the console's SEVERE entries without any logging preference."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    page.get_log("browser")  # read = cleared: only this load's entries follow
+    page.get(url)
+    WebDriverWait(page, 10).until(lambda _: Select(page.find_element(By.ID, "model")).options)  # its scripts ran
+    time.sleep(0.5)  # the icon is requested after the page's load event
+    errors = [e for e in page.get_log("browser") if e["level"] == "SEVERE"]
+    assert errors == [], errors
 
 
 def test_chat_page(page, url):

@@ -98,7 +98,7 @@ def load_reward_model(path: str | Path, device: str | torch.device = "cpu",
     state = load_checkpoint(path)
     if not is_reward_checkpoint(state):
         raise UserError(f"{path}: not a reward-model checkpoint (no kind='{KIND}' / score head); "
-                        "train one with: python reward/reward.py --name <name>, or pass its out/<name>/reward")
+                        "train one with: babyllama reward --name <name>, or pass its out/<name>/reward")
     model = RewardModel(ModelConfig.from_dict(state["model_config"], str(path)))
     if tokenizer is not None:
         check_tokenizer(tokenizer, model.config.vocab_size, trained_tokenizer(state), path)

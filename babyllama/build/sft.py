@@ -1,9 +1,9 @@
 """Build the shipped SFT set and the held-out multiple-choice eval set (deterministic from --seed).
 
     pip install chatterbot-corpus==1.3.3
-    python data/build_sft.py                                   # -> data/sft/
-    python data/build_sft.py --name Xiaobai --author Alice     # your assistant's name in the self-cognition set
-    python data/build_sft.py --tokenizer runs/baby/tokenizer   # also report token lengths and padding
+    babyllama data build sft                                   # -> data/sft/
+    babyllama data build sft --assistant-name Xiaobai --author Alice     # your assistant's name in the self-cognition set
+    babyllama data build sft --tokenizer out/baby/tokenizer   # also report token lengths and padding
 
 Writes, in the OpenAI `messages` format (plus `source` and `lang` keys, which readers ignore):
 - `sft_train.jsonl`, `sft_valid.jsonl`: chatterbot-corpus (zh + en), instructions and multi-turn dialogues
@@ -21,22 +21,19 @@ from collections import Counter
 from pathlib import Path
 
 from babyllama.build import builders
-
-from babyllama.cli import main_guard
 from babyllama.data.sft import SFTDataset, padding_fraction
 from babyllama.errors import UserError
-
-ROOT = Path(__file__).resolve().parents[1]
+from babyllama.shipped import REPO_ROOT
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--corpus-dir", type=Path, default=ROOT / "data" / "corpus")
+    p.add_argument("--corpus-dir", type=Path, default=REPO_ROOT / "data" / "corpus")
     p.add_argument("--chatterbot-dir", type=Path, default=None,
                    help="chatterbot-corpus data folder (default: the installed package)")
-    p.add_argument("--out-dir", type=Path, default=ROOT / "data" / "sft")
+    p.add_argument("--dest", type=Path, default=REPO_ROOT / "data" / "sft")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--name", default="BabyLlama", help="the assistant's name in the self-cognition set")
+    p.add_argument("--assistant-name", default="BabyLlama", help="the assistant's name in the self-cognition set")
     p.add_argument("--author", default="babyllama", help="the assistant's author in the self-cognition set")
     p.add_argument("--self-repeat", type=int, default=3, help="copies of the (small) self-cognition set")
     p.add_argument("--poetry-per-task", type=int, default=1300, help="examples per templated zh poetry task (3)")
@@ -71,7 +68,7 @@ def build_examples(args: argparse.Namespace) -> list[dict]:
     bot = args.chatterbot_dir or builders.chatterbot_dir()
     poems = load_records(args.corpus_dir / "poetry_zh_train.jsonl")
     speeches = load_records(args.corpus_dir / "shakespeare_en_train.jsonl")
-    self_set = builders.self_cognition(args.name, args.author)
+    self_set = builders.self_cognition(args.assistant_name, args.author)
     examples = (
         tagged(builders.read_chatterbot(bot / "chinese"), "chatterbot", "zh")
         + tagged(builders.read_chatterbot(bot / "english"), "chatterbot", "en")
@@ -82,7 +79,7 @@ def build_examples(args: argparse.Namespace) -> list[dict]:
         + tagged(self_set["zh"] * args.self_repeat, "self", "zh")
         + tagged(self_set["en"] * args.self_repeat, "self", "en"))
     rng = random.Random(args.seed)
-    add_system_prompts(examples, builders.system_prompts(args.name, args.author), args.system_share, rng)
+    add_system_prompts(examples, builders.system_prompts(args.assistant_name, args.author), args.system_share, rng)
     rng.shuffle(examples)
     return examples
 
@@ -141,14 +138,14 @@ def main(argv: list[str] | None = None) -> None:
     examples = build_examples(args)
     valid, train = examples[: args.valid_size], examples[args.valid_size:]
     choices = build_choices(args)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    write_jsonl(args.out_dir / "sft_train.jsonl", train)
-    write_jsonl(args.out_dir / "sft_valid.jsonl", valid)
-    write_jsonl(args.out_dir / "choice_eval.jsonl", choices)
+    args.dest.mkdir(parents=True, exist_ok=True)
+    write_jsonl(args.dest / "sft_train.jsonl", train)
+    write_jsonl(args.dest / "sft_valid.jsonl", valid)
+    write_jsonl(args.dest / "choice_eval.jsonl", choices)
     table = counts_table(train, valid)
     n_choices = Counter(c["lang"] for c in choices)
-    (args.out_dir / "README.md").write_text(README.format(table=table, zh=n_choices["zh"], en=n_choices["en"],
-                                                          seed=args.seed, name=args.name, author=args.author,
+    (args.dest / "README.md").write_text(README.format(table=table, zh=n_choices["zh"], en=n_choices["en"],
+                                                          seed=args.seed, name=args.assistant_name, author=args.author,
                                                           system_share=args.system_share),
                                             encoding="utf-8")
     print(table)
@@ -159,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
 
 README = """# Shipped SFT data
 
-Generated by `python data/build_sft.py --seed {seed} --name {name} --author {author}`; do not edit by hand.
+Generated by `babyllama data build sft --seed {seed} --assistant-name {name} --author {author}`; do not edit by hand.
 
 | file | what |
 |---|---|
@@ -181,7 +178,7 @@ Sources:
 - `self`: "who are you" questions and answers written for this project (name and author are options of the
   build script), repeated to weigh them up.
 - System prompts: {system_share:.0%} of the conversations (drawn with the seed, any source) start with one of a
-  few zh/en system prompts (`data/builders.py` `system_prompts`); the rest have none.
+  few zh/en system prompts (`babyllama/build/builders.py` `system_prompts`); the rest have none.
 - `choice_eval.jsonl` uses the HELD-OUT corpus files only; nothing in it is trained on.
 
 ## chatterbot-corpus licence

@@ -1,1 +1,1 @@
-"""Talking to a trained model: the interactive multi-turn chat behind `sft/infer.py` and friends (`session`)."""
+"""Talking to a trained model: the interactive multi-turn chat behind `babyllama chat` and friends (`session`)."""

@@ -1,10 +1,10 @@
 """Multi-turn chat with a checkpoint of any stage, streaming the reply as it is sampled.
 
-    python sft/infer.py                                  # interactive, newest out/baby/sft checkpoint
-    python sft/infer.py --stage pretrain --temperature 0
-    python sft/infer.py --ckpt out/baby/sft/step_00000300.pt --system "You are a poet."
-    python sft/infer.py --prompt "你是谁？"              # one reply, then exit (for scripts)
-    printf '你好\\n你是谁？\\n/reset\\nWho are you?\\n' | python sft/infer.py
+    babyllama chat                                  # interactive, newest out/baby/sft checkpoint
+    babyllama chat --stage pretrain --temperature 0
+    babyllama chat --ckpt out/baby/sft/step_00000300.pt --system "You are a poet."
+    babyllama chat --prompt "你是谁？"              # one reply, then exit (for scripts)
+    printf '你好\\n你是谁？\\n/reset\\nWho are you?\\n' | babyllama chat
 
 Commands: `/reset` forgets the conversation, `/exit` (or end of input) quits. The prompt keeps the system
 message and as many of the newest turns as fit in --history-tokens (default: the model's context minus the reply
@@ -12,7 +12,7 @@ budget), at most --history-turns of them (default: no limit; 1 = answer each mes
 are dropped, and a message too long alone keeps its newest tokens (said on stderr). A reply stops at `<|im_end|>`, at --max-new-tokens, or at the end of the model's context.
 `--show-prompt` writes each rendered prompt to stderr.
 
-`rlhf/infer.py` is the same chat with PPO/DPO checkpoints as the default; both call `main` here.
+`babyllama chat --stage ppo` is the same chat with PPO/DPO checkpoints as the default; both call `main` here.
 """
 from __future__ import annotations
 

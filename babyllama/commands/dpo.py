@@ -1,17 +1,17 @@
 """DPO: SFT checkpoint -> policy + frozen reference -> preference pairs -> DPO loss -> fit(callbacks).
 
-    python rlhf/dpo.py --name baby                          # shipped data/preference/, CPU minutes
-    python rlhf/dpo.py --name baby --beta 0.2 --label-smoothing 0.1
-    python rlhf/dpo.py --name baby --loss ipo --beta 0.5        # IPO: a fixed target margin 1 / (2 beta)
-    python rlhf/dpo.py --name baby --precompute-ref         # score pairs with the reference once; 1 model resident
-    torchrun --nproc_per_node=2 rlhf/dpo.py --name baby
-    python rlhf/dpo.py --name baby --resume                 # continue from the newest DPO checkpoint
-    python rlhf/dpo.py --name baby --train-data hh_train.jsonl --valid-data hh_test.jsonl --pref-format hh
+    babyllama dpo --name baby                          # shipped data/preference/, CPU minutes
+    babyllama dpo --name baby --beta 0.2 --label-smoothing 0.1
+    babyllama dpo --name baby --loss ipo --beta 0.5        # IPO: a fixed target margin 1 / (2 beta)
+    babyllama dpo --name baby --precompute-ref         # score pairs with the reference once; 1 model resident
+    torchrun --nproc_per_node=2 -m babyllama dpo --name baby
+    babyllama dpo --name baby --resume                 # continue from the newest DPO checkpoint
+    babyllama dpo --name baby --train-data hh_train.jsonl --valid-data hh_test.jsonl --pref-format hh
 
 Starts from the newest out/<name>/sft checkpoint (or --init); the reference is the same weights, frozen. Logs the
 loss and the implicit rewards (reward_accuracy, chosen_reward, rejected_reward, reward_margin; val_* on
 --valid-data) to out/<name>/dpo/log.jsonl and TensorBoard (runs/<name>/dpo). At the end, prints for the SFT model
-and the DPO policy the held-out numbers rlhf/ppo.py prints (babyllama/eval/heldout.py): on replies sampled with a
+and the DPO policy the held-out numbers `babyllama ppo` prints (babyllama/eval/heldout.py): on replies sampled with a
 fixed seed, the reward-model score (when out/<name>/reward or --reward-model has a checkpoint) and the KL to the
 SFT model per reply; the score of greedy replies; held-out multiple-choice accuracy. Checkpoints in out/<name>/dpo
 load with `babyllama.train.checkpoint.load_model` like any language model.

@@ -1,8 +1,8 @@
 """Continue text with a pretrained checkpoint, streaming tokens as they are sampled (static KV cache).
 
-    python pretrain/infer.py --prompt "床前明月光，"          # one continuation
-    python pretrain/infer.py                                   # interactive: one prompt per line
-    python pretrain/infer.py --ckpt out/baby/pretrain/step_00000600.pt --temperature 0 --max-new-tokens 100
+    babyllama generate --prompt "床前明月光，"          # one continuation
+    babyllama generate                                   # interactive: one prompt per line
+    babyllama generate --ckpt out/baby/pretrain/step_00000600.pt --temperature 0 --max-new-tokens 100
 
 A prompt longer than the model's context allows (minus --max-new-tokens, at least half of it) is continued from its
 newest tokens (said on stderr); the continuation stops at the end of the context.
@@ -59,7 +59,7 @@ def default_checkpoint(paths: RunPaths) -> Path:
     """The newest pretraining checkpoint of the run; a clear error (not a missing-file one) before training."""
     found = latest_checkpoint(paths.stage("pretrain"))
     if found is None:
-        raise UserError(f"no checkpoint in {paths.stage('pretrain')}; train first (python pretrain/pretrain.py "
+        raise UserError(f"no checkpoint in {paths.stage('pretrain')}; train first (babyllama pretrain "
                         f"--name {paths.name} --out {paths.out.parent}) or pass --ckpt")
     return found
 

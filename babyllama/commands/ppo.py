@@ -1,12 +1,12 @@
 """RLHF with PPO: SFT policy + value head -> rollouts scored by the reward model, KL-penalised to the SFT model ->
 clipped PPO updates, in the Trainer's compile/fit.
 
-    python rlhf/ppo.py --name baby                        # out/baby/sft + out/baby/reward -> out/baby/ppo, CPU minutes
-    python rlhf/ppo.py --name baby --resume               # continue (KL coefficient and prompt position included)
-    python rlhf/ppo.py --name baby --prompts my_prompts.jsonl --kl-coef 0.1 --kl-target 0    # own prompts, fixed KL
-    python rlhf/ppo.py --name baby --init out/baby/sft/step_00000300.pt --reward out/baby/reward/step_00000150.pt
-    python rlhf/ppo.py --name baby --separate-value      # critic with its own backbone (one more model copy)
-    python rlhf/infer.py --name baby --stage ppo          # chat with the result (checkpoint.load_model reads it)
+    babyllama ppo --name baby                        # out/baby/sft + out/baby/reward -> out/baby/ppo, CPU minutes
+    babyllama ppo --name baby --resume               # continue (KL coefficient and prompt position included)
+    babyllama ppo --name baby --prompts my_prompts.jsonl --kl-coef 0.1 --kl-target 0    # own prompts, fixed KL
+    babyllama ppo --name baby --init out/baby/sft/step_00000300.pt --reward out/baby/reward/step_00000150.pt
+    babyllama ppo --name baby --separate-value      # critic with its own backbone (one more model copy)
+    babyllama chat --stage ppo --name baby --stage ppo          # chat with the result (checkpoint.load_model reads it)
 
 Training prompts: --prompts (JSON lines with `messages` or `prompt`; trailing assistant replies are dropped;
 default the prompts of data/preference/pref_train.jsonl, the reward model's training questions). Held-out
@@ -14,7 +14,7 @@ evaluation: --eval-prompts (default data/preference/prompts_heldout.jsonl, never
 items of data/sft/choice_eval.jsonl. Every step logs the rollout's mean reward-model `score`, its `kl` to the SFT
 model and `kl_coef`, and the update's `pg_loss`, `vf_loss`, `entropy`, `clipfrac`, `approx_kl`; every --eval-every
 steps `eval_score`/`eval_kl` on the held-out prompts (out/<name>/ppo/log.jsonl and TensorBoard runs/<name>/ppo).
-At the end it prints the held-out numbers before vs after PPO (babyllama/eval/heldout.py, the same as rlhf/dpo.py):
+At the end it prints the held-out numbers before vs after PPO (babyllama/eval/heldout.py, the same as `babyllama dpo`):
 reward-model score and KL to the SFT model of sampled replies, score of greedy replies, choice accuracy.
 The algorithm and its flags are described in babyllama/align/ppo.py and docs/rlhf-ppo.md.
 """

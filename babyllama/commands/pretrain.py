@@ -1,11 +1,11 @@
 """Pretraining: config -> tokenizer -> token bins -> Llama -> compile -> fit(callbacks).
 
-    python pretrain/pretrain.py --name baby                 # shipped corpus, CPU minutes
-    torchrun --nproc_per_node=4 pretrain/pretrain.py --name baby
-    python pretrain/pretrain.py --name baby --resume        # continue exactly where the last checkpoint left off
-    python pretrain/pretrain.py --name 0.2b --corpus my/*.jsonl --tokenizer my_tokenizer/
-    python pretrain/pretrain.py --name 0.2b --model out/smol/import --init out/smol/import \
-        --tokenizer out/smol/import/tokenizer --corpus my/*.jsonl     # continue an imported model (docs/convert.py)
+    babyllama pretrain --name baby                 # shipped corpus, CPU minutes
+    torchrun --nproc_per_node=4 -m babyllama pretrain --name baby
+    babyllama pretrain --name baby --resume        # continue exactly where the last checkpoint left off
+    babyllama pretrain --name 0.2b --corpus my/*.jsonl --tokenizer my_tokenizer/
+    babyllama pretrain --name 0.2b --model out/smol/import --init out/smol/import \
+        --tokenizer out/smol/import/tokenizer --corpus my/*.jsonl     # continue an imported model (`babyllama export`)
 
 The tokenizer and the token bins are built on first use (rank 0; the others wait) and reused afterwards.
 """
@@ -42,7 +42,7 @@ def refuse_resume_without_checkpoint(resume: bool, ckpt_dir: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     args, run, paths, env = parse_stage_args(__doc__, "pretrain", argv)
     refuse_resume_without_checkpoint(args.resume, paths.stage("pretrain"))
-    if env.is_main:  # what this run reads stays as it is while it runs (a data/prepare.py --overwrite is refused)
+    if env.is_main:  # what this run reads stays as it is while it runs (a `babyllama data prepare` --overwrite is refused)
         for directory in [paths.data] + ([] if run.tokenizer else [paths.tokenizer]):
             hold_lock(directory, "pretraining run")
     corpus = corpus_record(run.corpus, run.corpus_format, run.corpus_field)

@@ -1,13 +1,13 @@
 """Publish a reference run of the whole chain, and measure the tolerance `babyllama.eval.compare` judges runs with.
 
-    python docs/publish.py run --name baby          # the chain from scratch, evaluated -> docs/published/baby/
+    babyllama publish run --name baby          # the chain from scratch, evaluated -> docs/published/baby/
                                                     #   and docs/report/ (~25 min on 2 CPU cores)
-    python docs/publish.py variants --name baby     # the same commands on "other machines" and with other seeds
-    python docs/publish.py tolerance --name baby    # their differences -> docs/published/baby/tolerance.json
+    babyllama publish variants --name baby     # the same commands on "other machines" and with other seeds
+    babyllama publish tolerance --name baby    # their differences -> docs/published/baby/tolerance.json
 
 `run` works in <work>/reference (default work: out/_publish; it must not hold checkpoints yet) and runs exactly
-the commands a user runs (`python pretrain/pretrain.py --name baby`, then sft, reward, dpo, ppo), each with --out
-and --runs pointing into the work directory; then `babyllama.eval.evaluate` on every stage and docs/make_report.py,
+the commands a user runs (`babyllama pretrain --name baby`, then sft, reward, dpo, ppo), each with --out
+and --runs pointing into the work directory; then `babyllama.eval.evaluate` on every stage and `babyllama report`,
 and copies, per stage, log.jsonl, run.json (command, config, commit, versions, machine, wall time, final metrics),
 the TensorBoard event files and the evaluation JSON to docs/published/<name>/<stage>/. tolerance.json is kept
 (remeasure it with `variants` and `tolerance` when a change could move the curves differently, e.g. a new preset).
@@ -19,7 +19,7 @@ arithmetic), 2 processes with half the batch each, 2 nodes of one process (torch
 sampling change). docs/reproducibility.md has the measured numbers.
 
 Multi-GPU or multi-node runs are published the same way: run the chain with your launcher into a run directory,
-then `python docs/publish.py collect --name <name> --from <out>/<name> --runs <runs>/<name>`.
+then `babyllama publish collect --name <name> --from <out>/<name> --runs <runs>/<name>`.
 """
 from __future__ import annotations
 
@@ -34,17 +34,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from babyllama.cli import main_guard
+from babyllama.commands import report
 from babyllama.errors import UserError
 from babyllama.eval.compare import (DATA_RECORD, DIVERGED, DRIFTED, FAMILIES, REPRODUCED, STAGES, TOLERANCE,
                                     compare_runs, derive_tolerance, family_dir)
 from babyllama.eval.stats import clopper_pearson_upper, mean_interval
-from babyllama.shipped import PUBLISHED, REPO_ROOT, STAGE_SCRIPTS, TRAIN_CORPUS
+from babyllama.shipped import PUBLISHED, REPO_ROOT, TRAIN_CORPUS
 from babyllama.train.checkpoint import list_checkpoints
-from babyllama.train.run_config import RUN_PRESETS
+from babyllama.train.run_config import PretrainConfig
 from babyllama.train.run_record import RUN_RECORD, portable, read_run_record
 
-DOCS = Path(__file__).resolve().parent
+DOCS = REPO_ROOT / "docs"
 EVENTS = "events.out.tfevents.*"
 
 
@@ -75,8 +75,8 @@ class Variant:
 FP32 = ("--mixed-precision", "fp32")
 AVX2 = {"ATEN_CPU_CAPABILITY": "avx2"}
 FAMILY_RUNS = {"bf16": Variant(), "fp32": Variant(env=AVX2, pretrain_flags=FP32)}
-HALF_BATCH = ("--batch-size", str(RUN_PRESETS["baby"].batch_size // 2))  # 2 processes, the same global batch
-BABY = RUN_PRESETS["baby"]
+BABY = PretrainConfig()
+HALF_BATCH = ("--batch-size", str(BABY.batch_size // 2))  # 2 processes, the same global batch
 NO_ROPE = "import babyllama.model.llama as m; m.apply_rope = lambda x, cos, sin: x"
 VARIANTS = {
     "rerun": Variant(stages=("pretrain",)),
@@ -117,15 +117,15 @@ def free_port() -> int:
 
 def run_stage(stage: str, name: str, root: Path, variant: Variant) -> float:
     """One stage's command in root/{out,runs}; its output goes to root/<stage>.txt. Returns the wall seconds."""
-    script = [STAGE_SCRIPTS[stage], "--name", name, "--out", str(root / "out"), "--runs", str(root / "runs"),
+    script = ["-m", "babyllama", stage, "--name", name, "--out", str(root / "out"), "--runs", str(root / "runs"),
               *variant.flags, *(variant.pretrain_flags if stage == "pretrain" else ())]
     if stage == "pretrain" and variant.corpus_fraction < 1:
         # the shipped tokenizer (the reference's), so that only the training text differs
         script += ["--tokenizer", str(root.parent / "reference" / "out" / name / "tokenizer"),
                    "--corpus", *map(str, thinned_corpus(root, variant.corpus_fraction))]
     if variant.planted_bug:
-        script = ["-c", f"{variant.planted_bug}; import runpy, sys; sys.argv = sys.argv[1:]; "
-                  "runpy.run_path(sys.argv[0], run_name='__main__')", *script]
+        script = ["-c", f"{variant.planted_bug}; import runpy, sys; sys.argv = sys.argv[2:]; "
+                  "runpy.run_module('babyllama', run_name='__main__', alter_sys=True)", *script]
     if variant.processes * variant.nodes == 1:
         commands = [[sys.executable, *script]]
     else:
@@ -221,10 +221,10 @@ def write_manifest(name: str, dest: Path, stages: list[str], family: str = "bf16
     first = records[stages[0]]
     git, machine, software = first.get("git") or {}, first["machine"], first["software"]
     lines = [f"# Published run: `{name}`", "",
-             f"Made by `python docs/publish.py run --name {name}"
+             f"Made by `babyllama publish run --name {name}"
              f"{'' if family == 'bf16' else f' --family {family}'}`: the {family} numerics family's reference; do not "
              f"edit by hand. Compare yours with "
-             f"`python -m babyllama.compare --name {name}`; see docs/reproducibility.md.", "",
+             f"`babyllama compare --name {name}`; see docs/reproducibility.md.", "",
              f"Commit `{git.get('commit', 'unknown')}`{' (with local changes)' if git.get('dirty') else ''}; "
              f"{machine['cpu']}, {machine['cpu_count']} cores, {machine['torch_threads']} torch threads, "
              f"{machine['cpu_capability']} kernels, device {machine['device']}; " +
@@ -237,7 +237,7 @@ def write_manifest(name: str, dest: Path, stages: list[str], family: str = "bf16
     lines += ["", "Each stage directory holds `log.jsonl` (one line per step), `run.json` (every flag and config "
               "value, versions, machine, final metrics), the TensorBoard event files "
               f"(`tensorboard --logdir_spec yours:runs/{name},published:docs/published/{name}`) and `eval.json` "
-              f"(`python -m babyllama.evaluate --name {name} --stage <stage>`).", ""]
+              f"(`babyllama evaluate --name {name} --stage <stage>`).", ""]
     (dest / "README.md").write_text("\n".join(lines), encoding="utf-8")
 
 
@@ -350,7 +350,7 @@ def copy_token_data(reference: Path, root: Path, name: str) -> None:
     for part in ("tokenizer", "data"):
         source, target = reference / "out" / name / part, root / "out" / name / part
         if not source.is_dir():
-            raise UserError(f"{source}: run `python docs/publish.py run --name {name}` first (a seed variant "
+            raise UserError(f"{source}: run `babyllama publish run --name {name}` first (a seed variant "
                             "reuses its token data)")
         if not target.exists():
             shutil.copytree(source, target)
@@ -372,19 +372,17 @@ def main(argv: list[str] | None = None) -> None:
     work, dest = Path(args.work).resolve(), PUBLISHED / args.name
     stages = tuple(args.stages or STAGES)
     if args.command == "run":
-        import make_report  # docs/make_report.py, beside this script
-
         family = FAMILY_RUNS[args.family]
         root = work / ("reference" if args.family == "bf16" else f"reference-{args.family}")
         if args.family != "bf16":  # the same seed splits the same data: reuse the bf16 reference's
             copy_token_data(work / "reference", root, args.name)
         run_chain(args.name, root, family, stages)
         out, runs = root / "out", root / "runs"
-        make_report.evaluate_stages(out / args.name, args.device, None, None)
+        report.evaluate_stages(out / args.name, args.device, None, None)
         if args.family == "bf16":
-            report = make_report.make_report(args.name, out, runs, DOCS / "report", evaluated=True,
-                                             command=f"python docs/publish.py run --name {args.name}")
-            print(f"wrote {report}")
+            written = report.make_report(args.name, out, runs, DOCS / "report", evaluated=True,
+                                             command=f"babyllama publish run --name {args.name}")
+            print(f"wrote {written}")
         collect(args.name, out / args.name, runs / args.name, family_dir(dest, args.family), args.family)
     elif args.command == "collect":
         if not args.source:
@@ -400,7 +398,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         found = {label: work / label / "out" / args.name for label in VARIANTS if (work / label / "out").is_dir()}
         if not found:
-            raise UserError(f"{work}: no variant runs; run `python docs/publish.py variants --name {args.name}` first")
+            raise UserError(f"{work}: no variant runs; run `babyllama publish variants --name {args.name}` first")
         references = {f: family_dir(dest, f) for f in FAMILIES if (family_dir(dest, f) / "pretrain").is_dir()}
         tolerance = derive_tolerance(references, *bands_from(found))
         tolerance["checks"] = checks(references, found)

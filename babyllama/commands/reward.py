@@ -1,10 +1,10 @@
 """Reward model: SFT checkpoint -> Llama + scalar head -> preference pairs -> Bradley-Terry loss -> fit(callbacks).
 
-    python reward/reward.py --name baby                    # shipped data/preference/, CPU minutes
-    torchrun --nproc_per_node=2 reward/reward.py --name baby
-    python reward/reward.py --name baby --resume           # continue from the newest reward checkpoint
-    python reward/reward.py --name baby --train-data hh_train.jsonl --valid-data hh_test.jsonl --pref-format hh
-    python reward/reward.py --name baby --init out/baby/pretrain     # when there is no SFT checkpoint yet
+    babyllama reward --name baby                    # shipped data/preference/, CPU minutes
+    torchrun --nproc_per_node=2 -m babyllama reward --name baby
+    babyllama reward --name baby --resume           # continue from the newest reward checkpoint
+    babyllama reward --name baby --train-data hh_train.jsonl --valid-data hh_test.jsonl --pref-format hh
+    babyllama reward --name baby --init out/baby/pretrain     # when there is no SFT checkpoint yet
 
 Starts from the newest out/<name>/sft checkpoint (or --init) and the tokenizer pretraining wrote. The score is read
 at the last real token of prompt + reply + <|im_end|> (babyllama/align/reward_model.py); the loss is

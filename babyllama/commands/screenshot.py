@@ -1,8 +1,8 @@
 """Screenshot of the chat page answering a real run, for docs/serve.md (headless Chromium driven by selenium).
 
-    python docs/serve_screenshot.py --out out --name baby            # writes docs/serve_chat.png
+    babyllama screenshot --out out --name baby            # writes docs/serve_chat.png
 
-Starts `serve/server.py` on a free loopback port, asks two questions (the second uses the first's answer), saves
+Starts `babyllama serve` on a free loopback port, asks two questions (the second uses the first's answer), saves
 the page. Needs the Debian packages chromium and chromium-driver (`.ci/run` installs them).
 """
 from __future__ import annotations
@@ -12,7 +12,8 @@ import shutil
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from babyllama.shipped import REPO_ROOT
+
 
 CHROMIUM, CHROMEDRIVER = "chromium", "chromedriver"
 
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="out")
     parser.add_argument("--name", default="baby")
-    parser.add_argument("--png", default=str(ROOT / "docs" / "serve_chat.png"))
+    parser.add_argument("--dest", default=str(REPO_ROOT / "docs" / "serve_chat.png"))
     parser.add_argument("--questions", nargs="+", default=["床前明月光，疑是地上霜。下一句是什么？", "这首诗的作者是谁？"])
     args = parser.parse_args(argv)
     if browser_missing():
@@ -73,8 +74,8 @@ def main(argv: list[str] | None = None) -> None:
                 driver.find_element(By.ID, field).send_keys(value)
             for question in args.questions:
                 print(f"user> {question}\nassistant> {ask(driver, question)}")
-            driver.save_screenshot(args.png)
+            driver.save_screenshot(args.dest)
         finally:
             driver.quit()
-    print(f"wrote {args.png}")
+    print(f"wrote {args.dest}")
 

@@ -1,8 +1,8 @@
 """Serve a trained run: an OpenAI-compatible API and a chat page, on http://127.0.0.1:8000/ by default.
 
-    python serve/server.py --name baby --stage sft             # the chat page at http://127.0.0.1:8000/
-    BABYLLAMA_API_KEY=secret python serve/server.py --name baby  # every API route then needs the key
-    python serve/server.py --name baby --host 0.0.0.0 --api-key secret --cors-origin https://my.site
+    babyllama serve --name baby --stage sft             # the chat page at http://127.0.0.1:8000/
+    BABYLLAMA_API_KEY=secret babyllama serve --name baby  # every API route then needs the key
+    babyllama serve --name baby --host 0.0.0.0 --api-key secret --cors-origin https://my.site
 
 From Python (`pip install openai`):
 

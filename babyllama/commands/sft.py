@@ -1,10 +1,10 @@
 """Supervised fine-tuning: pretrain checkpoint -> chat data (assistant-only loss) -> compile -> fit(callbacks).
 
-    python sft/sft.py --name baby                      # shipped data/sft/, CPU minutes
-    torchrun --nproc_per_node=2 sft/sft.py --name baby
-    python sft/sft.py --name baby --resume             # continue from the newest SFT checkpoint
-    python sft/sft.py --name baby --train-data my_train.json --valid-data my_valid.json --data-format alpaca
-    python sft/sft.py --name baby --init out/baby/pretrain/step_00000400.pt --system "You are a poet."
+    babyllama sft --name baby                      # shipped data/sft/, CPU minutes
+    torchrun --nproc_per_node=2 -m babyllama sft --name baby
+    babyllama sft --name baby --resume             # continue from the newest SFT checkpoint
+    babyllama sft --name baby --train-data my_train.json --valid-data my_valid.json --data-format alpaca
+    babyllama sft --name baby --init out/baby/pretrain/step_00000400.pt --system "You are a poet."
 
 Starts from the newest out/<name>/pretrain checkpoint (or --init) and the tokenizer pretraining wrote; a
 checkpoint of another model config is refused. Every conversation is rendered with the ChatML template and only

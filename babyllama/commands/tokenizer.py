@@ -1,13 +1,13 @@
 """Train the byte-fallback BPE tokenizer (SentencePiece) on a corpus; writes tokenizer.model, tokenizer.json and
 tokenizer_config.json (see babyllama/data/tokenizer.py for the design and the fixed special-token ids).
 
-    python data/train_tokenizer.py          # shipped training files, 4096 tokens -> out/baby/tokenizer
-    python data/train_tokenizer.py --corpus data/corpus/*_train.jsonl --vocab-size 8000 --out out/tok8k
-    python data/train_tokenizer.py --corpus my_corpus/ --corpus-format jsonl --corpus-field content --vocab-size 64793 --out out/tok64k
+    babyllama data tokenizer          # shipped training files, 4096 tokens -> out/baby/tokenizer
+    babyllama data tokenizer --corpus data/corpus/*_train.jsonl --vocab-size 8000 --dest out/tok8k
+    babyllama data tokenizer --corpus my_corpus/ --corpus-format jsonl --corpus-field content --vocab-size 64793 --dest out/tok64k
 
 --corpus takes files, directories (every corpus file under them: mind held-out files) and globs; the formats are
 those of babyllama.data.corpus.iter_documents. A 64,793-token vocabulary wants ~20M characters of text (about 25 s and
-1.6 GB of RAM on 2 cores); larger corpora are sampled down to --max-train-chars. A non-empty --out (data and
+1.6 GB of RAM on 2 cores); larger corpora are sampled down to --max-train-chars. A non-empty --dest (data and
 checkpoints may have been built with the tokenizer there) is replaced only with --overwrite.
 """
 from __future__ import annotations
@@ -60,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_corpus_flags(p)
     p.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE,
                    help=f"total tokens incl. 6 special and 256 byte tokens (default: {DEFAULT_VOCAB_SIZE})")
-    p.add_argument("--out", type=Path, default=Path("out") / "baby" / "tokenizer",
+    p.add_argument("--dest", type=Path, default=Path("out") / "baby" / "tokenizer",
                    help="output directory (default: out/baby/tokenizer, where the baby pretraining run looks)")
     p.add_argument("--character-coverage", type=float, default=0.9995,
                    help="share of characters kept as single pieces, lowered automatically for small vocabularies")
@@ -71,7 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="SentencePiece threads (default: all cores)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--verbose", action="store_true", help="show SentencePiece's log")
-    p.add_argument("--overwrite", action="store_true", help="replace the tokenizer already in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace the tokenizer already in --dest")
     return p.parse_args(argv)
 
 
@@ -81,11 +81,11 @@ def main(argv: list[str] | None = None) -> None:
     sample = LanguageSample()
     start = time.perf_counter()
     documents = iter_corpus(args.corpus, args.corpus_format, args.corpus_field)
-    tok = train_tokenizer(sample.tap(documents), args.vocab_size, args.out,
+    tok = train_tokenizer(sample.tap(documents), args.vocab_size, args.dest,
                           character_coverage=args.character_coverage, max_train_chars=args.max_train_chars,
                           input_sentence_size=args.input_sentence_size, max_sentence_chars=args.max_sentence_chars,
                           num_threads=args.threads, seed=args.seed, verbose=args.verbose, overwrite=args.overwrite)
-    print(f"trained a {tok.vocab_size:,}-token tokenizer in {time.perf_counter() - start:.1f} s -> {args.out}")
+    print(f"trained a {tok.vocab_size:,}-token tokenizer in {time.perf_counter() - start:.1f} s -> {args.dest}")
     for lang, docs in sample.docs.items():
         if docs:
             print(f"{lang}: {chars_per_token(tok, docs):.2f} characters/token (on {len(docs):,} training documents)")

@@ -133,7 +133,7 @@ def sentencepiece_proto(tok: Tokenizer) -> sp_pb2.ModelProto:
     data = tok.sentencepiece_model
     if data is None:
         raise UserError(f"{tok.source}: GGUF export needs a SentencePiece tokenizer (tokenizer.model, as "
-                        "data/train_tokenizer.py writes); llama.cpp cannot be told how to pre-tokenize this Hugging "
+                        "`babyllama data tokenizer` writes); llama.cpp cannot be told how to pre-tokenize this Hugging "
                         "Face tokenizer.json the way `tokenizers` does. Use export-hf for this model instead")
     proto = sp_pb2.ModelProto.FromString(data)
     norm = proto.normalizer_spec
@@ -143,7 +143,7 @@ def sentencepiece_proto(tok: Tokenizer) -> sp_pb2.ModelProto:
         ("remove_extra_whitespaces", norm.remove_extra_whitespaces)) if bad]
     if problems:
         raise UserError(f"{tok.source}: this SentencePiece model has {' and '.join(problems)}, which llama.cpp's "
-                        "tokenizer does not apply; retrain it with data/train_tokenizer.py")
+                        "tokenizer does not apply; retrain it with `babyllama data tokenizer`")
     return proto
 
 

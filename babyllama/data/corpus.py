@@ -87,7 +87,7 @@ def iter_records(path: str | Path) -> Iterator[dict]:
             found = True
             yield record
     if not found:
-        raise UserError(f"{path}: no records (rebuild the shipped corpus: python data/build_corpus.py --shipped)")
+        raise UserError(f"{path}: no records (rebuild the shipped corpus: babyllama data build corpus --shipped)")
 
 
 def resolve_files(path: str | Path) -> list[Path]:

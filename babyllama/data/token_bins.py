@@ -17,7 +17,7 @@ On disk (`out_dir/`)
   moved corpus (or repository) still matches and an edited file does not; null when not given, absent in data
   prepared before it was recorded, and a list of paths before identities were kept (all accepted as any corpus).
 
-`prepare_token_bins` writes such a directory (see its docstring); `data/prepare.py` is its command line.
+`prepare_token_bins` writes such a directory (see its docstring); `babyllama data prepare` is its command line.
 
 Reading
 -------
@@ -60,7 +60,7 @@ SPLITS = ("train", "val")
 _DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 _OUR_FILES = re.compile(r"(?:train|val)_\d{5}\.bin(?:\.tmp)?|meta\.json")  # meta.json's killed write: _is_ours
 _CHUNK_DOCS, _CHUNK_CHARS = 512, 1 << 20  # one worker task: bounded both ways (many tiny or few huge documents)
-_PREPARE_HINT = ("rerun data/prepare.py (with --overwrite), or delete the directory and pretrain/pretrain.py "
+_PREPARE_HINT = ("rerun `babyllama data prepare` (with --overwrite), or delete the directory and `babyllama pretrain` "
                  "rebuilds it")
 
 
@@ -388,7 +388,7 @@ def read_meta(bin_dir: str | Path) -> dict:
     path = Path(bin_dir) / "meta.json"
     if not path.is_file():
         raise UserError(f"{path} not found: {bin_dir} holds no (complete) prepared token data; "
-                        f"run data/prepare.py --out {bin_dir}")
+                        f"run `babyllama data prepare --dest {bin_dir}`")
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
         fmt, version, dtype, vocab = meta["format"], meta["version"], meta["dtype"], int(meta["vocab_size"])
@@ -524,7 +524,7 @@ class TokenWindowDataset(Dataset):
             fraction = "larger" if split == "val" else "smaller"
             raise UserError(f"{self.bin_dir}: split '{split}' has {tokens:,} tokens (largest shard {largest:,}) but "
                             f"one sample needs {seq_len + 1:,} in one shard; use a shorter seq_len, more data, or "
-                            f"a {fraction} val_fraction (data/prepare.py --val-fraction)")
+                            f"a {fraction} val_fraction (`babyllama data prepare --val-fraction`)")
 
     def __len__(self) -> int:
         return int(self._ends[-1]) if len(self._ends) else 0

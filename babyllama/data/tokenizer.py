@@ -8,7 +8,7 @@ Training
 - `tokenizer.json`: the same tokenizer for Hugging Face `tokenizers`/`transformers` (encodes identically);
 - `tokenizer_config.json`: the special tokens (`PreTrainedTokenizerFast`, so `AutoTokenizer` loads the directory).
 
-A non-empty `out_dir` is refused unless `overwrite=True` (`data/train_tokenizer.py --overwrite`).
+A non-empty `out_dir` is refused unless `overwrite=True` (`babyllama data tokenizer --overwrite`).
 
 Ids 0-5 are fixed: `<unk>`=0, `<s>`=1, `</s>`=2, `<pad>`=3, `<|im_start|>`=4, `<|im_end|>`=5, then the 256 byte
 pieces `<0x00>`..`<0xFF>` (byte fallback: a character outside the vocabulary becomes its UTF-8 bytes, so nothing
@@ -233,7 +233,7 @@ class Tokenizer:
             found = [p / n for n in ("tokenizer.model", "tokenizer.json") if (p / n).is_file()]
             if not found:
                 raise UserError(f"{p}: no tokenizer.model or tokenizer.json in this directory; train one with "
-                                f"`python data/train_tokenizer.py --out {p}` or pass the tokenizer file")
+                                f"`babyllama data tokenizer --dest {p}` or pass the tokenizer file")
             p = found[0]
         if not p.is_file():
             raise UserError(f"{p}: tokenizer not found; pass a tokenizer.model, a tokenizer.json or their directory")
@@ -252,7 +252,7 @@ class Tokenizer:
             sp = spm.SentencePieceProcessor(model_proto=data)
         except RuntimeError as e:
             raise UserError(f"{source}: not a SentencePiece model or corrupt ({str(e)[:120]}); pass a "
-                            "tokenizer.model or tokenizer.json, or retrain with data/train_tokenizer.py") from None
+                            "tokenizer.model or tokenizer.json, or retrain with `babyllama data tokenizer`") from None
         return cls(_SentencePiece(sp, data), config, source)
 
     @classmethod

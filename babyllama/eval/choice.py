@@ -1,7 +1,7 @@
 """Multiple-choice evaluation by log-likelihood, and a callback that logs it during training.
 
 An item is `{"messages": [...], "choices": [str, ...], "answer": int, "lang"?: str}` (the schema of
-`data/sft/choice_eval.jsonl`, built by `build_choice_items` in data/builders.py). The prompt is rendered with the
+`data/sft/choice_eval.jsonl`, built by `build_choice_items` in babyllama/build/builders.py). The prompt is rendered with the
 chat template up to the assistant header (`chat.render_prompt`), and each choice is scored as an assistant reply:
 its content tokens followed by `<|im_end|>`. The model picks the choice with the highest score.
 

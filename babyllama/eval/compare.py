@@ -1,8 +1,8 @@
 """Does your run reproduce a published one? Stage by stage: the training-loss curve step by step, the final
 validation loss and every stage metric, judged against tolerances measured on real runs.
 
-    python -m babyllama.compare --name baby                      # out/baby against docs/published/baby
-    python -m babyllama.compare --name baby --reference /other/out/baby     # against any other run
+    babyllama compare --name baby                      # out/baby against docs/published/baby
+    babyllama compare --name baby --reference /other/out/baby     # against any other run
     tensorboard --logdir_spec yours:runs/baby,published:docs/published/baby
 
 A run directory holds <stage>/log.jsonl (one line per step, written by the trainer) and <stage>/run.json (the
@@ -38,7 +38,7 @@ from babyllama.data.token_bins import corpus_differences
 from babyllama.errors import UserError
 from babyllama.eval.stats import binomial_sd, wilson_interval
 from babyllama.hardware import cpu_has_native_bf16
-from babyllama.shipped import PUBLISHED, STAGE_SCRIPTS
+from babyllama.shipped import PUBLISHED
 from babyllama.train.callbacks import read_text_log
 from babyllama.train.run_record import RUN_RECORD, read_run_record
 
@@ -118,7 +118,7 @@ def read_stage(run_dir: Path, stage: str) -> StageLog | None:
     series = read_text_log(log)
     if "loss" not in series:
         raise UserError(f"{log}: no logged training loss (empty or not a log.jsonl); rerun the stage "
-                        f"(python {STAGE_SCRIPTS.get(stage, stage)} ...) or delete its directory")
+                        f"(babyllama {stage} ...) or delete its directory")
     record_path = directory / RUN_RECORD
     record = read_run_record(record_path)
     if record_path.exists() and record is None:
@@ -131,7 +131,7 @@ def read_stage(run_dir: Path, stage: str) -> StageLog | None:
 def training_text(stage_dir: Path) -> dict | None:
     """What a pretraining run's token data was made from: the corpus record of its meta.json (each file's name,
     size and a hash of its ends) and the documents read. A run directory has it in data/meta.json, a published
-    run in pretrain/data.json (docs/publish.py copies it). None when neither is there."""
+    run in pretrain/data.json (`babyllama publish` copies it). None when neither is there."""
     for path in (stage_dir / DATA_RECORD, stage_dir.parent / "data" / "meta.json"):
         if path.is_file():
             try:
@@ -420,7 +420,7 @@ def load_tolerance(path: Path | None) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))["stages"]
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
-        raise UserError(f"{path}: not a tolerance file (docs/publish.py tolerance writes them)") from None
+        raise UserError(f"{path}: not a tolerance file (`babyllama publish` tolerance writes them)") from None
 
 
 # ----------------------------------------------------------------------------------------------- checks
@@ -475,7 +475,7 @@ def compare_stage(yours: StageLog, reference: StageLog, tolerance: dict | None) 
     last, ref_last = yours.steps[-1], reference.steps[-1]
     if last < ref_last:
         notes.append(f"yours ends at step {last} of {ref_last}: judged on steps {diff.steps[0]}-{diff.steps[-1]} "
-                     f"(finish it with python {STAGE_SCRIPTS.get(yours.stage, '...')} --resume)")
+                     f"(finish it with babyllama {yours.stage} --resume)")
     elif last > ref_last:
         notes.append(f"yours runs to step {last}, the reference to {ref_last}: judged on the common steps")
     if yours.record is None:
@@ -579,7 +579,7 @@ def compare_runs(yours_dir: Path, reference_dir: Path, tolerance: dict, stages: 
         if yours is None:
             if stages:
                 raise UserError(f"{yours_dir}/{stage}/log.jsonl: no {stage} log in your run; run "
-                                f"python {STAGE_SCRIPTS.get(stage, stage)} first")
+                                f"babyllama {stage} first")
             lines.append(f"{stage}: not run (no {yours_dir}/{stage}/log.jsonl)")
             continue
         result = compare_stage(yours, reference, tolerance.get(stage))
@@ -589,8 +589,7 @@ def compare_runs(yours_dir: Path, reference_dir: Path, tolerance: dict, stages: 
         lines += format_result(result)
     if not results:
         raise UserError(f"{yours_dir}: none of the reference's stages ({', '.join(wanted)}) has a log; "
-                        f"run python {STAGE_SCRIPTS[wanted[0]] if wanted and wanted[0] in STAGE_SCRIPTS else ''} "
-                        "first")
+                        f"run babyllama {wanted[0] if wanted else 'pretrain'} first")
     return results, lines
 
 

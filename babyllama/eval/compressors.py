@@ -2,7 +2,7 @@
 
     python -m babyllama.eval.compressors --name my          # model vs PPMd vs xz on the run's held-out split
     python -m babyllama.eval.compressors --name my --heldout my/test.jsonl      # on held-out text of yours
-    python -m babyllama.evaluate --name baby --stage pretrain  # beside each language's bpb too
+    babyllama evaluate --name baby --stage pretrain  # beside each language's bpb too
 
 A compressor that has seen the training text is the honest reference for a small language model: its held-out
 bits per byte are (size of compress(train + held-out) - size of compress(train)) x 8 / held-out bytes.

@@ -1,9 +1,9 @@
 """Evaluate a stage's checkpoint on held-out data; results go to out/<name>/eval/<stage>.json and .md (and stdout).
 
-    python -m babyllama.evaluate --name baby --stage pretrain
-    python -m babyllama.evaluate --name baby --stage sft --max-docs 100      # quicker: fewer held-out documents
-    python -m babyllama.evaluate --name baby --stage reward                  # + reward accuracy on pref_valid
-    python -m babyllama.evaluate --ckpt imported/ --tokenizer imported/tokenizer --stage pretrain --name smol
+    babyllama evaluate --name baby --stage pretrain
+    babyllama evaluate --name baby --stage sft --max-docs 100      # quicker: fewer held-out documents
+    babyllama evaluate --name baby --stage reward                  # + reward accuracy on pref_valid
+    babyllama evaluate --ckpt imported/ --tokenizer imported/tokenizer --stage pretrain --name smol
 
 Metrics (all on text no stage trains on):
 - Language modelling on `data/corpus/*_heldout.jsonl`, per language (zh poetry, en Shakespeare) and overall:

@@ -1,4 +1,4 @@
-"""Serving a trained run over HTTP: an OpenAI-compatible API and a web chat page (`serve/server.py`).
+"""Serving a trained run over HTTP: an OpenAI-compatible API and a web chat page (`babyllama serve`).
 
     models.py    the run's loadable stages (pretrain, sft, dpo, ppo), each loaded on first use
     batcher.py   one decoding thread: requests that arrive together share the batched steps of `Generator`

@@ -1,4 +1,4 @@
-"""`serve/server.py` as a background process on a free loopback port: for the tests, the serving benchmark and the
+"""`babyllama serve` as a background process on a free loopback port: for the tests, the serving benchmark and the
 docs' screenshot, which all talk to a real server."""
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from typing import Iterator
 
 import httpx
 
-from babyllama.shipped import SERVE_SCRIPT
 
 
 def free_port() -> int:
@@ -24,9 +23,9 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def serve_in_background(out: Path, *flags: str, env: dict[str, str] | None = None) -> Iterator[str]:
-    """`python serve/server.py --out OUT ...` on a free loopback port; yields its base URL once /health answers."""
+    """`babyllama serve --out OUT ...` on a free loopback port; yields its base URL once /health answers."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, str(SERVE_SCRIPT), "--out", str(out), "--port",
+    proc = subprocess.Popen([sys.executable, "-m", "babyllama", "serve", "--out", str(out), "--port",
                              str(port), "--device", "cpu", *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env={**os.environ, **(env or {})})
     url = f"http://127.0.0.1:{port}"

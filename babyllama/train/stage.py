@@ -198,7 +198,7 @@ def standard_callbacks(run: TrainConfig, paths: RunPaths, stage: str,
 def record_stage(args: argparse.Namespace, run: TrainConfig, paths: RunPaths, stage: str, trainer: Trainer,
                  metrics: dict[str, float]) -> None:
     """Write the stage's run.json (command, config, versions, machine, wall time, final metrics) on the main rank:
-    what `python -m babyllama.compare` checks against a published run."""
+    what `babyllama compare` checks against a published run."""
     if trainer.env.is_main:
         write_run_record(paths.stage(stage), stage, args, run, trainer, metrics)
 

@@ -1,0 +1,143 @@
+"""A write the filesystem refuses (no space, disk quota, file size limit) is one line, exit 2, and loses nothing:
+no partial output is left and a previous complete output stays as it was."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import shlex
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+from babyllama.cli import main_guard
+from babyllama.data.token_bins import prepare_token_bins, read_meta
+from babyllama.data.tokenizer import Tokenizer, train_tokenizer
+from babyllama.errors import UserError
+from babyllama.files import raise_if_disk_full
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+WORDS = "the of and to a in that is was he for it with as his on be at by had not are but from or have".split()
+
+
+def guarded(error: BaseException, capsys) -> str:
+    """stderr of `main_guard` running a main that raises `error`, after checking exit code 2 and one line."""
+    def main() -> None:
+        raise error
+
+    with pytest.raises(SystemExit) as stop:
+        main_guard(main)
+    assert stop.value.code == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
+@pytest.mark.parametrize("code,words", [(errno.ENOSPC, "no space left on the device of"),
+                                        (getattr(errno, "EDQUOT", None), "disk quota exceeded on the device of"),
+                                        (errno.EFBIG, "file size limit (ulimit -f) exceeded in")])
+def test_main_guard_says_each_refused_write_in_one_line(capsys, code, words):
+    if code is None:
+        pytest.skip("no EDQUOT on this platform")
+    line = guarded(OSError(code, os.strerror(code), "/data/run/step_00010.pt"), capsys)
+    assert line.startswith(f"error: {words} /data/run while writing step_00010.pt; ")
+    assert "another --out" in line and "--resume" in line
+
+
+def test_main_guard_finds_the_os_error_behind_torch_save(capsys):
+    try:
+        try:
+            raise OSError(errno.EFBIG, "File too large")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    except RuntimeError as e:
+        error = e
+    assert "file size limit (ulimit -f) exceeded in the output; raise the limit" in guarded(error, capsys)
+    with pytest.raises(UserError, match=r"file size limit \(ulimit -f\) exceeded in /r while writing x\.pt; "):
+        raise_if_disk_full(Path("/r/x.pt"), error)  # atomic_file's check: names the file it writes
+
+
+def test_main_guard_leaves_other_errors_alone():
+    def main() -> None:
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", "x")
+
+    with pytest.raises(FileNotFoundError):
+        main_guard(main)
+
+
+# ======================================================================= real writes past `ulimit -f`
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> tuple[Path, Path]:
+    """(a jsonl corpus of ~60 KB, a 300-token tokenizer trained on it)."""
+    root = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    docs = [" ".join(rng.choice(WORDS) for _ in range(40)) for _ in range(400)]
+    path = root / "corpus.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # little text for the vocabulary: fine here
+        train_tokenizer(docs, 300, root / "tok")
+    return path, root / "tok"
+
+
+def limited(kb: int, *args: str) -> subprocess.CompletedProcess:
+    """`python -m babyllama ARGS` under `ulimit -f kb`: no file it writes may grow past `kb` KB."""
+    command = shlex.join([sys.executable, "-m", "babyllama", *args])
+    return subprocess.run(["bash", "-c", f"ulimit -f {kb}; exec {command}"], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=120)
+
+
+def assert_one_line(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr
+    assert all(f in lines[0] for f in fragments), lines[0]
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def test_token_data_past_the_file_size_limit_is_one_line_and_leaves_nothing(tmp_path, corpus):
+    text, tok = corpus
+    out = tmp_path / "data"
+    proc = limited(20, "data", "prepare", "--corpus", str(text), "--tokenizer", str(tok), "--dest", str(out),
+                   "--workers", "1")  # a shard is ~50 KB
+    assert_one_line(proc, f"file size limit (ulimit -f) exceeded in {out} while writing train_00000.bin",
+                    "raise the limit")
+    assert not out.exists()  # no shard, temp file or lock left (and the directory made for it is gone)
+
+
+def test_token_data_past_the_file_size_limit_keeps_the_previous_data(tmp_path, corpus):
+    text, tok = corpus
+    out = tmp_path / "data"
+    docs = [json.loads(line)["text"] for line in text.open(encoding="utf-8")]
+    prepare_token_bins(iter(docs[:20]), Tokenizer.load(tok), out, num_workers=1)  # small: fits the limit
+    (out / "notes.txt").write_text("mine")
+    before = snapshot(out)
+    proc = limited(20, "data", "prepare", "--corpus", str(text), "--tokenizer", str(tok), "--dest", str(out),
+                   "--workers", "2", "--overwrite")  # through the worker pool
+    assert_one_line(proc, "file size limit (ulimit -f) exceeded", "train_00000.bin")
+    assert snapshot(out) == before
+    assert read_meta(out)["input"]["documents"] == 20
+
+
+def test_tokenizer_past_the_file_size_limit_keeps_the_previous_one(tmp_path, corpus):
+    text, tok = corpus
+    out = tmp_path / "tok"
+    out.mkdir()
+    for path in tok.iterdir():
+        (out / path.name).write_bytes(path.read_bytes())
+    before = snapshot(out)
+    proc = limited(8, "data", "tokenizer", "--corpus", str(text), "--vocab-size", "300", "--dest", str(out),
+                   "--overwrite")  # tokenizer.json is ~9 KB
+    assert proc.returncode == 2, proc.stderr
+    last = proc.stderr.splitlines()[-1]  # after the warning about little text for the vocabulary
+    assert last.startswith(f"error: file size limit (ulimit -f) exceeded in {out} while writing tokenizer.json")
+    assert "Traceback" not in proc.stderr
+    assert snapshot(out) == before  # no temp directory, no file replaced
