@@ -1,6 +1,8 @@
-"""Flags generated from the run config: unset flags keep the preset's value, given ones replace it; text that is not
-UTF-8 is read with its undecodable bytes replaced, said once; presets merge by stage, the run name and the preset are separate."""
+"""Flags generated from a stage's config: unset flags keep the preset's value, given ones replace it; text that is
+not UTF-8 is read with its undecodable bytes replaced, said once; each stage's settings resolve defaults -> preset ->
+flags, the run name and the preset are separate."""
 import argparse
+import dataclasses
 import io
 from pathlib import Path
 
@@ -10,23 +12,24 @@ import torch
 from babyllama import cli
 from babyllama.cli import add_dataclass_flags, apply_overrides
 from babyllama.errors import UserError
-from babyllama.train.run_config import (STAGE_OVERRIDES, RunConfig, RunPaths, preset_for, resolve_compile,
-                                        resolve_precision, run_preset)
+from babyllama.train.run_config import (PRESETS, STAGE_CONFIGS, PretrainConfig, RewardConfig, RunPaths, TrainConfig,
+                                        preset_for, resolve_compile, resolve_precision, stage_config)
 
 
-def parse(*argv: str) -> RunConfig:
+def parse(*argv: str) -> PretrainConfig:
     parser = argparse.ArgumentParser()
-    add_dataclass_flags(parser, RunConfig)
-    return apply_overrides(run_preset("baby"), parser.parse_args(list(argv)))
+    add_dataclass_flags(parser, PretrainConfig())
+    return apply_overrides(PretrainConfig(), parser.parse_args(list(argv)))
 
 
 def test_unset_flags_keep_the_preset():
-    assert parse() == run_preset("baby")
+    assert parse() == PretrainConfig()
 
 
 def test_given_flags_are_typed_and_replace_the_preset():
     run = parse("--batch-size", "4", "--lr", "1e-4", "--fsdp", "true", "--corpus", "a.txt", "b.jsonl")
     assert (run.batch_size, run.lr, run.fsdp, run.corpus) == (4, 1e-4, True, ["a.txt", "b.jsonl"])
+    assert parse("--fsdp").fsdp is True and parse("--fsdp", "off").fsdp is False  # a bool flag alone means true
 
 
 def test_none_is_a_value_for_plain_string_fields():
@@ -67,15 +70,38 @@ def test_add_flag_accepts_old_spellings_without_showing_them():
     assert "--out" in shown and "--corpus" in shown and "--root" not in shown and "--input" not in shown
 
 
-def test_a_presets_stage_values_merge_over_the_shared_ones():
-    shared = STAGE_OVERRIDES["reward"]["*"]
-    small = run_preset("0.2b", "reward")
-    assert small.lr == 1e-5 and small.eval_batches == 50  # its own values
-    assert small.weight_decay == shared["weight_decay"] == 0.0 and small.batch_size == shared["batch_size"]  # merged
-    assert run_preset("baby", "reward").lr == shared["lr"]  # baby has no reward entry of its own
-    assert run_preset("1.1b", "ppo").min_lr_ratio == 1.0  # "*" applies to a preset without any entry
+def test_each_stage_defines_its_defaults_once_and_presets_change_only_what_they_name():
+    small = stage_config("reward", "0.2b")
+    assert small.lr == 1e-5 and small.eval_batches == 50  # the preset's own values
+    assert small.weight_decay == RewardConfig().weight_decay == 0.0 and small.batch_size == RewardConfig().batch_size
+    assert stage_config("reward", "baby") == RewardConfig()  # baby is every stage's defaults
+    assert stage_config("ppo", "1.1b").min_lr_ratio == 1.0  # PPO's own default, kept by a preset that does not name it
+    for stage, config in STAGE_CONFIGS.items():
+        for name in PRESETS:
+            unknown = set(config.PRESETS.get(name, {})) - {f.name for f in dataclasses.fields(config)}
+            assert not unknown, f"{stage} preset {name} names fields the stage does not have: {unknown}"
+        # the settings every stage must state are stated by each (TrainConfig leaves them unset)
+        assert None not in (config().lr, config().batch_size, config().max_steps, config().warmup_steps), stage
     with pytest.raises(UserError, match=r"unknown preset 'nope'.*--preset"):
-        run_preset("nope")
+        stage_config("sft", "nope")
+
+
+def test_pretraining_only_settings_belong_to_pretraining_alone():
+    only_pretrain = {"corpus", "corpus_format", "corpus_field", "vocab_size", "val_fraction", "workers"}
+    assert only_pretrain <= {f.name for f in dataclasses.fields(PretrainConfig)}
+    for stage, config in STAGE_CONFIGS.items():
+        if stage != "pretrain":
+            assert not only_pretrain & {f.name for f in dataclasses.fields(config)}, stage
+    assert issubclass(STAGE_CONFIGS["dpo"], TrainConfig) and STAGE_CONFIGS["dpo"] is not STAGE_CONFIGS["ppo"]
+
+
+def test_a_setting_out_of_range_is_one_line_naming_its_flag():
+    with pytest.raises(UserError, match=r"^--lr -1.0: must be a positive number$"):
+        dataclasses.replace(PretrainConfig(), lr=-1.0).check()
+    with pytest.raises(UserError, match=r"^--label-smoothing 0.1: applies to --loss sigmoid only"):
+        dataclasses.replace(STAGE_CONFIGS["dpo"](), loss="ipo", label_smoothing=0.1).check()
+    with pytest.raises(UserError, match=r"^--kl-horizon 0: must be at least 1$"):
+        dataclasses.replace(STAGE_CONFIGS["ppo"](), kl_horizon=0).check()
 
 
 def test_run_name_and_preset_are_separate():

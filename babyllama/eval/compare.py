@@ -50,7 +50,8 @@ DATA_RECORD = "data.json"  # beside a published pretraining log: what its token 
 TOLERANCE = "tolerance.json"
 # Config fields that may differ without making it another run: where outputs go, how data is prepared, when
 # checkpoints are kept, and --stop-at (a partial run is judged on the steps it has).
-_INCIDENTAL = {"out", "runs", "workers", "ckpt_every", "keep_checkpoints", "stop_at", "init", "tokenizer"}
+_INCIDENTAL = {"out", "runs", "workers", "ckpt_every", "keep_checkpoints", "stop_at", "init", "tokenizer", "name",
+               "resume", "device", "print_config", "eval_batch_size"}
 REPRODUCED, DRIFTED, DIVERGED, UNJUDGED = "reproduced", "drifted", "diverged", "unjudged"
 # Numerics families with a published reference each: what `--mixed-precision auto` pretrains in on a CPU with
 # native bf16 (bf16 + compile) and on any other (fp32 + compile). The later stages run fp32 in both.
@@ -428,7 +429,11 @@ def check_same_recipe(yours: StageLog, reference: StageLog) -> list[str]:
     """Refuse another preset or tokenizer (one line); list the other config fields that differ."""
     if yours.record is None or reference.record is None:
         return []
-    a, b = yours.record.get("config", {}), reference.record.get("config", {})
+    # a stage's own settings were `flags` in records made before each stage had its config: both are read, and
+    # only the settings both records name are compared (a pretraining-only field in an old SFT record is no recipe)
+    a, b = ({**r.record.get("flags", {}), **r.record.get("config", {})} for r in (yours, reference))
+    shared = a.keys() & b.keys()
+    a, b = {k: a[k] for k in shared}, {k: b[k] for k in shared}
     where = yours.directory / RUN_RECORD
     if a.get("model") != b.get("model"):
         raise UserError(f"{where}: model preset '{a.get('model')}' but the reference ran '{b.get('model')}'; "

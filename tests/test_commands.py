@@ -1,0 +1,150 @@
+"""The `babyllama` command: one job per subcommand, each with --help; the stages' settings shown as the run will
+take them (--help, --print-config with their sources); a flag of another stage is one line; the card's scripts are
+the same jobs; the run record names the command as typed; `chain` runs, skips and resumes stages in order."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from babyllama import commands
+from babyllama.commands import chain
+from babyllama.train import run_record
+from babyllama.train.run_record import command_line
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def babyllama(*argv: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "babyllama", *argv], capture_output=True, text=True, cwd=cwd,
+                          timeout=120)
+
+
+def leaf_jobs(table: dict = commands.COMMANDS, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    jobs = []
+    for job, entry in table.items():
+        jobs += leaf_jobs(entry, (*path, job)) if isinstance(entry, dict) else [(*path, job)]
+    return jobs
+
+
+def test_the_console_command_is_installed_and_lists_every_job():
+    assert shutil.which("babyllama"), "pip install -e . puts `babyllama` on PATH ([project.scripts])"
+    shown = subprocess.run(["babyllama", "--help"], capture_output=True, text=True, check=True).stdout
+    assert all(f"  {job} " in shown for job in commands.COMMANDS)
+    assert "prepare" in babyllama("data", "--help").stdout and "corpus" in babyllama("data", "build", "--help").stdout
+
+
+@pytest.mark.parametrize("job", leaf_jobs(), ids=" ".join)
+def test_every_job_answers_help(job, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", list(sys.argv))  # the dispatcher renames argv[0] after the job
+    try:
+        commands.main([*job, "--help"])
+    except SystemExit as e:  # argparse exits after --help; `bench` lists its scripts and returns
+        assert e.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: babyllama " + " ".join(job)), out[:200]
+
+
+def test_an_unknown_job_is_one_line():
+    proc = babyllama("pretrian", "--name", "baby")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert proc.stderr.startswith("error: babyllama: unknown job 'pretrian'; choose one of chain, pretrain")
+    proc = babyllama("data", "build", "nope")
+    assert proc.returncode == 2 and "unknown job 'nope'; choose one of corpus, sft, preference, idioms" in proc.stderr
+
+
+def test_help_shows_the_value_each_flag_takes_for_the_chosen_preset():
+    baby = babyllama("sft", "--help").stdout
+    small = babyllama("sft", "--help", "--name", "0.2b").stdout
+    assert "from the preset" not in baby
+    assert "--lr LR" in baby and "(default: 0.0005)" in baby and "(default: 2e-05)" in small
+    assert "(default: 600)" in baby and "(default: 5000)" in small  # --max-steps
+    ppo = babyllama("ppo", "--help").stdout
+    assert "(default: 0.05)" in ppo and "--kl-coef" in ppo  # the algorithm's settings are the stage's
+
+
+def test_print_config_resolves_defaults_preset_and_flags_and_starts_nothing(tmp_path):
+    proc = babyllama("sft", "--name", "0.2b", "--lr", "1e-4", "--out", str(tmp_path / "out"), "--print-config")
+    assert proc.returncode == 0, proc.stderr
+    rows = {line.split()[0]: line.split()[1:] for line in proc.stdout.splitlines()[1:]}
+    assert rows["--lr"] == ["0.0001", "--lr"]
+    assert rows["--warmup-steps"] == ["100", "preset", "0.2b"] and rows["--model"] == ["0.2b", "preset", "0.2b"]
+    assert rows["--batch-size"] == ["16", "default"] and rows["--train-data"] == ["data/sft/sft_train.jsonl", "default"]
+    assert "--corpus" not in rows and "SFTConfig" in proc.stdout.splitlines()[0]
+    assert not (tmp_path / "out").exists()  # no lock, no directory: nothing started
+
+
+def test_a_flag_of_another_stage_is_one_line_naming_that_stage():
+    for flag in ("--workers", "--corpus", "--vocab-size", "--val-fraction"):
+        proc = babyllama("sft", flag, "2")
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+        assert proc.stderr.startswith(f"error: {flag} is a setting of pretrain; sft does not use it")
+    proc = babyllama("pretrain", "--kl-coef", "0.1")
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --kl-coef is a setting of ppo; pretrain does not")
+    proc = babyllama("dpo", "--bogus")
+    assert proc.returncode == 2 and "unrecognized argument --bogus; babyllama dpo --help lists the flags" in proc.stderr
+
+
+def test_the_cards_scripts_are_the_same_jobs(tmp_path):
+    for script, job in (("pretrain/pretrain.py", "pretrain"), ("rlhf/ppo.py", "ppo")):
+        shim = subprocess.run([sys.executable, script, "--name", "0.2b", "--print-config"], capture_output=True,
+                              text=True, cwd=ROOT, timeout=120)
+        assert shim.returncode == 0 and shim.stdout == babyllama(job, "--name", "0.2b", "--print-config").stdout
+    for script in ("pretrain/infer.py", "sft/infer.py", "rlhf/infer.py", "serve/server.py", "sft/sft.py",
+                   "reward/reward.py", "rlhf/dpo.py"):
+        proc = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+        assert proc.returncode == 0 and proc.stdout.startswith("usage: "), script
+
+
+def test_the_run_record_names_the_command_as_typed(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["babyllama pretrain", "--name", "baby", "--corpus", str(ROOT / "x.txt")])
+    assert command_line(1) == "babyllama pretrain --name baby --corpus x.txt"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert command_line(2) == "torchrun --nnodes=1 --nproc_per_node=2 -m babyllama pretrain --name baby --corpus x.txt"
+    monkeypatch.setattr(sys, "argv", [str(ROOT / "sft" / "sft.py"), "--name", "baby"])
+    assert command_line(1) == "python sft/sft.py --name baby"
+    assert run_record.PROCESS_STARTED > 0
+
+
+def test_chain_runs_the_stages_in_order_skips_finished_ones_and_resumes_an_interrupted_one(tmp_path, monkeypatch,
+                                                                                         capsys):
+    out = tmp_path / "out"
+    (out / "demo" / "pretrain").mkdir(parents=True)
+    (out / "demo" / "pretrain" / "run.json").write_text(json.dumps({"steps": 12, "wall_s": 60,
+                                                                    "metrics": {"val_loss": 4.5}}))
+    (out / "demo" / "sft").mkdir()
+    (out / "demo" / "sft" / "step_00000004.pt").write_bytes(b"")  # interrupted: a checkpoint, no run.json
+    ran = []
+
+    def fake_run(cmd):
+        ran.append(cmd)
+        stage = cmd[cmd.index("babyllama") + 1]
+        (out / "demo" / stage).mkdir(exist_ok=True)
+        (out / "demo" / stage / "run.json").write_text(json.dumps({"steps": 3, "wall_s": 6, "metrics": {}}))
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(chain.subprocess, "run", fake_run)
+    chain.main(["--name", "demo", "--out", str(out), "--runs", str(tmp_path / "runs"), "--stages", "pretrain",
+                "sft", "reward", "--no-compare"])
+    stages = [cmd[cmd.index("babyllama") + 1] for cmd in ran]
+    assert stages == ["sft", "reward"]  # pretrain finished: skipped
+    assert "--resume" in ran[0] and "--resume" not in ran[1]
+    text = capsys.readouterr().out
+    assert "already done (12 steps in 1.0 min; val_loss 4.5)" in text and "$ babyllama sft --name demo" in text
+
+    monkeypatch.setattr(chain.subprocess, "run", lambda cmd: subprocess.CompletedProcess(cmd, 1))
+    with pytest.raises(Exception, match="the dpo stage failed"):
+        chain.main(["--name", "demo", "--out", str(out), "--stages", "dpo", "--no-compare"])
+
+
+def test_torchrun_runs_the_command_as_a_module():
+    """`torchrun -m babyllama <job>` is how several processes run a job: the package is runnable with -m."""
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "-m", "babyllama",
+                           "pretrain", "--print-config"], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("# pretrain settings")
