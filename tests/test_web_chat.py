@@ -14,7 +14,7 @@ import httpx
 import pytest
 from serve_fixtures import server, tiny_run
 
-from docs.serve_screenshot import ask, browser_missing, chromium_driver
+from babyllama.commands.screenshot import ask, browser_missing, chromium_driver
 
 
 @pytest.fixture(scope="module")
@@ -25,11 +25,15 @@ def url(tmp_path_factory):
         yield u
 
 
-@pytest.fixture(scope="module")
-def page(url):
+def need_browser() -> None:
     missing = browser_missing()
     if missing:
         pytest.fail(missing) if os.environ.get("CI") else pytest.skip(missing)
+
+
+@pytest.fixture(scope="module")
+def page(url):
+    need_browser()
     driver = chromium_driver()
     driver.get(url)
     yield driver
@@ -48,17 +52,22 @@ def set_field(page, field: str, value: str) -> None:
     page.find_element(By.ID, field).send_keys(value)
 
 
-def test_page_loads_without_console_errors(page, url):
+def test_page_loads_without_console_errors(url):
     """Nothing the page asks for fails (a missing favicon was a 404 on every load) and no script error is logged.
-    Chromium's driver keeps the console's SEVERE entries without any logging preference."""
+    A browser of its own: one asks for a page's icon only once. Chromium's driver keeps the console's SEVERE
+    entries without any logging preference."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
-    page.get_log("browser")  # read = cleared: only this load's entries follow
-    page.get(url)
-    WebDriverWait(page, 10).until(lambda _: Select(page.find_element(By.ID, "model")).options)  # its scripts ran
-    time.sleep(0.5)  # the icon is requested after the page's load event
-    errors = [e for e in page.get_log("browser") if e["level"] == "SEVERE"]
+    need_browser()
+    driver = chromium_driver()
+    try:
+        driver.get(url)
+        WebDriverWait(driver, 10).until(lambda _: Select(driver.find_element(By.ID, "model")).options)  # scripts ran
+        time.sleep(0.5)  # the icon is asked for after the page's load event
+        errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+    finally:
+        driver.quit()
     assert errors == [], errors
 
 
