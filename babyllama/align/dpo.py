@@ -16,8 +16,9 @@ Preferences") instead regresses the log-ratio margin onto a fixed target:
 The sigmoid loss keeps pushing the margin up until every pair is far past 0 (its gradient only fades), so the
 policy can drift far from the reference on pairs it already ranks right; IPO stops at the margin 1 / (2 beta) and
 pulls back pairs that overshoot, a fixed KL budget per pair. The margins are summed log-probabilities as above
-(TRL averages them per token instead), so `beta` keeps the same meaning for both losses. The implicit rewards are `beta * rho(chosen)` and
-`beta * rho(rejected)`; `reward_accuracy` is the share of pairs where the chosen one is higher.
+(TRL averages them per token instead), so `beta` keeps the same meaning for both losses. The implicit rewards are
+`beta * rho(chosen)` and `beta * rho(rejected)`; `reward_accuracy` is the share of pairs where the chosen one is
+higher.
 
 The reference is a frozen copy of the starting (SFT) model: two copies of the weights are resident while training,
 or one with `precompute_reference_logps`, which scores every pair once before training and stores the numbers in

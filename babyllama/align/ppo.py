@@ -36,14 +36,11 @@ columns. The response mask is a prefix: the sampled tokens up to and including t
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from babyllama.cli import check_ranges
 from babyllama.model.llama import Llama
 from babyllama.model.scoring import token_logprobs
 from babyllama.train.run_config import PPOConfig  # noqa: F401 (PPO's settings, used below and by its users)

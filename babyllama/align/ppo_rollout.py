@@ -13,8 +13,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from babyllama.align.ppo import (PolicyWithValue, PPOConfig, gae, kl_controller, kl_divergence, masked_mean,
-                                 masked_whiten, per_token_rewards, response_slice)
+from babyllama.align.ppo import (
+    PolicyWithValue,
+    PPOConfig,
+    gae,
+    kl_controller,
+    kl_divergence,
+    masked_mean,
+    masked_whiten,
+    per_token_rewards,
+    response_slice,
+)
 from babyllama.model.generate import Generator, SamplingConfig
 from babyllama.model.llama import Llama
 from babyllama.model.scoring import token_logprobs

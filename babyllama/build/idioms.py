@@ -8,8 +8,6 @@ from __future__ import annotations
 import argparse
 
 from babyllama.build.builders import build_idiom_file
-
-from babyllama.cli import main_guard
 from babyllama.shipped import IDIOMS
 
 

@@ -9,8 +9,8 @@
 Commands: `/reset` forgets the conversation, `/exit` (or end of input) quits. The prompt keeps the system
 message and as many of the newest turns as fit in --history-tokens (default: the model's context minus the reply
 budget), at most --history-turns of them (default: no limit; 1 = answer each message on its own); older turns
-are dropped, and a message too long alone keeps its newest tokens (said on stderr). A reply stops at `<|im_end|>`, at --max-new-tokens, or at the end of the model's context.
-`--show-prompt` writes each rendered prompt to stderr.
+are dropped, and a message too long alone keeps its newest tokens (said on stderr). A reply stops at `<|im_end|>`,
+at --max-new-tokens, or at the end of the model's context. `--show-prompt` writes each rendered prompt to stderr.
 
 `babyllama chat --stage ppo` is the same chat with PPO/DPO checkpoints as the default; both call `main` here.
 """
@@ -27,8 +27,16 @@ from babyllama.cli import read_lines, valid_text
 from babyllama.data.chat_template import ChatHistory, stop_ids
 from babyllama.data.tokenizer import Tokenizer
 from babyllama.errors import UserError
-from babyllama.model.generate import (Generator, SamplingConfig, add_runtime_flags, add_sampling_flags, decode_dtype,
-                                      prompt_budget, sampling_from_args, within_context)
+from babyllama.model.generate import (
+    Generator,
+    SamplingConfig,
+    add_runtime_flags,
+    add_sampling_flags,
+    decode_dtype,
+    prompt_budget,
+    sampling_from_args,
+    within_context,
+)
 from babyllama.model.llama import Llama
 from babyllama.train.checkpoint import latest_checkpoint, load_model
 from babyllama.train.distributed import pick_device

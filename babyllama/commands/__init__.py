@@ -15,7 +15,8 @@ from typing import Sequence
 
 from babyllama.cli import main_guard, set_program
 
-# job -> (module with `main(argv)`, or module:function, and one line of help); a dict value is a group of jobs (`babyllama data prepare`)
+# job -> (module with `main(argv)`, or module:function, and one line of help); a dict value is a group of jobs
+# (`babyllama data prepare`)
 Table = dict[str, "tuple[str, str] | Table"]
 COMMANDS: Table = {
     "chain": ("babyllama.commands.chain", "run the shipped chain end to end (pretrain → sft → reward → dpo → ppo), "
@@ -33,10 +34,12 @@ COMMANDS: Table = {
     "export": {
         "hf": ("babyllama.commands.convert:main_export_hf", "checkpoint -> transformers LlamaForCausalLM directory"),
         "gguf": ("babyllama.commands.convert:main_export_gguf", "checkpoint -> one GGUF file for llama.cpp / ollama"),
-        "bert4torch": ("babyllama.commands.convert:main_export_bert4torch", "checkpoint -> bert4torch config and weights"),
+        "bert4torch": ("babyllama.commands.convert:main_export_bert4torch",
+                       "checkpoint -> bert4torch config and weights"),
     },
     "import": {
-        "hf": ("babyllama.commands.convert:main_import_hf", "Hugging Face LLaMA directory (or a GGUF file in it) -> checkpoint"),
+        "hf": ("babyllama.commands.convert:main_import_hf",
+               "Hugging Face LLaMA directory (or a GGUF file in it) -> checkpoint"),
         "bert4torch": ("babyllama.commands.convert:main_import_bert4torch", "bert4torch LLaMA -> checkpoint"),
     },
     "report": ("babyllama.commands.report", "the evaluation report of a run: tables and plots"),

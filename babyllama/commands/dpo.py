@@ -36,8 +36,16 @@ from babyllama.train.checkpoint import latest_checkpoint
 from babyllama.train.distributed import shutdown
 from babyllama.train.run_config import DPOConfig, RunPaths, model_config_for
 from babyllama.train.run_record import flatten
-from babyllama.train.stage import (compile_from_run, init_checkpoint, load_init_model, load_stage_tokenizer,
-                                   parse_stage_args, record_stage, resume_if_asked, standard_callbacks)
+from babyllama.train.stage import (
+    compile_from_run,
+    init_checkpoint,
+    load_init_model,
+    load_stage_tokenizer,
+    parse_stage_args,
+    record_stage,
+    resume_if_asked,
+    standard_callbacks,
+)
 from babyllama.train.trainer import Trainer
 
 
@@ -90,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     valid = list(valid_loader)  # fixed batches (with the reference log-probs if precomputed)
     evaluator = cb.Evaluator(every=run.eval_every,
                              fn=lambda t: evaluate_pairs(t, loss, valid[: run.eval_batches]))
-    trainer.fit(train_loader, epochs=10**9, max_steps=run.max_steps,
+    trainer.fit(train_loader, max_steps=run.max_steps,
                 callbacks=standard_callbacks(run, paths, "dpo", [evaluator]))
     final = evaluate_pairs(trainer, loss, valid)
     if env.is_main:

@@ -15,11 +15,17 @@ from pathlib import Path
 
 import torch
 
-from babyllama.cli import add_flag, main_guard, read_lines, valid_text
+from babyllama.cli import add_flag, read_lines, valid_text
 from babyllama.data.tokenizer import Tokenizer
 from babyllama.errors import UserError
-from babyllama.model.generate import (Generator, add_runtime_flags, add_sampling_flags, decode_dtype, fit_context,
-                                      sampling_from_args)
+from babyllama.model.generate import (
+    Generator,
+    add_runtime_flags,
+    add_sampling_flags,
+    decode_dtype,
+    fit_context,
+    sampling_from_args,
+)
 from babyllama.train.checkpoint import latest_checkpoint, load_model
 from babyllama.train.distributed import pick_device
 from babyllama.train.run_config import RunPaths

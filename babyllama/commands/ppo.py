@@ -38,8 +38,16 @@ from babyllama.train.checkpoint import latest_checkpoint
 from babyllama.train.distributed import shutdown
 from babyllama.train.run_config import model_config_for
 from babyllama.train.run_record import flatten
-from babyllama.train.stage import (compile_from_run, init_checkpoint, load_init_model, load_stage_tokenizer,
-                                   parse_stage_args, record_stage, resume_if_asked, standard_callbacks)
+from babyllama.train.stage import (
+    compile_from_run,
+    init_checkpoint,
+    load_init_model,
+    load_stage_tokenizer,
+    parse_stage_args,
+    record_stage,
+    resume_if_asked,
+    standard_callbacks,
+)
 from babyllama.train.trainer import Trainer
 
 

@@ -1,4 +1,5 @@
-"""Tokenize a corpus into pretraining shards (`train_*.bin`, `val_*.bin`, `meta.json`; see babyllama/data/token_bins.py).
+"""Tokenize a corpus into pretraining shards (`train_*.bin`, `val_*.bin`, `meta.json`; see
+babyllama/data/token_bins.py).
 
     babyllama data prepare                                   # shipped training files -> out/baby/data
     babyllama data prepare --corpus data/corpus/*_train.jsonl my_texts/ --tokenizer out/tok8k --dest out/tok8k_data
@@ -14,7 +15,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from babyllama.cli import main_guard
 from babyllama.data.corpus import add_corpus_flags, iter_corpus
 from babyllama.data.token_bins import corpus_record, prepare_token_bins
 from babyllama.data.tokenizer import Tokenizer

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 
-from babyllama.cli import main_guard
 from babyllama.data.token_bins import TokenWindowDataset, build_pretrain_loader, corpus_record
 from babyllama.data.tokenizer import Tokenizer
 from babyllama.errors import UserError
@@ -28,8 +27,15 @@ from babyllama.train.checkpoint import latest_checkpoint, load_model
 from babyllama.train.distributed import shutdown
 from babyllama.train.run_config import model_config_for
 from babyllama.train.run_data import ensure_token_bins, ensure_tokenizer
-from babyllama.train.stage import (compile_from_run, init_checkpoint, load_init_model, parse_stage_args, record_stage,
-                                   resume_if_asked, standard_callbacks)
+from babyllama.train.stage import (
+    compile_from_run,
+    init_checkpoint,
+    load_init_model,
+    parse_stage_args,
+    record_stage,
+    resume_if_asked,
+    standard_callbacks,
+)
 from babyllama.train.trainer import Trainer
 
 
@@ -42,7 +48,8 @@ def refuse_resume_without_checkpoint(resume: bool, ckpt_dir: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     args, run, paths, env = parse_stage_args(__doc__, "pretrain", argv)
     refuse_resume_without_checkpoint(args.resume, paths.stage("pretrain"))
-    if env.is_main:  # what this run reads stays as it is while it runs (a `babyllama data prepare` --overwrite is refused)
+    # what this run reads stays as it is while it runs (a `babyllama data prepare` --overwrite is refused)
+    if env.is_main:
         for directory in [paths.data] + ([] if run.tokenizer else [paths.tokenizer]):
             hold_lock(directory, "pretraining run")
     corpus = corpus_record(run.corpus, run.corpus_format, run.corpus_field)
@@ -70,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     # val_bpb beside val_loss, and PPMd / xz on the same held-out split as flat lines once the run is done
     reference = CompressorReference(RunCorpus.of_config(run, paths.data), paths.out, paths.tensorboard("pretrain"),
                                     run.eval_every, run.max_steps)
-    trainer.fit(train_loader, epochs=10**9, max_steps=run.max_steps,
+    trainer.fit(train_loader, max_steps=run.max_steps,
                 callbacks=standard_callbacks(run, paths, "pretrain", [evaluator, reference]))
     reference.write_lines(trainer)
     val = trainer.evaluate(val_loader, max_batches=run.eval_batches)  # on every rank: it all-reduces

@@ -36,8 +36,18 @@ from pathlib import Path
 
 from babyllama.commands import report
 from babyllama.errors import UserError
-from babyllama.eval.compare import (DATA_RECORD, DIVERGED, DRIFTED, FAMILIES, REPRODUCED, STAGES, TOLERANCE,
-                                    compare_runs, derive_tolerance, family_dir)
+from babyllama.eval.compare import (
+    DATA_RECORD,
+    DIVERGED,
+    DRIFTED,
+    FAMILIES,
+    REPRODUCED,
+    STAGES,
+    TOLERANCE,
+    compare_runs,
+    derive_tolerance,
+    family_dir,
+)
 from babyllama.eval.stats import clopper_pearson_upper, mean_interval
 from babyllama.shipped import PUBLISHED, REPO_ROOT, TRAIN_CORPUS
 from babyllama.train.checkpoint import list_checkpoints
@@ -252,7 +262,8 @@ def measured_tables(tolerance: dict) -> list[str]:
     for stage, bands in tolerance["stages"].items():
         metric = HEADLINE[stage]
         lines += ["", f"**{stage}** (moving average over {bands['window']} steps)", "",
-                  f"| run | steps | max \\|Δloss\\| (step) | max smoothed \\|Δloss\\| | Δ last loss | \\|Δ {metric}\\| |",
+                  "| run | steps | max \\|Δloss\\| (step) | max smoothed \\|Δloss\\| | Δ last loss "
+                  f"| \\|Δ {metric}\\| |",
                   "|---|---|---|---|---|---|"]
         for label, stages in tolerance["measured"].items():
             m = stages.get(stage)

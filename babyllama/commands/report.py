@@ -11,8 +11,8 @@ For every stage found under <runs>/<name>/ (TensorBoard event files) or <out>/<n
 DPO and PPO two more panels of what they log (pair accuracy and margin; implicit-reward accuracy and margin;
 reward-model score and KL to the reference; for a pretraining run that logs `val_bpb`, validation bits per byte
 with PPMd's and xz's on the same held-out split as flat lines: `babyllama/eval/compressors.py`). TensorBoard
-is read when present (it drops the steps a resumed run redid), else log.jsonl (the last value logged for a step wins). Then <dest>/README.md: a summary per stage, the
-plots, and the table of <out>/<name>/eval/<stage>.json.
+is read when present (it drops the steps a resumed run redid), else log.jsonl (the last value logged for a step
+wins). Then <dest>/README.md: a summary per stage, the plots, and the table of <out>/<name>/eval/<stage>.json.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 
-from babyllama.cli import add_device_flag, add_flag, main_guard
+from babyllama.cli import add_device_flag, add_flag
 from babyllama.errors import UserError
 from babyllama.eval import evaluate as ev
 from babyllama.eval.compressors import describe

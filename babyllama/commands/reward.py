@@ -15,7 +15,6 @@ preference accuracy and mean margin before and after training. PPO and DPO read 
 """
 from __future__ import annotations
 
-
 import torch
 
 from babyllama.align.pairs import evaluate_pairs, preference_loaders
@@ -24,8 +23,16 @@ from babyllama.train import callbacks as cb
 from babyllama.train.distributed import shutdown
 from babyllama.train.run_config import model_config_for
 from babyllama.train.run_record import flatten
-from babyllama.train.stage import (compile_from_run, init_checkpoint, load_init_model, load_stage_tokenizer,
-                                   parse_stage_args, record_stage, resume_if_asked, standard_callbacks)
+from babyllama.train.stage import (
+    compile_from_run,
+    init_checkpoint,
+    load_init_model,
+    load_stage_tokenizer,
+    parse_stage_args,
+    record_stage,
+    resume_if_asked,
+    standard_callbacks,
+)
 from babyllama.train.trainer import Trainer
 
 
@@ -55,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{env.world_size} x {env.device}")
     evaluator = cb.Evaluator(every=run.eval_every,
                              fn=lambda t: evaluate_pairs(t, pair_loss, valid[: run.eval_batches]))
-    trainer.fit(train_loader, epochs=10**9, max_steps=run.max_steps,
+    trainer.fit(train_loader, max_steps=run.max_steps,
                 callbacks=standard_callbacks(run, paths, "reward", [evaluator]))
     after = evaluate_pairs(trainer, pair_loss, valid)
     record_stage(args, run, paths, "reward", trainer, {**flatten("before_", before), **after})

@@ -14,7 +14,6 @@ from pathlib import Path
 
 from babyllama.shipped import REPO_ROOT
 
-
 CHROMIUM, CHROMEDRIVER = "chromium", "chromedriver"
 
 
@@ -58,7 +57,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="out")
     parser.add_argument("--name", default="baby")
     parser.add_argument("--dest", default=str(REPO_ROOT / "docs" / "serve_chat.png"))
-    parser.add_argument("--questions", nargs="+", default=["床前明月光，疑是地上霜。下一句是什么？", "这首诗的作者是谁？"])
+    parser.add_argument("--questions", nargs="+",
+                        default=["床前明月光，疑是地上霜。下一句是什么？", "这首诗的作者是谁？"])
     args = parser.parse_args(argv)
     if browser_missing():
         sys.exit(f"error: {browser_missing()}")

@@ -21,7 +21,7 @@ import ipaddress
 import sys
 
 from babyllama.chat.session import positive_int
-from babyllama.cli import add_device_flag, main_guard
+from babyllama.cli import add_device_flag
 from babyllama.data.tokenizer import Tokenizer
 from babyllama.errors import UserError
 from babyllama.model.generate import decode_dtype

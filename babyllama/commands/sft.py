@@ -8,9 +8,10 @@
 
 Starts from the newest out/<name>/pretrain checkpoint (or --init) and the tokenizer pretraining wrote; a
 checkpoint of another model config is refused. Every conversation is rendered with the ChatML template and only
-the assistant's replies are learned (see babyllama/data/chat_template.py). Logs training loss, `val_loss` on --valid-data and
-`choice_acc` (held-out multiple choice, see babyllama/eval/choice.py) to out/<name>/sft/log.jsonl and TensorBoard
-(runs/<name>/sft); prints validation loss, choice accuracy before and after SFT, and the padding share of batches.
+the assistant's replies are learned (see babyllama/data/chat_template.py). Logs training loss, `val_loss` on
+--valid-data and `choice_acc` (held-out multiple choice, see babyllama/eval/choice.py) to out/<name>/sft/log.jsonl
+and TensorBoard (runs/<name>/sft); prints validation loss, choice accuracy before and after SFT, and the padding
+share of batches.
 """
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ from itertools import islice
 
 import torch
 
-from babyllama.cli import main_guard
 from babyllama.data.sft import SFTDataset, build_sft_loader, padding_fraction, read_conversations
 from babyllama.data.tokenizer import Tokenizer
 from babyllama.errors import UserError
@@ -27,8 +27,16 @@ from babyllama.train import callbacks as cb
 from babyllama.train.distributed import shutdown
 from babyllama.train.run_config import SFTConfig, model_config_for
 from babyllama.train.run_record import flatten
-from babyllama.train.stage import (compile_from_run, init_checkpoint, load_init_model, load_stage_tokenizer,
-                                   parse_stage_args, record_stage, resume_if_asked, standard_callbacks)
+from babyllama.train.stage import (
+    compile_from_run,
+    init_checkpoint,
+    load_init_model,
+    load_stage_tokenizer,
+    parse_stage_args,
+    record_stage,
+    resume_if_asked,
+    standard_callbacks,
+)
 from babyllama.train.trainer import Trainer, causal_lm_loss
 
 
@@ -88,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
         if choice:
             print(f"choice accuracy before SFT: {describe(before)}")
     evaluators = [cb.Evaluator(val_batches, every=run.eval_every, max_batches=None), *([choice] if choice else [])]
-    trainer.fit(train_loader, epochs=10**9, max_steps=run.max_steps,
+    trainer.fit(train_loader, max_steps=run.max_steps,
                 callbacks=standard_callbacks(run, paths, "sft", evaluators))
     val = trainer.evaluate(val_batches)
     after = choice.compute(trainer) if choice else None

@@ -3,7 +3,8 @@ tokenizer_config.json (see babyllama/data/tokenizer.py for the design and the fi
 
     babyllama data tokenizer          # shipped training files, 4096 tokens -> out/baby/tokenizer
     babyllama data tokenizer --corpus data/corpus/*_train.jsonl --vocab-size 8000 --dest out/tok8k
-    babyllama data tokenizer --corpus my_corpus/ --corpus-format jsonl --corpus-field content --vocab-size 64793 --dest out/tok64k
+    babyllama data tokenizer --corpus my_corpus/ --corpus-format jsonl --corpus-field content \\
+        --vocab-size 64793 --dest out/tok64k
 
 --corpus takes files, directories (every corpus file under them: mind held-out files) and globs; the formats are
 those of babyllama.data.corpus.iter_documents. A 64,793-token vocabulary wants ~20M characters of text (about 25 s and
@@ -20,10 +21,8 @@ import warnings
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from babyllama.cli import main_guard
 from babyllama.data.corpus import add_corpus_flags, iter_corpus
 from babyllama.data.tokenizer import DEFAULT_VOCAB_SIZE, Tokenizer, train_tokenizer
-
 
 _HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 _LATIN = re.compile(r"[A-Za-z]")

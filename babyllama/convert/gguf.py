@@ -12,8 +12,8 @@ The file holds what llama.cpp needs to run the model without any other file:
 - the SentencePiece vocabulary (`tokenizer.ggml.model = llama`): every piece with its score and type (normal,
   unknown, control, byte: `<0x00>`..`<0xFF>` for byte fallback), bos/eos/unk/pad ids, `add_space_prefix` from the
   model's `add_dummy_prefix`, `<|im_end|>` as the end-of-turn token (llama.cpp stops a reply there);
-- the ChatML chat template of `babyllama.data.chat_template` (Jinja, as in the HF export), so llama.cpp's chat endpoints build
-  exactly the prompt babyllama was trained on.
+- the ChatML chat template of `babyllama.data.chat_template` (Jinja, as in the HF export), so llama.cpp's chat
+  endpoints build exactly the prompt babyllama was trained on.
 
 Dtypes: `f32` (exact), `f16`, `q8_0` (8-bit blocks of 32 with one f16 scale; matrices whose rows are not a
 multiple of 32 stay f16, as in llama.cpp's converter). Norm weights stay f32 in every case.

@@ -11,9 +11,9 @@ give their policy and reward checkpoints their language-model backbone (`checkpo
 Hugging Face directory: `config.json` (LlamaForCausalLM), `model.safetensors` (fp32; `lm_head.weight` left out
 when tied, as transformers does), `generation_config.json` (stops at `</s>` and `<|im_end|>`), and the tokenizer
 (`tokenizer.json` for `PreTrainedTokenizerFast`/`AutoTokenizer`, `tokenizer.model`, and `tokenizer_config.json`
-with the special tokens and the ChatML `chat_template` of `babyllama.data.chat_template`). A `bert4torch_config.json` is added
-too, so bert4torch's `build_transformer_model(config_path=..., checkpoint_path=".../model.safetensors")` loads
-the same directory (bert4torch maps HF names itself).
+with the special tokens and the ChatML `chat_template` of `babyllama.data.chat_template`). A
+`bert4torch_config.json` is added too, so bert4torch's `build_transformer_model(config_path=...,
+checkpoint_path=".../model.safetensors")` loads the same directory (bert4torch maps HF names itself).
 
 bert4torch directory: `bert4torch_config.json` plus `bert4torch_model.pt`, a state dict with bert4torch's own
 parameter names (`decoderLayer.0.multiHeadAttention.q.weight`, ...), i.e. what torch4keras `save_weights` writes

@@ -162,9 +162,9 @@ def split_turns(messages: Sequence[Message]) -> tuple[list[Message], list[list[M
 def _join(parts: Sequence[Encoded]) -> Encoded:
     ids: list[int] = []
     labels: list[int] = []
-    for i, l in parts:
-        ids += i
-        labels += l
+    for part_ids, part_labels in parts:
+        ids += part_ids
+        labels += part_labels
     return ids, labels
 
 
@@ -185,7 +185,7 @@ def encode_chat(messages: Sequence[Message], tokenizer: Any, max_len: int | None
     keep = _first_fitting(blocks, budget)
     newest = blocks[-1] if len(blocks[-1][0]) <= budget else _shorten_turn(tokenizer, turns[-1], budget)
     ids, labels = _join([prefix, *blocks[keep:-1], newest])
-    if all(l == IGNORE_INDEX for l in labels[:max_len]):
+    if all(label == IGNORE_INDEX for label in labels[:max_len]):
         raise NoSupervisedTokens(f"no assistant token fits in max_len={max_len}: <s> and the system message "
                                  f"take {len(prefix[0])} tokens; shorten the system message or raise the context")
     return ids, labels

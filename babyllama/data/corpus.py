@@ -6,12 +6,15 @@ a glob. Files are streamed: memory stays at about one document (one row batch fo
 
 | fmt | file | one document is |
 |---|---|---|
-| `txt` | `.txt`, `.text` (+ `.gz`) | a block of lines between blank lines; a file without any blank line is read as one document per line |
-| `jsonl`, `json` | `.jsonl`, `.ndjson`, `.json` (+ `.gz`) | `record[field]` of each JSON line, or of each element of a top-level JSON array (told apart by the first character) |
-| `baidubaike` | 563w_baidubaike.json (JSON lines) | `{"title", "summary", "sections": [{"title", "content"}]}` joined with newlines |
+| `txt` | `.txt`, `.text` (+ `.gz`) | a block of lines between blank lines, or a line (see below) |
+| `jsonl`, `json` | `.jsonl`, `.ndjson`, `.json` (+ `.gz`) | `record[field]` of each JSON line or JSON array element |
+| `baidubaike` | 563w_baidubaike.json (JSON lines) | `{"title", "summary", "sections": [{"title", "content"}]}` joined |
 | `wikipedia-cn` | wikipedia-cn-20230720-filtered.json (JSON array) | `record["completion"]` |
 | `c4` | c4-train.*.json.gz (JSON lines) | `record["text"]` |
 | `parquet` | `.parquet` | the `field` column, read in row batches |
+
+A `txt` file without any blank line is read as one document per line. A `jsonl` or `json` file holds JSON lines
+or one top-level JSON array (told apart by the first character). baidubaike's fields are joined with newlines.
 
 `fmt="auto"` picks by extension, then for JSON by the keys of the first record: `sections` + `summary` is
 baidubaike; with the default `field="text"`, a record without `text` but with `completion` (wikipedia-cn) or

@@ -65,8 +65,8 @@ def json_objects(path: str | Path) -> Iterator[tuple[str, dict]]:
         yield loc, value
 
 
-def _json_lines(path: Path, lines: Iterable[str], lineno: int) -> Iterator[tuple[str, Any]]:
-    for lineno, line in enumerate(lines, lineno):
+def _json_lines(path: Path, lines: Iterable[str], first_lineno: int) -> Iterator[tuple[str, Any]]:
+    for lineno, line in enumerate(lines, first_lineno):
         if line.strip():
             try:
                 yield where(path, lineno), json.loads(line)

@@ -1,7 +1,7 @@
 """SFT data: readers for common instruction formats, builders from shipped material, dataset and batching.
 
-Readers (`read_conversations(path, fmt="auto")` -> list of message lists, see `babyllama.data.chat_template`); a file is JSON
-lines or one JSON array, and the format is told by the keys of the first record:
+Readers (`read_conversations(path, fmt="auto")` -> list of message lists, see `babyllama.data.chat_template`); a
+file is JSON lines or one JSON array, and the format is told by the keys of the first record:
 
 | fmt | record |
 |---|---|
@@ -220,8 +220,9 @@ class BucketBatchSampler:
     """Seeded, resumable, rank-sharded batches of similar-length samples.
 
     Each epoch: shuffle the indices (seed + epoch), cut them into chunks of `bucket_batches` batches, sort each
-    chunk by length, cut it into batches, shuffle the batch order (a short last batch stays last). Rank r of `world_size` takes batches
-    r, r + world_size, ... (every rank gets the same number). `bucket_batches=1` is plain random batching.
+    chunk by length, cut it into batches, shuffle the batch order (a short last batch stays last). Rank r of
+    `world_size` takes batches r, r + world_size, ... (every rank gets the same number). `bucket_batches=1` is
+    plain random batching.
     `state_dict()` is `{"epoch", "consumed"}` with `consumed` = samples this rank has been given this epoch;
     a completed pass moves on to the next epoch by itself (`set_epoch` also works, as for DistributedSampler).
     """

@@ -28,8 +28,8 @@ crash in the embedding). Shards are memory-mapped lazily in each process (the da
 integers for DataLoader workers), and sample -> (shard, offset) is arithmetic over cumulative per-shard counts:
 memory is O(shards), not O(samples).
 
-`build_pretrain_loader(...)` returns a `DataLoader` whose `.sampler` is a `babyllama.data.sampler.ResumableSampler`, `.dataset` the
-`TokenWindowDataset`, and `.tokens_per_batch` = `batch_size * seq_len` (per rank, per micro-batch).
+`build_pretrain_loader(...)` returns a `DataLoader` whose `.sampler` is a `babyllama.data.sampler.ResumableSampler`,
+`.dataset` the `TokenWindowDataset`, and `.tokens_per_batch` = `batch_size * seq_len` (per rank, per micro-batch).
 """
 from __future__ import annotations
 

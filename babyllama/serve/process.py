@@ -14,7 +14,6 @@ from typing import Iterator
 import httpx
 
 
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

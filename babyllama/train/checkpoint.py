@@ -98,7 +98,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         return torch.load(p, map_location=map_location, weights_only=False)
     except Exception as e:  # truncated or foreign files fail deep inside pickle/zip
-        raise UserError(f"{p}: not a readable checkpoint ({type(e).__name__}: {e}); delete it or pick another") from None
+        raise UserError(f"{p}: not a readable checkpoint ({type(e).__name__}: {e}); "
+                        "delete it or pick another") from None
 
 
 def check_integrity(path: Path) -> None:

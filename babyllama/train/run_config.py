@@ -15,7 +15,6 @@ runs/<name>/<stage>     TensorBoard event files
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -123,9 +122,9 @@ class TrainConfig:
 
 @dataclass(kw_only=True)
 class PretrainConfig(TrainConfig):
-    """babyllama pretrain. Minutes on 2 CPU cores with the shipped corpus: batch 8 x 1200 steps gave the best
-    held-out bits per byte of the sweep in docs/baseline.md for the time 16 x 600 takes (2.329 vs 2.376; batch 4
-    and lr 6e-4 / 2e-3 were worse)."""
+    """Pretraining's own settings: the corpus and the tokenizer it trains. The baby values take minutes on 2 CPU
+    cores with the shipped corpus: batch 8 x 1200 steps gave the best held-out bits per byte of the sweep in
+    docs/baseline.md for the time 16 x 600 takes (2.329 vs 2.376; batch 4 and lr 6e-4 / 2e-3 were worse)."""
 
     batch_size: int = 8
     lr: float = 1e-3
@@ -159,8 +158,8 @@ class PretrainConfig(TrainConfig):
 
 @dataclass(kw_only=True)
 class SFTConfig(TrainConfig):
-    """babyllama sft: about 0.9 epoch of the shipped 10.8k conversations; choice_acc (~10 s on 2 cores) every
-    100 steps."""
+    """SFT's own settings: the conversations it learns and the items it is scored on. The baby values are about
+    0.9 epoch of the shipped 10.8k conversations, with choice_acc (~10 s on 2 cores) every 100 steps."""
 
     batch_size: int = 16
     lr: float = 5e-4
@@ -227,7 +226,7 @@ class HeldOutEvaluation:
 
 @dataclass(kw_only=True)
 class RewardConfig(PreferenceData, TrainConfig):
-    """babyllama reward: a scalar head on the SFT model, Bradley-Terry loss on the shipped pairs."""
+    """The reward model's settings (a scalar head on the SFT model, Bradley-Terry loss on preference pairs)."""
 
     batch_size: int = 8
     lr: float = 1e-4
@@ -247,8 +246,9 @@ class RewardConfig(PreferenceData, TrainConfig):
 
 @dataclass(kw_only=True)
 class DPOConfig(HeldOutEvaluation, PreferenceData, TrainConfig):
-    """babyllama dpo. lr and steps measured on the baby chain (docs/rlhf.md "DPO and PPO side by side"): 120
-    steps at 5e-5 drift 15 nats/reply from SFT and lower the reward model's score; 40 at 3e-5 raise it at PPO's KL."""
+    """DPO's own settings. The baby lr and steps were measured on the baby chain (docs/rlhf.md "DPO and PPO side by
+    side"): 120 steps at 5e-5 drift 15 nats/reply from SFT and lower the reward model's score; 40 at 3e-5 raise it
+    at PPO's KL."""
 
     batch_size: int = 8
     lr: float = 3e-5
@@ -287,8 +287,8 @@ class DPOConfig(HeldOutEvaluation, PreferenceData, TrainConfig):
 
 @dataclass(kw_only=True)
 class PPOConfig(HeldOutEvaluation, TrainConfig):
-    """babyllama ppo (the algorithm: babyllama/align/ppo.py, docs/rlhf-ppo.md). --batch-size is the replies per PPO
-    minibatch (one optimizer step); a rollout is --rollout-size prompts."""
+    """PPO's own settings: its prompts and the algorithm (babyllama/align/ppo.py, docs/rlhf-ppo.md). --batch-size is
+    the replies per PPO minibatch (one optimizer step); a rollout is --rollout-size prompts."""
 
     batch_size: int = 8
     lr: float = 2e-5

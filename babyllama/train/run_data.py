@@ -13,8 +13,12 @@ from pathlib import Path
 from typing import Iterator
 
 from babyllama.data.corpus import iter_corpus
-from babyllama.data.token_bins import (check_corpus_matches, check_tokenizer_matches, corpus_differences,
-                                       prepare_token_bins)
+from babyllama.data.token_bins import (
+    check_corpus_matches,
+    check_tokenizer_matches,
+    corpus_differences,
+    prepare_token_bins,
+)
 from babyllama.data.tokenizer import Tokenizer, train_tokenizer
 from babyllama.errors import UserError
 from babyllama.files import write_atomic

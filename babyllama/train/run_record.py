@@ -2,7 +2,7 @@
 (the exact command, every flag and config value, the git commit, software versions, the CPU/GPU and thread count,
 wall time) and the stage's final metrics, which `babyllama.eval.compare` checks against a published run.
 
-    write_run_record(paths.stage("sft"), "sft", args, run, trainer, {"val_loss": val, **choice})  # main rank, at the end
+    write_run_record(paths.stage("sft"), "sft", args, run, trainer, {"val_loss": val, **choice})  # main rank, last
 """
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ from babyllama.train.trainer import Trainer
 
 RUN_RECORD = "run.json"
 _ABSOLUTE_ROOT = str(REPO_ROOT) + os.sep
-# Stage scripts import this module at their start (through babyllama.train.stage): a run's wall time counts from here, so
-# it includes tokenizer and data preparation and the final evaluations, not only training.
+# Stage scripts import this module at their start (through babyllama.train.stage): a run's wall time counts from
+# here, so it includes tokenizer and data preparation and the final evaluations, not only training.
 PROCESS_STARTED = time.time()
 
 

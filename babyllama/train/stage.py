@@ -23,8 +23,15 @@ from babyllama.train import callbacks as cb
 from babyllama.train.checkpoint import check_model_config, latest_checkpoint, list_checkpoints, load_model
 from babyllama.train.distributed import DistEnv, init_distributed
 from babyllama.train.optim import build_adamw, warmup_cosine
-from babyllama.train.run_config import (PRESETS, STAGE_CONFIGS, RunPaths, TrainConfig, preset_for, resolve_compile,
-                                        resolve_precision)
+from babyllama.train.run_config import (
+    PRESETS,
+    STAGE_CONFIGS,
+    RunPaths,
+    TrainConfig,
+    preset_for,
+    resolve_compile,
+    resolve_precision,
+)
 from babyllama.train.run_record import git_state, portable, write_run_record
 from babyllama.train.trainer import Callback, LossFn, Trainer, causal_lm_loss
 

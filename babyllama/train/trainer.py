@@ -20,8 +20,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from babyllama.errors import UserError
 from babyllama.hardware import separate_inductor_cache
 from babyllama.model.config import ModelConfig
-from babyllama.train.checkpoint import (check_model_config, last_good_hint, load_checkpoint, rng_state, save_checkpoint,
-                                        set_rng_state)
+from babyllama.train.checkpoint import (
+    check_model_config,
+    last_good_hint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from babyllama.train.distributed import DistEnv, all_reduce_mean, full_state_dicts, load_full_state_dicts, shard_model
 from babyllama.train.flops import peak_flops
 
@@ -108,9 +114,13 @@ class Trainer:
         return torch.autocast(self.env.device.type, dtype=self.amp_dtype)
 
     # ---- fit ----
-    def fit(self, loader: Iterable, epochs: int = 1, steps_per_epoch: int | None = None,
+    def fit(self, loader: Iterable, epochs: int | None = None, steps_per_epoch: int | None = None,
             max_steps: int | None = None, callbacks: Sequence[Callback] = ()) -> None:
-        """Train until `epochs` are done or `max_steps` optimizer steps in total (counting resumed ones)."""
+        """Train until `epochs` passes over `loader` are done or `max_steps` optimizer steps in total (counting
+        resumed ones), whichever comes first. Without `epochs`: as many passes as `max_steps` takes (one pass when
+        neither is given)."""
+        if epochs is None:
+            epochs = 1 if max_steps is None else math.inf
         sampler = getattr(loader, "sampler", None)
         resumable = hasattr(sampler, "load_state_dict")
         for cb in callbacks:
