@@ -18,6 +18,9 @@ from pathlib import Path
 from babyllama.data.corpus import add_corpus_flags, iter_corpus
 from babyllama.data.token_bins import corpus_record, prepare_token_bins
 from babyllama.data.tokenizer import Tokenizer
+from babyllama.train.run_config import PretrainConfig
+
+PRETRAIN = PretrainConfig()  # the same split as a pretraining run that prepares its own data
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -27,9 +30,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="tokenizer.model, tokenizer.json or their directory (default: out/baby/tokenizer)")
     p.add_argument("--dest", type=Path, default=Path("out") / "baby" / "data",
                    help="output directory (default: out/baby/data, where the baby pretraining run looks)")
-    p.add_argument("--val-fraction", type=float, default=0.01, help="share of documents for validation")
-    p.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
-    p.add_argument("--workers", type=int, default=2, help="tokenizing processes (1 = in this process)")
+    p.add_argument("--val-fraction", type=float, default=PRETRAIN.val_fraction,
+                   help=f"share of documents for validation (default: {PRETRAIN.val_fraction}, as pretraining)")
+    p.add_argument("--seed", type=int, default=PRETRAIN.seed,
+                   help=f"seed of the train/val split (default: {PRETRAIN.seed}, as pretraining)")
+    p.add_argument("--workers", type=int, default=PRETRAIN.workers, help="tokenizing processes (1 = in this process)")
     p.add_argument("--shard-tokens", type=int, default=1 << 27, help="tokens per .bin shard (default: 2^27)")
     p.add_argument("--overwrite", action="store_true", help="replace the token data already in --dest")
     return p.parse_args(argv)

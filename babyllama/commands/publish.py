@@ -19,7 +19,7 @@ arithmetic), 2 processes with half the batch each, 2 nodes of one process (torch
 sampling change). docs/reproducibility.md has the measured numbers.
 
 Multi-GPU or multi-node runs are published the same way: run the chain with your launcher into a run directory,
-then `babyllama publish collect --name <name> --from <out>/<name> --runs <runs>/<name>`.
+then `babyllama publish collect --name <name> --from <out>/<name> --from-runs <runs>/<name>`.
 """
 from __future__ import annotations
 
@@ -375,7 +375,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--only", nargs="+", choices=sorted(VARIANTS), help="variants: only these")
     ap.add_argument("--stages", nargs="+", choices=STAGES, help="run / variants: only these stages")
     ap.add_argument("--from", dest="source", help="collect: the run directory (<out>/<name>)")
-    ap.add_argument("--runs", help="collect: its TensorBoard directory (<runs>/<name>)")
+    ap.add_argument("--from-runs", help="collect: its TensorBoard directory (<runs>/<name>)")
     ap.add_argument("--device", default="cpu", help="run: device for the evaluation")
     ap.add_argument("--family", default="bf16", choices=FAMILIES,
                     help="run / collect: which numerics family's reference (bf16 is docs/published/<name> itself)")
@@ -397,8 +397,8 @@ def main(argv: list[str] | None = None) -> None:
         collect(args.name, out / args.name, runs / args.name, family_dir(dest, args.family), args.family)
     elif args.command == "collect":
         if not args.source:
-            raise UserError("collect: pass --from <out>/<name> (and --runs <runs>/<name> for the event files)")
-        collect(args.name, Path(args.source), Path(args.runs or "/nonexistent"), family_dir(dest, args.family),
+            raise UserError("collect: pass --from <out>/<name> (and --from-runs <runs>/<name> for the event files)")
+        collect(args.name, Path(args.source), Path(args.from_runs or "/nonexistent"), family_dir(dest, args.family),
                 args.family)
     elif args.command == "variants":
         for label in args.only or VARIANTS:
