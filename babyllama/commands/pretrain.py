@@ -4,7 +4,7 @@
     torchrun --nproc_per_node=4 -m babyllama pretrain --name baby
     babyllama pretrain --name baby --resume        # continue exactly where the last checkpoint left off
     babyllama pretrain --name 0.2b --corpus my/*.jsonl --tokenizer my_tokenizer/
-    babyllama pretrain --name 0.2b --model out/smol/import --init out/smol/import \
+    babyllama pretrain --name 0.2b --model out/smol/import --init out/smol/import \\
         --tokenizer out/smol/import/tokenizer --corpus my/*.jsonl     # continue an imported model (`babyllama export`)
 
 The tokenizer and the token bins are built on first use (rank 0; the others wait) and reused afterwards.
