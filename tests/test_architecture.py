@@ -1,5 +1,6 @@
 """docs/architecture.md's module table lists exactly the package's modules, and the library's imports point only
-down the chapters (model <- data <- train <- align, eval, chat, serve, convert), so the reading order holds."""
+down the chapters (model <- data <- train <- align, eval, chat, serve, convert <- build <- commands), so the reading
+order holds."""
 import ast
 import re
 from pathlib import Path
@@ -7,7 +8,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "babyllama"
 # a chapter may import the chapters before it (and the top-level helpers: errors, cli, files, shipped)
-CHAPTERS = ["model", "data", "train", "align", "eval", "chat", "serve", "convert"]
+CHAPTERS = ["model", "data", "train", "align", "eval", "chat", "serve", "convert", "build", "commands"]
 
 
 def modules() -> set[str]:

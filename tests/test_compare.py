@@ -16,7 +16,6 @@ import pytest
 from babyllama.errors import UserError
 from babyllama.hardware import cpu_has_native_bf16
 from babyllama.eval import compare, stats
-from babyllama.shipped import STAGE_SCRIPTS
 
 ROOT = Path(__file__).resolve().parents[1]
 PUBLISHED = ROOT / "docs" / "published" / "baby"
@@ -24,7 +23,10 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 STEPS = 60
 BASE = [8.0 - 3.0 * (1 - 0.97 ** s) + 0.05 * ((s * 7) % 5 - 2) for s in range(1, STEPS + 1)]  # noisy decay
 METRICS = {"val_loss": 4.5, "choice_acc": 0.3}
-# bands as docs/publish.py derives them: a tight envelope that widens at step 30, a seed band for the curve
+# the stage scripts the published runs were made with (`babyllama publish run` now records `babyllama <stage> ...`)
+STAGE_SCRIPTS = {"pretrain": "pretrain/pretrain.py", "sft": "sft/sft.py", "reward": "reward/reward.py",
+                 "dpo": "rlhf/dpo.py", "ppo": "rlhf/ppo.py"}
+# bands as `babyllama publish` derives them: a tight envelope that widens at step 30, a seed band for the curve
 TOLERANCE = {"pretrain": {"window": 5,
                           "reproduced": {"loss": [[1, 1e-4], [30, 0.01]], "metrics": {"val_loss": 0.003,
                                                                                       "choice_acc": 1e-4}},
@@ -174,14 +176,14 @@ def test_missing_stage_asked_for_or_in_the_reference(reference, tmp_path):
     write_stage(reference, "sft", BASE[:10], {"val_loss": 3.0})
     results, lines = compare.compare_runs(tmp_path / "yours", reference, TOLERANCE)
     assert [r.stage for r in results] == ["pretrain"] and "sft: not run" in lines[-1]
-    with pytest.raises(UserError, match="no sft log in your run; run python sft/sft.py first"):
+    with pytest.raises(UserError, match="no sft log in your run; run babyllama sft first"):
         compare.compare_runs(tmp_path / "yours", reference, TOLERANCE, stages=["sft"])
     with pytest.raises(UserError, match="the reference has no dpo stage"):
         compare.compare_runs(tmp_path / "yours", reference, TOLERANCE, stages=["dpo"])
 
 
 def test_cli_bad_input_exits_2_with_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "babyllama.compare", "--out", str(tmp_path), "--name", "nope"],
+    proc = subprocess.run([sys.executable, "-m", "babyllama", "compare", "--out", str(tmp_path), "--name", "nope"],
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
     assert proc.stderr.startswith("error: no published run for 'nope'")
@@ -242,7 +244,8 @@ def test_published_run_is_complete_and_self_consistent(family):
         record = json.loads((reference / stage / "run.json").read_text())
         log = compare.read_stage(reference, stage)
         assert record["steps"] == log.steps[-1] and record["metrics"] and record["git"]["commit"]
-        assert record["commands"][-1].startswith(f"python {STAGE_SCRIPTS[stage]} --name baby")
+        assert record["commands"][-1].startswith((f"python {STAGE_SCRIPTS[stage]} --name baby",
+                                                  f"babyllama {stage} --name baby"))
         assert list(reference.glob(f"{stage}/events.out.tfevents.*")) and (reference / stage / "eval.json").is_file()
         assert stage in tolerance["stages"]
     assert json.loads((reference / "pretrain" / "run.json").read_text())["numerics"]["precision"] == family
@@ -271,7 +274,7 @@ FAMILY_COMMAND = {"bf16": ({}, []), "fp32": ({"ATEN_CPU_CAPABILITY": "avx2"}, ["
 def test_replay_of_the_published_pretraining_run(tmp_path, family):
     """The first steps of `python pretrain/pretrain.py --name baby` (same schedule: --stop-at) in each numerics
     family are within its published reference's measured band: a change to the model, data, optimizer or schedule
-    fails here until the published logs are regenerated (python docs/publish.py run --name baby [--family fp32])."""
+    fails here until the published logs are regenerated (babyllama publish run --name baby [--family fp32])."""
     if family == "bf16" and not cpu_has_native_bf16():
         pytest.skip("the bf16 family needs a CPU with native bf16 (AVX-512 BF16 or AMX): elsewhere torch emulates "
                     "bf16 with other rounding; the fp32 family runs here")
@@ -292,15 +295,12 @@ def test_replay_of_the_published_pretraining_run(tmp_path, family):
     shutil.rmtree(tmp_path / "out")
 
 
-# ======================================================================= docs/publish.py: the measured checks
+# ======================================================================= babyllama publish: the measured checks
 @pytest.fixture
 def publish():
-    sys.path.insert(0, str(ROOT / "docs"))
-    try:
-        import publish
-        yield publish
-    finally:
-        sys.path.remove(str(ROOT / "docs"))
+    from babyllama.commands import publish
+
+    return publish
 
 
 def test_checks_judge_every_variant_leaving_it_out_of_its_own_bands(reference, tmp_path, publish):

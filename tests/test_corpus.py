@@ -2,29 +2,17 @@
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
+from babyllama.build import corpus as bc
 from babyllama.data.corpus import iter_documents, iter_records
 from babyllama.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "data" / "corpus"
-
-
-def load_build_corpus():
-    spec = importlib.util.spec_from_file_location("build_corpus", ROOT / "data" / "build_corpus.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("build_corpus", module)
-    spec.loader.exec_module(module)
-    return module
-
-
-bc = load_build_corpus()
 
 
 def write_jsonl(path: Path, rows: list, opener=open) -> Path:

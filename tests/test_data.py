@@ -1,7 +1,6 @@
 """Pretraining data: token shards + meta.json, windows over memory maps, the resumable DDP sampler, the CLI."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import pickle
@@ -16,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from babyllama.commands import prepare as prepare_cli
 from babyllama.data.sampler import IndexPermutation, ResumableSampler
 from babyllama.data.token_bins import (TokenWindowDataset, build_pretrain_loader, check_corpus_matches,
                                        check_tokenizer_matches, corpus_record, file_identity, prepare_token_bins,
@@ -248,7 +248,7 @@ def test_truncated_or_corrupt_shard(tmp_path):
     for cut in (1, 2):
         shard.write_bytes(b"\0" * (size - cut))
         with pytest.raises(UserError, match=rf"{shard.name}: {size - cut:,} bytes, expected {size:,}.*"
-                                            r"rerun data/prepare.py"):
+                                            r"rerun `babyllama data prepare`"):
             TokenWindowDataset(out, "train", seq_len=8)
     shard.unlink()
     with pytest.raises(UserError, match=f"{shard.name}: missing"):
@@ -266,7 +266,7 @@ def test_out_of_range_ids_in_a_shard_of_the_right_size(tmp_path):
     first = meta["splits"]["train"]["shards"][0]["tokens"] // 9  # windows of the shard before
     ds[first + 1]  # the windows around it read fine
     with pytest.raises(UserError, match=rf"{shard.name}: token 20 is id 65535, beyond the vocabulary of 259 in "
-                                        r"meta.json; the file is corrupt: rerun data/prepare.py"):
+                                        r"meta.json; the file is corrupt: rerun `babyllama data prepare`"):
         ds[first + 2]  # tokens 18..26 of the shard
 
 
@@ -321,7 +321,7 @@ def test_missing_or_bad_meta(tmp_path):
     with pytest.raises(UserError, match="uint16 cannot hold the ids of a 100,000-token vocabulary"):
         TokenWindowDataset(out, seq_len=8)
     meta_path.unlink()
-    with pytest.raises(UserError, match="meta.json not found.*data/prepare.py"):
+    with pytest.raises(UserError, match="meta.json not found.*run `babyllama data prepare --dest "):
         build_pretrain_loader(out, "train", 8, 2)
 
 
@@ -403,11 +403,8 @@ def test_cli_end_to_end(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a small corpus for a tokenizer: fine for this test
         tok = train_tokenizer(docs, 400, tmp_path / "tok")
-    spec = importlib.util.spec_from_file_location("prepare_cli", ROOT / "data" / "prepare.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
     out = tmp_path / "bins"
-    cli.main(["--input", *inputs, "--tokenizer", str(tmp_path / "tok"), "--out", str(out), "--workers", "2",
+    prepare_cli.main(["--input", *inputs, "--tokenizer", str(tmp_path / "tok"), "--dest", str(out), "--workers", "2",
               "--val-fraction", "0.05"])
     meta = read_meta(out)
     assert meta["tokenizer"]["path"] == str(tmp_path / "tok" / "tokenizer.model")
@@ -417,7 +414,7 @@ def test_cli_end_to_end(tmp_path):
     assert sum(s["tokens"] for s in meta["splits"].values()) == sum(len(tok.encode(d)) + 1 for d in docs)
     decoded = split_docs(out, meta, "train", tok) + split_docs(out, meta, "val", tok)
     assert meta["splits"]["val"]["documents"] > 0 and sorted(decoded) == sorted(docs)
-    proc = subprocess.run([sys.executable, str(ROOT / "data" / "prepare.py"), "--corpus", *inputs, "--tokenizer",
-                           str(tmp_path / "tok"), "--out", str(out)], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "babyllama", "data", "prepare", "--corpus", *inputs, "--tokenizer",
+                           str(tmp_path / "tok"), "--dest", str(out)], capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.startswith(f"error: {out} is not empty")
     assert "--overwrite" in proc.stderr

@@ -12,13 +12,13 @@ from tiny import tiny_config
 from torch import nn
 
 from babyllama.align.reward_model import RewardModel, mark_reward_checkpoint
+from babyllama.build.builders import idiom_items
 from babyllama.data.corpus import iter_records
 from babyllama.data.tokenizer import Tokenizer, train_tokenizer
 from babyllama.errors import UserError
 from babyllama.eval import evaluate as ev, stats
 from babyllama.model.llama import Llama, Output
 from babyllama.train.checkpoint import atomic_save
-from data.builders import idiom_items
 
 TEXTS = ["床前明月光，疑是地上霜。举头望明月，低头思故乡。" * 3, "To be, or not to be: that is the question.\n" * 4,
          "ab"]

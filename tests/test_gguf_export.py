@@ -32,7 +32,6 @@ from babyllama.model.generate import Generator, SamplingConfig  # noqa: E402
 from babyllama.model.llama import Llama, apply_rope, rope_cos_sin  # noqa: E402
 from babyllama.train.checkpoint import atomic_save, load_model  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER_TEXTS = [
     "床前明月光，疑是地上霜。\n举头望明月，低头思故乡。",  # poetry
     "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer",  # Shakespeare
@@ -279,8 +278,8 @@ def test_cli_exports_a_stage_and_names_a_missing_one(tmp_path, exported, tok_dir
     atomic_save({"model": models[False].state_dict(), "model_config": models[False].config.to_dict(), "step": 3,
                  "extra": {"tokenizer": tok.fingerprint}}, run / "sft" / "step_00000003.pt")
     tok.save(run / "tokenizer")
-    cli = [sys.executable, str(ROOT / "docs" / "convert.py"), "export-gguf", "--root", str(tmp_path / "out"),
-           "--name", "mini", "--out", str(tmp_path / "mini.gguf")]
+    cli = [sys.executable, "-m", "babyllama", "export", "gguf", "--out", str(tmp_path / "out"), "--name", "mini",
+           "--dest", str(tmp_path / "mini.gguf")]
     done = subprocess.run(cli + ["--stage", "sft", "--dtype", "f16"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert gguf.GGUFReader(tmp_path / "mini.gguf").fields["general.name"].contents() == "mini-sft"

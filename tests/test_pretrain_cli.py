@@ -256,7 +256,7 @@ def test_infer_without_checkpoint(tmp_path):
     proc = subprocess.run([sys.executable, INFER, "--out", str(tmp_path / "out"), "--prompt", "To be"],
                           capture_output=True, text=True, env=ENV, timeout=120)
     assert_user_error(proc, f"no checkpoint in {tmp_path / 'out' / 'baby' / 'pretrain'}",
-                      "python pretrain/pretrain.py", "--ckpt")
+                      f"train first (babyllama pretrain --name baby --out {tmp_path / 'out'})", "--ckpt")
 
 
 # ======================================================================= kill, then --resume
@@ -368,8 +368,8 @@ def test_second_run_on_a_stage_is_refused_naming_the_holder_and_a_killed_runs_lo
     try:
         assert_user_error(run.pretrain(), f"is in use by another pretrain run (PID {first.pid} on ",
                           "wait for it to finish, or pass another --out")
-        prepare = [sys.executable, str(ROOT / "data" / "prepare.py"), "--corpus", str(run.corpus), "--tokenizer",
-                   str(run.out / "tokenizer"), "--out", str(run.out / "data"), "--overwrite"]
+        prepare = [sys.executable, "-m", "babyllama", "data", "prepare", "--corpus", str(run.corpus), "--tokenizer",
+                   str(run.out / "tokenizer"), "--dest", str(run.out / "data"), "--overwrite"]
         rebuild = subprocess.run(prepare, capture_output=True, text=True, env=ENV, timeout=120)
         assert_user_error(rebuild, f"{run.out / 'data'} is in use by another pretraining run (PID {first.pid} on ")
     finally:
@@ -421,28 +421,28 @@ def test_init_continues_from_given_weights_with_their_architecture(tmp_path, tra
 
 def test_model_flag_reads_hf_and_checkpoint_configs(tmp_path, trained):
     from babyllama.model.config import ModelConfig
-    from babyllama.train.run_config import RunConfig, model_config_for
+    from babyllama.train.run_config import PretrainConfig, model_config_for
 
     cfg = ModelConfig.from_dict(torch.load(trained.out / "pretrain" / f"step_{STEPS:08d}.pt",
                                            weights_only=False)["model_config"])
     (tmp_path / "config.json").write_text(json.dumps(cfg.to_hf()))
-    assert model_config_for(RunConfig(model=str(tmp_path)), 300) == cfg
-    assert model_config_for(RunConfig(model=str(trained.out / "pretrain"), seq_len=8), 300).max_seq_len == 8
+    assert model_config_for(PretrainConfig(model=str(tmp_path)), 300) == cfg
+    assert model_config_for(PretrainConfig(model=str(trained.out / "pretrain"), seq_len=8), 300).max_seq_len == 8
 
 
 def test_model_flag_reads_a_bert4torch_directory_and_refuses_bad_json(tmp_path):
     from babyllama.model.config import preset
-    from babyllama.train.run_config import RunConfig, model_config_for
+    from babyllama.train.run_config import PretrainConfig, model_config_for
 
     cfg = preset("tiny", vocab_size=300)
     b4t = {"pos_emb_type": "rotary", "layer_norm_mode": "rmsnorm", "layer_norm_eps": cfg.norm_eps,
            **{k: v for k, v in cfg.to_hf().items() if k != "rms_norm_eps"}}
     (tmp_path / "bert4torch_config.json").write_text(json.dumps(b4t))
-    assert model_config_for(RunConfig(model=str(tmp_path)), 300) == cfg
+    assert model_config_for(PretrainConfig(model=str(tmp_path)), 300) == cfg
     bad = tmp_path / "x.json"
     bad.write_text('{"hidden_size": 8,\n oops}')
     with pytest.raises(UserError, match=f"{bad}:2: invalid JSON"):
-        model_config_for(RunConfig(model=str(bad)), 300)
+        model_config_for(PretrainConfig(model=str(bad)), 300)
 
 
 # ======================================================================= DDP

@@ -1,6 +1,5 @@
 """Report: plots and tables from a tiny real run's TensorBoard events and log.jsonl; --evaluate evaluates every
 trained stage first."""
-import importlib.util
 import itertools
 import json
 import struct
@@ -11,6 +10,7 @@ import torch
 from tiny import tiny_config
 
 from babyllama.align.reward_model import RewardModel, mark_reward_checkpoint
+from babyllama.commands import report
 from babyllama.data.corpus import iter_records
 from babyllama.data.tokenizer import train_tokenizer
 from babyllama.errors import UserError
@@ -19,11 +19,6 @@ from babyllama.model.llama import Llama
 from babyllama.train import callbacks as cb
 from babyllama.train.checkpoint import atomic_save
 from babyllama.train.trainer import Trainer
-
-_SCRIPT = Path(__file__).resolve().parents[1] / "docs" / "make_report.py"
-_spec = importlib.util.spec_from_file_location("make_report", _SCRIPT)
-make_report = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(make_report)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -54,7 +49,7 @@ def run(tmp_path_factory):
 
 def test_report_writes_plots_and_tables(run, tmp_path):
     dest = tmp_path / "report"
-    make_report.main(["--name", "demo", "--out", str(run / "out"), "--runs", str(run / "runs"), "--dest", str(dest)])
+    report.main(["--name", "demo", "--out", str(run / "out"), "--runs", str(run / "runs"), "--dest", str(dest)])
     for stage in ("pretrain", "sft"):
         assert (dest / f"{stage}.png").read_bytes()[:8] == PNG_MAGIC
     readme = (dest / "README.md").read_text()
@@ -66,7 +61,7 @@ def test_report_writes_plots_and_tables(run, tmp_path):
 
 
 def test_tensorboard_and_log_jsonl_give_the_same_series(run):
-    tb = make_report.read_tensorboard(run / "runs" / "demo" / "pretrain")
+    tb = report.read_tensorboard(run / "runs" / "demo" / "pretrain")
     log = cb.read_text_log(run / "out" / "demo" / "pretrain" / "log.jsonl")
     assert {"loss", "lr", "grad_norm", "tokens_per_s", "val_loss"} <= set(tb) & set(log)
     assert tb["loss"][0] == log["loss"][0] == list(range(1, 7)) and tb["val_loss"][0] == [3, 6]
@@ -78,15 +73,15 @@ def test_log_jsonl_fallback_keeps_the_last_value_of_a_redone_step(tmp_path):
     log.parent.mkdir(parents=True)
     rows = [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.0}, {"step": 2, "loss": 1.5}, {"step": 3, "loss": 1.0}]
     log.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    series = make_report.stage_series(tmp_path / "runs" / "demo", tmp_path / "out" / "demo", "sft")
+    series = report.stage_series(tmp_path / "runs" / "demo", tmp_path / "out" / "demo", "sft")
     assert series["loss"] == ([1, 2, 3], [3.0, 1.5, 1.0])
-    dest = make_report.make_report("demo", tmp_path / "out", tmp_path / "runs", tmp_path / "report")
+    dest = report.make_report("demo", tmp_path / "out", tmp_path / "runs", tmp_path / "report")
     assert "No evaluation results" in dest.read_text() and (tmp_path / "report" / "sft.png").is_file()
 
 
 def test_missing_run_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="no training logs for run 'nope'"):
-        make_report.make_report("nope", tmp_path / "out", tmp_path / "runs", tmp_path / "report")
+        report.make_report("nope", tmp_path / "out", tmp_path / "runs", tmp_path / "report")
 
 
 # what each stage's log.jsonl holds besides the loss (one step): the metrics the stage scripts log
@@ -115,8 +110,8 @@ def test_evaluate_flag_evaluates_every_trained_stage_then_draws(tmp_path):
                      "extra": kind if stage == "reward" else {}}, out / stage / f"step_{step:08d}.pt")
         (out / stage / "log.jsonl").write_text(json.dumps({"step": step, "loss": 1.0, **extra}) + "\n")
     dest = tmp_path / "report"
-    make_report.main(["--name", "demo", "--out", str(tmp_path / "out"), "--runs", str(tmp_path / "runs"),
-                      "--dest", str(dest), "--evaluate", "--max-docs", "2", "--max-items", "4", "--device", "cpu"])
+    report.main(["--name", "demo", "--out", str(tmp_path / "out"), "--runs", str(tmp_path / "runs"),
+                 "--dest", str(dest), "--evaluate", "--max-docs", "2", "--max-items", "4", "--device", "cpu"])
     assert sorted(p.stem for p in (out / "eval").glob("*.json")) == sorted(STAGE_LOGS)
     readme = (dest / "README.md").read_text()
     assert "--evaluate`" in readme
@@ -128,4 +123,4 @@ def test_evaluate_flag_evaluates_every_trained_stage_then_draws(tmp_path):
     heights = {stage: png_height(dest / f"{stage}.png") for stage in STAGE_LOGS}
     assert heights["reward"] == heights["dpo"] == heights["ppo"] > heights["pretrain"]  # a third row of panels
     with pytest.raises(UserError, match="no stage checkpoints"):
-        make_report.main(["--name", "nope", "--out", str(tmp_path / "out"), "--evaluate"])
+        report.main(["--name", "nope", "--out", str(tmp_path / "out"), "--evaluate"])

@@ -1,8 +1,6 @@
 """reward/reward.py, rlhf/dpo.py, rlhf/ppo.py and rlhf/infer.py end to end, as subprocesses on the tiny preset: each
 trains a few steps, logs its metrics, resumes, and leaves a checkpoint the next tool reads. The pretrain/SFT chain
 they start from (a tokenizer, an untrained SFT checkpoint and a reward model on it) is built once per module."""
-import argparse
-import importlib.util
 import json
 import os
 import subprocess
@@ -18,6 +16,7 @@ from tiny import tiny_config
 
 from babyllama.align.ppo import PPOConfig
 from babyllama.align.reward_model import RewardModel, is_reward_checkpoint, load_reward_model, mark_reward_checkpoint
+from babyllama.commands import ppo as ppo_command
 from babyllama.data.chat_template import render_prompt, stop_ids
 from babyllama.errors import UserError
 from babyllama.model.config import preset
@@ -25,6 +24,8 @@ from babyllama.model.generate import Generator, SamplingConfig
 from babyllama.model.llama import Llama
 from babyllama.train.checkpoint import latest_checkpoint, load_model
 from babyllama.train.distributed import DistEnv
+from babyllama.train.run_config import stage_config
+from babyllama.train.stage import parse_stage_args
 from babyllama.train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,13 +138,6 @@ def test_infer_answers_with_the_dpo_checkpoint(chain, dpo_run):
 
 
 # ---------------------------------------------------------------- PPO
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / "rlhf" / f"{name}.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script
-
-
 def test_ppo_script_trains_logs_resumes_and_writes_a_chat_checkpoint(chain, tmp_path):
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": r["prompt"]} for r in pair_records(20, 3)])
     cmd = stage_command("rlhf/ppo.py", chain, tmp_path, "--reward", str(chain.reward), "--prompts", prompts,
@@ -160,21 +154,21 @@ def test_ppo_script_trains_logs_resumes_and_writes_a_chat_checkpoint(chain, tmp_
     assert {"score", "kl", "kl_coef", "pg_loss", "vf_loss", "entropy", "clipfrac", "approx_kl"} <= set(rows[-1])
     assert load_model(ckpt).config.max_seq_len == 64
     with pytest.raises(UserError, match="was trained without --separate-value"):
-        load_script("ppo").check_value_layout(SimpleNamespace(resume=True, separate_value=True), ckpt.parent)
+        ppo_command.check_value_layout(PPOConfig(separate_value=True), True, ckpt.parent)
 
 
 def test_ppo_script_refuses_replies_longer_than_the_model():
-    script = load_script("ppo")
     cfg = tiny_config(300, n_layers=1, n_kv_heads=None)
     reward = RewardModel(cfg)
-    script.check_sizes(PPOConfig(max_prompt_len=40, max_new_tokens=24), cfg, reward)
+    ppo_command.check_sizes(PPOConfig(max_prompt_len=40, max_new_tokens=24), cfg, reward)
     with pytest.raises(UserError, match="exceeds the model's max_seq_len 64"):
-        script.check_sizes(PPOConfig(max_prompt_len=60, max_new_tokens=8), cfg, reward)
+        ppo_command.check_sizes(PPOConfig(max_prompt_len=60, max_new_tokens=8), cfg, reward)
     with pytest.raises(UserError, match="vocab_size 300 differs"):
-        script.check_sizes(PPOConfig(max_prompt_len=40, max_new_tokens=24), replace(cfg, vocab_size=400), reward)
+        ppo_command.check_sizes(PPOConfig(max_prompt_len=40, max_new_tokens=24), replace(cfg, vocab_size=400),
+                                reward)
 
 
-@pytest.mark.parametrize("script,argv,message", [
+@pytest.mark.parametrize("stage,argv,message", [
     ("dpo", ["--beta", "0"], "--beta 0.0: must be a positive number"),
     ("dpo", ["--label-smoothing", "0.5"], "--label-smoothing 0.5: must be in [0, 0.5)"),
     ("dpo", ["--train-data", "nowhere.jsonl"], "--train-data nowhere.jsonl: must be an existing file"),
@@ -187,11 +181,8 @@ def test_ppo_script_refuses_replies_longer_than_the_model():
     ("ppo", ["--prompts", "a.jsonl", "b.jsonl"], "--prompts a.jsonl b.jsonl: must be existing files"),
     ("ppo", ["--choice-data", "nowhere.jsonl"], "--choice-data nowhere.jsonl: must be an existing file or none"),
 ])
-def test_rlhf_flags_out_of_range_are_one_line_before_any_work(script, argv, message):
-    module = load_script(script)
-    parser = argparse.ArgumentParser()
-    module.add_flags(parser)
-    module.check_flags(parser.parse_args([]))  # the defaults pass
+def test_rlhf_flags_out_of_range_are_one_line_before_any_work(stage, argv, message):
+    stage_config(stage).check()  # the defaults pass
     with pytest.raises(UserError) as e:
-        module.check_flags(parser.parse_args(argv))
+        parse_stage_args("", stage, [*argv, "--out", "/nonexistent/never-created"])
     assert str(e.value).startswith(message)

@@ -1,24 +1,20 @@
 """SFT data: format readers and their errors, builders, dataset/collate, bucketed batching, sampler resume, MC items."""
 import json
 import random
-import runpy
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from test_chat import make_tokenizer
 from tiny import tiny_config
 
+from babyllama.build import sft as build_sft
+from babyllama.build.builders import (EN_FOLLOW_PLAY, EN_FOLLOW_WHO, EN_NEXT, ZH_AUTHOR, ZH_FOLLOW_AUTHOR, ZH_NEXT,
+                                      build_choice_items, poetry_dialogues, poetry_instructions, read_chatterbot,
+                                      self_cognition, shakespeare_dialogues, shakespeare_instructions, system_prompts)
 from babyllama.data.chat_template import IGNORE_INDEX, encode_chat
 from babyllama.data.sft import (BucketBatchSampler, SFTDataset, build_sft_loader, collate_sft, padding_fraction,
                                 read_conversations)
 from babyllama.errors import UserError
-from data.builders import (EN_FOLLOW_PLAY, EN_FOLLOW_WHO, EN_NEXT, ZH_AUTHOR, ZH_FOLLOW_AUTHOR, ZH_NEXT,
-                           build_choice_items, poetry_dialogues, poetry_instructions, read_chatterbot, self_cognition,
-                           shakespeare_dialogues, shakespeare_instructions, system_prompts)
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -306,8 +302,7 @@ def test_choice_items_en():
 
 
 # ---------------------------------------------------------------- build script
-def test_build_script_is_deterministic_and_readable(tmp_path, monkeypatch):
-    pytest.importorskip("babyllama.data.corpus")  # the script reads the corpus with corpus.iter_records
+def test_build_script_is_deterministic_and_readable(tmp_path):
     corpus, bot = tmp_path / "corpus", tmp_path / "bot"
     for sub in (corpus, bot / "chinese", bot / "english"):
         sub.mkdir(parents=True)
@@ -317,13 +312,10 @@ def test_build_script_is_deterministic_and_readable(tmp_path, monkeypatch):
         rows = [{**r, "text": "\n".join(r["lines"])} for r in records]
         write_jsonl(corpus / f"{name}_train.jsonl", rows[:30])
         write_jsonl(corpus / f"{name}_heldout.jsonl", rows[30:])
-    monkeypatch.syspath_prepend(str(ROOT / "data"))  # where `python data/build_sft.py` finds data/builders.py
-    script = runpy.run_path(str(ROOT / "data" / "build_sft.py"), run_name="build_sft")
     outputs = []
     for out in (tmp_path / "a", tmp_path / "b"):
-        monkeypatch.setattr(sys, "argv", ["build_sft.py", "--corpus-dir", str(corpus), "--chatterbot-dir", str(bot),
-                                          "--out-dir", str(out), "--valid-size", "5", "--choice-items", "4"])
-        script["main"]()
+        build_sft.main(["--corpus-dir", str(corpus), "--chatterbot-dir", str(bot), "--dest", str(out),
+                        "--valid-size", "5", "--choice-items", "4"])
         outputs.append([(out / f).read_bytes() for f in ("sft_train.jsonl", "sft_valid.jsonl", "choice_eval.jsonl")])
     assert outputs[0] == outputs[1]
     train = read_conversations(tmp_path / "a" / "sft_train.jsonl")

@@ -2,7 +2,6 @@
 import json
 import os
 import random
-import runpy
 import shutil
 import subprocess
 import sys
@@ -14,6 +13,7 @@ import torch
 from tiny import tiny_config
 from torch import nn
 
+from babyllama.commands import sft as sft_command
 from babyllama.data.chat_template import IM_END, encode_text, render_prompt
 from babyllama.data.sft import SFTDataset, build_sft_loader
 from babyllama.data.tokenizer import Tokenizer, train_tokenizer
@@ -21,7 +21,7 @@ from babyllama.errors import UserError
 from babyllama.eval.choice import ChoiceAccuracy, choice_accuracy, choice_scores, load_choice_items
 from babyllama.model.llama import Llama, Output
 from babyllama.train.checkpoint import load_model, save_checkpoint
-from babyllama.train.run_config import RunConfig, model_config_for
+from babyllama.train.run_config import SFTConfig, model_config_for
 from babyllama.train.stage import compile_from_run
 from babyllama.train.trainer import Callback, Trainer, causal_lm_loss
 
@@ -148,7 +148,7 @@ def trained(tok, tmp_path_factory):
     torch.manual_seed(0)
     cfg = tiny_config(tok.vocab_size, dim=64, ffn_dim=128, max_seq_len=128, tie_embeddings=True)
     data = SFTDataset(conversations(), tok, max_len=cfg.max_seq_len + 1)
-    run = RunConfig(lr=3e-3, warmup_steps=5, max_steps=200, weight_decay=0.0, mixed_precision="fp32",
+    run = SFTConfig(lr=3e-3, warmup_steps=5, max_steps=200, weight_decay=0.0, mixed_precision="fp32",
                     torch_compile="off")
     trainer = compile_from_run(Trainer(Llama(cfg)), run, loss=causal_lm_loss)
     items = held_out_items()
@@ -233,7 +233,7 @@ def workspace(tok_dir, tmp_path_factory):
     """out/baby/{tokenizer,pretrain} with a randomly initialised baby model (64-token context), plus data files."""
     root = tmp_path_factory.mktemp("ws")
     shutil.copytree(tok_dir, root / "out" / "baby" / "tokenizer")
-    cfg = model_config_for(RunConfig(seq_len=64), Tokenizer.load(tok_dir).vocab_size)
+    cfg = model_config_for(SFTConfig(seq_len=64), Tokenizer.load(tok_dir).vocab_size)
     save_checkpoint(root / "out" / "baby" / "pretrain", 1, {"model": Llama(cfg).state_dict(),
                                                              "model_config": cfg.to_dict()})
     convs = [{"messages": m} for m in conversations()]
@@ -297,15 +297,14 @@ def test_sft_cli_names_the_validation_file_it_cannot_use(workspace, tok_dir, tmp
 
 
 def test_validation_batches_refuse_fewer_batches_than_ranks(tok, tmp_path):
-    script = runpy.run_path(str(ROOT / "sft" / "sft.py"), run_name="sft")
     path = write_jsonl(tmp_path / "valid.jsonl", [{"messages": m} for m in conversations()[:8]])
-    valid = script["load_dataset"](str(path), "auto", tok, 64, None)
+    valid = sft_command.load_dataset(str(path), "auto", tok, 64, None)
     loader = dict(batch_size=8, seed=0, rank=0, world_size=1)
-    assert len(script["validation_batches"](valid, str(path), 20, **loader)) == 1
+    assert len(sft_command.validation_batches(valid, str(path), 20, **loader)) == 1
     with pytest.raises(UserError, match=rf"--valid-data {path}: no validation batch .* 2 ranks"):
-        script["validation_batches"](valid, str(path), 20, **{**loader, "world_size": 2})
+        sft_command.validation_batches(valid, str(path), 20, **{**loader, "world_size": 2})
     with pytest.raises(UserError, match=rf"{path}: no SFT sample fits max_len=3"):
-        script["load_dataset"](str(path), "auto", tok, 3, None)
+        sft_command.load_dataset(str(path), "auto", tok, 3, None)
 
 
 def test_sft_cli_refuses_checkpoint_of_another_config(workspace, tok, tok_dir, tmp_path):

@@ -16,7 +16,6 @@ import tokenizers
 from babyllama.data.tokenizer import IM_END, IM_START, SPECIAL_TOKENS, Tokenizer, _chunks, train_tokenizer
 from babyllama.errors import UserError
 
-ROOT = Path(__file__).resolve().parents[1]
 COMMON_ZH = ("不人一山风无日春花有中来云上月二天其三时何水归年江相自夜白秋长生十雨君见如知得行诗心去为事清寒处明空是未"
              "里此子下高南道送家客老万今书玉新在声游千东酒与青门落前寄西别尽应深金多远阳谁雪已和五黄城更飞入闲古楼成路"
              "愁四思草开看重作欲过头林烟还朝望情出香流公居歌梦回红似马石旧可我将同到树之后满独几叶州平光难晚色方闻柳")
@@ -267,8 +266,8 @@ def test_cli_trains_and_reports_per_language(corpus, tmp_path):
     data.mkdir()
     with open(data / "mix.jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in corpus[:3000])
-    cmd = [sys.executable, str(ROOT / "data" / "train_tokenizer.py"), "--corpus", str(data), "--vocab-size", "600",
-           "--out", str(tmp_path / "out")]
+    command = [sys.executable, "-m", "babyllama", "data", "tokenizer"]
+    cmd = [*command, "--corpus", str(data), "--vocab-size", "600", "--dest", str(tmp_path / "out")]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "zh:" in done.stdout and "en:" in done.stdout and "characters/token" in done.stdout
@@ -283,7 +282,8 @@ def test_cli_trains_and_reports_per_language(corpus, tmp_path):
                               timeout=60)
     assert replaced.returncode == 0, replaced.stderr
     assert Tokenizer.load(tmp_path / "out").vocab_size == 700
-    bad = subprocess.run(cmd[:3] + [str(tmp_path / "nope")] + cmd[4:-1] + [str(tmp_path / "out2")],
+    bad = subprocess.run([*command, "--corpus", str(tmp_path / "nope"), "--vocab-size", "600", "--dest",
+                          str(tmp_path / "out2")],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and bad.stderr.startswith(f"error: {tmp_path / 'nope'}: no such file")
     assert not (tmp_path / "out2").exists()

@@ -5,7 +5,7 @@
     babyllama pretrain --name baby --resume        # continue exactly where the last checkpoint left off
     babyllama pretrain --name 0.2b --corpus my/*.jsonl --tokenizer my_tokenizer/
     babyllama pretrain --name 0.2b --model out/smol/import --init out/smol/import \\
-        --tokenizer out/smol/import/tokenizer --corpus my/*.jsonl     # continue an imported model (`babyllama export`)
+        --tokenizer out/smol/import/tokenizer --corpus my/*.jsonl     # continue a model from `babyllama import hf`
 
 The tokenizer and the token bins are built on first use (rank 0; the others wait) and reused afterwards.
 """
