@@ -54,7 +54,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="read the input this many times (a bigger job)")
     ap.add_argument("--workers", default="1,2")
     ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--out", help="append results as JSON lines to this file")
+    ap.add_argument("--dest", help="append results as JSON lines to this file")
     args = ap.parse_args()
     docs = [d for path in args.input for d in iter_documents(path)]
     if args.smoke:
@@ -71,12 +71,12 @@ def main() -> None:
         tracemalloc.stop()
         results = [_row("seed-style (1 process, list)", len(docs), n, sec, text_mb, baseline_peak)]
         for w in map(int, args.workers.split(",")):
-            n, sec = timed(lambda: ours(docs, tok, work, w))
+            n, sec = timed(lambda w=w: ours(docs, tok, work, w))
             results.append(_row(f"babyllama, {w} worker(s)", len(docs), n, sec, text_mb, None))
     base = results[0]["tokens_per_s"]
     for r in results:
         r["speedup_vs_seed"] = round(r["tokens_per_s"] / base, 2)
-        emit(r, args.out)
+        emit(r, args.dest)
 
 
 def _row(system: str, n_docs: int, tokens: int, seconds: float, text_mb: float, peak: int | None) -> dict:

@@ -74,9 +74,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--systems", default="ours-eager,ours-compiled,hf,hf-static")
     ap.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
-                    help="weights and KV cache, as sft/infer.py's --dtype (auto: what it picks on this device)")
+                    help="weights and KV cache, as `babyllama chat`'s --dtype (auto: what it picks on this device)")
     ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--out", help="append results as JSON lines to this file")
+    ap.add_argument("--dest", help="append results as JSON lines to this file")
     args = ap.parse_args()
     device = pick_device("cpu" if args.smoke else "auto")
     if args.smoke:
@@ -108,7 +108,7 @@ def main() -> None:
             r = {"system": system, "device": name, "batch": batch, "dtype": str(dtype).split(".")[1],
                  "tokens_per_s": round(batch * args.new_tokens / seconds, 1), "same_tokens_as_eager": round(same, 4),
                  "first_call_s": round(first, 1)}
-            emit(r, args.out)
+            emit(r, args.dest)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """How closely llama.cpp runs our GGUF export of a trained stage: greedy agreement and held-out loss/bpb per dtype.
 
-    python bench/gguf_agreement.py --root out --name baby --stage sft --out bench/results/<date>_cpu_gguf_agreement.jsonl
+    python bench/gguf_agreement.py --out out --name baby --stage sft \
+        --dest bench/results/<date>_cpu_gguf_agreement.jsonl
 
 For each export (f32, f16, q8_0) and each prompt (raw text for any stage, chat prompts too for chat stages):
 `agree` = how many greedy tokens llama.cpp produces before its first difference from ours, out of `of` (up to the
@@ -8,7 +9,7 @@ model's context, end tokens not honoured), and at that point our top-2 logit mar
 rounding flips). Then `loss`/`bpb` on the first --docs held-out documents per language, scored exactly as
 `babyllama.eval.evaluate` does (`</s>` + text, windows of the context), from llama.cpp's logits and from ours.
 Chat stages: `same_reply` compares llama-cpp-python's `create_chat_completion` (the file's own template, greedy,
-stops at <|im_end|>) with our chat session's greedy reply (`sft/infer.py --temperature 0`) to each question.
+stops at <|im_end|>) with our chat session's greedy reply (`babyllama chat --temperature 0`) to each question.
 """
 from __future__ import annotations
 
@@ -65,7 +66,7 @@ def main() -> None:
     ap.add_argument("--docs", type=int, default=100, help="held-out documents per language")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    model, tok, tok_dir = load_run(args.root, args.name, args.stage)
+    model, tok, tok_dir = load_run(args.out, args.name, args.stage)
     context = model.config.max_seq_len
     prompts = {t: tok.encode(t, bos=True) for t in TEXTS}
     if args.stage != "pretrain":
@@ -78,11 +79,11 @@ def main() -> None:
     def lm_row(system: str, logps: list) -> None:
         nats, tokens = -sum(float(np.sum(lp)) for lp in logps), sum(len(lp) for lp in logps)
         emit({"stage": args.stage, "system": system, "kind": "heldout", "docs": len(texts), "tokens": tokens,
-              "loss": round(nats / tokens, 5), "bpb": round(nats / math.log(2) / n_bytes, 5)}, args.out)
+              "loss": round(nats / tokens, 5), "bpb": round(nats / math.log(2) / n_bytes, 5)}, args.dest)
 
     lm_row("babyllama", [lp.double().numpy() for lp in row_logprobs(model, rows)])
     with tempfile.TemporaryDirectory() as tmp:
-        for dtype, path in export_all(args.root, args.name, args.stage, tok_dir, Path(tmp)).items():
+        for dtype, path in export_all(args.out, args.name, args.stage, tok_dir, Path(tmp)).items():
             llm = llama_cpp_model(path, context, args.threads, logits_all=True)
             for name, p in prompts.items():
                 theirs = llama_cpp_greedy(llm, p, len(ours[name]))
@@ -90,7 +91,7 @@ def main() -> None:
                 emit({"stage": args.stage, "system": f"llama.cpp-{dtype}", "kind": "greedy", "prompt": name,
                       "agree": k, "of": len(ours[name]),
                       "our_margin_there": margin_at(model, p + ours[name][:k]) if k < len(ours[name]) else None},
-                     args.out)
+                     args.dest)
             lm_row(f"llama.cpp-{dtype}", llama_cpp_logprobs(llm, rows))
             for question in CHATS if args.stage != "pretrain" else []:
                 ours_reply = ChatSession(model, tok, SamplingConfig(max_new_tokens=context, temperature=0)).reply(
@@ -99,7 +100,7 @@ def main() -> None:
                                                   max_tokens=context)
                 theirs_reply = done["choices"][0]["message"]["content"]
                 emit({"stage": args.stage, "system": f"llama.cpp-{dtype}", "kind": "chat", "prompt": question,
-                      "same_reply": theirs_reply == ours_reply, "reply": theirs_reply}, args.out)
+                      "same_reply": theirs_reply == ours_reply, "reply": theirs_reply}, args.dest)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Decode speed at batch 1 on this CPU: llama.cpp (our GGUF export in f32, f16, q8_0) vs babyllama eager and
 compiled, same checkpoint, same prompt, same number of greedy tokens, same thread count, same run.
 
-    python bench/gguf_decode.py --root out --name baby --stage sft --out bench/results/<date>_cpu_gguf_decode.jsonl
+    python bench/gguf_decode.py --out out --name baby --stage sft --dest bench/results/<date>_cpu_gguf_decode.jsonl
 
 Each call generates --new-tokens greedy tokens after the prompt (prompt processing included, end tokens not
 honoured, so every system does the same work). After one untimed call each (compilation, llama.cpp's first
@@ -10,27 +10,27 @@ on all of them alike; tokens/s = new tokens / the median seconds of a call. Both
 and a decode step is hundreds of tiny parallel regions, so how idle OpenMP threads wait decides the numbers more
 than anything else: the script sets OMP_WAIT_POLICY=ACTIVE (spin, unless set otherwise), the fastest and the
 steadiest setting for both sides on the 2-core dev machine (PASSIVE: threads sleep between regions, llama.cpp
-3-14x slower and noisy; unset: one runtime's spinning threads starved the other's, ours 10x slower). `same_tokens_as_eager`: share of the generated
-tokens equal to our eager path's. llama.cpp runs through llama-cpp-python (`pip install -r requirements-gguf.txt`)
-with its default context settings (f16 KV cache), as a user of the file gets it.
+3-14x slower and noisy; unset: one runtime's spinning threads starved the other's, ours 10x slower).
+`same_tokens_as_eager`: share of the generated tokens equal to our eager path's. llama.cpp runs through
+llama-cpp-python (`pip install -r requirements-gguf.txt`) with its default context settings (f16 KV cache), as a
+user of the file gets it.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Callable
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")  # read when an OpenMP runtime loads: before torch and llama_cpp
 
 import torch
 from jsonl import emit  # bench/ is on sys.path as the script's folder
 
+from babyllama.cli import add_flag
 from babyllama.convert.gguf import DTYPES, export_gguf, open_in_llama_cpp
 from babyllama.data.tokenizer import Tokenizer
 from babyllama.model.generate import Generator, SamplingConfig
@@ -41,11 +41,11 @@ PROMPT = "床前明月光，疑是地上霜。举头望明月，低头思故乡�
 
 
 def source_flags(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--root", default="out", help="the runs' output root")
+    add_flag(ap, "--out", "--root", default="out", help="the runs' output root")
     ap.add_argument("--name", default="baby")
     ap.add_argument("--stage", default="sft")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="for torch and llama.cpp alike")
-    ap.add_argument("--out", help="append results as JSON lines to this file")
+    ap.add_argument("--dest", help="append results as JSON lines to this file")
 
 
 def load_run(root: str, name: str, stage: str) -> tuple[Llama, Tokenizer, Path]:
@@ -93,11 +93,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    model, tok, tok_dir = load_run(args.root, args.name, args.stage)
+    model, tok, tok_dir = load_run(args.out, args.name, args.stage)
     prompt = tok.encode(PROMPT, bos=True)[: args.prompt_len]
     context = model.config.max_seq_len
     with tempfile.TemporaryDirectory() as tmp:
-        files = export_all(args.root, args.name, args.stage, tok_dir, Path(tmp))
+        files = export_all(args.out, args.name, args.stage, tok_dir, Path(tmp))
         systems: dict[str, Callable[[], list[int]]] = {
             "babyllama-eager": our_greedy(model, prompt, args.new_tokens),
             "babyllama-compiled": our_greedy(model, prompt, args.new_tokens, compile=True),
@@ -119,7 +119,7 @@ def main() -> None:
               "prompt_tokens": len(prompt), "new_tokens": args.new_tokens,
               "tokens_per_s": round(args.new_tokens / statistics.median(took), 1),
               "same_tokens_as_eager": round(same, 4), "first_call_s": round(first[system], 2),
-              "omp_wait_policy": os.environ["OMP_WAIT_POLICY"]}, args.out)
+              "omp_wait_policy": os.environ["OMP_WAIT_POLICY"]}, args.dest)
 
 
 if __name__ == "__main__":

@@ -41,22 +41,22 @@ fi
 case "$part" in
   main)
     nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee -a "$log"
-    step 170 bench/train_throughput.py --systems ours,ours-loader,hf,bert4torch --out "${stem}_train.jsonl"
-    step 200 bench/decode_throughput.py --batches 1 --out "${stem}_decode.jsonl"
+    step 170 bench/train_throughput.py --systems ours,ours-loader,hf,bert4torch --dest "${stem}_train.jsonl"
+    step 200 bench/decode_throughput.py --batches 1 --dest "${stem}_decode.jsonl"
     step 180 bench/decode_throughput.py --batches 8 --systems ours-eager,ours-compiled,hf-static \
-      --out "${stem}_decode.jsonl"
+      --dest "${stem}_decode.jsonl"
     ;;
   levers)
-    step 90 bench/profile_step.py --out "${stem}_profile.jsonl"
+    step 90 bench/profile_step.py --dest "${stem}_profile.jsonl"
     step 150 bench/decode_throughput.py --batches 1 --systems ours-compiled,ours-compiled-unfused \
-      --out "${stem}_decode_levers.jsonl"
-    step 240 bench/train_throughput.py --levers --steps 10 --warmup 3 --out "${stem}_levers.jsonl"
-    step 90 bench/train_throughput.py --systems ours,ours-ddp --steps 10 --warmup 3 --out "${stem}_ddp.jsonl"
+      --dest "${stem}_decode_levers.jsonl"
+    step 240 bench/train_throughput.py --levers --steps 10 --warmup 3 --dest "${stem}_levers.jsonl"
+    step 90 bench/train_throughput.py --systems ours,ours-ddp --steps 10 --warmup 3 --dest "${stem}_ddp.jsonl"
     ;;
   smoke)
-    step 300 bench/train_throughput.py --smoke --systems ours,hf --out "${stem}_train.jsonl"
-    step 300 bench/decode_throughput.py --smoke --out "${stem}_decode.jsonl"
-    step 300 bench/train_throughput.py --smoke --systems ours,ours-ddp --out "${stem}_ddp.jsonl"
+    step 300 bench/train_throughput.py --smoke --systems ours,hf --dest "${stem}_train.jsonl"
+    step 300 bench/decode_throughput.py --smoke --dest "${stem}_decode.jsonl"
+    step 300 bench/train_throughput.py --smoke --systems ours,ours-ddp --dest "${stem}_ddp.jsonl"
     ;;
 esac
 exit $failed

@@ -1,4 +1,4 @@
-"""Result rows of the benchmarks: printed as JSON and appended to the --out file as each one is measured, so the
+"""Result rows of the benchmarks: printed as JSON and appended to the --dest file as each one is measured, so the
 rows measured before a time limit stops a run are kept."""
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""Bar chart of tokens/s per system or lever from benchmark result files (JSON lines written with --out).
+"""Bar chart of tokens/s per system or lever from benchmark result files (JSON lines written with --dest).
 
-    python bench/plot.py bench/results/*_train.jsonl --out docs/performance_train.png
+    python bench/plot.py bench/results/*_train.jsonl --dest docs/performance_train.png
 """
 from __future__ import annotations
 
@@ -43,11 +43,11 @@ def plot(rows: list[dict], out: Path, title: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("results", nargs="+", type=Path)
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--dest", type=Path, required=True, help="the .png file to write")
     ap.add_argument("--title", default="training throughput")
     args = ap.parse_args()
-    plot(read_rows(args.results), args.out, args.title)
-    print(f"wrote {args.out}")
+    plot(read_rows(args.results), args.dest, args.title)
+    print(f"wrote {args.dest}")
 
 
 if __name__ == "__main__":

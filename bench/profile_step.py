@@ -4,7 +4,7 @@ kernels grouped into matrix products, attention, inductor's fused kernels, optim
     python bench/profile_step.py                        # 0.2B config, batch 16 x 1024, bf16, on the GPU
     python bench/profile_step.py --smoke                # tiny config on CPU (CI keeps this working)
 
-Prints the share of device time per group, then the top kernels, then both as one JSON line (`--out` appends it).
+Prints the share of device time per group, then the top kernels, then both as one JSON line (`--dest` appends it).
 """
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="profiled steps, after as many warm-up steps")
     ap.add_argument("--top", type=int, default=15)
     ap.add_argument("--smoke", action="store_true", help="tiny config on CPU, eager: checks the script runs")
-    ap.add_argument("--out", help="append the result as a JSON line to this file")
+    ap.add_argument("--dest", help="append the result as a JSON line to this file")
     args = ap.parse_args()
     device = pick_device("cpu" if args.smoke else "auto")
     cuda = device.type == "cuda"
@@ -93,7 +93,7 @@ def main() -> None:
            "batch": args.batch, "seq": args.seq, "ms_per_step": round(total / args.steps / 1000, 3),
            "groups": {g: round(us / total, 4) for g, us in groups.items()},
            "top": [[name[:120], round(us / total, 4)] for name, us in top]}
-    emit(row, args.out)
+    emit(row, args.dest)
 
 
 if __name__ == "__main__":

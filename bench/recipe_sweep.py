@@ -1,13 +1,13 @@
 """Pretraining recipes for the `baby` preset, measured: held-out bits per byte against CPU minutes.
 
-    python bench/recipe_sweep.py --work /tmp/sweep --out bench/results/sweep.jsonl           # every recipe
+    python bench/recipe_sweep.py --work /tmp/sweep --dest bench/results/sweep.jsonl          # every recipe
     python bench/recipe_sweep.py --work /tmp/sweep --recipes 8x1200,8x2400                    # some of them
     python bench/recipe_sweep.py --smoke                                                      # CI keeps it working
 
-Each recipe is pretrain/pretrain.py with some flags (and, for another model shape, an HF config.json it writes
+Each recipe is `babyllama pretrain` with some flags (and, for another model shape, an HF config.json it writes
 as --model), run one after another, all on one tokenizer and one set of token bins: the first recipe builds them,
 the others copy them together with its cached compressor results (a recipe with its own --vocab-size trains its
-own). Then `python -m babyllama.evaluate --stage pretrain` on the shipped held-out files. Prints one JSON object
+own). Then `babyllama evaluate --stage pretrain` on the shipped held-out files. Prints one JSON object
 per recipe: pretraining wall seconds (its run.json), passes over the training tokens, validation loss, held-out
 bpb per language and the margin over PPMd, and a table at the end. Runs are kept in <work>/out/<recipe>; a
 finished recipe is not run again. Time it alone on a quiet machine.
@@ -24,11 +24,11 @@ from pathlib import Path
 from jsonl import emit  # bench/ is on sys.path as the script's folder
 
 from babyllama.model.config import preset
-from babyllama.shipped import REPO_ROOT, STAGE_SCRIPTS
-from babyllama.train.run_config import RunConfig
+from babyllama.shipped import REPO_ROOT
+from babyllama.train.run_config import PretrainConfig
 from babyllama.train.run_record import RUN_RECORD
 
-# name -> (pretrain.py flags, changes to the baby model's shape or None)
+# name -> (`babyllama pretrain` flags, changes to the baby model's shape or None)
 RECIPES: dict[str, tuple[list[str], dict | None]] = {
     "16x600": (["--batch-size", "16", "--max-steps", "600", "--warmup-steps", "30"], None),  # the recipe before
     "16x480-lr2e-3": (["--batch-size", "16", "--max-steps", "480", "--warmup-steps", "30", "--lr", "2e-3"], None),
@@ -68,19 +68,19 @@ def measure(recipe: str, work: Path, smoke: bool) -> dict:
             for part in ("tokenizer", "data", "eval/baseline"):
                 if (prepared / part).exists() and not (run_dir / part).exists():
                     shutil.copytree(prepared / part, run_dir / part)
-        cmd = [sys.executable, str(STAGE_SCRIPTS["pretrain"]), "--name", recipe, "--preset", "baby", "--out", str(out),
+        cmd = [sys.executable, "-m", "babyllama", "pretrain", "--name", recipe, "--preset", "baby", "--out", str(out),
                "--runs", str(work / "runs"), *flags]
         if shape:
             config = work / f"{recipe}.json"
             # the recipes share the preset's tokenizer size (the sweep does not vary it)
-            config.write_text(json.dumps(preset("baby", vocab_size=RunConfig().vocab_size, **shape).to_hf()))
+            config.write_text(json.dumps(preset("baby", vocab_size=PretrainConfig().vocab_size, **shape).to_hf()))
             cmd += ["--model", str(config)]
         if smoke:
             cmd += ["--max-steps", "4", "--eval-every", "2", "--ckpt-every", "4", "--seq-len", "32",
                     "--vocab-size", "512"]
         run(cmd, work / f"{recipe}.log")
     if not result.exists():
-        evaluate = [sys.executable, "-m", "babyllama.evaluate", "--name", recipe, "--stage", "pretrain", "--out",
+        evaluate = [sys.executable, "-m", "babyllama", "evaluate", "--name", recipe, "--stage", "pretrain", "--out",
                     str(out)] + (["--max-docs", "4", "--max-items", "4"] if smoke else [])
         run(evaluate, work / f"{recipe}.eval.log")
     record = json.loads((run_dir / "pretrain" / RUN_RECORD).read_text())
@@ -101,7 +101,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="out/_sweep", help="where the runs go")
     ap.add_argument("--recipes", default=",".join(RECIPES), help=f"comma list of: {', '.join(RECIPES)}")
-    ap.add_argument("--out", help="append results as JSON lines to this file")
+    ap.add_argument("--dest", help="append results as JSON lines to this file")
     ap.add_argument("--smoke", action="store_true", help="4 steps of two recipes: checks the script runs")
     args = ap.parse_args()
     names = ["8x1200", "8x1200-320x5"] if args.smoke else args.recipes.split(",")
@@ -111,7 +111,7 @@ def main() -> None:
     rows = []
     for name in names:
         row = measure(name, Path(args.work), args.smoke)
-        emit(row, args.out)
+        emit(row, args.dest)
         rows.append(row)
     print("\n| recipe | steps | epochs | pretrain s | val loss | bpb | zh bpb | en bpb | zh vs PPMd | en vs PPMd |")
     print("|---|---|---|---|---|---|---|---|---|---|")

@@ -1,7 +1,7 @@
-"""Serving throughput: N concurrent streaming clients against `serve/server.py`, batched vs one at a time.
+"""Serving throughput: N concurrent streaming clients against `babyllama serve`, batched vs one at a time.
 
     python bench/serve_throughput.py --out out --name baby                  # 1, 4, 16 clients, the run's sft stage
-    python bench/serve_throughput.py --out out --name baby --clients 1,4 --max-tokens 32 --results rows.jsonl
+    python bench/serve_throughput.py --out out --name baby --clients 1,4 --max-tokens 32 --dest rows.jsonl
 
 For each N, the same N requests (different questions, fixed seeds, streamed) arrive together at two servers over the
 same run: one decoding up to 16 rows together (the default), one with --max-batch 1 (each client served after the
@@ -19,12 +19,13 @@ from pathlib import Path
 import httpx
 from jsonl import emit  # bench/ is on sys.path as the script's folder
 
+from babyllama.cli import add_flag
 from babyllama.serve.process import serve_in_background as server
 
 ROOT = Path(__file__).resolve().parents[1]
 
-QUESTIONS = ["床前明月光，疑是地上霜。下一句是什么？", "写一首关于秋天的诗", "Who are you?", "你好", "白日依山尽的下一句？",
-             "What does Hamlet say?", "写一首题为《春晓》的诗", "Tell me about the moon."]
+QUESTIONS = ["床前明月光，疑是地上霜。下一句是什么？", "写一首关于秋天的诗", "Who are you?", "你好",
+             "白日依山尽的下一句？", "What does Hamlet say?", "写一首题为《春晓》的诗", "Tell me about the moon."]
 
 
 async def one_client(http: httpx.AsyncClient, url: str, i: int, max_tokens: int) -> tuple[float, int]:
@@ -63,7 +64,7 @@ def main() -> None:
     parser.add_argument("--name", default="baby")
     parser.add_argument("--clients", default="1,4,16")
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--results", help="append the rows to this .jsonl file")
+    add_flag(parser, "--dest", "--results", help="append the rows to this .jsonl file")
     args = parser.parse_args()
     counts = [int(c) for c in args.clients.split(",")]
     for mode, batch in (("batched", max(counts)), ("one_at_a_time", 1)):
@@ -71,7 +72,7 @@ def main() -> None:
             asyncio.run(measure(url, 1, 4))  # warm-up: first-call allocations
             for n in counts:
                 emit({"mode": mode, "max_batch": batch, "max_tokens": args.max_tokens,
-                      **asyncio.run(measure(url, n, args.max_tokens))}, args.results)
+                      **asyncio.run(measure(url, n, args.max_tokens))}, args.dest)
 
 
 if __name__ == "__main__":

@@ -61,7 +61,7 @@ class RandomTokenizer:
 
 
 def token_bin_batches(cfg: ModelConfig, args, device: torch.device, out_dir: Path):
-    """pretrain.py's data path: random tokens written as token bins, read by its memmap loader (pinned on a GPU),
+    """Pretraining's data path: random tokens written as token bins, read by its memmap loader (pinned on a GPU),
     copied to the device by the trainer."""
     windows = (args.warmup + args.steps + 2) * args.batch * args.accum
     per_doc = 1 << 16
@@ -97,7 +97,7 @@ def _sync(device: torch.device) -> None:
 
 @dataclass
 class Levers:
-    """How our trainer is run; the defaults are pretrain.py's on a GPU."""
+    """How our trainer is run; the defaults are `babyllama pretrain`'s on a GPU."""
     compile: bool = True
     chunked_loss: bool = True
     checkpointing: bool = False
@@ -105,7 +105,7 @@ class Levers:
     ddp: bool = False
     loss_chunk_elements: int | None = None  # None = babyllama.model.fused_cross_entropy.CHUNK_ELEMENTS
     attention: str | None = None  # an SDPA backend to prefer (e.g. "CUDNN_ATTENTION"); None = PyTorch's choice
-    loader: bool = False  # batches through pretrain.py's token-bin loader instead of tensors already on the device
+    loader: bool = False  # batches through pretraining's token-bin loader instead of tensors already on the device
     precision: str | None = "bf16"  # autocast dtype name; None = fp32
 
 
@@ -214,11 +214,11 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--systems", default="ours,hf,bert4torch",
                     help="comma list of: ours (the precision and compile `auto` picks here), ours-loader (through "
-                         "pretrain.py's token-bin loader), ours-eager, ours-eager-fp32, ours-compiled-fp32, "
+                         "pretraining's token-bin loader), ours-eager, ours-eager-fp32, ours-compiled-fp32, "
                          "ours-ddp, hf, bert4torch (skipped when not installed)")
     ap.add_argument("--levers", action="store_true", help="measure each speed lever of our trainer")
     ap.add_argument("--smoke", action="store_true", help="tiny config on CPU, 2 steps: checks the script runs")
-    ap.add_argument("--out", help="append results as JSON lines to this file")
+    ap.add_argument("--dest", help="append results as JSON lines to this file")
     args = ap.parse_args()
     device = pick_device("cpu" if args.smoke else "auto")
     if "ours-ddp" in args.systems.split(","):
@@ -228,7 +228,7 @@ def main() -> None:
         args.batch, args.seq, args.steps, args.warmup, args.config = 2, 64, 2, 1, "smoke"
     else:
         cfg = preset(args.config, vocab_size=args.vocab)
-    # "ours": what pretrain.py's --mixed-precision auto / --torch-compile auto choose here for a long run
+    # "ours": what `babyllama pretrain`'s --mixed-precision auto / --torch-compile auto choose here for a long run
     # (--smoke checks the script, not inductor: no compile there)
     auto = dict(compile=resolve_compile("auto", device, CPU_COMPILE_MIN_STEPS, fixed_shapes=True) and not args.smoke,
                 precision=resolve_precision("auto", device, fixed_shapes=True))
@@ -266,7 +266,7 @@ def main() -> None:
     for system, fn in runs.items():
         r = {"system": system, "device": name, "config": args.config, "batch": args.batch, "seq": args.seq,
              "accum": args.accum, **fn()}
-        emit(r, args.out)
+        emit(r, args.dest)
         results.append(r)
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -1,5 +1,5 @@
 """Shared by the server tests: a tiny run on disk (tokenizer + stage checkpoints); `server` starts
-`serve/server.py` on it as a real process on 127.0.0.1 (`babyllama.serve.process`)."""
+`babyllama serve` on it as a real process on 127.0.0.1 (`babyllama.serve.process`)."""
 from __future__ import annotations
 
 import warnings

@@ -1,5 +1,6 @@
-"""The benchmark scripts keep working: each runs its --smoke mode on CPU (timings are not asserted here;
-the benchmarks themselves are the measurement)."""
+"""The benchmark scripts keep working: each runs its --smoke mode on CPU through `babyllama bench NAME` (timings
+are not asserted here; the benchmarks themselves are the measurement); gpu_session.sh runs them as
+`python bench/NAME.py`."""
 import json
 import os
 import subprocess
@@ -9,16 +10,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_bench(script: str, *args: str) -> list[dict]:
+def run_bench(name: str, *args: str) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--smoke", *args], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "babyllama", "bench", name, "--smoke", *args], capture_output=True,
                          text=True, env=env, timeout=600, check=True).stdout
     return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
 
 def test_train_throughput_smoke_compares_ours_hf_and_bert4torch(tmp_path):
     systems = ["ours-eager", "ours-loader", "ours-ddp", "hf", "bert4torch"]  # CI installs bert4torch
-    rows = run_bench("train_throughput.py", "--systems", ",".join(systems), "--out", str(tmp_path / "r.jsonl"))
+    rows = run_bench("train_throughput", "--systems", ",".join(systems), "--dest", str(tmp_path / "r.jsonl"))
     assert [r["system"] for r in rows] == systems
     for r in rows:
         assert r["tokens_per_s"] > 0 and 0 < r["final_loss"] < 8  # ln(512) = 6.2 at init
@@ -26,7 +27,7 @@ def test_train_throughput_smoke_compares_ours_hf_and_bert4torch(tmp_path):
 
 
 def test_decode_smoke_greedy_tokens_match_hf():
-    rows = run_bench("decode_throughput.py")
+    rows = run_bench("decode_throughput")
     assert {r["system"] for r in rows} == {"ours-eager", "ours-compiled", "hf", "hf-static"}
     assert {r["batch"] for r in rows} == {1, 8}
     assert all(r["same_tokens_as_eager"] == 1.0 for r in rows)  # fp32 greedy: HF and ours agree token for token
@@ -34,7 +35,7 @@ def test_decode_smoke_greedy_tokens_match_hf():
 
 
 def test_recipe_sweep_smoke_trains_evaluates_and_reuses_the_data(tmp_path):
-    rows = run_bench("recipe_sweep.py", "--work", str(tmp_path))
+    rows = run_bench("recipe_sweep", "--work", str(tmp_path))
     names = [r["recipe"] for r in rows]
     assert names == ["8x1200", "8x1200-320x5"] and [r["steps"] for r in rows] == [4, 4]
     assert rows[1]["params"] > rows[0]["params"]  # the wider shape was trained
@@ -46,21 +47,21 @@ def test_recipe_sweep_smoke_trains_evaluates_and_reuses_the_data(tmp_path):
 
 
 def test_profile_smoke_groups_the_step_time(tmp_path):
-    subprocess_out = run_bench("profile_step.py", "--out", str(tmp_path / "p.jsonl"))
+    subprocess_out = run_bench("profile_step", "--dest", str(tmp_path / "p.jsonl"))
     (row,) = subprocess_out
     assert row["ms_per_step"] > 0 and abs(sum(row["groups"].values()) - 1) < 0.01
     assert row["groups"]["matmul"] > 0 and row["groups"]["attention"] > 0 and len(row["top"]) == 15
 
 
 def test_data_prep_smoke_counts_the_same_tokens():
-    rows = run_bench("data_prep.py")
+    rows = run_bench("data_prep")
     assert len(rows) == 3 and len({r["tokens"] for r in rows}) == 1
 
 
 def test_plot_writes_png(tmp_path):
     results = tmp_path / "r.jsonl"
     results.write_text('{"system": "a", "tokens_per_s": 10.0, "mfu": 0.1}\n{"system": "b", "tokens_per_s": 20.0}\n')
-    subprocess.run([sys.executable, str(ROOT / "bench" / "plot.py"), str(results), "--out", str(tmp_path / "p.png")],
+    subprocess.run([sys.executable, str(ROOT / "bench" / "plot.py"), str(results), "--dest", str(tmp_path / "p.png")],
                    check=True, timeout=120)
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

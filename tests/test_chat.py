@@ -10,8 +10,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from babyllama.data.chat_template import (IGNORE_INDEX, IM_END, IM_START, ChatHistory, NoSupervisedTokens, encode_chat,
-                                          encode_text, render_prompt, render_text, stop_ids)
+from babyllama.data.chat_template import (
+    IGNORE_INDEX,
+    IM_END,
+    IM_START,
+    ChatHistory,
+    NoSupervisedTokens,
+    encode_chat,
+    encode_text,
+    render_prompt,
+    render_text,
+    stop_ids,
+)
 from babyllama.errors import UserError
 from babyllama.model.config import preset
 from babyllama.model.llama import Llama
@@ -90,9 +100,9 @@ CONV = [
 def supervised_runs(ids, labels):
     """Contiguous runs of supervised positions, as id lists."""
     runs, current = [], []
-    for i, l in zip(ids, labels):
-        if l != IGNORE_INDEX:
-            assert l == i
+    for i, label in zip(ids, labels):
+        if label != IGNORE_INDEX:
+            assert label == i
             current.append(i)
         elif current:
             runs.append(current)
@@ -104,7 +114,8 @@ def test_round_trip_decodes_to_template(tok):
     ids, labels = encode_chat(CONV, tok)
     assert len(ids) == len(labels) and ids[0] == tok.bos_id
     assert tok.decode(ids[1:]) == render_text(CONV)
-    assert render_text(CONV).startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n")
+    assert render_text(CONV).startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+                                        "<|im_start|>user\n")
 
 
 def test_loss_only_on_assistant_content_and_im_end(tok):
@@ -114,9 +125,9 @@ def test_loss_only_on_assistant_content_and_im_end(tok):
     assert [tok.decode(r) for r in runs] == [r + IM_END for r in replies]
     assert all(r[-1] == tok.token_to_id(IM_END) for r in runs)
     im_start = tok.token_to_id(IM_START)
-    assert all(l == IGNORE_INDEX for i, l in zip(ids, labels) if i == im_start)
+    assert all(label == IGNORE_INDEX for i, label in zip(ids, labels) if i == im_start)
     # system, user and header tokens: everything outside the runs carries no loss
-    assert sum(l != IGNORE_INDEX for l in labels) == sum(len(r) for r in runs)
+    assert sum(label != IGNORE_INDEX for label in labels) == sum(len(r) for r in runs)
 
 
 def test_single_turn_and_default_system(tok):
@@ -146,7 +157,7 @@ def test_truncation_keeps_system_and_newest_turns(tok):
     text = tok.decode(ids[1:])
     assert len(ids) <= max_len and text.startswith(render_text(conv[:1]))
     assert text.endswith(render_text(conv[-2:])) and "question 0" not in text
-    assert any(l != IGNORE_INDEX for l in labels)
+    assert any(label != IGNORE_INDEX for label in labels)
 
 
 def test_newest_turn_too_long_is_cut_but_supervised(tok):

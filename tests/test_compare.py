@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import statistics
 import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from babyllama.errors import UserError
-from babyllama.hardware import cpu_has_native_bf16
 from babyllama.eval import compare, stats
+from babyllama.hardware import cpu_has_native_bf16
 
 ROOT = Path(__file__).resolve().parents[1]
 PUBLISHED = ROOT / "docs" / "published" / "baby"

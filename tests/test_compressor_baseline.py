@@ -102,7 +102,7 @@ def test_sampling_is_deterministic_every_kth_document(run_dir):
 
 def test_second_call_is_cached(run_dir, monkeypatch):
     calls = []
-    sizes = {c: (lambda f: lambda data: calls.append(1) or f(data))(f) for c, f in cb.COMPRESSORS.items()}
+    sizes = {c: (lambda data, f=f: calls.append(1) or f(data)) for c, f in cb.COMPRESSORS.items()}
     monkeypatch.setattr(cb, "COMPRESSORS", sizes)
     sets = {"x": documents(5, seed=9)}
     first = cb.run_baseline(run_dir, sets)

@@ -15,8 +15,13 @@ import torch
 from tiny import tiny_config
 from tokenizers import pre_tokenizers
 
-from babyllama.convert.bert4torch import (B4T_CONFIG, B4T_WEIGHTS, bert4torch_builder, export_bert4torch,
-                                          import_bert4torch)
+from babyllama.convert.bert4torch import (
+    B4T_CONFIG,
+    B4T_WEIGHTS,
+    bert4torch_builder,
+    export_bert4torch,
+    import_bert4torch,
+)
 from babyllama.convert.hf import HF_WEIGHTS, export_hf, hf_model_config, import_hf
 from babyllama.data.chat_template import render_prompt
 from babyllama.data.corpus import iter_records

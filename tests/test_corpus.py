@@ -301,7 +301,8 @@ def test_parse_play_caps_speakers_and_directions():
 
 
 def test_parse_poem_and_metadata():
-    poems = bc.parse_poem("THE SONNETS\nby William Shakespeare\n\n\nI\n\nFrom fairest creatures\nThat thereby\n", "Sonnets")
+    poems = bc.parse_poem("THE SONNETS\nby William Shakespeare\n\n\nI\n\nFrom fairest creatures\nThat thereby\n",
+                          "Sonnets")
     assert poems == [{"title": "Sonnets", "lines": ["From fairest creatures", "That thereby"],
                       "text": "From fairest creatures\nThat thereby"}]
     assert bc.play_titles("[hamlet_gut]\ntitle = Hamlet\nnotes = 100%\n") == {"hamlet_gut": "Hamlet"}

@@ -17,9 +17,16 @@ import torch
 
 from babyllama.commands import prepare as prepare_cli
 from babyllama.data.sampler import IndexPermutation, ResumableSampler
-from babyllama.data.token_bins import (TokenWindowDataset, build_pretrain_loader, check_corpus_matches,
-                                       check_tokenizer_matches, corpus_record, file_identity, prepare_token_bins,
-                                       read_meta)
+from babyllama.data.token_bins import (
+    TokenWindowDataset,
+    build_pretrain_loader,
+    check_corpus_matches,
+    check_tokenizer_matches,
+    corpus_record,
+    file_identity,
+    prepare_token_bins,
+    read_meta,
+)
 from babyllama.data.tokenizer import train_tokenizer
 from babyllama.errors import UserError
 

@@ -54,7 +54,8 @@ def test_main_guard_finds_the_os_error_behind_torch_save(capsys):
         try:
             raise OSError(errno.EFBIG, "File too large")
         except OSError:
-            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+            # as torch.save raises it: the OSError only as the context, not the cause
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")  # noqa: B904
     except RuntimeError as e:
         error = e
     assert "file size limit (ulimit -f) exceeded in the output; raise the limit" in guarded(error, capsys)

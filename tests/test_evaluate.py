@@ -16,7 +16,8 @@ from babyllama.build.builders import idiom_items
 from babyllama.data.corpus import iter_records
 from babyllama.data.tokenizer import Tokenizer, train_tokenizer
 from babyllama.errors import UserError
-from babyllama.eval import evaluate as ev, stats
+from babyllama.eval import evaluate as ev
+from babyllama.eval import stats
 from babyllama.model.llama import Llama, Output
 from babyllama.train.checkpoint import atomic_save
 

@@ -8,8 +8,14 @@ import torch
 from tiny import tiny_config
 
 from babyllama.errors import UserError
-from babyllama.model.generate import (Generator, SamplingConfig, apply_repetition_penalty, fit_context,
-                                      reference_generate, sample_next)
+from babyllama.model.generate import (
+    Generator,
+    SamplingConfig,
+    apply_repetition_penalty,
+    fit_context,
+    reference_generate,
+    sample_next,
+)
 from babyllama.model.llama import Llama
 
 GREEDY = SamplingConfig(max_new_tokens=12, temperature=0)

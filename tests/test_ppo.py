@@ -9,10 +9,20 @@ from pref_fixtures import make_tokenizer, synthetic_pairs, train_reward_model
 from tiny import tiny_config
 from torch import nn
 
-from babyllama.align.ppo import (AdaptiveKLController, FixedKLController, PolicyWithValue, PPOConfig, critic_from, gae,
-                                 make_ppo_loss, masked_whiten, per_token_rewards, policy_loss, value_loss)
-from babyllama.align.ppo_rollout import (Rollout, RolloutLoader, Rollouts, evaluate_policy, experience,
-                                         generate_rollout)
+from babyllama.align.ppo import (
+    AdaptiveKLController,
+    FixedKLController,
+    PolicyWithValue,
+    PPOConfig,
+    critic_from,
+    gae,
+    make_ppo_loss,
+    masked_whiten,
+    per_token_rewards,
+    policy_loss,
+    value_loss,
+)
+from babyllama.align.ppo_rollout import Rollout, RolloutLoader, Rollouts, evaluate_policy, experience, generate_rollout
 from babyllama.align.reward_model import RewardModel
 from babyllama.data.chat_template import IM_END, render_prompt, special_id, stop_ids
 from babyllama.model.generate import Generator, SamplingConfig

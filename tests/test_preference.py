@@ -11,8 +11,16 @@ from pref_fixtures import make_tokenizer, synthetic_pairs
 from babyllama.build.builders import poetry_pairs, prompts_of, records_to_pairs, shakespeare_pairs
 from babyllama.data.chat_template import IM_END, render_prompt
 from babyllama.data.corpus import iter_records
-from babyllama.data.preference import (REJECTIONS, PreferenceDataset, PreferencePair, build_preference_loader,
-                                       collate_pairs, encode_side, read_pairs, read_prompts)
+from babyllama.data.preference import (
+    REJECTIONS,
+    PreferenceDataset,
+    PreferencePair,
+    build_preference_loader,
+    collate_pairs,
+    encode_side,
+    read_pairs,
+    read_prompts,
+)
 from babyllama.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -317,7 +317,8 @@ def test_resume_applies_every_changed_schedule_setting_and_says_so(tmp_path, tra
                         "--eval-every", "4")
     assert proc.returncode == 0, proc.stderr
     assert ("with changed settings, applied from here on: lr 0.001 -> 0.0005, min_lr_ratio 0.1 -> 0.5, "
-            "warmup_steps 30 -> 10, max_steps 30 -> 36, weight_decay 0.1 -> 0.05, clip_grad_norm 1.0 -> 0.5") in proc.stdout
+            "warmup_steps 30 -> 10, max_steps 30 -> 36, weight_decay 0.1 -> 0.05, clip_grad_norm 1.0 -> 0.5"
+            ) in proc.stdout
     rows = {r["step"]: r for r in map(json.loads, (run.out / "pretrain" / "log.jsonl").read_text().splitlines())}
     progress = (31 - 10) / (36 - 10)  # the new cosine (warmup 10, 36 steps, floor 0.5) at step 31
     assert rows[32]["lr"] == pytest.approx(5e-4 * (0.5 + 0.25 * (1 + math.cos(math.pi * progress))))

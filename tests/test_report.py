@@ -30,7 +30,8 @@ def tiny_run(out: Path, runs: Path, stage: str, steps: int) -> None:
     batches = [tuple(torch.randint(0, 50, (2, 2, 8)).unbind(0)) for _ in range(steps)]
     trainer = Trainer(model)
     trainer.compile(optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3))
-    loggers = [cb.Evaluator(batches[:2], every=3), cb.TextLogger(out / stage / "log.jsonl"), cb.TensorBoard(runs / stage)]
+    loggers = [cb.Evaluator(batches[:2], every=3), cb.TextLogger(out / stage / "log.jsonl"),
+               cb.TensorBoard(runs / stage)]
     trainer.fit(batches, max_steps=steps, callbacks=loggers)
 
 

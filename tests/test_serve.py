@@ -1,10 +1,10 @@
-"""`serve/server.py` against real clients: the official `openai` package (and raw HTTP where the wire itself is
+"""`babyllama serve` against real clients: the official `openai` package (and raw HTTP where the wire itself is
 checked) talking to a server process on 127.0.0.1 that serves a tiny run made here.
 
 Covered: models/health, greedy = `sft/infer.py`, streaming chunks + usage + [DONE], model-ended replies, seeds,
 top_k/top_p honoured, stop strings across token boundaries, completions, every bad input as an OpenAI error,
 concurrent streams decoded together (each equal to its solo reply, a killed client disturbing nobody), 429 when
-full, disconnects freeing rows, API key, no CORS."""
+full, disconnects freeing rows, API key, no CORS; the model card's `python serve/server.py` serves the same."""
 from __future__ import annotations
 
 import json
@@ -22,6 +22,7 @@ from serve_fixtures import server, tiny_run
 from babyllama.data.chat_template import render_prompt
 from babyllama.data.tokenizer import Tokenizer
 from babyllama.model.generate import Generator, SamplingConfig
+from babyllama.serve.process import free_port
 from babyllama.shipped import REPO_ROOT as ROOT
 from babyllama.train.checkpoint import load_model
 
@@ -128,7 +129,8 @@ def test_seed_top_k_top_p(client):
     a, b, c = (ask(client, temperature=1.0, max_tokens=16, seed=s).choices[0].message.content for s in (7, 7, 8))
     assert a == b != c
     greedy = ask(client, temperature=0, max_tokens=16).choices[0].message.content
-    assert ask(client, temperature=1.5, extra_body={"top_k": 1}, max_tokens=16, seed=3).choices[0].message.content == greedy
+    top_k = ask(client, temperature=1.5, extra_body={"top_k": 1}, max_tokens=16, seed=3)
+    assert top_k.choices[0].message.content == greedy
     assert ask(client, temperature=1.5, top_p=1e-6, max_tokens=16, seed=3).choices[0].message.content == greedy
     assert ask(client, temperature=1.5, max_tokens=16, seed=3).choices[0].message.content != greedy
     two = ask(client, temperature=1.0, max_tokens=16, seed=7, n=2)
@@ -143,8 +145,8 @@ def test_stop_string_across_token_boundaries(client):
     ends = [sum(map(len, pieces[:i + 1])) for i in range(len(pieces))]  # token boundaries in the text
     cut = next(b for b in ends if 4 <= b <= len(full) - 3 and full.find(full[b - 2:b + 2]) == b - 2)
     stop = full[cut - 2:cut + 2]  # two characters from each side of a boundary
-    assert ask(client, "写一首诗", temperature=0, max_tokens=40, stop=[stop, "never-there"]).choices[0].message.content \
-        == full[:cut - 2]
+    stopped = ask(client, "写一首诗", temperature=0, max_tokens=40, stop=[stop, "never-there"])
+    assert stopped.choices[0].message.content == full[:cut - 2]
     streamed, chunks = stream_text(client, "写一首诗", temperature=0, max_tokens=40, stop=stop)
     assert "".join(streamed) == full[:cut - 2] and chunks[-1].choices[0].finish_reason == "stop"
 
@@ -266,3 +268,24 @@ def test_api_key(run):
         assert httpx.get(f"{url}/").status_code == 200  # the page holds no data; it asks for the key
         good = OpenAI(base_url=f"{url}/v1", api_key="s3cret", max_retries=0)
         assert ask(good, max_tokens=2).usage.completion_tokens == 2
+
+
+def test_the_serve_script_is_the_serve_command(run):
+    """`python serve/server.py` (the shim the model card names) starts the same server."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "serve" / "server.py"), "--out", str(run), "--port", str(port),
+                             "--device", "cpu"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1).json()
+                break
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline, "the server did not answer within 60 s"
+                time.sleep(0.1)
+        assert [m["id"] for m in models["data"]] == ["pretrain", "sft", "dpo"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

@@ -8,12 +8,31 @@ from test_chat import make_tokenizer
 from tiny import tiny_config
 
 from babyllama.build import sft as build_sft
-from babyllama.build.builders import (EN_FOLLOW_PLAY, EN_FOLLOW_WHO, EN_NEXT, ZH_AUTHOR, ZH_FOLLOW_AUTHOR, ZH_NEXT,
-                                      build_choice_items, poetry_dialogues, poetry_instructions, read_chatterbot,
-                                      self_cognition, shakespeare_dialogues, shakespeare_instructions, system_prompts)
+from babyllama.build.builders import (
+    EN_FOLLOW_PLAY,
+    EN_FOLLOW_WHO,
+    EN_NEXT,
+    ZH_AUTHOR,
+    ZH_FOLLOW_AUTHOR,
+    ZH_NEXT,
+    build_choice_items,
+    poetry_dialogues,
+    poetry_instructions,
+    read_chatterbot,
+    self_cognition,
+    shakespeare_dialogues,
+    shakespeare_instructions,
+    system_prompts,
+)
 from babyllama.data.chat_template import IGNORE_INDEX, encode_chat
-from babyllama.data.sft import (BucketBatchSampler, SFTDataset, build_sft_loader, collate_sft, padding_fraction,
-                                read_conversations)
+from babyllama.data.sft import (
+    BucketBatchSampler,
+    SFTDataset,
+    build_sft_loader,
+    collate_sft,
+    padding_fraction,
+    read_conversations,
+)
 from babyllama.errors import UserError
 
 

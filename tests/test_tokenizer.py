@@ -24,8 +24,9 @@ SYLLABLES = ("the an in re on at er ing st or en ou is it al ar ed es ly th he t
 REAL = ["床前明月光，疑是地上霜。\n举头望明月，低头思故乡。", "To be, or not to be, that is the question:\n"
         "Whether 'tis nobler in the mind to suffer", "白日依山尽，黄河入海流。欲穷千里目，更上一层楼。",
         "Now is the winter of our discontent\nMade glorious summer by this sun of York;"]
-TRICKY = ["  leading and trailing spaces  ", "tabs\tand\r\nwindows lines\n\n\nand   runs", "数字 1234567890 和 3.14",
-          "emoji 😀🎉👍🏽 and 𠮷野家 𝔘𝔫𝔦𝔠𝔬𝔡𝔢", "rare 龘 齉 Ωμέγα ñandú Ünïcödé ﬁ", "mixed 中文English混合, “引号”《书名》",
+TRICKY = ["  leading and trailing spaces  ", "tabs\tand\r\nwindows lines\n\n\nand   runs",
+          "数字 1234567890 和 3.14", "emoji 😀🎉👍🏽 and 𠮷野家 𝔘𝔫𝔦𝔠𝔬𝔡𝔢", "rare 龘 齉 Ωμέγα ñandú Ünïcödé ﬁ",
+          "mixed 中文English混合, “引号”《书名》",
           "<|im_start|>user\n你好<|im_end|>\n", "</s><s><pad><unk><0x41>", "", " ", "\n"]
 
 

@@ -40,4 +40,5 @@ def main(argv: list[str] | None = None) -> None:
     if name not in available:
         raise UserError(f"no benchmark {name!r} in {BENCH}; choose one of {', '.join(available)}")
     sys.argv = [f"babyllama bench {name}", *argv[1:]]
+    sys.path.insert(0, str(BENCH))  # as `python bench/NAME.py` has it: the scripts import their shared modules (jsonl)
     runpy.run_path(str(BENCH / f"{name}.py"), run_name="__main__")

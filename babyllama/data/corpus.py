@@ -61,7 +61,7 @@ def iter_documents(path: str | Path, fmt: str = "auto", field: str = "text") -> 
 
 
 def add_corpus_flags(parser: argparse.ArgumentParser) -> None:
-    """--corpus / --corpus-format / --corpus-field of the data scripts (the stages get them from `RunConfig`);
+    """--corpus / --corpus-format / --corpus-field of `babyllama data` (pretraining has them in `PretrainConfig`);
     the earlier spellings --input / --format / --field still work."""
     add_flag(parser, "--corpus", "--input", nargs="+", default=[str(CORPUS / "*_train.jsonl")],
              help="corpus files, directories or globs (default: the shipped training files)")
