@@ -12,8 +12,18 @@ import torch
 from babyllama import cli
 from babyllama.cli import add_dataclass_flags, apply_overrides
 from babyllama.errors import UserError
-from babyllama.train.run_config import (PRESETS, STAGE_CONFIGS, PretrainConfig, RewardConfig, RunPaths, TrainConfig,
-                                        preset_for, resolve_compile, resolve_precision, stage_config)
+from babyllama.train.run_config import (
+    PRESETS,
+    STAGE_CONFIGS,
+    PretrainConfig,
+    RewardConfig,
+    RunPaths,
+    TrainConfig,
+    preset_for,
+    resolve_compile,
+    resolve_precision,
+    stage_config,
+)
 
 
 def parse(*argv: str) -> PretrainConfig:
