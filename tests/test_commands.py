@@ -12,6 +12,7 @@ import pytest
 
 from babyllama import commands
 from babyllama.commands import chain
+from babyllama.eval import compare as compare_module
 from babyllama.train import run_record
 from babyllama.train.run_record import command_line
 
@@ -148,3 +149,12 @@ def test_torchrun_runs_the_command_as_a_module():
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith("# pretrain settings")
+
+
+def test_a_jobs_returned_status_is_the_exit_status(monkeypatch):
+    """`babyllama compare` exits 1 when a stage diverged: the dispatcher passes a job's int on."""
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    monkeypatch.setattr(compare_module, "main", lambda argv: 1)
+    with pytest.raises(SystemExit) as e:
+        commands.main(["compare", "--name", "baby"])
+    assert e.value.code == 1

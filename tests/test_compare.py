@@ -371,3 +371,21 @@ def test_collect_publishes_a_run_made_outside_the_repository_without_its_path(tm
     published = json.loads(published)
     assert published["commands"] == ["python pretrain/pretrain.py --name baby --out <run>/out"]
     assert published["config"]["out"] == "<run>/out" and published["metrics"] == METRICS
+
+
+def test_a_stage_record_with_its_own_config_matches_the_published_one_and_a_change_is_named():
+    """Records made since each stage has a config of its own keep the stage's settings in `config`; the published
+    PPO record kept them as `flags`, None where unset (the default): the same recipe must read as the same."""
+    import dataclasses
+
+    from babyllama.train.run_config import stage_config
+    from babyllama.train.run_record import portable
+
+    published = json.loads((compare.PUBLISHED / "baby" / "ppo" / "run.json").read_text(encoding="utf-8"))
+    ours = dict(published, config=portable(dataclasses.asdict(stage_config("ppo"))),
+                flags={"name": "baby", "preset": None, "resume": False, "device": "auto", "print_config": False})
+    log = compare.StageLog("ppo", Path("yours"), [1], [1.0], ours)
+    reference = compare.StageLog("ppo", Path("published"), [1], [1.0], published)
+    assert compare.check_same_recipe(log, reference) == []
+    ours["config"]["kl_target"], ours["config"]["lr"] = 2.0, 1e-4
+    assert compare.check_same_recipe(log, reference) == ["kl_target 6.0 -> 2.0", "lr 2e-05 -> 0.0001"]

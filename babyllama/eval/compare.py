@@ -24,23 +24,23 @@ A run with fewer steps than the reference is judged on the steps it has. Bad inp
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import math
 import statistics
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from babyllama.cli import main_guard
 from babyllama.data.token_bins import corpus_differences
 from babyllama.errors import UserError
 from babyllama.eval.stats import binomial_sd, wilson_interval
 from babyllama.hardware import cpu_has_native_bf16
 from babyllama.shipped import PUBLISHED
 from babyllama.train.callbacks import read_text_log
-from babyllama.train.run_record import RUN_RECORD, read_run_record
+from babyllama.train.run_config import PRESETS, STAGE_CONFIGS, preset_for
+from babyllama.train.run_record import RUN_RECORD, portable, read_run_record
 
 STAGES = ("pretrain", "sft", "reward", "dpo", "ppo")
 # The periodic validation loss: the same held-out batches in every run, so a far sharper check of the recipe than
@@ -425,13 +425,24 @@ def load_tolerance(path: Path | None) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- checks
+def settings_of(log: StageLog) -> dict[str, Any]:
+    """Every setting a stage record holds. Records made before each stage had its config kept the stage's own
+    settings as `flags`, an unset one as None: that meant the stage's default, which is filled in."""
+    record = log.record or {}
+    flags, config = record.get("flags", {}), STAGE_CONFIGS.get(log.stage)
+    if config is not None and None in flags.values():
+        name = preset_for(record.get("name") or "baby", flags.get("preset"))
+        defaults = portable(dataclasses.asdict(config.for_preset(name if name in PRESETS else "baby")))
+        flags = {k: defaults.get(k) if v is None else v for k, v in flags.items()}
+    return {**flags, **record.get("config", {})}
+
+
 def check_same_recipe(yours: StageLog, reference: StageLog) -> list[str]:
     """Refuse another preset or tokenizer (one line); list the other config fields that differ."""
     if yours.record is None or reference.record is None:
         return []
-    # a stage's own settings were `flags` in records made before each stage had its config: both are read, and
     # only the settings both records name are compared (a pretraining-only field in an old SFT record is no recipe)
-    a, b = ({**r.record.get("flags", {}), **r.record.get("config", {})} for r in (yours, reference))
+    a, b = settings_of(yours), settings_of(reference)
     shared = a.keys() & b.keys()
     a, b = {k: a[k] for k in shared}, {k: b[k] for k in shared}
     where = yours.directory / RUN_RECORD
@@ -634,7 +645,3 @@ def main(argv: list[str] | None = None) -> int:
         rows = [{**r.to_json(), "reference": str(reference_dir), "family": family} for r in results]
         Path(args.json).write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
     return 1 if any(r.judgement.verdict == DIVERGED for r in results) else 0
-
-
-if __name__ == "__main__":
-    main_guard(lambda: sys.exit(main()))

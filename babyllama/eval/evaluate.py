@@ -39,7 +39,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from babyllama.cli import add_device_flag, add_flag, main_guard
+from babyllama.cli import add_device_flag, add_flag
 from babyllama.data.corpus import iter_records
 from babyllama.data.jsonl import json_values
 from babyllama.data.tokenizer import Tokenizer
@@ -301,7 +301,3 @@ def main(argv: list[str] | None = None) -> None:
                       None if args.no_baseline else run)
     paths = write_results(result, run / "eval")
     print(to_markdown(result) + f"\nwrote {paths[0]} and {paths[1]}")
-
-
-if __name__ == "__main__":
-    main_guard(main)
