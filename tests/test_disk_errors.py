@@ -142,3 +142,22 @@ def test_tokenizer_past_the_file_size_limit_keeps_the_previous_one(tmp_path, cor
     assert last.startswith(f"error: file size limit (ulimit -f) exceeded in {out} while writing tokenizer.json")
     assert "Traceback" not in proc.stderr
     assert snapshot(out) == before  # no temp directory, no file replaced
+
+
+def test_refused_evaluation_results_keep_the_previous_ones(tmp_path):
+    """`babyllama evaluate` replaces <stage>.json/.md whole or not at all (`evaluate.write_results`)."""
+    from babyllama.eval.evaluate import write_results
+
+    small = {"stage": "sft", "checkpoint": "out/x/sft/step_00000600.pt", "step": 600, "params": 4_000_000,
+             "metrics": {"bpb": 2.5}}
+    json_path, md_path = write_results(small, tmp_path)
+    before = json_path.read_bytes(), md_path.read_bytes()
+    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from babyllama.cli import main_guard; "
+            f"from babyllama.eval.evaluate import write_results; "
+            f"big = {{**{small!r}, 'checkpoint': 'x' * 300_000}}; "  # over a 200-block (100 KiB) file-size limit
+            f"main_guard(lambda: write_results(big, {str(tmp_path)!r}))")
+    proc = subprocess.run(["bash", "-c", f"ulimit -f 200; {shlex.quote(sys.executable)} -c {shlex.quote(code)}"],
+                          capture_output=True, text=True, env=ENV, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: file size limit (ulimit -f) exceeded"), proc.stderr
+    assert (json_path.read_bytes(), md_path.read_bytes()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sft.json", "sft.md"]  # no temp file left

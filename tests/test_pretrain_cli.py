@@ -477,11 +477,14 @@ def test_two_gloo_processes_train_like_one_with_the_global_batch(tmp_path, train
     run = new_run(tmp_path, like=trained)
     launcher = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nodes}", "--node-rank={node}",
                 f"--nproc-per-node={2 // nodes}", "--master-addr=127.0.0.1", f"--master-port={free_port()}"]
-    returncode, stderr = run_process_group(launcher + run.args("--batch-size", str(BATCH // 2))[1:], timeout=300,
-                                           nodes=nodes)
+    # the card's script on one node, the `babyllama` command (torchrun -m) on two: the same job either way
+    program = [PRETRAIN] if nodes == 1 else ["-m", "babyllama", "pretrain"]
+    returncode, stderr = run_process_group(launcher + program + run.args("--batch-size", str(BATCH // 2))[2:],
+                                           timeout=300, nodes=nodes)
     assert returncode == 0, stderr[-3000:]
     record = json.loads((run.out / "pretrain" / "run.json").read_text())
     assert record["world_size"] == 2 and f"--nnodes={nodes}" in record["commands"][0]
+    assert (" -m babyllama pretrain --out " if nodes == 2 else " pretrain/pretrain.py --out ") in record["commands"][0]
     [result], _ = compare.compare_runs(run.out, trained.out, compare.load_tolerance(PUBLISHED / "baby" /
                                                                                    compare.TOLERANCE))
     assert result.judgement.verdict == "reproduced" and result.diff.largest()[0] < 1e-4

@@ -29,6 +29,7 @@ from babyllama.cli import add_device_flag, add_flag
 from babyllama.errors import UserError
 from babyllama.eval import evaluate as ev
 from babyllama.eval.compressors import describe
+from babyllama.files import write_atomic
 from babyllama.train.callbacks import Series, read_text_log
 from babyllama.train.checkpoint import latest_checkpoint
 from babyllama.train.distributed import pick_device
@@ -157,7 +158,7 @@ def make_report(name: str, root: Path, runs: Path, dest: Path, evaluated: bool =
         plots += [f"## {stage}", "", f"![{stage}]({stage}.png)", ""]
     lines += ["", *plots, "## Evaluation", "", *eval_table(out / "eval", stages), ""]
     readme = dest / "README.md"
-    readme.write_text("\n".join(lines), encoding="utf-8")
+    write_atomic(readme, "\n".join(lines).encode("utf-8"))
     return readme
 
 

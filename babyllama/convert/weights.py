@@ -10,6 +10,7 @@ from typing import Any, Iterable
 from torch import Tensor
 
 from babyllama.errors import UserError
+from babyllama.files import write_atomic
 from babyllama.model.config import ModelConfig
 from babyllama.model.llama import Llama
 from babyllama.train.checkpoint import atomic_save, checkpoint_path
@@ -60,4 +61,4 @@ def few(names: Iterable[str], n: int = 3) -> str:
 
 
 def write_json(path: Path, obj: dict[str, Any]) -> None:
-    path.write_text(json.dumps(obj, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    write_atomic(path, (json.dumps(obj, ensure_ascii=False, indent=2) + "\n").encode("utf-8"))

@@ -36,6 +36,7 @@ from typing import Any
 from babyllama.data.token_bins import corpus_differences
 from babyllama.errors import UserError
 from babyllama.eval.stats import binomial_sd, wilson_interval
+from babyllama.files import write_atomic
 from babyllama.hardware import cpu_has_native_bf16
 from babyllama.shipped import PUBLISHED
 from babyllama.train.callbacks import read_text_log
@@ -643,5 +644,5 @@ def main(argv: list[str] | None = None) -> int:
     print(f"overlay plots in {plots}")
     if args.json:
         rows = [{**r.to_json(), "reference": str(reference_dir), "family": family} for r in results]
-        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
+        write_atomic(Path(args.json), (json.dumps(rows, indent=1) + "\n").encode("utf-8"))
     return 1 if any(r.judgement.verdict == DIVERGED for r in results) else 0

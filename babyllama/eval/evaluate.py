@@ -47,6 +47,7 @@ from babyllama.errors import UserError
 from babyllama.eval import compressors as cb
 from babyllama.eval.bpb import document_ids, text_metrics, windows  # noqa: F401 (windows: used by bench/)
 from babyllama.eval.stats import wilson_interval
+from babyllama.files import write_atomic
 from babyllama.model.scoring import continuation_logprobs
 from babyllama.shipped import CHAT_CHOICES, HELDOUT, IDIOMS, PREF_VALID
 from babyllama.train.checkpoint import load_model, resolve_checkpoint
@@ -276,8 +277,9 @@ def write_results(result: dict[str, Any], out_dir: str | Path) -> tuple[Path, Pa
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out / f"{result['stage']}.json", out / f"{result['stage']}.md"
-    json_path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    md_path.write_text(to_markdown(result), encoding="utf-8")
+    # atomically: a refused write (full disk, quota) keeps the previous result whole
+    write_atomic(json_path, (json.dumps(result, indent=2) + "\n").encode("utf-8"))
+    write_atomic(md_path, to_markdown(result).encode("utf-8"))
     return json_path, md_path
 
 
