@@ -13,10 +13,11 @@ from babyllama.errors import UserError
 T = TypeVar("T")
 
 
-def set_program(words: list[str]) -> None:
-    """Name the running job as typed (`["babyllama", "sft"]`): argparse's usage lines take it from sys.argv[0], and
-    the run record writes it as the command (`train.run_record.command_line`)."""
-    sys.argv[0] = " ".join(words)
+def set_program(words: list[str], argv: list[str]) -> None:
+    """Name the running job as typed (`["babyllama", "sft"]`) with its own arguments `argv`: argparse's usage lines
+    take the name from sys.argv[0], and the run record writes sys.argv as the command
+    (`train.run_record.command_line`)."""
+    sys.argv[:] = [" ".join(words), *argv]
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

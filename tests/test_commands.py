@@ -108,6 +108,14 @@ def test_the_cards_scripts_are_the_same_jobs():
 
 
 def test_the_run_record_names_the_command_as_typed(monkeypatch):
+    from babyllama.commands import sft
+
+    seen = []
+    monkeypatch.setattr(sys, "argv", ["/usr/bin/babyllama", "sft", "--name", "x"])  # as the console script starts
+    monkeypatch.setattr(sft, "main", lambda argv: seen.append((argv, command_line(1))))
+    with pytest.raises(SystemExit):
+        commands.main()
+    assert seen == [(["--name", "x"], "babyllama sft --name x")]
     monkeypatch.setattr(sys, "argv", ["babyllama pretrain", "--name", "baby", "--corpus", str(ROOT / "x.txt")])
     assert command_line(1) == "babyllama pretrain --name baby --corpus x.txt"
     monkeypatch.setenv("WORLD_SIZE", "2")

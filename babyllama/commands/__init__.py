@@ -87,5 +87,5 @@ def main(argv: Sequence[str] | None = None) -> None:
         table = entry
     module, _, function = entry[0].partition(":")
     job_main = getattr(importlib.import_module(module), function or "main")
-    set_program(["babyllama", *path])  # argparse's usage lines and the run record name the command as typed
+    set_program(["babyllama", *path], args)  # argparse's usage lines and the run record name the command as typed
     main_guard(lambda: sys.exit(job_main(args)))  # a job's int is its exit status (compare: 1 = diverged)
