@@ -30,6 +30,8 @@ COMMANDS: Table = {
     "chat": ("babyllama.commands.chat", "chat with a fine-tuned checkpoint in the terminal"),
     "serve": ("babyllama.commands.serve", "OpenAI-compatible API and chat page"),
     "evaluate": ("babyllama.eval.evaluate", "held-out bits per byte, PPMd baseline, multiple choice"),
+    "baseline": ("babyllama.eval.compressors", "a checkpoint's held-out bits per byte beside PPMd's and xz's given the "
+                                               "same training text"),
     "compare": ("babyllama.eval.compare", "judge a run against the published one: reproduced, drifted or diverged"),
     "export": {
         "hf": ("babyllama.commands.convert:main_export_hf", "checkpoint -> transformers LlamaForCausalLM directory"),

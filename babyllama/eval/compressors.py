@@ -1,8 +1,8 @@
 """Classical-compressor baseline: what a bits-per-byte number is worth next to PPMd and xz given the same text.
 
-    python -m babyllama.eval.compressors --name my          # model vs PPMd vs xz on the run's held-out split
-    python -m babyllama.eval.compressors --name my --heldout my/test.jsonl      # on held-out text of yours
-    babyllama evaluate --name baby --stage pretrain  # beside each language's bpb too
+    babyllama baseline --name my                       # model vs PPMd vs xz on the run's held-out split
+    babyllama baseline --name my --heldout my/test.jsonl # on held-out text of yours
+    babyllama evaluate --name baby --stage pretrain    # beside each language's bpb too
 
 A compressor that has seen the training text is the honest reference for a small language model: its held-out
 bits per byte are (size of compress(train + held-out) - size of compress(train)) x 8 / held-out bytes.
@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
-from babyllama.cli import add_device_flag, add_flag, main_guard
+from babyllama.cli import add_device_flag, add_flag
 from babyllama.data.corpus import iter_corpus
 from babyllama.data.token_bins import corpus_differences, corpus_record, read_meta, val_draws
 from babyllama.data.tokenizer import Tokenizer
@@ -406,7 +406,3 @@ def main(argv: list[str] | None = None) -> None:
     lines = compare_run(Path(args.out) / args.name, args.stage, args.heldout, pick_device(args.device),
                         int(args.max_train_mb * 2**20), int(args.max_heldout_kb * 2**10))
     print("\n".join(lines))
-
-
-if __name__ == "__main__":
-    main_guard(main)
