@@ -168,7 +168,7 @@ def main_guard(main: Callable[[], Any]) -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted; resume with --resume", file=sys.stderr)
+        print("interrupted (a training stage continues with --resume, a chain when run again)", file=sys.stderr)
         sys.exit(130)
     except Exception as e:
         line = _refused_write_line(e)

@@ -65,7 +65,8 @@ def test_an_interrupted_command_says_how_to_continue(capsys):
 
     with pytest.raises(SystemExit) as e:
         cli.main_guard(interrupted)
-    assert e.value.code == 130 and capsys.readouterr().err == "interrupted; resume with --resume\n"
+    assert e.value.code == 130
+    assert capsys.readouterr().err == "interrupted (a training stage continues with --resume, a chain when run again)\n"
 
 
 def test_add_flag_accepts_old_spellings_without_showing_them():

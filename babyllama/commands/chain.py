@@ -30,7 +30,8 @@ STAGES: dict[str, tuple[str, tuple[str, ...]]] = {
                  "LLaMA to predict the next token.", ("val_loss",)),
     "sft": ("Supervised fine-tuning: learn to answer in the ChatML template from 10.8k conversations; only the "
             "assistant's tokens are learned.", ("val_loss", "before_choice_acc", "choice_acc")),
-    "reward": ("Reward model: a scalar head on the SFT model learns which of two replies people preferred.",
+    "reward": ("Reward model: a scalar head on the SFT model learns to score the preferred reply of each pair above "
+               "the other.",
                ("before_val_accuracy", "val_accuracy")),
     "dpo": ("DPO: move the SFT model towards the preferred replies directly, against a frozen copy of itself.",
             ("val_reward_accuracy", "heldout_before_score", "heldout_score", "heldout_kl")),
@@ -96,7 +97,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.no_compare:
         return
     print("\n== compare with the published run (docs/reproducibility.md says what the verdicts mean)", flush=True)
-    code = compare.main(["--name", args.name, "--out", args.out, "--stages", *order])
+    code = compare.main(["--name", args.name, "--out", args.out, "--stages", *order,
+                         *(["--preset", args.preset] if args.preset else [])])
     if code:
         raise SystemExit(code)
 

@@ -11,19 +11,16 @@ The tokenizer and the token bins are built on first use (rank 0; the others wait
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from babyllama.data.token_bins import TokenWindowDataset, build_pretrain_loader, corpus_record
 from babyllama.data.tokenizer import Tokenizer
-from babyllama.errors import UserError
 from babyllama.eval.compressors import CompressorReference, RunCorpus
 from babyllama.files import hold_lock
 from babyllama.model.generate import Generator, SamplingConfig
 from babyllama.model.llama import Llama
 from babyllama.train import callbacks as cb
-from babyllama.train.checkpoint import latest_checkpoint, load_model
+from babyllama.train.checkpoint import load_model
 from babyllama.train.distributed import shutdown
 from babyllama.train.run_config import model_config_for
 from babyllama.train.run_data import ensure_token_bins, ensure_tokenizer
@@ -39,15 +36,8 @@ from babyllama.train.stage import (
 from babyllama.train.trainer import Trainer
 
 
-def refuse_resume_without_checkpoint(resume: bool, ckpt_dir: Path) -> None:
-    """Checked before the tokenizer and data are built, so a mistyped --resume costs nothing."""
-    if resume and latest_checkpoint(ckpt_dir) is None:
-        raise UserError(f"--resume: no checkpoint in {ckpt_dir}; run without --resume to start")
-
-
 def main(argv: list[str] | None = None) -> None:
     args, run, paths, env = parse_stage_args(__doc__, "pretrain", argv)
-    refuse_resume_without_checkpoint(args.resume, paths.stage("pretrain"))
     # what this run reads stays as it is while it runs (a `babyllama data prepare` --overwrite is refused)
     if env.is_main:
         for directory in [paths.data] + ([] if run.tokenizer else [paths.tokenizer]):

@@ -30,6 +30,7 @@ from babyllama.errors import UserError
 from babyllama.eval import evaluate as ev
 from babyllama.eval.compressors import describe
 from babyllama.files import write_atomic
+from babyllama.shipped import REPO_ROOT
 from babyllama.train.callbacks import Series, read_text_log
 from babyllama.train.checkpoint import latest_checkpoint
 from babyllama.train.distributed import pick_device
@@ -167,7 +168,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--name", default="baby", help="run name")
     add_flag(ap, "--out", "--root", default="out", help="the runs' output root (the stages' --out)")
     ap.add_argument("--runs", default="runs", help="TensorBoard root (the stages' --runs)")
-    ap.add_argument("--dest", default=str(Path(__file__).resolve().parent / "report"), help="report directory")
+    ap.add_argument("--dest", default=str(REPO_ROOT / "docs" / "report"),
+                    help="report directory (default: docs/report)")
     ap.add_argument("--evaluate", action="store_true", help="first evaluate every stage that has a checkpoint")
     add_device_flag(ap, "for --evaluate: ")
     ap.add_argument("--max-docs", type=int, help="for --evaluate: held-out documents per language (default all)")

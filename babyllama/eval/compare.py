@@ -612,12 +612,14 @@ def compare_runs(yours_dir: Path, reference_dir: Path, tolerance: dict, stages: 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--name", default="baby", help="run preset and name: compares <out>/<name>")
+    ap.add_argument("--name", default="baby", help="run name: compares <out>/<name> (default: baby)")
+    ap.add_argument("--preset", choices=PRESETS, help="the recipe your run followed, whose published run is the "
+                                                      "reference (default: the --name when it is a preset, else baby)")
     ap.add_argument("--out", default="out", help="output root of your run (the stages' --out)")
     ap.add_argument("--reference", default=None,
-                    help="run directory to compare with (default: the published docs/published/<name>)")
+                    help="run directory to compare with (default: the published docs/published/<preset>)")
     ap.add_argument("--tolerance", default=None,
-                    help="tolerance.json with the measured bands (default: docs/published/<name>/tolerance.json)")
+                    help="tolerance.json with the measured bands (default: docs/published/<preset>/tolerance.json)")
     ap.add_argument("--stages", nargs="+", choices=STAGES, help="only these stages (default: all the reference has)")
     ap.add_argument("--plots", default=None, help="where the overlay PNGs go (default: <out>/<name>/compare)")
     ap.add_argument("--json", default=None, help="also write the results as JSON to this file")
@@ -625,11 +627,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="which published reference (default: the numerics your pretraining ran in)")
     args = ap.parse_args(argv)
     yours_dir = Path(args.out) / args.name
-    published = PUBLISHED / args.name
+    recipe = preset_for(args.name, args.preset)
+    published = PUBLISHED / recipe
     family, why = (args.family, "--family") if args.family else numerics_family(yours_dir)
     reference_dir = Path(args.reference) if args.reference else family_dir(published, family)
     if args.reference is None and not published.is_dir():
-        raise UserError(f"no published run for '{args.name}' (docs/published/ has "
+        raise UserError(f"no published run of preset '{recipe}' (docs/published/ has "
                         f"{', '.join(sorted(p.name for p in PUBLISHED.glob('*/') if p.is_dir())) or 'none'}); "
                         "pass --reference DIR")
     tolerance = load_tolerance(Path(args.tolerance) if args.tolerance else published / TOLERANCE)

@@ -351,8 +351,9 @@ class CompressorReference(Callback):
         writer.add_custom_scalars({"bits per byte": {"validation vs compressors": [
             "Multiline", ["val/val_bpb"] + [f"val/val_bpb_{c}" for c in COMPRESSORS]]}})
         writer.close()
-        print("held-out split of the corpus, val_bpb estimated from val_loss (exact: python -m "
-              "babyllama.eval.compressors):\n" + "\n".join(comparison_lines({"val": self.last_val_bpb}, baseline)))
+        print("held-out split of the corpus, val_bpb estimated from val_loss (exact: babyllama baseline "
+              f"--name {self.run_dir.name} --out {self.run_dir.parent}):\n"
+              + "\n".join(comparison_lines({"val": self.last_val_bpb}, baseline)))
 
 
 # ======================================================================= command line

@@ -41,12 +41,18 @@ def mps_available() -> bool:
     return torch.backends.mps.is_available()
 
 
-def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
-    """'auto' = Apple silicon's GPU (MPS) where there is one, else this rank's CUDA GPU, else the CPU; a device
-    this machine does not have is a one-line error rather than a failure at the first tensor."""
+def check_device_name(name: str) -> str:
+    """The device kind of --device `name` ("cuda" of "cuda:1"); a name that is none is a one-line error."""
     kind = name.split(":")[0]
     if kind not in DEVICES:
         raise UserError(f"--device {name}: choose one of {', '.join(DEVICES)}")
+    return kind
+
+
+def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    """'auto' = Apple silicon's GPU (MPS) where there is one, else this rank's CUDA GPU, else the CPU; a device
+    this machine does not have is a one-line error rather than a failure at the first tensor."""
+    kind = check_device_name(name)
     if name == "auto":
         name = "mps" if mps_available() else "cuda" if torch.cuda.is_available() else "cpu"
     elif kind == "cuda" and not torch.cuda.is_available():

@@ -37,6 +37,7 @@ _NO_AUTOCAST = ("fp32", "none", "no")
 _PRECISIONS = ("auto", "bf16", "fp16", *_NO_AUTOCAST)
 PRESETS = ("baby", "0.2b", "1.1b")  # --preset; baby is every stage's defaults
 DPO_LOSSES = ("sigmoid", "ipo")
+_COMPILE = ("auto", "on", "off", "true", "false", "yes", "no", "1", "0")
 
 
 def setting(default: Any, help: str, **kw: Any) -> Any:
@@ -59,14 +60,14 @@ class TrainConfig:
     """The optimizer, schedule, loop and outputs of every training stage. The fields without a default here
     are set by each stage's config: they are what differs between stages."""
 
-    batch_size: int = setting(None, "sequences (for reward and DPO: preference pairs) per rank and micro-batch")
+    batch_size: int = setting(None, "samples per rank and micro-batch: sequences (pretrain, sft), preference pairs "
+                                    "(reward, dpo), replies per minibatch (ppo)")
     lr: float = setting(None, "peak learning rate (after warmup; cosine decay to --min-lr-ratio of it)")
     min_lr_ratio: float = setting(None, "the learning rate at the last step, as a share of --lr")
     warmup_steps: int = setting(None, "linear warmup steps")
     max_steps: int = setting(None, "optimizer steps of the run (the schedule's length)")
     weight_decay: float = setting(None, "AdamW weight decay (not on norms and biases)")
     eval_every: int = setting(None, "evaluate every this many steps")
-    eval_batches: int = setting(None, "batches per periodic evaluation")
     ckpt_every: int = setting(None, "checkpoint every this many steps (and at the end)")
     model: str = setting("baby", "model preset (babyllama.model.config.PRESETS), or the path of a checkpoint or "
                                  "config.json whose architecture to use")
@@ -103,7 +104,9 @@ class TrainConfig:
         ("clip_grad_norm", lambda v: v >= 0, "0 (off) or more"),
         ("on_nonfinite", lambda v: v in ("stop", "skip"), "stop or skip"),
         ("loss_spike_factor", lambda v: v == 0 or v > 1, "0 (off) or above 1"),
-        ("eval_every", lambda v: v >= 1, "at least 1"), ("eval_batches", lambda v: v >= 1, "at least 1"),
+        ("eval_every", lambda v: v >= 1, "at least 1"),
+        ("mixed_precision", lambda v: v.lower() in _PRECISIONS, "auto, bf16, fp16 or fp32 (none)"),
+        ("torch_compile", lambda v: v.lower() in _COMPILE, "auto, on or off"),
         ("ckpt_every", lambda v: v >= 1, "at least 1"), ("keep_checkpoints", lambda v: v >= 0, "0 (keep all) or more"),
         ("log_every", lambda v: v >= 1, "at least 1"), ("seq_len", lambda v: v is None or v >= 2, "at least 2"))
 
@@ -121,7 +124,16 @@ class TrainConfig:
 
 
 @dataclass(kw_only=True)
-class PretrainConfig(TrainConfig):
+class BatchedEvaluation:
+    """Periodic evaluation on held-out batches (pretrain, sft, reward, dpo; PPO evaluates on held-out prompts)."""
+
+    eval_batches: int = setting(None, "batches per periodic evaluation")
+
+    RULES: ClassVar[tuple[Rule, ...]] = (("eval_batches", lambda v: v >= 1, "at least 1"),)
+
+
+@dataclass(kw_only=True)
+class PretrainConfig(BatchedEvaluation, TrainConfig):
     """Pretraining's own settings: the corpus and the tokenizer it trains. The baby values take minutes on 2 CPU
     cores with the shipped corpus: batch 8 x 1200 steps gave the best held-out bits per byte of the sweep in
     docs/baseline.md for the time 16 x 600 takes (2.329 vs 2.376; batch 4 and lr 6e-4 / 2e-3 were worse)."""
@@ -157,7 +169,7 @@ class PretrainConfig(TrainConfig):
 
 
 @dataclass(kw_only=True)
-class SFTConfig(TrainConfig):
+class SFTConfig(BatchedEvaluation, TrainConfig):
     """SFT's own settings: the conversations it learns and the items it is scored on. The baby values are about
     0.9 epoch of the shipped 10.8k conversations, with choice_acc (~10 s on 2 cores) every 100 steps."""
 
@@ -225,7 +237,7 @@ class HeldOutEvaluation:
 
 
 @dataclass(kw_only=True)
-class RewardConfig(PreferenceData, TrainConfig):
+class RewardConfig(BatchedEvaluation, PreferenceData, TrainConfig):
     """The reward model's settings (a scalar head on the SFT model, Bradley-Terry loss on preference pairs)."""
 
     batch_size: int = 8
@@ -245,7 +257,7 @@ class RewardConfig(PreferenceData, TrainConfig):
 
 
 @dataclass(kw_only=True)
-class DPOConfig(HeldOutEvaluation, PreferenceData, TrainConfig):
+class DPOConfig(BatchedEvaluation, HeldOutEvaluation, PreferenceData, TrainConfig):
     """DPO's own settings. The baby lr and steps were measured on the baby chain (docs/rlhf.md "DPO and PPO side by
     side"): 120 steps at 5e-5 drift 15 nats/reply from SFT and lower the reward model's score; 40 at 3e-5 raise it
     at PPO's KL."""
@@ -297,7 +309,6 @@ class PPOConfig(HeldOutEvaluation, TrainConfig):
     max_steps: int = 80
     weight_decay: float = 0.0
     eval_every: int = 40
-    eval_batches: int = 20
     ckpt_every: int = 40
     prompts: list[str] = setting([str(PREFERENCE / "pref_train.jsonl")],
                                  "training prompts: JSON lines with 'messages' or 'prompt' (default: the reward "
@@ -322,8 +333,8 @@ class PPOConfig(HeldOutEvaluation, TrainConfig):
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "0.2b": dict(model="0.2b", grad_accum=2, lr=1e-6, warmup_steps=20, max_steps=1000, eval_every=100,
-                     eval_batches=50, ckpt_every=200, log_every=10),
-        "1.1b": dict(model="1.1b", grad_accum=8, eval_batches=50, log_every=10)}
+                     ckpt_every=200, log_every=10),
+        "1.1b": dict(model="1.1b", grad_accum=8, log_every=10)}
     RULES: ClassVar[tuple[Rule, ...]] = (
         ("prompts", lambda v: all(Path(p).is_file() for p in v), "existing files"),
         ("rollout_size", lambda v: v >= 1, "at least 1"), ("ppo_epochs", lambda v: v >= 1, "at least 1"),

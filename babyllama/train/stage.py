@@ -21,7 +21,7 @@ from babyllama.model.config import ModelConfig
 from babyllama.model.llama import Llama
 from babyllama.train import callbacks as cb
 from babyllama.train.checkpoint import check_model_config, latest_checkpoint, list_checkpoints, load_model
-from babyllama.train.distributed import DistEnv, init_distributed
+from babyllama.train.distributed import DistEnv, check_device_name, init_distributed
 from babyllama.train.optim import build_adamw, warmup_cosine
 from babyllama.train.run_config import (
     PRESETS,
@@ -64,6 +64,7 @@ def parse_stage_args(description: str, stage: str, argv: list[str] | None = None
         raise UserError(foreign_flag_message(unknown, stage, parser.prog))
     run = apply_overrides(defaults, args)
     run.check()
+    check_device_name(args.device)
     if args.print_config:
         print(describe_config(run, args, stage, chosen))
         raise SystemExit(0)
@@ -74,6 +75,8 @@ def parse_stage_args(description: str, stage: str, argv: list[str] | None = None
         hold_lock(ckpt_dir, f"{stage} run")
     if list_checkpoints(ckpt_dir) and not args.resume:
         raise UserError(f"{ckpt_dir} already has checkpoints; pass --resume to continue, or --out to start elsewhere")
+    if args.resume and not list_checkpoints(ckpt_dir):  # before any data is read: a mistyped --resume costs nothing
+        raise UserError(f"--resume: no checkpoint in {ckpt_dir}; run without --resume to start")
     return args, run, paths, env
 
 
