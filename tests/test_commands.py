@@ -93,6 +93,25 @@ def test_a_flag_of_another_stage_is_one_line_naming_that_stage():
         parse_stage_args("", "pretrain", ["--train-data", "x"])
     with pytest.raises(UserError, match="^unrecognized argument --bogus; .* --help lists the flags"):
         parse_stage_args("", "dpo", ["--bogus"])
+    with pytest.raises(UserError, match="^--eval-batches is a setting of pretrain and sft and reward and dpo; ppo"):
+        parse_stage_args("", "ppo", ["--eval-batches", "5"])  # PPO evaluates on held-out prompts, not batches
+
+
+def test_settings_a_run_cannot_use_are_refused_before_any_work(tmp_path):
+    for flags, message in ((["--mixed-precision", "fp8"], "--mixed-precision fp8: must be auto, bf16, fp16 or fp32"),
+                           (["--torch-compile", "maybe"], "--torch-compile maybe: must be auto, on or off"),
+                           (["--device", "tpu"], "--device tpu: choose one of auto, cpu, cuda, mps"),
+                           (["--resume"], "--resume: no checkpoint in")):
+        with pytest.raises(UserError, match=f"^{message}"):
+            parse_stage_args("", "sft", [*flags, "--out", str(tmp_path / "out")])
+
+
+def test_a_run_of_another_name_is_compared_with_its_presets_published_run(tmp_path):
+    (tmp_path / "my-run").mkdir()
+    with pytest.raises(UserError, match="none of the reference's stages .* has a log; run babyllama pretrain first"):
+        compare_module.main(["--name", "my-run", "--out", str(tmp_path)])  # the published baby run is the reference
+    with pytest.raises(UserError, match="no published run of preset '0.2b'"):
+        compare_module.main(["--name", "my-run", "--preset", "0.2b", "--out", str(tmp_path)])
 
 
 def test_the_cards_scripts_are_the_same_jobs():
