@@ -1,5 +1,6 @@
 """Output directories that scripts write into: a non-empty one is never overwritten by accident, and a rename
-into one is made durable (`fsync_dir`, `write_atomic`)."""
+into one is made durable (`fsync_dir`, `write_atomic`); a file (`atomic_file`) or a directory (`staged_dir`) is
+written beside its place and renamed there only when complete."""
 from __future__ import annotations
 
 import atexit
@@ -26,22 +27,23 @@ LOCK_FILE = ".lock"
 _held_locks: dict[Path, int] = {}  # directory -> open descriptor holding its lock, for the life of the process
 
 
-def hold_lock(directory: Path, what: str = "run") -> None:
+def hold_lock(directory: Path, what: str = "run", flag: str = "--out") -> None:
     """Lock `directory` for this process until it exits (flock on <directory>/.lock, which names `what` holds it and
-    its PID): a second run on the same directory stops with one line naming the holder. The kernel drops the lock
+    its PID): a second run on the same directory stops with one line naming the holder and `flag`, the option that
+    chose `directory` (the stages' --out). The kernel drops the lock
     when its process dies, so a killed run's lock never needs cleaning up. At exit the lock file goes, and so do
     the directories made for it if nothing else was written there (a refused run leaves no trace). Local
     filesystems only (flock is unreliable on NFS)."""
-    taken = _acquire(Path(directory).resolve(), what)
+    taken = _acquire(Path(directory).resolve(), what, flag)
     if taken is not None:
         atexit.register(_release, *taken)
 
 
 @contextlib.contextmanager
-def locked(directory: Path, what: str) -> Iterator[None]:
-    """`hold_lock` for the duration of a block (a library call that builds `directory`), unless this process
-    holds it already."""
-    taken = _acquire(Path(directory).resolve(), what)
+def locked(directory: Path, what: str, flag: str = "--dest") -> Iterator[None]:
+    """`hold_lock` for the duration of a block (a library call that builds `directory`: a tokenizer or token data,
+    chosen by `babyllama data`'s --dest), unless this process holds it already."""
+    taken = _acquire(Path(directory).resolve(), what, flag)
     try:
         yield
     finally:
@@ -49,7 +51,7 @@ def locked(directory: Path, what: str) -> Iterator[None]:
             _release(*taken)
 
 
-def _acquire(directory: Path, what: str) -> tuple[Path, int, list[Path]] | None:
+def _acquire(directory: Path, what: str, flag: str) -> tuple[Path, int, list[Path]] | None:
     if fcntl is None or directory in _held_locks:
         return None
     made = [p for p in (directory, *directory.parents) if not p.exists()]
@@ -63,7 +65,7 @@ def _acquire(directory: Path, what: str) -> tuple[Path, int, list[Path]] | None:
             holder = os.read(fd, 200).decode(errors="replace").strip() or "run (PID unknown)"
             os.close(fd)
             raise UserError(f"{directory} is in use by another {holder}; wait for it to finish, "
-                            "or pass another --out") from None
+                            f"or pass another {flag}") from None
         with contextlib.suppress(FileNotFoundError):
             if os.stat(path).st_ino == os.fstat(fd).st_ino:
                 break  # else its holder removed the file as we opened it: lock the new one
@@ -106,12 +108,35 @@ def refused_write(error: BaseException | None) -> OSError | None:
 
 
 def refused_write_line(error: OSError, path: Path | None = None) -> str:
-    """`refused_write`'s error as one line: what happened, to which file (the error's, else `path`), what to do."""
+    """`refused_write`'s error as one line: what happened, to which file (the error's, else `path`; in a
+    `staged_dir`, the file it becomes), what to do."""
     what, fix = _REFUSED_WRITES[error.errno]
     file = Path(os.fsdecode(error.filename)) if error.filename else path
+    file = _meant(file) if file else None
     where = f"{file.parent} while writing {file.name}" if file else "the output"
     return (f"{what} {where}; {fix} or write elsewhere (another --out or --dest), then run again (a training stage "
             "continues with --resume)")
+
+
+def io_error_of(error: BaseException, path: Path) -> OSError | None:
+    """The OSError behind an I/O error that a Rust library (safetensors, tokenizers) raises as a bare Exception
+    "... (os error N)", for the file it was writing (`path`); None for any other error."""
+    code = re.search(r"\(os error (\d+)\)", str(error))
+    return OSError(int(code[1]), os.strerror(int(code[1])), str(path)) if code else None
+
+
+def _short_write_refusal(fd: int, error: BaseException) -> OSError | None:
+    """Why a write into the file `fd` came up short, where the writer said so without the errno (numpy's `tofile`,
+    which GGUF writers use: "N requested and M written"): one more byte written past the end of the file (a temp
+    file that is removed next) asks the kernel again, and a refusal for space, quota or size is the answer. None for
+    other errors, or when the kernel takes the byte now."""
+    if not (isinstance(error, OSError) and error.errno is None and "written" in str(error)):
+        return None
+    try:
+        os.pwrite(fd, b"\0", os.fstat(fd).st_size)
+    except OSError as e:
+        return e if e.errno in _REFUSED_WRITES else None
+    return None
 
 
 def raise_if_disk_full(path: Path, error: BaseException) -> None:
@@ -158,15 +183,23 @@ def fsync_dir(directory: Path) -> None:
 def atomic_file(path: Path) -> Iterator[BinaryIO]:
     """A binary file whose contents replace `path` whole or not at all, durably: it is a temp file
     `.<name>.<random>.tmp` beside `path`, fsynced and renamed over it when the block ends (then the rename is made
-    durable), removed if the block raises. A kill can leave the temp file; `is_partial_write` recognises it."""
+    durable), removed if the block raises. A kill can leave the temp file; `is_partial_write` recognises it.
+    A short write reported without its errno (numpy's) is asked about again (`_short_write_refusal`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would make checkpoints private; follow the umask like open()
     try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
+        with open(tmp, "wb") as f:  # f.name: the temp file, for a writer that opens files by name (gguf's)
+            try:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            except Exception as e:
+                refused = _short_write_refusal(f.fileno(), e)
+                if refused is None:
+                    raise
+                raise refused from e
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
@@ -184,3 +217,88 @@ def is_partial_write(entry: Path, name_pattern: str) -> bool:
     """Whether `entry` is the temp file `atomic_file` left when killed while writing a file named like the
     regular expression `name_pattern`."""
     return re.fullmatch(rf"\.(?:{name_pattern})\..+\.tmp", entry.name) is not None
+
+
+_staged: dict[Path, Path] = {}  # temp directory of a `staged_dir` being written -> the directory it becomes
+
+
+@contextlib.contextmanager
+def staged_dir(out: Path, replaces: Callable[[Path], bool] = lambda entry: False) -> Iterator[Path]:
+    """A directory whose new contents arrive whole or not at all: the block writes them into a temp directory
+    `.<name>.<random>.tmp` beside `out`. When the block ends they are made durable and put in place: the temp
+    directory is renamed to `out` if there is none yet, else each entry is renamed over its namesake in `out`
+    (a directory is set aside first), then the entries of `out` for which `replaces(entry)` holds and that the new
+    contents lack are removed; others are left alone. If the block raises, the temp directory goes and `out` is as
+    it was; a write refused for space, quota or file size is one line naming the file in `out` (a UserError).
+    Which existing directory may be written over is the caller's (`claim_out_dir`)."""
+    out = Path(out)
+    made = [p for p in out.parents if not p.exists()]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    os.chmod(tmp, 0o777 & ~_UMASK)
+    _staged[Path(os.path.abspath(tmp))] = out
+    try:
+        yield tmp
+        _sync_tree(tmp)
+        if not out.exists():
+            os.rename(tmp, out)
+            fsync_dir(out.parent)
+            return
+        new = {entry.name for entry in tmp.iterdir()}
+        for entry in tmp.iterdir():
+            _put(entry, out / entry.name)
+        for entry in out.iterdir():
+            if entry.name not in new and replaces(entry):
+                _remove(entry)
+        tmp.rmdir()
+        fsync_dir(out)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for directory in made:  # innermost first: a refused write leaves no trace
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+        raise_if_disk_full(out, e)
+        raise
+    finally:
+        del _staged[Path(os.path.abspath(tmp))]
+
+
+def _meant(path: Path) -> Path:
+    """`path`, or for a file inside a `staged_dir` being written, the file it becomes (what an error names)."""
+    absolute = Path(os.path.abspath(path))
+    for tmp, out in _staged.items():
+        if absolute.is_relative_to(tmp):
+            return out / absolute.relative_to(tmp)
+    return path
+
+
+def _sync_tree(directory: Path) -> None:
+    for entry in directory.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            _sync_tree(entry)
+        elif entry.is_file():
+            fd = os.open(entry, os.O_RDWR)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    fsync_dir(directory)
+
+
+def _put(new: Path, dest: Path) -> None:
+    """Rename `new` to `dest`; an existing `dest` that a rename cannot replace (a directory, or a file where `new`
+    is a directory) is renamed aside first and removed after."""
+    aside = None
+    if dest.exists() and (new.is_dir() or (dest.is_dir() and not dest.is_symlink())):
+        aside = dest.with_name(f".{dest.name}.{os.urandom(4).hex()}.old")
+        os.rename(dest, aside)
+    os.replace(new, dest)
+    if aside is not None:
+        _remove(aside)
+
+
+def _remove(entry: Path) -> None:
+    if entry.is_dir() and not entry.is_symlink():
+        shutil.rmtree(entry)
+    else:
+        entry.unlink()

@@ -1,11 +1,12 @@
-"""Data-preparation throughput on CPU: babyllama's prepare_token_bins (1 and N workers) vs the seed's way
-(baby-llama2-chinese data_process.py: one process, a Python list of all ids, one np.array at the end), same run.
+"""Data-preparation throughput on CPU: babyllama's prepare_token_bins vs the seed's way, in the same run.
 
-    python bench/data_prep.py                          # shipped corpus x --repeat, vocab 4096 tokenizer trained here
-    python bench/data_prep.py --tokenizer out/baby/tokenizer --input my_corpus.jsonl --workers 1,4,8
-    python bench/data_prep.py --smoke                  # small slice (CI keeps this working)
+    babyllama bench data_prep                          # shipped corpus x --repeat, vocab 4096 tokenizer trained here
+    babyllama bench data_prep --tokenizer out/baby/tokenizer --input my_corpus.jsonl --workers 1,4,8
+    babyllama bench data_prep --smoke                  # small slice (CI keeps this working)
 
-Prints one JSON object per system: documents/s, tokens/s, MB/s of text, peak extra memory of the baseline's list.
+Ours runs with 1 and N workers (--workers); the seed's way is baby-llama2-chinese data_process.py: one process, a
+Python list of all ids, one np.array at the end. Prints one JSON object per system: documents/s, tokens/s, MB/s of
+text, peak extra memory of the baseline's list.
 """
 from __future__ import annotations
 

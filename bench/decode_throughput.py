@@ -1,9 +1,9 @@
 """Greedy decoding throughput: babyllama's Generator (eager and compiled) vs HF `generate`, same weights.
 
-    python bench/decode_throughput.py                 # 0.2B config in bf16 on the GPU, batch 1 and 8
-    python bench/decode_throughput.py --smoke         # tiny config on CPU
-    python bench/decode_throughput.py --config baby   # the baby preset (4,096-token vocab), e.g. on a CPU
-    python bench/decode_throughput.py --batches 1 --systems ours-compiled,ours-compiled-unfused   # a lever
+    babyllama bench decode_throughput                 # 0.2B config in bf16 on the GPU, batch 1 and 8
+    babyllama bench decode_throughput --smoke         # tiny config on CPU
+    babyllama bench decode_throughput --config baby   # the baby preset (4,096-token vocab), e.g. on a CPU
+    babyllama bench decode_throughput --batches 1 --systems ours-compiled,ours-compiled-unfused   # a lever
 
 ours-compiled decodes with fused q|k|v and gate|up weights (`Llama.fuse_projections`); -unfused without.
 

@@ -1,13 +1,13 @@
-"""How closely llama.cpp runs our GGUF export of a trained stage: greedy agreement and held-out loss/bpb per dtype.
+"""How closely llama.cpp runs our GGUF export of a stage: greedy agreement and held-out loss/bpb per dtype.
 
-    python bench/gguf_agreement.py --out out --name baby --stage sft \
+    babyllama bench gguf_agreement --out out --name baby --stage sft \\
         --dest bench/results/<date>_cpu_gguf_agreement.jsonl
 
 For each export (f32, f16, q8_0) and each prompt (raw text for any stage, chat prompts too for chat stages):
 `agree` = how many greedy tokens llama.cpp produces before its first difference from ours, out of `of` (up to the
 model's context, end tokens not honoured), and at that point our top-2 logit margin (small = a near-tie that any
 rounding flips). Then `loss`/`bpb` on the first --docs held-out documents per language, scored exactly as
-`babyllama.eval.evaluate` does (`</s>` + text, windows of the context), from llama.cpp's logits and from ours.
+`babyllama evaluate` does (`</s>` + text, windows of the context), from llama.cpp's logits and from ours.
 Chat stages: `same_reply` compares llama-cpp-python's `create_chat_completion` (the file's own template, greedy,
 stops at <|im_end|>) with our chat session's greedy reply (`babyllama chat --temperature 0`) to each question.
 """

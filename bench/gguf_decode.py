@@ -1,19 +1,19 @@
-"""Decode speed at batch 1 on this CPU: llama.cpp (our GGUF export in f32, f16, q8_0) vs babyllama eager and
-compiled, same checkpoint, same prompt, same number of greedy tokens, same thread count, same run.
+"""Decode speed at batch 1 on this CPU: llama.cpp running our GGUF export vs babyllama, in the same run.
 
-    python bench/gguf_decode.py --out out --name baby --stage sft --dest bench/results/<date>_cpu_gguf_decode.jsonl
+    babyllama bench gguf_decode --out out --name baby --stage sft --dest bench/results/<date>_cpu_gguf_decode.jsonl
 
-Each call generates --new-tokens greedy tokens after the prompt (prompt processing included, end tokens not
-honoured, so every system does the same work). After one untimed call each (compilation, llama.cpp's first
-allocation: `first_call_s`), the systems take turns for --repeats rounds, so that load from other processes falls
-on all of them alike; tokens/s = new tokens / the median seconds of a call. Both torch and llama.cpp use OpenMP,
-and a decode step is hundreds of tiny parallel regions, so how idle OpenMP threads wait decides the numbers more
-than anything else: the script sets OMP_WAIT_POLICY=ACTIVE (spin, unless set otherwise), the fastest and the
-steadiest setting for both sides on the 2-core dev machine (PASSIVE: threads sleep between regions, llama.cpp
-3-14x slower and noisy; unset: one runtime's spinning threads starved the other's, ours 10x slower).
-`same_tokens_as_eager`: share of the generated tokens equal to our eager path's. llama.cpp runs through
-llama-cpp-python (`pip install -r requirements-gguf.txt`) with its default context settings (f16 KV cache), as a
-user of the file gets it.
+llama.cpp runs the export in f32, f16 and q8_0, babyllama eager and compiled: same checkpoint, same prompt, same
+number of greedy tokens, same thread count. Each call generates --new-tokens greedy tokens after the prompt (prompt
+processing included, end tokens not honoured, so every system does the same work). After one untimed call each
+(compilation, llama.cpp's first allocation: `first_call_s`), the systems take turns for --repeats rounds, so that
+load from other processes falls on all of them alike; tokens/s = new tokens / the median seconds of a call. Both
+torch and llama.cpp use OpenMP, and a decode step is hundreds of tiny parallel regions, so how idle OpenMP threads
+wait decides the numbers more than anything else: the script sets OMP_WAIT_POLICY=ACTIVE (spin, unless set
+otherwise), the fastest and the steadiest setting for both sides on the 2-core dev machine (PASSIVE: threads sleep
+between regions, llama.cpp 3-14x slower and noisy; unset: one runtime's spinning threads starved the other's, ours
+10x slower). `same_tokens_as_eager`: share of the generated tokens equal to our eager path's. llama.cpp runs
+through llama-cpp-python (`pip install -r requirements-gguf.txt`) with its default context settings (f16 KV cache),
+as a user of the file gets it.
 """
 from __future__ import annotations
 

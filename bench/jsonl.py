@@ -1,5 +1,6 @@
-"""Result rows of the benchmarks: printed as JSON and appended to the --dest file as each one is measured, so the
-rows measured before a time limit stops a run are kept."""
+"""Result rows of the benchmarks: printed as JSON and appended to the --dest file as each one is measured.
+
+The rows measured before a time limit stops a run are thus kept."""
 from __future__ import annotations
 
 import json

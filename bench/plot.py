@@ -1,6 +1,6 @@
 """Bar chart of tokens/s per system or lever from benchmark result files (JSON lines written with --dest).
 
-    python bench/plot.py bench/results/*_train.jsonl --dest docs/performance_train.png
+    babyllama bench plot bench/results/*_train.jsonl --dest docs/performance_train.png
 """
 from __future__ import annotations
 

@@ -1,10 +1,11 @@
-"""Where a training step's device time goes: torch.profiler over a few steps of our trainer (compiled on a GPU),
-kernels grouped into matrix products, attention, inductor's fused kernels, optimizer, communication and other.
+"""Where a training step's device time goes: torch.profiler over a few steps of our trainer, kernels grouped.
 
-    python bench/profile_step.py                        # 0.2B config, batch 16 x 1024, bf16, on the GPU
-    python bench/profile_step.py --smoke                # tiny config on CPU (CI keeps this working)
+    babyllama bench profile_step                        # 0.2B config, batch 16 x 1024, bf16, on the GPU
+    babyllama bench profile_step --smoke                # tiny config on CPU (CI keeps this working)
 
-Prints the share of device time per group, then the top kernels, then both as one JSON line (`--dest` appends it).
+The trainer is compiled on a GPU; kernels are grouped into matrix products, attention, inductor's fused kernels,
+optimizer, communication and other. Prints the share of device time per group, then the top kernels, then both as
+one JSON line (`--dest` appends it).
 """
 from __future__ import annotations
 

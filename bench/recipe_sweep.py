@@ -1,8 +1,8 @@
 """Pretraining recipes for the `baby` preset, measured: held-out bits per byte against CPU minutes.
 
-    python bench/recipe_sweep.py --work /tmp/sweep --dest bench/results/sweep.jsonl          # every recipe
-    python bench/recipe_sweep.py --work /tmp/sweep --recipes 8x1200,8x2400                    # some of them
-    python bench/recipe_sweep.py --smoke                                                      # CI keeps it working
+    babyllama bench recipe_sweep --work /tmp/sweep --dest bench/results/sweep.jsonl          # every recipe
+    babyllama bench recipe_sweep --work /tmp/sweep --recipes 8x1200,8x2400                    # some of them
+    babyllama bench recipe_sweep --smoke                                                      # CI keeps it working
 
 Each recipe is `babyllama pretrain` with some flags (and, for another model shape, an HF config.json it writes
 as --model), run one after another, all on one tokenizer and one set of token bins: the first recipe builds them,

@@ -1,7 +1,7 @@
 """Serving throughput: N concurrent streaming clients against `babyllama serve`, batched vs one at a time.
 
-    python bench/serve_throughput.py --out out --name baby                  # 1, 4, 16 clients, the run's sft stage
-    python bench/serve_throughput.py --out out --name baby --clients 1,4 --max-tokens 32 --dest rows.jsonl
+    babyllama bench serve_throughput --out out --name baby                  # 1, 4, 16 clients, the run's sft stage
+    babyllama bench serve_throughput --out out --name baby --clients 1,4 --max-tokens 32 --dest rows.jsonl
 
 For each N, the same N requests (different questions, fixed seeds, streamed) arrive together at two servers over the
 same run: one decoding up to 16 rows together (the default), one with --max-batch 1 (each client served after the

@@ -1,10 +1,10 @@
 """Training throughput of babyllama's trainer vs HF transformers (and bert4torch when installed), same run.
 
-    python bench/train_throughput.py                          # 0.2B config, batch 16 x 1024, bf16, on the GPU:
+    babyllama bench train_throughput                          # 0.2B config, batch 16 x 1024, bf16, on the GPU:
                                                               # ours vs HF vs bert4torch (when installed)
-    python bench/train_throughput.py --levers                 # our trainer with each speed lever on/off
-    python bench/train_throughput.py --smoke                  # tiny config on CPU (CI keeps this working)
-    python bench/train_throughput.py --systems ours,ours-ddp  # DDP overhead at world size 1 vs plain
+    babyllama bench train_throughput --levers                 # our trainer with each speed lever on/off
+    babyllama bench train_throughput --smoke                  # tiny config on CPU (CI keeps this working)
+    babyllama bench train_throughput --systems ours,ours-ddp  # DDP overhead at world size 1 vs plain
 
 Prints one JSON object per system (tokens/s, MFU against the detected GPU's peak, peak memory, loss) and a table.
 Every system sees the same random token batches, steps and optimizer settings; timing excludes warm-up steps.

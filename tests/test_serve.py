@@ -21,6 +21,7 @@ from serve_fixtures import server, tiny_run
 
 from babyllama.data.chat_template import render_prompt
 from babyllama.data.tokenizer import Tokenizer
+from babyllama.errors import UserError
 from babyllama.model.generate import Generator, SamplingConfig
 from babyllama.serve.process import free_port
 from babyllama.shipped import REPO_ROOT as ROOT
@@ -289,3 +290,14 @@ def test_the_serve_script_is_the_serve_command(run):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_a_server_that_cannot_start_is_a_user_error(tmp_path):
+    """A run that is not there: the server's own one-line error, as a UserError (one line from `main_guard`, as in
+    `babyllama screenshot --out nowhere`), not a traceback around the server's stderr."""
+    with pytest.raises(UserError) as e:
+        with server(tmp_path / "nowhere"):
+            pass
+    message = str(e.value)
+    assert message.startswith(f"{tmp_path / 'nowhere' / 'baby' / 'tokenizer'}: tokenizer not found"), message
+    assert "\n" not in message and "error:" not in message and "Traceback" not in message

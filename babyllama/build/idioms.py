@@ -14,8 +14,9 @@ from babyllama.shipped import IDIOMS
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dest", default=str(IDIOMS), help="where to write the items")
-    ap.add_argument("--n", type=int, default=400, help="idioms to sample (items with too few endings are skipped)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--n", type=int, default=400,
+                    help="idioms to sample; items with too few endings are skipped (default: 400)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the sampled idioms and endings (default: 0)")
     args = ap.parse_args(argv)
     print(f"wrote {build_idiom_file(args.dest, args.n, args.seed)}")
 

@@ -28,11 +28,13 @@ from babyllama.shipped import REPO_ROOT
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--corpus-dir", type=Path, default=REPO_ROOT / "data" / "corpus")
+    p.add_argument("--corpus-dir", type=Path, default=REPO_ROOT / "data" / "corpus",
+                   help="folder of the shipped corpus files templated from (default: data/corpus)")
     p.add_argument("--chatterbot-dir", type=Path, default=None,
                    help="chatterbot-corpus data folder (default: the installed package)")
-    p.add_argument("--dest", type=Path, default=REPO_ROOT / "data" / "sft")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dest", type=Path, default=REPO_ROOT / "data" / "sft",
+                   help="folder to write the sets and their README to (default: data/sft)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every random choice (default: 0)")
     p.add_argument("--assistant-name", default="BabyLlama", help="the assistant's name in the self-cognition set")
     p.add_argument("--author", default="babyllama", help="the assistant's author in the self-cognition set")
     p.add_argument("--self-repeat", type=int, default=3, help="copies of the (small) self-cognition set")
@@ -40,7 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shakespeare-per-task", type=int, default=900, help="examples per templated en task (4)")
     p.add_argument("--dialogues", type=int, default=500, help="multi-turn conversations per language")
     p.add_argument("--system-share", type=float, default=0.2, help="share of conversations given a system prompt")
-    p.add_argument("--valid-size", type=int, default=300)
+    p.add_argument("--valid-size", type=int, default=300, help="examples held out as sft_valid.jsonl (default: 300)")
     # Every usable line pair of the held-out files (684 zh, 818 en): an accuracy near 27% then has a binomial
     # standard error of 1.1 points overall; one item per held-out record (376) gave 2.3 and could not show a
     # 5-point change.
@@ -48,8 +50,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--choice-per-record", type=int, default=30,
                    help="items drawn from one held-out poem or speech, at most (different lines of it)")
     p.add_argument("--tokenizer", default=None, help="report token lengths and padding with this tokenizer")
-    p.add_argument("--max-len", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-len", type=int, default=512,
+                   help="with --tokenizer: tokens per example at most; longer ones count as dropped (default: 512)")
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="with --tokenizer: batch size of the padding report (default: 16)")
     return p.parse_args(argv)
 
 

@@ -2,7 +2,7 @@
 
     babyllama chat                                  # interactive, newest out/baby/sft checkpoint
     babyllama chat --stage pretrain --temperature 0
-    babyllama chat --ckpt out/baby/sft/step_00000300.pt --system "You are a poet."
+    babyllama chat --ckpt out/baby/sft/step_00000400.pt --system "You are a poet."
     babyllama chat --prompt "你是谁？"              # one reply, then exit (for scripts)
     printf '你好\\n你是谁？\\n/reset\\nWho are you?\\n' | babyllama chat
 

@@ -12,7 +12,7 @@ Starts from the newest out/<name>/sft checkpoint (or --init); the reference is t
 loss and the implicit rewards (reward_accuracy, chosen_reward, rejected_reward, reward_margin; val_* on
 --valid-data) to out/<name>/dpo/log.jsonl and TensorBoard (runs/<name>/dpo). At the end, prints for the SFT model
 and the DPO policy the held-out numbers `babyllama ppo` prints (babyllama/eval/heldout.py): on replies sampled with a
-fixed seed, the reward-model score (when out/<name>/reward or --reward-model has a checkpoint) and the KL to the
+fixed seed, the reward-model score (when out/<name>/reward or --reward has a checkpoint) and the KL to the
 SFT model per reply; the score of greedy replies; held-out multiple-choice accuracy. Checkpoints in out/<name>/dpo
 load with `babyllama.train.checkpoint.load_model` like any language model.
 """

@@ -2,7 +2,7 @@
 
     babyllama generate --prompt "床前明月光，"          # one continuation
     babyllama generate                                   # interactive: one prompt per line
-    babyllama generate --ckpt out/baby/pretrain/step_00000600.pt --temperature 0 --max-new-tokens 100
+    babyllama generate --ckpt out/baby/pretrain/step_00001000.pt --temperature 0 --max-new-tokens 100
 
 A prompt longer than the model's context allows (minus --max-new-tokens, at least half of it) is continued from its
 newest tokens (said on stderr); the continuation stops at the end of the context.

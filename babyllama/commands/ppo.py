@@ -4,9 +4,9 @@ clipped PPO updates, in the Trainer's compile/fit.
     babyllama ppo --name baby                        # out/baby/sft + out/baby/reward -> out/baby/ppo, CPU minutes
     babyllama ppo --name baby --resume               # continue (KL coefficient and prompt position included)
     babyllama ppo --name baby --prompts my_prompts.jsonl --kl-coef 0.1 --kl-target 0    # own prompts, fixed KL
-    babyllama ppo --name baby --init out/baby/sft/step_00000300.pt --reward out/baby/reward/step_00000150.pt
+    babyllama ppo --name baby --init out/baby/sft/step_00000400.pt --reward out/baby/reward/step_00000150.pt
     babyllama ppo --name baby --separate-value      # critic with its own backbone (one more model copy)
-    babyllama chat --stage ppo --name baby --stage ppo          # chat with the result (checkpoint.load_model reads it)
+    babyllama chat --name baby --stage ppo           # chat with the result (checkpoint.load_model reads it)
 
 Training prompts: --prompts (JSON lines with `messages` or `prompt`; trailing assistant replies are dropped;
 default the prompts of data/preference/pref_train.jsonl, the reward model's training questions). Held-out

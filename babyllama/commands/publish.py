@@ -1,4 +1,4 @@
-"""Publish a reference run of the whole chain, and measure the tolerance `babyllama.eval.compare` judges runs with.
+"""Publish a reference run of the whole chain, and measure the tolerance `babyllama compare` judges runs with.
 
     babyllama publish run --name baby          # the chain from scratch, evaluated -> docs/published/baby/
                                                     #   and docs/report/ (~25 min on 2 CPU cores)
@@ -7,7 +7,7 @@
 
 `run` works in <work>/reference (default work: out/_publish; it must not hold checkpoints yet) and runs exactly
 the commands a user runs (`babyllama pretrain --name baby`, then sft, reward, dpo, ppo), each with --out
-and --runs pointing into the work directory; then `babyllama.eval.evaluate` on every stage and `babyllama report`,
+and --runs pointing into the work directory; then `babyllama evaluate` on every stage and `babyllama report`,
 and copies, per stage, log.jsonl, run.json (command, config, commit, versions, machine, wall time, final metrics),
 the TensorBoard event files and the evaluation JSON to docs/published/<name>/<stage>/. tolerance.json is kept
 (remeasure it with `variants` and `tolerance` when a change could move the curves differently, e.g. a new preset).

@@ -4,7 +4,7 @@
     babyllama report --name baby                  # draw from the evaluations already in out/baby/eval
     babyllama report --name baby --out /tmp/x/out --runs /tmp/x/runs --dest /tmp/x/report
 
-With --evaluate, first runs `babyllama.eval.evaluate` on the newest checkpoint of every stage (pretrain, sft, reward,
+With --evaluate, first runs `babyllama evaluate` on the newest checkpoint of every stage (pretrain, sft, reward,
 dpo, ppo) under <out>/<name>/, writing <out>/<name>/eval/<stage>.json (--max-docs/--max-items as there).
 For every stage found under <runs>/<name>/ (TensorBoard event files) or <out>/<name>/<stage>/log.jsonl, writes
 <dest>/<stage>.png: loss and validation loss, learning rate, tokens/s, gradient norm, and for the reward model,

@@ -54,11 +54,13 @@ def main(argv: list[str] | None = None) -> None:
     from babyllama.serve.process import serve_in_background as server
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="out")
-    parser.add_argument("--name", default="baby")
-    parser.add_argument("--dest", default=str(REPO_ROOT / "docs" / "serve_chat.png"))
+    parser.add_argument("--out", default="out", help="output root of the training runs (default: out)")
+    parser.add_argument("--name", default="baby", help="run whose sft stage answers (default: baby)")
+    parser.add_argument("--dest", default=str(REPO_ROOT / "docs" / "serve_chat.png"),
+                        help="PNG file to write (default: docs/serve_chat.png)")
     parser.add_argument("--questions", nargs="+",
-                        default=["床前明月光，疑是地上霜。下一句是什么？", "这首诗的作者是谁？"])
+                        default=["床前明月光，疑是地上霜。下一句是什么？", "这首诗的作者是谁？"],
+                        help="messages asked in turn, in one conversation (default: a line of 静夜思, then its author)")
     args = parser.parse_args(argv)
     if browser_missing():
         sys.exit(f"error: {browser_missing()}")

@@ -24,7 +24,7 @@ from babyllama.chat.session import positive_int
 from babyllama.cli import add_device_flag
 from babyllama.data.tokenizer import Tokenizer
 from babyllama.errors import UserError
-from babyllama.model.generate import decode_dtype
+from babyllama.model.generate import add_dtype_flag, decode_dtype
 from babyllama.serve.models import SERVED_STAGES, ModelRegistry
 from babyllama.train.distributed import pick_device
 from babyllama.train.run_config import RunPaths
@@ -40,7 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default: this machine only; 0.0.0.0 = every interface, then "
                              "set --api-key)")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
     parser.add_argument("--api-key", default=None,
                         help="require 'Authorization: Bearer KEY' on every API route (default: $BABYLLAMA_API_KEY, "
                              "else no key)")
@@ -53,8 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="largest max_tokens a request may ask for (default: the model's context)")
     parser.add_argument("--max-body-bytes", type=positive_int, default=1 << 20, help="larger request bodies get 413")
     add_device_flag(parser)
-    parser.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
-                        help="weights and KV cache (default: bf16 on a GPU that supports it, else fp32)")
+    add_dtype_flag(parser)
     return parser.parse_args(argv)
 
 

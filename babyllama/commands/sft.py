@@ -4,7 +4,7 @@
     torchrun --nproc_per_node=2 -m babyllama sft --name baby
     babyllama sft --name baby --resume             # continue from the newest SFT checkpoint
     babyllama sft --name baby --train-data my_train.json --valid-data my_valid.json --data-format alpaca
-    babyllama sft --name baby --init out/baby/pretrain/step_00000400.pt --system "You are a poet."
+    babyllama sft --name baby --init out/baby/pretrain/step_00001000.pt --system "You are a poet."
 
 Starts from the newest out/<name>/pretrain checkpoint (or --init) and the tokenizer pretraining wrote; a
 checkpoint of another model config is refused. Every conversation is rendered with the ChatML template and only

@@ -11,10 +11,11 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file
 
-from babyllama.convert.weights import load_weights, save_imported, unpadded, write_json
+from babyllama.convert.weights import claim_import_dir, load_weights, save_imported, unpadded, write_json
 from babyllama.errors import UserError
+from babyllama.files import claim_out_dir, staged_dir
 from babyllama.model.config import ModelConfig, load_bert4torch_config
-from babyllama.train.checkpoint import load_model
+from babyllama.train.checkpoint import atomic_save, load_model
 
 B4T_CONFIG = "bert4torch_config.json"  # the only name bert4torch's build_transformer_model reads
 B4T_WEIGHTS = "bert4torch_model.pt"
@@ -76,21 +77,28 @@ def bert4torch_builder() -> Callable[..., torch.nn.Module]:
     return build_transformer_model
 
 
-def export_bert4torch(checkpoint: str | Path, out_dir: str | Path) -> Path:
-    """Write `bert4torch_config.json` + `bert4torch_model.pt` (bert4torch parameter names) for a checkpoint."""
-    model, out = load_model(checkpoint), Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+def export_bert4torch(checkpoint: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Write `bert4torch_config.json` + `bert4torch_model.pt` (bert4torch parameter names) for a checkpoint, both or
+    neither (`files.staged_dir`). A non-empty `out_dir` is refused unless `overwrite`, which replaces these two
+    files there (others stay)."""
+    out = Path(out_dir)
+    claim_out_dir(out, overwrite, "bert4torch export")
+    model = load_model(checkpoint)
     cfg, ours = unpadded(model)  # holds lm_head.weight even when tied, as bert4torch's state dict does
-    write_json(out / B4T_CONFIG, bert4torch_config(cfg))
     weights = {b4t: ours[hf] for b4t, hf in bert4torch_names(cfg.n_layers).items()}
-    torch.save(weights, out / B4T_WEIGHTS)
+    with staged_dir(out) as tmp:
+        write_json(tmp / B4T_CONFIG, bert4torch_config(cfg))
+        atomic_save(weights, tmp / B4T_WEIGHTS)
     return out
 
 
-def import_bert4torch(src: str | Path, out_dir: str | Path, weights: str | Path | None = None) -> Path:
+def import_bert4torch(src: str | Path, out_dir: str | Path, weights: str | Path | None = None,
+                      overwrite: bool = False) -> Path:
     """A babyllama checkpoint from a bert4torch LLaMA: `src` is the directory with `bert4torch_config.json`
-    (or that file); `weights` defaults to `bert4torch_model.pt` there. bert4torch names or HF names both load."""
+    (or that file); `weights` defaults to `bert4torch_model.pt` there. bert4torch names or HF names both load.
+    A non-empty `out_dir` is refused unless `overwrite` (`weights.save_imported` says what is replaced)."""
     src = Path(src)
+    claim_import_dir(out_dir, overwrite)
     config_path = src if src.is_file() else src / B4T_CONFIG
     cfg = load_bert4torch_config(config_path)
     weights = Path(weights) if weights else config_path.parent / B4T_WEIGHTS

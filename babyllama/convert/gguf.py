@@ -1,6 +1,6 @@
 """Export a babyllama checkpoint to one GGUF file that llama.cpp (and ollama, LM Studio, ...) runs as it is.
 
-    export_gguf("out/baby/sft", "out/baby/tokenizer", "baby-sft.gguf", dtype="q8_0")
+    export_gguf("out/baby/sft", "out/baby/tokenizer", "baby-sft.gguf", outtype="q8_0")
 
 The file holds what llama.cpp needs to run the model without any other file:
 
@@ -15,8 +15,9 @@ The file holds what llama.cpp needs to run the model without any other file:
 - the ChatML chat template of `babyllama.data.chat_template` (Jinja, as in the HF export), so llama.cpp's chat
   endpoints build exactly the prompt babyllama was trained on.
 
-Dtypes: `f32` (exact), `f16`, `q8_0` (8-bit blocks of 32 with one f16 scale; matrices whose rows are not a
-multiple of 32 stay f16, as in llama.cpp's converter). Norm weights stay f32 in every case.
+Weight types (`outtype`; --outtype, as in llama.cpp's convert_hf_to_gguf.py): `f32` (exact), `f16`, `q8_0` (8-bit
+blocks of 32 with one f16 scale; matrices whose rows are not a multiple of 32 stay f16, as in llama.cpp's
+converter). Norm weights stay f32 in every case.
 
 Beside the file, `<stem>.Modelfile` lets ollama import it (`ollama create NAME -f baby-sft.Modelfile`): the same
 template in ollama's Go syntax, the stop tokens and babyllama's default sampling parameters.
@@ -26,7 +27,6 @@ regex it picks from a list of known models, which a tokenizer.json of ours would
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Literal
 
@@ -39,6 +39,7 @@ from babyllama.convert.weights import unpadded
 from babyllama.data.chat_template import IM_END, IM_START
 from babyllama.data.tokenizer import Tokenizer
 from babyllama.errors import UserError
+from babyllama.files import atomic_file, write_atomic
 from babyllama.hardware import cpu_has_amx
 from babyllama.model.config import ModelConfig
 from babyllama.model.generate import SamplingConfig
@@ -60,19 +61,20 @@ _PIECE_TYPES = {  # SentencePiece piece type -> GGUF token type
 }
 
 
-def export_gguf(checkpoint: str | Path, tokenizer: str | Path, out: str | Path, dtype: DTypeName = "f32",
+def export_gguf(checkpoint: str | Path, tokenizer: str | Path, out: str | Path, outtype: DTypeName = "f32",
                 overwrite: bool = False, name: str | None = None) -> Path:
     """Write `out` (a .gguf file) and `<stem>.Modelfile` beside it for a babyllama checkpoint; see the module
-    docstring. An existing output is refused unless `overwrite`; the file appears whole or not at all."""
+    docstring. An existing output is refused unless `overwrite`; each file is written beside its place and renamed
+    there when complete (`files.atomic_file`), the .gguf last, so a failed write leaves the old pair."""
     out = Path(out)
-    if dtype not in DTYPES:
-        raise UserError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    if outtype not in DTYPES:
+        raise UserError(f"--outtype {outtype!r}: choose one of {', '.join(DTYPES)}")
     modelfile = modelfile_path(out)
+    if out.is_dir():
+        raise UserError(f"{out}: is a directory; --dest names the .gguf file to write")
     existing = [p for p in (out, modelfile) if p.exists()]
     if existing and not overwrite:
-        raise UserError(f"{existing[0]}: already exists; pass --overwrite to replace it, or another --out")
-    if out.is_dir():
-        raise UserError(f"{out}: is a directory; --out names the .gguf file to write")
+        raise UserError(f"{existing[0]}: already exists; pass --overwrite to replace it, or another --dest")
     if not Path(checkpoint).exists():
         raise UserError(f"{checkpoint}: no such checkpoint or stage directory; train that stage first, or pass "
                         "--ckpt (a step_*.pt file or a stage directory)")
@@ -81,22 +83,19 @@ def export_gguf(checkpoint: str | Path, tokenizer: str | Path, out: str | Path, 
     model = load_model(checkpoint, tokenizer=tok)  # refuses a checkpoint trained with another tokenizer
     cfg, weights = unpadded(model)
     writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
-    add_llama_metadata(writer, cfg, name or out.stem, DTYPES[dtype][0])
+    add_llama_metadata(writer, cfg, name or out.stem, DTYPES[outtype][0])
     _add_vocab(writer, tok, proto)
-    _add_tensors(writer, cfg, weights, DTYPES[dtype][1])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(f".{out.name}.partial")  # renamed into place only once complete
-    try:
-        writer.write_header_to_file(partial)
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(partial, out)
-    finally:
-        writer.close()
-        partial.unlink(missing_ok=True)
+    _add_tensors(writer, cfg, weights, DTYPES[outtype][1])
     stops = [tok.id_to_token(i) for i in dict.fromkeys((tok.token_to_id(IM_END), tok.eos_id)) if i is not None]
-    modelfile.write_text(ollama_modelfile(out, cfg.max_seq_len, stops), encoding="utf-8")
+    with atomic_file(out) as f:
+        try:
+            writer.write_header_to_file(Path(f.name))  # the writer opens the temp file by name; f fsyncs it
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
+        # once the .gguf is complete, before it is renamed into place: a refused Modelfile keeps the old .gguf
+        write_atomic(modelfile, ollama_modelfile(out, cfg.max_seq_len, stops).encode("utf-8"))
     return out
 
 

@@ -40,14 +40,18 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from babyllama.convert.bert4torch import B4T_CONFIG, bert4torch_config
-from babyllama.convert.weights import load_weights, save_imported, unpadded, write_json
+from babyllama.convert.weights import claim_import_dir, load_weights, save_imported, unpadded, write_json
 from babyllama.data.chat_template import IM_END, IM_START
 from babyllama.data.tokenizer import Tokenizer
 from babyllama.errors import UserError
+from babyllama.files import claim_out_dir, io_error_of, staged_dir
 from babyllama.model.config import ModelConfig, read_json
 from babyllama.train.checkpoint import load_model
 
 HF_WEIGHTS = "model.safetensors"
+# what an HF export writes (tokenizer.model only for a SentencePiece tokenizer): what --overwrite replaces
+HF_FILES = ("config.json", "generation_config.json", B4T_CONFIG, HF_WEIGHTS, "tokenizer.json", "tokenizer.model",
+            "tokenizer_config.json")
 
 # babyllama.data.chat_template's template in Jinja: `<s>` then `<|im_start|>{role}\n{content}<|im_end|>\n` per message.
 CHAT_TEMPLATE = (
@@ -59,25 +63,40 @@ CHAT_TEMPLATE = (
 )
 
 
-def export_hf(checkpoint: str | Path, tokenizer: str | Path, out_dir: str | Path) -> Path:
-    """Write a transformers `LlamaForCausalLM` directory (see the module docstring) for a babyllama checkpoint."""
+def export_hf(checkpoint: str | Path, tokenizer: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Write a transformers `LlamaForCausalLM` directory (see the module docstring) for a babyllama checkpoint,
+    all or nothing (`files.staged_dir`). A non-empty `out_dir` is refused unless `overwrite`, which replaces the
+    export's files there (others stay)."""
+    out = Path(out_dir)
+    claim_out_dir(out, overwrite, "Hugging Face export")
     tok = Tokenizer.load(tokenizer)
-    model, out = load_model(checkpoint, tokenizer=tok), Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    model = load_model(checkpoint, tokenizer=tok)
     cfg, weights = unpadded(model)
     ids = dict(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
     rope = {"rope_theta": cfg.rope_theta, "rope_type": "default"}  # transformers >= 5 reads rope_parameters
-    write_json(out / "config.json", {**cfg.to_hf(), **ids, "rope_parameters": rope, "torch_dtype": "float32",
-                                      "use_cache": True})
     stops = [i for i in (tok.eos_id, tok.token_to_id(IM_END)) if i is not None]
-    write_json(out / "generation_config.json", {**ids, "eos_token_id": stops})
-    write_json(out / B4T_CONFIG, bert4torch_config(cfg))
     # safetensors refuses shared storage; transformers re-ties lm_head from tie_word_embeddings.
     skip = {"lm_head.weight"} if cfg.tie_embeddings else set()
-    save_file({k: v.float() for k, v in weights.items() if k not in skip}, str(out / HF_WEIGHTS),
-              metadata={"format": "pt"})
-    _save_hf_tokenizer(tok, out, cfg.max_seq_len)
+    with staged_dir(out, replaces=lambda entry: entry.name in HF_FILES) as tmp:
+        write_json(tmp / "config.json", {**cfg.to_hf(), **ids, "rope_parameters": rope, "torch_dtype": "float32",
+                                         "use_cache": True})
+        write_json(tmp / "generation_config.json", {**ids, "eos_token_id": stops})
+        write_json(tmp / B4T_CONFIG, bert4torch_config(cfg))
+        _save_safetensors({k: v.float() for k, v in weights.items() if k not in skip}, tmp / HF_WEIGHTS)
+        _save_hf_tokenizer(tok, tmp, cfg.max_seq_len)
     return out
+
+
+def _save_safetensors(weights: dict[str, Tensor], path: Path) -> None:
+    """`save_file`, whose I/O errors (a bare SafetensorError "... (os error N)") are raised as the OSError they are:
+    a full disk or a file size limit is then one line (`files.staged_dir`, `cli.main_guard`)."""
+    try:
+        save_file(weights, str(path), metadata={"format": "pt"})
+    except Exception as e:
+        refused = io_error_of(e, path)
+        if refused is None:
+            raise
+        raise refused from e
 
 
 def _save_hf_tokenizer(tok: Tokenizer, out: Path, max_len: int) -> None:
@@ -91,11 +110,13 @@ def _save_hf_tokenizer(tok: Tokenizer, out: Path, max_len: int) -> None:
     write_json(config_path, config)
 
 
-def import_hf(src: str | Path, out_dir: str | Path, gguf_file: str | None = None) -> Path:
+def import_hf(src: str | Path, out_dir: str | Path, gguf_file: str | None = None, overwrite: bool = False) -> Path:
     """A babyllama checkpoint (`out_dir/step_00000000.pt`, tokenizer in `out_dir/tokenizer`) from an HF LLaMA
     directory; with `gguf_file`, from a GGUF file in `src` that transformers dequantizes (needs
-    requirements-gguf.txt: `gguf`, `accelerate`)."""
+    requirements-gguf.txt: `gguf`, `accelerate`). A non-empty `out_dir` is refused unless `overwrite`
+    (`weights.save_imported` says what is replaced)."""
     src = Path(src)
+    claim_import_dir(out_dir, overwrite)
     if gguf_file:
         hf_config, weights, tok = _read_gguf(src, gguf_file)
         cfg = hf_model_config(hf_config, str(src / gguf_file))
@@ -108,10 +129,7 @@ def import_hf(src: str | Path, out_dir: str | Path, gguf_file: str | None = None
     model = load_weights(cfg, weights, str(src))
     if tok is not None:  # e.g. an HF model padded past its tokenizer: the checkpoint masks the rest
         model.mask_beyond(tok.vocab_size)
-    path = save_imported(model, out_dir, str(src))
-    if tok is not None:
-        tok.save(Path(out_dir) / "tokenizer")
-    return path
+    return save_imported(model, out_dir, str(src), tok)
 
 
 def hf_model_config(hf: dict[str, Any], source: str) -> ModelConfig:

@@ -3,17 +3,21 @@ layout (`save_imported`), cutting a padded vocabulary for export (`unpadded`), s
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterable
 
 from torch import Tensor
 
+from babyllama.data.tokenizer import Tokenizer
 from babyllama.errors import UserError
-from babyllama.files import write_atomic
+from babyllama.files import claim_out_dir, is_partial_write, staged_dir, write_atomic
 from babyllama.model.config import ModelConfig
 from babyllama.model.llama import Llama
 from babyllama.train.checkpoint import atomic_save, checkpoint_path
+
+_CHECKPOINT = r"step_\d+\.pt"
 
 
 def unpadded(model: Llama) -> tuple[ModelConfig, dict[str, Tensor]]:
@@ -47,12 +51,28 @@ def load_weights(cfg: ModelConfig, weights: dict[str, Tensor], source: str) -> L
     return model.eval()
 
 
-def save_imported(model: Llama, out_dir: str | Path, source: str) -> Path:
-    """Write the model as `out_dir/step_00000000.pt`: the layout `--init` and `load_model` read."""
-    path = checkpoint_path(out_dir, 0)
-    atomic_save({"model": model.state_dict(), "model_config": model.config.to_dict(), "step": 0,
-                 "extra": {"imported_from": source}}, path)
-    return path
+def claim_import_dir(out_dir: str | Path, overwrite: bool) -> None:
+    """Refuse an import into a non-empty directory unless `overwrite` (before anything is read)."""
+    claim_out_dir(Path(out_dir), overwrite, "checkpoints (step_*.pt) and tokenizer with the imported ones")
+
+
+def save_imported(model: Llama, out_dir: str | Path, source: str, tokenizer: Tokenizer | None = None) -> Path:
+    """Write the model as `out_dir/step_00000000.pt` (the layout `--init` and `load_model` read) and `tokenizer`
+    to `out_dir/tokenizer`, all or nothing (`files.staged_dir`). Into an existing directory they replace the
+    checkpoints and the tokenizer there (a newer step_*.pt would be loaded instead of the import); other files stay."""
+    out = Path(out_dir)
+    with staged_dir(out, replaces=_imported_kind) as tmp:
+        atomic_save({"model": model.state_dict(), "model_config": model.config.to_dict(), "step": 0,
+                     "extra": {"imported_from": source}}, checkpoint_path(tmp, 0))
+        if tokenizer is not None:
+            tokenizer.save(tmp / "tokenizer")
+    return checkpoint_path(out, 0)
+
+
+def _imported_kind(entry: Path) -> bool:
+    """What an import replaces: checkpoints (and a killed write's temp files of them) and the tokenizer."""
+    return entry.name == "tokenizer" or re.fullmatch(_CHECKPOINT, entry.name) is not None \
+        or is_partial_write(entry, _CHECKPOINT)
 
 
 def few(names: Iterable[str], n: int = 3) -> str:

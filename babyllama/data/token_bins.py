@@ -126,7 +126,7 @@ def _prepare_token_bins(documents: Iterable[str], tokenizer: Any, out: Path, val
                 bar.update(len(lengths))
         splits.close()
         if n_docs == 0:
-            raise UserError(f"no documents to tokenize for {out}; check the input paths and --field")
+            raise UserError(f"no documents to tokenize for {out}; check --corpus and --corpus-field")
         meta = {"format": FORMAT, "version": VERSION, "dtype": dtype, "vocab_size": vocab_size, "eos_id": eos_id,
                 "tokenizer": _tokenizer_identity(tokenizer), "seed": seed, "val_fraction": val_fraction,
                 "corpus": corpus, "input": {"documents": n_docs, "bytes": n_bytes}, "splits": splits.summary()}

@@ -244,12 +244,17 @@ def add_sampling_flags(parser) -> None:
 def add_runtime_flags(parser) -> None:
     """--device, --dtype, --compile, --seed for the inference scripts."""
     add_device_flag(parser)
-    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="auto",
-                        help="weights and KV cache (default: bf16 on a GPU or CPU with native bf16, else fp32)")
+    add_dtype_flag(parser)
     parser.add_argument("--compile", action="store_true",
                         help="compile the decode step with CUDA graphs: the first reply waits for the compile, "
                              "later tokens come several times faster (GPU; replies stop at the model's context)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling (default: 0)")
+
+
+def add_dtype_flag(parser) -> None:
+    """--dtype, read by `decode_dtype` (the inference scripts and `babyllama serve`)."""
+    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="auto",
+                        help="weights and KV cache (default: bf16 on a GPU or CPU with native bf16, else fp32)")
 
 
 _DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -13,6 +13,8 @@ from typing import Iterator
 
 import httpx
 
+from babyllama.errors import UserError
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -32,7 +34,7 @@ def serve_in_background(out: Path, *flags: str, env: dict[str, str] | None = Non
         deadline = time.monotonic() + 60
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"the server exited ({proc.returncode}): {proc.stderr.read()}")
+                raise _exited(proc.returncode, proc.stderr.read())
             with contextlib.suppress(httpx.HTTPError):
                 httpx.get(f"{url}/health", timeout=1)  # any answer (401 with a key) means it listens
                 break
@@ -47,3 +49,12 @@ def serve_in_background(out: Path, *flags: str, env: dict[str, str] | None = Non
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def _exited(returncode: int, stderr: str) -> Exception:
+    """The server's own `error: ...` line as a UserError (a bad --out, --name, --stage); anything else (a crash with
+    a traceback) as a RuntimeError with all of stderr."""
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    if lines and lines[-1].startswith("error: "):
+        return UserError(lines[-1].removeprefix("error: "))
+    return RuntimeError(f"the server exited ({returncode}): {stderr}")
