@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import re
 import sys
 from typing import Any, Callable, Iterator, Sequence, TextIO, TypeVar
 
 from babyllama.errors import UserError
+from babyllama.shipped import REPO_ROOT
 
 T = TypeVar("T")
+_REPO_PREFIX = str(REPO_ROOT) + os.sep  # shipped paths in --help read as the docs write them
 
 
 def set_program(words: list[str], argv: list[str]) -> None:
@@ -31,7 +34,10 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 def _shown(value: Any) -> str:
-    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value).replace("%", "%%")
+    """`value` as --help shows it: a list space-separated, shipped files relative to the repository."""
+    if isinstance(value, (list, tuple)):
+        return " ".join(map(_shown, value))
+    return str(value).replace(_REPO_PREFIX, "").replace("%", "%%")
 
 
 def add_dataclass_flags(parser: argparse.ArgumentParser, defaults: Any) -> None:

@@ -141,7 +141,10 @@ def _short_write_refusal(fd: int, error: BaseException) -> OSError | None:
 
 def raise_if_disk_full(path: Path, error: BaseException) -> None:
     """A write to `path` refused for space, quota or file size as one line (a UserError). torch.save keeps the
-    OSError only as the context of its "file write failed"; without one, under 1 MiB free decides."""
+    OSError only as the context of its "file write failed"; without one, under 1 MiB free decides. A UserError is
+    one line already (that of a nested write, which names its own file): left as it is."""
+    if isinstance(error, UserError):
+        return
     refused = refused_write(error)
     if refused is None and isinstance(error, RuntimeError) and "write" in str(error):
         with contextlib.suppress(OSError):
@@ -188,7 +191,7 @@ def atomic_file(path: Path) -> Iterator[BinaryIO]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would make checkpoints private; follow the umask like open()
+    mode_like_open(tmp)  # mkstemp's 0600 would make checkpoints private
     try:
         with open(tmp, "wb") as f:  # f.name: the temp file, for a writer that opens files by name (gguf's)
             try:
@@ -206,6 +209,11 @@ def atomic_file(path: Path) -> Iterator[BinaryIO]:
         raise_if_disk_full(path, e)
         raise
     fsync_dir(path.parent)
+
+
+def mode_like_open(path: Path) -> None:
+    """Give a file written as 0600 (mkstemp's, safetensors') the mode `open()` gives: 0666 less the umask."""
+    os.chmod(path, 0o666 & ~_UMASK)
 
 
 def write_atomic(path: Path, data: bytes) -> None:

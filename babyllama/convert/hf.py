@@ -44,7 +44,7 @@ from babyllama.convert.weights import claim_import_dir, load_weights, save_impor
 from babyllama.data.chat_template import IM_END, IM_START
 from babyllama.data.tokenizer import Tokenizer
 from babyllama.errors import UserError
-from babyllama.files import claim_out_dir, io_error_of, staged_dir
+from babyllama.files import claim_out_dir, io_error_of, mode_like_open, staged_dir
 from babyllama.model.config import ModelConfig, read_json
 from babyllama.train.checkpoint import load_model
 
@@ -97,6 +97,7 @@ def _save_safetensors(weights: dict[str, Tensor], path: Path) -> None:
         if refused is None:
             raise
         raise refused from e
+    mode_like_open(path)  # safetensors writes it 0600: an export is meant to be read by others (a model server)
 
 
 def _save_hf_tokenizer(tok: Tokenizer, out: Path, max_len: int) -> None:

@@ -148,7 +148,7 @@ class PretrainConfig(BatchedEvaluation, TrainConfig):
     eval_batches: int = 20
     ckpt_every: int = 200
     corpus: list[str] = setting([str(p) for p in TRAIN_CORPUS],
-                                "corpus files, directories or globs (default: the shipped training files)")
+                                "corpus files, directories or globs")
     corpus_format: str = setting("auto", f"corpus format: {', '.join(CORPUS_FORMATS)} (auto: by extension)")
     corpus_field: str = setting("text", "JSON/parquet field holding the text")
     vocab_size: int = setting(4096, "tokenizer size, when the run trains its tokenizer")
