@@ -30,10 +30,9 @@ _held_locks: dict[Path, int] = {}  # directory -> open descriptor holding its lo
 def hold_lock(directory: Path, what: str = "run", flag: str = "--out") -> None:
     """Lock `directory` for this process until it exits (flock on <directory>/.lock, which names `what` holds it and
     its PID): a second run on the same directory stops with one line naming the holder and `flag`, the option that
-    chose `directory` (the stages' --out). The kernel drops the lock
-    when its process dies, so a killed run's lock never needs cleaning up. At exit the lock file goes, and so do
-    the directories made for it if nothing else was written there (a refused run leaves no trace). Local
-    filesystems only (flock is unreliable on NFS)."""
+    chose `directory` (the stages' --out). The kernel drops the lock when its process dies, so a killed run's lock
+    never needs cleaning up. At exit the lock file goes, and so do the directories made for it if nothing else was
+    written there (a refused run leaves no trace). Local filesystems only (flock is unreliable on NFS)."""
     taken = _acquire(Path(directory).resolve(), what, flag)
     if taken is not None:
         atexit.register(_release, *taken)
@@ -130,7 +129,7 @@ def _short_write_refusal(fd: int, error: BaseException) -> OSError | None:
     which GGUF writers use: "N requested and M written"): one more byte written past the end of the file (a temp
     file that is removed next) asks the kernel again, and a refusal for space, quota or size is the answer. None for
     other errors, or when the kernel takes the byte now."""
-    if not (isinstance(error, OSError) and error.errno is None and "written" in str(error)):
+    if not _is_short_write(error) or not hasattr(os, "pwrite"):  # no pwrite on Windows
         return None
     try:
         os.pwrite(fd, b"\0", os.fstat(fd).st_size)
@@ -139,14 +138,19 @@ def _short_write_refusal(fd: int, error: BaseException) -> OSError | None:
     return None
 
 
+def _is_short_write(error: BaseException) -> bool:
+    return isinstance(error, OSError) and error.errno is None and " written" in str(error)
+
+
 def raise_if_disk_full(path: Path, error: BaseException) -> None:
     """A write to `path` refused for space, quota or file size as one line (a UserError). torch.save keeps the
-    OSError only as the context of its "file write failed"; without one, under 1 MiB free decides. A UserError is
-    one line already (that of a nested write, which names its own file): left as it is."""
+    OSError only as the context of its "file write failed"; without one (or for a short write that
+    `_short_write_refusal` could not explain), under 1 MiB free decides. A UserError is one line already (that of
+    a nested write, which names its own file): left as it is."""
     if isinstance(error, UserError):
         return
     refused = refused_write(error)
-    if refused is None and isinstance(error, RuntimeError) and "write" in str(error):
+    if refused is None and (isinstance(error, RuntimeError) and "write" in str(error) or _is_short_write(error)):
         with contextlib.suppress(OSError):
             if shutil.disk_usage(path.parent).free < 1 << 20:
                 refused = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -239,10 +243,10 @@ def staged_dir(out: Path, replaces: Callable[[Path], bool] = lambda entry: False
     contents lack are removed; others are left alone. If the block raises, the temp directory goes and `out` is as
     it was; a write refused for space, quota or file size is one line naming the file in `out` (a UserError).
     Which existing directory may be written over is the caller's (`claim_out_dir`)."""
-    out = Path(out)
-    made = [p for p in out.parents if not p.exists()]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    out, where = Path(out), Path(os.path.abspath(out))  # `where` has a name and a parent even for "."
+    made = [p for p in where.parents if not p.exists()]
+    where.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=where.parent, prefix=f".{where.name}.", suffix=".tmp"))
     os.chmod(tmp, 0o777 & ~_UMASK)
     _staged[Path(os.path.abspath(tmp))] = out
     try:
@@ -250,7 +254,7 @@ def staged_dir(out: Path, replaces: Callable[[Path], bool] = lambda entry: False
         _sync_tree(tmp)
         if not out.exists():
             os.rename(tmp, out)
-            fsync_dir(out.parent)
+            fsync_dir(where.parent)
             return
         new = {entry.name for entry in tmp.iterdir()}
         for entry in tmp.iterdir():
@@ -281,6 +285,7 @@ def _meant(path: Path) -> Path:
 
 
 def _sync_tree(directory: Path) -> None:
+    """fsync every file and directory under `directory` (before it is renamed into place)."""
     for entry in directory.iterdir():
         if entry.is_dir() and not entry.is_symlink():
             _sync_tree(entry)

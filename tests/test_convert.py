@@ -331,3 +331,61 @@ def logits_b4t(model, ids: torch.Tensor) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
         return model(ids).float()
+
+
+# ---------------------------------------------------------------- an existing --dest
+def test_every_export_and_import_refuses_a_non_empty_dest_without_overwrite(tmp_path, tok_dir, capsys):
+    """The rule of `data tokenizer`, `data prepare` and `export gguf`: a non-empty --dest is refused in one line
+    (before any work), and --overwrite replaces only what the command writes."""
+    from babyllama.cli import main_guard
+    from babyllama.commands import convert
+
+    torch.manual_seed(0)
+    model = Llama(convert_config(400, False)).eval()
+    ckpt = save_stage_checkpoint(model, tmp_path / "stage" / "step_00000001.pt")
+    hf, b4t = export_hf(ckpt, tok_dir, tmp_path / "hf"), export_bert4torch(ckpt, tmp_path / "b4t")
+    commands = {"export hf": (convert.main_export_hf, ["--ckpt", str(ckpt), "--tokenizer", str(tok_dir)]),
+                "export bert4torch": (convert.main_export_bert4torch, ["--ckpt", str(ckpt)]),
+                "import hf": (convert.main_import_hf, [str(hf)]),
+                "import bert4torch": (convert.main_import_bert4torch, [str(b4t)])}
+    for name, (main, args) in commands.items():
+        dest = tmp_path / name.replace(" ", "_")
+        dest.mkdir()
+        (dest / "notes.txt").write_text("mine")
+        with pytest.raises(SystemExit) as stop:
+            main_guard(lambda main=main, args=args, dest=dest: main([*args, "--dest", str(dest)]))
+        assert stop.value.code == 2, name
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: {dest} is not empty (1 entries); pass --overwrite"), err
+        assert [p.name for p in dest.iterdir()] == ["notes.txt"]  # nothing written, nothing left beside it
+        main([*args, "--dest", str(dest), "--overwrite"])
+        assert (dest / "notes.txt").read_text() == "mine", name
+        loaded = load_model(dest / "step_00000000.pt" if name.startswith("import") else
+                            import_bert4torch(dest, tmp_path / "back") if "bert4torch" in name else
+                            import_hf(dest, tmp_path / "back_hf"))
+        assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items()), name
+    assert not [p for p in tmp_path.rglob(".*")], "a temp file or directory was left"
+
+
+def test_overwrite_replaces_the_commands_own_files_and_drops_its_stale_ones(tmp_path, tok_dir):
+    torch.manual_seed(0)
+    first, second = Llama(convert_config(400, True)).eval(), Llama(convert_config(400, False)).eval()
+    ckpt1 = save_stage_checkpoint(first, tmp_path / "one.pt")
+    ckpt2 = save_stage_checkpoint(second, tmp_path / "two.pt")
+    hf = export_hf(ckpt1, tok_dir, tmp_path / "hf")
+    assert (hf / "tokenizer.model").is_file()
+    # a Hugging Face tokenizer has no tokenizer.model: the first export's would be loaded in its place
+    export_hf(ckpt2, tok_dir / "tokenizer.json", hf, overwrite=True)
+    assert not (hf / "tokenizer.model").exists() and json.loads((hf / "config.json").read_text())[
+        "tie_word_embeddings"] is False
+    # an import replaces the checkpoints there (a newer step would be loaded instead of it) and the tokenizer
+    dest = tmp_path / "imported"
+    import_hf(hf, dest)
+    save_stage_checkpoint(first, dest / "step_00000500.pt")
+    (dest / "run.json").write_text("{}")
+    b4t = export_bert4torch(ckpt1, tmp_path / "b4t")
+    path = import_bert4torch(b4t, dest, overwrite=True)
+    assert sorted(p.name for p in dest.iterdir()) == ["run.json", "step_00000000.pt"]  # no tokenizer in bert4torch
+    back = load_model(dest)
+    assert path == dest / "step_00000000.pt"
+    assert all(torch.equal(v, back.state_dict()[k]) for k, v in first.state_dict().items())

@@ -161,3 +161,94 @@ def test_refused_evaluation_results_keep_the_previous_ones(tmp_path):
     assert proc.returncode == 2 and proc.stderr.startswith("error: file size limit (ulimit -f) exceeded"), proc.stderr
     assert (json_path.read_bytes(), md_path.read_bytes()) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sft.json", "sft.md"]  # no temp file left
+
+
+# ======================================================================= exports past `ulimit -f`
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, corpus) -> tuple[Path, Path, dict]:
+    """(a stage directory holding a ~500 KB checkpoint, its 300-token tokenizer, the model's weights)."""
+    from tiny import tiny_config
+
+    from babyllama.model.llama import Llama
+    from babyllama.train.checkpoint import atomic_save
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    model = Llama(tiny_config(300, dim=64, ffn_dim=160)).eval()
+    stage = tmp_path_factory.mktemp("run") / "sft"
+    atomic_save({"model": model.state_dict(), "model_config": model.config.to_dict(), "step": 1},
+                stage / "step_00000001.pt")
+    return stage, corpus[1], model.state_dict()
+
+
+def tree(directory: Path) -> dict[str, bytes]:
+    """Every file under `directory` (temp files included) by relative path, with its bytes."""
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def same_weights(path: Path, expected: dict) -> bool:
+    from babyllama.train.checkpoint import load_model
+
+    loaded = load_model(path).state_dict()
+    return all(loaded[k].equal(v) for k, v in expected.items())
+
+
+@pytest.mark.parametrize("kind", ["hf", "bert4torch", "gguf"])
+def test_export_past_the_file_size_limit_keeps_the_previous_export(tmp_path, checkpoint, kind):
+    """Over an earlier good export, with --overwrite: one line naming the file, exit 2, the earlier export byte for
+    byte as it was (and loadable), no temp file or directory left beside it."""
+    from babyllama.convert.bert4torch import export_bert4torch, import_bert4torch
+    from babyllama.convert.hf import export_hf, import_hf
+
+    stage, tok, weights = checkpoint
+    dest = tmp_path / {"hf": "hf", "bert4torch": "b4t", "gguf": "baby.gguf"}[kind]
+    if kind == "hf":
+        export_hf(stage, tok, dest)
+        big = "model.safetensors"
+    elif kind == "bert4torch":
+        export_bert4torch(stage, dest)
+        big = "bert4torch_model.pt"
+    else:
+        pytest.importorskip("gguf")
+        from babyllama.convert.gguf import export_gguf
+
+        export_gguf(stage, tok, dest)  # f32: ~260 KB
+        big = dest.name
+    before = tree(tmp_path)
+    args = ["--ckpt", str(stage), "--dest", str(dest), "--overwrite"]
+    args += ["--tokenizer", str(tok)] if kind != "bert4torch" else []
+    proc = limited(100, "export", kind, *args)  # the weights are ~500 KB (f32), every other file under 10 KB
+    where = dest.parent if kind == "gguf" else dest
+    assert_one_line(proc, f"file size limit (ulimit -f) exceeded in {where} while writing {big}; raise the limit")
+    assert tree(tmp_path) == before
+    if kind == "hf":
+        assert same_weights(import_hf(dest, tmp_path / "back" / "hf"), weights)
+    elif kind == "bert4torch":
+        assert same_weights(import_bert4torch(dest, tmp_path / "back" / "b4t"), weights)
+    else:
+        import gguf
+
+        reader = gguf.GGUFReader(dest)  # reads every tensor's extent: a truncated file is refused
+        assert reader.fields["tokenizer.ggml.tokens"].data and len(reader.tensors) == 3 + 9 * 2  # 9 per layer
+
+
+def test_export_past_the_file_size_limit_into_a_new_directory_leaves_nothing(tmp_path, checkpoint):
+    stage, tok, _ = checkpoint
+    dest = tmp_path / "new" / "hf"
+    proc = limited(100, "export", "hf", "--ckpt", str(stage), "--tokenizer", str(tok), "--dest", str(dest))
+    assert_one_line(proc, f"file size limit (ulimit -f) exceeded in {dest} while writing model.safetensors")
+    assert list(tmp_path.iterdir()) == []  # not even the parent made for it
+
+
+def test_import_past_the_file_size_limit_keeps_the_previous_import(tmp_path, checkpoint):
+    from babyllama.convert.hf import export_hf, import_hf
+
+    stage, tok, weights = checkpoint
+    hf = export_hf(stage, tok, tmp_path / "hf")
+    imported = tmp_path / "imported"
+    import_hf(hf, imported)
+    before = tree(imported)
+    proc = limited(100, "import", "hf", str(hf), "--dest", str(imported), "--overwrite")
+    assert_one_line(proc, f"file size limit (ulimit -f) exceeded in {imported} while writing step_00000000.pt")
+    assert tree(imported) == before and sorted(p.name for p in tmp_path.iterdir()) == ["hf", "imported"]
+    assert same_weights(imported, weights)

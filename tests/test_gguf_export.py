@@ -260,16 +260,20 @@ def test_refuses_other_tokenizer_existing_output_and_hf_tokenizer(tmp_path, expo
                  "extra": {"tokenizer": tok.fingerprint}}, ckpt)
     with pytest.raises(UserError, match="is not the one checkpoint .* was trained with"):
         export_gguf(ckpt, other_tokenizer, tmp_path / "a.gguf")
-    with pytest.raises(UserError, match="a.gguf: already exists; pass --overwrite"):
+    with pytest.raises(UserError, match="a.gguf: already exists; pass --overwrite to replace it, or another --dest$"):
         (tmp_path / "a.gguf").write_bytes(b"mine")
         export_gguf(ckpt, tok_dir, tmp_path / "a.gguf")
     assert (tmp_path / "a.gguf").read_bytes() == b"mine"
     assert export_gguf(ckpt, tok_dir, tmp_path / "a.gguf", overwrite=True).stat().st_size > 100_000
     with pytest.raises(UserError, match="tokenizer.json: GGUF export needs a SentencePiece tokenizer"):
         export_gguf(ckpt, tok_dir / "tokenizer.json", tmp_path / "b.gguf")
-    with pytest.raises(UserError, match="--dtype 'q4_0': choose one of f32, f16, q8_0"):
+    with pytest.raises(UserError, match="--outtype 'q4_0': choose one of f32, f16, q8_0"):
         export_gguf(ckpt, tok_dir, tmp_path / "c.gguf", "q4_0")
-    assert not (tmp_path / "b.gguf").exists() and not (tmp_path / "c.gguf").exists()
+    (tmp_path / "d.gguf").mkdir()
+    with pytest.raises(UserError, match="d.gguf: is a directory; --dest names the .gguf file to write"):
+        export_gguf(ckpt, tok_dir, tmp_path / "d.gguf", overwrite=True)
+    # nothing but the outputs: no b/c file, no temp file of a write
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.Modelfile", "a.gguf", "d.gguf", "step_00000001.pt"]
 
 
 def test_cli_exports_a_stage_and_names_a_missing_one(tmp_path, exported, tok_dir):  # noqa: F811
@@ -280,9 +284,18 @@ def test_cli_exports_a_stage_and_names_a_missing_one(tmp_path, exported, tok_dir
     tok.save(run / "tokenizer")
     cli = [sys.executable, "-m", "babyllama", "export", "gguf", "--out", str(tmp_path / "out"), "--name", "mini",
            "--dest", str(tmp_path / "mini.gguf")]
-    done = subprocess.run(cli + ["--stage", "sft", "--dtype", "f16"], capture_output=True, text=True)
+    done = subprocess.run(cli + ["--stage", "sft", "--outtype", "f16"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert gguf.GGUFReader(tmp_path / "mini.gguf").fields["general.name"].contents() == "mini-sft"
+    fields = gguf.GGUFReader(tmp_path / "mini.gguf").fields
+    assert fields["general.name"].contents() == "mini-sft"
+    assert fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_F16
+    # --dtype: the old spelling (the inference jobs' --dtype is the runtime precision), still accepted
+    again = subprocess.run(cli + ["--stage", "sft", "--dtype", "q8_0", "--overwrite"], capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert gguf.GGUFReader(tmp_path / "mini.gguf").fields["general.file_type"].contents() == \
+        gguf.LlamaFileType.MOSTLY_Q8_0
+    helped = subprocess.run(cli[:5] + ["--help"], capture_output=True, text=True)
+    assert "--outtype" in helped.stdout and "--dtype" not in helped.stdout
     missing = subprocess.run(cli + ["--stage", "dpo", "--overwrite"], capture_output=True, text=True)
     assert missing.returncode != 0 and "Traceback" not in missing.stderr
     assert "mini/dpo: no such checkpoint or stage directory; train that stage first" in missing.stderr

@@ -45,7 +45,7 @@ from babyllama.errors import UserError
 from babyllama.eval.bpb import text_metrics
 from babyllama.files import write_atomic
 from babyllama.shipped import REPO_ROOT
-from babyllama.train.checkpoint import load_model, resolve_checkpoint
+from babyllama.train.checkpoint import latest_checkpoint, load_model, resolve_checkpoint
 from babyllama.train.distributed import pick_device
 from babyllama.train.run_record import read_run_record
 from babyllama.train.trainer import Callback, Trainer
@@ -361,6 +361,10 @@ def compare_run(run_dir: Path, stage: str, heldout_files: Sequence[str], device:
                 max_heldout_bytes: int) -> list[str]:
     """Markdown lines: the newest checkpoint of `stage` against the compressors, on the run's held-out split or on
     `heldout_files` (read like the run's corpus, up to `max_heldout_bytes`)."""
+    stage_dir = run_dir / stage
+    if latest_checkpoint(stage_dir) is None:  # before the compressors' minutes of work
+        raise UserError(f"{stage_dir}: no checkpoint (step_*.pt) here; train that stage first or pass another "
+                        "--stage (or --name/--out)")
     rc = RunCorpus.of_run(run_dir)
     if heldout_files:
         docs = _first_bytes(iter_corpus(heldout_files, rc.fmt, rc.field), max_heldout_bytes)
