@@ -201,3 +201,12 @@ def test_val_bpb_follows_val_loss(run_dir):
     for c in cb.COMPRESSORS:  # a flat line from the first validation step to the last step
         points = [(e.step, e.value) for e in acc.Scalars(f"val/val_bpb_{c}")]
         assert points == [(10, pytest.approx(val[f"{c}_bpb"])), (20, pytest.approx(val[f"{c}_bpb"]))]
+
+
+def test_baseline_of_a_stage_without_a_checkpoint_is_one_line_naming_its_flags(tmp_path):
+    from babyllama.errors import UserError
+    from babyllama.eval.compressors import main
+
+    (tmp_path / "demo").mkdir()
+    with pytest.raises(UserError, match=r"demo/foo: no checkpoint .*pass another --stage \(or --name/--out\)"):
+        main(["--name", "demo", "--out", str(tmp_path), "--stage", "foo"])
