@@ -186,7 +186,7 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "babyllama", "compare", "--out", str(tmp_path), "--name", "nope"],
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
-    assert proc.stderr.startswith("error: no published run for 'nope'")
+    assert proc.stderr.startswith(f"error: {tmp_path / 'nope'}: no such run directory")
 
 
 # ======================================================================= tolerance from variant runs

@@ -249,7 +249,7 @@ def test_existing_checkpoints_without_resume(untouched):
 
 def test_invalid_mixed_precision(untouched):
     assert_user_error(untouched.pretrain("--resume", "--mixed-precision", "bf17"),
-                      "--mixed-precision 'bf17': choose auto, bf16, fp16 or fp32 (none)")
+                      "--mixed-precision bf17: must be auto, bf16, fp16 or fp32 (none)")
 
 
 def test_infer_without_checkpoint(tmp_path):

@@ -61,9 +61,10 @@ def chain(tmp_path_factory):
 
 
 def stage_command(script: str, chain, out: Path, *extra: str) -> list[str]:
+    batches = [] if script.endswith("ppo.py") else ["--eval-batches", "2"]  # PPO evaluates on held-out prompts
     return [sys.executable, str(ROOT / script), "--name", "baby", "--model", "tiny", "--out", str(out / "out"),
             "--runs", str(out / "runs"), "--tokenizer", str(chain.tok_dir), "--device", "cpu", "--init",
-            str(chain.sft), "--batch-size", "4", "--eval-every", "2", "--eval-batches", "2", "--ckpt-every", "2",
+            str(chain.sft), "--batch-size", "4", "--eval-every", "2", *batches, "--ckpt-every", "2",
             "--warmup-steps", "1", *extra]
 
 
