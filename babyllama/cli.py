@@ -7,7 +7,7 @@ import dataclasses
 import os
 import re
 import sys
-from typing import Any, Callable, Iterator, Sequence, TextIO, TypeVar
+from typing import Any, Callable, Iterator, NoReturn, Sequence, TextIO, TypeVar
 
 from babyllama.errors import UserError
 from babyllama.shipped import REPO_ROOT
@@ -21,6 +21,14 @@ def set_program(words: list[str], argv: list[str]) -> None:
     take the name from sys.argv[0], and the run record writes sys.argv as the command
     (`train.run_record.command_line`)."""
     sys.argv[:] = [" ".join(words), *argv]
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose own errors (a missing value, a bad type or choice, an unknown flag) are one line on
+    stderr, exit 2, as every other bad input is, instead of the usage block and the error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} ({self.prog} --help lists the flags)\n")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

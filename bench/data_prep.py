@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from jsonl import emit  # bench/ is on sys.path as the script's folder
 
+from babyllama.cli import ArgumentParser
 from babyllama.data.corpus import iter_documents
 from babyllama.data.token_bins import prepare_token_bins
 from babyllama.data.tokenizer import Tokenizer, train_tokenizer
@@ -49,7 +50,7 @@ def timed(fn) -> tuple[int, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--input", nargs="+", default=[str(p) for p in TRAIN_CORPUS])
     ap.add_argument("--tokenizer", help="tokenizer path (default: train a 4096-token one on the input)")
     ap.add_argument("--repeat", type=int, default=3, help="read the input this many times (a bigger job)")

@@ -18,6 +18,7 @@ import time
 import torch
 from jsonl import emit  # bench/ is on sys.path as the script's folder
 
+from babyllama.cli import ArgumentParser
 from babyllama.model.config import ModelConfig, preset
 from babyllama.model.generate import Generator, SamplingConfig, decode_dtype
 from babyllama.model.llama import Llama
@@ -65,7 +66,7 @@ def hf(model: Llama, prompts: torch.Tensor, new: int, static: bool):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="0.2b")
     ap.add_argument("--vocab-size", type=int, default=4096, help="for presets that take it from the tokenizer (baby)")
     ap.add_argument("--prompt-len", type=int, default=32)

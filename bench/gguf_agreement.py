@@ -25,6 +25,7 @@ from gguf_decode import export_all, llama_cpp_greedy, llama_cpp_model, load_run,
 from jsonl import emit
 
 from babyllama.chat.session import ChatSession
+from babyllama.cli import ArgumentParser
 from babyllama.data.chat_template import render_prompt
 from babyllama.data.corpus import iter_records
 from babyllama.eval.evaluate import document_ids, windows
@@ -61,7 +62,7 @@ def margin_at(model, ids: list[int]) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source_flags(ap)
     ap.add_argument("--docs", type=int, default=100, help="held-out documents per language")
     args = ap.parse_args()

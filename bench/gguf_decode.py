@@ -30,7 +30,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")  # read when an OpenMP runtim
 import torch
 from jsonl import emit  # bench/ is on sys.path as the script's folder
 
-from babyllama.cli import add_flag
+from babyllama.cli import ArgumentParser, add_flag
 from babyllama.convert.gguf import DTYPES, export_gguf, open_in_llama_cpp
 from babyllama.data.tokenizer import Tokenizer
 from babyllama.model.generate import Generator, SamplingConfig
@@ -86,7 +86,7 @@ def seconds(fn: Callable[[], list[int]]) -> tuple[list[int], float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source_flags(ap)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=128)

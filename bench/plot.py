@@ -13,6 +13,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on servers
 import matplotlib.pyplot as plt
 
+from babyllama.cli import ArgumentParser
+
 
 def read_rows(paths: list[Path]) -> list[dict]:
     rows = []
@@ -41,7 +43,7 @@ def plot(rows: list[dict], out: Path, title: str) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("results", nargs="+", type=Path)
     ap.add_argument("--dest", type=Path, required=True, help="the .png file to write")
     ap.add_argument("--title", default="training throughput")

@@ -18,6 +18,7 @@ from jsonl import emit  # bench/ is on sys.path as the script's folder
 from torch.profiler import ProfilerActivity, profile
 from train_throughput import random_batches
 
+from babyllama.cli import ArgumentParser
 from babyllama.model.config import ModelConfig, preset
 from babyllama.model.llama import Llama
 from babyllama.train.distributed import DistEnv, pick_device
@@ -50,7 +51,7 @@ def device_times(prof: profile, cuda: bool) -> dict[str, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="0.2b")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=1024)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from jsonl import emit  # bench/ is on sys.path as the script's folder
 
+from babyllama.cli import ArgumentParser
 from babyllama.model.config import preset
 from babyllama.shipped import REPO_ROOT
 from babyllama.train.run_config import PretrainConfig
@@ -98,7 +99,7 @@ def measure(recipe: str, work: Path, smoke: bool) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="out/_sweep", help="where the runs go")
     ap.add_argument("--recipes", default=",".join(RECIPES), help=f"comma list of: {', '.join(RECIPES)}")
     ap.add_argument("--dest", help="append results as JSON lines to this file")

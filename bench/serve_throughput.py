@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 from jsonl import emit  # bench/ is on sys.path as the script's folder
 
-from babyllama.cli import add_flag
+from babyllama.cli import ArgumentParser, add_flag
 from babyllama.serve.process import serve_in_background as server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,7 +59,7 @@ async def measure(url: str, clients: int, max_tokens: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="out", help="output root of the run")
     parser.add_argument("--name", default="baby")
     parser.add_argument("--clients", default="1,4,16")

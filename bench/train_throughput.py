@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from jsonl import emit  # bench/ is on sys.path as the script's folder
 
 import babyllama.model.fused_cross_entropy as loss_module
+from babyllama.cli import ArgumentParser
 from babyllama.convert.bert4torch import B4T_CONFIG, bert4torch_builder, bert4torch_config
 from babyllama.data.token_bins import build_pretrain_loader, prepare_token_bins
 from babyllama.model.config import ModelConfig, preset
@@ -204,7 +205,7 @@ def single_rank_group(device: torch.device) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="0.2b")
     ap.add_argument("--vocab", type=int, default=4096, help="for presets sized by their tokenizer (baby)")
     ap.add_argument("--batch", type=int, default=16)

@@ -192,3 +192,12 @@ def test_a_jobs_returned_status_is_the_exit_status(monkeypatch):
     with pytest.raises(SystemExit) as e:
         commands.main(["compare", "--name", "baby"])
     assert e.value.code == 1
+
+
+def test_argparse_errors_are_one_line_naming_the_job():
+    proc = babyllama("sft", "--lr", "abc")
+    assert proc.returncode == 2 and proc.stderr == (
+        "error: argument --lr: invalid float value: 'abc' (babyllama sft --help lists the flags)\n"), proc.stderr
+    proc = babyllama("chat", "--batch-size", "3")
+    assert proc.returncode == 2 and proc.stderr == (
+        "error: unrecognized arguments: --batch-size 3 (babyllama chat --help lists the flags)\n"), proc.stderr

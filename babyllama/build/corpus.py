@@ -40,6 +40,7 @@ from itertools import chain, zip_longest
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+from babyllama.cli import ArgumentParser
 from babyllama.errors import UserError
 from babyllama.shipped import REPO_ROOT
 
@@ -491,7 +492,7 @@ under CC BY 2.5; we credit it here in case that applies to its transcriptions.
 
 # ======================================================================= CLI
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shipped", action="store_true", help="rebuild the shipped slice and its README exactly")
     p.add_argument("--dest", type=Path, default=None,
                    help="output folder (default: data/cache/corpus; data/corpus with --shipped)")

@@ -8,11 +8,12 @@ from __future__ import annotations
 import argparse
 
 from babyllama.build.builders import build_idiom_file
+from babyllama.cli import ArgumentParser
 from babyllama.shipped import IDIOMS
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dest", default=str(IDIOMS), help="where to write the items")
     ap.add_argument("--n", type=int, default=400,
                     help="idioms to sample; items with too few endings are skipped (default: 400)")

@@ -16,12 +16,13 @@ from collections import Counter
 from pathlib import Path
 
 from babyllama.build import builders
+from babyllama.cli import ArgumentParser
 from babyllama.data.corpus import iter_records
 from babyllama.shipped import REPO_ROOT
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--corpus-dir", type=Path, default=REPO_ROOT / "data" / "corpus")
     p.add_argument("--dest", type=Path, default=REPO_ROOT / "data" / "preference")
     p.add_argument("--seed", type=int, default=0)

@@ -21,13 +21,14 @@ from collections import Counter
 from pathlib import Path
 
 from babyllama.build import builders
+from babyllama.cli import ArgumentParser
 from babyllama.data.sft import SFTDataset, padding_fraction
 from babyllama.errors import UserError
 from babyllama.shipped import REPO_ROOT
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--corpus-dir", type=Path, default=REPO_ROOT / "data" / "corpus",
                    help="folder of the shipped corpus files templated from (default: data/corpus)")
     p.add_argument("--chatterbot-dir", type=Path, default=None,

@@ -23,7 +23,7 @@ from typing import Iterable, Sequence, TextIO
 
 import torch
 
-from babyllama.cli import read_lines, valid_text
+from babyllama.cli import ArgumentParser, read_lines, valid_text
 from babyllama.data.chat_template import ChatHistory, stop_ids
 from babyllama.data.tokenizer import Tokenizer
 from babyllama.errors import UserError
@@ -173,7 +173,7 @@ def load_session(args: argparse.Namespace, default_stages: Sequence[str]) -> Cha
 
 def main(description: str = __doc__, default_stages: Sequence[str] = ("sft",), argv: list[str] | None = None) -> None:
     """The chat command line; scripts pass their docstring and the stages whose checkpoints they prefer."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_chat_flags(parser, default_stages)
     args = parser.parse_args(argv)
     sampling_from_args(args)  # bad values are refused before the model is loaded

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 
-from babyllama.cli import HelpFormatter, add_device_flag
+from babyllama.cli import ArgumentParser, HelpFormatter, add_device_flag
 from babyllama.errors import UserError
 from babyllama.eval import compare
 from babyllama.train.checkpoint import list_checkpoints
@@ -41,7 +41,7 @@ STAGES: dict[str, tuple[str, tuple[str, ...]]] = {
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--name", default="baby", help="run name: every stage writes <out>/<name>/<stage>")
     p.add_argument("--preset", choices=PRESETS, help="run preset (default: the --name when it is one, else baby)")
     p.add_argument("--out", default="out", help="output root of the stages")

@@ -20,7 +20,7 @@ import argparse
 import importlib.util
 from pathlib import Path
 
-from babyllama.cli import add_flag
+from babyllama.cli import ArgumentParser, add_flag
 from babyllama.convert.bert4torch import export_bert4torch, import_bert4torch
 from babyllama.convert.hf import export_hf, import_hf
 from babyllama.errors import UserError
@@ -32,7 +32,7 @@ OVERWRITE_IMPORT = ("replace the checkpoints (step_*.pt) and tokenizer/ in an ex
 
 
 def export_parser(with_tokenizer: bool) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--name", default="baby", help="run name: reads <out>/<name>/<stage> (default: baby)")
     p.add_argument("--stage", default="sft", help="pretrain, sft, reward, dpo, ppo (default: sft)")
     add_flag(p, "--out", "--root", default="out", help="output root of the training runs (default: out)")
@@ -85,7 +85,7 @@ def main_export_bert4torch(argv: list[str] | None = None) -> None:
 
 
 def main_import_hf(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", help="directory written by save_pretrained (or holding --gguf-file)")
     p.add_argument("--gguf-file", help="GGUF file name inside src (needs pip install -r requirements-gguf.txt)")
     p.add_argument("--dest", required=True, help="the directory to write")
@@ -95,7 +95,7 @@ def main_import_hf(argv: list[str] | None = None) -> None:
 
 
 def main_import_bert4torch(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", help="directory with bert4torch_config.json, or that file")
     p.add_argument("--weights", help="weights file (default: bert4torch_model.pt next to the config)")
     p.add_argument("--dest", required=True, help="the directory to write")

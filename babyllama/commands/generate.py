@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from babyllama.cli import add_flag, read_lines, valid_text
+from babyllama.cli import ArgumentParser, add_flag, read_lines, valid_text
 from babyllama.data.tokenizer import Tokenizer
 from babyllama.errors import UserError
 from babyllama.model.generate import (
@@ -32,7 +32,7 @@ from babyllama.train.run_config import RunPaths
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--name", default="baby", help="run name whose <out>/<name>/ holds tokenizer and checkpoints")
     parser.add_argument("--out", default="out", help="output root the run was trained with")
     add_flag(parser, "--ckpt", "--checkpoint", help="checkpoint file or directory (default: out/<name>/pretrain)")

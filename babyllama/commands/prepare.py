@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from babyllama.cli import ArgumentParser
 from babyllama.data.corpus import add_corpus_flags, iter_corpus
 from babyllama.data.token_bins import corpus_record, prepare_token_bins
 from babyllama.data.tokenizer import Tokenizer
@@ -24,7 +25,7 @@ PRETRAIN = PretrainConfig()  # the same split as a pretraining run that prepares
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_corpus_flags(p)
     p.add_argument("--tokenizer", type=Path, default=Path("out") / "baby" / "tokenizer",
                    help="tokenizer.model, tokenizer.json or their directory (default: out/baby/tokenizer)")

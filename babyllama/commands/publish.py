@@ -34,6 +34,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from babyllama.cli import ArgumentParser
 from babyllama.commands import report
 from babyllama.errors import UserError
 from babyllama.eval.compare import (
@@ -368,7 +369,7 @@ def copy_token_data(reference: Path, root: Path, name: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("command", choices=("run", "variants", "tolerance", "collect"))
     ap.add_argument("--name", default="baby", help="run preset")
     ap.add_argument("--work", default=str(REPO_ROOT / "out" / "_publish"), help="where the runs are made")

@@ -25,7 +25,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 
-from babyllama.cli import add_device_flag, add_flag
+from babyllama.cli import ArgumentParser, add_device_flag, add_flag
 from babyllama.errors import UserError
 from babyllama.eval import evaluate as ev
 from babyllama.eval.compressors import describe
@@ -164,7 +164,7 @@ def make_report(name: str, root: Path, runs: Path, dest: Path, evaluated: bool =
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--name", default="baby", help="run name")
     add_flag(ap, "--out", "--root", default="out", help="the runs' output root (the stages' --out)")
     ap.add_argument("--runs", default="runs", help="TensorBoard root (the stages' --runs)")

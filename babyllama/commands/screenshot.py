@@ -12,6 +12,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from babyllama.cli import ArgumentParser
 from babyllama.shipped import REPO_ROOT
 
 CHROMIUM, CHROMEDRIVER = "chromium", "chromedriver"
@@ -53,7 +54,7 @@ def ask(driver, text: str, timeout: float = 120) -> str:
 def main(argv: list[str] | None = None) -> None:
     from babyllama.serve.process import serve_in_background as server
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="out", help="output root of the training runs (default: out)")
     parser.add_argument("--name", default="baby", help="run whose sft stage answers (default: baby)")
     parser.add_argument("--dest", default=str(REPO_ROOT / "docs" / "serve_chat.png"),

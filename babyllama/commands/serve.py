@@ -21,7 +21,7 @@ import ipaddress
 import sys
 
 from babyllama.chat.session import positive_int
-from babyllama.cli import add_device_flag
+from babyllama.cli import ArgumentParser, add_device_flag
 from babyllama.data.tokenizer import Tokenizer
 from babyllama.errors import UserError
 from babyllama.model.generate import add_dtype_flag, decode_dtype
@@ -31,7 +31,7 @@ from babyllama.train.run_config import RunPaths
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--name", default="baby", help="run name whose <out>/<name>/ holds tokenizer and checkpoints")
     parser.add_argument("--out", default="out", help="output root of the training runs")
     parser.add_argument("--stage", choices=SERVED_STAGES, default="sft",

@@ -21,6 +21,7 @@ import warnings
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from babyllama.cli import ArgumentParser
 from babyllama.data.corpus import add_corpus_flags, iter_corpus
 from babyllama.data.tokenizer import DEFAULT_VOCAB_SIZE, Tokenizer, train_tokenizer
 
@@ -55,7 +56,7 @@ def chars_per_token(tok: Tokenizer, docs: list[str]) -> float:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_corpus_flags(p)
     p.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE,
                    help=f"total tokens incl. 6 special and 256 byte tokens (default: {DEFAULT_VOCAB_SIZE})")

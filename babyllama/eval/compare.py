@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from babyllama.cli import ArgumentParser
 from babyllama.data.token_bins import corpus_differences
 from babyllama.errors import UserError
 from babyllama.eval.stats import binomial_sd, wilson_interval
@@ -611,7 +612,7 @@ def compare_runs(yours_dir: Path, reference_dir: Path, tolerance: dict, stages: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--name", default="baby", help="run name: compares <out>/<name> (default: baby)")
     ap.add_argument("--preset", choices=PRESETS, help="the recipe your run followed, whose published run is the "
                                                       "reference (default: the --name when it is a preset, else baby)")

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
-from babyllama.cli import add_device_flag, add_flag
+from babyllama.cli import ArgumentParser, add_device_flag, add_flag
 from babyllama.data.corpus import iter_corpus
 from babyllama.data.token_bins import corpus_differences, corpus_record, read_meta, val_draws
 from babyllama.data.tokenizer import Tokenizer
@@ -394,7 +394,7 @@ def _first_bytes(docs: Iterable[str], max_bytes: int) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--name", default="baby", help="run name: reads <out>/<name>")
     add_flag(ap, "--out", "--root", default="out", help="the runs' output root (the stages' --out)")
     ap.add_argument("--stage", default="pretrain", help="whose newest checkpoint is compared (default pretrain)")

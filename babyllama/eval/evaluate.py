@@ -39,7 +39,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from babyllama.cli import add_device_flag, add_flag
+from babyllama.cli import ArgumentParser, add_device_flag, add_flag
 from babyllama.data.corpus import iter_records
 from babyllama.data.jsonl import json_values
 from babyllama.data.tokenizer import Tokenizer
@@ -284,7 +284,7 @@ def write_results(result: dict[str, Any], out_dir: str | Path) -> tuple[Path, Pa
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--name", default="baby", help="run name: reads <out>/<name>/<stage>, writes <out>/<name>/eval")
     ap.add_argument("--stage", default="pretrain", help="pretrain, sft, reward, dpo, ppo")
     add_flag(ap, "--out", "--root", default="out", help="the runs' output root (the stages' --out)")

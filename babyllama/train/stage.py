@@ -13,7 +13,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from babyllama.cli import HelpFormatter, add_dataclass_flags, add_device_flag, apply_overrides
+from babyllama.cli import ArgumentParser, HelpFormatter, add_dataclass_flags, add_device_flag, apply_overrides
 from babyllama.data.tokenizer import Tokenizer
 from babyllama.errors import UserError
 from babyllama.files import hold_lock
@@ -44,13 +44,13 @@ def parse_stage_args(description: str, stage: str, argv: list[str] | None = None
     --print-config prints the settings with where each came from and exits. Refuses to start over a stage directory
     that already has checkpoints unless --resume is given, so a finished run is never overwritten by accident."""
     config = STAGE_CONFIGS[stage]
-    early = argparse.ArgumentParser(add_help=False)  # the preset decides the defaults --help shows
+    early = ArgumentParser(add_help=False)  # the preset decides the defaults --help shows
     early.add_argument("--name", default="baby")
     early.add_argument("--preset")
     known = early.parse_known_args(argv)[0]
     chosen = preset_for(known.name, known.preset)
     defaults = config.for_preset(chosen if chosen in PRESETS else "baby")  # a wrong --preset: argparse says so below
-    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+    parser = ArgumentParser(description=description, formatter_class=HelpFormatter)
     parser.add_argument("--name", default="baby", help="run name: outputs go to <out>/<name> and <runs>/<name>")
     parser.add_argument("--preset", choices=PRESETS, help="run preset (default: the --name when it is one of these, "
                                                           "else baby)")
