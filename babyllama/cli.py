@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import re
 import sys
 from typing import Any, Callable, Iterator, NoReturn, Sequence, TextIO, TypeVar
 
 from babyllama.errors import UserError
-from babyllama.shipped import REPO_ROOT
+from babyllama.shipped import portable
 
 T = TypeVar("T")
-_REPO_PREFIX = str(REPO_ROOT) + os.sep  # shipped paths in --help read as the docs write them
 
 
 def set_program(words: list[str], argv: list[str]) -> None:
@@ -41,11 +39,16 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: {_shown(action.default)})"
 
 
+def as_typed(value: Any) -> str:
+    """A setting's value as a user types it: a list space-separated, a path inside the repository relative to it
+    (as the docs and the run record write it)."""
+    value = portable(value)
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
 def _shown(value: Any) -> str:
-    """`value` as --help shows it: a list space-separated, shipped files relative to the repository."""
-    if isinstance(value, (list, tuple)):
-        return " ".join(map(_shown, value))
-    return str(value).replace(_REPO_PREFIX, "").replace("%", "%%")
+    """`value` in a --help text (argparse formats help with %)."""
+    return as_typed(value).replace("%", "%%")
 
 
 def add_dataclass_flags(parser: argparse.ArgumentParser, defaults: Any) -> None:

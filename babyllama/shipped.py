@@ -2,9 +2,12 @@
 the published reference run. Named once here; a library module that reads shipped data imports the path."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+_ROOT_PREFIX = str(REPO_ROOT) + os.sep
 
 CORPUS = REPO_ROOT / "data" / "corpus"
 TRAIN_CORPUS = [CORPUS / "poetry_zh_train.jsonl", CORPUS / "shakespeare_en_train.jsonl"]
@@ -16,3 +19,14 @@ PREF_VALID = PREFERENCE / "pref_valid.jsonl"
 HELDOUT_PROMPTS = PREFERENCE / "prompts_heldout.jsonl"
 IDIOMS = REPO_ROOT / "data" / "eval" / "idiom_cloze.jsonl"
 PUBLISHED = REPO_ROOT / "docs" / "published"
+
+
+def portable(value: Any) -> Any:
+    """Paths inside the repository written relative to its root, so a record reads the same on every machine."""
+    if isinstance(value, str) and value.startswith(_ROOT_PREFIX):
+        return value[len(_ROOT_PREFIX):]
+    if isinstance(value, (list, tuple)):
+        return [portable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: portable(v) for k, v in value.items()}
+    return value

@@ -378,8 +378,8 @@ def test_a_stage_record_with_its_own_config_matches_the_published_one_and_a_chan
     PPO record kept them as `flags`, None where unset (the default): the same recipe must read as the same."""
     import dataclasses
 
+    from babyllama.shipped import portable
     from babyllama.train.run_config import stage_config
-    from babyllama.train.run_record import portable
 
     published = json.loads((compare.PUBLISHED / "baby" / "ppo" / "run.json").read_text(encoding="utf-8"))
     ours = dict(published, config=portable(dataclasses.asdict(stage_config("ppo"))),

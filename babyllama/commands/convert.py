@@ -84,21 +84,24 @@ def main_export_bert4torch(argv: list[str] | None = None) -> None:
     print(f"wrote {export_bert4torch(checkpoint_of(args), args.dest, args.overwrite)}")
 
 
-def main_import_hf(argv: list[str] | None = None) -> None:
+def import_parser(source: str) -> ArgumentParser:
+    """The flags every import takes: the source (`source` says what it is), --dest, --overwrite."""
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("src", help="directory written by save_pretrained (or holding --gguf-file)")
-    p.add_argument("--gguf-file", help="GGUF file name inside src (needs pip install -r requirements-gguf.txt)")
+    p.add_argument("src", help=source)
     p.add_argument("--dest", required=True, help="the directory to write")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_IMPORT)
+    return p
+
+
+def main_import_hf(argv: list[str] | None = None) -> None:
+    p = import_parser("directory written by save_pretrained (or holding --gguf-file)")
+    p.add_argument("--gguf-file", help="GGUF file name inside src (needs pip install -r requirements-gguf.txt)")
     args = p.parse_args(argv)
     print(f"wrote {import_hf(args.src, args.dest, args.gguf_file, args.overwrite)}")
 
 
 def main_import_bert4torch(argv: list[str] | None = None) -> None:
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("src", help="directory with bert4torch_config.json, or that file")
+    p = import_parser("directory with bert4torch_config.json, or that file")
     p.add_argument("--weights", help="weights file (default: bert4torch_model.pt next to the config)")
-    p.add_argument("--dest", required=True, help="the directory to write")
-    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_IMPORT)
     args = p.parse_args(argv)
     print(f"wrote {import_bert4torch(args.src, args.dest, args.weights, args.overwrite)}")

@@ -50,10 +50,10 @@ from babyllama.eval.compare import (
     family_dir,
 )
 from babyllama.eval.stats import clopper_pearson_upper, mean_interval
-from babyllama.shipped import PUBLISHED, REPO_ROOT, TRAIN_CORPUS
+from babyllama.shipped import PUBLISHED, REPO_ROOT, TRAIN_CORPUS, portable
 from babyllama.train.checkpoint import list_checkpoints
 from babyllama.train.run_config import PretrainConfig
-from babyllama.train.run_record import RUN_RECORD, portable, read_run_record
+from babyllama.train.run_record import RUN_RECORD, read_run_record
 
 DOCS = REPO_ROOT / "docs"
 EVENTS = "events.out.tfevents.*"

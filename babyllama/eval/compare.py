@@ -39,10 +39,10 @@ from babyllama.errors import UserError
 from babyllama.eval.stats import binomial_sd, wilson_interval
 from babyllama.files import write_atomic
 from babyllama.hardware import cpu_has_native_bf16
-from babyllama.shipped import PUBLISHED
+from babyllama.shipped import PUBLISHED, portable
 from babyllama.train.callbacks import read_text_log
 from babyllama.train.run_config import PRESETS, STAGE_CONFIGS, preset_for
-from babyllama.train.run_record import RUN_RECORD, portable, read_run_record
+from babyllama.train.run_record import RUN_RECORD, read_run_record
 
 STAGES = ("pretrain", "sft", "reward", "dpo", "ppo")
 # The periodic validation loss: the same held-out batches in every run, so a far sharper check of the recipe than
@@ -433,8 +433,8 @@ def settings_of(log: StageLog) -> dict[str, Any]:
     record = log.record or {}
     flags, config = record.get("flags", {}), STAGE_CONFIGS.get(log.stage)
     if config is not None and None in flags.values():
-        name = preset_for(record.get("name") or "baby", flags.get("preset"))
-        defaults = portable(dataclasses.asdict(config.for_preset(name if name in PRESETS else "baby")))
+        preset = preset_for(record.get("name") or "baby", flags.get("preset"))
+        defaults = portable(dataclasses.asdict(config.for_preset(preset)))
         flags = {k: defaults.get(k) if v is None else v for k, v in flags.items()}
     return {**flags, **record.get("config", {})}
 

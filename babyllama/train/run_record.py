@@ -22,11 +22,10 @@ from typing import Any
 import torch
 
 from babyllama.files import write_atomic
-from babyllama.shipped import REPO_ROOT
+from babyllama.shipped import REPO_ROOT, portable
 from babyllama.train.trainer import Trainer
 
 RUN_RECORD = "run.json"
-_ABSOLUTE_ROOT = str(REPO_ROOT) + os.sep
 # Stage scripts import this module at their start (through babyllama.train.stage): a run's wall time counts from
 # here, so it includes tokenizer and data preparation and the final evaluations, not only training.
 PROCESS_STARTED = time.time()
@@ -89,17 +88,6 @@ def command_line(world_size: int) -> str:
         launcher = ["torchrun", f"--nnodes={nodes}", f"--nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', 1)}",
                     *(["-m"] if command else [])]
     return shlex.join(launcher + argv)
-
-
-def portable(value: Any) -> Any:
-    """Paths inside the repository written relative to its root, so a record reads the same on every machine."""
-    if isinstance(value, str) and value.startswith(_ABSOLUTE_ROOT):
-        return value[len(_ABSOLUTE_ROOT):]
-    if isinstance(value, (list, tuple)):
-        return [portable(v) for v in value]
-    if isinstance(value, dict):
-        return {k: portable(v) for k, v in value.items()}
-    return value
 
 
 def write_run_record(directory: Path, stage: str, args: argparse.Namespace, run: Any, trainer: Trainer,

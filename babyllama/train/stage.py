@@ -13,7 +13,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from babyllama.cli import ArgumentParser, HelpFormatter, add_dataclass_flags, add_device_flag, apply_overrides
+from babyllama.cli import ArgumentParser, HelpFormatter, add_dataclass_flags, add_device_flag, apply_overrides, as_typed
 from babyllama.data.tokenizer import Tokenizer
 from babyllama.errors import UserError
 from babyllama.files import hold_lock
@@ -32,7 +32,7 @@ from babyllama.train.run_config import (
     resolve_compile,
     resolve_precision,
 )
-from babyllama.train.run_record import git_state, portable, write_run_record
+from babyllama.train.run_record import git_state, write_run_record
 from babyllama.train.trainer import Callback, LossFn, Trainer, causal_lm_loss
 
 
@@ -73,9 +73,11 @@ def parse_stage_args(description: str, stage: str, argv: list[str] | None = None
     ckpt_dir = paths.stage(stage)
     if env.is_main:  # a second run on this stage's directory would interleave logs and replace checkpoints
         hold_lock(ckpt_dir, f"{stage} run")
-    if list_checkpoints(ckpt_dir) and not args.resume:
+    # before any data is read: a mistyped --resume, or a forgotten one, costs nothing
+    has_checkpoints = bool(list_checkpoints(ckpt_dir))
+    if has_checkpoints and not args.resume:
         raise UserError(f"{ckpt_dir} already has checkpoints; pass --resume to continue, or --out to start elsewhere")
-    if args.resume and not list_checkpoints(ckpt_dir):  # before any data is read: a mistyped --resume costs nothing
+    if args.resume and not has_checkpoints:
         raise UserError(f"--resume: no checkpoint in {ckpt_dir}; run without --resume to start")
     return args, run, paths, env
 
@@ -103,9 +105,7 @@ def describe_config(run: TrainConfig, args: argparse.Namespace, stage: str, pres
         value = getattr(run, f.name)
         source = ("--" + f.name.replace("_", "-") if getattr(args, f.name, None) is not None
                   else f"preset {preset}" if f.name in changed else "default")
-        value = portable(value)  # shipped files relative to the repository, as the run record keeps them
-        shown = " ".join(map(str, value)) if isinstance(value, list) else str(value)
-        lines.append(f"{'--' + f.name.replace('_', '-'):<{width + 2}} {shown:<24} {source}")
+        lines.append(f"{'--' + f.name.replace('_', '-'):<{width + 2}} {as_typed(value):<24} {source}")
     return "\n".join(lines)
 
 
@@ -146,12 +146,10 @@ _DATA_ORDER_FLAGS = {"seed": "--seed", "batch_size": "--batch-size", "grad_accum
 
 def resume_if_asked(trainer: Trainer, args: argparse.Namespace, ckpt_dir: Path) -> None:
     """--resume: restore the newest checkpoint into a trainer set up by `compile_from_run`, refusing settings
-    that would change the data order."""
+    that would change the data order (`parse_stage_args` refused --resume where there is no checkpoint)."""
     if not args.resume:
         return
     found = latest_checkpoint(ckpt_dir)
-    if found is None:
-        raise UserError(f"--resume: no checkpoint in {ckpt_dir}; run without --resume to start")
     now, tokenizer = trainer.extra_state["data_order"], trainer.extra_state.get("tokenizer")
     schedule = trainer.extra_state["schedule"]
     base_lrs = list(trainer.scheduler.base_lrs)
