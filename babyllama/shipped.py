@@ -18,6 +18,9 @@ PREFERENCE = REPO_ROOT / "data" / "preference"
 PREF_VALID = PREFERENCE / "pref_valid.jsonl"
 HELDOUT_PROMPTS = PREFERENCE / "prompts_heldout.jsonl"
 IDIOMS = REPO_ROOT / "data" / "eval" / "idiom_cloze.jsonl"
+SKILLS = REPO_ROOT / "data" / "skills"  # the verifiable skill suite
+SKILLS_TRAIN = SKILLS / "skills_train.jsonl"
+SKILLS_HELDOUT = SKILLS / "skills_heldout.jsonl"
 PUBLISHED = REPO_ROOT / "docs" / "published"
 
 

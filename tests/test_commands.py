@@ -75,7 +75,8 @@ def test_print_config_resolves_defaults_preset_and_flags_and_starts_nothing(tmp_
     rows = {line.split()[0]: line.split()[1:] for line in proc.stdout.splitlines()[1:]}
     assert rows["--lr"] == ["0.0001", "--lr"]
     assert rows["--warmup-steps"] == ["100", "preset", "0.2b"] and rows["--model"] == ["0.2b", "preset", "0.2b"]
-    assert rows["--batch-size"] == ["16", "default"] and rows["--train-data"] == ["data/sft/sft_train.jsonl", "default"]
+    assert rows["--batch-size"] == ["20", "default"]
+    assert rows["--train-data"] == ["data/sft/sft_train.jsonl", "data/skills/skills_train.jsonl", "default"]
     assert "--corpus" not in rows and "SFTConfig" in proc.stdout.splitlines()[0]
     assert not (tmp_path / "out").exists()  # no lock, no directory: nothing started
 
@@ -85,7 +86,7 @@ def test_a_flag_of_another_stage_is_one_line_naming_that_stage():
     assert proc.returncode == 2 and proc.stderr == ("error: --workers is a setting of pretrain; sft does not use it "
                                                     "(its settings: babyllama sft --help)\n"), proc.stderr
     for stage, flag, owner in (("sft", "--corpus", "pretrain"), ("reward", "--vocab-size", "pretrain"),
-                               ("ppo", "--val-fraction", "pretrain"), ("pretrain", "--kl-coef", "ppo"),
+                               ("ppo", "--val-fraction", "pretrain"), ("pretrain", "--kl-coef", "ppo and grpo"),
                                ("sft", "--beta", "dpo"), ("dpo", "--rollout-size", "ppo")):
         with pytest.raises(UserError, match=f"^{flag} is a setting of {owner}; {stage} does not use it"):
             parse_stage_args("", stage, [flag, "1"])

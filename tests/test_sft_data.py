@@ -68,6 +68,8 @@ READER_CASES = {
     "firefly": ({"conversation_id": 1, "category": "Brainstorming",
                  "conversation": [{"human": "q1", "assistant": "a1"}, {"human": "q2", "assistant": "a2"}]},
                 msgs((U, "q1"), (A, "a1"), (U, "q2"), (A, "a2"))),
+    "prompt": ({"skill": "add", "lang": "en", "prompt": "2 + 3 = ?", "answer": "5", "check": "exact"},  # data/skills
+               msgs((U, "2 + 3 = ?"), (A, "5"))),
 }
 
 
@@ -127,6 +129,8 @@ def test_bad_openai_firefly_json_and_unknown_format(tmp_path):
         ([READER_CASES["openai"][0], {"messages": [{"role": "tool", "content": "x"}]}], ":2", "role"),
         ([READER_CASES["firefly"][0], {"conversation": [{"human": "q"}]}], ":2", "'assistant'"),
         ([{"text": "hello"}], ":1", "cannot tell"),
+        ([READER_CASES["prompt"][0], {"prompt": "2 + 2 = ?", "answer": 4}], ":2", "'answer' must be a string"),
+        ([READER_CASES["prompt"][0], {"prompt": " ", "answer": "4"}], ":2", "'prompt' is empty"),
     ]
     for records, line, field in cases:
         path = write_jsonl(tmp_path / "d.jsonl", records)

@@ -19,7 +19,9 @@ from babyllama.data.sft import SFTDataset, build_sft_loader
 from babyllama.data.tokenizer import Tokenizer, train_tokenizer
 from babyllama.errors import UserError
 from babyllama.eval.choice import ChoiceAccuracy, choice_accuracy, choice_scores, load_choice_items
+from babyllama.eval.skills import load_skill_items
 from babyllama.model.llama import Llama, Output
+from babyllama.shipped import SKILLS_HELDOUT
 from babyllama.train.checkpoint import load_model, save_checkpoint
 from babyllama.train.run_config import SFTConfig, model_config_for
 from babyllama.train.stage import compile_from_run
@@ -239,13 +241,14 @@ def workspace(tok_dir, tmp_path_factory):
     convs = [{"messages": m} for m in conversations()]
     files = {"--train-data": write_jsonl(root / "train.jsonl", convs),
              "--valid-data": write_jsonl(root / "valid.jsonl", convs[:8]),
-             "--choice-data": write_jsonl(root / "choice.jsonl", held_out_items()[:8])}
+             "--choice-data": write_jsonl(root / "choice.jsonl", held_out_items()[:8]),
+             "--skill-data": write_jsonl(root / "skills.jsonl", load_skill_items(SKILLS_HELDOUT)[::150])}
     return root, [a for kv in files.items() for a in map(str, kv)]
 
 
 def sft_cli(root, *args):
     cmd = [sys.executable, str(ROOT / "sft" / "sft.py"), "--name", "baby", "--out", str(root / "out"),
-           "--runs", str(root / "runs"), "--seq-len", "64", *args]
+           "--runs", str(root / "runs"), "--seq-len", "64", "--pretrain-mix", "0", *args]  # mixed: test_sft_mix.py
     return subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
 
 
@@ -256,9 +259,13 @@ def test_sft_cli_trains_logs_and_reports(workspace):
     assert "final SFT validation loss" in out.stdout and "before SFT" in out.stdout and "padding" in out.stdout
     assert (root / "out" / "baby" / "sft" / "step_00000004.pt").is_file()
     logs = [json.loads(line) for line in (root / "out" / "baby" / "sft" / "log.jsonl").read_text().splitlines()]
-    assert {"val_loss", "choice_acc", "choice_acc_en"} <= {k for row in logs if row["step"] == 4 for k in row}
+    assert {"val_loss", "choice_acc", "choice_acc_en", "skill_acc", "skill_acc_count"} <= {
+        k for row in logs if row["step"] == 4 for k in row}
     scalars = tensorboard_scalars(root / "runs" / "baby" / "sft")
     assert scalars["val_loss"] == [2, 4] and scalars["choice_acc"] == [2, 4] and scalars["loss"] == [1, 2, 3, 4]
+    assert scalars["skill_acc_next_line"] == [2, 4]
+    metrics = json.loads((root / "out" / "baby" / "sft" / "run.json").read_text())["metrics"]
+    assert {"before_skill_acc", "skill_acc", "skill_items"} <= set(metrics) and "skill accuracy on" in out.stdout
 
 
 def tensorboard_scalars(log_dir: Path) -> dict[str, list[int]]:

@@ -42,7 +42,8 @@ from babyllama.train.checkpoint import latest_checkpoint, load_model
 from babyllama.train.distributed import pick_device
 from babyllama.train.run_config import RunPaths
 
-STAGES = ("pretrain", "sft", "dpo", "ppo")  # the stages whose checkpoint is a language model that writes replies
+# the stages whose checkpoint is a language model that writes replies
+STAGES = ("pretrain", "sft", "dpo", "ppo", "grpo")
 RESET, EXIT = "/reset", ("/exit", "/quit")
 
 

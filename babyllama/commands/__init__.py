@@ -19,13 +19,14 @@ from babyllama.cli import main_guard, set_program
 # (`babyllama data prepare`)
 Table = dict[str, "tuple[str, str] | Table"]
 COMMANDS: Table = {
-    "chain": ("babyllama.commands.chain", "run the shipped chain end to end (pretrain → sft → reward → dpo → ppo), "
-                                          "then compare it with the published run"),
+    "chain": ("babyllama.commands.chain", "run the shipped chain end to end (pretrain → sft → reward → dpo → ppo → "
+                                          "grpo), then compare it with the published run"),
     "pretrain": ("babyllama.commands.pretrain", "train a model on raw text (tokenizer and token data on first use)"),
     "sft": ("babyllama.commands.sft", "supervised fine-tuning on conversations"),
     "reward": ("babyllama.commands.reward", "train a reward model on preference pairs"),
     "dpo": ("babyllama.commands.dpo", "direct preference optimization of the SFT model"),
     "ppo": ("babyllama.commands.ppo", "RLHF with PPO against the reward model"),
+    "grpo": ("babyllama.commands.grpo", "RL with verifiable rewards (GRPO) on the skill suite"),
     "generate": ("babyllama.commands.generate", "continue text with a pretrained checkpoint"),
     "chat": ("babyllama.commands.chat", "chat with a fine-tuned checkpoint in the terminal"),
     "serve": ("babyllama.commands.serve", "OpenAI-compatible API and chat page"),
@@ -55,6 +56,7 @@ COMMANDS: Table = {
             "sft": ("babyllama.build.sft", "rebuild the shipped SFT conversations and choice items (data/sft)"),
             "preference": ("babyllama.build.preference", "rebuild the shipped preference pairs (data/preference)"),
             "idioms": ("babyllama.build.idioms", "rebuild the shipped idiom cloze items (data/eval)"),
+            "skills": ("babyllama.build.skills", "rebuild the shipped verifiable skill suite (data/skills)"),
         },
     },
     "bench": ("babyllama.commands.bench", "run a benchmark script of bench/ (speed and memory)"),

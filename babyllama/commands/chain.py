@@ -1,6 +1,6 @@
 """The whole shipped chain, one stage after another, each narrated, then `compare` against the published run.
 
-    babyllama chain --name baby                       # raw text -> tokenizer -> ... -> PPO, then compare (CPU minutes)
+    babyllama chain --name baby                       # raw text -> tokenizer -> ... -> GRPO, then compare (CPU minutes)
     babyllama chain --name baby --stages pretrain sft # the first two stages only
     babyllama chain --name baby --nproc-per-node 4    # each stage under torchrun with 4 processes
 
@@ -28,8 +28,10 @@ from babyllama.train.run_record import RUN_RECORD, read_run_record
 STAGES: dict[str, tuple[str, tuple[str, ...]]] = {
     "pretrain": ("Pretraining: train a tokenizer on the shipped zh + en corpus, tokenize it, and teach a 4M-parameter "
                  "LLaMA to predict the next token.", ("val_loss",)),
-    "sft": ("Supervised fine-tuning: learn to answer in the ChatML template from 10.8k conversations; only the "
-            "assistant's tokens are learned.", ("val_loss", "before_choice_acc", "choice_acc")),
+    "sft": ("Supervised fine-tuning: learn to answer in the ChatML template from 10.8k conversations and 4.8k "
+            "skill items (count characters, the next line of a poem, answer in N characters or words); only the "
+            "assistant's tokens are learned, and a quarter of each batch is pretraining text, to forget less.",
+            ("val_loss", "before_skill_acc", "skill_acc", "choice_acc")),
     "reward": ("Reward model: a scalar head on the SFT model learns to score the preferred reply of each pair above "
                "the other.",
                ("before_val_accuracy", "val_accuracy")),
@@ -37,6 +39,9 @@ STAGES: dict[str, tuple[str, tuple[str, ...]]] = {
             ("val_reward_accuracy", "heldout_before_score", "heldout_score", "heldout_kl")),
     "ppo": ("PPO: sample replies, score them with the reward model, and update the policy with a KL leash to the "
             "SFT model.", ("heldout_before_score", "heldout_score", "heldout_kl")),
+    "grpo": ("GRPO: sample a group of replies per skill question, reward the ones a program checks as right, and "
+             "move the SFT model towards the better-than-average replies of each group, with a KL leash.",
+             ("heldout_before_skill_acc", "heldout_skill_acc", "heldout_kl")),
 }
 
 

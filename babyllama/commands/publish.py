@@ -254,7 +254,7 @@ def write_manifest(name: str, dest: Path, stages: list[str], family: str = "bf16
 
 # the final metric each stage's table shows beside the loss curve
 HEADLINE = {"pretrain": "val_loss", "sft": "choice_acc", "reward": "val_accuracy", "dpo": "val_reward_accuracy",
-            "ppo": "heldout_score_gain"}
+            "ppo": "heldout_score_gain", "grpo": "heldout_skill_acc"}
 
 
 def measured_tables(tolerance: dict) -> list[str]:

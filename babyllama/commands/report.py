@@ -35,7 +35,7 @@ from babyllama.train.callbacks import Series, read_text_log
 from babyllama.train.checkpoint import latest_checkpoint
 from babyllama.train.distributed import pick_device
 
-STAGE_ORDER = ("pretrain", "sft", "reward", "dpo", "ppo")
+STAGE_ORDER = ("pretrain", "sft", "reward", "dpo", "ppo", "grpo")
 # (panel title, metrics drawn in it); metric names as the trainer logs them
 PANELS = (("loss", ("loss", "val_loss")), ("learning rate", ("lr",)), ("tokens/s", ("tokens_per_s",)),
           ("gradient norm", ("grad_norm",)))
@@ -45,6 +45,7 @@ STAGE_PANELS = {
     "dpo": (("implicit reward accuracy", ("reward_accuracy", "val_reward_accuracy")),
             ("implicit reward margin", ("reward_margin", "val_reward_margin"))),
     "ppo": (("reward-model score", ("score", "eval_score")), ("KL to reference", ("kl", "eval_kl"))),
+    "grpo": (("skill pass rate", ("pass_rate", "eval_skill_acc")), ("KL to reference", ("kl",))),
 }
 # drawn when logged (pretraining since the compressor baseline): PPMd's and xz's are flat reference lines
 BPB_PANEL = ("validation bits per byte", ("val_bpb", "val_bpb_ppmd", "val_bpb_xz"))

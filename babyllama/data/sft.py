@@ -10,6 +10,7 @@ file is JSON lines or one JSON array, and the format is told by the keys of the 
 | `alpaca` | `{"instruction", "input"?, "output", "system"?, "history"?: [[user, assistant], ...]}` |
 | `belle` | alpaca-style `instruction/input/output`, or `conversations` with `from: human/assistant` |
 | `firefly` | `{"conversation": [{"human", "assistant"}], ...}` or `{"kind", "input", "target"}` |
+| `prompt` | `{"prompt", "answer", ...}`: one turn, user = prompt, assistant = answer (the skill files of data/skills) |
 
 A record that does not fit raises `UserError` naming `path:line` and the field.
 
@@ -32,7 +33,7 @@ from babyllama.data.chat_template import IGNORE_INDEX, Message, NoSupervisedToke
 from babyllama.data.jsonl import json_values
 from babyllama.errors import UserError
 
-FORMATS = ("openai", "sharegpt", "alpaca", "belle", "firefly")
+FORMATS = ("openai", "sharegpt", "alpaca", "belle", "firefly", "prompt")
 
 
 # ======================================================================= readers
@@ -69,8 +70,10 @@ def detect_format(record: dict, loc: str = "record") -> str:
         return "firefly"
     if {"instruction", "output"} <= record.keys():
         return "alpaca"
-    raise UserError(f"{loc}: cannot tell the SFT format from keys {sorted(record)}; "
-                    f"expected messages / conversations / conversation / instruction+output, or pass the format")
+    if {"prompt", "answer"} <= record.keys():
+        return "prompt"
+    raise UserError(f"{loc}: cannot tell the SFT format from keys {sorted(record)}; expected messages / "
+                    f"conversations / conversation / instruction+output / prompt+answer, or pass the format")
 
 
 def record_to_messages(record: dict, fmt: str, loc: str = "record") -> list[Message]:
@@ -160,7 +163,14 @@ def _from_firefly(record: dict, loc: str) -> list[Message]:
     return messages
 
 
-_READERS = {"openai": _from_openai, "sharegpt": _from_sharegpt, "alpaca": _from_alpaca, "firefly": _from_firefly}
+def _from_prompt(record: dict, loc: str) -> list[Message]:
+    # a skill item {"skill", "lang", "prompt", "answer", "check"}: the other keys are for its checker
+    return [{"role": "user", "content": _text(record, "prompt", loc)},
+            {"role": "assistant", "content": _text(record, "answer", loc)}]
+
+
+_READERS = {"openai": _from_openai, "sharegpt": _from_sharegpt, "alpaca": _from_alpaca, "firefly": _from_firefly,
+            "prompt": _from_prompt}
 
 
 # ======================================================================= dataset and batching

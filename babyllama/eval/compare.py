@@ -44,7 +44,7 @@ from babyllama.train.callbacks import read_text_log
 from babyllama.train.run_config import PRESETS, STAGE_CONFIGS, preset_for
 from babyllama.train.run_record import RUN_RECORD, read_run_record
 
-STAGES = ("pretrain", "sft", "reward", "dpo", "ppo")
+STAGES = ("pretrain", "sft", "reward", "dpo", "ppo", "grpo")
 # The periodic validation loss: the same held-out batches in every run, so a far sharper check of the recipe than
 # the training loss of other batches (seeds) is.
 VAL_CURVE = "val_loss"
@@ -290,13 +290,16 @@ POOL_WINDOWS = 4  # a step's seed spread is pooled over this many moving-average
 @functools.cache  # the shipped files: read once per process, not per stage and per derived tolerance
 def accuracy_counts() -> dict[str, int]:
     """n of every accuracy a stage reports, from the shipped evaluation files each is measured on: the choice items
-    (overall and per language) and the preference pairs of the reward and DPO validation accuracy. Prefixed names
-    (before_, heldout_, heldout_before_) are measured on the same items."""
+    (overall and per language), the held-out skill items (overall and per skill) and the preference pairs of the
+    reward and DPO validation accuracy. Prefixed names (before_, heldout_, heldout_before_) are measured on the
+    same items."""
     from babyllama.data.jsonl import json_values
-    from babyllama.shipped import CHAT_CHOICES, PREF_VALID
+    from babyllama.shipped import CHAT_CHOICES, PREF_VALID, SKILLS_HELDOUT
 
     langs = [record.get("lang") for _, record in json_values(CHAT_CHOICES)]
+    skills = [record.get("skill") for _, record in json_values(SKILLS_HELDOUT)]
     base = {"choice_acc": len(langs), **{f"choice_acc_{lang}": langs.count(lang) for lang in set(langs) if lang},
+            "skill_acc": len(skills), **{f"skill_acc_{skill}": skills.count(skill) for skill in set(skills)},
             "val_accuracy": sum(1 for _ in json_values(PREF_VALID))}
     base["val_reward_accuracy"] = base["val_accuracy"]
     return {prefix + k: n for k, n in base.items() for prefix in ("", "before_", "heldout_", "heldout_before_")}

@@ -46,10 +46,11 @@ from babyllama.data.tokenizer import Tokenizer
 from babyllama.errors import UserError
 from babyllama.eval import compressors as cb
 from babyllama.eval.bpb import document_ids, text_metrics, windows  # noqa: F401 (windows: used by bench/)
+from babyllama.eval.skills import load_skill_items, per_skill_sample, skill_metrics
 from babyllama.eval.stats import wilson_interval
 from babyllama.files import write_atomic
 from babyllama.model.scoring import continuation_logprobs
-from babyllama.shipped import CHAT_CHOICES, HELDOUT, IDIOMS, PREF_VALID
+from babyllama.shipped import CHAT_CHOICES, HELDOUT, IDIOMS, PREF_VALID, SKILLS_HELDOUT
 from babyllama.train.checkpoint import load_model, resolve_checkpoint
 from babyllama.train.distributed import pick_device
 
@@ -178,6 +179,12 @@ def chat_metrics(model: nn.Module, tokenizer: Tokenizer, max_items: int | None) 
             "chat_choice_items": len(items), **{f"chat_choice_items_{k}": n for k, n in sorted(counts.items())}}
 
 
+def skill_suite_metrics(model: nn.Module, tokenizer: Tokenizer, max_items: int | None) -> dict[str, float]:
+    """Greedy held-out accuracy on the verifiable skill suite (`babyllama.eval.skills`), per skill and overall;
+    `max_items` caps the items per skill (a seeded sample)."""
+    return skill_metrics(model, tokenizer, per_skill_sample(load_skill_items(SKILLS_HELDOUT), max_items))
+
+
 def reward_metrics(checkpoint: Path, tokenizer: Tokenizer, device: str,
                    pairs: str | Path = PREF_VALID) -> dict[str, float]:
     """`reward_acc` (share of pairs whose chosen reply scores higher), mean `reward_margin` (chosen - rejected
@@ -229,6 +236,8 @@ def evaluate(checkpoint: str | Path, tokenizer: str | Path, stage: str, device: 
         metrics.update(chat_metrics(model, tok, max_items))
     if stage == "reward":
         metrics.update(reward_metrics(checkpoint, tok, device, pairs))
+    else:  # a reward model's language-model head is the SFT model's, untrained since: not a skill of its own
+        metrics.update(skill_suite_metrics(model, tok, max_items))
     return {"stage": stage, "checkpoint": str(checkpoint), "step": checkpoint_step(checkpoint),
             "params": model.num_params(), "metrics": metrics, **({"baseline": baseline} if baseline else {})}
 

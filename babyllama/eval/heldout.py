@@ -7,7 +7,8 @@ compare. `HeldOut.measure(policy, ref, reward_model)` gives:
   reply tokens (>= 0, 0 for the reference itself; at temperature 1 an unbiased estimate of the KL between the
   reply distributions); the mean reply length in tokens (the stop token included);
 - `greedy_score`: the reward model's mean score of the greedy replies (deterministic);
-- `choice_acc` (and per language): held-out multiple-choice accuracy (`babyllama.eval.choice`).
+- `choice_acc` (and per language): held-out multiple-choice accuracy (`babyllama.eval.choice`);
+- `skill_acc` (and per skill): greedy held-out accuracy on the verifiable skill suite (`babyllama.eval.skills`).
 
 Replies are scored as the reward model was trained: prompt + reply + `<|im_end|>`, also when a reply was cut at
 max_new_tokens (`babyllama.align.ppo_rollout.Rollout.reward_inputs`).
@@ -25,6 +26,7 @@ from babyllama.data.chat_template import IM_END, render_prompt, special_id, stop
 from babyllama.data.preference import read_prompts
 from babyllama.errors import UserError
 from babyllama.eval.choice import choice_accuracy, load_choice_items
+from babyllama.eval.skills import load_skill_items, skill_metrics
 from babyllama.model.generate import SamplingConfig
 from babyllama.model.llama import Llama
 from babyllama.train.run_config import HeldOutEvaluation
@@ -67,6 +69,7 @@ class HeldOut:
         self.prompts = [] if off else fitting_prompts([settings.eval_prompts], tokenizer, max_prompt_len,
                                                       settings.system)[: settings.eval_prompt_count]
         self.items = None if settings.choice_data.lower() == "none" else load_choice_items(settings.choice_data)
+        self.skills = None if settings.skill_data.lower() == "none" else load_skill_items(settings.skill_data)
 
     def sampled(self, policy: Llama, ref: Llama | None, reward_model: nn.Module | None,
                 sampling: SamplingConfig | None = None) -> dict[str, float]:
@@ -86,6 +89,9 @@ class HeldOut:
         if self.items:
             with self.precision():
                 out.update(choice_accuracy(policy, self.tok, self.items, self.batch_size, system=self.system))
+        if self.skills:
+            out.update(skill_metrics(policy, self.tok, self.skills, self.batch_size, system=self.system,
+                                     precision=self.precision))
         return out
 
 

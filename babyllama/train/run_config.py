@@ -24,12 +24,21 @@ import torch
 
 from babyllama.cli import Rule, check_ranges
 from babyllama.data.corpus import FORMATS as CORPUS_FORMATS
+from babyllama.data.mix import pretrain_rows
 from babyllama.data.preference import FORMATS as PREFERENCE_FORMATS
 from babyllama.data.sft import FORMATS as SFT_FORMATS
 from babyllama.errors import UserError
 from babyllama.hardware import cpu_has_native_bf16, cxx_compiler
 from babyllama.model.config import ModelConfig, load_bert4torch_config, padded_vocab, preset, read_json
-from babyllama.shipped import CHAT_CHOICES, HELDOUT_PROMPTS, PREFERENCE, SFT, TRAIN_CORPUS
+from babyllama.shipped import (
+    CHAT_CHOICES,
+    HELDOUT_PROMPTS,
+    PREFERENCE,
+    SFT,
+    SKILLS_HELDOUT,
+    SKILLS_TRAIN,
+    TRAIN_CORPUS,
+)
 from babyllama.train.checkpoint import latest_checkpoint, load_checkpoint
 
 _CONFIG_FILES = ("config.json", "bert4torch_config.json")  # looked for in a --model directory, in this order
@@ -170,25 +179,35 @@ class PretrainConfig(BatchedEvaluation, TrainConfig):
 
 @dataclass(kw_only=True)
 class SFTConfig(BatchedEvaluation, TrainConfig):
-    """SFT's own settings: the conversations it learns and the items it is scored on. The baby values are about
-    0.9 epoch of the shipped 10.8k conversations, with choice_acc (~10 s on 2 cores) every 100 steps."""
+    """SFT's own settings: the conversations it learns and the items it is scored on. The baby values are 600 steps
+    of 16 conversations (of the shipped 10.8k and the 4.8k skill items) and 4 windows of pretraining text: the
+    held-out skill accuracy of 16 conversations alone, at a fifth of their cost in held-out bits per byte
+    (docs/skills.md); choice_acc (~10 s on 2 cores) every 200 steps."""
 
-    batch_size: int = 16
+    batch_size: int = 20
     lr: float = 5e-4
     min_lr_ratio: float = 0.1
     warmup_steps: int = 30
     max_steps: int = 600
     weight_decay: float = 0.1
-    eval_every: int = 100
+    eval_every: int = 200
     eval_batches: int = 20
     ckpt_every: int = 200
-    train_data: str = setting(str(SFT / "sft_train.jsonl"),
-                              "conversations to learn (JSON lines or a JSON array, any --data-format)")
+    train_data: list[str] = setting([str(SFT / "sft_train.jsonl"), str(SKILLS_TRAIN)],
+                                    "conversation files to learn, all in one dataset (JSON lines or a JSON array, "
+                                    "any --data-format)")
     valid_data: str = setting(str(SFT / "sft_valid.jsonl"), "conversations for val_loss")
     choice_data: str = setting(str(CHAT_CHOICES), "multiple-choice items for choice_acc (schema in "
                                                   "babyllama/eval/choice.py); none = skip")
     data_format: str = setting("auto", f"conversation format: auto, {', '.join(SFT_FORMATS)}")
     system: str | None = setting(None, "system prompt for conversations that have none")
+    skill_data: str = setting(str(SKILLS_HELDOUT), "held-out skill items for skill_acc before/after (all) and "
+                                                   "during training (--eval-skill-items per skill); none = skip")
+    eval_skill_items: int = setting(30, "skill items per skill in the periodic skill_acc")
+    pretrain_mix: float = setting(0.2, "share of each batch's rows that are windows of the run's pretraining token "
+                                       "data (--pretrain-data), trained on every token: less forgetting; 0 = off")
+    pretrain_data: str | None = setting(None, "token data for --pretrain-mix (its train split); default: "
+                                              "out/<name>/data")
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "0.2b": dict(model="0.2b", grad_accum=4, lr=2e-5, warmup_steps=100, max_steps=5000, eval_every=500,
@@ -196,9 +215,15 @@ class SFTConfig(BatchedEvaluation, TrainConfig):
         "1.1b": dict(model="1.1b", batch_size=8, grad_accum=8, lr=3e-4, warmup_steps=20, max_steps=300, eval_every=50,
                      eval_batches=50, ckpt_every=100, log_every=10)}
     RULES: ClassVar[tuple[Rule, ...]] = (
-        ("train_data", _existing_file, "an existing file"), ("valid_data", _existing_file, "an existing file"),
-        ("choice_data", _file_or_none, "an existing file or none"),
-        ("data_format", lambda v: v in ("auto", *SFT_FORMATS), f"one of auto, {', '.join(SFT_FORMATS)}"))
+        ("train_data", lambda v: all(map(_existing_file, v)), "existing files"),
+        ("valid_data", _existing_file, "an existing file"), ("choice_data", _file_or_none, "an existing file or none"),
+        ("data_format", lambda v: v in ("auto", *SFT_FORMATS), f"one of auto, {', '.join(SFT_FORMATS)}"),
+        ("pretrain_mix", lambda v: 0 <= v < 1, "in [0, 1)"), ("skill_data", _file_or_none, "an existing file or none"),
+        ("eval_skill_items", lambda v: v >= 1, "at least 1"))
+
+    def check(self) -> None:
+        super().check()
+        pretrain_rows(self.pretrain_mix, self.batch_size)  # refuses a mix that leaves no row of either kind
 
 
 @dataclass(kw_only=True)
@@ -225,6 +250,8 @@ class HeldOutEvaluation:
     eval_prompt_count: int | None = setting(None, "use the first N held-out prompts that fit (default: all)")
     choice_data: str = setting(str(CHAT_CHOICES), "multiple-choice items for accuracy before/after "
                                                   "(babyllama/eval/choice.py); none = skip")
+    skill_data: str = setting(str(SKILLS_HELDOUT), "skill items for the greedy skill accuracy before/after "
+                                                   "(babyllama/eval/skills.py); none = skip")
     eval_batch_size: int = setting(32, "prompts per batch when evaluating")
     reward: str | None = setting(None, "reward-model checkpoint (file or directory); default: out/<name>/reward",
                                  aliases=("--reward-model",))
@@ -233,6 +260,7 @@ class HeldOutEvaluation:
         ("eval_prompts", _file_or_none, "an existing file or none"),
         ("eval_prompt_count", lambda v: v is None or v >= 1, "at least 1"),
         ("choice_data", _file_or_none, "an existing file or none"),
+        ("skill_data", _file_or_none, "an existing file or none"),
         ("eval_batch_size", lambda v: v >= 1, "at least 1"))
 
 
@@ -349,8 +377,70 @@ class PPOConfig(HeldOutEvaluation, TrainConfig):
         ("ent_coef", lambda v: 0 <= v < math.inf, "0 or a positive number"))
 
 
+GRPO_LOSS_AGGREGATIONS = ("token", "sequence")
+
+
+@dataclass(kw_only=True)
+class GRPOConfig(TrainConfig):
+    """GRPO's own settings: the skill items it practises and the algorithm (babyllama/align/grpo.py,
+    docs/rlhf-grpo.md). A rollout is --prompts-per-rollout items x --group-size sampled replies; --batch-size is the
+    replies per minibatch (one optimizer step)."""
+
+    batch_size: int = 64
+    lr: float = 1e-4
+    min_lr_ratio: float = 1.0
+    warmup_steps: int = 5
+    max_steps: int = 160
+    weight_decay: float = 0.0
+    eval_every: int = 40
+    ckpt_every: int = 40
+    prompts: list[str] = setting([str(SKILLS_TRAIN)], "skill items to practise (JSON lines of "
+                                                      "babyllama/eval/skills.py)")
+    skills: list[str] | None = setting(None, "practise only these skills (default: every skill of --prompts)")
+    skill_data: str = setting(str(SKILLS_HELDOUT), "held-out skill items: eval_skill_acc and the before/after "
+                                                   "numbers (as in sft, dpo and ppo)")
+    eval_skill_items: int = setting(30, "held-out items per skill in the periodic eval_skill_acc (a seeded sample; "
+                                        "the before/after numbers use them all)")
+    eval_batch_size: int = setting(64, "prompts per batch when evaluating")
+    system: str | None = setting(None, "system prompt of the skill prompts (as in SFT)")
+    group_size: int = setting(8, "replies sampled per prompt: a group, whose rewards are compared with each other")
+    prompts_per_rollout: int = setting(8, "prompts per rollout (a rollout is this x --group-size replies)")
+    grpo_epochs: int = setting(1, "passes over each rollout (in minibatches of --batch-size)")
+    max_new_tokens: int = setting(24, "reply budget (tokens)")
+    max_prompt_len: int = setting(96, "longer prompts are skipped")
+    temperature: float = setting(1.0, "rollout sampling temperature")
+    kl_coef: float = setting(0.04, "coefficient of the per-token KL to the SFT model (k3 estimator; 0 = none)")
+    clip_eps: float = setting(0.2, "policy ratio clip")
+    loss_agg: str = setting("token", "token: mean over all reply tokens of a minibatch (DAPO); sequence: mean over "
+                                     "each reply's tokens, then over replies (GRPO)")
+    scale_rewards: bool = setting(True, "divide each group's centred rewards by their std (false: only centred, "
+                                        "Dr. GRPO)")
+    reward_model_coef: float = setting(0.0, "add this times the reward model's score to the 0/1 reward (0 = no "
+                                            "reward model)")
+    reward: str | None = setting(None, "reward-model checkpoint for --reward-model-coef (file or directory); "
+                                       "default: out/<name>/reward", aliases=("--reward-model",))
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        "0.2b": dict(model="0.2b", lr=1e-6, warmup_steps=10, max_steps=500, eval_every=50, ckpt_every=100,
+                     log_every=10),
+        "1.1b": dict(model="1.1b", batch_size=16, grad_accum=4, log_every=10)}
+    RULES: ClassVar[tuple[Rule, ...]] = (
+        ("prompts", lambda v: all(Path(p).is_file() for p in v), "existing files"),
+        ("skills", lambda v: v is None or len(v) >= 1, "one or more skill names"),
+        ("skill_data", _existing_file, "an existing file"), ("eval_skill_items", lambda v: v >= 1, "at least 1"),
+        ("eval_batch_size", lambda v: v >= 1, "at least 1"),
+        ("group_size", lambda v: v >= 2, "at least 2 (rewards are compared within a group)"),
+        ("prompts_per_rollout", lambda v: v >= 1, "at least 1"), ("grpo_epochs", lambda v: v >= 1, "at least 1"),
+        ("max_new_tokens", lambda v: v >= 1, "at least 1"), ("max_prompt_len", lambda v: v >= 1, "at least 1"),
+        ("temperature", lambda v: 0 < v < math.inf, "a positive number (rollouts are sampled)"),
+        ("kl_coef", lambda v: 0 <= v < math.inf, "0 or a positive number"),
+        ("clip_eps", lambda v: 0 < v < math.inf, "a positive number"),
+        ("loss_agg", lambda v: v in GRPO_LOSS_AGGREGATIONS, f"one of {', '.join(GRPO_LOSS_AGGREGATIONS)}"),
+        ("reward_model_coef", lambda v: 0 <= v < math.inf, "0 (no reward model) or a positive number"))
+
+
 STAGE_CONFIGS: dict[str, type[TrainConfig]] = {"pretrain": PretrainConfig, "sft": SFTConfig, "reward": RewardConfig,
-                                               "dpo": DPOConfig, "ppo": PPOConfig}
+                                               "dpo": DPOConfig, "ppo": PPOConfig, "grpo": GRPOConfig}
 
 
 def stage_config(stage: str, preset_name: str = "baby") -> TrainConfig:
