@@ -35,7 +35,7 @@ from babyllama.model.generate import SamplingConfig
 from babyllama.model.llama import Llama, frozen_copy
 from babyllama.train.checkpoint import latest_checkpoint, load_model
 from babyllama.train.distributed import DistEnv
-from babyllama.train.run_config import GRPOConfig
+from babyllama.train.run_config import GRPOConfig, RunPaths
 from babyllama.train.stage import parse_stage_args
 from babyllama.train.trainer import Callback, Trainer
 
@@ -280,6 +280,11 @@ def test_grpo_stage_logs_records_and_writes_a_chat_checkpoint(chain, tok_dir, tm
     model = load_model(stage)  # what `babyllama chat --stage grpo` loads
     assert not all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
                                                      load_model(chain["sft"]).state_dict().values()))
+    from babyllama.data.tokenizer import Tokenizer
+    from babyllama.serve.models import ModelRegistry
+
+    served = ModelRegistry(RunPaths.of("baby", tmp_path / "out"), Tokenizer.load(tok_dir), torch.device("cpu"), None)
+    assert "grpo" in served.available() and served.get("grpo").checkpoint == latest_checkpoint(stage)  # model "grpo"
 
 
 def test_grpo_stage_resumes_exactly(chain, tok_dir, tmp_path):

@@ -39,8 +39,9 @@ STAGE_ORDER = ("pretrain", "sft", "reward", "dpo", "ppo", "grpo")
 # (panel title, metrics drawn in it); metric names as the trainer logs them
 PANELS = (("loss", ("loss", "val_loss")), ("learning rate", ("lr",)), ("tokens/s", ("tokens_per_s",)),
           ("gradient norm", ("grad_norm",)))
-# what the preference stages log besides the loss (training and val_/eval_ values), one more row of panels
+# what the later stages log besides the loss (training and val_/eval_ values), one more row of panels
 STAGE_PANELS = {
+    "sft": (("held-out skill accuracy", ("skill_acc",)), ("held-out choice accuracy", ("choice_acc",))),
     "reward": (("pair accuracy", ("accuracy", "val_accuracy")), ("score margin", ("margin", "val_margin"))),
     "dpo": (("implicit reward accuracy", ("reward_accuracy", "val_reward_accuracy")),
             ("implicit reward margin", ("reward_margin", "val_reward_margin"))),

@@ -1,8 +1,8 @@
 """Every training stage's settings, and the on-disk layout every stage shares.
 
 The settings story: each stage has one dataclass here (PretrainConfig, SFTConfig, RewardConfig, DPOConfig,
-PPOConfig). Its fields are the stage's flags (`lr` is `--lr`), its defaults are the `baby` preset's values for
-that stage, and its PRESETS table lists what the larger presets (0.2b, 1.1b) change. A run takes the stage's
+PPOConfig, GRPOConfig). Its fields are the stage's flags (`lr` is `--lr`), its defaults are the `baby` preset's
+values for that stage, and its PRESETS table lists what the larger presets (0.2b, 1.1b) change. A run takes the stage's
 defaults, then its preset's changes (--preset, or the --name when it names a preset), then the flags given;
 `--help` shows the value each flag will take and `--print-config` the resolved settings with where each came from.
 A flag of another stage is an error naming that stage. Groups that several stages share (the optimizer and loop
@@ -10,7 +10,7 @@ of TrainConfig, the preference data, the held-out evaluation) are dataclasses th
 
 out/<name>/tokenizer    tokenizer.model + tokenizer.json
 out/<name>/data         pretraining .bin shards + meta.json
-out/<name>/<stage>      checkpoints (step_*.pt) and log.jsonl of a stage (pretrain, sft, reward, ppo, dpo)
+out/<name>/<stage>      checkpoints (step_*.pt) and log.jsonl of a stage (pretrain, sft, reward, dpo, ppo, grpo)
 runs/<name>/<stage>     TensorBoard event files
 """
 from __future__ import annotations
