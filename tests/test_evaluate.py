@@ -173,14 +173,17 @@ def test_command_writes_json_and_markdown(tmp_path, tok, capsys):
         ev.main(["--name", "demo", "--stage", "sft", "--root", str(tmp_path / "out")])
 
 
-def test_sft_stage_adds_chat_choice_accuracy(tmp_path, tok):
+def test_sft_stage_adds_chat_choice_and_skill_accuracy(tmp_path, tok, capsys):
     run = tmp_path / "out" / "demo"
     tok.save(run / "tokenizer")
     save_stage(run, "sft", tiny_model(tok.vocab_size), 3)
     ev.main(["--name", "demo", "--stage", "sft", "--out", str(tmp_path / "out"), "--max-docs", "2",
-             "--max-items", "4"])
+             "--max-items", "4", "--show-replies", "1"])
     m = json.loads((run / "eval" / "sft.json").read_text())["metrics"]
-    assert {"chat_choice_acc", "bpb"} <= set(m)
+    assert {"chat_choice_acc", "bpb", "skill_acc", "skill_acc_count", "skill_acc_next_line"} <= set(m)
+    assert m["skill_items"] == 4 * 3 and m["skill_items_length"] == 4  # --max-items per skill
+    replies = capsys.readouterr().out.split("| skill | prompt | greedy reply | right |")[1].strip().splitlines()
+    assert len(replies) == 1 + 3 and all(row.endswith(("| yes |", "| no |")) for row in replies[1:])
     assert all(0 <= v <= 1 for k, v in m.items() if k.startswith("chat_choice_acc"))
     assert m["chat_choice_items"] == 4 == sum(v for k, v in m.items() if k.startswith("chat_choice_items_"))
     assert not any(k.startswith("reward_") for k in m)

@@ -3,6 +3,7 @@
     babyllama evaluate --name baby --stage pretrain
     babyllama evaluate --name baby --stage sft --max-docs 100      # quicker: fewer held-out documents
     babyllama evaluate --name baby --stage reward                  # + reward accuracy on pref_valid
+    babyllama evaluate --name baby --stage grpo --show-replies 5   # + 5 skill items per skill, replies and checks
     babyllama evaluate --ckpt imported/ --tokenizer imported/tokenizer --stage pretrain --name smol
 
 Metrics (all on text no stage trains on):
@@ -24,6 +25,9 @@ Metrics (all on text no stage trains on):
   `<lang>_margin_bits`, the model's margin over the better of the two (positive = the model needs fewer bits).
 - Reward stage: `reward_acc`, the share of `data/preference/pref_valid.jsonl` pairs (or `--pairs`) whose chosen
   reply the reward model scores higher, and `reward_margin`, the mean score difference chosen - rejected.
+- Every other stage: `skill_acc` and `skill_acc_<skill>`, the share of the held-out skill items
+  (`data/skills/skills_heldout.jsonl`; `--max-items` per skill) whose greedy reply passes the skill's check
+  (`babyllama.eval.skills`), with their item counts.
 """
 from __future__ import annotations
 
@@ -46,7 +50,7 @@ from babyllama.data.tokenizer import Tokenizer
 from babyllama.errors import UserError
 from babyllama.eval import compressors as cb
 from babyllama.eval.bpb import document_ids, text_metrics, windows  # noqa: F401 (windows: used by bench/)
-from babyllama.eval.skills import load_skill_items, per_skill_sample, skill_metrics
+from babyllama.eval.skills import check_reply, greedy_replies, load_skill_items, per_skill_sample, skill_metrics
 from babyllama.eval.stats import wilson_interval
 from babyllama.files import write_atomic
 from babyllama.model.scoring import continuation_logprobs
@@ -185,6 +189,15 @@ def skill_suite_metrics(model: nn.Module, tokenizer: Tokenizer, max_items: int |
     return skill_metrics(model, tokenizer, per_skill_sample(load_skill_items(SKILLS_HELDOUT), max_items))
 
 
+def reply_lines(model: nn.Module, tokenizer: Tokenizer, items: list[dict]) -> list[str]:
+    """A Markdown table of skill items with the model's greedy reply and whether the check passed."""
+    replies = greedy_replies(model, tokenizer, items)
+    cell = lambda text: text.replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    return ["| skill | prompt | greedy reply | right |", "|---|---|---|---|",
+            *[f"| {i['skill']} | {cell(i['prompt'])} | {cell(r)} | {'yes' if check_reply(i, r) else 'no'} |"
+              for i, r in zip(items, replies)]]
+
+
 def reward_metrics(checkpoint: Path, tokenizer: Tokenizer, device: str,
                    pairs: str | Path = PREF_VALID) -> dict[str, float]:
     """`reward_acc` (share of pairs whose chosen reply scores higher), mean `reward_margin` (chosen - rejected
@@ -303,6 +316,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-docs", type=int, help="held-out documents per language for loss/bpb (default all)")
     ap.add_argument("--max-items", type=int, help="items per multiple-choice task (default all)")
     ap.add_argument("--pairs", default=str(PREF_VALID), help="preference pairs for the reward stage's reward_acc")
+    ap.add_argument("--show-replies", type=int, default=0, metavar="N",
+                    help="also print N held-out skill items per skill with the model's greedy reply and its check "
+                         "(look before trusting a number: a gamed reward shows in the replies)")
     ap.add_argument("--no-baseline", action="store_true", help="skip the PPMd / xz baseline (computed once per "
                     "corpus, then cached in <out>/<name>/eval/baseline)")
     args = ap.parse_args(argv)
@@ -312,3 +328,8 @@ def main(argv: list[str] | None = None) -> None:
                       None if args.no_baseline else run)
     paths = write_results(result, run / "eval")
     print(to_markdown(result) + f"\nwrote {paths[0]} and {paths[1]}")
+    if args.show_replies and args.stage != "reward":
+        tok = Tokenizer.load(args.tokenizer or run / "tokenizer")
+        model = load_model(resolve_checkpoint(args.ckpt or run / args.stage), pick_device(args.device), tokenizer=tok)
+        print("\n" + "\n".join(reply_lines(model, tok, per_skill_sample(load_skill_items(SKILLS_HELDOUT),
+                                                                         args.show_replies))))
