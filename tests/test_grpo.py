@@ -29,7 +29,7 @@ from babyllama.align.ppo_rollout import generate_rollout
 from babyllama.commands import grpo as grpo_command
 from babyllama.data.chat_template import stop_ids
 from babyllama.errors import UserError
-from babyllama.eval.skills import per_skill_sample, skill_prompt_ids
+from babyllama.eval.skills import check_reply, per_skill_sample, skill_prompt_ids
 from babyllama.model.config import preset
 from babyllama.model.generate import SamplingConfig
 from babyllama.model.llama import Llama, frozen_copy
@@ -142,7 +142,7 @@ def test_item_order_covers_every_item_per_pass_and_survives_resume(tok):
     cfg = GRPOConfig(prompts_per_rollout=4)
 
     def rollouts():
-        return GroupRollouts(None, items, [[1, i] for i in range(6)], cfg, tok, 8, seed=7)
+        return GroupRollouts(None, items, [[1, i] for i in range(6)], cfg, tok, 8, check_reply, seed=7)
 
     straight = [i for cursor in range(0, 16, 4) for i in rollouts().indices_at(cursor)]
     assert sorted(straight[:6]) == list(range(6)) and sorted(straight[6:12]) == list(range(6))
@@ -225,7 +225,7 @@ def test_reward_model_score_joins_the_rule_reward(tok):
     trainer = Trainer(policy, DistEnv())
     trainer.compile(loss=make_grpo_loss(cfg), optimizer=torch.optim.SGD(policy.parameters(), lr=0.0))
     with pytest.raises(ValueError, match="needs a reward model"):
-        GroupRollouts(frozen_copy(policy), items, [skill_prompt_ids(i, tok) for i in items], cfg, tok, 8)
+        GroupRollouts(frozen_copy(policy), items, [skill_prompt_ids(i, tok) for i in items], cfg, tok, 8, check_reply)
     rollouts = GroupRollouts(frozen_copy(policy), items, [skill_prompt_ids(i, tok) for i in items], cfg, tok, 8,
                              reward_fn=lambda item, reply: len(reply) % 2 == 0, reward_model=Constant())
     batch = rollouts.collect(trainer)

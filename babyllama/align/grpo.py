@@ -54,7 +54,6 @@ from torch import Tensor, nn
 from babyllama.align.ppo import masked_mean, response_slice
 from babyllama.align.ppo_rollout import Rollout, RolloutLoader, generate_rollout, in_chunks
 from babyllama.data.chat_template import IM_END, special_id, stop_ids
-from babyllama.eval.skills import SkillItem, check_reply
 from babyllama.model.generate import SamplingConfig
 from babyllama.model.llama import Llama
 from babyllama.model.scoring import token_logprobs, unwrap
@@ -62,7 +61,10 @@ from babyllama.train.distributed import all_reduce_mean
 from babyllama.train.run_config import GRPOConfig  # noqa: F401 (GRPO's settings, used below and by its users)
 from babyllama.train.trainer import Callback, LossFn, Trainer
 
-RewardFn = Callable[[SkillItem, str], "bool | float"]  # (item, decoded reply) -> reward; default `check_reply`
+# an item of the training set (a skill item: babyllama.eval.skills) and its reward, (item, decoded reply) -> reward;
+# the stage passes the skill suite's `check_reply` (eval is a later chapter than align, so it is handed in)
+SkillItem = dict[str, Any]
+RewardFn = Callable[[SkillItem, str], "bool | float"]
 STD_EPS = 1e-4  # added to a group's std (TRL's value): a group of near-equal rewards does not blow up
 
 
@@ -148,10 +150,11 @@ class GroupRollouts(Callback):
 
     `items` and `prompts` (their rendered prompt ids) are this rank's share; `skills` names every skill of all ranks
     (the per-skill pass rates are summed over the ranks). `reward_fn(item, reply)`: the 0/1 (or real) reward,
-    default the skill suite's check; `reward_model`: added times `cfg.reward_model_coef` when that is > 0."""
+    the stage's is the skill suite's check (`babyllama.eval.skills.check_reply`); `reward_model`: added times
+    `cfg.reward_model_coef` when that is > 0."""
 
     def __init__(self, ref: Llama, items: Sequence[SkillItem], prompts: Sequence[Sequence[int]], cfg: GRPOConfig,
-                 tokenizer: Any, batch_size: int, reward_fn: RewardFn = check_reply,
+                 tokenizer: Any, batch_size: int, reward_fn: RewardFn,
                  reward_model: nn.Module | None = None, skills: Sequence[str] | None = None, seed: int = 0):
         if not items or len(items) != len(prompts):
             raise ValueError("GroupRollouts needs one prompt per item, at least one")

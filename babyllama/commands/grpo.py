@@ -32,7 +32,14 @@ from babyllama.align.reward_model import RewardModel, load_reward_model
 from babyllama.data.chat_template import IM_END, special_id, stop_ids
 from babyllama.errors import UserError
 from babyllama.eval.heldout import check_reply_budget
-from babyllama.eval.skills import SkillItem, load_skill_items, per_skill_sample, skill_metrics, skill_prompt_ids
+from babyllama.eval.skills import (
+    SkillItem,
+    check_reply,
+    load_skill_items,
+    per_skill_sample,
+    skill_metrics,
+    skill_prompt_ids,
+)
 from babyllama.model.config import ModelConfig
 from babyllama.model.generate import SamplingConfig
 from babyllama.model.llama import Llama, frozen, frozen_copy
@@ -133,7 +140,8 @@ def main(argv: list[str] | None = None) -> None:
     trainer = compile_from_run(Trainer(policy, env), run, loss=make_grpo_loss(run), tokenizer=tok)
     resume_if_asked(trainer, args, paths.stage("grpo"))
     rollouts = GroupRollouts(ref, items[env.rank::env.world_size], prompts[env.rank::env.world_size], run, tok,
-                             run.batch_size, reward_model=reward, skills=skills, seed=run.seed)  # a callback
+                             run.batch_size, check_reply, reward_model=reward, skills=skills,
+                             seed=run.seed)  # a callback
     heldout = HeldOutSkills(run, tok, trainer.autocast)
     before = heldout.accuracy(ref) if env.is_main else {}
     if env.is_main:
