@@ -69,8 +69,11 @@ def dataset(tok):
 def test_pretrain_rows_and_the_mixes_refused():
     assert [pretrain_rows(m, 16) for m in (0.0, 0.25, 0.1, 0.5)] == [0, 4, 2, 8]  # 1.6 -> 2: rounded half up
     assert pretrain_rows(0.5, 3) == 2
-    for mix, batch in ((0.01, 16), (0.97, 16), (0.5, 1)):
-        with pytest.raises(UserError, match=rf"^--pretrain-mix {mix}: \d+ of the {batch} rows of a batch"):
+    assert pretrain_rows(0.01, 16) == pretrain_rows(0.2, 2) == 0  # a small batch rounds to conversations only
+    SFTConfig(pretrain_mix=0.2, batch_size=2, train_data=[str(SFT_TRAIN)]).check()
+    for mix, batch in ((0.97, 16), (0.5, 1)):
+        with pytest.raises(UserError, match=rf"^--pretrain-mix {mix}: {batch} of the {batch} rows of a batch .* "
+                                            r"leaving no conversation"):
             SFTConfig(pretrain_mix=mix, batch_size=batch, train_data=[str(SFT_TRAIN)]).check()
     with pytest.raises(UserError, match=r"^--pretrain-mix 1.0: must be in \[0, 1\)"):
         SFTConfig(pretrain_mix=1.0, train_data=[str(SFT_TRAIN)]).check()
@@ -156,6 +159,8 @@ def test_mix_zero_keeps_the_plain_sft_batches(dataset, tok, tmp_path):
     assert type(loader) is type(old)
     pairs = list(zip(loader, old))
     assert len(pairs) == 3 and all(torch.equal(a, b) for batches in pairs for a, b in zip(*batches))
+    small = SFTConfig(batch_size=2, seed=3)  # the default mix of 2 rows rounds to no window: no token data needed
+    assert type(sft_command.training_batches(small, dataset, tmp_path / "no-such-data", tok, 0, 1)) is type(old)
 
 
 def test_missing_or_foreign_token_data_is_one_line(dataset, data_dir, tok, tmp_path):

@@ -59,7 +59,7 @@ def training_batches(run: SFTConfig, train: SFTDataset, pretrain_data: str | Pat
     """The training loader: with --pretrain-mix, windows of `pretrain_data` in every batch; without, the plain SFT
     loader, whose batches runs from before the mix (the published ones) were trained on, bit for bit."""
     loader_args = dict(batch_size=run.batch_size, seed=run.seed, rank=rank, world_size=world_size)
-    if run.pretrain_mix:
+    if pretrain_rows(run.pretrain_mix, run.batch_size):
         return build_mixed_loader(train, pretrain_data, run.pretrain_mix, tokenizer=tok, **loader_args)
     return build_sft_loader(train, **loader_args)
 
@@ -121,7 +121,9 @@ def main(argv: list[str] | None = None) -> None:
         sft_rows = run.batch_size - mix_rows  # the windows' rows have no padding
         pad = padding_fraction(train.lengths, sft_rows, seed=run.seed) * sft_rows / run.batch_size
         rows = (f"rows (a batch: {sft_rows} conversations + {mix_rows} windows of {mix_data}, pretrain mix "
-                f"{run.pretrain_mix:g})" if mix_rows else "conversations")
+                f"{run.pretrain_mix:g})" if mix_rows else "conversations" + (
+                    f" (--pretrain-mix {run.pretrain_mix:g} of {run.batch_size} rows rounds to no window)"
+                    if run.pretrain_mix else ""))
         print(f"init {init}; {len(train)} train / {len(valid)} valid conversations ({train.dropped} dropped: no "
               f"answer within {max_len} tokens), {train.supervised_tokens():,} supervised tokens, mean length "
               f"{mean_len:.0f}; padding {pad:.1%} of batch positions; {run.max_steps} steps of "

@@ -30,12 +30,13 @@ from babyllama.errors import UserError
 
 
 def pretrain_rows(mix: float, batch_size: int) -> int:
-    """Rows of pretraining text in a batch of `batch_size` rows at `mix` (rounded half up); a mix > 0 that leaves
-    no row of either kind is refused."""
+    """Rows of pretraining text in a batch of `batch_size` rows at `mix` (rounded half up). A small batch may round
+    to 0 (the default mix of a batch of 2: no window, conversations only); a mix that leaves no conversation is
+    refused."""
     rows = math.floor(mix * batch_size + 0.5)
-    if mix and not 0 < rows < batch_size:
-        raise UserError(f"--pretrain-mix {mix}: {rows} of the {batch_size} rows of a batch (--batch-size); a mixed "
-                        f"batch needs at least one pretraining row and one conversation")
+    if rows >= batch_size:
+        raise UserError(f"--pretrain-mix {mix}: {rows} of the {batch_size} rows of a batch (--batch-size) would be "
+                        f"pretraining text, leaving no conversation; lower --pretrain-mix or raise --batch-size")
     return rows
 
 

@@ -223,7 +223,7 @@ class SFTConfig(BatchedEvaluation, TrainConfig):
 
     def check(self) -> None:
         super().check()
-        pretrain_rows(self.pretrain_mix, self.batch_size)  # refuses a mix that leaves no row of either kind
+        pretrain_rows(self.pretrain_mix, self.batch_size)  # refuses a mix that leaves no conversation
 
 
 @dataclass(kw_only=True)
