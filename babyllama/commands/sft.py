@@ -56,8 +56,8 @@ def load_dataset(paths: str | list[str], fmt: str, tok: Tokenizer, max_len: int,
 
 def training_batches(run: SFTConfig, train: SFTDataset, pretrain_data: str | Path, tok: Tokenizer, rank: int,
                      world_size: int) -> SFTLoader | MixedLoader:
-    """The training loader: with --pretrain-mix, windows of `pretrain_data` in every batch; without, the plain SFT
-    loader, whose batches runs from before the mix (the published ones) were trained on, bit for bit."""
+    """The training loader: with --pretrain-mix (when it gives a batch at least one window), windows of
+    `pretrain_data` in every batch; without, the plain SFT loader, bit for bit the batches of runs before the mix."""
     loader_args = dict(batch_size=run.batch_size, seed=run.seed, rank=rank, world_size=world_size)
     if pretrain_rows(run.pretrain_mix, run.batch_size):
         return build_mixed_loader(train, pretrain_data, run.pretrain_mix, tokenizer=tok, **loader_args)

@@ -6,7 +6,7 @@ An item (one JSON line of data/skills/skills_{train,heldout}.jsonl, made by `bab
 
 `answer` is a right reply (what SFT learns); `check` says what counts as right, so that a skill may have more than
 one right reply:
-- `exact`: the reply equals `answer`, ignoring surrounding white space and one final full stop (`。` `.` `!`),
+- `exact`: the reply equals `answer`, ignoring surrounding white space and final full stops (`。` `.` `!` `！`),
   case and the spelling of number words ("forty-two" = "forty two");
 - `zh_chars:N`: the reply, punctuation aside, is exactly N Chinese characters (a length instruction, or a next
   line as long as the one given);
