@@ -315,6 +315,12 @@ class Tokenizer:
     def id_to_token(self, i: int) -> str:
         return self._backend.id_to_token(i)
 
+    @functools.cached_property
+    def token_bytes(self) -> list[bytes]:
+        """The UTF-8 bytes each id stands for (a byte-fallback or byte-level piece may be part of a character;
+        a special token: its spelling): what per-token log-probabilities report and grammars match against."""
+        return [self._backend.token_bytes(i) for i in range(self.vocab_size)]
+
     # ---- encoding
     def encode(self, text: str, bos: bool = False, eos: bool = False, allow_special: bool = False) -> list[int]:
         """Token ids of `text`; special-token spellings are plain text unless `allow_special`."""
@@ -440,6 +446,25 @@ class StreamDecoder:
 
 
 # ======================================================================= backends
+_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+def _gpt2_byte_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE writes byte b as a printable character: itself when printable, else chr(256 + k)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+_BYTE_OF_CHAR = _gpt2_byte_alphabet()
+
+
 class _SentencePiece:
     kind = "sentencepiece"
 
@@ -461,6 +486,12 @@ class _SentencePiece:
 
     def id_to_token(self, i: int) -> str:
         return self.sp.id_to_piece(i)
+
+    def token_bytes(self, i: int) -> bytes:
+        piece = self.sp.id_to_piece(i)
+        if self.sp.is_byte(i):  # <0xNN>
+            return bytes([int(piece[3:5], 16)])
+        return piece.replace("\u2581", " ").encode()
 
     def encode_one(self, text: str) -> list[int]:
         return self.sp.encode(text)  # the batch call costs ~80 us of thread-pool start-up
@@ -507,6 +538,20 @@ class _HuggingFace:
         if token is None:
             raise IndexError(f"token id {i} is not in the vocabulary (size {self.vocab_size})")
         return token
+
+    def token_bytes(self, i: int) -> bytes:
+        token = self.id_to_token(i)
+        if i in self.hf.get_added_tokens_decoder():
+            return token.encode()
+        if _BYTE_PIECE.fullmatch(token):  # byte fallback
+            return bytes([int(token[3:5], 16)])
+        if self._byte_level:  # GPT-2's printable alphabet: one character per byte
+            return bytes(_BYTE_OF_CHAR[c] for c in token)
+        return token.replace("\u2581", " ").encode()
+
+    @functools.cached_property
+    def _byte_level(self) -> bool:
+        return "ByteLevel" in json.dumps(json.loads(self.hf.to_str()).get("decoder"))
 
     def encode_one(self, text: str) -> list[int]:
         return self.hf.encode(text, add_special_tokens=False).ids

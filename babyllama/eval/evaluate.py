@@ -32,6 +32,7 @@ Metrics (all on text no stage trains on):
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import random
@@ -79,11 +80,35 @@ def cloze_scores(model: nn.Module, tokenizer: Tokenizer, items: Sequence[Item]) 
     return out
 
 
-def cloze_accuracy(model: nn.Module, tokenizer: Tokenizer, items: Sequence[Item]) -> float:
-    """Share of items whose answer has the highest score (`cloze_scores`)."""
+def harness_pair(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """A (context, continuation) pair as lm-evaluation-harness tokenizes it for a causal model: the context's
+    trailing whitespace moves to the continuation, the joined text is encoded once and split after the context's
+    own tokens, and nothing is put before the context."""
+    stripped = context.rstrip()
+    context, continuation = stripped, context[len(stripped):] + continuation
+    context_ids = tokenizer.encode(context)
+    return context_ids, tokenizer.encode(context + continuation)[len(context_ids):]
+
+
+def harness_scores(model: nn.Module, tokenizer: Tokenizer, items: Sequence[Item]) -> list[list[float]]:
+    """Summed log-probability of each choice after the context, tokenized as `harness_pair` does: the numbers
+    lm-evaluation-harness computes for a multiple-choice task through `babyllama serve` (docs/serve.md)."""
+    keep = model.config.max_seq_len + 1
+    rows = []
+    for item in items:
+        for choice in item["choices"]:
+            context, continuation = harness_pair(tokenizer, item["context"], choice)
+            rows.append(((context + continuation)[-keep:], min(len(continuation), keep - 1)))
+    flat = continuation_logprobs(model, rows)
+    starts = itertools.accumulate((len(item["choices"]) for item in items), initial=0)
+    return [flat[start:start + len(item["choices"])] for start, item in zip(starts, items)]
+
+
+def cloze_accuracy(model: nn.Module, tokenizer: Tokenizer, items: Sequence[Item], scorer=cloze_scores) -> float:
+    """Share of items whose answer has the highest score (`scorer`: `cloze_scores` or `harness_scores`)."""
     if not items:
         raise UserError("no multiple-choice items to score")
-    scores = cloze_scores(model, tokenizer, items)
+    scores = scorer(model, tokenizer, items)
     return sum(max(range(len(s)), key=s.__getitem__) == item["answer"] for s, item in zip(scores, items)) / len(items)
 
 
@@ -238,9 +263,10 @@ def compressor_comparison(run_dir: str | Path, max_docs: int | None, metrics: di
 
 def evaluate(checkpoint: str | Path, tokenizer: str | Path, stage: str, device: str = "cpu",
              max_docs: int | None = None, max_items: int | None = None, pairs: str | Path = PREF_VALID,
-             run_dir: str | Path | None = None) -> dict[str, Any]:
+             run_dir: str | Path | None = None, items: Sequence[str | Path] = ()) -> dict[str, Any]:
     """All metrics that apply to `stage` for a checkpoint (file or stage directory); `pairs` for the reward stage;
-    `run_dir`: also the compressor baseline given that run's training corpus (`compressor_comparison`)."""
+    `run_dir`: also the compressor baseline given that run's training corpus (`compressor_comparison`); `items`:
+    multiple-choice files of the user's, scored as lm-evaluation-harness does (`harness_scores`)."""
     tok, checkpoint = Tokenizer.load(tokenizer), resolve_checkpoint(checkpoint)
     model = load_model(checkpoint, device, tokenizer=tok)
     metrics = lm_metrics(model, tok, max_docs, max_items)
@@ -251,6 +277,10 @@ def evaluate(checkpoint: str | Path, tokenizer: str | Path, stage: str, device: 
         metrics.update(reward_metrics(checkpoint, tok, device, pairs))
     else:  # a reward model's language-model head is the SFT model's, untrained since: not a skill of its own
         metrics.update(skill_suite_metrics(model, tok, max_items))
+    for path in items:
+        task = load_items(path)[:max_items]
+        metrics[f"{Path(path).stem}_acc"] = cloze_accuracy(model, tok, task, harness_scores)
+        metrics[f"{Path(path).stem}_items"] = len(task)
     return {"stage": stage, "checkpoint": str(checkpoint), "step": checkpoint_step(checkpoint),
             "params": model.num_params(), "metrics": metrics, **({"baseline": baseline} if baseline else {})}
 
@@ -315,6 +345,10 @@ def main(argv: list[str] | None = None) -> None:
     add_device_flag(ap)
     ap.add_argument("--max-docs", type=int, help="held-out documents per language for loss/bpb (default all)")
     ap.add_argument("--max-items", type=int, help="items per multiple-choice task (default all)")
+    ap.add_argument("--items", nargs="+", default=[], metavar="FILE",
+                    help="also your own multiple-choice files (JSON lines of {context, choices, answer}): "
+                         "<file stem>_acc, scored as lm-evaluation-harness scores a multiple-choice task (the "
+                         "joined text's tokens after the context's, nothing before the context)")
     ap.add_argument("--pairs", default=str(PREF_VALID), help="preference pairs for the reward stage's reward_acc")
     ap.add_argument("--show-replies", type=int, default=0, metavar="N",
                     help="also print N held-out skill items per skill with the model's greedy reply and its check "
@@ -325,7 +359,7 @@ def main(argv: list[str] | None = None) -> None:
     run = Path(args.out) / args.name
     result = evaluate(args.ckpt or run / args.stage, args.tokenizer or run / "tokenizer", args.stage,
                       pick_device(args.device), args.max_docs, args.max_items, args.pairs,
-                      None if args.no_baseline else run)
+                      None if args.no_baseline else run, args.items)
     paths = write_results(result, run / "eval")
     print(to_markdown(result) + f"\nwrote {paths[0]} and {paths[1]}")
     if args.show_replies and args.stage != "reward":

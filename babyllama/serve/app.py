@@ -3,6 +3,7 @@
     GET  /                      the chat page (static files, nothing loaded from elsewhere)
     GET  /health                {"status": "ok", decoding rows, waiting requests, counters}
     GET  /v1/models             the run's stages that have a checkpoint; GET /v1/models/{stage}
+    GET  /tokenizer_info, POST /tokenize, /detokenize   the run's tokenizer, as vLLM serves it
     POST /v1/chat/completions   ChatML prompt (`babyllama.data.chat_template.render_prompt`), reply until <|im_end|>
     POST /v1/completions        plain continuation of `prompt` (e.g. a pretrain checkpoint), until </s>
 
@@ -43,12 +44,16 @@ from babyllama.serve.protocol import (
     Sampling,
     chat_choice,
     chat_delta,
+    chat_logprobs,
     completion_choice,
+    completion_logprobs,
     envelope,
     error_body,
     new_id,
     parse_chat,
     parse_completion,
+    parse_detokenize,
+    parse_tokenize,
     usage,
 )
 
@@ -101,6 +106,26 @@ def create_app(registry: ModelRegistry, batcher: Batcher, settings: Settings) ->
             raise _unknown_model(registry, stage)
         return _model_card(stage, found)
 
+    # vLLM's tokenizer routes: what lm-evaluation-harness's `tokenizer_backend=remote` uses to send token ids
+    @api.get("/tokenizer_info")
+    async def tokenizer_info() -> dict[str, Any]:
+        tok = registry.tokenizer
+        return {"tokenizer_class": type(tok).__name__, "vocab_size": tok.vocab_size,
+                "bos_token": tok.id_to_token(tok.bos_id), "eos_token": tok.id_to_token(tok.eos_id),
+                "pad_token": tok.id_to_token(tok.pad_id)}
+
+    @api.post("/tokenize")
+    async def tokenize(request: Request) -> dict[str, Any]:
+        prompt, add_bos = parse_tokenize(await _read_json(request, settings.max_body_bytes))
+        # special-token spellings are the tokens (as HF tokenizers and vLLM read them): "</s>" is the eos id
+        tokens = registry.tokenizer.encode(prompt, bos=add_bos, allow_special=True)
+        return {"tokens": tokens, "count": len(tokens)}
+
+    @api.post("/detokenize")
+    async def detokenize(request: Request) -> dict[str, Any]:
+        tokens = parse_detokenize(await _read_json(request, settings.max_body_bytes), registry.tokenizer.vocab_size)
+        return {"prompt": registry.tokenizer.decode(tokens)}
+
     @api.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
         body = await _read_json(request, settings.max_body_bytes)
@@ -109,7 +134,7 @@ def create_app(registry: ModelRegistry, batcher: Batcher, settings: Settings) ->
     @api.post("/v1/completions")
     async def complete(request: Request) -> Response:
         body = await _read_json(request, settings.max_body_bytes)
-        return await handler.answer(request, parse_completion(body, batcher.max_rows))
+        return await handler.answer(request, parse_completion(body, batcher.max_rows, registry.tokenizer.vocab_size))
 
     app.include_router(api)
 
@@ -133,25 +158,33 @@ class _Handler:
     async def answer(self, request: Request, req: ChatRequest | CompletionRequest) -> Response:
         served = await self._served(req.model)
         chat = isinstance(req, ChatRequest)
-        prompt = render_prompt(req.messages, served.tokenizer) if chat else served.tokenizer.encode(req.prompt,
-                                                                                                      bos=True)
-        params = self._params(req, served, len(prompt), "messages" if chat else "prompt")
+        tok = served.tokenizer
+        prompts = [render_prompt(req.messages, tok)] if chat else [
+            tok.encode(p, bos=True) if isinstance(p, str) else p for p in req.prompts]
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        stops = served.chat_stops if chat else [served.tokenizer.eos_id]
-        job = Job(served, prompt, params, stops, asyncio_emitter(loop, events))
+        stops = served.chat_stops if chat else [tok.eos_id]
+        jobs = []
+        for p, prompt in enumerate(prompts):  # one job per prompt; choice p * n + c of the reply is its choice c
+            params = self._params(req, served, len(prompt), "messages" if chat else "prompt")
+            jobs.append(Job(served, prompt, params, stops, _numbered(asyncio_emitter(loop, events), p, req.n)))
         try:
-            self.batcher.submit(job)
+            for job in jobs:
+                self.batcher.submit(job)
         except Busy as e:
+            for job in jobs:
+                job.cancel()
             raise ApiError(429, f"the server is busy: {e}; retry shortly", code="server_busy",
                            kind="rate_limit_error") from None
-        kind = ("chat.completion" if chat else "text_completion")
-        rid = new_id("chatcmpl" if chat else "cmpl")
+        echoed = [p if isinstance(p, str) else tok.decode(p, skip_special=True) for p in req.prompts] if (
+            not chat and req.echo) else None
+        reply = _Reply(req, tok, echoed)
+        prompt_tokens = sum(map(len, prompts))
         if req.stream:
-            return StreamingResponse(self._stream(job, events, req, rid, kind, len(prompt)),
+            return StreamingResponse(self._stream(jobs, events, reply, prompt_tokens),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await self._collect(request, job, events, req, rid, kind, len(prompt))
+        return await self._collect(request, jobs, events, reply, prompt_tokens)
 
     async def _served(self, stage: str) -> Served:
         try:
@@ -174,72 +207,141 @@ class _Handler:
                                 f"{prompt_len}, leaving no room for a reply; shorten them", prompt_param,
                            "context_length_exceeded")
         seed = req.seed if req.seed is not None else random.SystemRandom().getrandbits(63)
-        return Params(max_tokens=min(req.max_tokens or cap, room), temperature=req.temperature, top_p=req.top_p,
-                      top_k=req.top_k, stop=req.stop, seed=seed % 2**64, n=req.n)
+        echo = getattr(req, "echo", False)
+        return Params(max_tokens=min(cap if req.max_tokens is None else req.max_tokens, room),
+                      temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, stop=req.stop,
+                      seed=seed % 2**64, n=req.n, logprobs=req.logprobs,
+                      score_prompt=echo and req.logprobs is not None)
 
-    async def _collect(self, request: Request, job: Job, events: asyncio.Queue, req: Sampling, rid: str, kind: str,
-                       prompt_len: int) -> JSONResponse:
-        texts, finish, produced = [""] * req.n, [None] * req.n, [0] * req.n
+    async def _collect(self, request: Request, jobs: list[Job], events: asyncio.Queue, reply: "_Reply",
+                       prompt_tokens: int) -> JSONResponse:
+        reply.opening()  # the echoed prompts
         try:
-            while None in finish:
+            while not reply.done:
                 try:
                     event = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
                 except asyncio.TimeoutError:
                     if await request.is_disconnected():
-                        job.cancel()
+                        for job in jobs:
+                            job.cancel()
                         return JSONResponse({}, status_code=499)  # nobody reads it
                     continue
                 if event[0] == "error":
                     raise ApiError(500, event[1], kind="server_error")
-                if event[0] == "text":
-                    texts[event[1]] += event[2]
-                else:
-                    finish[event[1]], produced[event[1]] = event[2], event[3]
+                reply.take(event)
         finally:
-            job.cancel()  # a no-op once every row ended; frees the rows when this task is cancelled
-        make = chat_choice if kind == "chat.completion" else completion_choice
-        choices = [make(i, t, f) for i, (t, f) in enumerate(zip(texts, finish))]
-        return JSONResponse(envelope(rid, kind, req.model, choices, usage=usage(prompt_len, sum(produced))))
+            for job in jobs:
+                job.cancel()  # a no-op once every row ended; frees the rows when this task is cancelled
+        return JSONResponse(envelope(reply.id, reply.kind, reply.req.model, reply.choices(),
+                                     usage=usage(prompt_tokens, reply.produced)))
 
-    async def _stream(self, job: Job, events: asyncio.Queue, req: Sampling, rid: str, kind: str,
-                      prompt_len: int) -> AsyncIterator[str]:
+    async def _stream(self, jobs: list[Job], events: asyncio.Queue, reply: "_Reply",
+                      prompt_tokens: int) -> AsyncIterator[str]:
         """Server-sent events: one chunk per text piece, a last chunk per choice with its finish_reason, a usage
         chunk when asked (stream_options.include_usage), then `data: [DONE]`. A client that goes away cancels the
-        job (Starlette cancels this generator), which frees its rows at the next step."""
-        chat = kind == "chat.completion"
-        chunk_kind = "chat.completion.chunk" if chat else "text_completion"
-        extra = {"usage": None} if req.include_usage else {}
-
-        def chunk(choice: dict[str, Any], **more: Any) -> str:
-            return _sse(envelope(rid, chunk_kind, req.model, [choice], **extra, **more))
-
-        def piece(i: int, text: str) -> dict[str, Any]:
-            return chat_delta(i, {"content": text}) if chat else completion_choice(i, text, None)
-
-        def last(i: int, finish: str) -> dict[str, Any]:
-            return chat_delta(i, {}, finish) if chat else completion_choice(i, "", finish)
-
+        jobs (Starlette cancels this generator), which frees their rows at the next step."""
         try:
-            if chat:  # the role comes first, as OpenAI sends it
-                for i in range(req.n):
-                    yield chunk(chat_delta(i, {"role": "assistant", "content": ""}))
-            open_rows, produced = req.n, 0
-            while open_rows:
+            for chunk in reply.opening():
+                yield _sse(chunk)
+            while not reply.done:
                 event = await events.get()
                 if event[0] == "error":
                     yield _sse(error_body(event[1], "server_error"))
                     break
-                if event[0] == "text":
-                    yield chunk(piece(event[1], event[2]))
-                else:
-                    open_rows, produced = open_rows - 1, produced + event[3]
-                    yield chunk(last(event[1], event[2]))
+                for chunk in reply.take(event):
+                    yield _sse(chunk)
             else:
-                if req.include_usage:
-                    yield _sse(envelope(rid, chunk_kind, req.model, [], usage=usage(prompt_len, produced)))
+                if reply.req.include_usage:
+                    yield _sse(reply.envelope([], usage=usage(prompt_tokens, reply.produced)))
             yield "data: [DONE]\n\n"
         finally:
-            job.cancel()
+            for job in jobs:
+                job.cancel()
+
+
+class _Reply:
+    """One request's reply built from its jobs' events: the choices' text and scored tokens so far, and the stream
+    chunks each event makes. Completions with `echo` start each choice with its prompt (and, with logprobs, the
+    prompt's scored tokens, which the batcher sends first)."""
+
+    def __init__(self, req: ChatRequest | CompletionRequest, tokenizer: Any, echoed: list[str] | None):
+        self.req, self.chat = req, isinstance(req, ChatRequest)
+        self.kind = "chat.completion" if self.chat else "text_completion"
+        self.id = new_id("chatcmpl" if self.chat else "cmpl")
+        self.token_bytes = tokenizer.token_bytes if req.logprobs is not None else []
+        self.special = set(tokenizer.special_tokens.values())  # their text is not in a reply
+        n = req.n * (1 if self.chat else len(req.prompts))
+        self.texts, self.scored = [""] * n, [[] for _ in range(n)]
+        self.finish: list[str | None] = [None] * n
+        self.produced = 0
+        self.echoed = echoed  # each prompt's text, when echoing
+
+    @property
+    def done(self) -> bool:
+        return None not in self.finish
+
+    def envelope(self, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+        kind = "chat.completion.chunk" if self.chat else "text_completion"
+        return envelope(self.id, kind, self.req.model, choices,
+                        **{**({"usage": None} if self.req.include_usage else {}), **extra})
+
+    def opening(self) -> list[dict[str, Any]]:
+        """The chunks sent before any token: chat's role, completions' echoed prompts (unless they come scored)."""
+        if self.chat:  # the role comes first, as OpenAI sends it
+            return [self.envelope([chat_delta(i, {"role": "assistant", "content": ""})]) for i in range(self.req.n)]
+        if self.echoed is None or self.req.logprobs is not None:
+            return []
+        return [self._piece(c, self.echoed[c // self.req.n], []) for c in range(len(self.texts))]
+
+    def take(self, event: tuple) -> list[dict[str, Any]]:
+        """Record an event; returns the stream chunks it makes."""
+        if event[0] == "prompt":
+            _, p, scored = event
+            return [self._piece(c, self.echoed[p], scored) for c in range(p * self.req.n, (p + 1) * self.req.n)]
+        if event[0] == "text":
+            _, c, text, scored = event
+            return [self._piece(c, text, scored)]
+        _, c, finish, produced, scored = event
+        self.finish[c], self.produced = finish, self.produced + produced
+        chunks = [self._piece(c, "", scored)] if scored else []
+        last = chat_delta(c, {}, finish) if self.chat else completion_choice(c, "", finish)
+        return chunks + [self.envelope([last])]
+
+    def _piece(self, c: int, text: str, scored: list) -> dict[str, Any]:
+        offset = len(self.texts[c])
+        self.texts[c] += text
+        self.scored[c] += scored
+        logprobs = self._logprobs(scored, offset) if self.req.logprobs is not None else None
+        choice = (chat_delta(c, {"content": text}, logprobs=logprobs) if self.chat
+                  else completion_choice(c, text, None, logprobs))
+        return self.envelope([choice])
+
+    def _logprobs(self, scored: list, offset: int) -> dict[str, Any]:
+        if self.chat:
+            return chat_logprobs(scored, self.token_bytes)
+        return completion_logprobs(scored, self.token_bytes, self.special, offset)
+
+    def choices(self) -> list[dict[str, Any]]:
+        """The whole reply's choices (non-streamed)."""
+        out = []
+        for c, (text, scored, finish) in enumerate(zip(self.texts, self.scored, self.finish)):
+            logprobs = self._logprobs(scored, 0) if self.req.logprobs is not None else None
+            out.append(chat_choice(c, text, finish, logprobs) if self.chat
+                       else completion_choice(c, text, finish, logprobs))
+        return out
+
+
+def _numbered(emit: Callable[[Any], None], prompt: int, n: int) -> Callable[[Any], None]:
+    """An emitter that numbers a job's choices as the reply's (prompt p's choice c is p * n + c) and says whose
+    scored prompt a "prompt" event is."""
+    def numbered(event: tuple) -> None:
+        if event[0] == "prompt":
+            emit(("prompt", prompt, event[1]))
+        elif event[0] in ("text", "end"):
+            emit((event[0], prompt * n + event[1], *event[2:]))
+        else:
+            emit(event)
+    return numbered
 
 
 def _sse(obj: dict[str, Any]) -> str:

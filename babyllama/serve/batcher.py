@@ -27,8 +27,27 @@ from torch import Tensor
 from babyllama.model.generate import SamplingConfig, sample_next
 from babyllama.serve.models import Served
 
-# Events a job's client receives: ("text", choice, piece), ("end", choice, finish_reason), ("error", message).
+# Events a job's client receives: ("prompt", scored prompt tokens) first when the job asked to score its prompt,
+# ("text", choice, piece, scored tokens), ("end", choice, finish_reason, tokens generated, scored tokens),
+# ("error", message). Scored tokens (`TokenLogprob`) come only when the job asked for log-probabilities: those
+# sampled since the previous event of that choice.
 Event = tuple
+
+
+@dataclass
+class TokenLogprob:
+    """A token with its log-probability under the model (before temperature, top-k or top-p: the model's own
+    distribution, as vLLM reports it) and the `top` most likely tokens at its position, most likely first."""
+
+    token: int
+    logprob: float | None  # None: a prompt's first token, which nothing predicts
+    top: list[tuple[int, float]]
+
+
+def scored(logprobs: Tensor, token: int, top: int) -> TokenLogprob:
+    """`TokenLogprob` of `token` from a row of log-probabilities."""
+    values, ids = logprobs.topk(top) if top else (logprobs[:0], logprobs[:0])
+    return TokenLogprob(token, float(logprobs[token]), list(zip(ids.tolist(), values.tolist())))
 
 
 class Busy(Exception):
@@ -46,6 +65,8 @@ class Params:
     stop: Sequence[str] = ()
     seed: int = 0
     n: int = 1
+    logprobs: int | None = None  # None: none; k: each token's log-probability and its k top alternatives
+    score_prompt: bool = False  # first send the prompt's own tokens' log-probabilities (completions' echo)
 
 
 @dataclass(eq=False)
@@ -89,6 +110,7 @@ class _Row:
                                   top_p=p.top_p)
         self.rng = torch.Generator(device=job.served.device).manual_seed(row_seed(p.seed, choice))
         self.generated: list[int] = []
+        self.scored: list[TokenLogprob] = []  # log-probabilities not yet sent (when the job asked for them)
         self.decoder = job.served.tokenizer.stream_decoder(skip_special=True)
         self.text, self.sent = "", 0
         self.finish: str | None = None
@@ -101,11 +123,14 @@ class _Row:
     def ids(self) -> list[int]:
         return self.job.prompt + self.generated
 
-    def push(self, token: int) -> None:
-        """Take the next token: send what text became final, end the row on a stop id, stop string or budget."""
+    def push(self, token: int, logprobs: Tensor | None = None) -> None:
+        """Take the next token (and the log-probabilities it was sampled from, when the job asked for them): send
+        what text became final, end the row on a stop id, stop string or budget."""
         self.generated.append(token)
         if token in self.job.stop_ids:
             return self._end("stop", self.text + self.decoder.flush())
+        if logprobs is not None:
+            self.scored.append(scored(logprobs, token, self.job.params.logprobs))
         self.text += self.decoder.push(token)
         if len(self.generated) >= self.job.params.max_tokens:
             return self._end("length", self.text + self.decoder.flush())
@@ -121,8 +146,8 @@ class _Row:
 
     def _send(self, upto: int) -> None:
         if upto > self.sent:
-            self.job.emit(("text", self.choice, self.text[self.sent:upto]))
-            self.sent = upto
+            self.job.emit(("text", self.choice, self.text[self.sent:upto], self.scored))
+            self.sent, self.scored = upto, []
 
     def _end(self, reason: str, text: str) -> None:
         """Finish with `text` as the whole reply: the held-back tail of a stop string check, cut at a stop string."""
@@ -132,7 +157,8 @@ class _Row:
         self.text = text
         self._send(len(text))
         self.finish = reason
-        self.job.emit(("end", self.choice, reason, len(self.generated)))
+        self.job.emit(("end", self.choice, reason, len(self.generated), self.scored))
+        self.scored = []
 
 
 class Batcher:
@@ -222,6 +248,12 @@ class Batcher:
                 if job.served is not served or self._live_rows + job.params.n > self.max_rows:
                     return
                 self._waiting.popleft()
+                if job.params.score_prompt:
+                    job.emit(("prompt", prompt_logprobs(served, job.prompt, job.params.logprobs or 0)))
+                if job.params.max_tokens == 0:  # the prompt was all it asked for
+                    for choice in range(job.params.n):
+                        job.emit(("end", choice, "length", 0, []))
+                    continue
                 rows.extend(_Row(job, c) for c in range(job.params.n))
                 self._live_rows += job.params.n
 
@@ -244,20 +276,25 @@ class Batcher:
         budget = max(r.job.params.max_tokens - len(r.generated) for r in rows)
         batch_cfg = SamplingConfig(max_new_tokens=budget, repetition_penalty=1.0)  # rows sample with their own
 
+        vocab = served.tokenizer.vocab_size  # the model's may be padded beyond it
+        logprobs: list[Tensor | None] = [None] * len(rows)
+
         def sample(logits: Tensor) -> Tensor:
             picked = torch.full((len(rows),), end_id, dtype=torch.long, device=logits.device)
             for i, row in enumerate(rows):
                 if row.live:
                     picked[i] = sample_next(logits[i:i + 1], row.cfg, row.rng)[0]
+                    if row.job.params.logprobs is not None:
+                        logprobs[i] = logits[i, :vocab].float().log_softmax(-1).cpu()
             return picked
 
         steps = served.generator.generate_batch([r.ids() for r in rows], batch_cfg, stop_ids=[end_id], sample=sample)
         try:
             for nxt in steps:
                 sampled = 0
-                for row, token in zip(rows, nxt.tolist()):
+                for row, token, lp in zip(rows, nxt.tolist(), logprobs):
                     if not row.retired and row.live:
-                        row.push(token)
+                        row.push(token, lp)
                         sampled += 1
                 self._retire([r for r in rows if not r.live])
                 live = sum(r.live for r in rows)
@@ -269,3 +306,16 @@ class Batcher:
         finally:
             steps.close()
         return [r for r in rows if r.live]
+
+
+@torch.inference_mode()
+def prompt_logprobs(served: Served, prompt: Sequence[int], top: int) -> list[TokenLogprob]:
+    """Each prompt token's log-probability given the tokens before it (the first: None), with its top alternatives:
+    one forward pass without the decoding cache."""
+    first = TokenLogprob(prompt[0], None, [])
+    if len(prompt) == 1:
+        return [first]
+    ids = torch.tensor([list(prompt)], device=served.device)
+    logits = served.model(ids[:, :-1], return_logits=True).logits[0, :, :served.tokenizer.vocab_size]
+    logprobs = logits.float().log_softmax(-1).cpu()
+    return [first] + [scored(lp, t, top) for lp, t in zip(logprobs, prompt[1:])]

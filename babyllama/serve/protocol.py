@@ -14,20 +14,22 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from babyllama.data.chat_template import ROLES
+from babyllama.serve.batcher import TokenLogprob
 
 MAX_STOPS = 4  # as OpenAI
+MAX_TOP_LOGPROBS = 20  # chat's limit at OpenAI; vLLM allows the same for completions (OpenAI: 5)
 
 # Parameters of the OpenAI API that change nothing here when they have these values (null always qualifies).
 _INERT_CHAT: dict[str, tuple] = {
-    "frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "logit_bias": ({},), "logprobs": (False,),
-    "top_logprobs": (0,), "tools": ([],), "tool_choice": ("none", "auto"), "parallel_tool_calls": (True, False),
+    "frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "logit_bias": ({},), "tools": ([],),
+    "tool_choice": ("none", "auto"), "parallel_tool_calls": (True, False),
     "functions": ([],), "function_call": ("none", "auto"), "response_format": ({"type": "text"},),
     "service_tier": ("auto", "default"), "store": (False,), "metadata": ({},), "modalities": (["text"],),
     "user": None,  # an end-user id for the caller's own records: any string
 }
 _INERT_COMPLETION: dict[str, tuple] = {
-    "frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "logit_bias": ({},), "logprobs": (0,),
-    "echo": (False,), "best_of": (1,), "suffix": ("",), "user": None,
+    "frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "logit_bias": ({},), "best_of": (1,),
+    "suffix": ("",), "user": None,
 }
 
 
@@ -61,6 +63,8 @@ class Sampling:
     stop: list[str]
     seed: int | None
     n: int
+    # None: no log-probabilities; k >= 0: each generated token's, with its k most likely alternatives
+    logprobs: int | None
 
 
 @dataclass
@@ -70,25 +74,63 @@ class ChatRequest(Sampling):
 
 @dataclass
 class CompletionRequest(Sampling):
-    prompt: str
+    prompts: list[str | list[int]]  # text (encoded after a bos) or token ids (used as given)
+    echo: bool  # the reply starts with the prompt (and, with logprobs, the prompt's own tokens are scored)
 
 
 def parse_chat(body: Any, max_n: int) -> ChatRequest:
-    known = set(_SAMPLING_FIELDS) | {"messages"}
+    known = set(_SAMPLING_FIELDS) | {"messages", "logprobs", "top_logprobs"}
     fields = _common(body, known, _INERT_CHAT, max_n)
-    return ChatRequest(**fields, messages=_messages(body.get("messages")))
+    wanted = _bool("logprobs")(body.get("logprobs"))
+    top = _integer("top_logprobs", 0, MAX_TOP_LOGPROBS, None)(body.get("top_logprobs"))
+    if top is not None and not wanted:
+        raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs", "invalid_value")
+    return ChatRequest(**fields, logprobs=(top or 0) if wanted else None, messages=_messages(body.get("messages")))
 
 
-def parse_completion(body: Any, max_n: int) -> CompletionRequest:
-    known = set(_SAMPLING_FIELDS) | {"prompt"}
-    fields = _common(body, known, _INERT_COMPLETION, max_n)
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1:  # the client's list form of one prompt
-        prompt = prompt[0]
-    if not isinstance(prompt, str):
-        raise ApiError(400, "'prompt' must be a string (one prompt per request; several: send several requests, "
-                            "they are decoded together)", "prompt")
-    return CompletionRequest(**fields, prompt=prompt)
+def parse_completion(body: Any, max_n: int, vocab_size: int | None = None) -> CompletionRequest:
+    """`vocab_size` bounds the ids of a prompt given as token ids."""
+    known = set(_SAMPLING_FIELDS) | {"prompt", "logprobs", "echo"}
+    fields = _common(body, known, _INERT_COMPLETION, max_n, allow_zero_tokens=bool(body.get("echo")))
+    prompts = _prompts(body.get("prompt"), vocab_size)
+    if len(prompts) * fields["n"] > max_n:
+        raise ApiError(400, f"{len(prompts)} prompts x n={fields['n']} choices is more than this server's "
+                            f"{max_n} rows; send fewer prompts per request", "prompt", "invalid_value")
+    return CompletionRequest(**fields, logprobs=_integer("logprobs", 0, MAX_TOP_LOGPROBS, None)(body.get("logprobs")),
+                             prompts=prompts, echo=_bool("echo")(body.get("echo")))
+
+
+def parse_tokenize(body: Any) -> tuple[str, bool]:
+    """`/tokenize` (vLLM's): {"prompt": str, "add_special_tokens": bool (default true: a bos first)}."""
+    if not isinstance(body, dict) or not isinstance(body.get("prompt"), str):
+        raise ApiError(400, "'prompt' must be a string", "prompt")
+    add = body.get("add_special_tokens", True)
+    if not isinstance(add, bool):
+        raise ApiError(400, "'add_special_tokens' must be true or false", "add_special_tokens", "invalid_type")
+    return body["prompt"], add
+
+
+def parse_detokenize(body: Any, vocab_size: int) -> list[int]:
+    """`/detokenize` (vLLM's): {"tokens": [int, ...]}."""
+    tokens = body.get("tokens") if isinstance(body, dict) else None
+    if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool)
+                                               and 0 <= t < vocab_size for t in tokens):
+        raise ApiError(400, f"'tokens' must be a list of token ids below {vocab_size}", "tokens")
+    return tokens
+
+
+def _prompts(prompt: Any, vocab_size: int | None) -> list[str | list[int]]:
+    """OpenAI's four forms: a string, a list of strings, a list of token ids, a list of lists of token ids."""
+    def ids(v: Any) -> bool:
+        return (isinstance(v, list) and bool(v) and all(isinstance(i, int) and not isinstance(i, bool)
+                                                        and 0 <= i < (vocab_size or 2**31) for i in v))
+    if isinstance(prompt, str) or ids(prompt):
+        return [prompt]
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) or ids(p) for p in prompt):
+        return prompt
+    bound = f" below {vocab_size}" if vocab_size else ""
+    raise ApiError(400, f"'prompt' must be a string, a list of strings, a non-empty list of token ids{bound}, or a "
+                        "list of such lists", "prompt")
 
 
 # ---- fields
@@ -138,7 +180,8 @@ _SAMPLING_FIELDS = ("model", "stream", "stream_options", "temperature", "top_p",
                     "max_completion_tokens", "stop", "seed", "n")
 
 
-def _common(body: Any, known: set[str], inert: dict[str, tuple | None], max_n: int) -> dict[str, Any]:
+def _common(body: Any, known: set[str], inert: dict[str, tuple | None], max_n: int,
+            allow_zero_tokens: bool = False) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise ApiError(400, f"the request body must be a JSON object, got {type(body).__name__}")
     for key, value in body.items():
@@ -167,7 +210,8 @@ def _common(body: Any, known: set[str], inert: dict[str, tuple | None], max_n: i
         temperature=_number("temperature", 0, 2, 1.0)(body.get("temperature")),
         top_p=_number("top_p", 0, 1, 1.0, low_open=True)(body.get("top_p")),
         top_k=_integer("top_k", 0, None, 0)(body.get("top_k")),
-        max_tokens=_integer(tokens_key, 1, None, None)(body.get(tokens_key)),
+        # 0 only with echo: score the prompt, write nothing
+        max_tokens=_integer(tokens_key, 0 if allow_zero_tokens else 1, None, None)(body.get(tokens_key)),
         stop=_stop(body.get("stop")),
         seed=_integer("seed", -2**63, 2**64 - 1, None)(body.get("seed")),
         n=_integer("n", 1, max_n, 1)(body.get("n")))
@@ -220,14 +264,49 @@ def envelope(rid: str, kind: str, model: str, choices: list[dict[str, Any]], **e
     return {"id": rid, "object": kind, "created": int(time.time()), "model": model, "choices": choices, **extra}
 
 
-def chat_choice(index: int, text: str, finish: str | None) -> dict[str, Any]:
-    return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
+def chat_choice(index: int, text: str, finish: str | None, logprobs: dict | None = None) -> dict[str, Any]:
+    return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
             "finish_reason": finish}
 
 
-def chat_delta(index: int, delta: dict[str, str], finish: str | None = None) -> dict[str, Any]:
-    return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+def chat_delta(index: int, delta: dict[str, str], finish: str | None = None,
+               logprobs: dict | None = None) -> dict[str, Any]:
+    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
 
 
-def completion_choice(index: int, text: str, finish: str | None) -> dict[str, Any]:
-    return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+def completion_choice(index: int, text: str, finish: str | None, logprobs: dict | None = None) -> dict[str, Any]:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+
+
+def token_text(raw: bytes) -> str:
+    """A token's text as OpenAI writes it: the text, or `bytes:\\xNN...` for part of a UTF-8 character."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
+def chat_logprobs(scored: list[TokenLogprob], token_bytes: list[bytes]) -> dict[str, Any]:
+    """`choices[].logprobs` of chat: one entry per token with its bytes and its top alternatives."""
+    def entry(token: int, logprob: float) -> dict[str, Any]:
+        raw = token_bytes[token]
+        return {"token": token_text(raw), "logprob": logprob, "bytes": list(raw)}
+    return {"content": [{**entry(s.token, s.logprob), "top_logprobs": [entry(t, lp) for t, lp in s.top]}
+                        for s in scored], "refusal": None}
+
+
+def completion_logprobs(scored: list[TokenLogprob], token_bytes: list[bytes], special: set[int],
+                        offset: int = 0) -> dict[str, Any]:
+    """`choices[].logprobs` of completions (the legacy schema): tokens, their log-probabilities (None for a
+    prompt's first token, which nothing predicts), the top alternatives and the sampled token by text, and each
+    token's character offset in the choice's text (from `offset`; `special` tokens are not in the text)."""
+    tokens, offsets = [], []
+    for s in scored:
+        tokens.append(token_text(token_bytes[s.token]))
+        offsets.append(offset)
+        if s.token not in special:
+            offset += len(token_bytes[s.token].decode("utf-8", errors="ignore"))
+    tops = [None if s.logprob is None else {token_text(token_bytes[t]): lp for t, lp in (*s.top, (s.token, s.logprob))}
+            for s in scored]
+    return {"tokens": tokens, "token_logprobs": [s.logprob for s in scored], "top_logprobs": tops,
+            "text_offset": offsets}
