@@ -301,3 +301,33 @@ def test_a_server_that_cannot_start_is_a_user_error(tmp_path):
     message = str(e.value)
     assert message.startswith(f"{tmp_path / 'nowhere' / 'baby' / 'tokenizer'}: tokenizer not found"), message
     assert "\n" not in message and "error:" not in message and "Traceback" not in message
+
+
+def test_metrics_count_what_was_served(client, url):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def scrape() -> dict[tuple, float]:
+        text = httpx.get(f"{url}/metrics").text
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(text) for s in family.samples}
+
+    wait_idle(url)
+    before = scrape()
+    replies = [ask(client, f"问{i}", max_tokens=5 + i, temperature=0) for i in range(3)]
+    streamed = list(ask(client, "流", max_tokens=4, stream=True, stream_options={"include_usage": True}))
+    after = scrape()
+
+    def delta(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    generated = sum(r.usage.completion_tokens for r in replies) + streamed[-1].usage.completion_tokens
+    prompt = sum(r.usage.prompt_tokens for r in replies) + streamed[-1].usage.prompt_tokens
+    assert delta("babyllama_requests_total", route="/v1/chat/completions", status="200") == 4
+    assert delta("babyllama_generation_tokens_total", model="sft") == generated
+    assert delta("babyllama_prompt_tokens_total", model="sft") == prompt
+    assert delta("babyllama_time_to_first_token_seconds_count", model="sft") == 4
+    assert delta("babyllama_e2e_request_latency_seconds_count", model="sft") == 4
+    assert delta("babyllama_batch_size_count") >= 5 + 6 + 7 + 4 - 4  # a step per token (the last may not run)
+    assert after[("babyllama_num_requests_waiting", ())] == 0
+    assert httpx.get(f"{url}/metrics").headers["content-type"].startswith("text/plain")

@@ -2,6 +2,7 @@
 
     GET  /                      the chat page (static files, nothing loaded from elsewhere)
     GET  /health                {"status": "ok", decoding rows, waiting requests, counters}
+    GET  /metrics               Prometheus' text format (`babyllama.serve.metrics`)
     GET  /v1/models             the run's stages that have a checkpoint; GET /v1/models/{stage}
     GET  /tokenizer_info, POST /tokenize, /detokenize   the run's tokenizer, as vLLM serves it
     POST /v1/chat/completions   ChatML prompt (`babyllama.data.chat_template.render_prompt`), reply until <|im_end|>
@@ -20,6 +21,7 @@ import hmac
 import json
 import os
 import random
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
@@ -36,6 +38,8 @@ from starlette.exceptions import HTTPException
 from babyllama.data.chat_template import render_prompt
 from babyllama.errors import UserError
 from babyllama.serve.batcher import Batcher, Busy, Job, Params, asyncio_emitter
+from babyllama.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from babyllama.serve.metrics import ServerMetrics
 from babyllama.serve.models import ModelRegistry, Served
 from babyllama.serve.protocol import (
     ApiError,
@@ -62,6 +66,7 @@ LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 # The browser itself refuses anything the page would load or send elsewhere, and inline scripts.
 PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
                 "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
+COUNTED_ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/tokenize", "/detokenize", "/health"}
 DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
 
 
@@ -88,7 +93,21 @@ def create_app(registry: ModelRegistry, batcher: Batcher, settings: Settings) ->
                            allow_headers=["Authorization", "Content-Type"])
     _install_error_handlers(app)
     api = APIRouter(dependencies=[Depends(_key_check(settings))])
-    handler = _Handler(registry, batcher, settings)
+    metrics = ServerMetrics(batcher.load)
+    batcher.metrics = metrics
+    handler = _Handler(registry, batcher, settings, metrics)
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next: Callable) -> Response:
+        response = await call_next(request)
+        route = request.url.path
+        if route in COUNTED_ROUTES:  # a fixed set of labels, whatever paths clients try
+            metrics.requests.labels(route, str(response.status_code)).inc()
+        return response
+
+    @api.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.text(), media_type=METRICS_CONTENT_TYPE)
 
     @api.get("/health")
     async def health() -> dict[str, Any]:
@@ -149,13 +168,14 @@ def create_app(registry: ModelRegistry, batcher: Batcher, settings: Settings) ->
 class _Handler:
     """Turns a checked request into a `Job` and its events into a JSON reply or a server-sent event stream."""
 
-    def __init__(self, registry: ModelRegistry, batcher: Batcher, settings: Settings):
-        self.registry, self.batcher, self.settings = registry, batcher, settings
+    def __init__(self, registry: ModelRegistry, batcher: Batcher, settings: Settings, metrics: ServerMetrics):
+        self.registry, self.batcher, self.settings, self.metrics = registry, batcher, settings, metrics
 
     def loaded(self) -> list[str]:
         return sorted(self.registry._loaded)  # noqa: SLF001 (read-only view for /health)
 
     async def answer(self, request: Request, req: ChatRequest | CompletionRequest) -> Response:
+        arrived = time.monotonic()
         served = await self._served(req.model)
         chat = isinstance(req, ChatRequest)
         tok = served.tokenizer
@@ -178,8 +198,8 @@ class _Handler:
                            kind="rate_limit_error") from None
         echoed = [p if isinstance(p, str) else tok.decode(p, skip_special=True) for p in req.prompts] if (
             not chat and req.echo) else None
-        reply = _Reply(req, tok, echoed)
         prompt_tokens = sum(map(len, prompts))
+        reply = _Reply(req, tok, echoed, _Observer(self.metrics, req.model, arrived, prompt_tokens))
         if req.stream:
             return StreamingResponse(self._stream(jobs, events, reply, prompt_tokens),
                                      media_type="text/event-stream",
@@ -264,8 +284,9 @@ class _Reply:
     chunks each event makes. Completions with `echo` start each choice with its prompt (and, with logprobs, the
     prompt's scored tokens, which the batcher sends first)."""
 
-    def __init__(self, req: ChatRequest | CompletionRequest, tokenizer: Any, echoed: list[str] | None):
-        self.req, self.chat = req, isinstance(req, ChatRequest)
+    def __init__(self, req: ChatRequest | CompletionRequest, tokenizer: Any, echoed: list[str] | None,
+                 observer: "_Observer"):
+        self.req, self.chat, self.observer = req, isinstance(req, ChatRequest), observer
         self.kind = "chat.completion" if self.chat else "text_completion"
         self.id = new_id("chatcmpl" if self.chat else "cmpl")
         self.token_bytes = tokenizer.token_bytes if req.logprobs is not None else []
@@ -295,6 +316,7 @@ class _Reply:
 
     def take(self, event: tuple) -> list[dict[str, Any]]:
         """Record an event; returns the stream chunks it makes."""
+        self.observer.saw(event)
         if event[0] == "prompt":
             _, p, scored = event
             return [self._piece(c, self.echoed[p], scored) for c in range(p * self.req.n, (p + 1) * self.req.n)]
@@ -303,6 +325,8 @@ class _Reply:
             return [self._piece(c, text, scored)]
         _, c, finish, produced, scored = event
         self.finish[c], self.produced = finish, self.produced + produced
+        if self.done:
+            self.observer.ended()
         chunks = [self._piece(c, "", scored)] if scored else []
         last = chat_delta(c, {}, finish) if self.chat else completion_choice(c, "", finish)
         return chunks + [self.envelope([last])]
@@ -329,6 +353,25 @@ class _Reply:
             out.append(chat_choice(c, text, finish, logprobs) if self.chat
                        else completion_choice(c, text, finish, logprobs))
         return out
+
+
+class _Observer:
+    """A request's contribution to /metrics: time to its first token, its tokens, its latency."""
+
+    def __init__(self, metrics: ServerMetrics, model: str, arrived: float, prompt_tokens: int):
+        self.metrics, self.model, self.arrived, self.prompt_tokens = metrics, model, arrived, prompt_tokens
+        self.first = True
+
+    def saw(self, event: tuple) -> None:
+        if self.first and event[0] in ("text", "end"):
+            self.first = False
+            self.metrics.first_token.labels(self.model).observe(time.monotonic() - self.arrived)
+        if event[0] == "end":
+            self.metrics.generation_tokens.labels(self.model).inc(event[3])
+
+    def ended(self) -> None:
+        self.metrics.prompt_tokens.labels(self.model).inc(self.prompt_tokens)
+        self.metrics.latency.labels(self.model).observe(time.monotonic() - self.arrived)
 
 
 def _numbered(emit: Callable[[Any], None], prompt: int, n: int) -> Callable[[Any], None]:

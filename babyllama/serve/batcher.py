@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from babyllama.model.generate import SamplingConfig, sample_next
+from babyllama.serve.metrics import ServerMetrics
 from babyllama.serve.models import Served
 
 # Events a job's client receives: ("prompt", scored prompt tokens) first when the job asked to score its prompt,
@@ -172,6 +173,7 @@ class Batcher:
         self._closed = False
         # counters for /health and the tests: decode steps run, rows summed over those steps, batches started
         self.stats = {"steps": 0, "row_steps": 0, "batches": 0}
+        self.metrics: ServerMetrics | None = None  # set by the app: rows per step go to /metrics
         self._thread = threading.Thread(target=self._run, name="babyllama-batcher", daemon=True)
         self._thread.start()
 
@@ -301,6 +303,8 @@ class Batcher:
                 with self._cond:
                     self.stats["steps"] += 1
                     self.stats["row_steps"] += sampled
+                if self.metrics is not None:
+                    self.metrics.batch_size.observe(sampled)
                 if live == 0 or self._should_restart(rows, live, served):
                     break
         finally:
