@@ -74,3 +74,20 @@ def test_gpu_session_script_runs_each_benchmark_and_writes_results(tmp_path):
     assert {name: len(lines) for name, lines in results.items()} == {"train.jsonl": 2, "ddp.jsonl": 2,
                                                                      "decode.jsonl": 8}
     assert "!! failed" not in next(tmp_path.glob("*_smoke.log")).read_text()
+
+
+def test_lora_memory_smoke_measures_full_fine_tuning_and_adapters(tmp_path):
+    rows = run_bench("lora_memory", "--reference", "--dest", str(tmp_path / "r.jsonl"))
+    assert [r["config"] for r in rows] == ["full", "LoRA r=4"] and all(r["reference"] for r in rows)
+    full, lora = rows
+    assert lora["trainable"] < full["trainable"] / 10 and lora["ckpt_mb"] < full["ckpt_mb"] / 10
+    assert all(r["peak_mb"] >= r["above_start_mb"] > 0 and 0 < r["step_s_min"] <= r["step_s_median"] for r in rows)
+    assert len((tmp_path / "r.jsonl").read_text().splitlines()) == 2
+
+
+def test_serve_prefix_cache_smoke_reports_the_cached_turns():
+    rows = run_bench("serve_prefix_cache")
+    summary = rows[-1]
+    assert summary["same_replies"] == "2/2"  # greedy, fp32 in the smoke run: the cache changes no reply
+    cached = [r for r in rows if r.get("cached_tokens")]
+    assert cached and all(r["cached_tokens"] < r["prompt_tokens"] for r in cached)

@@ -52,6 +52,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=positive_int, default=None,
                         help="largest max_tokens a request may ask for (default: the model's context)")
     parser.add_argument("--max-body-bytes", type=positive_int, default=1 << 20, help="larger request bodies get 413")
+    parser.add_argument("--prefix-cache-mb", type=int, default=256,
+                        help="MiB of keys and values kept per loaded stage, so that a conversation's next turn "
+                             "computes only its new tokens (least recently used first out; 0 = off; default: 256)")
     add_device_flag(parser)
     add_dtype_flag(parser)
     return parser.parse_args(argv)
@@ -61,6 +64,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port {args.port}: must be between 0 and 65535")
+    if args.prefix_cache_mb < 0:
+        raise UserError(f"--prefix-cache-mb {args.prefix_cache_mb}: must be 0 (off) or more")
     import uvicorn  # after the flags: --help and flag errors do not wait for the web stack
 
     from babyllama.serve.app import Settings, create_app, key_from_env
@@ -69,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     paths = RunPaths.of(args.name, args.out)
     device = pick_device(args.device)
     tokenizer = Tokenizer.load(args.tokenizer or paths.tokenizer)
-    registry = ModelRegistry(paths, tokenizer, device, decode_dtype(args.dtype, device))
+    registry = ModelRegistry(paths, tokenizer, device, decode_dtype(args.dtype, device), args.prefix_cache_mb)
     if registry.get(args.stage) is None:
         have = ", ".join(registry.available()) or "none"
         raise UserError(f"no checkpoint in {paths.stage(args.stage)} (stages with one: {have}); train it first or "

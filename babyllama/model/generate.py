@@ -2,10 +2,12 @@
 
 The decode step has fixed shapes (one token per row, a cache of fixed length, a fixed padding mask), so
 `Generator(model, compile=True)` compiles it once with CUDA graphs ("reduce-overhead"); greedy output is the
-same token for token as the eager path.
+same token for token as the eager path. With a `PrefixCache`, the prefill copies the KV of prompt prefixes that
+earlier calls computed instead of computing it again.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 from dataclasses import dataclass, replace
@@ -17,7 +19,8 @@ from torch import Tensor
 from babyllama.cli import add_device_flag, check_ranges
 from babyllama.errors import UserError
 from babyllama.hardware import cpu_has_native_bf16
-from babyllama.model.llama import Llama
+from babyllama.model.llama import KVCache, Llama
+from babyllama.model.prefix_cache import PrefixCache
 
 Sampler = Callable[[Tensor], Tensor]  # (B, V) logits -> (B,) next tokens
 
@@ -99,12 +102,18 @@ class Generator:
     """Generates continuations with `model`; reuses its cache buffers across calls of the same size."""
 
     def __init__(self, model: Llama, max_len: int | None = None, compile: bool = False,
-                 fuse_projections: bool | None = None):
+                 fuse_projections: bool | None = None, prefix_cache: PrefixCache | None = None):
         """max_len: fixed cache length (prompt + output); None sizes it per call, or, when compiling, is the
         model's context, so that the decode step is compiled and captured once for every call.
         fuse_projections: decode with concatenated q|k|v and gate|up copies of the weights (`Llama.fuse_projections`,
-        refreshed every call; costs their memory once more), or with the separate weights; default: when compiling."""
+        refreshed every call; costs their memory once more), or with the separate weights; default: when compiling.
+        prefix_cache: KV of the sequences earlier calls decoded, for this model's weights only (clear it after they
+        change): each row's prompt copies its longest cached prefix, and each call stores its rows when it ends
+        (exhausted or closed)."""
         self.model = model
+        self.prefix_cache = prefix_cache
+        # per row of the latest call, set before its first token: the prompt tokens whose KV came from prefix_cache
+        self.reused: list[int] = []
         self.max_len = max_len or (model.config.max_seq_len if compile else None)
         self.fuse = compile if fuse_projections is None else fuse_projections
         self._step: Callable[..., Tensor] = self._decode_step
@@ -155,26 +164,71 @@ class Generator:
         device = ids.device
         seen = torch.zeros(B, self.model.config.vocab_size, dtype=torch.bool, device=device)
         seen.scatter_(1, ids, True)
-        positions = (torch.arange(T, device=device)[None, :] - pad_len[:, None]).clamp(min=0)
-        logits = self.model(ids, input_pos=torch.arange(T, device=device), attention_mask=pad_mask,
+        start = self._reuse_prefixes(prompts, T)
+        slots = torch.arange(start, T, device=device)
+        positions = (slots[None, :] - pad_len[:, None]).clamp(min=0)
+        logits = self.model(ids[:, start:], input_pos=slots, attention_mask=pad_mask,
                             position_ids=positions).logits[:, -1]
         stops = torch.tensor(list(stop_ids) or [-1], device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)
         input_pos = torch.tensor([T], device=device)  # advanced on the device: no host-to-device copy per token
         end = min(T + cfg.max_new_tokens, cache_len + 1)  # token t is written to cache slot t, if it is fed back
-        for pos in range(T, end):
-            logits = apply_repetition_penalty(logits.float(), seen, cfg.repetition_penalty)
-            picked = sample(logits) if sample is not None else sample_next(logits, cfg, generator)
-            nxt = torch.where(done, stops[0].clamp(min=0), picked)
-            done |= torch.isin(nxt, stops)
-            seen.scatter_(1, nxt[:, None], True)
-            host = _HostCopy(torch.cat([nxt, done.all()[None].long()]))
-            if pos + 1 < end:
-                logits = self._step(nxt[:, None].clone(), input_pos, pad_mask, pad_len)
-                input_pos += 1
-            yield nxt, host
-            if host.get()[-1]:  # every row stopped
-                return
+        fed: list[_HostCopy] = []  # the tokens written to the cache after the prompt, one step each
+        try:
+            for pos in range(T, end):
+                logits = apply_repetition_penalty(logits.float(), seen, cfg.repetition_penalty)
+                picked = sample(logits) if sample is not None else sample_next(logits, cfg, generator)
+                nxt = torch.where(done, stops[0].clamp(min=0), picked)
+                done |= torch.isin(nxt, stops)
+                seen.scatter_(1, nxt[:, None], True)
+                host = _HostCopy(torch.cat([nxt, done.all()[None].long()]))
+                if pos + 1 < end:
+                    logits = self._step(nxt[:, None].clone(), input_pos, pad_mask, pad_len)
+                    input_pos += 1
+                    fed.append(host)
+                yield nxt, host
+                if host.get()[-1]:  # every row stopped
+                    return
+        finally:  # also when the caller closes the generator early (the server restarting a batch)
+            self._store_rows(prompts, T, fed, stop_ids)
+
+    def _reuse_prefixes(self, prompts: Sequence[Sequence[int]], T: int) -> int:
+        """Copy each row's longest cached prefix into its cache slots (never its last prompt token: its logits are
+        needed) and set `reused`; returns the first slot the prefill computes, the earliest uncached one over all
+        rows (a row with a longer cached prefix computes the rest of it again)."""
+        if self.prefix_cache is None:
+            self.reused = [0] * len(prompts)
+            return 0
+        found = [self.prefix_cache.match(p[:-1]) for p in prompts]
+        start = min(T - len(p) + c for p, (c, _) in zip(prompts, found))
+        self.reused = [max(start - (T - len(p)), 0) for p in prompts]
+        caches = self._caches()
+        for row, (n, (_, entry)) in enumerate(zip(self.reused, found)):
+            if n:
+                for layer, cache in enumerate(caches):
+                    cache.k[row, :, start - n:start] = entry.k[layer, :, :n]
+                    cache.v[row, :, start - n:start] = entry.v[layer, :, :n]
+        return start
+
+    def _store_rows(self, prompts: Sequence[Sequence[int]], T: int, fed: list[_HostCopy],
+                    stop_ids: Sequence[int]) -> None:
+        """Store the KV each row computed in the prefix cache: its prompt and the tokens fed back after it, through
+        its first stop token (a stopped row is fed fillers). Rows already held whole are skipped before copying."""
+        if self.prefix_cache is None:
+            return
+        generated = torch.stack([h.get()[:-1] for h in fed], 1).tolist() if fed else [[] for _ in prompts]
+        caches = self._caches()
+        for row, (prompt, new) in enumerate(zip(prompts, generated)):
+            tokens = [*prompt, *_through_stop(new, stop_ids)]
+            if self.prefix_cache.holds(tokens):
+                continue
+            slots = slice(T - len(prompt), T - len(prompt) + len(tokens))
+            k = torch.stack([c.k[row, :, slots] for c in caches])
+            v = torch.stack([c.v[row, :, slots] for c in caches])
+            self.prefix_cache.store(tokens, k, v)
+
+    def _caches(self) -> list[KVCache]:
+        return [layer.self_attn.cache for layer in self.model.model.layers]
 
     @torch.inference_mode()
     def generate_batch(self, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, stop_ids: Sequence[int] = (),
@@ -183,18 +237,20 @@ class Generator:
         is spent. Rows that already stopped keep yielding their stop token; callers cut at the first stop id.
         `sample` replaces `sample_next(logits, cfg, generator)` (e.g. per-row settings and seeds, as the server's
         batches need); a row it gives a stop id is done."""
-        for nxt, _ in self._decode(prompts, cfg, stop_ids, generator, sample):
-            yield nxt
+        with contextlib.closing(self._decode(prompts, cfg, stop_ids, generator, sample)) as steps:
+            for nxt, _ in steps:
+                yield nxt
 
     @torch.inference_mode()
     def stream(self, prompt: Sequence[int], cfg: SamplingConfig, stop_ids: Sequence[int] = (),
                generator: torch.Generator | None = None) -> Iterator[int]:
         """Yield generated token ids for one prompt; the stop token itself is not yielded."""
-        for _, host in self._decode([prompt], cfg, stop_ids, generator):
-            t = int(host.get()[0])
-            if t in stop_ids:
-                return
-            yield t
+        with contextlib.closing(self._decode([prompt], cfg, stop_ids, generator)) as steps:
+            for _, host in steps:
+                t = int(host.get()[0])
+                if t in stop_ids:
+                    return
+                yield t
 
     def generate(self, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, stop_ids: Sequence[int] = (),
                  generator: torch.Generator | None = None) -> list[list[int]]:
@@ -228,6 +284,12 @@ def _cut_at_stop(row: list[int], stop_ids: Sequence[int]) -> list[int]:
         if t in stop_ids:
             return row[:i]
     return row
+
+
+def _through_stop(row: list[int], stop_ids: Sequence[int]) -> list[int]:
+    """`row` up to and including its first stop id."""
+    kept = _cut_at_stop(row, stop_ids)
+    return row[:len(kept) + 1]
 
 
 def add_sampling_flags(parser) -> None:

@@ -12,6 +12,7 @@ from babyllama.data.chat_template import stop_ids
 from babyllama.data.tokenizer import Tokenizer
 from babyllama.model.generate import Generator
 from babyllama.model.llama import Llama
+from babyllama.model.prefix_cache import PrefixCache
 from babyllama.train.checkpoint import latest_checkpoint, load_model
 from babyllama.train.run_config import RunPaths
 
@@ -41,10 +42,14 @@ class Served:
 
 class ModelRegistry:
     """`available()` lists the stages with a checkpoint now; `get(stage)` loads the newest checkpoint of a stage
-    the first time it is asked for and keeps it (a checkpoint trained later is picked up by a restart)."""
+    the first time it is asked for and keeps it (a checkpoint trained later is picked up by a restart).
+    Each loaded stage's generator keeps a prefix cache of `prefix_cache_mb` MiB (0: none): a conversation's next
+    turn, or a batch restarted with the same rows, copies the KV of what was already computed."""
 
-    def __init__(self, paths: RunPaths, tokenizer: Tokenizer, device: torch.device, dtype: torch.dtype | None):
+    def __init__(self, paths: RunPaths, tokenizer: Tokenizer, device: torch.device, dtype: torch.dtype | None,
+                 prefix_cache_mb: int = 0):
         self.paths, self.tokenizer, self.device, self.dtype = paths, tokenizer, device, dtype
+        self.prefix_cache_mb = prefix_cache_mb
         self._loaded: dict[str, Served] = {}
         self._lock = threading.Lock()
 
@@ -61,6 +66,8 @@ class ModelRegistry:
                 if checkpoint is None:
                     return None
                 model = load_model(checkpoint, self.device, self.dtype, tokenizer=self.tokenizer)
-                self._loaded[stage] = Served(stage, checkpoint, model, self.tokenizer, Generator(model),
-                                             stop_ids(self.tokenizer), int(checkpoint.stat().st_mtime))
+                cache = PrefixCache(self.prefix_cache_mb << 20) if self.prefix_cache_mb else None
+                self._loaded[stage] = Served(stage, checkpoint, model, self.tokenizer,
+                                             Generator(model, prefix_cache=cache), stop_ids(self.tokenizer),
+                                             int(checkpoint.stat().st_mtime))
             return self._loaded[stage]
