@@ -84,7 +84,8 @@ def test_completion_echo_scores_the_prompt(url, run, tok):
     expected = row_logprobs(model_of(run, tok, "pretrain"), [ids])[0].tolist()
     lp = choice["logprobs"]
     assert choice["text"] == text and got["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 0,
-                                                        "total_tokens": len(ids)}
+                                                        "total_tokens": len(ids),
+                                                        "prompt_tokens_details": {"cached_tokens": 0}}
     assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
     assert max(abs(a - b) for a, b in zip(lp["token_logprobs"][1:], expected)) < TOL
     assert all(len(top) in (2, 3) and math.isclose(top[t], v, abs_tol=1e-6)

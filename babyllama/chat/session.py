@@ -11,17 +11,21 @@ message and as many of the newest turns as fit in --history-tokens (default: the
 budget), at most --history-turns of them (default: no limit; 1 = answer each message on its own); older turns
 are dropped, and a message too long alone keeps its newest tokens (said on stderr). A reply stops at `<|im_end|>`,
 at --max-new-tokens, or at the end of the model's context. `--show-prompt` writes each rendered prompt to stderr.
+`--json-schema FILE` makes every reply one JSON value valid under the schema in FILE (constrained decoding,
+`babyllama.model.grammar`), completed within the reply budget.
 
 `babyllama chat --stage ppo` is the same chat with PPO/DPO checkpoints as the default; both call `main` here.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
-from typing import Iterable, Sequence, TextIO
+from typing import Iterable, Iterator, Sequence, TextIO
 
 import torch
+from torch import Tensor
 
 from babyllama.cli import ArgumentParser, read_lines, valid_text
 from babyllama.data.chat_template import ChatHistory, stop_ids
@@ -34,9 +38,11 @@ from babyllama.model.generate import (
     add_sampling_flags,
     decode_dtype,
     prompt_budget,
+    sample_next,
     sampling_from_args,
     within_context,
 )
+from babyllama.model.grammar import Grammar, GrammarCompiler
 from babyllama.model.llama import Llama
 from babyllama.train.checkpoint import latest_checkpoint, load_model
 from babyllama.train.distributed import pick_device
@@ -48,11 +54,12 @@ RESET, EXIT = "/reset", ("/exit", "/quit")
 
 
 class ChatSession:
-    """A model, its tokenizer and the conversation so far; `reply` streams one assistant answer."""
+    """A model, its tokenizer and the conversation so far; `reply` streams one assistant answer (with `grammar`,
+    one in that grammar's language: its mask is applied to the logits of every step)."""
 
     def __init__(self, model: Llama, tokenizer: Tokenizer, sampling: SamplingConfig, system: str | None = None,
                  history_tokens: int | None = None, seed: int = 0, history_turns: int | None = None,
-                 compile: bool = False):
+                 compile: bool = False, grammar: Grammar | None = None):
         context = model.config.max_seq_len
         if history_tokens is not None and not 1 <= history_tokens < context:
             raise UserError(f"--history-tokens {history_tokens}: must be between 1 and {context - 1} (the model's "
@@ -63,6 +70,7 @@ class ChatSession:
         self.generator = Generator(model, compile=compile)
         self.stops = stop_ids(tokenizer)
         self.rng = torch.Generator(device=model.lm_head.weight.device).manual_seed(seed)
+        self.grammar = grammar
 
     def prompt_ids(self, user: str) -> list[int]:
         """Add the user's message and return the prompt for the reply (the message is forgotten again when the
@@ -86,7 +94,9 @@ class ChatSession:
             show_prompt.flush()
         cfg = within_context(self.sampling, len(prompt), self.context)  # later positions were never trained
         stream, ids = self.tokenizer.stream_decoder(skip_special=True), []
-        for token in self.generator.stream(prompt, cfg, stop_ids=self.stops, generator=self.rng):
+        tokens = (self.generator.stream(prompt, cfg, stop_ids=self.stops, generator=self.rng) if self.grammar is None
+                  else self._constrained(prompt, cfg))
+        for token in tokens:
             ids.append(token)
             out.write(stream.push(token))
             out.flush()
@@ -95,6 +105,26 @@ class ChatSession:
         text = self.tokenizer.decode(ids, skip_special=True)
         self.history.add_assistant(text)
         return text
+
+    def _constrained(self, prompt: list[int], cfg: SamplingConfig) -> Iterator[int]:
+        """`Generator.stream` under the grammar: the sampler masks each step's logits first (the caller's stop ids
+        are allowed exactly when the grammar may end), then tells the constraint what it picked."""
+        constraint = self.grammar.constraint(self.stops, max_tokens=cfg.max_new_tokens)
+
+        def sample(logits: Tensor) -> Tensor:
+            constraint.mask(logits[0])
+            picked = sample_next(logits, cfg, self.rng)
+            constraint.advance(int(picked[0]))
+            return picked
+
+        for step in self.generator.generate_batch([prompt], cfg, stop_ids=self.stops, sample=sample):
+            token = int(step[0])
+            if token in self.stops:
+                break
+            yield token
+        if not constraint.accepting:  # the shortest valid ending did not fit in what the context left
+            print(f"\nnote: the reply's {cfg.max_new_tokens}-token budget ended before its JSON did; raise "
+                  "--max-new-tokens or shorten the history (--history-tokens)", file=sys.stderr)
 
     def reset(self) -> None:
         self.history.clear()
@@ -137,6 +167,8 @@ def add_chat_flags(parser: argparse.ArgumentParser, default_stages: Sequence[str
                         help="keep at most this many turns (a message and its reply), the current one included "
                              "(default: as many as fit in --history-tokens)")
     parser.add_argument("--show-prompt", action="store_true", help="write each rendered prompt to stderr")
+    parser.add_argument("--json-schema", metavar="FILE",
+                        help="make every reply one JSON value valid under the JSON schema in FILE")
     add_runtime_flags(parser)
     add_sampling_flags(parser)
 
@@ -165,11 +197,28 @@ def load_session(args: argparse.Namespace, default_stages: Sequence[str]) -> Cha
     checkpoint = checkpoint_for(args, paths, default_stages)
     device = pick_device(args.device)
     tok = Tokenizer.load(args.tokenizer or paths.tokenizer)
+    grammar = None if args.json_schema is None else GrammarCompiler.of(tok).json_schema(
+        read_json_schema(args.json_schema), source=args.json_schema)  # a bad schema is refused before the model loads
     model = load_model(checkpoint, device, decode_dtype(args.dtype, device), tokenizer=tok)
     system = None if args.system is None else valid_text(args.system, "--system")
     sampling = sampling_from_args(args, model.config.max_seq_len)
     return ChatSession(model, tok, sampling, system, args.history_tokens, args.seed,
-                       args.history_turns, args.compile)
+                       args.history_turns, args.compile, grammar)
+
+
+def read_json_schema(path: str) -> object:
+    """The JSON in `path` (the schema itself is checked when compiled); a file that is missing or not JSON is one
+    line naming it."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise UserError(f"{path}: cannot read the JSON schema ({reason})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno}); --json-schema takes a "
+                        "JSON schema file") from None
 
 
 def main(description: str = __doc__, default_stages: Sequence[str] = ("sft",), argv: list[str] | None = None) -> None:

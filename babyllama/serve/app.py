@@ -37,6 +37,7 @@ from starlette.exceptions import HTTPException
 
 from babyllama.data.chat_template import render_prompt
 from babyllama.errors import UserError
+from babyllama.model.grammar import Grammar, GrammarCompiler
 from babyllama.serve.batcher import Batcher, Busy, Job, Params, asyncio_emitter
 from babyllama.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from babyllama.serve.metrics import ServerMetrics
@@ -60,6 +61,7 @@ from babyllama.serve.protocol import (
     parse_tokenize,
     usage,
 )
+from babyllama.serve.tools import CALL_BLOCK, CALL_OPEN, held_back, parse_calls, render_messages
 
 STATIC = Path(__file__).resolve().parent / "static"
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
@@ -179,14 +181,15 @@ class _Handler:
         served = await self._served(req.model)
         chat = isinstance(req, ChatRequest)
         tok = served.tokenizer
-        prompts = [render_prompt(req.messages, tok)] if chat else [
+        prompts = [render_prompt(render_messages(req.messages, req.tools), tok)] if chat else [
             tok.encode(p, bos=True) if isinstance(p, str) else p for p in req.prompts]
+        grammar = await run_in_threadpool(_grammar, req, tok) if chat else None
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         stops = served.chat_stops if chat else [tok.eos_id]
         jobs = []
         for p, prompt in enumerate(prompts):  # one job per prompt; choice p * n + c of the reply is its choice c
-            params = self._params(req, served, len(prompt), "messages" if chat else "prompt")
+            params = self._params(req, served, len(prompt), "messages" if chat else "prompt", grammar)
             jobs.append(Job(served, prompt, params, stops, _numbered(asyncio_emitter(loop, events), p, req.n)))
         try:
             for job in jobs:
@@ -215,7 +218,8 @@ class _Handler:
             raise _unknown_model(self.registry, stage)
         return served
 
-    def _params(self, req: Sampling, served: Served, prompt_len: int, prompt_param: str) -> Params:
+    def _params(self, req: Sampling, served: Served, prompt_len: int, prompt_param: str,
+                grammar: Grammar | None) -> Params:
         cap = min(self.settings.max_tokens or served.context, served.context)
         if req.max_tokens is not None and req.max_tokens > cap:
             key = "max_tokens"
@@ -231,7 +235,7 @@ class _Handler:
         return Params(max_tokens=min(cap if req.max_tokens is None else req.max_tokens, room),
                       temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, stop=req.stop,
                       seed=seed % 2**64, n=req.n, logprobs=req.logprobs,
-                      score_prompt=echo and req.logprobs is not None)
+                      score_prompt=echo and req.logprobs is not None, grammar=grammar)
 
     async def _collect(self, request: Request, jobs: list[Job], events: asyncio.Queue, reply: "_Reply",
                        prompt_tokens: int) -> JSONResponse:
@@ -253,7 +257,7 @@ class _Handler:
             for job in jobs:
                 job.cancel()  # a no-op once every row ended; frees the rows when this task is cancelled
         return JSONResponse(envelope(reply.id, reply.kind, reply.req.model, reply.choices(),
-                                     usage=usage(prompt_tokens, reply.produced)))
+                                     usage=reply.usage(prompt_tokens)))
 
     async def _stream(self, jobs: list[Job], events: asyncio.Queue, reply: "_Reply",
                       prompt_tokens: int) -> AsyncIterator[str]:
@@ -272,7 +276,7 @@ class _Handler:
                     yield _sse(chunk)
             else:
                 if reply.req.include_usage:
-                    yield _sse(reply.envelope([], usage=usage(prompt_tokens, reply.produced)))
+                    yield _sse(reply.envelope([], usage=reply.usage(prompt_tokens)))
             yield "data: [DONE]\n\n"
         finally:
             for job in jobs:
@@ -282,7 +286,8 @@ class _Handler:
 class _Reply:
     """One request's reply built from its jobs' events: the choices' text and scored tokens so far, and the stream
     chunks each event makes. Completions with `echo` start each choice with its prompt (and, with logprobs, the
-    prompt's scored tokens, which the batcher sends first)."""
+    prompt's scored tokens, which the batcher sends first). With tools, a chat reply's `<tool_call>` blocks become
+    `tool_calls` (`babyllama.serve.tools`): streamed text that may begin one is held back until it is decided."""
 
     def __init__(self, req: ChatRequest | CompletionRequest, tokenizer: Any, echoed: list[str] | None,
                  observer: "_Observer"):
@@ -291,15 +296,21 @@ class _Reply:
         self.id = new_id("chatcmpl" if self.chat else "cmpl")
         self.token_bytes = tokenizer.token_bytes if req.logprobs is not None else []
         self.special = set(tokenizer.special_tokens.values())  # their text is not in a reply
+        self.tools = req.tools if self.chat else None
         n = req.n * (1 if self.chat else len(req.prompts))
         self.texts, self.scored = [""] * n, [[] for _ in range(n)]
+        self.shown, self.unshown = [0] * n, [[] for _ in range(n)]  # with tools: text streamed, scored held
         self.finish: list[str | None] = [None] * n
-        self.produced = 0
+        self._parsed: dict[int, tuple[str | None, list[dict[str, Any]]]] = {}
+        self.produced, self.cached = 0, {}
         self.echoed = echoed  # each prompt's text, when echoing
 
     @property
     def done(self) -> bool:
         return None not in self.finish
+
+    def usage(self, prompt_tokens: int) -> dict[str, Any]:
+        return usage(prompt_tokens, self.produced, sum(self.cached.values()))
 
     def envelope(self, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         kind = "chat.completion.chunk" if self.chat else "text_completion"
@@ -312,33 +323,71 @@ class _Reply:
             return [self.envelope([chat_delta(i, {"role": "assistant", "content": ""})]) for i in range(self.req.n)]
         if self.echoed is None or self.req.logprobs is not None:
             return []
-        return [self._piece(c, self.echoed[c // self.req.n], []) for c in range(len(self.texts))]
+        return [chunk for c in range(len(self.texts)) for chunk in self._piece(c, self.echoed[c // self.req.n], [])]
 
     def take(self, event: tuple) -> list[dict[str, Any]]:
         """Record an event; returns the stream chunks it makes."""
         self.observer.saw(event)
         if event[0] == "prompt":
             _, p, scored = event
-            return [self._piece(c, self.echoed[p], scored) for c in range(p * self.req.n, (p + 1) * self.req.n)]
+            return [chunk for c in range(p * self.req.n, (p + 1) * self.req.n)
+                    for chunk in self._piece(c, self.echoed[p], scored)]
         if event[0] == "text":
             _, c, text, scored = event
-            return [self._piece(c, text, scored)]
-        _, c, finish, produced, scored = event
-        self.finish[c], self.produced = finish, self.produced + produced
+            return self._piece(c, text, scored)
+        _, c, finish, produced, scored, cached = event
+        self.produced += produced
+        self.cached[c // self.req.n] = cached  # every choice of a prompt shares its prefill
+        chunks = self._piece(c, "", scored) if scored and self.tools is None else []
+        if self.tools is not None:
+            self.unshown[c] += scored
+            chunks, finish = self._tool_end(c, finish)
+        self.finish[c] = finish
         if self.done:
-            self.observer.ended()
-        chunks = [self._piece(c, "", scored)] if scored else []
+            self.observer.ended(sum(self.cached.values()))
         last = chat_delta(c, {}, finish) if self.chat else completion_choice(c, "", finish)
         return chunks + [self.envelope([last])]
 
-    def _piece(self, c: int, text: str, scored: list) -> dict[str, Any]:
+    def _piece(self, c: int, text: str, scored: list) -> list[dict[str, Any]]:
         offset = len(self.texts[c])
         self.texts[c] += text
         self.scored[c] += scored
+        if self.tools is not None:
+            self.unshown[c] += scored
+            text = self._releasable(c)
+            if not text:
+                return []
+            scored, offset = self.unshown[c], self.shown[c]
+            self.unshown[c], self.shown[c] = [], self.shown[c] + len(text)
         logprobs = self._logprobs(scored, offset) if self.req.logprobs is not None else None
         choice = (chat_delta(c, {"content": text}, logprobs=logprobs) if self.chat
                   else completion_choice(c, text, None, logprobs))
-        return self.envelope([choice])
+        return [self.envelope([choice])]
+
+    def _releasable(self, c: int) -> str:
+        """With tools: the text that can be streamed as content now (none once a call may have begun)."""
+        text = self.texts[c]
+        if self.tools.constrained or CALL_OPEN in text:
+            return ""
+        return text[self.shown[c]:len(text) - held_back(text)]
+
+    def _tool_end(self, c: int, finish: str) -> tuple[list[dict[str, Any]], str]:
+        """The last chunks of a choice with tools: the text not streamed yet, then its calls (finish "tool_calls")."""
+        text, calls = self._calls(c)
+        rest = text[self.shown[c]:] if not calls else CALL_BLOCK.sub("", self.texts[c][self.shown[c]:]).strip()
+        logprobs = self._logprobs(self.unshown[c], self.shown[c]) if self.req.logprobs is not None else None
+        chunks = [self.envelope([chat_delta(c, {"content": rest}, logprobs=logprobs)])] if rest or logprobs else []
+        self.unshown[c], self.shown[c] = [], len(self.texts[c])
+        if not calls:
+            return chunks, finish
+        delta = {"tool_calls": [{"index": k, **call} for k, call in enumerate(calls)]}
+        return chunks + [self.envelope([chat_delta(c, delta)])], "tool_calls"
+
+    def _calls(self, c: int) -> tuple[str | None, list[dict[str, Any]]]:
+        """(content, tool calls) of a finished choice; calls are parsed once (their ids must not change)."""
+        if c not in self._parsed:
+            self._parsed[c] = parse_calls(self.texts[c], self.tools) if self.tools else (self.texts[c], [])
+        return self._parsed[c]
 
     def _logprobs(self, scored: list, offset: int) -> dict[str, Any]:
         if self.chat:
@@ -348,10 +397,13 @@ class _Reply:
     def choices(self) -> list[dict[str, Any]]:
         """The whole reply's choices (non-streamed)."""
         out = []
-        for c, (text, scored, finish) in enumerate(zip(self.texts, self.scored, self.finish)):
+        for c, (scored, finish) in enumerate(zip(self.scored, self.finish)):
             logprobs = self._logprobs(scored, 0) if self.req.logprobs is not None else None
-            out.append(chat_choice(c, text, finish, logprobs) if self.chat
-                       else completion_choice(c, text, finish, logprobs))
+            if not self.chat:
+                out.append(completion_choice(c, self.texts[c], finish, logprobs))
+                continue
+            content, calls = self._calls(c)
+            out.append(chat_choice(c, content, finish, logprobs, calls))
         return out
 
 
@@ -369,8 +421,9 @@ class _Observer:
         if event[0] == "end":
             self.metrics.generation_tokens.labels(self.model).inc(event[3])
 
-    def ended(self) -> None:
+    def ended(self, cached: int) -> None:
         self.metrics.prompt_tokens.labels(self.model).inc(self.prompt_tokens)
+        self.metrics.cached_tokens.labels(self.model).inc(cached)
         self.metrics.latency.labels(self.model).observe(time.monotonic() - self.arrived)
 
 
@@ -385,6 +438,21 @@ def _numbered(emit: Callable[[Any], None], prompt: int, n: int) -> Callable[[Any
         else:
             emit(event)
     return numbered
+
+
+def _grammar(req: ChatRequest, tokenizer: Any) -> Grammar | None:
+    """The grammar a chat reply must follow: its `response_format` schema, or a call of its required or named
+    tool; a schema the engine refuses is a 400 naming the field."""
+    compiler = GrammarCompiler.of(tokenizer)
+    try:
+        if req.json_schema is not None:
+            return compiler.json_schema(req.json_schema, source="response_format")
+        if req.tools is not None and req.tools.constrained:
+            return compiler.tool_call(dict(req.tools.schemas()), source="tools")
+    except UserError as e:
+        raise ApiError(400, str(e), "response_format" if req.json_schema is not None else "tools",
+                       "invalid_value") from None
+    return None
 
 
 def _sse(obj: dict[str, Any]) -> str:

@@ -25,13 +25,14 @@ import torch
 from torch import Tensor
 
 from babyllama.model.generate import SamplingConfig, sample_next
+from babyllama.model.grammar import Grammar
 from babyllama.serve.metrics import ServerMetrics
 from babyllama.serve.models import Served
 
 # Events a job's client receives: ("prompt", scored prompt tokens) first when the job asked to score its prompt,
-# ("text", choice, piece, scored tokens), ("end", choice, finish_reason, tokens generated, scored tokens),
-# ("error", message). Scored tokens (`TokenLogprob`) come only when the job asked for log-probabilities: those
-# sampled since the previous event of that choice.
+# ("text", choice, piece, scored tokens), ("end", choice, finish_reason, tokens generated, scored tokens, prompt
+# tokens taken from the prefix cache), ("error", message). Scored tokens (`TokenLogprob`) come only when the job
+# asked for log-probabilities: those sampled since the previous event of that choice.
 Event = tuple
 
 
@@ -68,6 +69,7 @@ class Params:
     n: int = 1
     logprobs: int | None = None  # None: none; k: each token's log-probability and its k top alternatives
     score_prompt: bool = False  # first send the prompt's own tokens' log-probabilities (completions' echo)
+    grammar: Grammar | None = None  # every reply follows it (structured output, a required tool call)
 
 
 @dataclass(eq=False)
@@ -81,6 +83,7 @@ class Job:
     emit: Callable[[Event], None]
     cancelled: bool = False  # set by the client's side (disconnect); read by the worker between steps
     created: float = field(default_factory=time.monotonic)
+    cached: int | None = None  # prompt tokens its first prefill took from the prefix cache (None: not prefilled)
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -110,6 +113,7 @@ class _Row:
         self.cfg = SamplingConfig(max_new_tokens=p.max_tokens, temperature=p.temperature, top_k=p.top_k,
                                   top_p=p.top_p)
         self.rng = torch.Generator(device=job.served.device).manual_seed(row_seed(p.seed, choice))
+        self.constraint = p.grammar.constraint(job.stop_ids, p.max_tokens) if p.grammar else None
         self.generated: list[int] = []
         self.scored: list[TokenLogprob] = []  # log-probabilities not yet sent (when the job asked for them)
         self.decoder = job.served.tokenizer.stream_decoder(skip_special=True)
@@ -128,8 +132,11 @@ class _Row:
         """Take the next token (and the log-probabilities it was sampled from, when the job asked for them): send
         what text became final, end the row on a stop id, stop string or budget."""
         self.generated.append(token)
-        if token in self.job.stop_ids:
-            return self._end("stop", self.text + self.decoder.flush())
+        if self.constraint is not None:
+            self.constraint.advance(token)
+        if token in self.job.stop_ids:  # under a grammar, a reply the budget cut before it was whole: "length"
+            whole = self.constraint is None or self.constraint.accepting
+            return self._end("stop" if whole else "length", self.text + self.decoder.flush())
         if logprobs is not None:
             self.scored.append(scored(logprobs, token, self.job.params.logprobs))
         self.text += self.decoder.push(token)
@@ -158,7 +165,7 @@ class _Row:
         self.text = text
         self._send(len(text))
         self.finish = reason
-        self.job.emit(("end", self.choice, reason, len(self.generated), self.scored))
+        self.job.emit(("end", self.choice, reason, len(self.generated), self.scored, self.job.cached or 0))
         self.scored = []
 
 
@@ -254,7 +261,7 @@ class Batcher:
                     job.emit(("prompt", prompt_logprobs(served, job.prompt, job.params.logprobs or 0)))
                 if job.params.max_tokens == 0:  # the prompt was all it asked for
                     for choice in range(job.params.n):
-                        job.emit(("end", choice, "length", 0, []))
+                        job.emit(("end", choice, "length", 0, [], 0))
                     continue
                 rows.extend(_Row(job, c) for c in range(job.params.n))
                 self._live_rows += job.params.n
@@ -285,14 +292,20 @@ class Batcher:
             picked = torch.full((len(rows),), end_id, dtype=torch.long, device=logits.device)
             for i, row in enumerate(rows):
                 if row.live:
-                    picked[i] = sample_next(logits[i:i + 1], row.cfg, row.rng)[0]
-                    if row.job.params.logprobs is not None:
+                    if row.job.params.logprobs is not None:  # the model's, before the grammar's mask
                         logprobs[i] = logits[i, :vocab].float().log_softmax(-1).cpu()
+                    if row.constraint is not None:
+                        row.constraint.mask(logits[i])
+                    picked[i] = sample_next(logits[i:i + 1], row.cfg, row.rng)[0]
             return picked
 
         steps = served.generator.generate_batch([r.ids() for r in rows], batch_cfg, stop_ids=[end_id], sample=sample)
         try:
-            for nxt in steps:
+            for step, nxt in enumerate(steps):
+                if step == 0:  # prefilled: a job's first prefill says how much of its prompt was cached
+                    for row, reused in zip(rows, served.generator.reused):
+                        if row.job.cached is None:
+                            row.job.cached = reused
                 sampled = 0
                 for row, token, lp in zip(rows, nxt.tolist(), logprobs):
                     if not row.retired and row.live:

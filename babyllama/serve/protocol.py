@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -15,15 +16,15 @@ from typing import Any, Callable
 
 from babyllama.data.chat_template import ROLES
 from babyllama.serve.batcher import TokenLogprob
+from babyllama.serve.tools import ToolUse
 
 MAX_STOPS = 4  # as OpenAI
 MAX_TOP_LOGPROBS = 20  # chat's limit at OpenAI; vLLM allows the same for completions (OpenAI: 5)
 
 # Parameters of the OpenAI API that change nothing here when they have these values (null always qualifies).
 _INERT_CHAT: dict[str, tuple] = {
-    "frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "logit_bias": ({},), "tools": ([],),
-    "tool_choice": ("none", "auto"), "parallel_tool_calls": (True, False),
-    "functions": ([],), "function_call": ("none", "auto"), "response_format": ({"type": "text"},),
+    "frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "logit_bias": ({},),
+    "functions": ([],), "function_call": ("none", "auto"),
     "service_tier": ("auto", "default"), "store": (False,), "metadata": ({},), "modalities": (["text"],),
     "user": None,  # an end-user id for the caller's own records: any string
 }
@@ -69,7 +70,9 @@ class Sampling:
 
 @dataclass
 class ChatRequest(Sampling):
-    messages: list[dict[str, str]]
+    messages: list[dict[str, Any]]  # system/user/assistant/tool; an assistant's may hold `tool_calls`
+    json_schema: dict[str, Any] | None  # response_format json_object ({"type": "object"}) or json_schema
+    tools: ToolUse | None  # None: no tools, or tool_choice "none"
 
 
 @dataclass
@@ -79,13 +82,74 @@ class CompletionRequest(Sampling):
 
 
 def parse_chat(body: Any, max_n: int) -> ChatRequest:
-    known = set(_SAMPLING_FIELDS) | {"messages", "logprobs", "top_logprobs"}
+    known = set(_SAMPLING_FIELDS) | {"messages", "logprobs", "top_logprobs", "response_format", "tools",
+                                     "tool_choice", "parallel_tool_calls"}
     fields = _common(body, known, _INERT_CHAT, max_n)
     wanted = _bool("logprobs")(body.get("logprobs"))
     top = _integer("top_logprobs", 0, MAX_TOP_LOGPROBS, None)(body.get("top_logprobs"))
     if top is not None and not wanted:
         raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs", "invalid_value")
-    return ChatRequest(**fields, logprobs=(top or 0) if wanted else None, messages=_messages(body.get("messages")))
+    schema, tools = _response_format(body.get("response_format")), _tools(body)
+    if schema is not None and tools is not None and tools.constrained:
+        raise ApiError(400, "a required or named tool call and a 'response_format' both constrain the reply; "
+                            "send one of them", "response_format")
+    return ChatRequest(**fields, logprobs=(top or 0) if wanted else None, messages=_messages(body.get("messages")),
+                       json_schema=schema, tools=tools)
+
+
+def _response_format(value: Any) -> dict[str, Any] | None:
+    """OpenAI's `response_format`: text (None), json_object (any object) or json_schema (its `schema`)."""
+    kind = value.get("type") if isinstance(value, dict) else None
+    if value is None or kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "object"}
+    spec = value.get("json_schema") if kind == "json_schema" else None
+    if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict) or not isinstance(
+            spec.get("name"), str):
+        raise ApiError(400, "'response_format' must be {\"type\": \"text\"}, {\"type\": \"json_object\"} or "
+                            "{\"type\": \"json_schema\", \"json_schema\": {\"name\": ..., \"schema\": {...}}}",
+                       "response_format", "invalid_value")
+    return spec.get("schema", {"type": "object"})
+
+
+_FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def _tools(body: dict[str, Any]) -> ToolUse | None:
+    """`tools` (functions only), `tool_choice` and `parallel_tool_calls`."""
+    tools, choice = body.get("tools"), body.get("tool_choice")
+    functions = []
+    for i, tool in enumerate(tools or []):
+        where = f"tools[{i}]"
+        function = tool.get("function") if isinstance(tool, dict) and tool.get("type") == "function" else None
+        if not isinstance(function, dict) or not _FUNCTION_NAME.fullmatch(str(function.get("name"))):
+            raise ApiError(400, f"{where} must be {{\"type\": \"function\", \"function\": {{\"name\": ...}}}} with "
+                                "a name of letters, digits, _ or - (at most 64)", where, "invalid_value")
+        if not isinstance(function.get("parameters", {}), dict):
+            raise ApiError(400, f"{where}.function.parameters must be a JSON schema object",
+                           f"{where}.function.parameters", "invalid_value")
+        functions.append({k: v for k, v in function.items() if k in ("name", "description", "parameters")})
+    if tools is not None and not isinstance(tools, list):
+        raise ApiError(400, "'tools' must be a list of functions", "tools", "invalid_value")
+    names = [f["name"] for f in functions]
+    if isinstance(choice, dict):
+        named = choice.get("function", {}).get("name") if choice.get("type") == "function" and isinstance(
+            choice.get("function"), dict) else None
+        if named not in names:
+            raise ApiError(400, f"'tool_choice' names a function that 'tools' does not have: {named!r:.60}; "
+                                f"it has: {', '.join(names) or 'none'}", "tool_choice", "invalid_value")
+        choice = named
+    elif choice not in (None, "none", "auto", "required"):
+        raise ApiError(400, "'tool_choice' must be \"none\", \"auto\", \"required\" or {\"type\": \"function\", "
+                            "\"function\": {\"name\": ...}}", "tool_choice", "invalid_value")
+    elif choice == "required" and not functions:
+        raise ApiError(400, "'tool_choice' is \"required\" but 'tools' lists no function", "tool_choice",
+                       "invalid_value")
+    parallel = _bool("parallel_tool_calls")(body.get("parallel_tool_calls", True))
+    if not functions or choice == "none":
+        return None
+    return ToolUse(functions, choice or "auto", parallel)
 
 
 def parse_completion(body: Any, max_n: int, vocab_size: int | None = None) -> CompletionRequest:
@@ -217,7 +281,7 @@ def _common(body: Any, known: set[str], inert: dict[str, tuple | None], max_n: i
         n=_integer("n", 1, max_n, 1)(body.get("n")))
 
 
-def _messages(messages: Any) -> list[dict[str, str]]:
+def _messages(messages: Any) -> list[dict[str, Any]]:
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty list of {role, content} objects", "messages")
     out = []
@@ -225,18 +289,39 @@ def _messages(messages: Any) -> list[dict[str, str]]:
         where = f"messages[{i}]"
         if not isinstance(m, dict):
             raise ApiError(400, f"{where} must be an object with 'role' and 'content'", where)
-        extra = [k for k, v in m.items() if k not in ("role", "content") and v is not None]
-        if extra:
-            raise ApiError(400, f"{where}.{extra[0]} is not supported; send only 'role' and 'content'",
-                           f"{where}.{extra[0]}", "unsupported_parameter")
         role = "system" if m.get("role") == "developer" else m.get("role")
-        if role not in ROLES:
-            raise ApiError(400, f"{where}.role must be one of {', '.join(ROLES)} (or developer), got "
+        if role not in (*ROLES, "tool"):
+            raise ApiError(400, f"{where}.role must be one of {', '.join(ROLES)}, tool (or developer), got "
                                 f"{m.get('role')!r:.40}", f"{where}.role")
+        allowed = {"tool": ("tool_call_id",), "assistant": ("tool_calls",)}.get(role, ())
+        extra = [k for k, v in m.items() if k not in ("role", "content", *allowed) and v is not None]
+        if extra:
+            raise ApiError(400, f"{where}.{extra[0]} is not supported; send only 'role' and 'content'"
+                                + "".join(f" (and '{k}')" for k in allowed), f"{where}.{extra[0]}",
+                           "unsupported_parameter")
         if role == "system" and i != 0:
             raise ApiError(400, f"{where}: a system message may only come first", f"{where}.role")
-        out.append({"role": role, "content": _content(m.get("content"), f"{where}.content")})
+        if m.get("tool_calls") is not None:
+            out.append({"role": role, "content": None if m.get("content") is None else _content(
+                m["content"], f"{where}.content"), "tool_calls": _tool_calls(m["tool_calls"], where)})
+        else:
+            out.append({"role": role, "content": _content(m.get("content"), f"{where}.content")})
     return out
+
+
+def _tool_calls(calls: Any, where: str) -> list[dict[str, Any]]:
+    """An assistant message's earlier calls, as this server (or OpenAI) returned them."""
+    for j, call in enumerate(calls if isinstance(calls, list) else [None]):
+        function = call.get("function") if isinstance(call, dict) else None
+        try:
+            ok = isinstance(function, dict) and isinstance(function.get("name"), str) and isinstance(
+                json.loads(function.get("arguments")), dict)
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ApiError(400, f"{where}.tool_calls[{j}] must be {{\"function\": {{\"name\": str, \"arguments\": "
+                                "a JSON object as a string}}", f"{where}.tool_calls[{j}]", "invalid_value")
+    return calls
 
 
 def _content(content: Any, where: str) -> str:
@@ -255,18 +340,20 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(12)}"
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def envelope(rid: str, kind: str, model: str, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
     return {"id": rid, "object": kind, "created": int(time.time()), "model": model, "choices": choices, **extra}
 
 
-def chat_choice(index: int, text: str, finish: str | None, logprobs: dict | None = None) -> dict[str, Any]:
-    return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-            "finish_reason": finish}
+def chat_choice(index: int, text: str | None, finish: str | None, logprobs: dict | None = None,
+                tool_calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    message = {"role": "assistant", "content": text, **({"tool_calls": tool_calls} if tool_calls else {})}
+    return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish}
 
 
 def chat_delta(index: int, delta: dict[str, str], finish: str | None = None,
