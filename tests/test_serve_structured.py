@@ -157,3 +157,28 @@ def test_bad_structured_requests_are_openai_errors(url):
         r = httpx.post(f"{url}/v1/chat/completions", json={"model": "sft", "messages": ask(), **extra}, timeout=60)
         error = r.json()["error"]
         assert r.status_code == 400 and error["param"] == param and words in error["message"], (extra, error)
+
+
+def test_auto_calls_stream_text_first_then_the_calls(run):
+    """A model trained on the format writes text, then a call: the text streams (a possible `<tool_call>` start held
+    back), the call comes as one `tool_calls` delta, finish_reason "tool_calls"; non-streamed, the same."""
+    import time
+
+    from babyllama.serve.app import _Observer, _Reply
+    from babyllama.serve.metrics import ServerMetrics
+    from babyllama.serve.protocol import parse_chat
+
+    tok = Tokenizer.load(run / "baby" / "tokenizer")
+    req = parse_chat({"model": "sft", "messages": ask(), "tools": [WEATHER], "stream": True}, 4)
+    reply = _Reply(req, tok, None, _Observer(ServerMetrics(lambda: {"decoding": 0, "waiting": 0}), "sft",
+                                             time.monotonic(), 10))
+    pieces = ["Let me ", "check <tool", "_call>\n{\"name\": \"get_weather\", ", "\"arguments\": {\"city\": \"Paris\", "
+              "\"unit\": \"celsius\"}}\n</tool_call>"]
+    chunks = [c for p in pieces for c in reply.take(("text", 0, p, []))] + reply.take(("end", 0, "stop", 30, [], 0))
+    deltas = [c["choices"][0]["delta"] for c in chunks]
+    assert "".join(d.get("content") or "" for d in deltas) == "Let me check "  # sent before the call began
+    calls = [call for d in deltas for call in d.get("tool_calls", [])]
+    assert len(calls) == 1 and json.loads(calls[0]["function"]["arguments"]) == {"city": "Paris", "unit": "celsius"}
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    message = reply.choices()[0]["message"]
+    assert message["content"] == "Let me check" and message["tool_calls"][0]["id"] == calls[0]["id"]
