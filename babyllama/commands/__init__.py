@@ -45,6 +45,10 @@ COMMANDS: Table = {
                "Hugging Face LLaMA directory (or a GGUF file in it) -> checkpoint"),
         "bert4torch": ("babyllama.commands.convert:main_import_bert4torch", "bert4torch LLaMA -> checkpoint"),
     },
+    "lora": {
+        "merge": ("babyllama.commands.lora:main_merge", "LoRA adapter checkpoint -> checkpoint of every weight "
+                                                        "(adapters merged onto their base)"),
+    },
     "report": ("babyllama.commands.report", "the evaluation report of a run: tables and plots"),
     "publish": ("babyllama.commands.publish", "make, collect and check the published reference runs"),
     "screenshot": ("babyllama.commands.screenshot", "screenshot of the chat page answering a run (docs)"),

@@ -4,6 +4,7 @@
     babyllama dpo --name baby --beta 0.2 --label-smoothing 0.1
     babyllama dpo --name baby --loss ipo --beta 0.5        # IPO: a fixed target margin 1 / (2 beta)
     babyllama dpo --name baby --precompute-ref         # score pairs with the reference once; 1 model resident
+    babyllama dpo --name baby --lora-rank 8            # LoRA adapters; the reference is their frozen base
     torchrun --nproc_per_node=2 -m babyllama dpo --name baby
     babyllama dpo --name baby --resume                 # continue from the newest DPO checkpoint
     babyllama dpo --name baby --train-data hh_train.jsonl --valid-data hh_test.jsonl --pref-format hh
@@ -30,13 +31,14 @@ from babyllama.data.tokenizer import Tokenizer
 from babyllama.errors import UserError
 from babyllama.eval.heldout import HeldOut, check_reply_budget, describe
 from babyllama.model.generate import SamplingConfig
-from babyllama.model.llama import Llama, frozen, frozen_copy
+from babyllama.model.llama import Llama, frozen
 from babyllama.train import callbacks as cb
 from babyllama.train.checkpoint import latest_checkpoint
 from babyllama.train.distributed import shutdown
 from babyllama.train.run_config import DPOConfig, RunPaths, model_config_for
 from babyllama.train.run_record import flatten
 from babyllama.train.stage import (
+    StartPoint,
     compile_from_run,
     init_checkpoint,
     load_init_model,
@@ -78,8 +80,8 @@ def main(argv: list[str] | None = None) -> None:
     report = Report(run, paths, tok, cfg.max_seq_len, run.seed, run.batch_size, env.device)
 
     torch.manual_seed(run.seed)
-    policy = load_init_model(init, cfg, tok).to(env.device).train()
-    reference = frozen_copy(policy)
+    start = StartPoint(init, cfg, tok, env.device, paths.stage("dpo"), run.lora, run.seed)
+    policy, reference = start.policy, start.reference()
     before = report.measure(reference, reference) if env.is_main else {}
     if run.precompute_ref:
         for loader in (train_loader, valid_loader):
@@ -87,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
         reference = None
         gc.collect()
     loss = DPOLoss(reference, run.beta, run.label_smoothing, run.loss)
-    trainer = compile_from_run(Trainer(policy, env), run, loss=loss, tokenizer=tok)
+    trainer = compile_from_run(Trainer(policy, env), run, loss=loss, tokenizer=tok, adapters=start.adapters)
     resume_if_asked(trainer, args, paths.stage("dpo"))
     if env.is_main:
         print(f"init {init}; {len(train_loader.dataset)} train / {len(valid_loader.dataset)} valid pairs; "
@@ -102,8 +104,8 @@ def main(argv: list[str] | None = None) -> None:
                 callbacks=standard_callbacks(run, paths, "dpo", [evaluator]))
     final = evaluate_pairs(trainer, loss, valid)
     if env.is_main:
-        if reference is None:  # freed by --precompute-ref; reloaded for the KL
-            reference = frozen(load_init_model(init, cfg).to(env.device))
+        if reference is None:  # freed by --precompute-ref; reloaded for the KL (with LoRA still resident: the base)
+            reference = start.base if start.base is not None else frozen(load_init_model(init, cfg).to(env.device))
         after = report.measure(policy, reference)
         record_stage(args, run, paths, "dpo", trainer,
                      {**final, **flatten("heldout_before_", before), **flatten("heldout_", after)})

@@ -8,6 +8,7 @@ better than their group's mean are made likelier, with a KL leash to the SFT mod
     babyllama grpo --name baby --loss-agg sequence       # the original GRPO's per-reply mean (default: token, DAPO)
     babyllama grpo --name baby --skills add count        # practise only these skills
     babyllama grpo --name baby --reward-model-coef 0.5   # plus 0.5 x the score of out/baby/reward
+    babyllama grpo --name baby --lora-rank 8             # LoRA adapters; the reference is their frozen base
     babyllama chat --name baby --stage grpo              # chat with the result (checkpoint.load_model reads it)
 
 Training items: --prompts (default data/skills/skills_train.jsonl, the items SFT learned from); held-out: --skill-data
@@ -42,15 +43,15 @@ from babyllama.eval.skills import (
 )
 from babyllama.model.config import ModelConfig
 from babyllama.model.generate import SamplingConfig
-from babyllama.model.llama import Llama, frozen, frozen_copy
+from babyllama.model.llama import Llama, frozen
 from babyllama.train import callbacks as cb
 from babyllama.train.distributed import shutdown
 from babyllama.train.run_config import GRPOConfig, model_config_for
 from babyllama.train.run_record import flatten
 from babyllama.train.stage import (
+    StartPoint,
     compile_from_run,
     init_checkpoint,
-    load_init_model,
     load_stage_tokenizer,
     parse_stage_args,
     record_stage,
@@ -135,9 +136,10 @@ def main(argv: list[str] | None = None) -> None:
     skills = sorted({item["skill"] for item in items})
 
     torch.manual_seed(run.seed)
-    policy = load_init_model(init, cfg, tok).train()
-    ref = frozen_copy(policy)
-    trainer = compile_from_run(Trainer(policy, env), run, loss=make_grpo_loss(run), tokenizer=tok)
+    start = StartPoint(init, cfg, tok, env.device, paths.stage("grpo"), run.lora, run.seed)
+    policy, ref = start.policy, start.reference()
+    trainer = compile_from_run(Trainer(policy, env), run, loss=make_grpo_loss(run), tokenizer=tok,
+                               adapters=start.adapters)
     resume_if_asked(trainer, args, paths.stage("grpo"))
     rollouts = GroupRollouts(ref, items[env.rank::env.world_size], prompts[env.rank::env.world_size], run, tok,
                              run.batch_size, check_reply, reward_model=reward, skills=skills,

@@ -6,6 +6,7 @@ clipped PPO updates, in the Trainer's compile/fit.
     babyllama ppo --name baby --prompts my_prompts.jsonl --kl-coef 0.1 --kl-target 0    # own prompts, fixed KL
     babyllama ppo --name baby --init out/baby/sft/step_00000400.pt --reward out/baby/reward/step_00000150.pt
     babyllama ppo --name baby --separate-value      # critic with its own backbone (one more model copy)
+    babyllama ppo --name baby --lora-rank 8          # LoRA adapters (+ the value head); reference: their base
     babyllama chat --name baby --stage ppo           # chat with the result (checkpoint.load_model reads it)
 
 Training prompts: --prompts (JSON lines with `messages` or `prompt`; trailing assistant replies are dropped;
@@ -32,16 +33,16 @@ from babyllama.errors import UserError
 from babyllama.eval.heldout import HeldOut, check_reply_budget, describe, fitting_prompts
 from babyllama.model.config import ModelConfig
 from babyllama.model.generate import SamplingConfig
-from babyllama.model.llama import frozen, frozen_copy
+from babyllama.model.llama import frozen
 from babyllama.train import callbacks as cb
 from babyllama.train.checkpoint import latest_checkpoint
 from babyllama.train.distributed import shutdown
 from babyllama.train.run_config import model_config_for
 from babyllama.train.run_record import flatten
 from babyllama.train.stage import (
+    StartPoint,
     compile_from_run,
     init_checkpoint,
-    load_init_model,
     load_stage_tokenizer,
     parse_stage_args,
     record_stage,
@@ -83,11 +84,11 @@ def main(argv: list[str] | None = None) -> None:
     prompts = fitting_prompts(run.prompts, tok, run.max_prompt_len, run.system)
 
     torch.manual_seed(run.seed)
-    policy = load_init_model(init, cfg, tok).train()
-    ref = frozen_copy(policy)
-    critic = critic_from(reward) if run.separate_value else None
+    start = StartPoint(init, cfg, tok, env.device, paths.stage("ppo"), run.lora, run.seed)
+    policy, ref = start.policy, start.reference()
+    critic = critic_from(reward) if run.separate_value else None  # trains every weight, also with --lora-rank
     trainer = compile_from_run(Trainer(PolicyWithValue(policy, critic), env), run, loss=make_ppo_loss(run),
-                               tokenizer=tok)
+                               tokenizer=tok, adapters=start.adapters)
     check_value_layout(run, args.resume, paths.stage("ppo"))
     resume_if_asked(trainer, args, paths.stage("ppo"))
     rollouts = Rollouts(ref, reward, prompts[env.rank::env.world_size], run, run.batch_size, stop_ids(tok),

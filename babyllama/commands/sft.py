@@ -7,6 +7,7 @@
     babyllama sft --name baby --train-data data/sft/sft_train.jsonl my_chats.jsonl   # several files, one dataset
     babyllama sft --name baby --pretrain-mix 0.25  # 4 of 16 rows a batch: windows of out/baby/data (pretraining)
     babyllama sft --name baby --init out/baby/pretrain/step_00001000.pt --system "You are a poet."
+    babyllama sft --name baby --lora-rank 8        # LoRA adapters on the frozen pretrained weights
 
 Starts from the newest out/<name>/pretrain checkpoint (or --init) and the tokenizer pretraining wrote; a
 checkpoint of another model config is refused. The --train-data files are each read in --data-format (auto: told
@@ -35,9 +36,9 @@ from babyllama.train.distributed import shutdown
 from babyllama.train.run_config import SFTConfig, model_config_for
 from babyllama.train.run_record import flatten
 from babyllama.train.stage import (
+    StartPoint,
     compile_from_run,
     init_checkpoint,
-    load_init_model,
     load_stage_tokenizer,
     parse_stage_args,
     record_stage,
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     tok = load_stage_tokenizer(run, paths)
     cfg = model_config_for(run, tok.vocab_size)
     init = init_checkpoint(run.init, paths, "pretrain")
-    model = load_init_model(init, cfg, tok)
+    start = StartPoint(init, cfg, tok, env.device, paths.stage("sft"), run.lora, run.seed)
     max_len = cfg.max_seq_len + 1  # a batch row is a sample minus its last token
     train = load_dataset(run.train_data, run.data_format, tok, max_len, run.system)
     valid = load_dataset(run.valid_data, run.data_format, tok, max_len, run.system)
@@ -112,8 +113,9 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.manual_seed(run.seed)
     mean_len = sum(train.lengths) / len(train)
-    trainer = compile_from_run(Trainer(model, env), run, loss=causal_lm_loss,
-                               flops_per_token=cfg.flops_per_token(int(mean_len)), tokenizer=tok)
+    trainer = compile_from_run(Trainer(start.policy, env), run, loss=causal_lm_loss,
+                               flops_per_token=cfg.flops_per_token(int(mean_len)), tokenizer=tok,
+                               adapters=start.adapters)
     before = choice.compute(trainer) if choice else None
     before_skills = skills.compute_all(trainer) if skills else {}
     resume_if_asked(trainer, args, paths.stage("sft"))

@@ -60,7 +60,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             h2, wc, t = h.reshape(-1, h.shape[-1]).to(dtype), w.to(dtype), targets.reshape(-1)
             scale = 1.0 / (t != ignore_index).sum().clamp(min=1).float()
             grad_h = torch.empty_like(h2)
-            grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+            # a frozen head (LoRA adapters train the blocks only) needs no weight gradient: a third of the head's work
+            grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if ctx.needs_input_grad[1] else None
             total = torch.zeros((), dtype=torch.float32, device=h.device)
             step = _chunk_rows(h2.shape[0], w.shape[0])
             for s in range(0, h2.shape[0], step):
@@ -69,14 +70,15 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 total += loss
                 g = g.to(dtype)
                 grad_h[s:s + step] = g @ wc
-                grad_w.add_(g.t() @ hc)
-        ctx.save_for_backward(grad_h.view(h.shape).to(h.dtype), grad_w.to(w.dtype))
+                if grad_w is not None:
+                    grad_w.add_(g.t() @ hc)
+        ctx.save_for_backward(grad_h.view(h.shape).to(h.dtype), None if grad_w is None else grad_w.to(w.dtype))
         return total * scale
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_out, grad_w * grad_out, None, None, None
+        return grad_h * grad_out, None if grad_w is None else grad_w * grad_out, None, None, None
 
 
 def fused_linear_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, ignore_index: int = -100,

@@ -151,21 +151,34 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-               strict: bool = False, tokenizer: "Tokenizer | None" = None):
+               strict: bool = False, tokenizer: "Tokenizer | None" = None, base: str | Path | None = None):
     """A `Llama` with the weights of a checkpoint file (or the newest in a directory), in eval mode.
 
     `strict=True` also refuses weights the model does not use (e.g. a reward model's value head), for stages
     that must start from a plain language model. `tokenizer`: refuse it unless it is the one the checkpoint was
     trained with (and fits its vocabulary); the ids past it are masked (`Llama.mask_beyond`: checkpoints from
-    before the padding was recorded, and imports, do not say so themselves)."""
+    before the padding was recorded, and imports, do not say so themselves).
+
+    The checkpoint of a --lora-rank stage holds adapters only (`extra.lora`): they are merged onto the checkpoint
+    they were trained on (`base`, else the one the record names, relative to the adapters' directory), which must
+    hold the very weights they were trained on (its fingerprint), so every consumer reads such a stage as any
+    other."""
     from babyllama.model.llama import Llama  # local import: the model module does not need checkpoint code
+    from babyllama.model.lora import lora_state_dict, merge_lora
 
     state = load_checkpoint(path)
     if state.get("model_config") is None:
         raise UserError(f"{path}: checkpoint has no model_config; it was not written by babyllama")
-    model = Llama(ModelConfig.from_dict(state["model_config"], str(path)))
+    cfg = ModelConfig.from_dict(state["model_config"], str(path))
     if tokenizer is not None:
-        check_tokenizer(tokenizer, model.config.vocab_size, trained_tokenizer(state), path)
+        check_tokenizer(tokenizer, cfg.vocab_size, trained_tokenizer(state), path)
+    adapters = adapter_record(state)
+    if adapters is None:
+        model = Llama(cfg)
+        expected = set(model.state_dict())
+    else:
+        model = _adapted_base(resolve_checkpoint(path), adapters, cfg, tokenizer, base)
+        expected = set(lora_state_dict(model))
     weights = {k.removeprefix("policy."): v for k, v in state["model"].items()}
     try:
         missing, unexpected = model.load_state_dict(weights, strict=False)
@@ -173,15 +186,46 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
         first = str(e).strip().splitlines()[1:2] or [str(e)]  # line 0 is "Error(s) in loading state_dict ..."
         raise UserError(f"{path}: weights do not fit the checkpoint's model_config ({first[0].strip()}); "
                         "the file is damaged or not babyllama's") from None
+    missing = [k for k in missing if k in expected]  # an adapter checkpoint lacks the base's weights, by design
     if missing:
         raise UserError(f"{path}: checkpoint lacks {len(missing)} model weights (e.g. {missing[0]}); "
                         "is it a babyllama language-model checkpoint?")
     if strict and unexpected:
         raise UserError(f"{path}: checkpoint has {len(unexpected)} weights a language model does not use "
                         f"(e.g. {unexpected[0]}); is it a reward/value model? pass a pretrain or SFT checkpoint")
+    if adapters is not None:
+        merge_lora(model).requires_grad_(True)  # a plain model, as any other checkpoint loads
     if tokenizer is not None:
         model.mask_beyond(tokenizer.vocab_size)
     return model.to(device=device, dtype=dtype).eval()
+
+
+def adapter_record(state: dict[str, Any]) -> dict[str, Any] | None:
+    """What the checkpoint of a --lora-rank stage records of its adapters (rank, alpha, dropout, targets) and of the
+    checkpoint they sit on (`base`, relative to the adapters' directory; `base_fingerprint`); None for a checkpoint
+    of every weight."""
+    return (state.get("extra") or {}).get("lora")
+
+
+def _adapted_base(path: Path, adapters: dict[str, Any], cfg: ModelConfig, tokenizer: "Tokenizer | None",
+                  base: str | Path | None):
+    """The model the adapters of checkpoint `path` were trained on (loaded as any checkpoint: adapters on adapters
+    merge down the chain), with empty adapters of their shape added."""
+    from babyllama.model.lora import LoRASpec, add_lora, weights_fingerprint
+
+    base_path = Path(base) if base is not None else path.parent / adapters["base"]
+    if not base_path.exists():
+        raise UserError(f"{path}: its LoRA adapters sit on {base_path}, which is missing; restore that checkpoint, "
+                        f"or merge them onto a copy of it: babyllama lora merge --ckpt {path} --base COPY --dest DIR")
+    model = load_model(base_path, tokenizer=tokenizer)
+    found = weights_fingerprint(model)
+    if found != adapters["base_fingerprint"]:
+        raise UserError(f"{path}: its LoRA adapters were trained on other weights than those of {base_path} "
+                        f"(fingerprint {found}, the adapters' base {adapters['base_fingerprint']}); pass the "
+                        "checkpoint they were trained on (babyllama lora merge --base)")
+    model.config = cfg  # the adapters' own record of it (the tokenizer's size included)
+    spec = LoRASpec(adapters["rank"], adapters["alpha"], adapters["dropout"], adapters["targets"])
+    return add_lora(model, spec)
 
 
 def trained_tokenizer(state: dict[str, Any]) -> str | None:

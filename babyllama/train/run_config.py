@@ -6,7 +6,7 @@ values for that stage, and its PRESETS table lists what the larger presets (0.2b
 defaults, then its preset's changes (--preset, or the --name when it names a preset), then the flags given;
 `--help` shows the value each flag will take and `--print-config` the resolved settings with where each came from.
 A flag of another stage is an error naming that stage. Groups that several stages share (the optimizer and loop
-of TrainConfig, the preference data, the held-out evaluation) are dataclasses the stage configs inherit.
+of TrainConfig, the preference data, the held-out evaluation, LoRA) are dataclasses the stage configs inherit.
 
 out/<name>/tokenizer    tokenizer.model + tokenizer.json
 out/<name>/data         pretraining .bin shards + meta.json
@@ -30,6 +30,7 @@ from babyllama.data.sft import FORMATS as SFT_FORMATS
 from babyllama.errors import UserError
 from babyllama.hardware import cpu_has_native_bf16, cxx_compiler
 from babyllama.model.config import ModelConfig, load_bert4torch_config, padded_vocab, preset, read_json
+from babyllama.model.lora import LORA_TARGETS, LoRASpec
 from babyllama.shipped import (
     CHAT_CHOICES,
     HELDOUT_PROMPTS,
@@ -142,6 +143,39 @@ class BatchedEvaluation:
 
 
 @dataclass(kw_only=True)
+class LoRASettings:
+    """LoRA: low-rank adapters trained on the frozen start weights instead of every weight (--lora-rank above 0).
+    The stage's checkpoints then hold the adapters only and name the checkpoint they sit on (babyllama/model/lora.py,
+    `train.checkpoint.load_model` merges them). Adapters usually take a larger --lr than full fine-tuning: the
+    stages' and presets' values are full fine-tuning's, not tuned for LoRA."""
+
+    lora_rank: int = setting(0, "rank of the adapters; 0 = off (full fine-tuning)")
+    lora_alpha: float = setting(16.0, "adapter scale: the update is --lora-alpha / --lora-rank x B A")
+    lora_dropout: float = setting(0.0, "dropout on the adapters' input while training")
+    lora_targets: list[str] = setting(list(LORA_TARGETS), "the projections of every block that get adapters")
+
+    RULES: ClassVar[tuple[Rule, ...]] = (
+        ("lora_rank", lambda v: v >= 0, "0 (off) or more"),
+        ("lora_alpha", lambda v: 0 < v < math.inf, "a positive number"),
+        ("lora_dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
+        ("lora_targets", lambda v: len(v) >= 1 and set(v) <= set(LORA_TARGETS),
+         f"one or more of {', '.join(LORA_TARGETS)}"))
+
+    def check(self) -> None:
+        super().check()  # a mixin: TrainConfig.check, after it in every stage config's MRO
+        if self.lora_rank and getattr(self, "fsdp", False):
+            raise UserError("--fsdp with --lora-rank: adapters are not sharded; train them with DDP (leave --fsdp "
+                            "off) or fine-tune every weight (--lora-rank 0)")
+
+    @property
+    def lora(self) -> LoRASpec | None:
+        """The adapters the run trains, or None for full fine-tuning."""
+        if not self.lora_rank:
+            return None
+        return LoRASpec(self.lora_rank, self.lora_alpha, self.lora_dropout, tuple(self.lora_targets))
+
+
+@dataclass(kw_only=True)
 class PretrainConfig(BatchedEvaluation, TrainConfig):
     """Pretraining's own settings: the corpus and the tokenizer it trains. The baby values take minutes on 2 CPU
     cores with the shipped corpus: batch 8 x 1200 steps gave the best held-out bits per byte of the sweep in
@@ -178,7 +212,7 @@ class PretrainConfig(BatchedEvaluation, TrainConfig):
 
 
 @dataclass(kw_only=True)
-class SFTConfig(BatchedEvaluation, TrainConfig):
+class SFTConfig(LoRASettings, BatchedEvaluation, TrainConfig):
     """SFT's own settings: the conversations it learns and the items it is scored on. The baby values are 600 steps
     of 16 conversations (of the shipped 10.8k and the 4.8k skill items) and 4 windows of pretraining text: the
     held-out skill accuracy of 16 conversations alone, at a fifth of their cost in held-out bits per byte
@@ -285,7 +319,7 @@ class RewardConfig(BatchedEvaluation, PreferenceData, TrainConfig):
 
 
 @dataclass(kw_only=True)
-class DPOConfig(BatchedEvaluation, HeldOutEvaluation, PreferenceData, TrainConfig):
+class DPOConfig(LoRASettings, BatchedEvaluation, HeldOutEvaluation, PreferenceData, TrainConfig):
     """DPO's own settings. The baby lr and steps were measured on the baby chain (docs/rlhf.md "DPO and PPO side by
     side"): 120 steps at 5e-5 drift 15 nats/reply from SFT and lower the reward model's score; 40 at 3e-5 raise it
     at PPO's KL."""
@@ -326,7 +360,7 @@ class DPOConfig(BatchedEvaluation, HeldOutEvaluation, PreferenceData, TrainConfi
 
 
 @dataclass(kw_only=True)
-class PPOConfig(HeldOutEvaluation, TrainConfig):
+class PPOConfig(LoRASettings, HeldOutEvaluation, TrainConfig):
     """PPO's own settings: its prompts and the algorithm (babyllama/align/ppo.py, docs/rlhf-ppo.md). --batch-size is
     the replies per PPO minibatch (one optimizer step); a rollout is --rollout-size prompts."""
 
@@ -381,7 +415,7 @@ GRPO_LOSS_AGGREGATIONS = ("token", "sequence")
 
 
 @dataclass(kw_only=True)
-class GRPOConfig(TrainConfig):
+class GRPOConfig(LoRASettings, TrainConfig):
     """GRPO's own settings: the skill items it practises and the algorithm (babyllama/align/grpo.py,
     docs/rlhf-grpo.md). A rollout is --prompts-per-rollout items x --group-size sampled replies; --batch-size is the
     replies per minibatch (one optimizer step)."""

@@ -1,9 +1,10 @@
-"""What every training stage script (pretrain, sft, reward, dpo, ppo) shares, so the scripts stay
+"""What every training stage script (pretrain, sft, reward, dpo, ppo, grpo) shares, so the scripts stay
 config -> data -> model -> compile -> fit(callbacks) and no stage copies another's plumbing.
 
     args, run, paths, env = parse_stage_args(__doc__, "sft", argv)
-    trainer = Trainer(model, env)
-    compile_from_run(trainer, run, loss=my_loss)
+    start = StartPoint(init, cfg, tokenizer, env.device, paths.stage("sft"), run.lora, run.seed)  # --lora-rank
+    trainer = Trainer(start.policy, env)
+    compile_from_run(trainer, run, loss=my_loss, adapters=start.adapters)
     resume_if_asked(trainer, args, paths.stage("sft"))
     trainer.fit(loader, max_steps=run.max_steps, callbacks=standard_callbacks(run, paths, "sft", [evaluator]))
 """
@@ -11,16 +12,27 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from babyllama.cli import ArgumentParser, HelpFormatter, add_dataclass_flags, add_device_flag, apply_overrides, as_typed
 from babyllama.data.tokenizer import Tokenizer
 from babyllama.errors import UserError
 from babyllama.files import hold_lock
 from babyllama.model.config import ModelConfig
-from babyllama.model.llama import Llama
+from babyllama.model.llama import Llama, frozen, frozen_copy
+from babyllama.model.lora import LoRASpec, add_lora, sharing_copy, weights_fingerprint
 from babyllama.train import callbacks as cb
-from babyllama.train.checkpoint import check_model_config, latest_checkpoint, list_checkpoints, load_model
+from babyllama.train.checkpoint import (
+    adapter_record,
+    check_model_config,
+    latest_checkpoint,
+    list_checkpoints,
+    load_model,
+)
 from babyllama.train.distributed import DistEnv, check_device_name, init_distributed
 from babyllama.train.optim import build_adamw, warmup_cosine
 from babyllama.train.run_config import (
@@ -111,12 +123,14 @@ def describe_config(run: TrainConfig, args: argparse.Namespace, stage: str, pres
 
 def compile_from_run(trainer: Trainer, run: TrainConfig, loss: LossFn = causal_lm_loss,
                      flops_per_token: float | None = None, tokenizer: Tokenizer | None = None,
-                     fixed_shapes: bool = False) -> Trainer:
+                     fixed_shapes: bool = False, adapters: dict[str, Any] | None = None) -> Trainer:
     """AdamW (decay groups, fused where available) + warmup/cosine + clipping + precision/compile from the run;
     with --fsdp under torchrun the model is sharded first (the optimizer must see the sharded parameters).
     `tokenizer`: recorded in every checkpoint (its fingerprint), so later stages and inference can refuse another.
     `fixed_shapes`: every batch has the same shape (pretraining's windows): on a CPU `auto` then picks bf16 and
-    compile where they pay (padded batches of varying length recompile for minutes, and are too small for bf16)."""
+    compile where they pay (padded batches of varying length recompile for minutes, and are too small for bf16).
+    `adapters`: the model trains LoRA adapters (`StartPoint.adapters`): checkpoints hold the weights that train and
+    this record of them, which `checkpoint.load_model` merges onto their base."""
     device = trainer.env.device
     if run.fsdp:
         trainer.shard()
@@ -127,7 +141,10 @@ def compile_from_run(trainer: Trainer, run: TrainConfig, loss: LossFn = causal_l
                     mixed_precision=resolve_precision(run.mixed_precision, device, fixed_shapes),
                     grad_accumulation_steps=run.grad_accum,
                     torch_compile=resolve_compile(run.torch_compile, device, run.max_steps, fixed_shapes),
-                    log_every=run.log_every, flops_per_token=flops_per_token, skip_nonfinite=run.on_nonfinite == "skip")
+                    log_every=run.log_every, flops_per_token=flops_per_token, skip_nonfinite=run.on_nonfinite == "skip",
+                    save_frozen=adapters is None)
+    if adapters is not None:
+        trainer.extra_state["lora"] = adapters
     trainer.extra_state["schedule"] = {k: getattr(run, k) for k in _SCHEDULE_FLAGS}
     trainer.extra_state["data_order"] = {"seed": run.seed, "batch_size": run.batch_size, "grad_accum": run.grad_accum,
                                          "world_size": trainer.env.world_size}
@@ -154,7 +171,9 @@ def resume_if_asked(trainer: Trainer, args: argparse.Namespace, ckpt_dir: Path) 
     schedule = trainer.extra_state["schedule"]
     base_lrs = list(trainer.scheduler.base_lrs)
     weight_decays = [g["weight_decay"] for g in trainer.optimizer.param_groups]
-    trainer.resume(str(found))  # replaces extra_state, optimizer and scheduler state with the checkpoint's
+    adapters = trainer.extra_state.get("lora")
+    # replaces extra_state, optimizer and scheduler state with the checkpoint's
+    trainer.resume(str(found), check=lambda state: _check_adapters(adapter_record(state), adapters, found))
     _check_data_order(trainer.extra_state.get("data_order"), now, found)
     saved_tokenizer = trainer.extra_state.get("tokenizer")
     if tokenizer is not None and saved_tokenizer not in (None, tokenizer):
@@ -189,6 +208,25 @@ def _check_data_order(saved: dict | None, now: dict, source: Path) -> None:
     if changed:
         raise UserError(f"checkpoint {source}: {' and '.join(changed)}; resume with the same "
                         f"value{'s' if len(changed) > 1 else ''} or start a new run with --out")
+
+
+def _check_adapters(saved: dict[str, Any] | None, now: dict[str, Any] | None, source: Path) -> None:
+    """--resume continues the weights a checkpoint trains: the same adapters on the same base, or every weight."""
+    if saved is None and now is not None:
+        raise UserError(f"checkpoint {source} fine-tuned every weight; resume it without --lora-rank")
+    if saved is not None and now is None:
+        raise UserError(f"checkpoint {source} holds LoRA adapters (--lora-rank {saved['rank']}); resume it with the "
+                        "--lora-* settings it was trained with")
+    if saved is None:
+        return
+    changed = [f"--lora-{k} {saved[k]} at save, {now[k]} now" for k in ("rank", "alpha", "dropout", "targets")
+               if saved[k] != now[k]]
+    if changed:
+        raise UserError(f"checkpoint {source}: {' and '.join(changed)}; resume with the same values or start a new "
+                        "run with --out")
+    if saved["base_fingerprint"] != now["base_fingerprint"]:
+        raise UserError(f"checkpoint {source}: its adapters were trained on other weights than --init's now; resume "
+                        "from the checkpoint it started from (--init)")
 
 
 def standard_callbacks(run: TrainConfig, paths: RunPaths, stage: str,
@@ -228,6 +266,33 @@ def load_stage_tokenizer(run: TrainConfig, paths: RunPaths) -> Tokenizer:
         raise UserError(f"no tokenizer at {path}; run the pretrain stage first "
                         f"(babyllama pretrain --name {paths.name}) or pass --tokenizer")
     return Tokenizer.load(path)
+
+
+class StartPoint:
+    """What a fine-tuning stage (sft, dpo, ppo, grpo) trains, from the checkpoint it starts from (`init`), on
+    `device`: every weight of the loaded model (`policy`), or with `lora` adapters (their random start: `seed`'s)
+    on another module tree over the same frozen weight tensors (`lora.sharing_copy`), so that the loaded model
+    itself (`base`) is the frozen reference at no memory cost. `adapters` is what the stage's checkpoints then
+    record (None without LoRA): the adapters' settings and the checkpoint they sit on, relative to `stage_dir`,
+    with its weights' fingerprint."""
+
+    def __init__(self, init: Path, cfg: ModelConfig, tokenizer: Tokenizer, device: torch.device, stage_dir: Path,
+                 lora: LoRASpec | None = None, seed: int = 0):
+        model = load_init_model(init, cfg, tokenizer).to(device)
+        self.base: Llama | None = None
+        self.adapters: dict[str, Any] | None = None
+        if lora is None:
+            self.policy = model.train()
+            return
+        self.adapters = {**lora.to_dict(), "base": os.path.relpath(init.resolve(), stage_dir.resolve()),
+                         "base_fingerprint": weights_fingerprint(model)}
+        self.base = frozen(model)
+        self.policy = add_lora(sharing_copy(model), lora, seed).train()
+
+    def reference(self) -> Llama:
+        """The frozen start weights (the reference of DPO, PPO and GRPO): the adapters' base itself, or for full
+        fine-tuning a frozen copy of the policy (so: taken before training)."""
+        return self.base if self.base is not None else frozen_copy(self.policy)
 
 
 def load_init_model(path: Path, expected: ModelConfig, tokenizer: Tokenizer | None = None) -> Llama:

@@ -73,19 +73,22 @@ class Trainer:
     def compile(self, loss: LossFn = causal_lm_loss, optimizer: torch.optim.Optimizer | None = None,
                 scheduler: Any = None, clip_grad_norm: float | None = 1.0, mixed_precision: str | None = None,
                 grad_accumulation_steps: int = 1, torch_compile: bool = False, log_every: int = 1,
-                flops_per_token: float | None = None, ddp: bool | None = None, skip_nonfinite: bool = False) -> None:
+                flops_per_token: float | None = None, ddp: bool | None = None, skip_nonfinite: bool = False,
+                save_frozen: bool = True) -> None:
         """ddp: wrap in DistributedDataParallel; None = when running on more than one rank (True at world size 1
         only makes sense for measuring DDP's overhead, which needs an initialised process group).
         log_every: the logged tokens/s and MFU cover all the steps since the previous log, callbacks excluded.
         skip_nonfinite: a step whose gradient norm is NaN/inf is not applied (counted in `skipped_steps`) instead
-        of corrupting the weights; costs one host sync per step. (fp16's grad scaler skips overflows by itself.)"""
+        of corrupting the weights; costs one host sync per step. (fp16's grad scaler skips overflows by itself.)
+        save_frozen=False: checkpoints hold only the weights that train (LoRA adapters, new heads), the frozen rest
+        being what the run started from; a resume then loads exactly those."""
         if mixed_precision not in _AUTOCAST:
             raise ValueError(f"mixed_precision must be one of 'bf16', 'fp16', None; got {mixed_precision!r}")
         if optimizer is None:
             raise ValueError("compile() needs an optimizer")
         self.loss_fn, self.optimizer, self.scheduler = loss, optimizer, scheduler
         self.clip_grad_norm, self.accum, self.log_every = clip_grad_norm, grad_accumulation_steps, log_every
-        self.skip_nonfinite = skip_nonfinite
+        self.skip_nonfinite, self.save_frozen = skip_nonfinite, save_frozen
         self.amp_dtype = _AUTOCAST[mixed_precision]
         self.compiled = torch_compile
         self.scaler = torch.amp.GradScaler(self.env.device.type, enabled=self.amp_dtype == torch.float16)
@@ -248,6 +251,9 @@ class Trainer:
         model_state, optim_state = self.network.state_dict(), self.optimizer.state_dict()
         if self.fsdp:
             model_state, optim_state = full_state_dicts(self.network, self.optimizer)
+        if not self.save_frozen:
+            trained = self._trained_names()
+            model_state = {k: v for k, v in model_state.items() if k in trained}
         return {
             "model": model_state,
             "optimizer": optim_state,
@@ -277,15 +283,18 @@ class Trainer:
         if self.env.distributed:
             torch.distributed.barrier()
 
-    def resume(self, path: str) -> None:
-        """Restore the full training state from a checkpoint file or the newest in a directory."""
+    def resume(self, path: str, check: Callable[[dict[str, Any]], None] | None = None) -> None:
+        """Restore the full training state from a checkpoint file or the newest in a directory. `check(state)` may
+        refuse the checkpoint (a UserError) before anything is restored."""
         state = load_checkpoint(path)  # CPU: RNG states must stay CPU tensors
         if self.model_config is not None:
             check_model_config(state, self.model_config, path)
+        if check is not None:
+            check(state)
         if self.fsdp:
             load_full_state_dicts(self.network, self.optimizer, state["model"], state["optimizer"])
         else:
-            self.network.load_state_dict(state["model"])
+            self._load_weights(state["model"], path)
             self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
@@ -293,6 +302,19 @@ class Trainer:
         set_rng_state(state["rng"])
         self.step, self.epoch, self.consumed = state["step"], state["epoch"], state["consumed"]
         self.extra_state = state.get("extra", {})
+
+    def _trained_names(self) -> set[str]:
+        return {name for name, p in self.network.named_parameters() if p.requires_grad}
+
+    def _load_weights(self, weights: dict[str, Tensor], path: str) -> None:
+        if self.save_frozen:
+            self.network.load_state_dict(weights)
+            return
+        differ = set(weights) ^ self._trained_names()
+        if differ:
+            raise UserError(f"{path}: its weights are not those this run trains (e.g. {min(differ)}); resume with "
+                            "the settings it was trained with")
+        self.network.load_state_dict(weights, strict=False)
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
