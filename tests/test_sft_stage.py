@@ -322,3 +322,17 @@ def test_sft_cli_refuses_checkpoint_of_another_config(workspace, tok, tok_dir, t
     assert out.returncode == 2
     assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
     assert out.stderr.startswith("error:") and "dim: checkpoint 64 vs now 256" in out.stderr
+
+
+def test_sft_cli_distils_from_a_teacher(workspace, tmp_path):
+    root, data_flags = workspace
+    for part in ("tokenizer", "pretrain"):
+        shutil.copytree(root / "out" / "baby" / part, tmp_path / "out" / "baby" / part)
+    teacher = root / "out" / "baby" / "pretrain"  # any checkpoint of this tokenizer teaches
+    out = sft_cli(root, *data_flags, "--out", str(tmp_path / "out"), "--runs", str(tmp_path / "runs"),
+                  "--choice-data", "none", "--skill-data", "none", "--max-steps", "2", "--batch-size", "8",
+                  "--teacher", str(teacher), "--distill-alpha", "1")
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(line) for line in (tmp_path / "out" / "baby" / "sft" / "log.jsonl").read_text().splitlines()]
+    # the student starts as its teacher: nothing to learn from it at step 1, and alpha 1 leaves only that term
+    assert rows[0]["kd"] < 1e-4 and rows[0]["loss"] == pytest.approx(rows[0]["kd"], abs=1e-6)

@@ -21,6 +21,7 @@ from babyllama.model.generate import Generator, SamplingConfig
 from babyllama.model.llama import Llama
 from babyllama.train import callbacks as cb
 from babyllama.train.checkpoint import load_model
+from babyllama.train.distill import stage_loss
 from babyllama.train.distributed import shutdown
 from babyllama.train.run_config import model_config_for
 from babyllama.train.run_data import ensure_token_bins, ensure_tokenizer
@@ -33,7 +34,7 @@ from babyllama.train.stage import (
     resume_if_asked,
     standard_callbacks,
 )
-from babyllama.train.trainer import Trainer
+from babyllama.train.trainer import Trainer, causal_lm_loss
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -57,7 +58,8 @@ def main(argv: list[str] | None = None) -> None:
     # --init continues pretraining from given weights (e.g. an imported HF model, with --model set to it)
     model = load_init_model(init_checkpoint(run.init, paths, "pretrain"), cfg, tok) if run.init else Llama(cfg)
     trainer = compile_from_run(Trainer(model, env), run, flops_per_token=cfg.flops_per_token(cfg.max_seq_len),
-                               tokenizer=tok, fixed_shapes=True)
+                               tokenizer=tok, fixed_shapes=True,
+                               loss=stage_loss(run, tok, model, env.device, causal_lm_loss))
     resume_if_asked(trainer, args, paths.stage("pretrain"))
     if env.is_main:
         print(f"model {run.model}: {trainer.network.num_params() / 1e6:.1f}M params, {env.world_size} process(es) "

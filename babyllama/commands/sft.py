@@ -32,6 +32,7 @@ from babyllama.errors import UserError
 from babyllama.eval.choice import ChoiceAccuracy, load_choice_items
 from babyllama.eval.skills import SkillAccuracy, describe_skills, load_skill_items
 from babyllama.train import callbacks as cb
+from babyllama.train.distill import stage_loss
 from babyllama.train.distributed import shutdown
 from babyllama.train.run_config import SFTConfig, model_config_for
 from babyllama.train.run_record import flatten
@@ -113,7 +114,8 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.manual_seed(run.seed)
     mean_len = sum(train.lengths) / len(train)
-    trainer = compile_from_run(Trainer(start.policy, env), run, loss=causal_lm_loss,
+    trainer = compile_from_run(Trainer(start.policy, env), run,
+                               loss=stage_loss(run, tok, start.policy, env.device, causal_lm_loss),
                                flops_per_token=cfg.flops_per_token(int(mean_len)), tokenizer=tok,
                                adapters=start.adapters)
     before = choice.compute(trainer) if choice else None

@@ -143,6 +143,20 @@ class BatchedEvaluation:
 
 
 @dataclass(kw_only=True)
+class DistillSettings:
+    """Logit distillation from a teacher with the same tokenizer (--teacher; babyllama/train/distill.py)."""
+
+    teacher: str | None = setting(None, "checkpoint (file or stage directory) of a teacher with this run's "
+                                        "tokenizer: the loss adds the KL to its next-token distribution")
+    distill_alpha: float = setting(0.5, "the distillation term's share of the loss (the rest: cross-entropy)")
+    distill_temperature: float = setting(1.0, "softens both distributions before the KL (scaled back by T^2)")
+
+    RULES: ClassVar[tuple[Rule, ...]] = (
+        ("distill_alpha", lambda v: 0 <= v <= 1, "in [0, 1]"),
+        ("distill_temperature", lambda v: 0 < v < math.inf, "a positive number"))
+
+
+@dataclass(kw_only=True)
 class LoRASettings:
     """LoRA: low-rank adapters trained on the frozen start weights instead of every weight (--lora-rank above 0).
     The stage's checkpoints then hold the adapters only and name the checkpoint they sit on (babyllama/model/lora.py,
@@ -176,7 +190,7 @@ class LoRASettings:
 
 
 @dataclass(kw_only=True)
-class PretrainConfig(BatchedEvaluation, TrainConfig):
+class PretrainConfig(DistillSettings, BatchedEvaluation, TrainConfig):
     """Pretraining's own settings: the corpus and the tokenizer it trains. The baby values take minutes on 2 CPU
     cores with the shipped corpus: batch 8 x 1200 steps gave the best held-out bits per byte of the sweep in
     docs/baseline.md for the time 16 x 600 takes (2.329 vs 2.376; batch 4 and lr 6e-4 / 2e-3 were worse)."""
@@ -212,7 +226,7 @@ class PretrainConfig(BatchedEvaluation, TrainConfig):
 
 
 @dataclass(kw_only=True)
-class SFTConfig(LoRASettings, BatchedEvaluation, TrainConfig):
+class SFTConfig(DistillSettings, LoRASettings, BatchedEvaluation, TrainConfig):
     """SFT's own settings: the conversations it learns and the items it is scored on. The baby values are 600 steps
     of 16 conversations (of the shipped 10.8k and the 4.8k skill items) and 4 windows of pretraining text: the
     held-out skill accuracy of 16 conversations alone, at a fifth of their cost in held-out bits per byte
