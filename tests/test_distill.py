@@ -95,3 +95,15 @@ def test_load_teacher_refuses_another_vocabulary(tmp_path):
     with pytest.raises(UserError, match="vocabulary has 64 rows"):
         load_teacher(path, None, student, torch.device("cpu"))
     del teacher
+
+
+def test_validation_is_the_plain_loss_while_training_distils():
+    from babyllama.train.trainer import Trainer
+
+    student, teacher = models()
+    trainer = Trainer(student)
+    trainer.compile(loss=distillation_loss(teacher, 0.5, 1.0), eval_loss=causal_lm_loss,
+                    optimizer=torch.optim.AdamW(student.parameters()))
+    batches = [batch(seed=s) for s in range(2)]
+    plain = sum(float(causal_lm_loss(student, b).detach()) for b in batches) / 2
+    assert math.isclose(trainer.evaluate(batches), plain, rel_tol=1e-5)  # comparable with runs without a teacher

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     model = load_init_model(init_checkpoint(run.init, paths, "pretrain"), cfg, tok) if run.init else Llama(cfg)
     trainer = compile_from_run(Trainer(model, env), run, flops_per_token=cfg.flops_per_token(cfg.max_seq_len),
                                tokenizer=tok, fixed_shapes=True,
-                               loss=stage_loss(run, tok, model, env.device, causal_lm_loss))
+                               loss=stage_loss(run, tok, model, env.device, causal_lm_loss), eval_loss=causal_lm_loss)
     resume_if_asked(trainer, args, paths.stage("pretrain"))
     if env.is_main:
         print(f"model {run.model}: {trainer.network.num_params() / 1e6:.1f}M params, {env.world_size} process(es) "

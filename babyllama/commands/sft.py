@@ -116,6 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     mean_len = sum(train.lengths) / len(train)
     trainer = compile_from_run(Trainer(start.policy, env), run,
                                loss=stage_loss(run, tok, start.policy, env.device, causal_lm_loss),
+                               eval_loss=causal_lm_loss,
                                flops_per_token=cfg.flops_per_token(int(mean_len)), tokenizer=tok,
                                adapters=start.adapters)
     before = choice.compute(trainer) if choice else None

@@ -123,7 +123,8 @@ def describe_config(run: TrainConfig, args: argparse.Namespace, stage: str, pres
 
 def compile_from_run(trainer: Trainer, run: TrainConfig, loss: LossFn = causal_lm_loss,
                      flops_per_token: float | None = None, tokenizer: Tokenizer | None = None,
-                     fixed_shapes: bool = False, adapters: dict[str, Any] | None = None) -> Trainer:
+                     fixed_shapes: bool = False, adapters: dict[str, Any] | None = None,
+                     eval_loss: LossFn | None = None) -> Trainer:
     """AdamW (decay groups, fused where available) + warmup/cosine + clipping + precision/compile from the run;
     with --fsdp under torchrun the model is sharded first (the optimizer must see the sharded parameters).
     `tokenizer`: recorded in every checkpoint (its fingerprint), so later stages and inference can refuse another.
@@ -142,7 +143,7 @@ def compile_from_run(trainer: Trainer, run: TrainConfig, loss: LossFn = causal_l
                     grad_accumulation_steps=run.grad_accum,
                     torch_compile=resolve_compile(run.torch_compile, device, run.max_steps, fixed_shapes),
                     log_every=run.log_every, flops_per_token=flops_per_token, skip_nonfinite=run.on_nonfinite == "skip",
-                    save_frozen=adapters is None)
+                    save_frozen=adapters is None, eval_loss=eval_loss)
     if adapters is not None:
         trainer.extra_state["lora"] = adapters
     trainer.extra_state["schedule"] = {k: getattr(run, k) for k in _SCHEDULE_FLAGS}

@@ -74,19 +74,22 @@ class Trainer:
                 scheduler: Any = None, clip_grad_norm: float | None = 1.0, mixed_precision: str | None = None,
                 grad_accumulation_steps: int = 1, torch_compile: bool = False, log_every: int = 1,
                 flops_per_token: float | None = None, ddp: bool | None = None, skip_nonfinite: bool = False,
-                save_frozen: bool = True) -> None:
+                save_frozen: bool = True, eval_loss: LossFn | None = None) -> None:
         """ddp: wrap in DistributedDataParallel; None = when running on more than one rank (True at world size 1
         only makes sense for measuring DDP's overhead, which needs an initialised process group).
         log_every: the logged tokens/s and MFU cover all the steps since the previous log, callbacks excluded.
         skip_nonfinite: a step whose gradient norm is NaN/inf is not applied (counted in `skipped_steps`) instead
         of corrupting the weights; costs one host sync per step. (fp16's grad scaler skips overflows by itself.)
         save_frozen=False: checkpoints hold only the weights that train (LoRA adapters, new heads), the frozen rest
-        being what the run started from; a resume then loads exactly those."""
+        being what the run started from; a resume then loads exactly those.
+        eval_loss: what `evaluate` measures when not told (default: `loss`); e.g. distillation trains on a mixed loss
+        but is validated on the plain next-token loss, comparable with runs without a teacher."""
         if mixed_precision not in _AUTOCAST:
             raise ValueError(f"mixed_precision must be one of 'bf16', 'fp16', None; got {mixed_precision!r}")
         if optimizer is None:
             raise ValueError("compile() needs an optimizer")
         self.loss_fn, self.optimizer, self.scheduler = loss, optimizer, scheduler
+        self.eval_loss = eval_loss or loss
         self.clip_grad_norm, self.accum, self.log_every = clip_grad_norm, grad_accumulation_steps, log_every
         self.skip_nonfinite, self.save_frozen = skip_nonfinite, save_frozen
         self.amp_dtype = _AUTOCAST[mixed_precision]
@@ -239,7 +242,7 @@ class Trainer:
             if max_batches is not None and i >= max_batches:
                 break
             with self.autocast():
-                out = (loss or self.loss_fn)(self.network, _to_device(batch, self.env.device))
+                out = (loss or self.eval_loss)(self.network, _to_device(batch, self.env.device))
             total += (out[0] if isinstance(out, tuple) else out).float()
             n += 1
         self.network.train()
