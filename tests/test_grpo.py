@@ -39,14 +39,7 @@ from babyllama.train.run_config import GRPOConfig, RunPaths
 from babyllama.train.stage import parse_stage_args
 from babyllama.train.trainer import Callback, Trainer
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run several times faster on one thread than on two contended ones (as in test_sft_stage.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- math ----

@@ -38,14 +38,7 @@ from babyllama.train.optim import build_adamw
 from babyllama.train.stage import StartPoint
 from babyllama.train.trainer import Trainer
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run several times faster on one thread than on two contended ones (as in test_sft_stage.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def adapted(spec: LoRASpec, seed: int = 0, **config) -> tuple[Llama, Llama]:

@@ -20,7 +20,6 @@ from openai import OpenAI
 from serve_fixtures import server, tiny_run
 
 from babyllama.data.chat_template import render_prompt
-from babyllama.data.tokenizer import Tokenizer
 from babyllama.errors import UserError
 from babyllama.model.generate import Generator, SamplingConfig
 from babyllama.serve.process import free_port
@@ -41,16 +40,6 @@ def run(tmp_path_factory):
 def url(run):
     with server(run, "--max-batch", str(ROWS), "--max-waiting", str(WAITING), "--max-body-bytes", "65536") as u:
         yield u
-
-
-@pytest.fixture(scope="module")
-def client(url):
-    return OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def tok(run):
-    return Tokenizer.load(run / "baby" / "tokenizer")
 
 
 def ask(client, content="你好", model="sft", **kw):

@@ -11,11 +11,9 @@ import sys
 
 import httpx
 import pytest
-from openai import OpenAI
 from serve_fixtures import server, tiny_run
 
 from babyllama.data.chat_template import render_prompt, stop_ids
-from babyllama.data.tokenizer import Tokenizer
 from babyllama.eval.evaluate import cloze_accuracy, harness_scores, load_items
 from babyllama.model.generate import Generator, SamplingConfig
 from babyllama.model.scoring import row_logprobs
@@ -36,16 +34,6 @@ def run(tmp_path_factory):
 def url(run):
     with server(run, "--dtype", "fp32") as u:  # evaluation's precision: the numbers are comparable
         yield u
-
-
-@pytest.fixture(scope="module")
-def client(url):
-    return OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def tok(run):
-    return Tokenizer.load(run / "baby" / "tokenizer")
 
 
 def model_of(run, tok, stage):
