@@ -170,8 +170,8 @@ def test_auto_calls_stream_text_first_then_the_calls(run):
 
     tok = Tokenizer.load(run / "baby" / "tokenizer")
     req = parse_chat({"model": "sft", "messages": ask(), "tools": [WEATHER], "stream": True}, 4)
-    reply = _Reply(req, tok, None, _Observer(ServerMetrics(lambda: {"decoding": 0, "waiting": 0}), "sft",
-                                             time.monotonic(), 10))
+    reply = _Reply(req, tok, None, 10, _Observer(ServerMetrics(lambda: {"decoding": 0, "waiting": 0}), "sft",
+                                                 time.monotonic()))
     pieces = ["Let me ", "check <tool", "_call>\n{\"name\": \"get_weather\", ", "\"arguments\": {\"city\": \"Paris\", "
               "\"unit\": \"celsius\"}}\n</tool_call>"]
     chunks = [c for p in pieces for c in reply.take(("text", 0, p, []))] + reply.take(("end", 0, "stop", 30, [], 0))

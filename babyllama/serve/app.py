@@ -201,13 +201,11 @@ class _Handler:
                            kind="rate_limit_error") from None
         echoed = [p if isinstance(p, str) else tok.decode(p, skip_special=True) for p in req.prompts] if (
             not chat and req.echo) else None
-        prompt_tokens = sum(map(len, prompts))
-        reply = _Reply(req, tok, echoed, _Observer(self.metrics, req.model, arrived, prompt_tokens))
+        reply = _Reply(req, tok, echoed, sum(map(len, prompts)), _Observer(self.metrics, req.model, arrived))
         if req.stream:
-            return StreamingResponse(self._stream(jobs, events, reply, prompt_tokens),
-                                     media_type="text/event-stream",
+            return StreamingResponse(self._stream(jobs, events, reply), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await self._collect(request, jobs, events, reply, prompt_tokens)
+        return await self._collect(request, jobs, events, reply)
 
     async def _served(self, stage: str) -> Served:
         try:
@@ -237,8 +235,8 @@ class _Handler:
                       seed=seed % 2**64, n=req.n, logprobs=req.logprobs,
                       score_prompt=echo and req.logprobs is not None, grammar=grammar)
 
-    async def _collect(self, request: Request, jobs: list[Job], events: asyncio.Queue, reply: "_Reply",
-                       prompt_tokens: int) -> JSONResponse:
+    async def _collect(self, request: Request, jobs: list[Job], events: asyncio.Queue,
+                       reply: "_Reply") -> JSONResponse:
         reply.opening()  # the echoed prompts
         try:
             while not reply.done:
@@ -257,10 +255,9 @@ class _Handler:
             for job in jobs:
                 job.cancel()  # a no-op once every row ended; frees the rows when this task is cancelled
         return JSONResponse(envelope(reply.id, reply.kind, reply.req.model, reply.choices(),
-                                     usage=reply.usage(prompt_tokens)))
+                                     usage=reply.usage()))
 
-    async def _stream(self, jobs: list[Job], events: asyncio.Queue, reply: "_Reply",
-                      prompt_tokens: int) -> AsyncIterator[str]:
+    async def _stream(self, jobs: list[Job], events: asyncio.Queue, reply: "_Reply") -> AsyncIterator[str]:
         """Server-sent events: one chunk per text piece, a last chunk per choice with its finish_reason, a usage
         chunk when asked (stream_options.include_usage), then `data: [DONE]`. A client that goes away cancels the
         jobs (Starlette cancels this generator), which frees their rows at the next step."""
@@ -276,7 +273,7 @@ class _Handler:
                     yield _sse(chunk)
             else:
                 if reply.req.include_usage:
-                    yield _sse(reply.envelope([], usage=reply.usage(prompt_tokens)))
+                    yield _sse(reply.envelope([], usage=reply.usage()))
             yield "data: [DONE]\n\n"
         finally:
             for job in jobs:
@@ -290,8 +287,9 @@ class _Reply:
     `tool_calls` (`babyllama.serve.tools`): streamed text that may begin one is held back until it is decided."""
 
     def __init__(self, req: ChatRequest | CompletionRequest, tokenizer: Any, echoed: list[str] | None,
-                 observer: "_Observer"):
+                 prompt_tokens: int, observer: "_Observer"):
         self.req, self.chat, self.observer = req, isinstance(req, ChatRequest), observer
+        self.prompt_tokens = prompt_tokens
         self.kind = "chat.completion" if self.chat else "text_completion"
         self.id = new_id("chatcmpl" if self.chat else "cmpl")
         self.token_bytes = tokenizer.token_bytes if req.logprobs is not None else []
@@ -309,8 +307,8 @@ class _Reply:
     def done(self) -> bool:
         return None not in self.finish
 
-    def usage(self, prompt_tokens: int) -> dict[str, Any]:
-        return usage(prompt_tokens, self.produced, sum(self.cached.values()))
+    def usage(self) -> dict[str, Any]:
+        return usage(self.prompt_tokens, self.produced, sum(self.cached.values()))
 
     def envelope(self, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         kind = "chat.completion.chunk" if self.chat else "text_completion"
@@ -344,7 +342,7 @@ class _Reply:
             chunks, finish = self._tool_end(c, finish)
         self.finish[c] = finish
         if self.done:
-            self.observer.ended(sum(self.cached.values()))
+            self.observer.ended(self.prompt_tokens, sum(self.cached.values()))
         last = chat_delta(c, {}, finish) if self.chat else completion_choice(c, "", finish)
         return chunks + [self.envelope([last])]
 
@@ -410,8 +408,8 @@ class _Reply:
 class _Observer:
     """A request's contribution to /metrics: time to its first token, its tokens, its latency."""
 
-    def __init__(self, metrics: ServerMetrics, model: str, arrived: float, prompt_tokens: int):
-        self.metrics, self.model, self.arrived, self.prompt_tokens = metrics, model, arrived, prompt_tokens
+    def __init__(self, metrics: ServerMetrics, model: str, arrived: float):
+        self.metrics, self.model, self.arrived = metrics, model, arrived
         self.first = True
 
     def saw(self, event: tuple) -> None:
@@ -421,8 +419,8 @@ class _Observer:
         if event[0] == "end":
             self.metrics.generation_tokens.labels(self.model).inc(event[3])
 
-    def ended(self, cached: int) -> None:
-        self.metrics.prompt_tokens.labels(self.model).inc(self.prompt_tokens)
+    def ended(self, prompt_tokens: int, cached: int) -> None:
+        self.metrics.prompt_tokens.labels(self.model).inc(prompt_tokens)
         self.metrics.cached_tokens.labels(self.model).inc(cached)
         self.metrics.latency.labels(self.model).observe(time.monotonic() - self.arrived)
 

@@ -12,7 +12,7 @@ forward pass per batch.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -21,8 +21,7 @@ from torch import Tensor, nn
 from babyllama.errors import UserError
 from babyllama.model.llama import IGNORE_INDEX, Llama, frozen
 from babyllama.train.checkpoint import load_model
-
-LossFn = Callable[[nn.Module, Any], "Tensor | tuple[Tensor, dict[str, Tensor]]"]
+from babyllama.train.trainer import LossFn
 
 
 def load_teacher(path: str | Path, tokenizer: Any, student: Llama, device: torch.device) -> Llama:
