@@ -61,6 +61,8 @@ COMMANDS: Table = {
             "preference": ("babyllama.build.preference", "rebuild the shipped preference pairs (data/preference)"),
             "idioms": ("babyllama.build.idioms", "rebuild the shipped idiom cloze items (data/eval)"),
             "skills": ("babyllama.build.skills", "rebuild the shipped verifiable skill suite (data/skills)"),
+            "replies": ("babyllama.build.replies", "a teacher model's replies to chat files: sequence-level "
+                                                   "distillation data"),
         },
     },
     "bench": ("babyllama.commands.bench", "run a benchmark script of bench/ (speed and memory)"),
