@@ -4,6 +4,10 @@ their conversation out; the files, records and README are what the docs say."""
 from __future__ import annotations
 
 import json
+import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -132,3 +136,33 @@ def test_bad_input_is_one_line(run, tmp_path):
         replies.main([*args, "--data", str(bad)])
     with pytest.raises(UserError, match="--batch-size 0"):
         replies.main([*args, "--data", str(bad), "--batch-size", "0"])
+
+
+def test_bench_reply_distill_scores_students_against_the_teacher(run, tmp_path):
+    def write(path, convs):
+        path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in convs), encoding="utf-8")
+        return str(path)
+
+    asks = [[{"role": "user", "content": q}] for q in ("hello there", "one two", "never mind")]
+    taught = write(tmp_path / "taught.jsonl", [[*q, {"role": "assistant", "content": "teacher says hi"}] for q in asks])
+    original = write(tmp_path / "original.jsonl",
+                     [[*q, {"role": "assistant", "content": f"reply {i}"}] for i, q in enumerate(asks + asks[:1])])
+    baby = run / "baby"
+    args = [sys.executable, "-m", "babyllama", "bench", "reply_distill", "--students", str(baby / "pretrain"),
+            str(baby / "sft"), "--labels", "a", "b", "--tokenizer", str(baby / "tokenizer"), "--teacher",
+            str(baby / "dpo"), "--teacher-tokenizer", str(baby / "tokenizer"), "--teacher-replies", taught,
+            "--max-new-tokens", "4", "--examples", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([*args, "--original", original], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert [r["student"] for r in rows] == ["a", "b"] and "minus_a" in rows[1] and "minus_a" not in rows[0]
+    for r in rows:
+        assert all(r[m]["n"] == 3 and 0 < r[m]["mean"] < 100 for m in ("teacher_bpb", "original_bpb", "judged_bpb"))
+    assert math.isclose(rows[1]["minus_a"]["teacher_bpb"]["mean"],
+                        rows[1]["teacher_bpb"]["mean"] - rows[0]["teacher_bpb"]["mean"], abs_tol=2e-4)
+    assert "> hello there" in proc.stdout
+    unmatched = write(tmp_path / "unmatched.jsonl", [[*asks[0], {"role": "assistant", "content": "x"}]])
+    proc = subprocess.run([*args, "--original", unmatched], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode != 0 and "has no conversation asking what 2 of --teacher-replies ask" in proc.stderr
+    assert "Traceback" not in proc.stderr
