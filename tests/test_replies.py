@@ -110,19 +110,23 @@ def test_generation_in_length_sorted_batches_equals_one_prompt_at_a_time(run, to
     assert batched == alone
 
 
-def test_command_writes_the_chosen_conversations_and_a_readme(run, data, tmp_path, scripted):
+def test_command_writes_the_chosen_conversations_and_a_readme(run, tok, data, tmp_path, scripted):
     dest = tmp_path / "teacher_replies"
     replies.main(["--teacher", str(run / "baby" / "sft"), "--tokenizer", str(run / "baby" / "tokenizer"),
                   "--data", str(data),
                   "--lang", "en", "--source", "chat", "--dest", str(dest), "--max-new-tokens", "16",
-                  "--teacher-name", "tiny-teacher", "--licence", "CC0-1.0 (a test)"])
+                  "--teacher-name", "tiny-teacher", "--licence", "CC0-1.0 (a test)", "--system", "be short"])
     rows = [json.loads(line) for line in (dest / data.name).read_text(encoding="utf-8").splitlines()]
     assert [r["messages"][-2]["content"] for r in rows] == ["hello there", "two and more words"]
     assert all(r["lang"] == "en" and r["source"] == "chat" and r["teacher"] == "tiny-teacher" for r in rows)
     assert all(r["messages"][-1]["content"].startswith("len ") for r in rows)
+    # --system: told to the teacher where a conversation has none, not written into the data
+    seen = [tok.decode(p) for call in scripted for p in call]
+    assert sum("be short" in s for s in seen) == 2 and sum("be brief" in s for s in seen) == 2
+    assert "be short" not in (dest / data.name).read_text(encoding="utf-8")
     text = (dest / "README.md").read_text(encoding="utf-8")
     assert "| `chats.jsonl` | 3 | 2 | 1 |" in text
-    assert "CC0-1.0 (a test)" in text and "--lang en --source chat" in text
+    assert "CC0-1.0 (a test)" in text and "--lang en --source chat" in text and '"be short"' in text
     from babyllama.data.sft import read_conversations
     assert len(read_conversations(dest / data.name)) == 2  # what `babyllama sft --train-data` reads
 

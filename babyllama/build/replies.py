@@ -8,10 +8,11 @@
 Every assistant message of the chosen conversations (--lang / --source match the records' `lang` / `source` keys;
 without them every conversation) is replaced by what the teacher writes at that point of the conversation, its
 own earlier replies included (Kim & Rush, 2016: train the student on the teacher's outputs instead of its
-distribution). The teacher may have any tokenizer: it reads the messages as text, with its own tokenizer and the
-ChatML template, and a student learns the replies as text with its own. A conversation some reply of which the
-teacher does not finish within --max-new-tokens, or leaves empty, is left out (counted): a cut reply would teach
-the student to stop mid-sentence.
+distribution). --system gives the teacher an instruction the student never sees (e.g. to be brief), so the student
+learns the instructed behaviour as its default. The teacher may have any tokenizer: it reads the messages as text,
+with its own tokenizer and the ChatML template, and a student learns the replies as text with its own. A
+conversation some reply of which the teacher does not finish within --max-new-tokens, or leaves empty, is left out
+(counted): a cut reply would teach the student to stop mid-sentence.
 
 Writes, for each --data file, a file of the same name in --dest with the chosen conversations in the OpenAI
 `messages` format (their `lang` and `source` kept, `teacher` added), and a README.md with the counts, the command,
@@ -63,6 +64,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dest", type=Path, required=True, help="folder to write the files and README.md to")
     p.add_argument("--lang", default=None, help="answer only records whose `lang` is this")
     p.add_argument("--source", default=None, help="answer only records whose `source` is this")
+    p.add_argument("--system", default=None,
+                   help="a system message the teacher reads where a conversation has none (e.g. \"Answer in one or "
+                        "two sentences.\"); the written conversations do not hold it")
     p.add_argument("--limit", type=int, default=None, help="answer at most this many conversations per file")
     p.add_argument("--batch-size", type=int, default=16, help="prompts decoded together (default: 16)")
     p.add_argument("--licence", default=None,
@@ -90,8 +94,10 @@ def read_chosen(path: str, lang: str | None, source: str | None, limit: int | No
 class ReplyWriter:
     """A teacher model and its tokenizer, answering conversations in batches of similar prompt length."""
 
-    def __init__(self, model, tokenizer: Tokenizer, sampling: SamplingConfig, batch_size: int, seed: int = 0):
+    def __init__(self, model, tokenizer: Tokenizer, sampling: SamplingConfig, batch_size: int, seed: int = 0,
+                 system: str | None = None):
         self.model, self.tokenizer, self.sampling, self.batch_size = model, tokenizer, sampling, batch_size
+        self.system = system  # what the teacher is told where a conversation has no system message
         self.generator = Generator(model)
         self.stops = stop_ids(tokenizer)
         self.rng = torch.Generator(device=model.lm_head.weight.device).manual_seed(seed)
@@ -120,7 +126,7 @@ class ReplyWriter:
                 todo.append(i)
             if not todo:
                 break
-            prompts = {i: render_prompt(out[i], self.tokenizer) for i in todo}
+            prompts = {i: render_prompt(out[i], self.tokenizer, self.system) for i in todo}
             todo.sort(key=lambda i: len(prompts[i]))
             for start in range(0, len(todo), self.batch_size):
                 batch = todo[start:start + self.batch_size]
@@ -147,6 +153,8 @@ class ReplyWriter:
 def readme(args: argparse.Namespace, argv: Sequence[str], counts: list[tuple[str, int, int]], seconds: float) -> str:
     command = " ".join(["babyllama data build replies", *map(shlex.quote, argv)])
     rows = "\n".join(f"| `{name}` | {read:,} | {kept:,} | {read - kept:,} |" for name, read, kept in counts)
+    told = (f" Where a conversation had no system message the teacher was given one that is not written here: "
+            f"{json.dumps(args.system, ensure_ascii=False)}." if args.system else "")
     chosen = ", ".join(f"`{k}` = {v}" for k, v in (("lang", args.lang), ("source", args.source)) if v) or "every record"
     return f"""# Replies written by a teacher model
 
@@ -158,7 +166,7 @@ Every assistant message of the conversations chosen from the input files ({chose
 the teacher `{args.teacher_name}` at that point of the conversation (its own earlier replies included), sampled with
 temperature {args.temperature}, top-k {args.top_k}, top-p {args.top_p}, repetition penalty
 {args.repetition_penalty}, at most {args.max_new_tokens} new tokens. A conversation with a reply the teacher did not
-finish, or left empty, is left out. System and user messages are the input's.
+finish, or left empty, is left out. System and user messages are the input's.{told}
 
 | file | conversations chosen | written | left out |
 |---|---|---|---|
@@ -189,7 +197,8 @@ def main(argv: list[str] | None = None) -> None:
     device = pick_device(args.device)
     tok = Tokenizer.load(args.tokenizer)
     model = load_model(args.teacher, device, decode_dtype(args.dtype, device), tokenizer=tok)
-    writer = ReplyWriter(model, tok, sampling_from_args(args, model.config.max_seq_len), args.batch_size, args.seed)
+    writer = ReplyWriter(model, tok, sampling_from_args(args, model.config.max_seq_len), args.batch_size, args.seed,
+                         args.system)
     args.dest.mkdir(parents=True, exist_ok=True)
     counts, started = [], time.perf_counter()
     for name, rows in files:
