@@ -290,6 +290,20 @@ def test_resume_refuses_other_adapters(workspace, tmp_path, flags, message):
         sft_command.main([*sft_argv(workspace, tmp_path, "--resume"), *flags])
 
 
+def test_resume_refuses_a_base_with_other_weights(workspace, tmp_path):
+    init = tmp_path / "init" / "step_00000001.pt"
+    init.parent.mkdir()
+    shutil.copy(workspace["init"], init)
+    argv = [*sft_argv(workspace, tmp_path, "--max-steps", "2"), "--init", str(init)]  # the later --init wins
+    sft_command.main(argv)
+    state = torch.load(init, weights_only=False)
+    state["model"]["model.norm.weight"] = state["model"]["model.norm.weight"] * 2  # --init's file, retrained
+    torch.save(state, init)
+    with pytest.raises(UserError, match=r"its adapters were trained on other weights than --init's now; resume from "
+                                        r"the checkpoint it started from"):
+        sft_command.main([*argv, "--resume", "--max-steps", "4"])
+
+
 # ---------------------------------------------------------------- the reference, and GRPO with adapters
 def test_the_reference_is_the_frozen_base_itself(workspace, tmp_path):
     tok = workspace["tok"]

@@ -158,6 +158,24 @@ def test_ppo_script_trains_logs_resumes_and_writes_a_chat_checkpoint(chain, tmp_
         ppo_command.check_value_layout(PPOConfig(separate_value=True), True, ckpt.parent)
 
 
+def test_ppo_with_lora_trains_adapters_and_the_value_head_and_resumes(chain, tmp_path):
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": r["prompt"]} for r in pair_records(20, 3)])
+    cmd = stage_command("rlhf/ppo.py", chain, tmp_path, "--reward", str(chain.reward), "--prompts", prompts,
+                        "--eval-prompts", chain.heldout, "--choice-data", "none", "--rollout-size", "4",
+                        "--max-new-tokens", "8", "--max-prompt-len", "40", "--lora-rank", "4", "--lr", "1e-2")
+    run(cmd + ["--max-steps", "4"])
+    run(cmd + ["--max-steps", "6", "--resume"])
+    ckpt = latest_checkpoint(tmp_path / "out" / "baby" / "ppo")
+    state = torch.load(ckpt, weights_only=False)
+    assert state["step"] == 6 and state["extra"]["lora"]["rank"] == 4
+    assert {k.split(".")[0] for k in state["model"] if ".lora_" not in k} == {"value"}  # adapters + the value head
+    assert (ckpt.parent / state["extra"]["lora"]["base"]).resolve() == latest_checkpoint(chain.sft).resolve()
+    merged, sft = load_model(ckpt), load_model(chain.sft)  # what chat loads: the adapters merged, no value head
+    assert merged.state_dict().keys() == sft.state_dict().keys()
+    assert not torch.equal(merged.model.layers[0].self_attn.q_proj.weight, sft.model.layers[0].self_attn.q_proj.weight)
+    assert torch.equal(merged.model.embed_tokens.weight, sft.model.embed_tokens.weight)  # frozen
+
+
 def test_ppo_script_refuses_replies_longer_than_the_model():
     cfg = tiny_config(300, n_layers=1, n_kv_heads=None)
     reward = RewardModel(cfg)
