@@ -66,13 +66,23 @@ def peak_mb(device: torch.device) -> float:
 
 
 def tensor_mb(tree) -> float:
-    if isinstance(tree, torch.Tensor):
-        return tree.numel() * tree.element_size() / 2**20
-    if isinstance(tree, dict):
-        return sum(tensor_mb(v) for v in tree.values())
-    if isinstance(tree, (list, tuple)):
-        return sum(tensor_mb(v) for v in tree)
-    return 0.0
+    """MiB of the distinct tensors in a nest of dicts and lists: a tied matrix, listed twice in a state dict, counts
+    once, as `torch.save` stores it once."""
+    seen: dict[tuple, int] = {}
+
+    def visit(node) -> None:
+        if isinstance(node, torch.Tensor):
+            seen[(node.untyped_storage().data_ptr(), node.storage_offset(), tuple(node.shape))] = \
+                node.numel() * node.element_size()
+        elif isinstance(node, dict):
+            for v in node.values():
+                visit(v)
+        elif isinstance(node, (list, tuple)):
+            for v in node:
+                visit(v)
+
+    visit(tree)
+    return sum(seen.values()) / 2**20
 
 
 def measure(args: argparse.Namespace, rank: int) -> dict:
