@@ -304,6 +304,29 @@ def test_resume_refuses_a_base_with_other_weights(workspace, tmp_path):
         sft_command.main([*argv, "--resume", "--max-steps", "4"])
 
 
+def test_two_gloo_processes_train_the_adapters_as_one_process_with_the_global_batch(workspace, tmp_path):
+    """LoRA SFT under torchrun (2 gloo processes of 2 rows) ends where 1 process of 4 rows does. Every conversation
+    is the same: SFT's length-bucketed batches are split over the ranks differently from one process's, so with
+    varied data the two runs see other batches (full fine-tuning as well)."""
+    from test_pretrain_cli import free_port, run_process_group
+
+    same = write_jsonl(tmp_path / "same.jsonl", [{"messages": [{"role": "user", "content": "how are you?"},
+                                                               {"role": "assistant", "content": "fine thanks"}]}] * 16)
+    flags = ["--lora-dropout", "0", "--train-data", same]  # dropout draws differ per rank
+    sft_command.main([*sft_argv(workspace, tmp_path / "one"), *flags])
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
+                f"--master-port={free_port()}", "-m", "babyllama", "sft"]
+    returncode, stderr = run_process_group([*launcher, *sft_argv(workspace, tmp_path / "two"), *flags,
+                                            "--batch-size", "2"], timeout=300)
+    assert returncode == 0, stderr[-3000:]
+    one, two = (torch.load(latest_checkpoint(tmp_path / run / "out" / "baby" / "sft"), weights_only=False)
+                for run in ("one", "two"))
+    assert two["model"].keys() == one["model"].keys() and adapter_record(two)["rank"] == 4
+    for key, value in one["model"].items():
+        assert torch.allclose(two["model"][key], value, atol=1e-5), key
+    assert any(v.abs().sum() > 0 for k, v in two["model"].items() if ".lora_B." in k)  # the adapters trained
+
+
 # ---------------------------------------------------------------- the reference, and GRPO with adapters
 def test_the_reference_is_the_frozen_base_itself(workspace, tmp_path):
     tok = workspace["tok"]
