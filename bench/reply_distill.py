@@ -12,7 +12,8 @@ other tokenizers compare:
   messages) under the student;
 - `judged_bpb`: the student's own greedy reply to the prompt (its last reply replaced), under the teacher,
   its end-of-reply token included (lower: more what the teacher would write); `reply_bytes`: its length.
-Each is a mean over conversations with a 95% t interval, and for every student after the first the paired
+Conversations that do not fit the students' context (either version) are left out and counted. Each is a mean over
+conversations with a 95% t interval, and for every student after the first the paired
 difference to the first (negative: lower than the first). Prints one JSON object per student, a table, and
 --examples replies side by side.
 """
@@ -33,7 +34,7 @@ from babyllama.data.sft import detect_format, record_to_messages
 from babyllama.data.tokenizer import Tokenizer
 from babyllama.errors import UserError
 from babyllama.eval.stats import mean_interval
-from babyllama.model.generate import Generator, SamplingConfig
+from babyllama.model.generate import Generator, SamplingConfig, within_context
 from babyllama.model.scoring import row_logprobs
 from babyllama.train.checkpoint import load_model
 
@@ -72,7 +73,7 @@ def greedy_replies(model, tokenizer: Tokenizer, prompts: Sequence[Sequence[Messa
     texts = []
     for start in range(0, len(prompts), batch_size):
         ids = [render_prompt(p, tokenizer) for p in prompts[start:start + batch_size]]
-        rows = generator.generate(ids, cfg, stops)
+        rows = generator.generate(ids, within_context(cfg, max(map(len, ids)), model.config.max_seq_len), stops)
         texts += [tokenizer.decode(r, skip_special=True).strip() for r in rows]
     return texts
 
@@ -104,12 +105,19 @@ def main(argv: list[str] | None = None) -> None:
     if missing:
         raise UserError(f"{args.original}: has no conversation asking what {len(missing)} of --teacher-replies ask "
                         f"(the first: {missing[0][-2]['content']!r}); give the file the replies were written for")
-    prompts = [c[:-1] for c in taught]  # up to the last (teacher's) reply
     tok, teacher_tok = Tokenizer.load(args.tokenizer), Tokenizer.load(args.teacher_tokenizer)
     teacher = load_model(args.teacher, dtype=torch.float32, tokenizer=teacher_tok)
+    students = [load_model(path, dtype=torch.float32, tokenizer=tok) for path in args.students]
+    context = min(m.config.max_seq_len for m in students)
+    fits = [c for c in taught if max(len(encode_chat(c, tok)[0]), len(encode_chat(originals[asked(c)], tok)[0]))
+            <= context]
+    if len(fits) < len(taught):
+        print(f"left out {len(taught) - len(fits)} of {len(taught)} conversations longer than the students' "
+              f"{context}-token context")
+    left_out, taught = len(taught) - len(fits), fits
+    prompts = [c[:-1] for c in taught]  # up to the last (teacher's) reply
     per_student, replies = {}, {}
-    for label, path in zip(labels, args.students):
-        model = load_model(path, dtype=torch.float32, tokenizer=tok)
+    for label, model in zip(labels, students):
         replies[label] = greedy_replies(model, tok, prompts, args.max_new_tokens)
         per_student[label] = {
             "teacher_bpb": replies_bpb(model, tok, taught),
@@ -120,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
         }
     first = labels[0]
     for label in labels:
-        row = {"student": label, "checkpoint": str(Path(args.students[labels.index(label)])),
+        row = {"student": label, "checkpoint": str(Path(args.students[labels.index(label)])), "left_out": left_out,
                **{m: interval(per_student[label][m]) for m in METRICS}}
         if label != first:
             row["minus_" + first] = {m: interval([a - b for a, b in zip(per_student[label][m], per_student[first][m])])
