@@ -170,3 +170,23 @@ def test_bench_reply_distill_scores_students_against_the_teacher(run, tmp_path):
     proc = subprocess.run([*args, "--original", unmatched], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode != 0 and "has no conversation asking what 2 of --teacher-replies ask" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_shipped_teacher_replies_answer_the_shipped_prompts():
+    """data/sft_smollm2: each file answers the English chatterbot conversations of the shipped file of its name, and
+    its README counts what it holds."""
+    from babyllama.shipped import REPO_ROOT
+
+    shipped, ours = REPO_ROOT / "data" / "sft", REPO_ROOT / "data" / "sft_smollm2"
+    readme = (ours / "README.md").read_text(encoding="utf-8")
+    for name in ("sft_train.jsonl", "sft_valid.jsonl"):
+        rows = [json.loads(line) for line in (ours / name).read_text(encoding="utf-8").splitlines()]
+        source = [json.loads(line) for line in (shipped / name).read_text(encoding="utf-8").splitlines()]
+        asked = {json.dumps([m for m in r["messages"] if m["role"] != "assistant"]) for r in source
+                 if r["lang"] == "en" and r["source"] == "chatterbot"}
+        assert all(r["lang"] == "en" and r["source"] == "chatterbot" and r["teacher"] == "SmolLM2-135M-Instruct"
+                   for r in rows)
+        assert all(json.dumps([m for m in r["messages"] if m["role"] != "assistant"]) in asked for r in rows)
+        assert f"| `{name}` | {len([r for r in source if r['lang'] == 'en' and r['source'] == 'chatterbot']):,} | " \
+               f"{len(rows):,} |" in readme
+    assert "Apache-2.0" in readme and "BSD-3-Clause" in readme
