@@ -1,8 +1,17 @@
 """Sequence-level distillation measured: how close students come to a teacher on held-out prompts.
 
-    babyllama bench reply_distill --students out/baby/sft out_kd/baby/sft --labels shipped teacher \\
+    babyllama bench reply_distill --split kd/         # hold out 200 taught prompts: kd/{A,B}_train.jsonl, kd/heldout_*
+    babyllama sft --name A --train-data kd/A_train.jsonl data/skills/skills_train.jsonl     # and B the same
+    babyllama bench reply_distill --students out/A/sft out/B/sft --labels shipped teacher \\
         --tokenizer out/baby/tokenizer --teacher imported_smol --teacher-tokenizer imported_smol/tokenizer \\
-        --teacher-replies data/sft_smollm2/sft_valid.jsonl --original data/sft/sft_valid.jsonl
+        --teacher-replies kd/heldout_teacher.jsonl --original kd/heldout_original.jsonl
+
+`--split DIR` writes the two training sets and the held-out sets: --hold-out prompts the teacher answered (each
+asked once in the shipped training file, drawn with --seed) leave both training sets; A_train.jsonl is the shipped
+training file without them, B_train.jsonl the same with the --lang/--source conversations replaced by the
+teacher's answers (those it did not finish are gone); the held-out sets are those prompts plus the teacher's
+answers to the shipped validation prompts that training does not ask, with the teacher's replies
+(heldout_teacher.jsonl) and with the shipped ones (heldout_original.jsonl).
 
 For every conversation of --teacher-replies (the teacher's replies to prompts no student trained on, written by
 `babyllama data build replies`) and every student, in bits per byte of reply text (UTF-8), so that models with
@@ -20,7 +29,10 @@ difference to the first (negative: lower than the first). Prints one JSON object
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import random
+from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
@@ -78,6 +90,34 @@ def greedy_replies(model, tokenizer: Tokenizer, prompts: Sequence[Sequence[Messa
     return texts
 
 
+def split(dest: Path, shipped: tuple[str, str], taught: tuple[str, str], lang: str, source: str, hold_out: int,
+          seed: int) -> None:
+    """The files of the measurement (see the module docstring): A/B training sets without the held-out prompts."""
+    def rows(path: str) -> list[dict]:
+        return [record for _, record in json_objects(path)]
+
+    def key(record: dict) -> str:
+        return json.dumps(asked(record["messages"]))
+
+    def write(name: str, records: list[dict]) -> None:
+        (dest / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+
+    train, valid, taught_train, taught_valid = rows(shipped[0]), rows(shipped[1]), rows(taught[0]), rows(taught[1])
+    times = Counter(key(r) for r in train)
+    once = sorted({key(r) for r in taught_train if times[key(r)] == 1})
+    random.Random(seed).shuffle(once)
+    held = set(once[:hold_out])
+    trained = {key(r) for r in train if key(r) not in held}
+    dest.mkdir(parents=True, exist_ok=True)
+    write("A_train.jsonl", [r for r in train if key(r) not in held])
+    write("B_train.jsonl", [r for r in train if not (r.get("lang") == lang and r.get("source") == source)]
+          + [r for r in taught_train if key(r) not in held])
+    write("heldout_teacher.jsonl", [r for r in taught_train if key(r) in held]
+          + [r for r in taught_valid if key(r) not in trained])
+    write("heldout_original.jsonl", [r for r in train if key(r) in held] + valid)
+    print(f"wrote {dest}: {len(held)} held-out prompts of {len(once)} asked once")
+
+
 def interval(values: Sequence[float]) -> dict:
     mean, low, high = mean_interval(values)
     return {"mean": round(mean, 4), "low": round(low, 4), "high": round(high, 4), "n": len(values)}
@@ -85,17 +125,33 @@ def interval(values: Sequence[float]) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--students", nargs="+", required=True, help="checkpoints (files or stage folders) to compare")
+    p.add_argument("--split", type=Path, default=None, help="write the training and held-out sets here and exit")
+    p.add_argument("--shipped", nargs=2, default=["data/sft/sft_train.jsonl", "data/sft/sft_valid.jsonl"],
+                   help="with --split: the shipped training and validation files")
+    p.add_argument("--taught", nargs=2,
+                   default=["data/sft_smollm2/sft_train.jsonl", "data/sft_smollm2/sft_valid.jsonl"],
+                   help="with --split: the teacher's answers to them (`babyllama data build replies`)")
+    p.add_argument("--lang", default="en", help="with --split: the `lang` of the conversations the teacher answered")
+    p.add_argument("--source", default="chatterbot", help="with --split: their `source`")
+    p.add_argument("--hold-out", type=int, default=200, help="with --split: prompts held out of both training sets")
+    p.add_argument("--seed", type=int, default=0, help="with --split: which prompts")
+    p.add_argument("--students", nargs="+", help="checkpoints (files or stage folders) to compare")
     p.add_argument("--labels", nargs="+", help="a name per student (default: the paths)")
-    p.add_argument("--tokenizer", required=True, help="the students' tokenizer")
-    p.add_argument("--teacher", required=True, help="the teacher's checkpoint")
-    p.add_argument("--teacher-tokenizer", required=True)
-    p.add_argument("--teacher-replies", required=True, help="held-out conversations with the teacher's replies")
-    p.add_argument("--original", required=True, help="the same conversations with their original replies")
+    p.add_argument("--tokenizer", help="the students' tokenizer")
+    p.add_argument("--teacher", help="the teacher's checkpoint")
+    p.add_argument("--teacher-tokenizer")
+    p.add_argument("--teacher-replies", help="held-out conversations with the teacher's replies")
+    p.add_argument("--original", help="the same conversations with their original replies")
     p.add_argument("--max-new-tokens", type=int, default=128, help="budget of the students' greedy replies")
     p.add_argument("--examples", type=int, default=6, help="replies printed side by side")
     p.add_argument("--dest", default=None, help="append the JSON rows to this file")
     args = p.parse_args(argv)
+    if args.split is not None:
+        return split(args.split, args.shipped, args.taught, args.lang, args.source, args.hold_out, args.seed)
+    needed = ("students", "tokenizer", "teacher", "teacher_tokenizer", "teacher_replies", "original")
+    missing = [f"--{n.replace('_', '-')}" for n in needed if getattr(args, n) is None]
+    if missing:
+        raise UserError(f"{', '.join(missing)}: needed to compare students (or pass --split DIR)")
     labels = args.labels or args.students
     if len(labels) != len(args.students):
         raise UserError(f"--labels: {len(labels)} names for {len(args.students)} students")

@@ -190,3 +190,27 @@ def test_shipped_teacher_replies_answer_the_shipped_prompts():
         assert f"| `{name}` | {len([r for r in source if r['lang'] == 'en' and r['source'] == 'chatterbot']):,} | " \
                f"{len(rows):,} |" in readme
     assert "Apache-2.0" in readme and "BSD-3-Clause" in readme
+
+
+def test_bench_split_holds_taught_prompts_out_of_both_training_sets(tmp_path):
+    from babyllama.shipped import REPO_ROOT
+
+    proc = subprocess.run([sys.executable, "-m", "babyllama", "bench", "reply_distill", "--split", str(tmp_path),
+                           "--hold-out", "50"], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+    def read(name):
+        return [json.loads(line) for line in (tmp_path / name).read_text(encoding="utf-8").splitlines()]
+
+    def asks(r):
+        return json.dumps([m for m in r["messages"] if m["role"] != "assistant"])
+
+    a, b, taught, original = (read(f"{n}.jsonl") for n in ("A_train", "B_train", "heldout_teacher",
+                                                             "heldout_original"))
+    held = {asks(r) for r in taught}
+    assert len(held) >= 50 and not held & {asks(r) for r in a + b}  # no held-out prompt is trained on
+    assert held <= {asks(r) for r in original}
+    assert all(r["teacher"] == "SmolLM2-135M-Instruct" for r in taught)
+    chatterbot_en = [r for r in b if r["lang"] == "en" and r["source"] == "chatterbot"]
+    assert chatterbot_en and all(r.get("teacher") == "SmolLM2-135M-Instruct" for r in chatterbot_en)
+    assert not any("teacher" in r for r in a)
