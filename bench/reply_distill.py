@@ -42,7 +42,7 @@ from jsonl import emit  # bench/ is on sys.path as the script's folder
 from babyllama.cli import ArgumentParser
 from babyllama.data.chat_template import IGNORE_INDEX, Message, encode_chat, render_prompt, stop_ids
 from babyllama.data.jsonl import json_objects
-from babyllama.data.sft import detect_format, record_to_messages
+from babyllama.data.sft import read_conversations
 from babyllama.data.tokenizer import Tokenizer
 from babyllama.errors import UserError
 from babyllama.eval.stats import mean_interval
@@ -51,14 +51,6 @@ from babyllama.model.scoring import row_logprobs
 from babyllama.train.checkpoint import load_model
 
 METRICS = ("teacher_bpb", "original_bpb", "judged_bpb", "reply_bytes")
-
-
-def read_chats(path: str) -> list[list[Message]]:
-    out, fmt = [], None
-    for loc, record in json_objects(path):
-        fmt = fmt or detect_format(record, loc)
-        out.append(record_to_messages(record, fmt, loc))
-    return out
 
 
 def asked(messages: Sequence[Message]) -> tuple[tuple[str, str], ...]:
@@ -155,8 +147,8 @@ def main(argv: list[str] | None = None) -> None:
     labels = args.labels or args.students
     if len(labels) != len(args.students):
         raise UserError(f"--labels: {len(labels)} names for {len(args.students)} students")
-    taught = read_chats(args.teacher_replies)
-    originals = {asked(m): m for m in read_chats(args.original)}
+    taught = read_conversations(args.teacher_replies)
+    originals = {asked(m): m for m in read_conversations(args.original)}
     missing = [c for c in taught if asked(c) not in originals]
     if missing:
         raise UserError(f"{args.original}: has no conversation asking what {len(missing)} of --teacher-replies ask "

@@ -95,6 +95,16 @@ def test_each_reply_is_the_teachers_at_that_point_of_the_conversation(run, tok, 
     assert lengths == sorted(lengths)
 
 
+def test_a_prompt_without_room_for_a_reply_leaves_only_its_own_conversation_out(run, tok, scripted):
+    model = load_model(run / "baby" / "sft", tokenizer=tok)
+    writer = replies.ReplyWriter(model, tok, SamplingConfig(max_new_tokens=16, temperature=0), batch_size=4)
+    long = [{"role": "user", "content": " ".join(["hello there"] * 400)}, {"role": "assistant", "content": "x"}]
+    assert len(render_prompt(long[:1], tok)) >= model.config.max_seq_len
+    answered = writer.answer([CONVERSATIONS[0]["messages"], long], progress=False)
+    assert answered[1] is None and answered[0][-1]["content"].startswith("len ")
+    assert [len(call) for call in scripted] == [1]  # the long prompt was never decoded
+
+
 def test_an_empty_reply_leaves_its_conversation_out(run, tok):
     model = load_model(run / "baby" / "dpo", tokenizer=tok)  # the stage that answers <|im_end|> at once
     writer = replies.ReplyWriter(model, tok, SamplingConfig(max_new_tokens=4, temperature=0), batch_size=4)

@@ -96,7 +96,7 @@ class ReplyWriter:
 
     def __init__(self, model, tokenizer: Tokenizer, sampling: SamplingConfig, batch_size: int, seed: int = 0,
                  system: str | None = None):
-        self.model, self.tokenizer, self.sampling, self.batch_size = model, tokenizer, sampling, batch_size
+        self.tokenizer, self.sampling, self.batch_size = tokenizer, sampling, batch_size
         self.system = system  # what the teacher is told where a conversation has no system message
         self.generator = Generator(model)
         self.stops = stop_ids(tokenizer)
@@ -127,6 +127,10 @@ class ReplyWriter:
             if not todo:
                 break
             prompts = {i: render_prompt(out[i], self.tokenizer, self.system) for i in todo}
+            for i in [i for i in todo if len(prompts[i]) >= self.context]:  # no room left for a reply
+                out[i] = None
+                todo.remove(i)
+                bar.update(1)
             todo.sort(key=lambda i: len(prompts[i]))
             for start in range(0, len(todo), self.batch_size):
                 batch = todo[start:start + self.batch_size]
@@ -137,10 +141,7 @@ class ReplyWriter:
         return out
 
     def _replies(self, prompts: list[list[int]]) -> list[str | None]:
-        longest = max(len(p) for p in prompts)
-        if longest >= self.context:
-            return [None] * len(prompts)
-        cfg = within_context(self.sampling, longest, self.context)
+        cfg = within_context(self.sampling, max(map(len, prompts)), self.context)
         rows = self.generator.generate(prompts, cfg, self.stops, generator=self.rng)
         replies = []
         for row in rows:
